@@ -1,0 +1,555 @@
+//! Configuration: one TOML file, parsed into file structs, then validated into [`Config`].
+//!
+//! Every error names the file, the dotted key and the reason, e.g.
+//! `conf/corral.toml: cache.grace: invalid duration "10x": unknown time unit "x"`.
+//! [`Config::load`] also checks that the listen addresses can be bound, so that `main` fails
+//! before Pingora binds anything.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// The embedded default configuration, the same text as `conf/corral.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../conf/corral.toml");
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    /// Dotted path of the offending key (`cache.grace`, `rule[2].path_prefix`), or `-` when the
+    /// file as a whole is wrong (unreadable, not TOML).
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(file: &str, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// === file structs: exactly what the TOML may contain ===
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    upstream: UpstreamFile,
+    #[serde(default)]
+    cache: CacheFile,
+    #[serde(default)]
+    log: LogFile,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ServerFile {
+    listen: String,
+    /// Empty string disables the admin listener.
+    admin: String,
+    threads: usize,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        ServerFile {
+            listen: "127.0.0.1:6081".into(),
+            admin: "127.0.0.1:6082".into(),
+            threads: 2,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct UpstreamFile {
+    address: String,
+    tls: bool,
+    sni: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    write_timeout: Duration,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        UpstreamFile {
+            address: "127.0.0.1:8080".into(),
+            tls: false,
+            sni: String::new(),
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct CacheFile {
+    memory_bytes: ByteSize,
+    max_object_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    default_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    grace: Duration,
+    #[serde(with = "humantime_serde")]
+    stale_if_error: Duration,
+    #[serde(with = "humantime_serde")]
+    lock_timeout: Duration,
+    hit_for_miss_keys: usize,
+    honor_client_no_cache: bool,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        CacheFile {
+            memory_bytes: ByteSize::mib(256),
+            max_object_bytes: ByteSize::mib(8),
+            default_ttl: Duration::ZERO,
+            grace: Duration::from_secs(10),
+            stale_if_error: Duration::from_secs(300),
+            lock_timeout: Duration::from_secs(5),
+            hit_for_miss_keys: 16384,
+            honor_client_no_cache: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LogFile {
+    level: String,
+    access_log: bool,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            level: "info".into(),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RuleFile {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    #[serde(with = "humantime_serde")]
+    ttl: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    grace: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    stale_if_error: Option<Duration>,
+    bypass: bool,
+    cache_private: bool,
+    cache_set_cookie: bool,
+}
+
+// === validated config: what the rest of the code uses ===
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from (a path, or `<embedded default>`), for messages.
+    pub source: String,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    /// Ordered; the first rule that matches a request decides.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `host:port`, resolved by Pingora per connection.
+    pub address: String,
+    pub tls: bool,
+    /// TLS server name; defaults to the host part of `address`.
+    pub sni: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub memory_bytes: usize,
+    pub max_object_bytes: usize,
+    pub default_ttl: Duration,
+    pub grace: Duration,
+    pub stale_if_error: Duration,
+    pub lock_timeout: Duration,
+    pub hit_for_miss_keys: usize,
+    pub honor_client_no_cache: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub access_log: bool,
+}
+
+/// Per-route policy (`[[rule]]`), like a dogpile.cache region: first match wins.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rule {
+    /// Lower-case host without port; `*.example.org` matches every subdomain (not the apex).
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    /// Freshness for responses without an explicit lifetime (overrides `cache.default_ttl`).
+    pub ttl: Option<Duration>,
+    pub grace: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    /// Pass through, never store, never look up.
+    pub bypass: bool,
+    /// Store responses marked `private` or answering a request with `Authorization`.
+    pub cache_private: bool,
+    /// Store responses that carry `Set-Cookie`; the cookie is stripped from the stored copy.
+    pub cache_set_cookie: bool,
+}
+
+impl Rule {
+    /// Does this rule apply to `host` (lower-case, no port) and `path`?
+    pub fn matches(&self, host: &str, path: &str) -> bool {
+        let host_ok = match self.host.as_deref() {
+            None => true,
+            Some(pattern) => match pattern.strip_prefix("*.") {
+                Some(suffix) => host
+                    .strip_suffix(suffix)
+                    .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+                None => pattern == host,
+            },
+        };
+        host_ok
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|prefix| path.starts_with(prefix))
+    }
+}
+
+impl Config {
+    /// Parse and validate `text`; `source` names it in errors. Touches no socket.
+    pub fn from_str(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let file: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "-".to_string() } else { key };
+            // toml's message carries the line and a caret under the bad value
+            ConfigError::new(source, key, e.inner().to_string().trim_end().to_string())
+        })?;
+        file.validate(source)
+    }
+
+    /// Read `path`, validate it, and check that every listen address can be bound.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&source, "-", format!("cannot read: {e}")))?;
+        let cfg = Config::from_str(&text, &source)?;
+        cfg.check_bindable()?;
+        Ok(cfg)
+    }
+
+    /// The embedded default configuration (memory cache only).
+    pub fn embedded_default() -> Config {
+        Config::from_str(DEFAULT_CONFIG, "<embedded default>")
+            .expect("the embedded default config is valid")
+    }
+
+    /// Bind and release each listen address, so a bad one fails before Pingora starts.
+    pub fn check_bindable(&self) -> Result<(), ConfigError> {
+        let mut addrs = vec![("server.listen", self.server.listen)];
+        if let Some(admin) = self.server.admin {
+            addrs.push(("server.admin", admin));
+        }
+        for (key, addr) in addrs {
+            TcpListener::bind(addr)
+                .map_err(|e| ConfigError::new(&self.source, key, format!("cannot bind {addr}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The first rule that applies to this request, if any.
+    pub fn rule_for(&self, host: &str, path: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.matches(host, path))
+    }
+}
+
+fn resolve(source: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::new(source, key, "must not be empty (host:port)"));
+    }
+    value
+        .to_socket_addrs()
+        .map_err(|e| ConfigError::new(source, key, format!("invalid address {value:?}: {e}")))?
+        .next()
+        .ok_or_else(|| ConfigError::new(source, key, format!("{value:?} resolves to nothing")))
+}
+
+impl FileConfig {
+    fn validate(self, source: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+
+        let listen = resolve(source, "server.listen", &self.server.listen)?;
+        let admin = match self.server.admin.as_str() {
+            "" => None,
+            a => Some(resolve(source, "server.admin", a)?),
+        };
+        if admin == Some(listen) {
+            return err("server.admin", "must differ from server.listen".into());
+        }
+        if self.server.threads == 0 || self.server.threads > 1024 {
+            return err("server.threads", format!("{} is not in 1..=1024", self.server.threads));
+        }
+
+        let up = self.upstream;
+        let Some((host, port)) = up.address.rsplit_once(':') else {
+            return err("upstream.address", format!("{:?} is not host:port", up.address));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return err("upstream.address", format!("{:?} is not host:port", up.address));
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", up.connect_timeout),
+            ("upstream.read_timeout", up.read_timeout),
+            ("upstream.write_timeout", up.write_timeout),
+        ] {
+            if d.is_zero() {
+                return err(key, "must be greater than 0".into());
+            }
+        }
+        let sni = if up.sni.is_empty() {
+            host.trim_start_matches('[').trim_end_matches(']').to_string()
+        } else {
+            up.sni
+        };
+
+        let c = self.cache;
+        let memory_bytes = usize::try_from(c.memory_bytes.as_u64()).unwrap_or(usize::MAX);
+        let max_object_bytes = usize::try_from(c.max_object_bytes.as_u64()).unwrap_or(usize::MAX);
+        if memory_bytes < 1024 {
+            return err("cache.memory_bytes", format!("{} is too small (at least 1KiB)", c.memory_bytes));
+        }
+        if max_object_bytes == 0 || max_object_bytes > memory_bytes {
+            return err(
+                "cache.max_object_bytes",
+                format!("{} must be > 0 and <= cache.memory_bytes ({})", c.max_object_bytes, c.memory_bytes),
+            );
+        }
+        if c.lock_timeout.is_zero() {
+            return err("cache.lock_timeout", "must be greater than 0".into());
+        }
+        if c.hit_for_miss_keys == 0 {
+            return err("cache.hit_for_miss_keys", "must be greater than 0".into());
+        }
+
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return err("log.level", format!("{:?} is not a level or filter", self.log.level));
+        }
+
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (i, r) in self.rules.into_iter().enumerate() {
+            let at = |field: &str| format!("rule[{i}].{field}");
+            if let Some(h) = &r.host {
+                let bare = h.strip_prefix("*.").unwrap_or(h);
+                if bare.is_empty() || bare.contains(['/', ':', ' ', '*']) {
+                    return err(&at("host"), format!("{h:?} is not a host name (no port, no path)"));
+                }
+            }
+            if let Some(p) = &r.path_prefix {
+                if !p.starts_with('/') {
+                    return err(&at("path_prefix"), format!("{p:?} must start with '/'"));
+                }
+            }
+            if r.bypass && (r.ttl.is_some() || r.grace.is_some() || r.cache_private || r.cache_set_cookie) {
+                return err(&at("bypass"), "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into());
+            }
+            rules.push(Rule {
+                host: r.host.map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix,
+                ttl: r.ttl,
+                grace: r.grace,
+                stale_if_error: r.stale_if_error,
+                bypass: r.bypass,
+                cache_private: r.cache_private,
+                cache_set_cookie: r.cache_set_cookie,
+            });
+        }
+
+        Ok(Config {
+            source: source.to_string(),
+            server: ServerConfig {
+                listen,
+                admin,
+                threads: self.server.threads,
+            },
+            upstream: UpstreamConfig {
+                address: up.address,
+                tls: up.tls,
+                sni,
+                connect_timeout: up.connect_timeout,
+                read_timeout: up.read_timeout,
+                write_timeout: up.write_timeout,
+            },
+            cache: CacheConfig {
+                memory_bytes,
+                max_object_bytes,
+                default_ttl: c.default_ttl,
+                grace: c.grace,
+                stale_if_error: c.stale_if_error,
+                lock_timeout: c.lock_timeout,
+                hit_for_miss_keys: c.hit_for_miss_keys,
+                honor_client_no_cache: c.honor_client_no_cache,
+            },
+            log: LogConfig {
+                level: self.log.level,
+                access_log: self.log.access_log,
+            },
+            rules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(text, "t.toml")
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_memory_only() {
+        let c = Config::embedded_default();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:6081");
+        assert_eq!(c.cache.default_ttl, Duration::ZERO);
+        assert!(c.rules.is_empty());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.upstream.address, "127.0.0.1:8080");
+        assert_eq!(c.upstream.sni, "127.0.0.1");
+        assert_eq!(c.cache.memory_bytes, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn readable_values() {
+        let c = parse("[cache]\nmemory_bytes = \"64MiB\"\ngrace = \"1m 30s\"\n").unwrap();
+        assert_eq!(c.cache.memory_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.cache.grace, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let e = parse("[cache]\ngrase = \"10s\"\n").unwrap_err();
+        assert_eq!(e.file, "t.toml");
+        assert_eq!(e.key, "cache.grase");
+        assert!(e.reason.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let e = parse("[cahce]\n").unwrap_err();
+        assert!(e.reason.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let e = parse("[cache]\ngrace = \"10x\"\n").unwrap_err();
+        assert_eq!(e.key, "cache.grace");
+        let e = parse("[[rule]]\npath_prefix = \"/a\"\nttl = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key, "rule[0].ttl");
+    }
+
+    #[test]
+    fn bad_size_names_the_key() {
+        let e = parse("[cache]\nmemory_bytes = \"lots\"\n").unwrap_err();
+        assert_eq!(e.key, "cache.memory_bytes");
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        assert_eq!(parse("[server]\nlisten = \"nonsense\"\n").unwrap_err().key, "server.listen");
+        assert_eq!(parse("[upstream]\naddress = \"example.org\"\n").unwrap_err().key, "upstream.address");
+        assert_eq!(parse("[upstream]\naddress = \":80\"\n").unwrap_err().key, "upstream.address");
+        let e = parse("[server]\nlisten = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7000\"\n").unwrap_err();
+        assert_eq!(e.key, "server.admin");
+    }
+
+    #[test]
+    fn not_toml_is_refused() {
+        let e = parse("[cache\n").unwrap_err();
+        assert_eq!(e.key, "-");
+        assert!(e.to_string().starts_with("t.toml: -: "), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        assert_eq!(parse("[server]\nthreads = 0\n").unwrap_err().key, "server.threads");
+        assert_eq!(parse("[cache]\nlock_timeout = \"0s\"\n").unwrap_err().key, "cache.lock_timeout");
+        let e = parse("[cache]\nmemory_bytes = \"1MiB\"\nmax_object_bytes = \"2MiB\"\n").unwrap_err();
+        assert_eq!(e.key, "cache.max_object_bytes");
+        assert_eq!(parse("[log]\nlevel = \"loud[\"\n").unwrap_err().key, "log.level");
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        let e = parse("[[rule]]\npath_prefix = \"static\"\n").unwrap_err();
+        assert_eq!(e.key, "rule[0].path_prefix");
+        let e = parse("[[rule]]\nhost = \"a.org:80\"\n").unwrap_err();
+        assert_eq!(e.key, "rule[0].host");
+        let e = parse("[[rule]]\nbypass = true\nttl = \"1m\"\n").unwrap_err();
+        assert_eq!(e.key, "rule[0].bypass");
+    }
+
+    #[test]
+    fn unbindable_listen_address_is_refused() {
+        // 192.0.2.1 (TEST-NET-1) is never a local address: bind fails with EADDRNOTAVAIL
+        let c = parse("[server]\nlisten = \"192.0.2.1:6081\"\nadmin = \"\"\n").unwrap();
+        assert_eq!(c.check_bindable().unwrap_err().key, "server.listen");
+    }
+
+    #[test]
+    fn first_matching_rule_wins() {
+        let c = parse(
+            "[[rule]]\nhost = \"*.example.org\"\npath_prefix = \"/admin\"\nbypass = true\n\
+             [[rule]]\npath_prefix = \"/static/\"\nttl = \"1h\"\n\
+             [[rule]]\nhost = \"Example.org\"\nttl = \"1m\"\n",
+        )
+        .unwrap();
+        assert!(c.rule_for("www.example.org", "/admin/x").unwrap().bypass);
+        assert_eq!(c.rule_for("example.org", "/admin/x").unwrap().ttl, Some(Duration::from_secs(60)));
+        assert_eq!(c.rule_for("other.net", "/static/a.css").unwrap().ttl, Some(Duration::from_secs(3600)));
+        assert!(c.rule_for("other.net", "/").is_none());
+        // the wildcard needs a real subdomain label
+        assert!(c.rule_for("xexample.org", "/admin").is_none());
+    }
+}

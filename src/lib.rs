@@ -1,0 +1,2 @@
+//! corral: a caching HTTP reverse proxy on Pingora.
+pub mod config;
