@@ -1,0 +1,218 @@
+//! Cache key: scheme + host + path + query, plus the Vary variance.
+//!
+//! The primary key is the text `http://host/path?query`. The host is lower-cased and a default
+//! port (`:80`) is dropped, so `Example.org:80` and `example.org` share entries. The path and
+//! query are kept byte for byte: `/a?x=1&y=2` and `/a?y=2&x=1` are different resources to an
+//! origin, so they are different keys here. Vary variance is added by Pingora on top of the
+//! primary key (see [`variance`]); every variant of a URL shares the primary hash, which is how a
+//! purge reaches all of them.
+
+use http::header::HeaderName;
+use http::HeaderValue;
+use pingora_cache::key::HashBinary;
+use pingora_cache::{CacheKey, CacheMeta, VarianceBuilder};
+use pingora_http::RequestHeader;
+
+/// The scheme part of every key: corral's listener speaks plain HTTP to clients.
+const SCHEME: &str = "http";
+
+/// The normalised host of a request: from the absolute-form URI, else the Host header,
+/// lower-cased, without a default port. `-` when the request names no host (HTTP/1.0).
+pub fn request_host(req: &RequestHeader) -> String {
+    // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host. Pingora keeps
+    // only the path in `uri` for that form, and the whole target in `raw_path()`.
+    let absolute = absolute_authority(req.raw_path());
+    let raw = absolute
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("-");
+    normalize_host(raw)
+}
+
+/// The authority of an absolute-form request target (`http://host:port/path`), if it is one.
+fn absolute_authority(target: &[u8]) -> Option<&str> {
+    let target = std::str::from_utf8(target).ok()?;
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|a| !a.is_empty())
+}
+
+/// Lower-case `host`, drop userinfo and a default `:80`.
+pub fn normalize_host(raw: &str) -> String {
+    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h).trim();
+    let raw = raw.strip_suffix(":80").unwrap_or(raw);
+    raw.to_ascii_lowercase()
+}
+
+/// Path and query of the request, `/` when empty.
+pub fn request_path_and_query(req: &RequestHeader) -> &str {
+    req.uri.path_and_query().map_or("/", |pq| pq.as_str())
+}
+
+/// The primary key text for `host` (already normalised) and `path_and_query`.
+pub fn primary(host: &str, path_and_query: &str) -> String {
+    let mut s = String::with_capacity(SCHEME.len() + 3 + host.len() + path_and_query.len());
+    s.push_str(SCHEME);
+    s.push_str("://");
+    s.push_str(host);
+    s.push_str(path_and_query);
+    s
+}
+
+/// The cache key of a request (no variance yet: Pingora adds it after the first lookup).
+pub fn for_request(req: &RequestHeader) -> CacheKey {
+    CacheKey::new(primary(&request_host(req), request_path_and_query(req)), "")
+}
+
+/// The cache key of a URL given as host and path (purges, RFC 9111 §4.4 invalidation).
+pub fn for_url(host: &str, path_and_query: &str) -> CacheKey {
+    CacheKey::new(primary(&normalize_host(host), path_and_query), "")
+}
+
+/// Does the stored response say `Vary: *`? Such a response never matches a later request
+/// (RFC 9111 §4.1), so it is not stored at all.
+pub fn vary_star(headers: &http::HeaderMap) -> bool {
+    vary_names(headers).any(|n| n == "*")
+}
+
+/// The header names listed in every `Vary` field, trimmed, lower-cased.
+fn vary_names(headers: &http::HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(http::header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+}
+
+/// The variance of `req` against the stored response's `Vary` (RFC 9111 §4.1): a hash of the
+/// request's values of each listed header, `None` when the response does not vary.
+///
+/// Values are compared after trimming and collapsing each comma-separated list, so
+/// `gzip,br` and `gzip, br` select the same variant (§4.1 allows such normalisation).
+pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
+    let names: Vec<String> = vary_names(meta.headers()).collect();
+    if names.is_empty() {
+        return None;
+    }
+    let mut names = names;
+    names.sort_unstable();
+    names.dedup();
+    let mut builder = VarianceBuilder::new();
+    for name in names {
+        let value = HeaderName::from_bytes(name.as_bytes())
+            .ok()
+            .map(|h| normalized_values(req.headers.get_all(h).iter()))
+            .unwrap_or_default();
+        builder.add_owned_name_value(name, value.into_bytes());
+    }
+    builder.finalize()
+}
+
+fn normalized_values<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> String {
+    let mut out = String::new();
+    for v in values {
+        for part in String::from_utf8_lossy(v.as_bytes()).split(',') {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_cache::key::CacheHashKey;
+    use pingora_http::ResponseHeader;
+    use std::time::SystemTime;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn meta(vary: &[&str]) -> CacheMeta {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        for v in vary {
+            h.append_header("vary", *v).unwrap();
+        }
+        let now = SystemTime::now();
+        CacheMeta::new(now, now, 0, 0, h)
+    }
+
+    #[test]
+    fn host_is_normalised() {
+        let a = for_request(&req("/p?q=1", &[("host", "Example.ORG:80")]));
+        let b = for_request(&req("http://example.org/p?q=1", &[]));
+        assert_eq!(a.primary_key(), b"http://example.org/p?q=1");
+        assert_eq!(String::from_utf8_lossy(b.primary_key()), "http://example.org/p?q=1");
+        assert_eq!(a.primary_bin(), b.primary_bin());
+        let c = for_request(&req("/p?q=1", &[("host", "example.org:8080")]));
+        assert_ne!(a.primary_bin(), c.primary_bin());
+    }
+
+    #[test]
+    fn query_is_part_of_the_key() {
+        let a = for_request(&req("/p?a=1&b=2", &[("host", "h")]));
+        let b = for_request(&req("/p?b=2&a=1", &[("host", "h")]));
+        assert_ne!(a.primary_bin(), b.primary_bin());
+        assert_eq!(for_url("H", "/p?a=1&b=2").primary_bin(), a.primary_bin());
+    }
+
+    #[test]
+    fn no_vary_no_variance() {
+        assert!(variance(&meta(&[]), &req("/", &[("accept-encoding", "gzip")])).is_none());
+    }
+
+    #[test]
+    fn variance_follows_the_listed_headers_only() {
+        let m = meta(&["Accept-Encoding", "accept-language"]);
+        let gz = variance(&m, &req("/", &[("accept-encoding", "gzip"), ("cookie", "a")]));
+        let gz2 = variance(&m, &req("/", &[("accept-encoding", "gzip"), ("cookie", "b")]));
+        let br = variance(&m, &req("/", &[("accept-encoding", "br")]));
+        assert!(gz.is_some());
+        assert_eq!(gz, gz2);
+        assert_ne!(gz, br);
+    }
+
+    #[test]
+    fn variance_ignores_list_whitespace_and_field_order() {
+        let m1 = meta(&["accept-encoding, accept-language"]);
+        let m2 = meta(&["Accept-Language", "Accept-Encoding"]);
+        let a = variance(&m1, &req("/", &[("accept-encoding", "gzip,br")]));
+        let b = variance(&m2, &req("/", &[("accept-encoding", "gzip, br")]));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn absent_header_is_its_own_variant() {
+        let m = meta(&["accept-encoding"]);
+        let none = variance(&m, &req("/", &[]));
+        let empty = variance(&m, &req("/", &[("accept-encoding", "gzip")]));
+        assert_ne!(none, empty);
+    }
+
+    #[test]
+    fn vary_star_is_detected() {
+        let mut h = http::HeaderMap::new();
+        h.append("vary", HeaderValue::from_static("accept, *"));
+        assert!(vary_star(&h));
+        h.clear();
+        h.append("vary", HeaderValue::from_static("accept"));
+        assert!(!vary_star(&h));
+    }
+}

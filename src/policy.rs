@@ -1,0 +1,427 @@
+//! RFC 9111 storage and freshness policy: may a response be stored, and for how long is it fresh?
+//!
+//! Built on pingora-cache's `Cache-Control` parser, with the rules it leaves to the caller:
+//! `Set-Cookie`, `Vary: *`, `Expires` relative to `Date`, `Age` from upstream, heuristic
+//! freshness, and serve-stale windows that come only from the origin or from corral's `grace`
+//! and `stale_if_error` (never a hidden default).
+//!
+//! The decision order, for a response to a GET or HEAD:
+//! 1. status: 206 and 1xx are never stored (corral fetches whole bodies); 304 only as a
+//!    revalidation (merged into the stored entry, see `proxy`);
+//! 2. `no-store` → not stored; `private` or a request with `Authorization` (unless `public`,
+//!    `s-maxage` or `must-revalidate`, §3.5) → not stored unless a rule says `cache_private`;
+//! 3. `Set-Cookie` → not stored unless a rule says `cache_set_cookie` (then the stored copy
+//!    loses the cookie); `Vary: *` → not stored (it can never match, §4.1);
+//! 4. lifetime (§4.2.1): `no-cache` → 0 (stored, revalidated on every use); `s-maxage`;
+//!    `max-age`; `Expires` − `Date` (an invalid or repeated `Expires` means already stale,
+//!    §5.3); the rule's or the config's `ttl`; heuristic (§4.2.2): 10% of `Date` −
+//!    `Last-Modified`, at most [`HEURISTIC_MAX`], only for heuristically cacheable statuses;
+//!    otherwise not stored;
+//! 5. age (§4.2.3): the upstream's `Age` is subtracted from the lifetime and carried on, so the
+//!    `Age` corral sends is the upstream's plus the time corral held it. Corral does not derive an
+//!    apparent age from `Date`: origin clocks drift, and a skewed `Date` would expire everything
+//!    early (Varnish makes the same choice).
+
+use std::time::{Duration, SystemTime};
+
+use http::{header, StatusCode};
+use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
+use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// Upper bound of a heuristic lifetime (RFC 9111 §4.2.2 leaves it to the cache).
+pub const HEURISTIC_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// The policy that applies to one request: the `[cache]` values, overridden by its `[[rule]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    /// Lifetime for responses without an explicit one; zero = heuristics only.
+    pub default_ttl: Duration,
+    pub grace: Duration,
+    pub stale_if_error: Duration,
+    pub cache_private: bool,
+    pub cache_set_cookie: bool,
+}
+
+/// Statuses that are "heuristically cacheable" (RFC 9110 §15.1).
+fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+fn http_date(value: Option<&http::HeaderValue>) -> Option<SystemTime> {
+    let v = value?.to_str().ok()?;
+    httpdate::parse_http_date(v.trim()).ok()
+}
+
+/// The upstream's `Age` in seconds (§5.1: a non-negative integer; anything else is ignored).
+fn age_value(resp: &ResponseHeader) -> Duration {
+    resp.headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
+}
+
+/// The lifetime given by `Expires` (relative to `Date`, to be immune to clock skew), or `None`
+/// when there is no `Expires`. An invalid or repeated `Expires` means "already expired".
+fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
+    let mut all = resp.headers.get_all(header::EXPIRES).iter();
+    let first = all.next()?;
+    if all.next().is_some() {
+        return Some(Duration::ZERO);
+    }
+    let Some(expires) = http_date(Some(first)) else {
+        return Some(Duration::ZERO);
+    };
+    let date = http_date(resp.headers.get(header::DATE)).unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+fn heuristic_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
+    let last_modified = http_date(resp.headers.get(header::LAST_MODIFIED))?;
+    let date = http_date(resp.headers.get(header::DATE)).unwrap_or(now);
+    let since = date.duration_since(last_modified).ok()?;
+    Some((since / 10).min(HEURISTIC_MAX))
+}
+
+/// Decide whether `resp` (the answer to `req`) may be stored, and build its [`CacheMeta`].
+///
+/// `resp` is the header as it will be stored: headers that must not be stored (`private="x"`
+/// fields, `Set-Cookie` under `cache_set_cookie`) are removed from it.
+pub fn response_cacheable(
+    req: &RequestHeader,
+    mut resp: ResponseHeader,
+    eff: &Effective,
+    now: SystemTime,
+) -> RespCacheable {
+    use RespCacheable::Uncacheable;
+    let status = resp.status;
+    if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Uncacheable(NoCacheReason::Custom("status"));
+    }
+    let cc = CacheControl::from_resp_headers(&resp);
+    if cc.as_ref().is_some_and(|cc| cc.no_store()) {
+        return Uncacheable(NoCacheReason::OriginNotCache);
+    }
+    if !eff.cache_private {
+        if cc.as_ref().is_some_and(|cc| cc.private()) {
+            return Uncacheable(NoCacheReason::Custom("private"));
+        }
+        let authorized = req.headers.contains_key(header::AUTHORIZATION);
+        if authorized && !cc.as_ref().is_some_and(|cc| cc.allow_caching_authorized_req()) {
+            return Uncacheable(NoCacheReason::Custom("authorization"));
+        }
+    }
+    if resp.headers.contains_key(header::SET_COOKIE) {
+        if !eff.cache_set_cookie {
+            return Uncacheable(NoCacheReason::Custom("set-cookie"));
+        }
+        resp.remove_header(&header::SET_COOKIE);
+    }
+    if crate::key::vary_star(&resp.headers) {
+        return Uncacheable(NoCacheReason::Custom("vary-star"));
+    }
+
+    let explicit = cc
+        .as_ref()
+        .and_then(|cc| cc.fresh_duration())
+        .or_else(|| expires_lifetime(&resp, now));
+    let lifetime = match explicit {
+        Some(l) => l,
+        None if !heuristically_cacheable(status) => {
+            return Uncacheable(NoCacheReason::OriginNotCache)
+        }
+        None if !eff.default_ttl.is_zero() => eff.default_ttl,
+        None => match heuristic_lifetime(&resp, now) {
+            Some(l) => l,
+            None => return Uncacheable(NoCacheReason::OriginNotCache),
+        },
+    };
+
+    // §4.2.4: no-cache, must-revalidate, proxy-revalidate and s-maxage forbid serving stale
+    // unless the origin granted it explicitly; pingora's parser applies the last three.
+    let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    let (grace, stale_if_error) = if no_cache {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        (eff.grace, eff.stale_if_error)
+    };
+    let swr = cc
+        .as_ref()
+        .and_then(|cc| cc.serve_stale_while_revalidate_duration())
+        .unwrap_or(grace);
+    let sie = cc
+        .as_ref()
+        .and_then(|cc| cc.serve_stale_if_error_duration())
+        .unwrap_or(stale_if_error);
+
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut resp);
+    }
+
+    let age = age_value(&resp);
+    let epoch = now.checked_sub(age).unwrap_or(now);
+    let fresh_until = if lifetime.is_zero() {
+        // already stale: it is revalidated before any use
+        now - Duration::from_secs(1)
+    } else {
+        epoch + lifetime
+    };
+    let mut meta = CacheMeta::new(fresh_until, now, secs(swr), secs(sie), resp);
+    if epoch != now {
+        meta.set_epoch_override(epoch);
+    }
+    RespCacheable::Cacheable(meta)
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// What the client's request says about using a stored response (RFC 9111 §5.2.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestDirectives {
+    /// `no-cache`, `max-age=0` or `Pragma: no-cache` (§5.4): validate before use.
+    pub no_cache: bool,
+    /// `max-age=N`: a stored response older than N is not acceptable without validation.
+    pub max_age: Option<Duration>,
+    /// `only-if-cached`: answer from the cache or with 504, never go upstream.
+    pub only_if_cached: bool,
+}
+
+impl RequestDirectives {
+    pub fn parse(req: &RequestHeader) -> Self {
+        let Some(cc) = CacheControl::from_req_headers(req) else {
+            let pragma_no_cache = req
+                .headers
+                .get_all(header::PRAGMA)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-cache")));
+            return RequestDirectives {
+                no_cache: pragma_no_cache,
+                ..Default::default()
+            };
+        };
+        let max_age = cc.max_age().ok().flatten().map(|s| Duration::from_secs(s.into()));
+        RequestDirectives {
+            no_cache: cc.no_cache() || max_age == Some(Duration::ZERO),
+            max_age,
+            only_if_cached: cc.only_if_cached(),
+        }
+    }
+
+    /// Must a stored response last validated at `updated`, now `age` old, be revalidated before
+    /// it is used for this request that arrived at `arrived`?
+    ///
+    /// A response validated after the request arrived satisfies it: that is what lets
+    /// concurrent `no-cache` requests share one revalidation instead of each going upstream.
+    pub fn requires_validation(&self, updated: SystemTime, age: Duration, arrived: SystemTime) -> bool {
+        if updated >= arrived {
+            return false;
+        }
+        self.no_cache || self.max_age.is_some_and(|max| age > max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use httpdate::fmt_http_date;
+
+    const EFF: Effective = Effective {
+        default_ttl: Duration::ZERO,
+        grace: Duration::from_secs(10),
+        stale_if_error: Duration::from_secs(300),
+        cache_private: false,
+        cache_set_cookie: false,
+    };
+
+    fn get(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut h = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            h.append_header(k.to_string(), *v).unwrap();
+        }
+        h
+    }
+
+    fn decide(status: u16, headers: &[(&str, &str)], eff: &Effective) -> Option<CacheMeta> {
+        match response_cacheable(&get(&[]), resp(status, headers), eff, SystemTime::now()) {
+            RespCacheable::Cacheable(m) => Some(m),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    fn ttl(m: &CacheMeta) -> i64 {
+        let now = SystemTime::now();
+        match m.fresh_until().duration_since(now) {
+            Ok(d) => d.as_secs_f64().round() as i64,
+            Err(e) => -(e.duration().as_secs_f64().round() as i64),
+        }
+    }
+
+    #[test]
+    fn s_maxage_beats_max_age_beats_expires() {
+        let later = fmt_http_date(SystemTime::now() + Duration::from_secs(1000));
+        let m = decide(200, &[("cache-control", "max-age=60, s-maxage=120"), ("expires", &later)], &EFF).unwrap();
+        assert_eq!(ttl(&m), 120);
+        let m = decide(200, &[("cache-control", "max-age=60"), ("expires", &later)], &EFF).unwrap();
+        assert_eq!(ttl(&m), 60);
+    }
+
+    #[test]
+    fn expires_is_relative_to_date() {
+        // an origin whose clock is an hour behind: Expires - Date is still 100 s
+        let date = SystemTime::now() - Duration::from_secs(3600);
+        let m = decide(
+            200,
+            &[("date", &fmt_http_date(date)), ("expires", &fmt_http_date(date + Duration::from_secs(100)))],
+            &EFF,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m), 100);
+    }
+
+    #[test]
+    fn invalid_past_or_repeated_expires_means_stale() {
+        for headers in [
+            vec![("expires", "0")],
+            vec![("expires", "Thu, 01 Jan 1970 00:00:00 GMT")],
+            vec![("expires", "Thu, 01 Jan 2099 00:00:00 GMT"), ("expires", "Thu, 01 Jan 2099 00:00:00 GMT")],
+        ] {
+            let m = decide(200, &headers, &EFF).unwrap();
+            assert!(!m.is_fresh(SystemTime::now()), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn private_no_store_set_cookie_authorization_are_not_stored() {
+        assert!(decide(200, &[("cache-control", "private, max-age=60")], &EFF).is_none());
+        assert!(decide(200, &[("cache-control", "no-store, max-age=60")], &EFF).is_none());
+        assert!(decide(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")], &EFF).is_none());
+        let authorized = get(&[("authorization", "Basic eDp5")]);
+        let r = response_cacheable(&authorized, resp(200, &[("cache-control", "max-age=60")]), &EFF, SystemTime::now());
+        assert!(!r.is_cacheable());
+        let r = response_cacheable(&authorized, resp(200, &[("cache-control", "public, max-age=60")]), &EFF, SystemTime::now());
+        assert!(r.is_cacheable());
+    }
+
+    #[test]
+    fn rules_can_allow_private_and_set_cookie() {
+        let eff = Effective {
+            cache_private: true,
+            cache_set_cookie: true,
+            ..EFF
+        };
+        assert!(decide(200, &[("cache-control", "private, max-age=60")], &eff).is_some());
+        let m = decide(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")], &eff).unwrap();
+        assert!(m.headers().get("set-cookie").is_none(), "the cookie is never stored");
+    }
+
+    #[test]
+    fn vary_star_is_not_stored() {
+        assert!(decide(200, &[("cache-control", "max-age=60"), ("vary", "*")], &EFF).is_none());
+    }
+
+    #[test]
+    fn no_explicit_lifetime_uses_default_ttl_then_heuristic() {
+        assert!(decide(200, &[], &EFF).is_none(), "nothing to go on: not stored");
+        let eff = Effective {
+            default_ttl: Duration::from_secs(30),
+            ..EFF
+        };
+        assert_eq!(ttl(&decide(200, &[], &eff).unwrap()), 30);
+        let now = SystemTime::now();
+        let lm = fmt_http_date(now - Duration::from_secs(1000));
+        let m = decide(200, &[("last-modified", &lm), ("date", &fmt_http_date(now))], &EFF).unwrap();
+        assert_eq!(ttl(&m), 100);
+        // heuristics only for heuristically cacheable statuses
+        assert!(decide(302, &[("last-modified", &lm)], &EFF).is_none());
+        assert!(decide(500, &[], &eff).is_none());
+        // but an explicit lifetime makes any final status storable
+        assert!(decide(302, &[("cache-control", "max-age=5")], &EFF).is_some());
+    }
+
+    #[test]
+    fn heuristic_is_capped() {
+        let lm = fmt_http_date(SystemTime::now() - Duration::from_secs(400 * 24 * 3600));
+        let m = decide(200, &[("last-modified", &lm)], &EFF).unwrap();
+        assert_eq!(ttl(&m), HEURISTIC_MAX.as_secs() as i64);
+    }
+
+    #[test]
+    fn partial_and_interim_are_never_stored() {
+        assert!(decide(206, &[("cache-control", "max-age=60")], &EFF).is_none());
+        assert!(decide(304, &[("cache-control", "max-age=60")], &EFF).is_none());
+    }
+
+    #[test]
+    fn upstream_age_is_subtracted_and_carried() {
+        let m = decide(200, &[("cache-control", "max-age=100"), ("age", "30")], &EFF).unwrap();
+        assert_eq!(ttl(&m), 70);
+        assert_eq!(m.age().as_secs(), 30);
+        let m = decide(200, &[("cache-control", "max-age=100"), ("age", "500")], &EFF).unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
+        let m = decide(200, &[("cache-control", "max-age=100"), ("age", "-5")], &EFF).unwrap();
+        assert_eq!(m.age().as_secs(), 0, "a malformed Age is ignored");
+    }
+
+    #[test]
+    fn stale_windows_come_from_origin_or_config_only() {
+        let m = decide(200, &[("cache-control", "max-age=1")], &EFF).unwrap();
+        assert_eq!(m.stale_while_revalidate_sec(), 10);
+        assert_eq!(m.stale_if_error_sec(), 300);
+        let m = decide(200, &[("cache-control", "max-age=1, stale-while-revalidate=3, stale-if-error=7")], &EFF).unwrap();
+        assert_eq!((m.stale_while_revalidate_sec(), m.stale_if_error_sec()), (3, 7));
+        let m = decide(200, &[("cache-control", "max-age=1, must-revalidate")], &EFF).unwrap();
+        assert_eq!((m.stale_while_revalidate_sec(), m.stale_if_error_sec()), (0, 0));
+        let m = decide(200, &[("cache-control", "no-cache")], &EFF).unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
+        assert_eq!((m.stale_while_revalidate_sec(), m.stale_if_error_sec()), (0, 0));
+        let none = Effective {
+            grace: Duration::ZERO,
+            ..EFF
+        };
+        assert_eq!(decide(200, &[("cache-control", "max-age=1")], &none).unwrap().stale_while_revalidate_sec(), 0);
+    }
+
+    #[test]
+    fn private_field_names_are_stripped() {
+        let m = decide(200, &[("cache-control", "max-age=60, private=\"x-user\""), ("x-user", "bob")], &EFF);
+        // a qualified `private` still marks the whole response private for pingora's parser
+        assert!(m.is_none() || m.unwrap().headers().get("x-user").is_none());
+    }
+
+    #[test]
+    fn request_directives() {
+        assert!(RequestDirectives::parse(&get(&[("cache-control", "no-cache")])).no_cache);
+        assert!(RequestDirectives::parse(&get(&[("cache-control", "max-age=0")])).no_cache);
+        assert!(RequestDirectives::parse(&get(&[("pragma", "no-cache")])).no_cache);
+        let d = RequestDirectives::parse(&get(&[("cache-control", "max-age=5, only-if-cached")]));
+        assert_eq!(d.max_age, Some(Duration::from_secs(5)));
+        assert!(d.only_if_cached && !d.no_cache);
+        assert_eq!(RequestDirectives::parse(&get(&[])), RequestDirectives::default());
+    }
+
+    #[test]
+    fn a_response_validated_after_the_request_arrived_satisfies_no_cache() {
+        let d = RequestDirectives::parse(&get(&[("cache-control", "no-cache")]));
+        let now = SystemTime::now();
+        assert!(d.requires_validation(now - Duration::from_secs(1), Duration::from_secs(1), now));
+        assert!(!d.requires_validation(now + Duration::from_millis(5), Duration::ZERO, now));
+        let d = RequestDirectives::parse(&get(&[("cache-control", "max-age=10")]));
+        assert!(!d.requires_validation(now - Duration::from_secs(5), Duration::from_secs(5), now));
+        assert!(d.requires_validation(now - Duration::from_secs(50), Duration::from_secs(50), now));
+    }
+}
