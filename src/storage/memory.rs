@@ -1,0 +1,794 @@
+//! L1: the in-memory tier, a pingora-cache [`Storage`] bounded by bytes.
+//!
+//! # Layout
+//! One [`DashMap`] from the primary hash of a URL to its [`Slot`]s, one slot per Vary variant.
+//! Grouping variants under their URL makes "purge every variant of this URL" one map removal,
+//! and a lookup is one sharded-map read plus a scan of (usually one) variant.
+//!
+//! A slot holds the committed entry and, while a miss is being filled, the in-progress
+//! [`Fill`]. A lookup prefers the fill: lock waiters and requests that arrive during a refresh
+//! stream the new body as it arrives ([`Storage::support_streaming_partial_write`]) instead of
+//! waiting for the whole body or getting the old one.
+//!
+//! # Hits never copy
+//! A committed body is one [`Bytes`] (the chunks of the fill, joined once at commit); a hit
+//! hands out clones of it, which share the buffer. Metadata is kept as parts and a hit builds its
+//! [`CacheMeta`] by cloning the header map, with no serialisation and no compression.
+//!
+//! # Memory bound
+//! Each entry weighs its body + its headers + a fixed overhead ([`ENTRY_OVERHEAD`]); the weight
+//! is reported to Pingora's eviction manager (a sharded LRU with `memory_bytes` as its limit),
+//! which asks this storage to purge the least recently used entries when the total goes over.
+//! [`MemoryStorage::stats`] reports what is actually held.
+//!
+//! # Emptying in O(1)
+//! [`MemoryStorage::clear`] bumps a generation: entries of older generations are invisible at
+//! once and are freed by a background sweep.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora_cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType, Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use tokio::sync::watch;
+
+/// Bookkeeping bytes charged to every entry on top of body and headers (map slot, Arcs, meta).
+pub const ENTRY_OVERHEAD: usize = 256;
+
+/// [`CacheMeta`] kept as parts, so a hit rebuilds it without deserialising anything.
+#[derive(Debug, Clone)]
+pub struct MetaParts {
+    pub fresh_until: SystemTime,
+    /// When the response was last fetched or revalidated (pingora's `updated`).
+    pub updated: SystemTime,
+    pub epoch_override: Option<SystemTime>,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    pub variance: Option<HashBinary>,
+    pub header: ResponseHeader,
+}
+
+impl MetaParts {
+    pub fn from_meta(meta: &CacheMeta) -> Self {
+        MetaParts {
+            fresh_until: meta.fresh_until(),
+            updated: meta.updated(),
+            epoch_override: meta.epoch_override(),
+            stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+            stale_if_error_sec: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            header: meta.response_header_copy(),
+        }
+    }
+
+    /// Rebuild a [`CacheMeta`]. Its `created` is the last validation time: that is what `Age`
+    /// and purge/ban comparisons are measured from.
+    pub fn to_meta(&self) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.updated,
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            self.header.clone(),
+        );
+        if let Some(epoch) = self.epoch_override {
+            meta.set_epoch_override(epoch);
+        }
+        if let Some(v) = self.variance {
+            meta.set_variance_key(v);
+        }
+        meta
+    }
+
+    /// Approximate bytes held by the header.
+    pub fn header_bytes(&self) -> usize {
+        self.header
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + 32
+    }
+}
+
+/// A committed response.
+#[derive(Debug)]
+struct Stored {
+    meta: MetaParts,
+    body: Bytes,
+    /// Weight reported to the eviction manager.
+    weight: usize,
+    generation: u64,
+}
+
+/// State of an in-progress fill, broadcast to the readers streaming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FillState {
+    /// This many chunks are readable.
+    Partial(usize),
+    /// All chunks are written.
+    Done(usize),
+    /// The writer gave up (upstream error, response too large): readers fail.
+    Aborted,
+}
+
+/// A body being written by the one request that fetches it.
+#[derive(Debug)]
+struct Fill {
+    id: u64,
+    meta: MetaParts,
+    chunks: Mutex<Vec<Bytes>>,
+    state: watch::Sender<FillState>,
+}
+
+/// One Vary variant of a URL.
+#[derive(Debug, Default)]
+struct Slot {
+    variance: Option<HashBinary>,
+    entry: Option<Arc<Stored>>,
+    fill: Option<Arc<Fill>>,
+}
+
+/// What [`MemoryStorage::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryStats {
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+/// The L1 tier. Build it once and leak it: Pingora's [`Storage`] takes `&'static self`.
+#[derive(Debug, Default)]
+pub struct MemoryStorage {
+    table: DashMap<HashBinary, Vec<Slot>>,
+    bytes: AtomicUsize,
+    entries: AtomicUsize,
+    next_fill: AtomicU64,
+    generation: AtomicU64,
+}
+
+impl MemoryStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Entries and bytes currently held (committed entries only).
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn account_add(&self, weight: usize) {
+        self.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn account_remove(&self, weight: usize) {
+        self.bytes.fetch_sub(weight, Ordering::Relaxed);
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
+    /// keys removed (for the eviction manager) .
+    pub fn remove_primary(&self, primary: &HashBinary) -> Vec<CompactCacheKey> {
+        let Some((_, slots)) = self.table.remove(primary) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for slot in slots {
+            // a fill in progress is left to finish: it started before this call returns,
+            // and the proxy's validity checks decide whether it may be served
+            if let Some(entry) = slot.entry {
+                self.account_remove(entry.weight);
+                removed.push(compact(*primary, slot.variance));
+            }
+        }
+        removed
+    }
+
+    /// Make every entry invisible at once (O(1)); a background task frees them.
+    pub fn clear(&'static self) {
+        let old = self.generation.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move { self.sweep_before(old + 1) });
+    }
+
+    fn sweep_before(&self, generation: u64) {
+        self.table.retain(|_, slots| {
+            for slot in slots.iter_mut() {
+                if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
+                    let e = slot.entry.take().expect("checked above");
+                    self.account_remove(e.weight);
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+            !slots.is_empty()
+        });
+    }
+
+    fn current(&self, entry: &Arc<Stored>) -> bool {
+        entry.generation == self.generation.load(Ordering::Acquire)
+    }
+
+    /// Remove one variant; returns whether something was removed.
+    fn remove_variant(&self, primary: HashBinary, variance: Option<HashBinary>) -> bool {
+        let mut removed = false;
+        if let Some(mut slots) = self.table.get_mut(&primary) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) {
+                if let Some(e) = slot.entry.take() {
+                    self.account_remove(e.weight);
+                    removed = true;
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+        }
+        // drop the URL's row if that was its last variant; the re-check under the write lock
+        // keeps a concurrent insert
+        self.table.remove_if(&primary, |_, slots| slots.is_empty());
+        removed
+    }
+}
+
+fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey {
+    CompactCacheKey {
+        primary,
+        variance: variance.map(Box::new),
+        user_tag: "".into(),
+    }
+}
+
+// === hit handlers ===
+
+/// Reads a committed body: one chunk, shared with the stored [`Bytes`].
+struct CompleteHit {
+    body: Bytes,
+    done: bool,
+    range: (usize, usize),
+    weight: usize,
+}
+
+/// Streams a body that is still being written.
+struct PartialHit {
+    fill: Arc<Fill>,
+    state: watch::Receiver<FillState>,
+    next: usize,
+}
+
+#[async_trait]
+impl HandleHit for CompleteHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some(self.body.slice(self.range.0..self.range.1)))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        if start >= self.body.len() {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!("seek start out of range {start} >= {}", self.body.len()),
+            );
+        }
+        self.range = (start, end.map_or(self.body.len(), |e| e.min(self.body.len())));
+        self.done = false;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.weight
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+#[async_trait]
+impl HandleHit for PartialHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let state = *self.state.borrow_and_update();
+            let readable = match state {
+                FillState::Partial(n) | FillState::Done(n) => n,
+                FillState::Aborted => {
+                    return Error::e_explain(ErrorType::InternalError, "cache fill aborted by its writer")
+                }
+            };
+            if self.next < readable {
+                let chunk = self.fill.chunks.lock()[self.next].clone();
+                self.next += 1;
+                return Ok(Some(chunk));
+            }
+            if matches!(state, FillState::Done(_)) {
+                return Ok(None);
+            }
+            if self.state.changed().await.is_err() {
+                // the sender lives in the Fill, which we hold: this cannot happen, but a reader
+                // must never hang or claim a truncated body is whole
+                return Error::e_explain(ErrorType::InternalError, "cache fill vanished");
+            }
+        }
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn should_count_access(&self) -> bool {
+        false
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+fn partial_hit(fill: &Arc<Fill>) -> (CacheMeta, HitHandler) {
+    let hit = PartialHit {
+        fill: fill.clone(),
+        state: fill.state.subscribe(),
+        next: 0,
+    };
+    (fill.meta.to_meta(), Box::new(hit))
+}
+
+// === miss handler ===
+
+struct MemoryMiss {
+    storage: &'static MemoryStorage,
+    primary: HashBinary,
+    variance: Option<HashBinary>,
+    fill: Arc<Fill>,
+    tag: [u8; 8],
+    written: usize,
+    finished: bool,
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        let n = {
+            let mut chunks = self.fill.chunks.lock();
+            if !data.is_empty() {
+                self.written += data.len();
+                chunks.push(data);
+            }
+            chunks.len()
+        };
+        self.fill
+            .state
+            .send_replace(if eof { FillState::Done(n) } else { FillState::Partial(n) });
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        // readers still streaming this fill keep indexing its chunks, so they stay; the stored
+        // body is joined once here (a copy per fill, never per hit)
+        let chunks = self.fill.chunks.lock().clone();
+        let body = join(chunks, self.written);
+        let weight = body.len() + self.fill.meta.header_bytes() + ENTRY_OVERHEAD;
+        let stored = Arc::new(Stored {
+            meta: self.fill.meta.clone(),
+            body,
+            weight,
+            generation: self.storage.generation.load(Ordering::Acquire),
+        });
+        let storage = self.storage;
+        let mut slots = storage.table.entry(self.primary).or_default();
+        let slot = match slots.iter_mut().position(|s| s.variance == self.variance) {
+            Some(i) => &mut slots[i],
+            None => {
+                slots.push(Slot {
+                    variance: self.variance,
+                    ..Default::default()
+                });
+                slots.last_mut().expect("just pushed")
+            }
+        };
+        if let Some(old) = slot.entry.replace(stored) {
+            storage.account_remove(old.weight);
+        }
+        storage.account_add(weight);
+        if slot.fill.as_ref().is_some_and(|f| f.id == self.fill.id) {
+            slot.fill = None;
+        }
+        drop(slots);
+        self.finished = true;
+        Ok(MissFinishType::Created(weight))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.tag)
+    }
+}
+
+fn join(chunks: Vec<Bytes>, len: usize) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.into_iter().next().expect("one chunk"),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            buf.freeze()
+        }
+    }
+}
+
+impl Drop for MemoryMiss {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // the writer gave up: readers of this fill fail rather than see a truncated body
+        self.fill.state.send_replace(FillState::Aborted);
+        if let Some(mut slots) = self.storage.table.get_mut(&self.primary) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.variance == self.variance) {
+                if slot.fill.as_ref().is_some_and(|f| f.id == self.fill.id) {
+                    slot.fill = None;
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+        }
+        self.storage.table.remove_if(&self.primary, |_, s| s.is_empty());
+    }
+}
+
+// === Storage ===
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(slots) = self.table.get(&key.primary_bin()) else {
+            return Ok(None);
+        };
+        let variance = key.variance_bin();
+        let Some(slot) = slots.iter().find(|s| s.variance == variance) else {
+            return Ok(None);
+        };
+        // prefer a fill in progress: it is newer than the committed entry
+        if let Some(fill) = &slot.fill {
+            return Ok(Some(partial_hit(fill)));
+        }
+        let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {
+            return Ok(None);
+        };
+        let hit = CompleteHit {
+            body: entry.body.clone(),
+            done: false,
+            range: (0, entry.body.len()),
+            weight: entry.weight,
+        };
+        Ok(Some((entry.meta.to_meta(), Box::new(hit))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(id) = tag.and_then(|t| <[u8; 8]>::try_from(t).ok()).map(u64::from_be_bytes) else {
+            return self.lookup(key, trace).await;
+        };
+        let Some(slots) = self.table.get(&key.primary_bin()) else {
+            return Ok(None);
+        };
+        let variance = key.variance_bin();
+        Ok(slots
+            .iter()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.fill.as_ref())
+            .filter(|f| f.id == id)
+            .map(partial_hit))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
+        let (state, _) = watch::channel(FillState::Partial(0));
+        let fill = Arc::new(Fill {
+            id,
+            meta: MetaParts::from_meta(meta),
+            chunks: Mutex::new(Vec::new()),
+            state,
+        });
+        let primary = key.primary_bin();
+        let variance = key.variance_bin();
+        {
+            let mut slots = self.table.entry(primary).or_default();
+            match slots.iter_mut().find(|s| s.variance == variance) {
+                Some(slot) => slot.fill = Some(fill.clone()),
+                None => slots.push(Slot {
+                    variance,
+                    entry: None,
+                    fill: Some(fill.clone()),
+                }),
+            }
+        }
+        Ok(Box::new(MemoryMiss {
+            storage: self,
+            primary,
+            variance,
+            fill,
+            tag: id.to_be_bytes(),
+            written: 0,
+            finished: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = target.key();
+        if self.remove_variant(key.primary, key.variance_bin()) {
+            Ok(PurgeOutcome::Purged(None))
+        } else {
+            Ok(PurgeOutcome::NotFound)
+        }
+    }
+
+    async fn expire(&'static self, target: PurgeTarget<'_>, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+        let key = target.key();
+        let Some(mut slots) = self.table.get_mut(&key.primary) else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        let variance = key.variance_bin();
+        let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        let Some(entry) = slot.entry.as_mut() else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        let mut meta = entry.meta.clone();
+        let now = SystemTime::now();
+        if meta.fresh_until > now {
+            // stale from now on; the serve-stale windows then run from this moment
+            meta.fresh_until = now - Duration::from_millis(1);
+        }
+        *entry = Arc::new(Stored {
+            meta,
+            body: entry.body.clone(),
+            weight: entry.weight,
+            generation: entry.generation,
+        });
+        Ok(PurgeOutcome::Expired)
+    }
+
+    async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
+        let Some(mut slots) = self.table.get_mut(&key.primary_bin()) else {
+            return Ok(false);
+        };
+        let variance = key.variance_bin();
+        let Some(entry) = slots
+            .iter_mut()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.entry.as_mut())
+        else {
+            return Ok(false);
+        };
+        // the weight stays what the eviction manager was told; a 304 changes headers only
+        *entry = Arc::new(Stored {
+            meta: MetaParts::from_meta(meta),
+            body: entry.body.clone(),
+            weight: entry.weight,
+            generation: entry.generation,
+        });
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use once_cell::sync::Lazy;
+
+    fn meta(max_age: u64) -> CacheMeta {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.append_header("content-type", "text/plain").unwrap();
+        let now = SystemTime::now();
+        CacheMeta::new(now + Duration::from_secs(max_age), now, 0, 0, h)
+    }
+
+    async fn fill(s: &'static MemoryStorage, key: &CacheKey, chunks: &[&'static str]) -> usize {
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = s.get_miss_handler(key, &meta(60), &trace).await.unwrap();
+        for (i, c) in chunks.iter().enumerate() {
+            miss.write_body(Bytes::from_static(c.as_bytes()), i + 1 == chunks.len()).await.unwrap();
+        }
+        match miss.finish().await.unwrap() {
+            MissFinishType::Created(w) => w,
+            MissFinishType::Appended(..) => unreachable!(),
+        }
+    }
+
+    async fn read_all(h: &mut HitHandler) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(b) = h.read_body().await? {
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn miss_then_hit_shares_the_body() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let key = CacheKey::new("http://h/a", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        assert!(S.lookup(&key, &trace).await.unwrap().is_none());
+        let weight = fill(&S, &key, &["hel", "lo"]).await;
+        assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: weight });
+        let (m, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert!(m.is_fresh(SystemTime::now()));
+        let body = h.read_body().await.unwrap().unwrap();
+        assert_eq!(&body[..], b"hello");
+        assert!(h.read_body().await.unwrap().is_none());
+        let (_, mut h2) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        let body2 = h2.read_body().await.unwrap().unwrap();
+        assert_eq!(body.as_ptr(), body2.as_ptr(), "two hits share one buffer");
+    }
+
+    #[tokio::test]
+    async fn readers_stream_a_fill_in_progress() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let key = CacheKey::new("http://h/stream", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+        miss.write_body(Bytes::from_static(b"one "), false).await.unwrap();
+        let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"one ");
+        let writer = tokio::spawn(async move {
+            miss.write_body(Bytes::from_static(b"two"), true).await.unwrap();
+            miss.finish().await.unwrap();
+        });
+        assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"two");
+        assert!(reader.read_body().await.unwrap().is_none());
+        writer.await.unwrap();
+        let (_, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert_eq!(read_all(&mut h).await.unwrap(), b"one two");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_fill_fails_its_readers_and_stores_nothing() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let key = CacheKey::new("http://h/abandoned", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+        miss.write_body(Bytes::from_static(b"part"), false).await.unwrap();
+        let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        drop(miss);
+        assert!(read_all(&mut reader).await.is_err());
+        assert!(S.lookup(&key, &trace).await.unwrap().is_none());
+        assert_eq!(S.stats(), MemoryStats::default());
+    }
+
+    #[tokio::test]
+    async fn variants_are_separate_and_purged_together() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut gz = CacheKey::new("http://h/v", "");
+        gz.set_variance_key([1; 16]);
+        let mut br = CacheKey::new("http://h/v", "");
+        br.set_variance_key([2; 16]);
+        fill(&S, &gz, &["gz"]).await;
+        fill(&S, &br, &["br"]).await;
+        let (_, mut h) = S.lookup(&br, &trace).await.unwrap().unwrap();
+        assert_eq!(read_all(&mut h).await.unwrap(), b"br");
+        let removed = S.remove_primary(&gz.primary_bin());
+        assert_eq!(removed.len(), 2);
+        assert!(S.lookup(&gz, &trace).await.unwrap().is_none());
+        assert!(S.lookup(&br, &trace).await.unwrap().is_none());
+        assert_eq!(S.stats(), MemoryStats::default());
+    }
+
+    #[tokio::test]
+    async fn purge_expire_and_update_meta() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("http://h/p", "");
+        fill(&S, &key, &["x"]).await;
+        let compact = key.to_compact();
+        assert_eq!(S.expire(PurgeTarget::Active(&compact), &trace).await.unwrap(), PurgeOutcome::Expired);
+        let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert!(!m.is_fresh(SystemTime::now()), "expired entries stay, stale");
+        assert!(S.update_meta(&key, &meta(60), &trace).await.unwrap());
+        let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert!(m.is_fresh(SystemTime::now()), "a revalidation freshens it");
+        let outcome = S.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace).await.unwrap();
+        assert_eq!(outcome, PurgeOutcome::Purged(None));
+        let outcome = S.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace).await.unwrap();
+        assert_eq!(outcome, PurgeOutcome::NotFound);
+        assert!(!S.update_meta(&key, &meta(60), &trace).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn overwrite_keeps_the_accounting_exact() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let key = CacheKey::new("http://h/o", "");
+        fill(&S, &key, &["short"]).await;
+        let w = fill(&S, &key, &["a longer body"]).await;
+        assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
+    }
+
+    #[tokio::test]
+    async fn clear_hides_everything_at_once_then_frees_it() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let a = CacheKey::new("http://h/c1", "");
+        fill(&S, &a, &["x"]).await;
+        S.clear();
+        assert!(S.lookup(&a, &trace).await.unwrap().is_none());
+        let b = CacheKey::new("http://h/c2", "");
+        let w = fill(&S, &b, &["y"]).await;
+        // the sweep runs on the runtime; wait for its effect, bounded
+        for _ in 0..1000 {
+            if S.stats().entries == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
+        assert!(S.lookup(&b, &trace).await.unwrap().is_some());
+    }
+}

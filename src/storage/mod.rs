@@ -1,0 +1,4 @@
+//! Cache storage tiers behind Pingora's `Storage` trait.
+//!
+//! - [`memory`]: L1, in-process, bounded by bytes.
+pub mod memory;
