@@ -1,5 +1,77 @@
 //! corral: a caching HTTP reverse proxy on Pingora.
+//!
+//! It sits in front of a web application and caches its responses by RFC 9111, in memory
+//! (L1, bounded by bytes), with dogpile protection: one upstream request per cold or expired
+//! key, stale copies served while one request revalidates or while the upstream fails.
+//!
+//! # Layout
+//! - [`config`]: the TOML file → validated [`config::Config`]
+//! - [`key`]: cache key (scheme + host + path + query, Vary variance)
+//! - [`policy`]: RFC 9111 storability and freshness
+//! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory)
+//! - [`proxy`]: `impl ProxyHttp`, glue only
+//! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
+//! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`)
+//! - [`metrics`]: every Prometheus metric
+
+pub mod admin;
+pub mod cache_status;
 pub mod config;
 pub mod key;
+pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod storage;
+
+use std::sync::Arc;
+
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::Server;
+use pingora_core::services::listening::Service;
+
+use crate::config::Config;
+use crate::proxy::{CacheParts, Corral};
+
+/// Build the Pingora server for `cfg`: the proxy service and, if configured, the admin one.
+/// Nothing is bound until the server runs.
+pub fn build_server(cfg: Config) -> Server {
+    let cfg = Arc::new(cfg);
+    let conf = ServerConf {
+        threads: cfg.server.threads,
+        work_stealing: true,
+        // tests and operators stop corral quickly; in-flight requests get this long
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let parts = CacheParts::leak(&cfg);
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Corral::new(cfg.clone(), parts),
+        "corral proxy",
+    );
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    proxy.add_tcp(&cfg.server.listen.to_string());
+    server.add_service(proxy);
+
+    if let Some(admin_addr) = cfg.server.admin {
+        let mut admin = Service::new(
+            "corral admin".to_string(),
+            admin::Admin {
+                parts,
+                memory_bytes: cfg.cache.memory_bytes,
+            },
+        );
+        admin.add_tcp(&admin_addr.to_string());
+        server.add_service(admin);
+    }
+    server
+}

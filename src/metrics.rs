@@ -1,0 +1,76 @@
+//! Every Prometheus metric corral exports, served on the admin listener at `/metrics`.
+//!
+//! Names are `corral_<noun>_<unit>`; counters end in `_total`; labels stay few.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge,
+};
+
+/// Requests answered, by cache outcome (`hit`, `miss`, `stale`, `collapsed`, ...).
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_requests_total",
+        "Requests answered, by cache outcome",
+        &["cache"]
+    )
+    .expect("metric registers once")
+});
+
+/// Requests sent to the upstream, by result (`ok`, `error`).
+pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_upstream_requests_total",
+        "Requests sent to the upstream, by result",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// Time to answer a request, by cache outcome.
+pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "corral_request_duration_seconds",
+        "Time from request to the end of the response, by cache outcome",
+        &["cache"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    )
+    .expect("metric registers once")
+});
+
+/// Entries invalidated by a successful unsafe request (RFC 9111 §4.4).
+pub static INVALIDATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_invalidations_total",
+        "Stored entries invalidated by a successful POST/PUT/DELETE/PATCH to their URL"
+    )
+    .expect("metric registers once")
+});
+
+/// Bytes held by the L1 memory tier (bodies + headers + overhead).
+pub static L1_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("corral_l1_bytes", "Bytes held by the L1 memory tier").expect("metric registers once")
+});
+
+/// Entries held by the L1 memory tier.
+pub static L1_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("corral_l1_entries", "Entries held by the L1 memory tier").expect("metric registers once")
+});
+
+/// Entries evicted from L1 to respect `memory_bytes`.
+pub static L1_EVICTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("corral_l1_evicted_entries", "Entries evicted from L1 since start").expect("metric registers once")
+});
+
+/// Render every registered metric in the Prometheus text format.
+pub fn render() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
+        tracing::warn!(error = %e, "metrics encoding failed");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}

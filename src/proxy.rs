@@ -1,0 +1,517 @@
+//! `impl ProxyHttp`: the glue between Pingora's request phases and corral's modules.
+//!
+//! | phase | module |
+//! |---|---|
+//! | `request_filter` | classify the request: rule, bypass, client directives |
+//! | `request_cache_filter` | enable the cache: L1 storage, eviction, cache lock, predictor |
+//! | `cache_key_callback` | [`crate::key`] |
+//! | `cache_hit_filter` | client `no-cache`/`max-age` → revalidate ([`crate::policy`]) |
+//! | `proxy_upstream_filter` | `only-if-cached` → 504 |
+//! | `upstream_peer` | the configured upstream |
+//! | `upstream_request_filter` | hop-by-hop headers out, `X-Forwarded-For` in |
+//! | `upstream_response_filter` | hop-by-hop headers out; RFC 9111 §4.4 invalidation |
+//! | `response_cache_filter` | [`crate::policy::response_cacheable`] |
+//! | `cache_vary_filter` | [`crate::key::variance`] |
+//! | `should_serve_stale` | grace / stale-while-revalidate and stale-if-error |
+//! | `response_filter` | `Cache-Status` ([`crate::cache_status`]) |
+//! | `logging` | access line + metrics |
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, Method, StatusCode};
+use pingora_cache::eviction::{lru, EvictionManager};
+use pingora_cache::key::{CacheHashKey, HashBinary};
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::predictor::Predictor;
+use pingora_cache::{
+    CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, ForcedFreshness, HitHandler, NoCacheReason,
+    RespCacheable,
+};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{ProxyHttp, Session};
+use tracing::{debug, info};
+
+use crate::cache_status::{CacheStatus, Outcome};
+use crate::config::Config;
+use crate::key;
+use crate::metrics;
+use crate::policy::{self, Effective, RequestDirectives};
+use crate::storage::memory::MemoryStorage;
+
+/// Shards of the eviction LRU and of the predictor.
+const SHARDS: usize = 16;
+
+/// The cache machinery shared by every request, built once per process (Pingora wants
+/// `&'static` for all of it).
+pub struct CacheParts {
+    pub storage: &'static MemoryStorage,
+    pub eviction: &'static lru::Manager<SHARDS>,
+    pub lock: &'static CacheKeyLockImpl,
+    pub predictor: &'static Predictor<SHARDS>,
+}
+
+impl CacheParts {
+    /// Build and leak the cache parts for `cfg`.
+    pub fn leak(cfg: &Config) -> &'static CacheParts {
+        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
+        // capacity hint: entries of ~8 KiB on average, per shard
+        let per_shard = (cfg.cache.memory_bytes / 8192 / SHARDS).clamp(64, 1 << 16);
+        let eviction = Box::leak(Box::new(lru::Manager::<SHARDS>::with_capacity(
+            cfg.cache.memory_bytes,
+            per_shard,
+        )));
+        // age timeout: a writer that holds the lock this long lets the waiters compete again
+        let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
+        let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(
+            cfg.cache.hit_for_miss_keys.div_ceil(SHARDS),
+            None,
+        )));
+        Box::leak(Box::new(CacheParts {
+            storage,
+            eviction,
+            lock,
+            predictor,
+        }))
+    }
+
+    /// Remove every stored variant of the URL with this primary hash, from storage and from
+    /// the eviction manager. Returns how many entries were removed.
+    pub fn remove_url(&self, primary: &HashBinary) -> usize {
+        let removed = self.storage.remove_primary(primary);
+        for compact in &removed {
+            self.eviction
+                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+        }
+        removed.len()
+    }
+
+    /// Refresh the L1 gauges from storage and the eviction manager.
+    pub fn publish_gauges(&self) {
+        let stats = self.storage.stats();
+        metrics::L1_BYTES.set(stats.bytes as i64);
+        metrics::L1_ENTRIES.set(stats.entries as i64);
+        metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
+    }
+}
+
+/// The proxy.
+pub struct Corral {
+    cfg: Arc<Config>,
+    parts: &'static CacheParts,
+    /// Connection settings for the upstream, cloned per request.
+    peer: HttpPeer,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    started: Instant,
+    /// When the request arrived: a response validated after it satisfies `no-cache`.
+    arrived: SystemTime,
+    host: String,
+    path: String,
+    policy: Effective,
+    directives: RequestDirectives,
+    /// Why the cache is not used for this request, if it is not.
+    bypass: Option<&'static str>,
+    /// The cache entry was forced stale by the client's directives.
+    by_request: bool,
+    /// `response_cache_filter` decided to store the response.
+    storing: bool,
+    upstream_started: Option<Instant>,
+    upstream_header_time: Option<Duration>,
+    upstream_status: Option<u16>,
+    status: Option<CacheStatus>,
+}
+
+impl Corral {
+    pub fn new(cfg: Arc<Config>, parts: &'static CacheParts) -> Self {
+        let up = &cfg.upstream;
+        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
+        peer.options.connection_timeout = Some(up.connect_timeout);
+        peer.options.read_timeout = Some(up.read_timeout);
+        peer.options.write_timeout = Some(up.write_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Corral { cfg, parts, peer }
+    }
+
+    fn effective(&self, host: &str, path: &str) -> (Effective, Option<&crate::config::Rule>) {
+        let c = &self.cfg.cache;
+        let rule = self.cfg.rule_for(host, path);
+        let eff = Effective {
+            default_ttl: rule.and_then(|r| r.ttl).unwrap_or(c.default_ttl),
+            grace: rule.and_then(|r| r.grace).unwrap_or(c.grace),
+            stale_if_error: rule.and_then(|r| r.stale_if_error).unwrap_or(c.stale_if_error),
+            cache_private: rule.is_some_and(|r| r.cache_private),
+            cache_set_cookie: rule.is_some_and(|r| r.cache_set_cookie),
+        };
+        (eff, rule)
+    }
+
+    /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
+    /// `Location` / `Content-Location` of the same host.
+    fn invalidate_after_unsafe(&self, ctx: &Ctx, resp: &ResponseHeader) {
+        let mut removed = self.parts.remove_url(&key::for_url(&ctx.host, &ctx.path).primary_bin());
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let Ok(uri) = target.parse::<http::Uri>() else {
+                continue;
+            };
+            let same_host = uri.authority().is_none_or(|a| key::normalize_host(a.as_str()) == ctx.host);
+            if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
+                if pq.as_str().starts_with('/') {
+                    removed += self.parts.remove_url(&key::for_url(&ctx.host, pq.as_str()).primary_bin());
+                }
+            }
+        }
+        if removed > 0 {
+            metrics::INVALIDATIONS.inc_by(removed as u64);
+            debug!(host = %ctx.host, path = %ctx.path, removed, "invalidated by unsafe method");
+        }
+    }
+
+    fn cache_status(&self, session: &Session, ctx: &Ctx) -> CacheStatus {
+        let cache = &session.cache;
+        if let Some(reason) = ctx.bypass {
+            let _ = reason;
+            return CacheStatus::new(Outcome::Bypass);
+        }
+        let outcome = match cache.phase() {
+            CachePhase::Hit if cache.lock_duration().is_some() => Outcome::Collapsed,
+            CachePhase::Hit => Outcome::Hit,
+            CachePhase::Stale | CachePhase::StaleUpdating => Outcome::Stale,
+            CachePhase::Miss => Outcome::Miss,
+            CachePhase::Expired => Outcome::Expired,
+            CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => Outcome::Revalidated,
+            CachePhase::Bypass => Outcome::HitForMiss,
+            CachePhase::Disabled(NoCacheReason::CacheLockTimeout) => Outcome::LockTimeout,
+            CachePhase::Disabled(NoCacheReason::NeverEnabled) => Outcome::Bypass,
+            CachePhase::Disabled(_) if cache.predicted_uncacheable_reason().is_some() => Outcome::HitForMiss,
+            CachePhase::Disabled(_) | CachePhase::Uninit | CachePhase::CacheKey => Outcome::Miss,
+        };
+        let mut status = CacheStatus::new(outcome);
+        status.by_request = ctx.by_request;
+        if let Some(meta) = cache.maybe_cache_meta() {
+            if matches!(
+                outcome,
+                Outcome::Hit | Outcome::Stale | Outcome::Collapsed | Outcome::Revalidated
+            ) || ctx.storing
+            {
+                status.ttl = Some(ttl_secs(meta, SystemTime::now()));
+            }
+        }
+        match outcome {
+            Outcome::Miss | Outcome::Expired => status.stored = ctx.storing,
+            _ => {}
+        }
+        if matches!(outcome, Outcome::Revalidated) {
+            status.fwd_status = Some(304);
+        } else if matches!(outcome, Outcome::Expired) {
+            status.fwd_status = ctx.upstream_status;
+        }
+        status
+    }
+}
+
+/// Remaining freshness in whole seconds, negative when stale.
+fn ttl_secs(meta: &CacheMeta, now: SystemTime) -> i64 {
+    match meta.fresh_until().duration_since(now) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) other than the framing ones Pingora manages itself.
+const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "te", "trailer"];
+
+/// The headers to remove before forwarding: those named in `Connection` and the standard
+/// hop-by-hop ones. `Connection` and `Upgrade` themselves stay (Pingora uses them for keep-alive
+/// and protocol upgrades), and so do the framing headers and `Host`, whatever `Connection` says.
+fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .chain(HOP_BY_HOP.iter().map(|h| h.to_string()))
+        .filter(|t| {
+            !t.is_empty()
+                && !matches!(
+                    t.as_str(),
+                    "close" | "upgrade" | "connection" | "content-length" | "transfer-encoding" | "host"
+                )
+                && headers.contains_key(t.as_str())
+        })
+        .collect()
+}
+
+fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+}
+
+#[async_trait]
+impl ProxyHttp for Corral {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            arrived: SystemTime::now(),
+            host: String::new(),
+            path: String::new(),
+            policy: Effective {
+                default_ttl: Duration::ZERO,
+                grace: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                cache_private: false,
+                cache_set_cookie: false,
+            },
+            directives: RequestDirectives::default(),
+            bypass: None,
+            by_request: false,
+            storing: false,
+            upstream_started: None,
+            upstream_header_time: None,
+            upstream_status: None,
+            status: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.host = key::request_host(req);
+        ctx.path = key::request_path_and_query(req).to_string();
+        let (policy, rule) = self.effective(&ctx.host, &ctx.path);
+        ctx.policy = policy;
+        ctx.directives = RequestDirectives::parse(req);
+        ctx.bypass = if rule.is_some_and(|r| r.bypass) {
+            Some("rule")
+        } else if !matches!(req.method, Method::GET | Method::HEAD) {
+            Some("method")
+        } else if req.headers.contains_key(header::AUTHORIZATION) && !policy.cache_private {
+            // a stored public page must not answer an authenticated user (Varnish passes
+            // these too); a rule with cache_private opts in
+            Some("authorization")
+        } else {
+            None
+        };
+        Ok(false)
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        if ctx.bypass.is_some() {
+            return Ok(());
+        }
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(self.cfg.cache.lock_timeout);
+        session.cache.enable(
+            self.parts.storage,
+            Some(self.parts.eviction),
+            Some(self.parts.predictor),
+            Some(self.parts.lock),
+            Some(overrides),
+        );
+        session.cache.set_max_file_size_bytes(self.cfg.cache.max_object_bytes);
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, _ctx: &mut Ctx) -> Result<CacheKey> {
+        Ok(key::for_request(session.req_header()))
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        _is_fresh: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        if self.cfg.cache.honor_client_no_cache
+            && ctx.directives.requires_validation(meta.updated(), meta.age(), ctx.arrived)
+        {
+            // revalidate; concurrent such requests wait on the lock and are satisfied by the
+            // one revalidation (it is newer than their arrival)
+            ctx.by_request = true;
+            return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        Ok(None)
+    }
+
+    async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if ctx.directives.only_if_cached {
+            // RFC 9111 §5.2.1.7: nothing usable stored → 504
+            let mut resp = ResponseHeader::build(StatusCode::GATEWAY_TIMEOUT, Some(2))?;
+            resp.insert_header(header::CONTENT_LENGTH, "0")?;
+            resp.insert_header("cache-status", "corral; fwd=miss; detail=only-if-cached")?;
+            session.write_response_header(Box::new(resp), true).await?;
+            ctx.status = Some(CacheStatus::new(Outcome::Miss));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started = Some(Instant::now());
+        Ok(Box::new(self.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        for name in hop_by_hop(&upstream_request.headers) {
+            upstream_request.remove_header(&name);
+        }
+        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()) {
+            let xff = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if upstream_response.status.is_informational() {
+            return Ok(());
+        }
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        ctx.upstream_header_time = ctx.upstream_started.map(|t| t.elapsed());
+        for name in hop_by_hop(&upstream_response.headers) {
+            upstream_response.remove_header(&name);
+        }
+        let method = &session.req_header().method;
+        let status = upstream_response.status;
+        if !is_safe(method) && (status.is_success() || status.is_redirection()) {
+            self.invalidate_after_unsafe(ctx, upstream_response);
+        }
+        Ok(())
+    }
+
+    fn response_cache_filter(&self, session: &Session, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<RespCacheable> {
+        let decision = policy::response_cacheable(session.req_header(), resp.clone(), &ctx.policy, SystemTime::now());
+        ctx.storing = decision.is_cacheable();
+        Ok(decision)
+    }
+
+    fn cache_vary_filter(&self, meta: &CacheMeta, _ctx: &mut Ctx, req: &RequestHeader) -> Option<HashBinary> {
+        key::variance(meta, req)
+    }
+
+    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut Ctx, error: Option<&Error>) -> bool {
+        match error {
+            // stale-while-revalidate / grace: the entry's own window already decided
+            None => true,
+            // stale-if-error: upstream trouble, including a 5xx answer
+            Some(e) => {
+                e.esource() == &ErrorSource::Upstream
+                    || matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500)
+            }
+        }
+    }
+
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
+        let status = self.cache_status(session, ctx);
+        resp.insert_header("cache-status", status.header_value())?;
+        ctx.status = Some(status);
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        let outcome = ctx.status.map_or("error", |s| s.outcome.as_str());
+        let elapsed = ctx.started.elapsed();
+        metrics::REQUESTS.with_label_values(&[outcome]).inc();
+        metrics::REQUEST_SECONDS
+            .with_label_values(&[outcome])
+            .observe(elapsed.as_secs_f64());
+        if ctx.upstream_started.is_some() {
+            let result = if error.is_some() && ctx.upstream_status.is_none() { "error" } else { "ok" };
+            metrics::UPSTREAM_REQUESTS.with_label_values(&[result]).inc();
+        }
+        if !self.cfg.log.access_log {
+            return;
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        info!(
+            target: "corral::access",
+            method = %req.method,
+            host = %ctx.host,
+            path = %ctx.path,
+            status,
+            cache = outcome,
+            upstream_ms = ctx.upstream_header_time.map(|d| d.as_secs_f64() * 1000.0),
+            total_ms = elapsed.as_secs_f64() * 1000.0,
+            subrequest = session.subrequest_ctx.is_some(),
+            error = error.map(|e| e.to_string()),
+        );
+    }
+}
+
+/// A one-shot body for responses corral writes itself.
+pub fn static_body(text: &'static str) -> Bytes {
+    Bytes::from_static(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        h.insert("content-length", "3".parse().unwrap());
+        for n in hop_by_hop(&h) {
+            h.remove(n.as_str());
+        }
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("x-kept").is_some());
+        assert!(h.get("content-length").is_some());
+        assert!(h.get("connection").is_some(), "pingora manages Connection itself");
+    }
+
+    #[test]
+    fn framing_headers_survive_a_hostile_connection_header() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", "content-length, transfer-encoding, host".parse().unwrap());
+        h.insert("content-length", "3".parse().unwrap());
+        h.insert("host", "a".parse().unwrap());
+        assert!(hop_by_hop(&h).is_empty());
+        assert!(h.get("content-length").is_some());
+        assert!(h.get("host").is_some());
+    }
+
+    #[test]
+    fn ttl_is_negative_when_stale() {
+        let now = SystemTime::now();
+        let h = ResponseHeader::build(200, None).unwrap();
+        let fresh = CacheMeta::new(now + Duration::from_secs(42), now, 0, 0, h.clone());
+        assert_eq!(ttl_secs(&fresh, now), 42);
+        let stale = CacheMeta::new(now - Duration::from_millis(2500), now, 0, 0, h);
+        assert_eq!(ttl_secs(&stale, now), -3);
+    }
+}

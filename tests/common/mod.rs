@@ -1,0 +1,210 @@
+//! Test harness: a real origin ([`origin`]), the real `corral` binary on free loopback ports,
+//! and an HTTP client.
+#![allow(dead_code)]
+
+pub mod origin;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use origin::{Origin, Reply, Seen};
+
+/// A free loopback port (bound then released; the proxy binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The `[cache]` and `[[rule]]` parts of a test config; server and upstream are filled in.
+#[derive(Default, Clone)]
+pub struct Conf {
+    /// Lines inside `[cache]`, e.g. `grace = "2s"`.
+    pub cache: Vec<String>,
+    /// Whole `[[rule]]` tables.
+    pub rules: String,
+}
+
+impl Conf {
+    pub fn cache(mut self, line: &str) -> Self {
+        self.cache.push(line.to_string());
+        self
+    }
+    pub fn rules(mut self, toml: &str) -> Self {
+        self.rules.push_str(toml);
+        self
+    }
+}
+
+/// A running `corral` process, killed on drop. Its log is printed if the test fails.
+pub struct Proxy {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn corral_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_corral")
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr, conf: Conf) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = format!(
+            "[server]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nthreads = 2\n\n\
+             [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\nread_timeout = \"5s\"\n\n\
+             [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n\n{}",
+            conf.cache.join("\n"),
+            conf.rules
+        );
+        let path = dir.path().join("corral.toml");
+        std::fs::write(&path, text).unwrap();
+        let log = dir.path().join("corral.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(corral_bin())
+            .arg("-c")
+            .arg(&path)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn corral");
+        let mut proxy = Proxy {
+            child,
+            addr,
+            admin,
+            log,
+            _dir: dir,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Ready = the admin listener answers /healthz and the proxy port accepts.
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = client();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("corral exited early ({status}):\n{}", self.log_text());
+            }
+            let healthy = client
+                .get(format!("http://{}/healthz", self.admin))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if healthy && tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "corral not ready in 20 s:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The admin `/stats` JSON as (entries, bytes, memory_bytes).
+    pub async fn stats(&self) -> (u64, u64, u64) {
+        let text = client()
+            .get(format!("http://{}/stats", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let field = |name: &str| -> u64 {
+            let at = text.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("{name} in {text}"));
+            text[at + name.len() + 3..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        };
+        (field("l1_entries"), field("l1_bytes"), field("memory_bytes"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- corral log ----\n{}\n---- end of corral log ----", self.log_text());
+        }
+    }
+}
+
+/// An HTTP client that never uses a system proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A simple response: status, `cache-status` header, body.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub cache: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+pub async fn get(url: &str) -> Got {
+    get_with(url, &[]).await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Got {
+    send(client().get(url), headers).await
+}
+
+pub async fn send(mut req: reqwest::RequestBuilder, headers: &[(&str, &str)]) -> Got {
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let cache = headers
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp.text().await.unwrap_or_default();
+    Got {
+        status,
+        cache,
+        headers,
+        body,
+    }
+}
