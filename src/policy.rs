@@ -181,6 +181,31 @@ fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
+/// Update a stored header with the fields of a 304 that validated it (RFC 9111 §3.2, §4.3.4):
+/// each field present in the 304 replaces the stored one, except the framing fields, which
+/// describe the 304 itself, and `Vary`, which selected the stored variant.
+pub fn merge_not_modified(stored: &mut ResponseHeader, fields: &http::HeaderMap) {
+    const KEEP: [header::HeaderName; 5] = [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::CONTENT_RANGE,
+        header::VARY,
+    ];
+    for name in fields.keys() {
+        if KEEP.contains(name) {
+            continue;
+        }
+        let mut values = fields.get_all(name).iter();
+        if let Some(first) = values.next() {
+            let _ = stored.insert_header(name.clone(), first.clone());
+        }
+        for v in values {
+            let _ = stored.append_header(name.clone(), v.clone());
+        }
+    }
+}
+
 /// What the client's request says about using a stored response (RFC 9111 §5.2.1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestDirectives {
@@ -401,6 +426,18 @@ mod tests {
         let m = decide(200, &[("cache-control", "max-age=60, private=\"x-user\""), ("x-user", "bob")], &EFF);
         // a qualified `private` still marks the whole response private for pingora's parser
         assert!(m.is_none() || m.unwrap().headers().get("x-user").is_none());
+    }
+
+    #[test]
+    fn a_304_replaces_every_field_but_framing_and_vary() {
+        let mut stored = resp(200, &[("etag", "\"1\""), ("x-rev", "1"), ("content-length", "10"), ("vary", "accept")]);
+        let fresh = resp(304, &[("x-rev", "2"), ("x-new", "a"), ("x-new", "b"), ("content-length", "0"), ("vary", "*")]);
+        merge_not_modified(&mut stored, &fresh.headers);
+        assert_eq!(stored.headers["x-rev"], "2");
+        assert_eq!(stored.headers.get_all("x-new").iter().count(), 2);
+        assert_eq!(stored.headers["content-length"], "10");
+        assert_eq!(stored.headers["vary"], "accept");
+        assert_eq!(stored.headers["etag"], "\"1\"");
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub struct Ctx {
     upstream_started: Option<Instant>,
     upstream_header_time: Option<Duration>,
     upstream_status: Option<u16>,
+    /// Header fields of a 304 that revalidated the stored entry, merged in full into it.
+    not_modified: Option<http::HeaderMap>,
     status: Option<CacheStatus>,
 }
 
@@ -280,6 +282,7 @@ impl ProxyHttp for Corral {
             upstream_started: None,
             upstream_header_time: None,
             upstream_status: None,
+            not_modified: None,
             status: None,
         }
     }
@@ -396,8 +399,11 @@ impl ProxyHttp for Corral {
         for name in hop_by_hop(&upstream_response.headers) {
             upstream_response.remove_header(&name);
         }
-        let method = &session.req_header().method;
         let status = upstream_response.status;
+        if status == StatusCode::NOT_MODIFIED && session.cache.phase() == CachePhase::Stale {
+            ctx.not_modified = Some(upstream_response.headers.clone());
+        }
+        let method = &session.req_header().method;
         if !is_safe(method) && (status.is_success() || status.is_redirection()) {
             self.invalidate_after_unsafe(ctx, upstream_response);
         }
@@ -405,7 +411,12 @@ impl ProxyHttp for Corral {
     }
 
     fn response_cache_filter(&self, session: &Session, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<RespCacheable> {
-        let decision = policy::response_cacheable(session.req_header(), resp.clone(), &ctx.policy, SystemTime::now());
+        let mut resp = resp.clone();
+        if let Some(fields) = ctx.not_modified.take() {
+            // Pingora merges only a few fields of a 304; RFC 9111 §3.2 wants all of them
+            policy::merge_not_modified(&mut resp, &fields);
+        }
+        let decision = policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now());
         ctx.storing = decision.is_cacheable();
         Ok(decision)
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use origin::{Origin, Reply, Seen};
+pub use origin::{Origin, Reply};
 
 /// A free loopback port (bound then released; the proxy binds it right after).
 pub fn free_port() -> u16 {

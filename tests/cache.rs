@@ -1,0 +1,405 @@
+//! HTTP caching semantics (RFC 9111) against the real binary and a real origin.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn setup(conf: Conf) -> (Origin, Proxy) {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(origin.addr, conf).await;
+    (origin, proxy)
+}
+
+fn cacheable(body: &str) -> Reply {
+    Reply::ok(body.to_string()).header("cache-control", "max-age=60")
+}
+
+#[tokio::test]
+async fn miss_then_hit() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/a", |_| cacheable("A"));
+    let first = get(&proxy.url("/a")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, "A");
+    assert!(first.cache.starts_with("corral; fwd=miss; stored"), "{}", first.cache);
+    let second = get(&proxy.url("/a")).await;
+    assert_eq!(second.body, "A");
+    assert!(second.cache.starts_with("corral; hit; ttl="), "{}", second.cache);
+    assert!(second.headers.contains_key("age"), "a hit carries Age (RFC 9111 §4)");
+    assert_eq!(origin.hits("/a"), 1);
+}
+
+#[tokio::test]
+async fn query_and_host_are_part_of_the_key() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/q?x=1", |_| cacheable("x1"));
+    origin.route("/q?x=2", |_| cacheable("x2"));
+    assert_eq!(get(&proxy.url("/q?x=1")).await.body, "x1");
+    assert_eq!(get(&proxy.url("/q?x=2")).await.body, "x2");
+    assert_eq!(get(&proxy.url("/q?x=1")).await.body, "x1");
+    assert_eq!(origin.hits("/q?x=1"), 1);
+    let other_host = get_with(&proxy.url("/q?x=1"), &[("host", "other.example")]).await;
+    assert!(other_host.cache.contains("fwd=miss"), "{}", other_host.cache);
+    assert_eq!(origin.hits("/q?x=1"), 2);
+}
+
+#[tokio::test]
+async fn vary_keeps_variants_apart() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/v", |s| {
+        let enc = s.headers.get("accept-encoding").map_or("none", |v| v.to_str().unwrap()).to_string();
+        cacheable(&format!("variant {enc}")).header("vary", "Accept-Encoding")
+    });
+    let url = proxy.url("/v");
+    let gz = get_with(&url, &[("accept-encoding", "gzip")]).await;
+    let br = get_with(&url, &[("accept-encoding", "br")]).await;
+    assert_eq!(gz.body, "variant gzip");
+    assert_eq!(br.body, "variant br");
+    let gz2 = get_with(&url, &[("accept-encoding", "gzip")]).await;
+    let br2 = get_with(&url, &[("accept-encoding", "br")]).await;
+    assert_eq!((gz2.body.as_str(), br2.body.as_str()), ("variant gzip", "variant br"));
+    assert!(gz2.cache.contains("hit") && br2.cache.contains("hit"), "{} / {}", gz2.cache, br2.cache);
+    assert_eq!(origin.hits("/v"), 2);
+}
+
+#[tokio::test]
+async fn vary_star_is_never_served_from_cache() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/star", |_| cacheable("s").header("vary", "*"));
+    get(&proxy.url("/star")).await;
+    get(&proxy.url("/star")).await;
+    assert_eq!(origin.hits("/star"), 2);
+}
+
+#[tokio::test]
+async fn private_no_store_set_cookie_and_authorization_are_not_stored() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/private", |_| Reply::ok("p").header("cache-control", "private, max-age=60"));
+    origin.route("/nostore", |_| Reply::ok("n").header("cache-control", "no-store, max-age=60"));
+    origin.route("/cookie", |_| cacheable("c").header("set-cookie", "session=secret"));
+    origin.route("/auth", |_| cacheable("a"));
+    for path in ["/private", "/nostore", "/cookie"] {
+        for _ in 0..2 {
+            let got = get(&proxy.url(path)).await;
+            assert_eq!(got.status, 200);
+            assert!(!got.cache.starts_with("corral; hit") && !got.cache.contains("stored"), "{path}: {}", got.cache);
+        }
+        assert_eq!(origin.hits(path), 2, "{path}");
+    }
+    // the cookie reaches the client that asked, it is just never stored
+    assert_eq!(
+        get(&proxy.url("/cookie")).await.headers.get("set-cookie").unwrap(),
+        "session=secret"
+    );
+    for _ in 0..2 {
+        let got = get_with(&proxy.url("/auth"), &[("authorization", "Bearer t")]).await;
+        assert_eq!(got.cache, "corral; fwd=bypass");
+    }
+    assert_eq!(origin.hits("/auth"), 2);
+}
+
+#[tokio::test]
+async fn a_rule_can_store_set_cookie_responses_without_the_cookie() {
+    let conf = Conf::default().rules("[[rule]]\npath_prefix = \"/static/\"\ncache_set_cookie = true\n");
+    let (origin, proxy) = setup(conf).await;
+    origin.route("/static/app.css", |_| cacheable("css").header("set-cookie", "tracker=1"));
+    let first = get(&proxy.url("/static/app.css")).await;
+    assert!(first.cache.contains("stored"), "{}", first.cache);
+    let hit = get(&proxy.url("/static/app.css")).await;
+    assert!(hit.cache.contains("hit"), "{}", hit.cache);
+    assert!(hit.headers.get("set-cookie").is_none(), "a stored cookie would leak to everyone");
+    assert_eq!(origin.hits("/static/app.css"), 1);
+}
+
+#[tokio::test]
+async fn bypass_rule_and_default_ttl_rule() {
+    let conf = Conf::default().rules(
+        "[[rule]]\npath_prefix = \"/admin\"\nbypass = true\n\n[[rule]]\npath_prefix = \"/news\"\nttl = \"1m\"\n",
+    );
+    let (origin, proxy) = setup(conf).await;
+    origin.route("/admin/x", |_| cacheable("admin"));
+    origin.route("/news/1", |_| Reply::ok("news")); // no lifetime at all
+    origin.route("/other", |_| Reply::ok("other"));
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("/admin/x")).await.cache, "corral; fwd=bypass");
+        get(&proxy.url("/news/1")).await;
+        get(&proxy.url("/other")).await;
+    }
+    assert_eq!(origin.hits("/admin/x"), 2);
+    assert_eq!(origin.hits("/news/1"), 1, "the rule's ttl makes it fresh");
+    assert_eq!(origin.hits("/other"), 2, "no lifetime, no rule: not stored");
+}
+
+#[tokio::test]
+async fn stale_entry_is_revalidated_and_304_refreshes_stored_headers() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+    origin.route("/r", |s| {
+        let etag = "\"v1\"";
+        if s.headers.get("if-none-match").is_some_and(|v| v == etag) {
+            Reply::ok("").status(304).header("etag", etag).header("cache-control", "max-age=60").header("x-rev", "2")
+        } else {
+            Reply::ok("body v1").header("etag", etag).header("cache-control", "max-age=1").header("x-rev", "1")
+        }
+    });
+    let first = get(&proxy.url("/r")).await;
+    assert_eq!(first.headers["x-rev"], "1");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let max-age=1 run out
+    let reval = get(&proxy.url("/r")).await;
+    assert_eq!(reval.status, 200);
+    assert_eq!(reval.body, "body v1", "the stored body is reused");
+    assert!(reval.cache.starts_with("corral; fwd=stale; fwd-status=304"), "{}", reval.cache);
+    assert_eq!(reval.headers["x-rev"], "2", "a 304 updates the stored headers");
+    let hit = get(&proxy.url("/r")).await;
+    assert!(hit.cache.starts_with("corral; hit"), "{}", hit.cache);
+    assert_eq!(hit.headers["x-rev"], "2");
+    assert_eq!(origin.hits("/r"), 2);
+}
+
+#[tokio::test]
+async fn changed_resource_replaces_the_stale_entry() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+    origin.route("/c", |s| Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=1"));
+    assert_eq!(get(&proxy.url("/c")).await.body, "v1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = get(&proxy.url("/c")).await;
+    assert_eq!(fresh.body, "v2");
+    assert!(fresh.cache.starts_with("corral; fwd=stale; fwd-status=200; stored"), "{}", fresh.cache);
+    assert_eq!(get(&proxy.url("/c")).await.body, "v2");
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_cached_get_and_fills_it() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/h1", |_| cacheable("hello"));
+    origin.route("/h2", |_| cacheable("world"));
+    let c = client();
+    get(&proxy.url("/h1")).await;
+    let head = send(c.head(proxy.url("/h1")), &[]).await;
+    assert!(head.cache.contains("hit"), "{}", head.cache);
+    assert_eq!(head.headers["content-length"], "5");
+    assert_eq!(head.body, "");
+    // a HEAD miss fetches the whole GET, so the next GET is a hit
+    send(c.head(proxy.url("/h2")), &[]).await;
+    let after = get(&proxy.url("/h2")).await;
+    assert_eq!(after.body, "world");
+    assert!(after.cache.contains("hit"), "{}", after.cache);
+    assert_eq!(origin.hits("/h1") + origin.hits("/h2"), 2);
+}
+
+#[tokio::test]
+async fn successful_unsafe_methods_invalidate_the_url() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/doc", |s| match s.method.as_str() {
+        "GET" => cacheable(&format!("doc v{}", s.n)),
+        "DELETE" => Reply::ok("nope").status(403),
+        _ => Reply::ok("done").header("location", "/doc/list"),
+    });
+    origin.route("/doc/list", |s| cacheable(&format!("list v{}", s.n)));
+    let c = client();
+    assert_eq!(get(&proxy.url("/doc")).await.body, "doc v1");
+    assert_eq!(get(&proxy.url("/doc/list")).await.body, "list v1");
+    // a failed DELETE invalidates nothing (RFC 9111 §4.4: only non-error responses)
+    assert_eq!(send(c.delete(proxy.url("/doc")), &[]).await.status, 403);
+    assert!(get(&proxy.url("/doc")).await.cache.contains("hit"));
+    for method in [reqwest::Method::POST, reqwest::Method::PUT, reqwest::Method::PATCH] {
+        let done = send(c.request(method.clone(), proxy.url("/doc")), &[]).await;
+        assert_eq!(done.body, "done");
+        let after = get(&proxy.url("/doc")).await;
+        assert!(after.cache.contains("fwd=miss"), "after {method}: {}", after.cache);
+        let list = get(&proxy.url("/doc/list")).await;
+        assert!(list.cache.contains("fwd=miss"), "Location is invalidated too, after {method}");
+    }
+}
+
+#[tokio::test]
+async fn every_method_is_forwarded() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/m", |s| Reply::ok(s.method.to_string()));
+    let c = client();
+    for m in ["PUT", "DELETE", "OPTIONS", "PATCH", "POST", "PROPFIND"] {
+        let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+        let got = send(c.request(method, proxy.url("/m")), &[]).await;
+        assert_eq!((got.status, got.body.as_str()), (200, m));
+        assert_eq!(got.cache, "corral; fwd=bypass");
+    }
+    assert_eq!(origin.hits("/m"), 6);
+}
+
+#[tokio::test]
+async fn headers_named_in_connection_are_stripped_both_ways() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/conn", |s| {
+        let leaked = s.headers.contains_key("x-hop") || s.headers.contains_key("keep-alive");
+        Reply::ok(if leaked { "leaked" } else { "clean" })
+            .header("cache-control", "max-age=60")
+            .header("connection", "x-internal")
+            .header("x-internal", "secret")
+    });
+    let got = get_with(&proxy.url("/conn"), &[("connection", "x-hop"), ("x-hop", "1"), ("keep-alive", "timeout=5")]).await;
+    assert_eq!(got.body, "clean");
+    assert!(got.headers.get("x-internal").is_none());
+    let hit = get(&proxy.url("/conn")).await;
+    assert!(hit.headers.get("x-internal").is_none(), "never stored either");
+}
+
+#[tokio::test]
+async fn invalid_or_past_expires_means_stale() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+    origin.route("/e1", |_| Reply::ok("e").header("expires", "0"));
+    origin.route("/e2", |_| Reply::ok("e").header("expires", "Thu, 01 Jan 1970 00:00:00 GMT"));
+    for path in ["/e1", "/e2"] {
+        get(&proxy.url(path)).await;
+        let again = get(&proxy.url(path)).await;
+        assert!(!again.cache.contains("hit"), "{path}: {}", again.cache);
+        assert_eq!(origin.hits(path), 2, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_age_is_honoured_and_added_to() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/aged", |_| Reply::ok("old").header("cache-control", "max-age=1000").header("age", "100"));
+    get(&proxy.url("/aged")).await;
+    let hit = get(&proxy.url("/aged")).await;
+    let age: u64 = hit.headers["age"].to_str().unwrap().parse().unwrap();
+    assert!((100..110).contains(&age), "age {age}");
+    let ttl: i64 = hit.cache.rsplit("ttl=").next().unwrap().parse().unwrap();
+    assert!((890..=900).contains(&ttl), "ttl {ttl}");
+}
+
+#[tokio::test]
+async fn client_no_cache_revalidates_and_only_if_cached_never_forwards() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/nc", |s| cacheable(&format!("v{}", s.n)));
+    assert_eq!(get(&proxy.url("/nc")).await.body, "v1");
+    let forced = get_with(&proxy.url("/nc"), &[("cache-control", "no-cache")]).await;
+    assert_eq!(forced.body, "v2");
+    assert!(forced.cache.starts_with("corral; fwd=request"), "{}", forced.cache);
+    let pragma = get_with(&proxy.url("/nc"), &[("pragma", "no-cache")]).await;
+    assert_eq!(pragma.body, "v3");
+    assert_eq!(get(&proxy.url("/nc")).await.body, "v3", "the refreshed copy is stored");
+
+    let missing = get_with(&proxy.url("/not-cached"), &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(missing.status, 504);
+    assert_eq!(origin.hits("/not-cached"), 0);
+    let cached = get_with(&proxy.url("/nc"), &[("cache-control", "only-if-cached")]).await;
+    assert_eq!((cached.status, cached.body.as_str()), (200, "v3"));
+}
+
+#[tokio::test]
+async fn ranges_are_served_from_the_whole_stored_body() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/range", |s| {
+        assert!(s.headers.get("range").is_none(), "corral fetches whole bodies");
+        cacheable("0123456789")
+    });
+    let part = get_with(&proxy.url("/range"), &[("range", "bytes=2-5")]).await;
+    assert_eq!((part.status, part.body.as_str()), (206, "2345"));
+    let part = get_with(&proxy.url("/range"), &[("range", "bytes=7-")]).await;
+    assert_eq!((part.status, part.body.as_str()), (206, "789"));
+    assert_eq!(origin.hits("/range"), 1);
+}
+
+#[tokio::test]
+async fn odd_partial_responses_pass_through() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    // an origin that answers 206 to a request without Range, and one with a Content-Range
+    // that does not match the body: passed on, never stored, never a 502
+    origin.route("/odd206", |_| {
+        Reply::ok("abc").status(206).header("content-range", "bytes 0-2/10").header("cache-control", "max-age=60")
+    });
+    origin.route("/chunked", |_| Reply::ok("x".repeat(100)).header("transfer-encoding", "chunked"));
+    for _ in 0..2 {
+        let got = get(&proxy.url("/odd206")).await;
+        assert_eq!((got.status, got.body.as_str()), (206, "abc"));
+    }
+    assert_eq!(origin.hits("/odd206"), 2);
+    let put = send(client().put(proxy.url("/odd206")).body("x"), &[]).await;
+    assert_eq!(put.status, 206);
+    let chunked = get(&proxy.url("/chunked")).await;
+    assert_eq!((chunked.status, chunked.body.len()), (200, 100));
+}
+
+#[tokio::test]
+async fn interim_1xx_responses_pass_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // a raw origin: hyper cannot send 103 Early Hints
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=60\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(addr, Conf::default()).await;
+    let got = get(&proxy.url("/early")).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "ok"));
+    let again = get(&proxy.url("/early")).await;
+    assert!(again.cache.contains("hit"), "{}", again.cache);
+}
+
+#[tokio::test]
+async fn objects_over_max_object_bytes_stream_through_unstored() {
+    let (origin, proxy) = setup(Conf::default().cache("max_object_bytes = \"64KiB\"")).await;
+    let big = "b".repeat(200 * 1024);
+    let small = "s".repeat(10 * 1024);
+    let (b, s) = (big.clone(), small.clone());
+    origin.route("/big", move |_| cacheable(&b));
+    origin.route("/small", move |_| cacheable(&s));
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("/big")).await.body, big);
+        assert_eq!(get(&proxy.url("/small")).await.body, small);
+    }
+    assert_eq!(origin.hits("/big"), 2);
+    assert_eq!(origin.hits("/small"), 1);
+}
+
+#[tokio::test]
+async fn memory_bound_holds_after_three_times_memory_bytes() {
+    let conf = Conf::default().cache("memory_bytes = \"1MiB\"").cache("max_object_bytes = \"64KiB\"");
+    let (origin, proxy) = setup(conf).await;
+    let body = "m".repeat(32 * 1024);
+    for i in 0..96 {
+        let b = body.clone();
+        origin.route(&format!("/mem/{i}"), move |_| cacheable(&b));
+    }
+    // 96 × 32 KiB = 3 MiB through a 1 MiB cache
+    for i in 0..96 {
+        assert_eq!(get(&proxy.url(&format!("/mem/{i}"))).await.body.len(), body.len());
+    }
+    // eviction runs right after each admission, in the background: wait for it, bounded
+    let mut stats = proxy.stats().await;
+    for _ in 0..200 {
+        if stats.1 <= stats.2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stats = proxy.stats().await;
+    }
+    let (entries, bytes, limit) = stats;
+    assert_eq!(limit, 1024 * 1024);
+    assert!(bytes <= limit, "{bytes} bytes held, limit {limit}");
+    assert!(entries >= 20, "the cache is still used: {entries} entries");
+    assert!(get(&proxy.url("/mem/95")).await.cache.contains("hit"), "the newest stays");
+    assert!(get(&proxy.url("/mem/0")).await.cache.contains("fwd=miss"), "the oldest was evicted");
+}
+
+#[tokio::test]
+async fn metrics_count_outcomes() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/metered", |_| cacheable("m"));
+    get(&proxy.url("/metered")).await;
+    get(&proxy.url("/metered")).await;
+    let text = proxy.metrics().await;
+    assert!(text.contains("corral_requests_total{cache=\"hit\"} 1"), "{text}");
+    assert!(text.contains("corral_requests_total{cache=\"miss\"} 1"), "{text}");
+    assert!(text.contains("corral_l1_entries 1"), "{text}");
+}
