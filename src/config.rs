@@ -102,7 +102,9 @@ impl Default for UpstreamFile {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct CacheFile {
+    #[serde(with = "size")]
     memory_bytes: ByteSize,
+    #[serde(with = "size")]
     max_object_bytes: ByteSize,
     #[serde(with = "humantime_serde")]
     default_ttl: Duration,
@@ -161,6 +163,29 @@ struct RuleFile {
     bypass: bool,
     cache_private: bool,
     cache_set_cookie: bool,
+}
+
+/// Sizes: `"256MiB"`, `"1 GiB"`, `"64KB"` or a plain number of bytes, with a message that
+/// says so when the value is neither.
+mod size {
+    use bytesize::ByteSize;
+    use serde::{de, Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        match Raw::deserialize(d).map_err(|_| de::Error::custom("expected a size like \"256MiB\" or a number of bytes"))? {
+            Raw::Bytes(n) => Ok(ByteSize::b(n)),
+            Raw::Text(t) => t.trim().parse::<ByteSize>().map_err(|_| {
+                de::Error::custom(format!("invalid size {t:?}: expected a size like \"256MiB\" or a number of bytes"))
+            }),
+        }
+    }
 }
 
 // === validated config: what the rest of the code uses ===

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use origin::{Origin, Reply};
 
 /// A free loopback port (bound then released; the proxy binds it right after).
