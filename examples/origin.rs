@@ -17,7 +17,9 @@ mod origin;
 
 #[tokio::main]
 async fn main() {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".to_string());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".to_string());
     let addr = addr.parse().expect("address like 127.0.0.1:8080");
     let origin = origin::Origin::start_on(addr).await.unwrap_or_else(|e| {
         eprintln!("origin: cannot listen on {addr}: {e}");

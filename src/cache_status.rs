@@ -156,7 +156,10 @@ mod tests {
     fn header_values() {
         assert_eq!(with(Outcome::Hit, |s| s.ttl = Some(42)), "corral; hit; ttl=42");
         assert_eq!(with(Outcome::Stale, |s| s.ttl = Some(-3)), "corral; hit; ttl=-3");
-        assert_eq!(with(Outcome::Miss, |s| s.stored = true), "corral; fwd=miss; stored");
+        assert_eq!(
+            with(Outcome::Miss, |s| s.stored = true),
+            "corral; fwd=miss; stored"
+        );
         assert_eq!(with(Outcome::Miss, |_| ()), "corral; fwd=miss");
         assert_eq!(with(Outcome::Collapsed, |_| ()), "corral; fwd=miss; collapsed");
         assert_eq!(
@@ -174,9 +177,18 @@ mod tests {
             "corral; fwd=request; fwd-status=304"
         );
         assert_eq!(with(Outcome::Bypass, |_| ()), "corral; fwd=bypass");
-        assert_eq!(with(Outcome::HitForMiss, |_| ()), "corral; fwd=uri-miss; detail=hit-for-miss");
-        assert_eq!(with(Outcome::LockTimeout, |_| ()), "corral; fwd=miss; detail=lock-timeout");
-        assert_eq!(with(Outcome::Hit, |s| s.detail = Some("l2")), "corral; hit; detail=l2");
+        assert_eq!(
+            with(Outcome::HitForMiss, |_| ()),
+            "corral; fwd=uri-miss; detail=hit-for-miss"
+        );
+        assert_eq!(
+            with(Outcome::LockTimeout, |_| ()),
+            "corral; fwd=miss; detail=lock-timeout"
+        );
+        assert_eq!(
+            with(Outcome::Hit, |s| s.detail = Some("l2")),
+            "corral; hit; detail=l2"
+        );
     }
 
     #[test]

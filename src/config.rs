@@ -179,10 +179,14 @@ mod size {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
-        match Raw::deserialize(d).map_err(|_| de::Error::custom("expected a size like \"256MiB\" or a number of bytes"))? {
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a size like \"256MiB\" or a number of bytes"))?
+        {
             Raw::Bytes(n) => Ok(ByteSize::b(n)),
             Raw::Text(t) => t.trim().parse::<ByteSize>().map_err(|_| {
-                de::Error::custom(format!("invalid size {t:?}: expected a size like \"256MiB\" or a number of bytes"))
+                de::Error::custom(format!(
+                    "invalid size {t:?}: expected a size like \"256MiB\" or a number of bytes"
+                ))
             }),
         }
     }
@@ -303,8 +307,7 @@ impl Config {
 
     /// The embedded default configuration (memory cache only).
     pub fn embedded_default() -> Config {
-        Config::from_str(DEFAULT_CONFIG, "<embedded default>")
-            .expect("the embedded default config is valid")
+        Config::from_str(DEFAULT_CONFIG, "<embedded default>").expect("the embedded default config is valid")
     }
 
     /// Bind and release each listen address, so a bad one fails before Pingora starts.
@@ -350,7 +353,10 @@ impl FileConfig {
             return err("server.admin", "must differ from server.listen".into());
         }
         if self.server.threads == 0 || self.server.threads > 1024 {
-            return err("server.threads", format!("{} is not in 1..=1024", self.server.threads));
+            return err(
+                "server.threads",
+                format!("{} is not in 1..=1024", self.server.threads),
+            );
         }
 
         let up = self.upstream;
@@ -379,12 +385,18 @@ impl FileConfig {
         let memory_bytes = usize::try_from(c.memory_bytes.as_u64()).unwrap_or(usize::MAX);
         let max_object_bytes = usize::try_from(c.max_object_bytes.as_u64()).unwrap_or(usize::MAX);
         if memory_bytes < 1024 {
-            return err("cache.memory_bytes", format!("{} is too small (at least 1KiB)", c.memory_bytes));
+            return err(
+                "cache.memory_bytes",
+                format!("{} is too small (at least 1KiB)", c.memory_bytes),
+            );
         }
         if max_object_bytes == 0 || max_object_bytes > memory_bytes {
             return err(
                 "cache.max_object_bytes",
-                format!("{} must be > 0 and <= cache.memory_bytes ({})", c.max_object_bytes, c.memory_bytes),
+                format!(
+                    "{} must be > 0 and <= cache.memory_bytes ({})",
+                    c.max_object_bytes, c.memory_bytes
+                ),
             );
         }
         if c.lock_timeout.is_zero() {
@@ -395,7 +407,10 @@ impl FileConfig {
         }
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return err("log.level", format!("{:?} is not a level or filter", self.log.level));
+            return err(
+                "log.level",
+                format!("{:?} is not a level or filter", self.log.level),
+            );
         }
 
         let mut rules = Vec::with_capacity(self.rules.len());
@@ -404,7 +419,10 @@ impl FileConfig {
             if let Some(h) = &r.host {
                 let bare = h.strip_prefix("*.").unwrap_or(h);
                 if bare.is_empty() || bare.contains(['/', ':', ' ', '*']) {
-                    return err(&at("host"), format!("{h:?} is not a host name (no port, no path)"));
+                    return err(
+                        &at("host"),
+                        format!("{h:?} is not a host name (no port, no path)"),
+                    );
                 }
             }
             if let Some(p) = &r.path_prefix {
@@ -413,7 +431,10 @@ impl FileConfig {
                 }
             }
             if r.bypass && (r.ttl.is_some() || r.grace.is_some() || r.cache_private || r.cache_set_cookie) {
-                return err(&at("bypass"), "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into());
+                return err(
+                    &at("bypass"),
+                    "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into(),
+                );
             }
             rules.push(Rule {
                 host: r.host.map(|h| h.to_ascii_lowercase()),
@@ -522,9 +543,18 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_refused() {
-        assert_eq!(parse("[server]\nlisten = \"nonsense\"\n").unwrap_err().key, "server.listen");
-        assert_eq!(parse("[upstream]\naddress = \"example.org\"\n").unwrap_err().key, "upstream.address");
-        assert_eq!(parse("[upstream]\naddress = \":80\"\n").unwrap_err().key, "upstream.address");
+        assert_eq!(
+            parse("[server]\nlisten = \"nonsense\"\n").unwrap_err().key,
+            "server.listen"
+        );
+        assert_eq!(
+            parse("[upstream]\naddress = \"example.org\"\n").unwrap_err().key,
+            "upstream.address"
+        );
+        assert_eq!(
+            parse("[upstream]\naddress = \":80\"\n").unwrap_err().key,
+            "upstream.address"
+        );
         let e = parse("[server]\nlisten = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7000\"\n").unwrap_err();
         assert_eq!(e.key, "server.admin");
     }
@@ -538,8 +568,14 @@ mod tests {
 
     #[test]
     fn impossible_values_are_refused() {
-        assert_eq!(parse("[server]\nthreads = 0\n").unwrap_err().key, "server.threads");
-        assert_eq!(parse("[cache]\nlock_timeout = \"0s\"\n").unwrap_err().key, "cache.lock_timeout");
+        assert_eq!(
+            parse("[server]\nthreads = 0\n").unwrap_err().key,
+            "server.threads"
+        );
+        assert_eq!(
+            parse("[cache]\nlock_timeout = \"0s\"\n").unwrap_err().key,
+            "cache.lock_timeout"
+        );
         let e = parse("[cache]\nmemory_bytes = \"1MiB\"\nmax_object_bytes = \"2MiB\"\n").unwrap_err();
         assert_eq!(e.key, "cache.max_object_bytes");
         assert_eq!(parse("[log]\nlevel = \"loud[\"\n").unwrap_err().key, "log.level");
@@ -571,8 +607,14 @@ mod tests {
         )
         .unwrap();
         assert!(c.rule_for("www.example.org", "/admin/x").unwrap().bypass);
-        assert_eq!(c.rule_for("example.org", "/admin/x").unwrap().ttl, Some(Duration::from_secs(60)));
-        assert_eq!(c.rule_for("other.net", "/static/a.css").unwrap().ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            c.rule_for("example.org", "/admin/x").unwrap().ttl,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            c.rule_for("other.net", "/static/a.css").unwrap().ttl,
+            Some(Duration::from_secs(3600))
+        );
         assert!(c.rule_for("other.net", "/").is_none());
         // the wildcard needs a real subdomain label
         assert!(c.rule_for("xexample.org", "/admin").is_none());

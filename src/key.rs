@@ -159,7 +159,10 @@ mod tests {
         let a = for_request(&req("/p?q=1", &[("host", "Example.ORG:80")]));
         let b = for_request(&req("http://example.org/p?q=1", &[]));
         assert_eq!(a.primary_key(), b"http://example.org/p?q=1");
-        assert_eq!(String::from_utf8_lossy(b.primary_key()), "http://example.org/p?q=1");
+        assert_eq!(
+            String::from_utf8_lossy(b.primary_key()),
+            "http://example.org/p?q=1"
+        );
         assert_eq!(a.primary_bin(), b.primary_bin());
         let c = for_request(&req("/p?q=1", &[("host", "example.org:8080")]));
         assert_ne!(a.primary_bin(), c.primary_bin());

@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge,
 };
 
 /// Requests answered, by cache outcome (`hit`, `miss`, `stale`, `collapsed`, ...).
@@ -56,12 +56,14 @@ pub static L1_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
 
 /// Entries held by the L1 memory tier.
 pub static L1_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("corral_l1_entries", "Entries held by the L1 memory tier").expect("metric registers once")
+    register_int_gauge!("corral_l1_entries", "Entries held by the L1 memory tier")
+        .expect("metric registers once")
 });
 
 /// Entries evicted from L1 to respect `memory_bytes`.
 pub static L1_EVICTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("corral_l1_evicted_entries", "Entries evicted from L1 since start").expect("metric registers once")
+    register_int_gauge!("corral_l1_evicted_entries", "Entries evicted from L1 since start")
+        .expect("metric registers once")
 });
 
 /// Render every registered metric in the Prometheus text format.

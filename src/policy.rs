@@ -99,7 +99,10 @@ pub fn response_cacheable(
 ) -> RespCacheable {
     use RespCacheable::Uncacheable;
     let status = resp.status;
-    if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
+    if status.is_informational()
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
         return Uncacheable(NoCacheReason::Custom("status"));
     }
     let cc = CacheControl::from_resp_headers(&resp);
@@ -131,9 +134,7 @@ pub fn response_cacheable(
         .or_else(|| expires_lifetime(&resp, now));
     let lifetime = match explicit {
         Some(l) => l,
-        None if !heuristically_cacheable(status) => {
-            return Uncacheable(NoCacheReason::OriginNotCache)
-        }
+        None if !heuristically_cacheable(status) => return Uncacheable(NoCacheReason::OriginNotCache),
         None if !eff.default_ttl.is_zero() => eff.default_ttl,
         None => match heuristic_lifetime(&resp, now) {
             Some(l) => l,
@@ -299,7 +300,12 @@ mod tests {
     #[test]
     fn s_maxage_beats_max_age_beats_expires() {
         let later = fmt_http_date(SystemTime::now() + Duration::from_secs(1000));
-        let m = decide(200, &[("cache-control", "max-age=60, s-maxage=120"), ("expires", &later)], &EFF).unwrap();
+        let m = decide(
+            200,
+            &[("cache-control", "max-age=60, s-maxage=120"), ("expires", &later)],
+            &EFF,
+        )
+        .unwrap();
         assert_eq!(ttl(&m), 120);
         let m = decide(200, &[("cache-control", "max-age=60"), ("expires", &later)], &EFF).unwrap();
         assert_eq!(ttl(&m), 60);
@@ -311,7 +317,10 @@ mod tests {
         let date = SystemTime::now() - Duration::from_secs(3600);
         let m = decide(
             200,
-            &[("date", &fmt_http_date(date)), ("expires", &fmt_http_date(date + Duration::from_secs(100)))],
+            &[
+                ("date", &fmt_http_date(date)),
+                ("expires", &fmt_http_date(date + Duration::from_secs(100))),
+            ],
             &EFF,
         )
         .unwrap();
@@ -323,7 +332,10 @@ mod tests {
         for headers in [
             vec![("expires", "0")],
             vec![("expires", "Thu, 01 Jan 1970 00:00:00 GMT")],
-            vec![("expires", "Thu, 01 Jan 2099 00:00:00 GMT"), ("expires", "Thu, 01 Jan 2099 00:00:00 GMT")],
+            vec![
+                ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+                ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+            ],
         ] {
             let m = decide(200, &headers, &EFF).unwrap();
             assert!(!m.is_fresh(SystemTime::now()), "{headers:?}");
@@ -334,11 +346,26 @@ mod tests {
     fn private_no_store_set_cookie_authorization_are_not_stored() {
         assert!(decide(200, &[("cache-control", "private, max-age=60")], &EFF).is_none());
         assert!(decide(200, &[("cache-control", "no-store, max-age=60")], &EFF).is_none());
-        assert!(decide(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")], &EFF).is_none());
+        assert!(decide(
+            200,
+            &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            &EFF
+        )
+        .is_none());
         let authorized = get(&[("authorization", "Basic eDp5")]);
-        let r = response_cacheable(&authorized, resp(200, &[("cache-control", "max-age=60")]), &EFF, SystemTime::now());
+        let r = response_cacheable(
+            &authorized,
+            resp(200, &[("cache-control", "max-age=60")]),
+            &EFF,
+            SystemTime::now(),
+        );
         assert!(!r.is_cacheable());
-        let r = response_cacheable(&authorized, resp(200, &[("cache-control", "public, max-age=60")]), &EFF, SystemTime::now());
+        let r = response_cacheable(
+            &authorized,
+            resp(200, &[("cache-control", "public, max-age=60")]),
+            &EFF,
+            SystemTime::now(),
+        );
         assert!(r.is_cacheable());
     }
 
@@ -350,8 +377,16 @@ mod tests {
             ..EFF
         };
         assert!(decide(200, &[("cache-control", "private, max-age=60")], &eff).is_some());
-        let m = decide(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")], &eff).unwrap();
-        assert!(m.headers().get("set-cookie").is_none(), "the cookie is never stored");
+        let m = decide(
+            200,
+            &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            &eff,
+        )
+        .unwrap();
+        assert!(
+            m.headers().get("set-cookie").is_none(),
+            "the cookie is never stored"
+        );
     }
 
     #[test]
@@ -369,7 +404,12 @@ mod tests {
         assert_eq!(ttl(&decide(200, &[], &eff).unwrap()), 30);
         let now = SystemTime::now();
         let lm = fmt_http_date(now - Duration::from_secs(1000));
-        let m = decide(200, &[("last-modified", &lm), ("date", &fmt_http_date(now))], &EFF).unwrap();
+        let m = decide(
+            200,
+            &[("last-modified", &lm), ("date", &fmt_http_date(now))],
+            &EFF,
+        )
+        .unwrap();
         assert_eq!(ttl(&m), 100);
         // heuristics only for heuristically cacheable statuses
         assert!(decide(302, &[("last-modified", &lm)], &EFF).is_none());
@@ -407,7 +447,15 @@ mod tests {
         let m = decide(200, &[("cache-control", "max-age=1")], &EFF).unwrap();
         assert_eq!(m.stale_while_revalidate_sec(), 10);
         assert_eq!(m.stale_if_error_sec(), 300);
-        let m = decide(200, &[("cache-control", "max-age=1, stale-while-revalidate=3, stale-if-error=7")], &EFF).unwrap();
+        let m = decide(
+            200,
+            &[(
+                "cache-control",
+                "max-age=1, stale-while-revalidate=3, stale-if-error=7",
+            )],
+            &EFF,
+        )
+        .unwrap();
         assert_eq!((m.stale_while_revalidate_sec(), m.stale_if_error_sec()), (3, 7));
         let m = decide(200, &[("cache-control", "max-age=1, must-revalidate")], &EFF).unwrap();
         assert_eq!((m.stale_while_revalidate_sec(), m.stale_if_error_sec()), (0, 0));
@@ -418,20 +466,49 @@ mod tests {
             grace: Duration::ZERO,
             ..EFF
         };
-        assert_eq!(decide(200, &[("cache-control", "max-age=1")], &none).unwrap().stale_while_revalidate_sec(), 0);
+        assert_eq!(
+            decide(200, &[("cache-control", "max-age=1")], &none)
+                .unwrap()
+                .stale_while_revalidate_sec(),
+            0
+        );
     }
 
     #[test]
     fn private_field_names_are_stripped() {
-        let m = decide(200, &[("cache-control", "max-age=60, private=\"x-user\""), ("x-user", "bob")], &EFF);
+        let m = decide(
+            200,
+            &[
+                ("cache-control", "max-age=60, private=\"x-user\""),
+                ("x-user", "bob"),
+            ],
+            &EFF,
+        );
         // a qualified `private` still marks the whole response private for pingora's parser
         assert!(m.is_none() || m.unwrap().headers().get("x-user").is_none());
     }
 
     #[test]
     fn a_304_replaces_every_field_but_framing_and_vary() {
-        let mut stored = resp(200, &[("etag", "\"1\""), ("x-rev", "1"), ("content-length", "10"), ("vary", "accept")]);
-        let fresh = resp(304, &[("x-rev", "2"), ("x-new", "a"), ("x-new", "b"), ("content-length", "0"), ("vary", "*")]);
+        let mut stored = resp(
+            200,
+            &[
+                ("etag", "\"1\""),
+                ("x-rev", "1"),
+                ("content-length", "10"),
+                ("vary", "accept"),
+            ],
+        );
+        let fresh = resp(
+            304,
+            &[
+                ("x-rev", "2"),
+                ("x-new", "a"),
+                ("x-new", "b"),
+                ("content-length", "0"),
+                ("vary", "*"),
+            ],
+        );
         merge_not_modified(&mut stored, &fresh.headers);
         assert_eq!(stored.headers["x-rev"], "2");
         assert_eq!(stored.headers.get_all("x-new").iter().count(), 2);

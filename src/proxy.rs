@@ -157,7 +157,9 @@ impl Corral {
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
     /// `Location` / `Content-Location` of the same host.
     fn invalidate_after_unsafe(&self, ctx: &Ctx, resp: &ResponseHeader) {
-        let mut removed = self.parts.remove_url(&key::for_url(&ctx.host, &ctx.path).primary_bin());
+        let mut removed = self
+            .parts
+            .remove_url(&key::for_url(&ctx.host, &ctx.path).primary_bin());
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -165,10 +167,14 @@ impl Corral {
             let Ok(uri) = target.parse::<http::Uri>() else {
                 continue;
             };
-            let same_host = uri.authority().is_none_or(|a| key::normalize_host(a.as_str()) == ctx.host);
+            let same_host = uri
+                .authority()
+                .is_none_or(|a| key::normalize_host(a.as_str()) == ctx.host);
             if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
                 if pq.as_str().starts_with('/') {
-                    removed += self.parts.remove_url(&key::for_url(&ctx.host, pq.as_str()).primary_bin());
+                    removed += self
+                        .parts
+                        .remove_url(&key::for_url(&ctx.host, pq.as_str()).primary_bin());
                 }
             }
         }
@@ -255,7 +261,10 @@ fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
 }
 
 fn is_safe(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 #[async_trait]
@@ -321,7 +330,9 @@ impl ProxyHttp for Corral {
             Some(self.parts.lock),
             Some(overrides),
         );
-        session.cache.set_max_file_size_bytes(self.cfg.cache.max_object_bytes);
+        session
+            .cache
+            .set_max_file_size_bytes(self.cfg.cache.max_object_bytes);
         Ok(())
     }
 
@@ -338,7 +349,9 @@ impl ProxyHttp for Corral {
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         if self.cfg.cache.honor_client_no_cache
-            && ctx.directives.requires_validation(meta.updated(), meta.age(), ctx.arrived)
+            && ctx
+                .directives
+                .requires_validation(meta.updated(), meta.age(), ctx.arrived)
         {
             // revalidate; concurrent such requests wait on the lock and are satisfied by the
             // one revalidation (it is newer than their arrival)
@@ -375,8 +388,16 @@ impl ProxyHttp for Corral {
         for name in hop_by_hop(&upstream_request.headers) {
             upstream_request.remove_header(&name);
         }
-        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()) {
-            let xff = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+        {
+            let xff = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip,
             };
@@ -410,7 +431,12 @@ impl ProxyHttp for Corral {
         Ok(())
     }
 
-    fn response_cache_filter(&self, session: &Session, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<RespCacheable> {
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
         let mut resp = resp.clone();
         if let Some(fields) = ctx.not_modified.take() {
             // Pingora merges only a few fields of a 304; RFC 9111 §3.2 wants all of them
@@ -437,7 +463,12 @@ impl ProxyHttp for Corral {
         }
     }
 
-    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         if resp.status.is_informational() {
             return Ok(());
         }
@@ -455,7 +486,11 @@ impl ProxyHttp for Corral {
             .with_label_values(&[outcome])
             .observe(elapsed.as_secs_f64());
         if ctx.upstream_started.is_some() {
-            let result = if error.is_some() && ctx.upstream_status.is_none() { "error" } else { "ok" };
+            let result = if error.is_some() && ctx.upstream_status.is_none() {
+                "error"
+            } else {
+                "ok"
+            };
             metrics::UPSTREAM_REQUESTS.with_label_values(&[result]).inc();
         }
         if !self.cfg.log.access_log {
@@ -508,7 +543,10 @@ mod tests {
     #[test]
     fn framing_headers_survive_a_hostile_connection_header() {
         let mut h = http::HeaderMap::new();
-        h.insert("connection", "content-length, transfer-encoding, host".parse().unwrap());
+        h.insert(
+            "connection",
+            "content-length, transfer-encoding, host".parse().unwrap(),
+        );
         h.insert("content-length", "3".parse().unwrap());
         h.insert("host", "a".parse().unwrap());
         assert!(hop_by_hop(&h).is_empty());

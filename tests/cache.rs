@@ -1,5 +1,7 @@
 //! HTTP caching semantics (RFC 9111) against the real binary and a real origin.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -23,11 +25,18 @@ async fn miss_then_hit() {
     let first = get(&proxy.url("/a")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.body, "A");
-    assert!(first.cache.starts_with("corral; fwd=miss; stored"), "{}", first.cache);
+    assert!(
+        first.cache.starts_with("corral; fwd=miss; stored"),
+        "{}",
+        first.cache
+    );
     let second = get(&proxy.url("/a")).await;
     assert_eq!(second.body, "A");
     assert!(second.cache.starts_with("corral; hit; ttl="), "{}", second.cache);
-    assert!(second.headers.contains_key("age"), "a hit carries Age (RFC 9111 §4)");
+    assert!(
+        second.headers.contains_key("age"),
+        "a hit carries Age (RFC 9111 §4)"
+    );
     assert_eq!(origin.hits("/a"), 1);
 }
 
@@ -49,7 +58,11 @@ async fn query_and_host_are_part_of_the_key() {
 async fn vary_keeps_variants_apart() {
     let (origin, proxy) = setup(Conf::default()).await;
     origin.route("/v", |s| {
-        let enc = s.headers.get("accept-encoding").map_or("none", |v| v.to_str().unwrap()).to_string();
+        let enc = s
+            .headers
+            .get("accept-encoding")
+            .map_or("none", |v| v.to_str().unwrap())
+            .to_string();
         cacheable(&format!("variant {enc}")).header("vary", "Accept-Encoding")
     });
     let url = proxy.url("/v");
@@ -59,8 +72,16 @@ async fn vary_keeps_variants_apart() {
     assert_eq!(br.body, "variant br");
     let gz2 = get_with(&url, &[("accept-encoding", "gzip")]).await;
     let br2 = get_with(&url, &[("accept-encoding", "br")]).await;
-    assert_eq!((gz2.body.as_str(), br2.body.as_str()), ("variant gzip", "variant br"));
-    assert!(gz2.cache.contains("hit") && br2.cache.contains("hit"), "{} / {}", gz2.cache, br2.cache);
+    assert_eq!(
+        (gz2.body.as_str(), br2.body.as_str()),
+        ("variant gzip", "variant br")
+    );
+    assert!(
+        gz2.cache.contains("hit") && br2.cache.contains("hit"),
+        "{} / {}",
+        gz2.cache,
+        br2.cache
+    );
     assert_eq!(origin.hits("/v"), 2);
 }
 
@@ -76,21 +97,35 @@ async fn vary_star_is_never_served_from_cache() {
 #[tokio::test]
 async fn private_no_store_set_cookie_and_authorization_are_not_stored() {
     let (origin, proxy) = setup(Conf::default()).await;
-    origin.route("/private", |_| Reply::ok("p").header("cache-control", "private, max-age=60"));
-    origin.route("/nostore", |_| Reply::ok("n").header("cache-control", "no-store, max-age=60"));
-    origin.route("/cookie", |_| cacheable("c").header("set-cookie", "session=secret"));
+    origin.route("/private", |_| {
+        Reply::ok("p").header("cache-control", "private, max-age=60")
+    });
+    origin.route("/nostore", |_| {
+        Reply::ok("n").header("cache-control", "no-store, max-age=60")
+    });
+    origin.route("/cookie", |_| {
+        cacheable("c").header("set-cookie", "session=secret")
+    });
     origin.route("/auth", |_| cacheable("a"));
     for path in ["/private", "/nostore", "/cookie"] {
         for _ in 0..2 {
             let got = get(&proxy.url(path)).await;
             assert_eq!(got.status, 200);
-            assert!(!got.cache.starts_with("corral; hit") && !got.cache.contains("stored"), "{path}: {}", got.cache);
+            assert!(
+                !got.cache.starts_with("corral; hit") && !got.cache.contains("stored"),
+                "{path}: {}",
+                got.cache
+            );
         }
         assert_eq!(origin.hits(path), 2, "{path}");
     }
     // the cookie reaches the client that asked, it is just never stored
     assert_eq!(
-        get(&proxy.url("/cookie")).await.headers.get("set-cookie").unwrap(),
+        get(&proxy.url("/cookie"))
+            .await
+            .headers
+            .get("set-cookie")
+            .unwrap(),
         "session=secret"
     );
     for _ in 0..2 {
@@ -104,12 +139,17 @@ async fn private_no_store_set_cookie_and_authorization_are_not_stored() {
 async fn a_rule_can_store_set_cookie_responses_without_the_cookie() {
     let conf = Conf::default().rules("[[rule]]\npath_prefix = \"/static/\"\ncache_set_cookie = true\n");
     let (origin, proxy) = setup(conf).await;
-    origin.route("/static/app.css", |_| cacheable("css").header("set-cookie", "tracker=1"));
+    origin.route("/static/app.css", |_| {
+        cacheable("css").header("set-cookie", "tracker=1")
+    });
     let first = get(&proxy.url("/static/app.css")).await;
     assert!(first.cache.contains("stored"), "{}", first.cache);
     let hit = get(&proxy.url("/static/app.css")).await;
     assert!(hit.cache.contains("hit"), "{}", hit.cache);
-    assert!(hit.headers.get("set-cookie").is_none(), "a stored cookie would leak to everyone");
+    assert!(
+        hit.headers.get("set-cookie").is_none(),
+        "a stored cookie would leak to everyone"
+    );
     assert_eq!(origin.hits("/static/app.css"), 1);
 }
 
@@ -138,9 +178,16 @@ async fn stale_entry_is_revalidated_and_304_refreshes_stored_headers() {
     origin.route("/r", |s| {
         let etag = "\"v1\"";
         if s.headers.get("if-none-match").is_some_and(|v| v == etag) {
-            Reply::ok("").status(304).header("etag", etag).header("cache-control", "max-age=60").header("x-rev", "2")
+            Reply::ok("")
+                .status(304)
+                .header("etag", etag)
+                .header("cache-control", "max-age=60")
+                .header("x-rev", "2")
         } else {
-            Reply::ok("body v1").header("etag", etag).header("cache-control", "max-age=1").header("x-rev", "1")
+            Reply::ok("body v1")
+                .header("etag", etag)
+                .header("cache-control", "max-age=1")
+                .header("x-rev", "1")
         }
     });
     let first = get(&proxy.url("/r")).await;
@@ -149,7 +196,11 @@ async fn stale_entry_is_revalidated_and_304_refreshes_stored_headers() {
     let reval = get(&proxy.url("/r")).await;
     assert_eq!(reval.status, 200);
     assert_eq!(reval.body, "body v1", "the stored body is reused");
-    assert!(reval.cache.starts_with("corral; fwd=stale; fwd-status=304"), "{}", reval.cache);
+    assert!(
+        reval.cache.starts_with("corral; fwd=stale; fwd-status=304"),
+        "{}",
+        reval.cache
+    );
     assert_eq!(reval.headers["x-rev"], "2", "a 304 updates the stored headers");
     let hit = get(&proxy.url("/r")).await;
     assert!(hit.cache.starts_with("corral; hit"), "{}", hit.cache);
@@ -160,12 +211,20 @@ async fn stale_entry_is_revalidated_and_304_refreshes_stored_headers() {
 #[tokio::test]
 async fn changed_resource_replaces_the_stale_entry() {
     let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
-    origin.route("/c", |s| Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=1"));
+    origin.route("/c", |s| {
+        Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=1")
+    });
     assert_eq!(get(&proxy.url("/c")).await.body, "v1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let fresh = get(&proxy.url("/c")).await;
     assert_eq!(fresh.body, "v2");
-    assert!(fresh.cache.starts_with("corral; fwd=stale; fwd-status=200; stored"), "{}", fresh.cache);
+    assert!(
+        fresh
+            .cache
+            .starts_with("corral; fwd=stale; fwd-status=200; stored"),
+        "{}",
+        fresh.cache
+    );
     assert_eq!(get(&proxy.url("/c")).await.body, "v2");
 }
 
@@ -203,13 +262,24 @@ async fn successful_unsafe_methods_invalidate_the_url() {
     // a failed DELETE invalidates nothing (RFC 9111 §4.4: only non-error responses)
     assert_eq!(send(c.delete(proxy.url("/doc")), &[]).await.status, 403);
     assert!(get(&proxy.url("/doc")).await.cache.contains("hit"));
-    for method in [reqwest::Method::POST, reqwest::Method::PUT, reqwest::Method::PATCH] {
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::PATCH,
+    ] {
         let done = send(c.request(method.clone(), proxy.url("/doc")), &[]).await;
         assert_eq!(done.body, "done");
         let after = get(&proxy.url("/doc")).await;
-        assert!(after.cache.contains("fwd=miss"), "after {method}: {}", after.cache);
+        assert!(
+            after.cache.contains("fwd=miss"),
+            "after {method}: {}",
+            after.cache
+        );
         let list = get(&proxy.url("/doc/list")).await;
-        assert!(list.cache.contains("fwd=miss"), "Location is invalidated too, after {method}");
+        assert!(
+            list.cache.contains("fwd=miss"),
+            "Location is invalidated too, after {method}"
+        );
     }
 }
 
@@ -237,7 +307,15 @@ async fn headers_named_in_connection_are_stripped_both_ways() {
             .header("connection", "x-internal")
             .header("x-internal", "secret")
     });
-    let got = get_with(&proxy.url("/conn"), &[("connection", "x-hop"), ("x-hop", "1"), ("keep-alive", "timeout=5")]).await;
+    let got = get_with(
+        &proxy.url("/conn"),
+        &[
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+        ],
+    )
+    .await;
     assert_eq!(got.body, "clean");
     assert!(got.headers.get("x-internal").is_none());
     let hit = get(&proxy.url("/conn")).await;
@@ -248,7 +326,9 @@ async fn headers_named_in_connection_are_stripped_both_ways() {
 async fn invalid_or_past_expires_means_stale() {
     let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
     origin.route("/e1", |_| Reply::ok("e").header("expires", "0"));
-    origin.route("/e2", |_| Reply::ok("e").header("expires", "Thu, 01 Jan 1970 00:00:00 GMT"));
+    origin.route("/e2", |_| {
+        Reply::ok("e").header("expires", "Thu, 01 Jan 1970 00:00:00 GMT")
+    });
     for path in ["/e1", "/e2"] {
         get(&proxy.url(path)).await;
         let again = get(&proxy.url(path)).await;
@@ -260,7 +340,11 @@ async fn invalid_or_past_expires_means_stale() {
 #[tokio::test]
 async fn upstream_age_is_honoured_and_added_to() {
     let (origin, proxy) = setup(Conf::default()).await;
-    origin.route("/aged", |_| Reply::ok("old").header("cache-control", "max-age=1000").header("age", "100"));
+    origin.route("/aged", |_| {
+        Reply::ok("old")
+            .header("cache-control", "max-age=1000")
+            .header("age", "100")
+    });
     get(&proxy.url("/aged")).await;
     let hit = get(&proxy.url("/aged")).await;
     let age: u64 = hit.headers["age"].to_str().unwrap().parse().unwrap();
@@ -276,10 +360,18 @@ async fn client_no_cache_revalidates_and_only_if_cached_never_forwards() {
     assert_eq!(get(&proxy.url("/nc")).await.body, "v1");
     let forced = get_with(&proxy.url("/nc"), &[("cache-control", "no-cache")]).await;
     assert_eq!(forced.body, "v2");
-    assert!(forced.cache.starts_with("corral; fwd=request"), "{}", forced.cache);
+    assert!(
+        forced.cache.starts_with("corral; fwd=request"),
+        "{}",
+        forced.cache
+    );
     let pragma = get_with(&proxy.url("/nc"), &[("pragma", "no-cache")]).await;
     assert_eq!(pragma.body, "v3");
-    assert_eq!(get(&proxy.url("/nc")).await.body, "v3", "the refreshed copy is stored");
+    assert_eq!(
+        get(&proxy.url("/nc")).await.body,
+        "v3",
+        "the refreshed copy is stored"
+    );
 
     let missing = get_with(&proxy.url("/not-cached"), &[("cache-control", "only-if-cached")]).await;
     assert_eq!(missing.status, 504);
@@ -308,9 +400,14 @@ async fn odd_partial_responses_pass_through() {
     // an origin that answers 206 to a request without Range, and one with a Content-Range
     // that does not match the body: passed on, never stored, never a 502
     origin.route("/odd206", |_| {
-        Reply::ok("abc").status(206).header("content-range", "bytes 0-2/10").header("cache-control", "max-age=60")
+        Reply::ok("abc")
+            .status(206)
+            .header("content-range", "bytes 0-2/10")
+            .header("cache-control", "max-age=60")
     });
-    origin.route("/chunked", |_| Reply::ok("x".repeat(100)).header("transfer-encoding", "chunked"));
+    origin.route("/chunked", |_| {
+        Reply::ok("x".repeat(100)).header("transfer-encoding", "chunked")
+    });
     for _ in 0..2 {
         let got = get(&proxy.url("/odd206")).await;
         assert_eq!((got.status, got.body.as_str()), (206, "abc"));
@@ -364,7 +461,9 @@ async fn objects_over_max_object_bytes_stream_through_unstored() {
 
 #[tokio::test]
 async fn memory_bound_holds_after_three_times_memory_bytes() {
-    let conf = Conf::default().cache("memory_bytes = \"1MiB\"").cache("max_object_bytes = \"64KiB\"");
+    let conf = Conf::default()
+        .cache("memory_bytes = \"1MiB\"")
+        .cache("max_object_bytes = \"64KiB\"");
     let (origin, proxy) = setup(conf).await;
     let body = "m".repeat(32 * 1024);
     for i in 0..96 {
@@ -388,8 +487,14 @@ async fn memory_bound_holds_after_three_times_memory_bytes() {
     assert_eq!(limit, 1024 * 1024);
     assert!(bytes <= limit, "{bytes} bytes held, limit {limit}");
     assert!(entries >= 20, "the cache is still used: {entries} entries");
-    assert!(get(&proxy.url("/mem/95")).await.cache.contains("hit"), "the newest stays");
-    assert!(get(&proxy.url("/mem/0")).await.cache.contains("fwd=miss"), "the oldest was evicted");
+    assert!(
+        get(&proxy.url("/mem/95")).await.cache.contains("hit"),
+        "the newest stays"
+    );
+    assert!(
+        get(&proxy.url("/mem/0")).await.cache.contains("fwd=miss"),
+        "the oldest was evicted"
+    );
 }
 
 #[tokio::test]

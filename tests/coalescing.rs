@@ -1,5 +1,7 @@
 //! Dogpile protection: coalesced misses, grace, stale-if-error, lock timeout, hit-for-miss.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +50,10 @@ async fn five_hundred_clients_on_a_cold_key_make_one_origin_request() {
     let collapsed = all.iter().filter(|g| g.cache.contains("collapsed")).count();
     let stored = all.iter().filter(|g| g.cache.contains("stored")).count();
     assert_eq!(stored, 1, "exactly one request fetched");
-    assert!(collapsed >= 400, "most waited on the fetch: {collapsed} collapsed");
+    assert!(
+        collapsed >= 400,
+        "most waited on the fetch: {collapsed} collapsed"
+    );
 }
 
 #[tokio::test]
@@ -62,7 +67,9 @@ async fn expired_within_grace_everyone_gets_stale_at_once_and_one_refresh_happen
         } else {
             gate.store(true, Ordering::SeqCst);
             // the refresh is slow: nobody may wait for it
-            Reply::ok("v2").header("cache-control", "max-age=60").delay(Duration::from_millis(1500))
+            Reply::ok("v2")
+                .header("cache-control", "max-age=60")
+                .delay(Duration::from_millis(1500))
         }
     });
     let proxy = Proxy::start(origin.addr, Conf::default().cache("grace = \"30s\"")).await;
@@ -72,9 +79,19 @@ async fn expired_within_grace_everyone_gets_stale_at_once_and_one_refresh_happen
     let started = Instant::now();
     let all = burst(&proxy.url("/grace"), 100).await;
     let took = started.elapsed();
-    assert!(all.iter().all(|g| g.status == 200 && g.body == "v1"), "everyone gets the stale copy");
-    assert!(all.iter().all(|g| g.cache.starts_with("corral; hit; ttl=-")), "{:?}", all[0].cache);
-    assert!(took < Duration::from_millis(1000), "nobody waited for the 1.5 s refresh: {took:?}");
+    assert!(
+        all.iter().all(|g| g.status == 200 && g.body == "v1"),
+        "everyone gets the stale copy"
+    );
+    assert!(
+        all.iter().all(|g| g.cache.starts_with("corral; hit; ttl=-")),
+        "{:?}",
+        all[0].cache
+    );
+    assert!(
+        took < Duration::from_millis(1000),
+        "nobody waited for the 1.5 s refresh: {took:?}"
+    );
 
     until(Duration::from_secs(5), || origin.hits("/grace") == 2).await;
     // the background refresh stores v2; wait for it to be served
@@ -88,7 +105,11 @@ async fn expired_within_grace_everyone_gets_stale_at_once_and_one_refresh_happen
         assert!(Instant::now() < deadline, "refresh never landed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(origin.hits("/grace"), 2, "exactly one refresh for 100 stale requests");
+    assert_eq!(
+        origin.hits("/grace"),
+        2,
+        "exactly one refresh for 100 stale requests"
+    );
     assert!(refresh_gate.load(Ordering::SeqCst));
 }
 
@@ -124,7 +145,10 @@ async fn a_hanging_lock_holder_releases_waiters_after_lock_timeout() {
     let waiters = burst(&proxy.url("/hang"), 20).await;
     let took = started.elapsed();
     assert!(waiters.iter().all(|g| g.status == 200 && g.body != "v1"));
-    assert!(took < Duration::from_secs(3), "waiters were released after lock_timeout: {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "waiters were released after lock_timeout: {took:?}"
+    );
     assert!(origin.hits("/hang") >= 2);
     holder.abort();
 }
@@ -132,7 +156,9 @@ async fn a_hanging_lock_holder_releases_waiters_after_lock_timeout() {
 #[tokio::test]
 async fn origin_down_serves_stale_within_stale_if_error_then_502() {
     let mut origin = Origin::start().await;
-    origin.route("/sie", |_| Reply::ok("saved").header("cache-control", "max-age=1, stale-if-error=2"));
+    origin.route("/sie", |_| {
+        Reply::ok("saved").header("cache-control", "max-age=1, stale-if-error=2")
+    });
     let proxy = Proxy::start(origin.addr, Conf::default().cache("grace = \"0s\"")).await;
     assert_eq!(get(&proxy.url("/sie")).await.body, "saved");
     origin.stop().await;
@@ -143,7 +169,11 @@ async fn origin_down_serves_stale_within_stale_if_error_then_502() {
     tokio::time::sleep(Duration::from_millis(2200)).await; // past stale-if-error
     assert_eq!(get(&proxy.url("/sie")).await.status, 502);
     origin.restart().await;
-    assert_eq!(get(&proxy.url("/sie")).await.status, 200, "back to normal when the origin is");
+    assert_eq!(
+        get(&proxy.url("/sie")).await.status,
+        200,
+        "back to normal when the origin is"
+    );
 }
 
 #[tokio::test]
@@ -156,7 +186,13 @@ async fn origin_5xx_serves_stale_within_stale_if_error() {
             Reply::ok("broken").status(503)
         }
     });
-    let proxy = Proxy::start(origin.addr, Conf::default().cache("grace = \"0s\"").cache("stale_if_error = \"1m\"")).await;
+    let proxy = Proxy::start(
+        origin.addr,
+        Conf::default()
+            .cache("grace = \"0s\"")
+            .cache("stale_if_error = \"1m\""),
+    )
+    .await;
     get(&proxy.url("/five")).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let g = get(&proxy.url("/five")).await;
@@ -177,10 +213,18 @@ async fn uncacheable_urls_are_remembered_and_not_queued_behind_the_lock() {
     let started = Instant::now();
     let all = burst(&proxy.url("/dynamic"), 20).await;
     let took = started.elapsed();
-    assert!(all.iter().all(|g| g.cache == "corral; fwd=uri-miss; detail=hit-for-miss"), "{}", all[0].cache);
+    assert!(
+        all.iter()
+            .all(|g| g.cache == "corral; fwd=uri-miss; detail=hit-for-miss"),
+        "{}",
+        all[0].cache
+    );
     assert_eq!(origin.hits("/dynamic"), 21);
     // queued one by one behind a lock this would take 20 × 400 ms
-    assert!(took < Duration::from_secs(3), "requests ran in parallel: {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "requests ran in parallel: {took:?}"
+    );
     let mut bodies: Vec<_> = all.iter().map(|g| g.body.clone()).collect();
     bodies.sort();
     bodies.dedup();
@@ -209,5 +253,9 @@ async fn concurrent_client_no_cache_requests_share_one_revalidation() {
         assert_eq!(g.status, 200);
         assert_ne!(g.body, "v1", "no-cache got a validated response");
     }
-    assert!(origin.hits("/ncc") <= 3, "no-cache is not a stampede: {} origin requests", origin.hits("/ncc"));
+    assert!(
+        origin.hits("/ncc") <= 3,
+        "no-cache is not a stampede: {} origin requests",
+        origin.hits("/ncc")
+    );
 }

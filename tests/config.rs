@@ -1,6 +1,8 @@
 //! The binary and its configuration: `--check`, and every bad config is a clear error, a
 //! non-zero exit, and no port bound.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::TcpListener;
@@ -9,7 +11,10 @@ use std::process::{Command, Output};
 use common::{corral_bin, free_port};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(corral_bin()).args(args).output().expect("run corral")
+    Command::new(corral_bin())
+        .args(args)
+        .output()
+        .expect("run corral")
 }
 
 fn with_file(text: &str, args: &[&str]) -> (Output, String) {
@@ -38,13 +43,41 @@ fn shipped_config_checks_ok() {
 fn each_bad_config_names_file_key_and_reason() {
     let cases: &[(&str, &str, &str)] = &[
         ("[cache]\ngrase = \"10s\"\n", "cache.grase", "unknown field"),
-        ("[cache]\ngrace = \"10 parsecs\"\n", "cache.grace", "expected a duration"),
-        ("[cache]\nmemory_bytes = \"a lot\"\n", "cache.memory_bytes", "expected a size like"),
-        ("[cache]\nlock_timeout = \"0s\"\n", "cache.lock_timeout", "greater than 0"),
-        ("[server]\nlisten = \"not an address\"\n", "server.listen", "invalid address"),
-        ("[server]\nlisten = \"192.0.2.1:6081\"\nadmin = \"\"\n", "server.listen", "cannot bind"),
-        ("[upstream]\naddress = \"no-port\"\n", "upstream.address", "host:port"),
-        ("[[rule]]\npath_prefix = \"nope\"\n", "rule[0].path_prefix", "must start with '/'"),
+        (
+            "[cache]\ngrace = \"10 parsecs\"\n",
+            "cache.grace",
+            "expected a duration",
+        ),
+        (
+            "[cache]\nmemory_bytes = \"a lot\"\n",
+            "cache.memory_bytes",
+            "expected a size like",
+        ),
+        (
+            "[cache]\nlock_timeout = \"0s\"\n",
+            "cache.lock_timeout",
+            "greater than 0",
+        ),
+        (
+            "[server]\nlisten = \"not an address\"\n",
+            "server.listen",
+            "invalid address",
+        ),
+        (
+            "[server]\nlisten = \"192.0.2.1:6081\"\nadmin = \"\"\n",
+            "server.listen",
+            "cannot bind",
+        ),
+        (
+            "[upstream]\naddress = \"no-port\"\n",
+            "upstream.address",
+            "host:port",
+        ),
+        (
+            "[[rule]]\npath_prefix = \"nope\"\n",
+            "rule[0].path_prefix",
+            "must start with '/'",
+        ),
         ("[server\n", "-", "TOML parse error"),
     ];
     for (text, key, reason) in cases {
@@ -53,7 +86,10 @@ fn each_bad_config_names_file_key_and_reason() {
             let (out, path) = with_file(text, args);
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(1), "{text:?}: {err}");
-            assert!(err.contains(&format!("{path}: {key}: ")), "{text:?} should name {path} and {key}: {err}");
+            assert!(
+                err.contains(&format!("{path}: {key}: ")),
+                "{text:?} should name {path} and {key}: {err}"
+            );
             assert!(err.contains(reason), "{text:?} should say {reason:?}: {err}");
         }
     }
@@ -63,7 +99,11 @@ fn each_bad_config_names_file_key_and_reason() {
 fn a_missing_file_is_a_clear_error() {
     let out = run(&["-c", "/nonexistent/corral.toml"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/nonexistent/corral.toml: -: cannot read"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/corral.toml: -: cannot read"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -82,7 +122,14 @@ fn a_bad_config_binds_nothing() {
 fn a_listen_port_already_taken_is_refused_before_starting() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let (out, _) = with_file(&format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"\"\n"), &[]);
+    let (out, _) = with_file(
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"\"\n"),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("server.listen: cannot bind"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("server.listen: cannot bind"),
+        "{}",
+        stderr(&out)
+    );
 }

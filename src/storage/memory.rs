@@ -36,8 +36,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::storage::{
-    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
-    PurgeType, Storage,
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
+    Storage,
 };
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
@@ -396,9 +396,11 @@ impl HandleMiss for MemoryMiss {
             }
             chunks.len()
         };
-        self.fill
-            .state
-            .send_replace(if eof { FillState::Done(n) } else { FillState::Partial(n) });
+        self.fill.state.send_replace(if eof {
+            FillState::Done(n)
+        } else {
+            FillState::Partial(n)
+        });
         Ok(())
     }
 
@@ -514,7 +516,10 @@ impl Storage for MemoryStorage {
         tag: Option<&[u8]>,
         trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let Some(id) = tag.and_then(|t| <[u8; 8]>::try_from(t).ok()).map(u64::from_be_bytes) else {
+        let Some(id) = tag
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            .map(u64::from_be_bytes)
+        else {
             return self.lookup(key, trace).await;
         };
         let Some(slots) = self.table.get(&key.primary_bin()) else {
@@ -608,7 +613,12 @@ impl Storage for MemoryStorage {
         Ok(PurgeOutcome::Expired)
     }
 
-    async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
         let Some(mut slots) = self.table.get_mut(&key.primary_bin()) else {
             return Ok(false);
         };
@@ -655,7 +665,9 @@ mod tests {
         let trace = pingora_cache::trace::Span::inactive().handle();
         let mut miss = s.get_miss_handler(key, &meta(60), &trace).await.unwrap();
         for (i, c) in chunks.iter().enumerate() {
-            miss.write_body(Bytes::from_static(c.as_bytes()), i + 1 == chunks.len()).await.unwrap();
+            miss.write_body(Bytes::from_static(c.as_bytes()), i + 1 == chunks.len())
+                .await
+                .unwrap();
         }
         match miss.finish().await.unwrap() {
             MissFinishType::Created(w) => w,
@@ -678,7 +690,13 @@ mod tests {
         let trace = pingora_cache::trace::Span::inactive().handle();
         assert!(S.lookup(&key, &trace).await.unwrap().is_none());
         let weight = fill(&S, &key, &["hel", "lo"]).await;
-        assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: weight });
+        assert_eq!(
+            S.stats(),
+            MemoryStats {
+                entries: 1,
+                bytes: weight
+            }
+        );
         let (m, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
         assert!(m.is_fresh(SystemTime::now()));
         let body = h.read_body().await.unwrap().unwrap();
@@ -749,15 +767,24 @@ mod tests {
         let key = CacheKey::new("http://h/p", "");
         fill(&S, &key, &["x"]).await;
         let compact = key.to_compact();
-        assert_eq!(S.expire(PurgeTarget::Active(&compact), &trace).await.unwrap(), PurgeOutcome::Expired);
+        assert_eq!(
+            S.expire(PurgeTarget::Active(&compact), &trace).await.unwrap(),
+            PurgeOutcome::Expired
+        );
         let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
         assert!(!m.is_fresh(SystemTime::now()), "expired entries stay, stale");
         assert!(S.update_meta(&key, &meta(60), &trace).await.unwrap());
         let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
         assert!(m.is_fresh(SystemTime::now()), "a revalidation freshens it");
-        let outcome = S.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace).await.unwrap();
+        let outcome = S
+            .purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace)
+            .await
+            .unwrap();
         assert_eq!(outcome, PurgeOutcome::Purged(None));
-        let outcome = S.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace).await.unwrap();
+        let outcome = S
+            .purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace)
+            .await
+            .unwrap();
         assert_eq!(outcome, PurgeOutcome::NotFound);
         assert!(!S.update_meta(&key, &meta(60), &trace).await.unwrap());
     }

@@ -1,6 +1,6 @@
 //! Test harness: a real origin ([`origin`]), the real `corral` binary on free loopback ports,
 //! and an HTTP client.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 pub mod origin;
 
@@ -15,7 +15,11 @@ pub use origin::{Origin, Reply};
 
 /// A free loopback port (bound then released; the proxy binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The `[cache]` and `[[rule]]` parts of a test config; server and upstream are filled in.
@@ -102,7 +106,11 @@ impl Proxy {
             if healthy && tokio::net::TcpStream::connect(self.addr).await.is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "corral not ready in 20 s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "corral not ready in 20 s:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -130,7 +138,9 @@ impl Proxy {
             .await
             .unwrap();
         let field = |name: &str| -> u64 {
-            let at = text.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("{name} in {text}"));
+            let at = text
+                .find(&format!("\"{name}\":"))
+                .unwrap_or_else(|| panic!("{name} in {text}"));
             text[at + name.len() + 3..]
                 .chars()
                 .take_while(|c| c.is_ascii_digit())
@@ -158,7 +168,10 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- corral log ----\n{}\n---- end of corral log ----", self.log_text());
+            eprintln!(
+                "---- corral log ----\n{}\n---- end of corral log ----",
+                self.log_text()
+            );
         }
     }
 }

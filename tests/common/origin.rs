@@ -3,7 +3,7 @@
 //! It counts requests per path (with query), answers each path with a handler that sees the
 //! request and its hit number, and can set any header, delay, hang, fail (5xx) or drop the
 //! connection. It can be stopped and started again on the same port, to simulate an outage.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -83,7 +83,12 @@ struct State {
 
 impl State {
     fn counter(&self, path: &str) -> Arc<AtomicUsize> {
-        self.hits.lock().unwrap().entry(path.to_string()).or_default().clone()
+        self.hits
+            .lock()
+            .unwrap()
+            .entry(path.to_string())
+            .or_default()
+            .clone()
     }
 }
 
@@ -104,9 +109,17 @@ fn default_reply(seen: &Seen) -> Reply {
         .map(|(_, q)| q.split('&').filter_map(|kv| kv.split_once('=')).collect())
         .unwrap_or_default();
     let now = httpdate::fmt_http_date(std::time::SystemTime::now());
-    let body = format!("hello from the origin: {} (request #{} for it, at {now})\n", seen.path, seen.n);
-    let cc = query.get("cc").map_or("public, max-age=10".to_string(), |v| v.replace("%20", " ").replace("%2C", ","));
-    let delay = query.get("sleep").and_then(|ms| ms.parse().ok()).map_or(Duration::ZERO, Duration::from_millis);
+    let body = format!(
+        "hello from the origin: {} (request #{} for it, at {now})\n",
+        seen.path, seen.n
+    );
+    let cc = query.get("cc").map_or("public, max-age=10".to_string(), |v| {
+        v.replace("%20", " ").replace("%2C", ",")
+    });
+    let delay = query
+        .get("sleep")
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
     Reply::ok(body)
         .header("content-type", "text/plain")
         .header("cache-control", cc)
@@ -140,7 +153,11 @@ impl Origin {
 
     /// Answer `path` (exact, with query) with `handler`.
     pub fn route(&self, path: &str, handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) {
-        self.state.routes.lock().unwrap().insert(path.to_string(), Arc::new(handler));
+        self.state
+            .routes
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), Arc::new(handler));
     }
 
     /// Requests seen for `path` (exact, with query).
@@ -166,7 +183,11 @@ impl Origin {
         assert!(self.task.is_none(), "origin already running");
         let listener = TcpListener::bind(self.addr).await.expect("rebind origin");
         self.stop = Arc::new(Notify::new());
-        self.task = Some(tokio::spawn(accept_loop(listener, self.state.clone(), self.stop.clone())));
+        self.task = Some(tokio::spawn(accept_loop(
+            listener,
+            self.state.clone(),
+            self.stop.clone(),
+        )));
     }
 }
 
@@ -206,8 +227,14 @@ impl std::fmt::Display for Dropped {
 }
 impl std::error::Error for Dropped {}
 
-async fn handle(req: Request<hyper::body::Incoming>, state: Arc<State>) -> Result<Response<Full<Bytes>>, Dropped> {
-    let path = req.uri().path_and_query().map_or("/".to_string(), |p| p.to_string());
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Dropped> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
     let n = state.counter(&path).fetch_add(1, Ordering::SeqCst) + 1;
     state.total.fetch_add(1, Ordering::SeqCst);
     let seen = Seen {
