@@ -7,6 +7,7 @@
 //! curl -si localhost:6081/hello         # cache-status: corral; hit; ttl=9
 //! curl -si 'localhost:6081/p?cc=no-store'    # never stored
 //! curl -si 'localhost:6081/slow?sleep=1000'  # a slow page: try ten of these at once
+//! curl -s  localhost:6081/blob?size=1024 | wc -c    # a static 1 KiB body, fresh for an hour
 //! ```
 //!
 //! Every path answers `Cache-Control: public, max-age=10` unless `?cc=` says otherwise.

@@ -108,6 +108,12 @@ fn default_reply(seen: &Seen) -> Reply {
         .split_once('?')
         .map(|(_, q)| q.split('&').filter_map(|kv| kv.split_once('=')).collect())
         .unwrap_or_default();
+    if let Some(size) = query.get("size").and_then(|s| s.parse::<usize>().ok()) {
+        // a static body of `size` bytes, for load tests
+        return Reply::ok(vec![b'x'; size.min(64 << 20)])
+            .header("content-type", "application/octet-stream")
+            .header("cache-control", "public, max-age=3600");
+    }
     let now = httpdate::fmt_http_date(std::time::SystemTime::now());
     let body = format!(
         "hello from the origin: {} (request #{} for it, at {now})\n",

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Load test of the real binary, in one run: req/s and p99 latency of
+#   (a) the demo origin directly, (b) corral cache hits in front of it, and their ratio.
+#
+#   benches/load.sh                 # 10 s per target, 64 connections, 1 KiB body
+#   DURATION=30 CONNS=128 SIZE=16384 benches/load.sh
+#
+# The server under test (origin or corral, one worker thread) is pinned to CPU 0 and wrk to
+# CPU 1, so the two do not compete for a core. Needs wrk (Debian package `wrk`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+SIZE=${SIZE:-1024}
+command -v wrk >/dev/null || { echo "load.sh: needs wrk (apt-get install wrk)" >&2; exit 1; }
+
+cargo build --release --quiet --bin corral --example origin
+dir=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+origin_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
+taskset -c 0 target/release/examples/origin "127.0.0.1:$origin_port" >"$dir/origin.log" 2>&1 &
+pids+=($!)
+cat >"$dir/corral.toml" <<EOF
+[server]
+listen = "127.0.0.1:$proxy_port"
+admin = "127.0.0.1:$admin_port"
+threads = 1
+[upstream]
+address = "127.0.0.1:$origin_port"
+[log]
+level = "warn"
+access_log = false
+EOF
+taskset -c 0 target/release/corral -c "$dir/corral.toml" >"$dir/corral.log" 2>&1 &
+pids+=($!)
+wait_port "$origin_port"; wait_port "$proxy_port"
+
+path="/bench?size=$SIZE"
+curl -sf -o /dev/null "http://127.0.0.1:$proxy_port$path"   # fill the cache
+status=$(curl -sf -D - -o /dev/null "http://127.0.0.1:$proxy_port$path" | tr -d '\r' | grep -i '^cache-status' || true)
+echo "warm-up: $status"
+
+run() { # $1 = label, $2 = url
+  local out rps p99
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$2")
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  printf '%-22s %12s req/s   p99 %s\n' "$1" "$rps" "$p99" >&2
+  echo "$rps"
+}
+
+echo "wrk: ${DURATION}s, $CONNS connections, ${SIZE}-byte body; server on CPU 0, wrk on CPU 1" >&2
+origin_rps=$(run "origin direct" "http://127.0.0.1:$origin_port$path")
+hit_rps=$(run "corral cache hits" "http://127.0.0.1:$proxy_port$path")
+python3 -c "print(f'ratio corral hits / origin direct: {$hit_rps / $origin_rps:.2f}x')"
