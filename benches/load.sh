@@ -6,7 +6,8 @@
 #   DURATION=30 CONNS=128 SIZE=16384 benches/load.sh
 #
 # The server under test (origin or corral, one worker thread) is pinned to CPU 0 and wrk to
-# CPU 1, so the two do not compete for a core. Needs wrk (Debian package `wrk`).
+# CPU 1, so the two do not compete for a core. Needs wrk (Debian package `wrk`); measures nginx
+# too when it is installed (Debian package `nginx`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +44,42 @@ pids+=($!)
 wait_port "$origin_port"; wait_port "$proxy_port"
 
 path="/bench?size=$SIZE"
+
+# nginx, when installed: the same bytes as a static file, and proxy_cache hits in front of the
+# same origin (one worker process, same pinning): the reference corral must beat
+nginx_port=0; nginx_cache_port=0
+if command -v nginx >/dev/null; then
+  nginx_port=$(free_port); nginx_cache_port=$(free_port)
+  mkdir -p "$dir/www" "$dir/nginx-cache"
+  head -c "$SIZE" /dev/zero | tr '\0' x >"$dir/www/bench"
+  cat >"$dir/nginx.conf" <<NGINX
+user root;
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  proxy_cache_path $dir/nginx-cache keys_zone=c:10m max_size=256m;
+  server { listen 127.0.0.1:$nginx_port; root $dir/www; location / { try_files /bench =404; } }
+  server {
+    listen 127.0.0.1:$nginx_cache_port;
+    location / {
+      proxy_pass http://127.0.0.1:$origin_port;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache c;
+      proxy_cache_lock on;
+    }
+  }
+}
+NGINX
+  taskset -c 0 nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
+  pids+=($!)
+  wait_port "$nginx_port"; wait_port "$nginx_cache_port"
+  curl -sf -o /dev/null "http://127.0.0.1:$nginx_cache_port$path"
+fi
 curl -sf -o /dev/null "http://127.0.0.1:$proxy_port$path"   # fill the cache
 status=$(curl -sf -D - -o /dev/null "http://127.0.0.1:$proxy_port$path" | tr -d '\r' | grep -i '^cache-status' || true)
 echo "warm-up: $status"
@@ -60,3 +97,12 @@ echo "wrk: ${DURATION}s, $CONNS connections, ${SIZE}-byte body; server on CPU 0,
 origin_rps=$(run "origin direct" "http://127.0.0.1:$origin_port$path")
 hit_rps=$(run "corral cache hits" "http://127.0.0.1:$proxy_port$path")
 python3 -c "print(f'ratio corral hits / origin direct: {$hit_rps / $origin_rps:.2f}x')"
+if [ "$nginx_port" != 0 ]; then
+  static_rps=$(run "nginx static file" "http://127.0.0.1:$nginx_port$path")
+  ncache_rps=$(run "nginx proxy_cache hits" "http://127.0.0.1:$nginx_cache_port$path")
+  python3 - <<PY
+print(f"ratio nginx proxy_cache hits / nginx static: {$ncache_rps / $static_rps:.2f}x")
+print(f"ratio corral hits / nginx static: {$hit_rps / $static_rps:.2f}x")
+print(f"ratio corral hits / nginx proxy_cache hits: {$hit_rps / $ncache_rps:.2f}x")
+PY
+fi

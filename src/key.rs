@@ -64,12 +64,21 @@ pub fn primary(host: &str, path_and_query: &str) -> String {
 
 /// The cache key of a request (no variance yet: Pingora adds it after the first lookup).
 pub fn for_request(req: &RequestHeader) -> CacheKey {
-    CacheKey::new(primary(&request_host(req), request_path_and_query(req)), "")
+    with_hash(primary(&request_host(req), request_path_and_query(req)))
 }
 
 /// The cache key of a URL given as host and path (purges, RFC 9111 §4.4 invalidation).
 pub fn for_url(host: &str, path_and_query: &str) -> CacheKey {
-    CacheKey::new(primary(&normalize_host(host), path_and_query), "")
+    with_hash(primary(&normalize_host(host), path_and_query))
+}
+
+/// Hash the primary key once: Pingora asks for it several times per request (lookup, lock,
+/// predictor, eviction), and would otherwise run blake2 each time.
+fn with_hash(primary: String) -> CacheKey {
+    let hash = pingora_cache::key::hash_key(&primary);
+    let mut key = CacheKey::new(primary, "");
+    key.set_primary_bin_override(hash);
+    key
 }
 
 /// Does the stored response say `Vary: *`? Such a response never matches a later request
@@ -166,6 +175,12 @@ mod tests {
         assert_eq!(a.primary_bin(), b.primary_bin());
         let c = for_request(&req("/p?q=1", &[("host", "example.org:8080")]));
         assert_ne!(a.primary_bin(), c.primary_bin());
+    }
+
+    #[test]
+    fn the_cached_hash_is_the_hash_of_the_primary_key() {
+        let k = for_url("h", "/x");
+        assert_eq!(k.primary_bin(), CacheKey::new("http://h/x", "").primary_bin());
     }
 
     #[test]

@@ -66,6 +66,37 @@ pub static L1_EVICTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// Per-outcome handles, resolved once: `with_label_values` hashes the label on every call.
+pub struct OutcomeMetrics {
+    pub requests: IntCounter,
+    pub seconds: prometheus::Histogram,
+}
+
+/// [`OutcomeMetrics`] for `label`, from a small fixed table (unknown labels are resolved on
+/// the spot).
+pub fn for_outcome(label: &'static str) -> &'static OutcomeMetrics {
+    static TABLE: LazyLock<Vec<(&'static str, &'static OutcomeMetrics)>> = LazyLock::new(|| {
+        crate::cache_status::Outcome::ALL
+            .iter()
+            .map(|o| o.as_str())
+            .chain(["error"])
+            .map(|l| (l, &*Box::leak(Box::new(resolve(l)))))
+            .collect()
+    });
+    TABLE
+        .iter()
+        .find(|(l, _)| *l == label)
+        .map(|(_, m)| *m)
+        .unwrap_or_else(|| Box::leak(Box::new(resolve(label))))
+}
+
+fn resolve(label: &str) -> OutcomeMetrics {
+    OutcomeMetrics {
+        requests: REQUESTS.with_label_values(&[label]),
+        seconds: REQUEST_SECONDS.with_label_values(&[label]),
+    }
+}
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

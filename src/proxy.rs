@@ -186,8 +186,7 @@ impl Corral {
 
     fn cache_status(&self, session: &Session, ctx: &Ctx) -> CacheStatus {
         let cache = &session.cache;
-        if let Some(reason) = ctx.bypass {
-            let _ = reason;
+        if ctx.bypass.is_some() {
             return CacheStatus::new(Outcome::Bypass);
         }
         let outcome = match cache.phase() {
@@ -473,7 +472,9 @@ impl ProxyHttp for Corral {
             return Ok(());
         }
         let status = self.cache_status(session, ctx);
-        resp.insert_header("cache-status", status.header_value())?;
+        let value = http::HeaderValue::from_maybe_shared(Bytes::from(status.header_value()))
+            .map_err(|_| Error::explain(ErrorType::InternalError, "invalid cache-status"))?;
+        resp.insert_header("cache-status", value)?;
         ctx.status = Some(status);
         Ok(())
     }
@@ -481,10 +482,9 @@ impl ProxyHttp for Corral {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let outcome = ctx.status.map_or("error", |s| s.outcome.as_str());
         let elapsed = ctx.started.elapsed();
-        metrics::REQUESTS.with_label_values(&[outcome]).inc();
-        metrics::REQUEST_SECONDS
-            .with_label_values(&[outcome])
-            .observe(elapsed.as_secs_f64());
+        let m = metrics::for_outcome(outcome);
+        m.requests.inc();
+        m.seconds.observe(elapsed.as_secs_f64());
         if ctx.upstream_started.is_some() {
             let result = if error.is_some() && ctx.upstream_status.is_none() {
                 "error"
@@ -511,11 +511,6 @@ impl ProxyHttp for Corral {
             error = error.map(|e| e.to_string()),
         );
     }
-}
-
-/// A one-shot body for responses corral writes itself.
-pub fn static_body(text: &'static str) -> Bytes {
-    Bytes::from_static(text.as_bytes())
 }
 
 #[cfg(test)]
