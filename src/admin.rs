@@ -35,7 +35,7 @@ impl ServeHttp for Admin {
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render()),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/stats" => {
-                let s = self.parts.storage.stats();
+                let s = self.parts.storage.l1.stats();
                 let body = format!(
                     "{{\"l1_entries\":{},\"l1_bytes\":{},\"memory_bytes\":{},\"l1_evicted\":{}}}\n",
                     s.entries,

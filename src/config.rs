@@ -49,6 +49,8 @@ struct FileConfig {
     cache: CacheFile,
     #[serde(default)]
     log: LogFile,
+    #[serde(default)]
+    memcached: MemcachedFile,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleFile>,
 }
@@ -149,6 +151,34 @@ impl Default for LogFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct MemcachedFile {
+    servers: Vec<String>,
+    namespace: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    op_timeout: Duration,
+    #[serde(with = "size")]
+    max_object_bytes: ByteSize,
+    pool_size: usize,
+}
+
+impl Default for MemcachedFile {
+    fn default() -> Self {
+        MemcachedFile {
+            servers: Vec::new(),
+            namespace: "corral".into(),
+            connect_timeout: Duration::from_millis(100),
+            op_timeout: Duration::from_millis(50),
+            // memcached's default item limit is 1 MiB, key and item header included
+            max_object_bytes: ByteSize::b(1_000_000),
+            pool_size: 16,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 struct RuleFile {
@@ -203,6 +233,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    /// The L2 tier; `None` = L1 only.
+    pub memcached: Option<crate::storage::memcached::L2Config>,
     /// Ordered; the first rule that matches a request decides.
     pub rules: Vec<Rule>,
 }
@@ -413,6 +445,48 @@ impl FileConfig {
             );
         }
 
+        let m = self.memcached;
+        let memcached = if m.servers.is_empty() {
+            None
+        } else {
+            for (i, server) in m.servers.iter().enumerate() {
+                let ok = server
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return err(
+                        &format!("memcached.servers[{i}]"),
+                        format!("{server:?} is not host:port"),
+                    );
+                }
+            }
+            if m.namespace.is_empty() || m.namespace.len() > 64 || m.namespace.contains(char::is_whitespace) {
+                return err(
+                    "memcached.namespace",
+                    format!("{:?}: 1 to 64 characters, no spaces", m.namespace),
+                );
+            }
+            for (key, d) in [
+                ("memcached.connect_timeout", m.connect_timeout),
+                ("memcached.op_timeout", m.op_timeout),
+            ] {
+                if d.is_zero() {
+                    return err(key, "must be greater than 0".into());
+                }
+            }
+            if m.pool_size == 0 {
+                return err("memcached.pool_size", "must be greater than 0".into());
+            }
+            Some(crate::storage::memcached::L2Config {
+                servers: m.servers,
+                namespace: m.namespace,
+                connect_timeout: m.connect_timeout,
+                op_timeout: m.op_timeout,
+                max_object_bytes: usize::try_from(m.max_object_bytes.as_u64()).unwrap_or(usize::MAX),
+                pool_size: m.pool_size,
+            })
+        };
+
         let mut rules = Vec::with_capacity(self.rules.len());
         for (i, r) in self.rules.into_iter().enumerate() {
             let at = |field: &str| format!("rule[{i}].{field}");
@@ -477,6 +551,7 @@ impl FileConfig {
                 level: self.log.level,
                 access_log: self.log.access_log,
             },
+            memcached,
             rules,
         })
     }
@@ -579,6 +654,22 @@ mod tests {
         let e = parse("[cache]\nmemory_bytes = \"1MiB\"\nmax_object_bytes = \"2MiB\"\n").unwrap_err();
         assert_eq!(e.key, "cache.max_object_bytes");
         assert_eq!(parse("[log]\nlevel = \"loud[\"\n").unwrap_err().key, "log.level");
+    }
+
+    #[test]
+    fn memcached_section() {
+        assert!(parse("").unwrap().memcached.is_none(), "L1 only by default");
+        let c = parse("[memcached]\nservers = [\"127.0.0.1:11211\", \"mc2:11211\"]\nnamespace = \"site\"\n")
+            .unwrap();
+        let m = c.memcached.unwrap();
+        assert_eq!(m.servers.len(), 2);
+        assert_eq!(m.op_timeout, Duration::from_millis(50));
+        let e = parse("[memcached]\nservers = [\"127.0.0.1\"]\n").unwrap_err();
+        assert_eq!(e.key, "memcached.servers[0]");
+        let e = parse("[memcached]\nservers = [\"a:1\"]\nnamespace = \"a b\"\n").unwrap_err();
+        assert_eq!(e.key, "memcached.namespace");
+        let e = parse("[memcached]\nservers = [\"a:1\"]\nop_timeout = \"0ms\"\n").unwrap_err();
+        assert_eq!(e.key, "memcached.op_timeout");
     }
 
     #[test]

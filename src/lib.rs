@@ -34,8 +34,22 @@ use crate::config::Config;
 use crate::proxy::{CacheParts, Corral};
 
 /// Build the Pingora server for `cfg`: the proxy service and, if configured, the admin one.
-/// Nothing is bound until the server runs.
-pub fn build_server(cfg: Config) -> Server {
+/// Nothing is bound until the server runs. Fails only if the memcached client cannot be built
+/// (a server name that does not resolve); a server that is down is not an error.
+pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
+    let l2 = match &cfg.memcached {
+        Some(m) => {
+            // the client resolves names here and dials lazily, on the proxy's own runtime
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Some(
+                rt.block_on(storage::memcached::L2::connect(m))
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let conf = ServerConf {
         threads: cfg.server.threads,
@@ -48,7 +62,7 @@ pub fn build_server(cfg: Config) -> Server {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let parts = CacheParts::leak(&cfg);
+    let parts = CacheParts::leak(&cfg, l2);
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         Corral::new(cfg.clone(), parts),
@@ -73,5 +87,5 @@ pub fn build_server(cfg: Config) -> Server {
         admin.add_tcp(&admin_addr.to_string());
         server.add_service(admin);
     }
-    server
+    Ok(server)
 }

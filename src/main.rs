@@ -52,7 +52,13 @@ fn main() -> ExitCode {
         memory_bytes = cfg.cache.memory_bytes,
         "corral starting"
     );
-    corral::build_server(cfg).run_forever()
+    match corral::build_server(cfg) {
+        Ok(server) => server.run_forever(),
+        Err(e) => {
+            eprintln!("corral: cannot start: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn init_tracing(level: &str) {

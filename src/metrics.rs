@@ -97,6 +97,41 @@ fn resolve(label: &str) -> OutcomeMetrics {
     }
 }
 
+/// memcached operations by `op` (`get`, `set`, `delete`) and `result` (`ok`, `skipped`).
+pub static L2_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_l2_requests_total",
+        "memcached operations, by op and result (skipped = server's circuit open)",
+        &["op", "result"]
+    )
+    .expect("metric registers once")
+});
+
+/// memcached failures by `op`: transport errors, timeouts, refusals.
+pub static L2_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("corral_l2_errors_total", "memcached failures, by op", &["op"])
+        .expect("metric registers once")
+});
+
+/// L2 lookups by result: `hit`, `miss`, `corrupt` (undecodable value), `unavailable`, `waited`.
+pub static L2_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_l2_lookups_total",
+        "L2 lookups after an L1 miss, by result",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// memcached servers whose circuit is open (considered down).
+pub static L2_SERVERS_DOWN: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_l2_servers_down",
+        "memcached servers currently skipped as down"
+    )
+    .expect("metric registers once")
+});
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

@@ -41,7 +41,9 @@ use crate::config::Config;
 use crate::key;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
+use crate::storage::memcached::L2;
 use crate::storage::memory::MemoryStorage;
+use crate::storage::{FromL2, Tiered};
 
 /// Shards of the eviction LRU and of the predictor.
 const SHARDS: usize = 16;
@@ -49,16 +51,17 @@ const SHARDS: usize = 16;
 /// The cache machinery shared by every request, built once per process (Pingora wants
 /// `&'static` for all of it).
 pub struct CacheParts {
-    pub storage: &'static MemoryStorage,
+    pub storage: &'static Tiered,
     pub eviction: &'static lru::Manager<SHARDS>,
     pub lock: &'static CacheKeyLockImpl,
     pub predictor: &'static Predictor<SHARDS>,
 }
 
 impl CacheParts {
-    /// Build and leak the cache parts for `cfg`.
-    pub fn leak(cfg: &Config) -> &'static CacheParts {
-        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
+    /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
+    pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
+        let l1: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
+        let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(l1, l2, cfg.cache.lock_timeout)));
         // capacity hint: entries of ~8 KiB on average, per shard
         let per_shard = (cfg.cache.memory_bytes / 8192 / SHARDS).clamp(64, 1 << 16);
         let eviction = Box::leak(Box::new(lru::Manager::<SHARDS>::with_capacity(
@@ -82,7 +85,7 @@ impl CacheParts {
     /// Remove every stored variant of the URL with this primary hash, from storage and from
     /// the eviction manager. Returns how many entries were removed.
     pub fn remove_url(&self, primary: &HashBinary) -> usize {
-        let removed = self.storage.remove_primary(primary);
+        let removed = self.storage.l1.remove_primary(primary);
         for compact in &removed {
             self.eviction
                 .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
@@ -92,7 +95,7 @@ impl CacheParts {
 
     /// Refresh the L1 gauges from storage and the eviction manager.
     pub fn publish_gauges(&self) {
-        let stats = self.storage.stats();
+        let stats = self.storage.l1.stats();
         metrics::L1_BYTES.set(stats.bytes as i64);
         metrics::L1_ENTRIES.set(stats.entries as i64);
         metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
@@ -120,6 +123,8 @@ pub struct Ctx {
     bypass: Option<&'static str>,
     /// The cache entry was forced stale by the client's directives.
     by_request: bool,
+    /// The hit came from L2 (memcached).
+    from_l2: bool,
     /// `response_cache_filter` decided to store the response.
     storing: bool,
     upstream_started: Option<Instant>,
@@ -215,6 +220,7 @@ impl Corral {
         }
         match outcome {
             Outcome::Miss | Outcome::Expired => status.stored = ctx.storing,
+            Outcome::Hit | Outcome::Stale | Outcome::Collapsed if ctx.from_l2 => status.detail = Some("l2"),
             _ => {}
         }
         if matches!(outcome, Outcome::Revalidated) {
@@ -286,6 +292,7 @@ impl ProxyHttp for Corral {
             directives: RequestDirectives::default(),
             bypass: None,
             by_request: false,
+            from_l2: false,
             storing: false,
             upstream_started: None,
             upstream_header_time: None,
@@ -343,10 +350,11 @@ impl ProxyHttp for Corral {
         &self,
         _session: &mut Session,
         meta: &CacheMeta,
-        _hit_handler: &mut HitHandler,
+        hit_handler: &mut HitHandler,
         _is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
+        ctx.from_l2 = hit_handler.as_any().is::<FromL2>();
         if self.cfg.cache.honor_client_no_cache
             && ctx
                 .directives
@@ -443,6 +451,12 @@ impl ProxyHttp for Corral {
         }
         let decision = policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now());
         ctx.storing = decision.is_cacheable();
+        if !ctx.storing {
+            if let Some(key) = session.cache.maybe_cache_key() {
+                // other corrals may be waiting for this fill: tell them it will not come
+                self.parts.storage.release_lease(key);
+            }
+        }
         Ok(decision)
     }
 

@@ -182,6 +182,44 @@ impl MemoryStorage {
         self.entries.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Store a complete entry directly (promotion from L2). Returns its weight.
+    pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> usize {
+        let weight = body.len() + meta.header_bytes() + ENTRY_OVERHEAD;
+        let stored = Arc::new(Stored {
+            meta,
+            body,
+            weight,
+            generation: self.generation.load(Ordering::Acquire),
+        });
+        let variance = key.variance_bin();
+        let mut slots = self.table.entry(key.primary_bin()).or_default();
+        match slots.iter_mut().find(|s| s.variance == variance) {
+            Some(slot) => {
+                if let Some(old) = slot.entry.replace(stored) {
+                    self.account_remove(old.weight);
+                }
+            }
+            None => slots.push(Slot {
+                variance,
+                entry: Some(stored),
+                fill: None,
+            }),
+        }
+        self.account_add(weight);
+        weight
+    }
+
+    /// The body of the committed entry for `key`, if any (to re-store it after a 304).
+    pub fn body_of(&self, key: &CacheKey) -> Option<Bytes> {
+        let slots = self.table.get(&key.primary_bin())?;
+        let variance = key.variance_bin();
+        slots
+            .iter()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.entry.as_ref())
+            .map(|e| e.body.clone())
+    }
+
     /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
     /// keys removed (for the eviction manager) .
     pub fn remove_primary(&self, primary: &HashBinary) -> Vec<CompactCacheKey> {

@@ -1,4 +1,337 @@
 //! Cache storage tiers behind Pingora's `Storage` trait.
 //!
 //! - [`memory`]: L1, in-process, bounded by bytes.
+//! - [`memcached`]: L2, shared by every corral of a site.
+//! - [`record`]: the binary value stored in memcached.
+//!
+//! [`Tiered`] joins them: a lookup tries L1, then L2 (an L2 hit is promoted into L1 with its
+//! remaining lifetime), then reports a miss. A fill writes L1 as the body streams, and L2 once the
+//! body is complete, on a spawned task, so the L2 write never delays the client. The L2 expiry is
+//! the remaining freshness plus the longer of the serve-stale windows, so grace and
+//! stale-if-error also work from L2.
+//!
+//! On an L1+L2 miss the L2 lookup is a lease read: one corral in the cluster wins the right to
+//! fill, the others poll L1 and L2 (10 ms, doubling to 100 ms) until the value appears or
+//! `lock_timeout` passes, and then look up as usual. Within one corral, Pingora's cache lock
+//! still coalesces the requests of the winner, so N proxies × M clients make one upstream fetch.
+
+pub mod memcached;
 pub mod memory;
+pub mod record;
+
+use std::any::Any;
+use std::sync::Once;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use pingora_cache::key::CacheHashKey;
+use pingora_cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
+    Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::Result;
+use tracing::warn;
+
+use crate::metrics;
+use memcached::{Read, L2};
+use memory::{MemoryStorage, MetaParts};
+
+/// L1 in front of an optional L2.
+pub struct Tiered {
+    pub l1: &'static MemoryStorage,
+    pub l2: Option<L2>,
+    /// How long a lookup waits for another corral's fill (the cross-proxy lock).
+    lock_timeout: Duration,
+    /// L2 keys whose fill lease this corral won and has not yet filled.
+    leases: DashMap<String, ()>,
+    started: Once,
+}
+
+impl Tiered {
+    pub fn new(l1: &'static MemoryStorage, l2: Option<L2>, lock_timeout: Duration) -> Self {
+        Tiered {
+            l1,
+            l2,
+            lock_timeout,
+            leases: DashMap::new(),
+            started: Once::new(),
+        }
+    }
+
+    /// Give back the fill lease for `key` (the response turned out uncacheable), so other
+    /// corrals stop waiting for a value that will never come.
+    pub fn release_lease(&self, key: &CacheKey) {
+        let Some(l2) = self.l2.clone() else { return };
+        let mk = l2.key(&key.combined());
+        if self.leases.remove(&mk).is_some() {
+            tokio::spawn(async move { l2.delete(&mk).await });
+        }
+    }
+
+    async fn l2_lookup(&'static self, l2: &L2, key: &CacheKey) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let mk = l2.key(&key.combined());
+        let deadline = tokio::time::Instant::now() + self.lock_timeout;
+        let mut pause = Duration::from_millis(10);
+        let mut waited = false;
+        loop {
+            match l2.get(&mk, Some(self.lock_timeout)).await {
+                Read::Hit(bytes) => match record::decode(bytes) {
+                    Ok(rec) => {
+                        metrics::L2_LOOKUPS.with_label_values(&["hit"]).inc();
+                        return Ok(self.promote(key, rec));
+                    }
+                    Err(e) => {
+                        metrics::L2_LOOKUPS.with_label_values(&["corrupt"]).inc();
+                        warn!(key = %mk, error = %e, "undecodable value in memcached: treated as a miss");
+                        return Ok(None);
+                    }
+                },
+                Read::Won => {
+                    self.leases.insert(mk, ());
+                    metrics::L2_LOOKUPS
+                        .with_label_values(&[if waited { "waited" } else { "miss" }])
+                        .inc();
+                    return Ok(None);
+                }
+                Read::Busy => {
+                    // another corral is fetching it: wait for its value, bounded
+                    waited = true;
+                    if tokio::time::Instant::now() + pause > deadline {
+                        metrics::L2_LOOKUPS.with_label_values(&["waited"]).inc();
+                        return Ok(None);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                    // this corral may be filling it too (a request that arrived first)
+                    if let Some(hit) = self
+                        .l1
+                        .lookup(key, &pingora_cache::trace::Span::inactive().handle())
+                        .await?
+                    {
+                        return Ok(Some(hit));
+                    }
+                }
+                Read::Miss => {
+                    metrics::L2_LOOKUPS.with_label_values(&["miss"]).inc();
+                    return Ok(None);
+                }
+                Read::Unavailable => {
+                    metrics::L2_LOOKUPS.with_label_values(&["unavailable"]).inc();
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Put an L2 record into L1 and answer the lookup from there.
+    fn promote(&'static self, key: &CacheKey, rec: record::Record) -> Option<(CacheMeta, HitHandler)> {
+        let parts = MetaParts::from_meta(&rec.meta);
+        self.l1.insert(key, parts, rec.body.clone());
+        let weight = rec.body.len();
+        let hit = FromL2 {
+            body: rec.body,
+            done: false,
+            weight,
+        };
+        Some((rec.meta, Box::new(hit)))
+    }
+
+    fn l2_ttl(meta: &CacheMeta) -> Duration {
+        let now = SystemTime::now();
+        let fresh = meta.fresh_until().duration_since(now).unwrap_or(Duration::ZERO);
+        let stale = meta.stale_while_revalidate_sec().max(meta.stale_if_error_sec());
+        (fresh + Duration::from_secs(stale.into())).max(Duration::from_secs(1))
+    }
+}
+
+/// A hit answered from L2 (and already promoted into L1); the proxy reports it as
+/// `detail=l2`.
+pub struct FromL2 {
+    body: Bytes,
+    done: bool,
+    weight: usize,
+}
+
+#[async_trait]
+impl HandleHit for FromL2 {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some(self.body.clone()))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.weight
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Writes L1 as the body arrives, and L2 once it is complete.
+struct TieredMiss {
+    l1: MissHandler,
+    l2: Option<PendingL2>,
+}
+
+struct PendingL2 {
+    l2: L2,
+    key: String,
+    internal: Vec<u8>,
+    header: Vec<u8>,
+    ttl: Duration,
+    chunks: Vec<Bytes>,
+    size: usize,
+}
+
+#[async_trait]
+impl HandleMiss for TieredMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        if let Some(p) = &mut self.l2 {
+            p.size += data.len();
+            if p.size > p.l2.max_object_bytes() {
+                // too big for memcached: this object stays L1-only
+                self.l2 = None;
+            } else {
+                p.chunks.push(data.clone());
+            }
+        }
+        self.l1.write_body(data, eof).await
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let this = *self;
+        let done = this.l1.finish().await?;
+        if let Some(p) = this.l2 {
+            tokio::spawn(async move {
+                let mut body = BytesMut::with_capacity(p.size);
+                for c in &p.chunks {
+                    body.extend_from_slice(c);
+                }
+                let value = record::encode_parts(&p.internal, &p.header, &[], &body);
+                p.l2.set(&p.key, value, p.ttl).await;
+            });
+        }
+        Ok(done)
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        self.l1.streaming_write_tag()
+    }
+}
+
+#[async_trait]
+impl Storage for Tiered {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if let Some(hit) = self.l1.lookup(key, trace).await? {
+            return Ok(Some(hit));
+        }
+        let Some(l2) = &self.l2 else {
+            return Ok(None);
+        };
+        self.started.call_once(|| l2.spawn_background());
+        self.l2_lookup(l2, key).await
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        self.l1.lookup_streaming_write(key, tag, trace).await
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let l1 = self.l1.get_miss_handler(key, meta, trace).await?;
+        let l2 = match &self.l2 {
+            Some(l2) => {
+                let mk = l2.key(&key.combined());
+                self.leases.remove(&mk);
+                let (internal, header) = meta.serialize()?;
+                Some(PendingL2 {
+                    l2: l2.clone(),
+                    key: mk,
+                    internal,
+                    header,
+                    ttl: Self::l2_ttl(meta),
+                    chunks: Vec::new(),
+                    size: 0,
+                })
+            }
+            None => None,
+        };
+        Ok(Box::new(TieredMiss { l1, l2 }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let outcome = self.l1.purge(target, purge_type, trace).await?;
+        // an eviction only frees local memory; an invalidation reaches every corral through L2
+        if let (PurgeType::Invalidation, Some(l2)) = (purge_type, &self.l2) {
+            l2.delete(&l2.key(&target.key().combined())).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn expire(&'static self, target: PurgeTarget<'_>, trace: &SpanHandle) -> Result<PurgeOutcome> {
+        self.l1.expire(target, trace).await
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<bool> {
+        let updated = self.l1.update_meta(key, meta, trace).await?;
+        if let (Some(l2), Some(body)) = (&self.l2, self.l1.body_of(key)) {
+            // a 304 refreshed the entry: refresh the shared copy too
+            let value = record::encode(meta, &[], &body)?;
+            let (l2, mk, ttl) = (l2.clone(), l2.key(&key.combined()), Self::l2_ttl(meta));
+            tokio::spawn(async move { l2.set(&mk, value, ttl).await });
+        }
+        Ok(updated)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}

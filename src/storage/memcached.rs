@@ -1,0 +1,356 @@
+//! L2: memcached, shared by every corral of a site.
+//!
+//! # Client
+//! The `memcache` crate's async meta-protocol client (`memcache::exp::AsyncMetaClient`, pinned
+//! exactly because it is marked experimental), one client (with its own connection pool) per
+//! server. Keys are spread over servers by the crate's rendezvous hashing, so adding a server
+//! moves about 1/N of the keys. Everything corral needs goes through [`L2`]; nothing else
+//! touches the crate.
+//!
+//! # Keys
+//! `md5_hex(namespace "/" generation "/" cache key)`: 32 characters, no spaces, far under
+//! memcached's 250-byte limit. The generation is a counter kept in memcached under
+//! `corral/<namespace>/generation`; bumping it makes every L2 entry of the namespace unreachable
+//! at once (they expire on their own). Each corral re-reads it every second.
+//!
+//! # Outages
+//! Every operation is bounded by `op_timeout`. A transport failure (connect refused, timeout)
+//! opens that server's circuit: its keys are skipped (a miss, no write) until a background
+//! probe (`mn`, every [`PROBE_INTERVAL`]) gets an answer, so a dead server costs one
+//! `op_timeout` per outage, not per request, and a server that comes back is used again within
+//! a second. Each state change is logged once and counted.
+//!
+//! # Cross-proxy lock
+//! A lookup is a lease read (`mg <key> v N<ttl>`): on a miss exactly one client in the cluster
+//! is told it won (memcached creates a placeholder), the others see the placeholder
+//! ([`Read::Busy`]) and poll until the winner stores the value or the lease ends.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use memcache::exp::{AsyncMetaClient, MetaClientBuilder, Rendezvous, Router, Ttl};
+use tracing::{debug, info, warn};
+
+use crate::metrics;
+
+/// How often a server whose circuit is open is probed.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The longest relative TTL memcached accepts (longer ones are read as Unix times).
+const MAX_TTL: u32 = 30 * 24 * 3600;
+
+/// `[memcached]` settings the tier needs.
+#[derive(Debug, Clone)]
+pub struct L2Config {
+    pub servers: Vec<String>,
+    pub namespace: String,
+    pub connect_timeout: Duration,
+    pub op_timeout: Duration,
+    pub max_object_bytes: usize,
+    pub pool_size: usize,
+}
+
+struct Server {
+    id: String,
+    client: AsyncMetaClient,
+    /// The circuit: false while the server is considered down.
+    up: AtomicBool,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Read {
+    Hit(Bytes),
+    /// Not there, and this client now holds the cluster-wide lease to fill it.
+    Won,
+    /// Not there; another client holds the lease and is filling it.
+    Busy,
+    /// Not there (lease not requested).
+    Miss,
+    /// The server is down or failed: behave as without L2.
+    Unavailable,
+}
+
+/// The L2 tier client. Cheap to share (`Arc` inside).
+#[derive(Clone)]
+pub struct L2 {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    servers: Vec<Server>,
+    ids: Vec<String>,
+    router: Rendezvous,
+    namespace: String,
+    generation: AtomicU64,
+    op_timeout: Duration,
+    max_object_bytes: usize,
+}
+
+fn transport_failure(e: &memcache::exp::Error) -> bool {
+    use memcache::exp::Error;
+    matches!(e, Error::Io(_) | Error::Timeout { .. } | Error::Ambiguous { .. })
+}
+
+impl L2 {
+    /// Build the clients. Connections are dialled lazily, so a server that is down at start
+    /// only opens its circuit at the first use.
+    pub async fn connect(cfg: &L2Config) -> Result<L2, String> {
+        let mut servers = Vec::with_capacity(cfg.servers.len());
+        for id in &cfg.servers {
+            let client = MetaClientBuilder::new()
+                .connect_timeout(Some(cfg.connect_timeout))
+                .io_timeout(Some(cfg.op_timeout))
+                .max_idle(cfg.pool_size)
+                .connect_async(id.as_str())
+                .await
+                .map_err(|e| format!("memcached server {id}: {e}"))?;
+            servers.push(Server {
+                id: id.clone(),
+                client,
+                up: AtomicBool::new(true),
+            });
+        }
+        let l2 = L2 {
+            inner: Arc::new(Inner {
+                ids: servers.iter().map(|s| s.id.clone()).collect(),
+                servers,
+                router: Rendezvous::new(),
+                namespace: cfg.namespace.clone(),
+                generation: AtomicU64::new(0),
+                op_timeout: cfg.op_timeout,
+                max_object_bytes: cfg.max_object_bytes,
+            }),
+        };
+        Ok(l2)
+    }
+
+    /// Start the generation watcher (needs a tokio runtime).
+    pub fn spawn_background(&self) {
+        let l2 = self.clone();
+        tokio::spawn(async move {
+            loop {
+                l2.refresh_generation().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    pub fn max_object_bytes(&self) -> usize {
+        self.inner.max_object_bytes
+    }
+
+    fn generation_key(&self) -> String {
+        format!("corral/{}/generation", self.inner.namespace)
+    }
+
+    /// Read the namespace generation from memcached; returns the current one.
+    pub async fn refresh_generation(&self) -> u64 {
+        let key = self.generation_key();
+        if let Some(Read::Hit(v)) = self.get_plain(key.as_bytes()).await {
+            if let Some(g) = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                let old = self.inner.generation.swap(g, Ordering::AcqRel);
+                if old != g {
+                    info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation changed");
+                }
+            }
+        }
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// The memcached key of a cache key (its `combined()` hex form).
+    pub fn key(&self, combined: &str) -> String {
+        let mut h = Md5::new();
+        h.update(self.inner.namespace.as_bytes());
+        h.update(b"/");
+        h.update(
+            self.inner
+                .generation
+                .load(Ordering::Acquire)
+                .to_string()
+                .as_bytes(),
+        );
+        h.update(b"/");
+        h.update(combined.as_bytes());
+        hex(&h.finalize())
+    }
+
+    fn server(&self, key: &[u8]) -> &Server {
+        let i = self.inner.router.route(key, &self.inner.ids);
+        &self.inner.servers[i]
+    }
+
+    /// Which configured server holds `key` (for tests and logs).
+    pub fn server_of(&self, key: &str) -> &str {
+        &self.server(key.as_bytes()).id
+    }
+
+    fn failed(&self, server: &Server, op: &'static str, e: &dyn std::fmt::Display) {
+        metrics::L2_ERRORS.with_label_values(&[op]).inc();
+        if server.up.swap(false, Ordering::AcqRel) {
+            warn!(server = %server.id, op, error = %e, "memcached server down: skipping it until it answers again");
+            metrics::L2_SERVERS_DOWN.inc();
+            self.spawn_probe(server.id.clone());
+        }
+    }
+
+    fn spawn_probe(&self, id: String) {
+        let l2 = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                let Some(server) = l2.inner.servers.iter().find(|s| s.id == id) else {
+                    return;
+                };
+                let answered = tokio::time::timeout(l2.inner.op_timeout, server.client.noop())
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if answered {
+                    server.up.store(true, Ordering::Release);
+                    metrics::L2_SERVERS_DOWN.dec();
+                    info!(server = %id, "memcached server is back");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Run `f` against the server of `key`, bounded by `op_timeout`; a transport failure opens
+    /// the circuit. `None` when the server is down or failed.
+    async fn with_server<T, F, Fut>(&self, key: &[u8], op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(AsyncMetaClient) -> Fut,
+        Fut: std::future::Future<Output = memcache::exp::Result<T>>,
+    {
+        let server = self.server(key);
+        if !server.up.load(Ordering::Acquire) {
+            metrics::L2_REQUESTS.with_label_values(&[op, "skipped"]).inc();
+            return None;
+        }
+        match tokio::time::timeout(self.inner.op_timeout, f(server.client.clone())).await {
+            Ok(Ok(v)) => {
+                metrics::L2_REQUESTS.with_label_values(&[op, "ok"]).inc();
+                Some(v)
+            }
+            Ok(Err(e)) if transport_failure(&e) => {
+                self.failed(server, op, &e);
+                None
+            }
+            Ok(Err(e)) => {
+                // the server answered: it is up, the command failed (e.g. item too large)
+                metrics::L2_ERRORS.with_label_values(&[op]).inc();
+                debug!(server = %server.id, op, error = %e, "memcached refused");
+                None
+            }
+            Err(_) => {
+                self.failed(server, op, &"timed out");
+                None
+            }
+        }
+    }
+
+    async fn get_plain(&self, key: &[u8]) -> Option<Read> {
+        let r = self
+            .with_server(key, "get", |c| async move { c.get(key).send().await })
+            .await?;
+        Some(match r.value {
+            Some(v) if r.hit() && !v.is_empty() => Read::Hit(Bytes::from(v)),
+            _ => Read::Miss,
+        })
+    }
+
+    /// Look `key` up; with `lease`, a miss also competes for the cluster-wide fill lease
+    /// (held for `lease` at most).
+    pub async fn get(&self, key: &str, lease: Option<Duration>) -> Read {
+        let k = key.as_bytes();
+        let Some(lease) = lease else {
+            return self.get_plain(k).await.unwrap_or(Read::Unavailable);
+        };
+        let ttl = (lease.as_secs() as u32).clamp(1, MAX_TTL);
+        let Some(r) = self
+            .with_server(k, "get", |c| async move { c.get(k).lease_ttl(ttl).send().await })
+            .await
+        else {
+            return Read::Unavailable;
+        };
+        match (&r.value, r.hit(), r.won_lease(), r.lease_busy()) {
+            (Some(v), true, _, _) if !v.is_empty() => Read::Hit(Bytes::from(v.clone())),
+            (_, _, true, _) => Read::Won,
+            (_, _, _, true) => Read::Busy,
+            _ => Read::Miss,
+        }
+    }
+
+    /// Store `value` under `key` for `ttl`. Errors are logged and counted, never returned.
+    pub async fn set(&self, key: &str, value: Bytes, ttl: Duration) {
+        if value.len() > self.inner.max_object_bytes {
+            return;
+        }
+        let k = key.as_bytes();
+        let ttl = Ttl::secs((ttl.as_secs() as u32).clamp(1, MAX_TTL).into());
+        self.with_server(
+            k,
+            "set",
+            |c| async move { c.set(k, &value[..]).ttl(ttl).send().await },
+        )
+        .await;
+    }
+
+    /// Delete `key` (also a lease placeholder this client holds).
+    pub async fn delete(&self, key: &str) {
+        let k = key.as_bytes();
+        self.with_server(k, "delete", |c| async move { c.delete(k).send().await })
+            .await;
+    }
+
+    /// Whether the server of `key` is currently considered up.
+    pub fn is_up(&self, key: &str) -> bool {
+        self.server(key.as_bytes()).up.load(Ordering::Acquire)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_are_md5_hex_and_depend_on_namespace_and_generation() {
+        let cfg = |ns: &str| L2Config {
+            servers: vec!["127.0.0.1:1".into()],
+            namespace: ns.into(),
+            connect_timeout: Duration::from_millis(10),
+            op_timeout: Duration::from_millis(10),
+            max_object_bytes: 1000,
+            pool_size: 1,
+        };
+        let a = L2::connect(&cfg("site")).await.unwrap();
+        let b = L2::connect(&cfg("other")).await.unwrap();
+        let k = a.key("abc");
+        assert_eq!(k.len(), 32);
+        assert!(k.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(k, b.key("abc"));
+        a.inner.generation.store(1, Ordering::Release);
+        assert_ne!(k, a.key("abc"), "a generation bump changes every key");
+    }
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0, 15, 16, 255]), "000f10ff");
+    }
+}
