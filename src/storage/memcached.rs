@@ -293,7 +293,7 @@ impl L2 {
             return;
         }
         let k = key.as_bytes();
-        let ttl = Ttl::secs((ttl.as_secs() as u32).clamp(1, MAX_TTL).into());
+        let ttl = Ttl::secs((ttl.as_secs() as u32).clamp(1, MAX_TTL));
         self.with_server(
             k,
             "set",
