@@ -61,13 +61,13 @@ impl CacheParts {
     /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
     pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
         let l1: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
-        let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(l1, l2, cfg.cache.lock_timeout)));
         // capacity hint: entries of ~8 KiB on average, per shard
         let per_shard = (cfg.cache.memory_bytes / 8192 / SHARDS).clamp(64, 1 << 16);
-        let eviction = Box::leak(Box::new(lru::Manager::<SHARDS>::with_capacity(
-            cfg.cache.memory_bytes,
-            per_shard,
-        )));
+        let eviction: &'static lru::Manager<SHARDS> = Box::leak(Box::new(
+            lru::Manager::<SHARDS>::with_capacity(cfg.cache.memory_bytes, per_shard),
+        ));
+        let storage: &'static Tiered =
+            Box::leak(Box::new(Tiered::new(l1, eviction, l2, cfg.cache.lock_timeout)));
         // age timeout: a writer that holds the lock this long lets the waiters compete again
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
         let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(
@@ -82,13 +82,19 @@ impl CacheParts {
         }))
     }
 
-    /// Remove every stored variant of the URL with this primary hash, from storage and from
-    /// the eviction manager. Returns how many entries were removed.
-    pub fn remove_url(&self, primary: &HashBinary) -> usize {
-        let removed = self.storage.l1.remove_primary(primary);
+    /// Remove every stored variant of the URL of `key` from L1 and the eviction manager, and
+    /// its primary entry from L2. Returns how many L1 entries were removed.
+    ///
+    /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
+    /// give; those expire on their own (the purge API's bans and tags cover them).
+    pub async fn remove_url(&self, key: &CacheKey) -> usize {
+        let removed = self.storage.l1.remove_primary(&key.primary_bin());
         for compact in &removed {
             self.eviction
                 .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+        }
+        if let Some(l2) = &self.storage.l2 {
+            l2.delete(&l2.key(&key.combined())).await;
         }
         removed.len()
     }
@@ -161,10 +167,8 @@ impl Corral {
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
     /// `Location` / `Content-Location` of the same host.
-    fn invalidate_after_unsafe(&self, ctx: &Ctx, resp: &ResponseHeader) {
-        let mut removed = self
-            .parts
-            .remove_url(&key::for_url(&ctx.host, &ctx.path).primary_bin());
+    async fn invalidate_after_unsafe(&self, ctx: &Ctx, resp: &ResponseHeader) {
+        let mut removed = self.parts.remove_url(&key::for_url(&ctx.host, &ctx.path)).await;
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -177,9 +181,7 @@ impl Corral {
                 .is_none_or(|a| key::normalize_host(a.as_str()) == ctx.host);
             if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
                 if pq.as_str().starts_with('/') {
-                    removed += self
-                        .parts
-                        .remove_url(&key::for_url(&ctx.host, pq.as_str()).primary_bin());
+                    removed += self.parts.remove_url(&key::for_url(&ctx.host, pq.as_str())).await;
                 }
             }
         }
@@ -433,7 +435,7 @@ impl ProxyHttp for Corral {
         }
         let method = &session.req_header().method;
         if !is_safe(method) && (status.is_success() || status.is_redirection()) {
-            self.invalidate_after_unsafe(ctx, upstream_response);
+            self.invalidate_after_unsafe(ctx, upstream_response).await;
         }
         Ok(())
     }

@@ -25,7 +25,7 @@
 //! is told it won (memcached creates a placeholder), the others see the placeholder
 //! ([`Read::Busy`]) and poll until the winner stores the value or the lease ends.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,11 @@ use crate::metrics;
 
 /// How often a server whose circuit is open is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Consecutive timeouts that open a server's circuit. A refused or reset connection opens it
+/// at once; a timeout may be a burst on this side (every pooled connection busy), so it takes
+/// a few in a row. Each request still waits `op_timeout` at most.
+pub const TIMEOUTS_TO_OPEN: u32 = 3;
 
 /// The longest relative TTL memcached accepts (longer ones are read as Unix times).
 const MAX_TTL: u32 = 30 * 24 * 3600;
@@ -58,6 +63,8 @@ struct Server {
     client: AsyncMetaClient,
     /// The circuit: false while the server is considered down.
     up: AtomicBool,
+    /// Timeouts in a row, reset by any answer.
+    timeouts: AtomicU32,
 }
 
 /// What a lookup found.
@@ -90,9 +97,27 @@ struct Inner {
     max_object_bytes: usize,
 }
 
-fn transport_failure(e: &memcache::exp::Error) -> bool {
+/// How a failed exchange bears on the server's health.
+enum Failure {
+    /// The server refused or dropped the connection: it is down.
+    Down,
+    /// No answer in time: down, or just busy.
+    Slow,
+    /// The server answered (e.g. item too large): it is up.
+    Refused,
+}
+
+fn classify(e: &memcache::exp::Error) -> Failure {
     use memcache::exp::Error;
-    matches!(e, Error::Io(_) | Error::Timeout { .. } | Error::Ambiguous { .. })
+    match e {
+        Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Failure::Slow,
+        Error::Io(_) => Failure::Down,
+        Error::Timeout { .. } => Failure::Slow,
+        Error::Ambiguous { source, .. } => classify(source),
+        Error::Server(_) | Error::Rejected(_) => Failure::Refused,
+        // a broken exchange (connection closed mid-answer, garbage): the server is gone
+        _ => Failure::Down,
+    }
 }
 
 impl L2 {
@@ -105,6 +130,8 @@ impl L2 {
                 .connect_timeout(Some(cfg.connect_timeout))
                 .io_timeout(Some(cfg.op_timeout))
                 .max_idle(cfg.pool_size)
+                // a burst queues on the pool instead of dialling one connection per request
+                .max_connections(Some(cfg.pool_size))
                 .connect_async(id.as_str())
                 .await
                 .map_err(|e| format!("memcached server {id}: {e}"))?;
@@ -112,6 +139,7 @@ impl L2 {
                 id: id.clone(),
                 client,
                 up: AtomicBool::new(true),
+                timeouts: AtomicU32::new(0),
             });
         }
         let l2 = L2 {
@@ -191,9 +219,18 @@ impl L2 {
         &self.server(key.as_bytes()).id
     }
 
-    fn failed(&self, server: &Server, op: &'static str, e: &dyn std::fmt::Display) {
+    fn failed(&self, server: &Server, op: &'static str, failure: Failure, e: &dyn std::fmt::Display) {
         metrics::L2_ERRORS.with_label_values(&[op]).inc();
-        if server.up.swap(false, Ordering::AcqRel) {
+        let open = match failure {
+            Failure::Down => true,
+            Failure::Slow => server.timeouts.fetch_add(1, Ordering::AcqRel) + 1 >= TIMEOUTS_TO_OPEN,
+            Failure::Refused => {
+                server.timeouts.store(0, Ordering::Release);
+                debug!(server = %server.id, op, error = %e, "memcached refused");
+                false
+            }
+        };
+        if open && server.up.swap(false, Ordering::AcqRel) {
             warn!(server = %server.id, op, error = %e, "memcached server down: skipping it until it answers again");
             metrics::L2_SERVERS_DOWN.inc();
             self.spawn_probe(server.id.clone());
@@ -212,6 +249,7 @@ impl L2 {
                     .await
                     .is_ok_and(|r| r.is_ok());
                 if answered {
+                    server.timeouts.store(0, Ordering::Release);
                     server.up.store(true, Ordering::Release);
                     metrics::L2_SERVERS_DOWN.dec();
                     info!(server = %id, "memcached server is back");
@@ -235,21 +273,16 @@ impl L2 {
         }
         match tokio::time::timeout(self.inner.op_timeout, f(server.client.clone())).await {
             Ok(Ok(v)) => {
+                server.timeouts.store(0, Ordering::Release);
                 metrics::L2_REQUESTS.with_label_values(&[op, "ok"]).inc();
                 Some(v)
             }
-            Ok(Err(e)) if transport_failure(&e) => {
-                self.failed(server, op, &e);
-                None
-            }
             Ok(Err(e)) => {
-                // the server answered: it is up, the command failed (e.g. item too large)
-                metrics::L2_ERRORS.with_label_values(&[op]).inc();
-                debug!(server = %server.id, op, error = %e, "memcached refused");
+                self.failed(server, op, classify(&e), &e);
                 None
             }
             Err(_) => {
-                self.failed(server, op, &"timed out");
+                self.failed(server, op, Failure::Slow, &"timed out");
                 None
             }
         }
@@ -313,6 +346,17 @@ impl L2 {
     pub fn is_up(&self, key: &str) -> bool {
         self.server(key.as_bytes()).up.load(Ordering::Acquire)
     }
+}
+
+/// `md5_hex(namespace "/" generation "/" combined)`: the memcached key of a cache key.
+pub fn key_for(namespace: &str, generation: u64, combined: &str) -> String {
+    let mut h = Md5::new();
+    h.update(namespace.as_bytes());
+    h.update(b"/");
+    h.update(generation.to_string().as_bytes());
+    h.update(b"/");
+    h.update(combined.as_bytes());
+    hex(&h.finalize())
 }
 
 fn hex(bytes: &[u8]) -> String {

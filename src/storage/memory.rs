@@ -262,7 +262,7 @@ impl MemoryStorage {
     }
 
     /// Remove one variant; returns whether something was removed.
-    fn remove_variant(&self, primary: HashBinary, variance: Option<HashBinary>) -> bool {
+    pub fn remove_variant(&self, primary: HashBinary, variance: Option<HashBinary>) -> bool {
         let mut removed = false;
         if let Some(mut slots) = self.table.get_mut(&primary) {
             if let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) {

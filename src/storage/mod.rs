@@ -20,12 +20,13 @@ pub mod memory;
 pub mod record;
 
 use std::any::Any;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
+use pingora_cache::eviction::{CacheEntryKey, EvictionManager};
 use pingora_cache::key::CacheHashKey;
 use pingora_cache::storage::{
     HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
@@ -43,21 +44,33 @@ use memory::{MemoryStorage, MetaParts};
 /// L1 in front of an optional L2.
 pub struct Tiered {
     pub l1: &'static MemoryStorage,
+    /// L1's eviction manager: promotions from L2 are admitted (and evict) like fills.
+    eviction: &'static (dyn EvictionManager + Sync),
     pub l2: Option<L2>,
     /// How long a lookup waits for another corral's fill (the cross-proxy lock).
     lock_timeout: Duration,
     /// L2 keys whose fill lease this corral won and has not yet filled.
     leases: DashMap<String, ()>,
+    /// One L2 read per key at a time in this corral: concurrent lookups of a key wait here
+    /// and then find the result in L1, so memcached sees one read per key, not one per client.
+    inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     started: Once,
 }
 
 impl Tiered {
-    pub fn new(l1: &'static MemoryStorage, l2: Option<L2>, lock_timeout: Duration) -> Self {
+    pub fn new(
+        l1: &'static MemoryStorage,
+        eviction: &'static (dyn EvictionManager + Sync),
+        l2: Option<L2>,
+        lock_timeout: Duration,
+    ) -> Self {
         Tiered {
             l1,
+            eviction,
             l2,
             lock_timeout,
             leases: DashMap::new(),
+            inflight: DashMap::new(),
             started: Once::new(),
         }
     }
@@ -72,9 +85,39 @@ impl Tiered {
         }
     }
 
-    async fn l2_lookup(&'static self, l2: &L2, key: &CacheKey) -> Result<Option<(CacheMeta, HitHandler)>> {
+    /// L1 missed: read L2, one read per key at a time in this corral.
+    async fn l2_lookup_coalesced(
+        &'static self,
+        l2: &L2,
+        key: &CacheKey,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let mk = l2.key(&key.combined());
         let deadline = tokio::time::Instant::now() + self.lock_timeout;
+        let gate = self.inflight.entry(mk.clone()).or_default().clone();
+        let result = match tokio::time::timeout_at(deadline, gate.clone().lock_owned()).await {
+            // waited as long as a lock waiter may: look up as if there were no L2
+            Err(_) => Ok(None),
+            Ok(_guard) => match self.l1.lookup(key, trace).await? {
+                // the read we waited for found it (or a fill started here meanwhile)
+                Some(hit) => Ok(Some(hit)),
+                None => self.l2_lookup(l2, key, mk.clone(), deadline).await,
+            },
+        };
+        drop(gate);
+        // forget the gate once nobody holds or awaits it (the check runs under the map's lock,
+        // so a lookup that is cloning it right now keeps it)
+        self.inflight.remove_if(&mk, |_, g| Arc::strong_count(g) == 1);
+        result
+    }
+
+    async fn l2_lookup(
+        &'static self,
+        l2: &L2,
+        key: &CacheKey,
+        mk: String,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let mut pause = Duration::from_millis(10);
         let mut waited = false;
         loop {
@@ -130,8 +173,13 @@ impl Tiered {
     /// Put an L2 record into L1 and answer the lookup from there.
     fn promote(&'static self, key: &CacheKey, rec: record::Record) -> Option<(CacheMeta, HitHandler)> {
         let parts = MetaParts::from_meta(&rec.meta);
-        self.l1.insert(key, parts, rec.body.clone());
-        let weight = rec.body.len();
+        let weight = self.l1.insert(key, parts, rec.body.clone());
+        // admitted like a fill, so the memory bound holds for promoted entries too
+        let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
+        for evicted in self.eviction.admit(entry, weight, rec.meta.fresh_until()) {
+            let k = evicted.key();
+            self.l1.remove_variant(k.primary, k.variance_bin());
+        }
         let hit = FromL2 {
             body: rec.body,
             done: false,
@@ -254,7 +302,7 @@ impl Storage for Tiered {
             return Ok(None);
         };
         self.started.call_once(|| l2.spawn_background());
-        self.l2_lookup(l2, key).await
+        self.l2_lookup_coalesced(l2, key, trace).await
     }
 
     async fn lookup_streaming_write(

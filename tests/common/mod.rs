@@ -29,6 +29,8 @@ pub struct Conf {
     pub cache: Vec<String>,
     /// Whole `[[rule]]` tables.
     pub rules: String,
+    /// Lines inside `[memcached]`; the section is written only when there are some.
+    pub memcached: Vec<String>,
 }
 
 impl Conf {
@@ -39,6 +41,18 @@ impl Conf {
     pub fn rules(mut self, toml: &str) -> Self {
         self.rules.push_str(toml);
         self
+    }
+    pub fn memcached(mut self, line: &str) -> Self {
+        self.memcached.push(line.to_string());
+        self
+    }
+    /// Use these memcached servers for L2. The op timeout is raised from the 50 ms default:
+    /// debug builds on a loaded 2-core CI machine are slow, and these tests check behaviour,
+    /// not latency (a refused connection still opens the circuit at once).
+    pub fn servers(self, servers: &[&Memcached]) -> Self {
+        let list: Vec<String> = servers.iter().map(|m| format!("\"{}\"", m.addr)).collect();
+        self.memcached(&format!("servers = [{}]", list.join(", ")))
+            .memcached("op_timeout = \"250ms\"")
     }
 }
 
@@ -63,8 +77,13 @@ impl Proxy {
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nthreads = 2\n\n\
              [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\nread_timeout = \"5s\"\n\n\
-             [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n\n{}",
+             [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n\n{}\n{}",
             conf.cache.join("\n"),
+            if conf.memcached.is_empty() {
+                String::new()
+            } else {
+                format!("[memcached]\n{}\n", conf.memcached.join("\n"))
+            },
             conf.rules
         );
         let path = dir.path().join("corral.toml");
@@ -174,6 +193,132 @@ impl Drop for Proxy {
             );
         }
     }
+}
+
+/// A real memcached on a free loopback port, killed on drop.
+pub struct Memcached {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+/// A port for memcached, below the kernel's ephemeral range (where `free_port` and outgoing
+/// connections get theirs) and never handed out twice by this process: a test that kills its
+/// memcached must not see another test's server appear on the same port.
+fn memcached_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 400) * 25;
+    loop {
+        let port = (base + NEXT.fetch_add(1, Ordering::SeqCst) % 10_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Memcached {
+    pub async fn start() -> Memcached {
+        let addr: SocketAddr = format!("127.0.0.1:{}", memcached_port()).parse().unwrap();
+        let mut m = Memcached { addr, child: None };
+        m.restart().await;
+        m
+    }
+
+    /// Start (again) on the same port, empty.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "memcached already running");
+        let child = Command::new("memcached")
+            .args([
+                "-p",
+                &self.addr.port().to_string(),
+                "-l",
+                "127.0.0.1",
+                "-U",
+                "0",
+                "-u",
+                "root",
+                "-m",
+                "64",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run memcached ({e}): install it with `apt-get install memcached` (.ci/run does)"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "memcached did not start on {}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Kill it (an outage).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send one raw text-protocol command, return the raw answer.
+    pub async fn command(&self, cmd: &[u8], until: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(cmd).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&out).contains(until) {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "memcached closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).to_string()
+    }
+
+    /// Number of items stored.
+    pub async fn items(&self) -> u64 {
+        let stats = self.command(b"stats\r\n", "END\r\n").await;
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("STAT curr_items "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Wait until `cond` holds, checking every 10 ms, at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "not reached in {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of one metric line (`name{labels} value`) in a Prometheus text page, 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// An HTTP client that never uses a system proxy.

@@ -1,0 +1,262 @@
+//! The memcached L2 tier: shared between corral processes, outage-tolerant, and a dogpile lock
+//! across proxies. Real memcached, real corral processes, real origin.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pingora_cache::key::CacheHashKey;
+
+/// Every corral of a site sees the site's Host, whatever address the client dialled.
+const SITE: (&str, &str) = ("host", "www.site.test");
+
+async fn get(url: &str) -> Got {
+    get_with(url, &[SITE]).await
+}
+
+fn cacheable(body: String) -> Reply {
+    Reply::ok(body).header("cache-control", "max-age=60")
+}
+
+/// Wait until `proxy` has stored `n` values in memcached (the L2 write is asynchronous).
+async fn l2_sets(proxy: &Proxy, n: f64) {
+    eventually(Duration::from_secs(5), "L2 writes", || async {
+        metric(
+            &proxy.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= n
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_object_fetched_through_one_corral_is_an_l2_hit_at_another() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/shared", |_| cacheable("shared body".into()));
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+
+    let first = get(&a.url("/shared")).await;
+    assert!(first.cache.contains("fwd=miss; stored"), "{}", first.cache);
+    l2_sets(&a, 1.0).await;
+
+    let at_b = get(&b.url("/shared")).await;
+    assert_eq!(at_b.body, "shared body");
+    assert!(at_b.cache.starts_with("corral; hit; ttl="), "{}", at_b.cache);
+    assert!(at_b.cache.ends_with("detail=l2"), "{}", at_b.cache);
+    assert_eq!(origin.hits("/shared"), 1);
+    // promoted into B's L1: the next hit is local
+    let again = get(&b.url("/shared")).await;
+    assert!(
+        again.cache.starts_with("corral; hit") && !again.cache.contains("l2"),
+        "{}",
+        again.cache
+    );
+}
+
+#[tokio::test]
+async fn two_corrals_with_two_hundred_clients_each_make_one_origin_request() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/stampede", |_| {
+        cacheable("s".repeat(5000)).delay(Duration::from_millis(300))
+    });
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let url = if i % 2 == 0 {
+            a.url("/stampede")
+        } else {
+            b.url("/stampede")
+        };
+        let req = c.get(url).header(SITE.0, SITE.1);
+        tasks.push(tokio::spawn(async move { send(req, &[]).await }));
+    }
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!((g.status, g.body.len()), (200, 5000), "{}", g.cache);
+    }
+    assert_eq!(
+        origin.hits("/stampede"),
+        1,
+        "one upstream fetch for 2 proxies × 200 clients"
+    );
+}
+
+#[tokio::test]
+async fn memcached_dying_under_load_fails_no_request_and_is_used_again_when_back() {
+    let mut mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    for i in 0..100 {
+        origin.route(&format!("/load/{i}"), move |_| cacheable(format!("item {i}")));
+    }
+    // an L1 far smaller than the working set: most requests need L2
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .cache("memory_bytes = \"8KiB\"")
+        .cache("max_object_bytes = \"4KiB\"");
+    let a = Proxy::start(origin.addr, conf).await;
+    let c = client();
+    let mut failures = 0;
+    for round in 0..20 {
+        if round == 5 {
+            mc.stop();
+        }
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let req = c.get(a.url(&format!("/load/{i}"))).header(SITE.0, SITE.1);
+                tokio::spawn(async move { send(req, &[]).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let g = t.await.unwrap();
+            if g.status != 200 || g.body != format!("item {i}") {
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(
+        failures, 0,
+        "2,000 requests, memcached killed after 500: none failed"
+    );
+    let m = a.metrics().await;
+    assert!(
+        metric(&m, "corral_l2_lookups_total{result=\"hit\"}") >= 1.0,
+        "L2 served while it was up: {m}"
+    );
+    assert!(
+        metric(&m, "corral_l2_servers_down") >= 1.0,
+        "the outage was noticed: {m}"
+    );
+    // evictions run right after each admission, in the background
+    eventually(
+        Duration::from_secs(3),
+        "promotions respect the L1 bound",
+        || async { metric(&a.metrics().await, "corral_l1_bytes") <= 8192.0 },
+    )
+    .await;
+
+    mc.restart().await;
+    eventually(Duration::from_secs(3), "circuit closes", || async {
+        metric(&a.metrics().await, "corral_l2_servers_down") == 0.0
+    })
+    .await;
+    origin.route("/after", |_| cacheable("after".into()));
+    get(&a.url("/after")).await;
+    eventually(Duration::from_secs(5), "new fills reach memcached", || async {
+        mc.items().await >= 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_corrupted_value_in_memcached_is_a_miss_never_served() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/victim", |_| cacheable("the real body".into()));
+    let a = Proxy::start(
+        origin.addr,
+        Conf::default().servers(&[&mc]).memcached("namespace = \"t\""),
+    )
+    .await;
+    let combined = corral::key::for_url(SITE.1, "/victim").combined();
+    let mk = corral::storage::memcached::key_for("t", 0, &combined);
+    for (round, garbage) in [
+        &b"CRRL\x01\x00\x00\x00\x09truncated"[..],
+        b"hello, not a corral record",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut cmd = format!("set {mk} 0 60 {}\r\n", garbage.len()).into_bytes();
+        cmd.extend_from_slice(garbage);
+        cmd.extend_from_slice(b"\r\n");
+        assert!(mc.command(&cmd, "\r\n").await.contains("STORED"));
+        let g = get(&a.url("/victim")).await;
+        assert_eq!(g.body, "the real body");
+        assert!(g.cache.contains("fwd=miss"), "{}", g.cache);
+        // the good copy reaches memcached, then a POST removes it from L1 and L2
+        l2_sets(&a, round as f64 + 1.0).await;
+        send(client().post(a.url("/victim")), &[SITE]).await;
+    }
+    let m = a.metrics().await;
+    assert_eq!(metric(&m, "corral_l2_lookups_total{result=\"corrupt\"}"), 2.0);
+}
+
+#[tokio::test]
+async fn a_successful_post_removes_the_url_from_l2_too() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/doc", |s| cacheable(format!("v{}", s.n)));
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    assert_eq!(get(&a.url("/doc")).await.body, "v1");
+    l2_sets(&a, 1.0).await;
+    send(client().post(a.url("/doc")), &[SITE]).await; // the origin counts it: v2
+    let at_b = get(&b.url("/doc")).await;
+    assert_eq!(at_b.body, "v3", "B does not get the copy the POST invalidated");
+}
+
+#[tokio::test]
+async fn objects_over_the_l2_limit_stay_in_l1() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/large", |_| cacheable("L".repeat(20 * 1024)));
+    origin.route("/small", |_| cacheable("s".repeat(1024)));
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .memcached("max_object_bytes = \"10KiB\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    get(&a.url("/large")).await;
+    get(&a.url("/small")).await;
+    l2_sets(&a, 1.0).await;
+    assert!(
+        get(&a.url("/large")).await.cache.starts_with("corral; hit"),
+        "still an L1 hit at A"
+    );
+    assert!(
+        get(&b.url("/large")).await.cache.contains("fwd=miss"),
+        "never reached memcached"
+    );
+    assert!(get(&b.url("/small")).await.cache.ends_with("detail=l2"));
+    assert_eq!(origin.hits("/large"), 2);
+    assert_eq!(origin.hits("/small"), 1);
+}
+
+#[tokio::test]
+async fn keys_spread_over_servers_and_one_down_leaves_the_other_serving() {
+    let mc1 = Memcached::start().await;
+    let mut mc2 = Memcached::start().await;
+    let origin = Origin::start().await;
+    for i in 0..40 {
+        origin.route(&format!("/spread/{i}"), move |_| cacheable(format!("v{i}")));
+    }
+    let conf = Conf::default().servers(&[&mc1, &mc2]);
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    for i in 0..40 {
+        get(&a.url(&format!("/spread/{i}"))).await;
+    }
+    l2_sets(&a, 40.0).await;
+    let (n1, n2) = (mc1.items().await, mc2.items().await);
+    assert_eq!(n1 + n2, 40);
+    assert!(n1 >= 5 && n2 >= 5, "keys are spread: {n1} / {n2}");
+
+    mc2.stop();
+    let mut from_l2 = 0;
+    for i in 0..40 {
+        let g = get(&b.url(&format!("/spread/{i}"))).await;
+        assert_eq!((g.status, g.body.clone()), (200, format!("v{i}")));
+        if g.cache.ends_with("detail=l2") {
+            from_l2 += 1;
+        }
+    }
+    assert_eq!(from_l2 as u64, n1, "the live server still serves its share");
+}
