@@ -43,6 +43,35 @@ taskset -c 0 target/release/corral -c "$dir/corral.toml" >"$dir/corral.log" 2>&1
 pids+=($!)
 wait_port "$origin_port"; wait_port "$proxy_port"
 
+# L2: when memcached is installed, a second corral whose L1 (1 KiB) cannot hold the object,
+# so every request is an L2 hit from memcached (memcached pinned to CPU 0 with it)
+l2_port=0
+if command -v memcached >/dev/null; then
+  mc_port=$(free_port); l2_port=$(free_port); l2_admin=$(free_port)
+  taskset -c 0 memcached -p "$mc_port" -l 127.0.0.1 -U 0 -u root -t 1 >"$dir/memcached.log" 2>&1 &
+  pids+=($!)
+  cat >"$dir/corral-l2.toml" <<L2CONF
+[server]
+listen = "127.0.0.1:$l2_port"
+admin = "127.0.0.1:$l2_admin"
+threads = 1
+[upstream]
+address = "127.0.0.1:$origin_port"
+[cache]
+memory_bytes = "1KiB"
+max_object_bytes = "1KiB"
+[memcached]
+servers = ["127.0.0.1:$mc_port"]
+[log]
+level = "warn"
+access_log = false
+L2CONF
+  wait_port "$mc_port"
+  taskset -c 0 target/release/corral -c "$dir/corral-l2.toml" >"$dir/corral-l2.log" 2>&1 &
+  pids+=($!)
+  wait_port "$l2_port"
+fi
+
 path="/bench?size=$SIZE"
 
 # nginx, when installed: the same bytes as a static file, and proxy_cache hits in front of the
@@ -97,6 +126,15 @@ echo "wrk: ${DURATION}s, $CONNS connections, ${SIZE}-byte body; server on CPU 0,
 origin_rps=$(run "origin direct" "http://127.0.0.1:$origin_port$path")
 hit_rps=$(run "corral cache hits" "http://127.0.0.1:$proxy_port$path")
 python3 -c "print(f'ratio corral hits / origin direct: {$hit_rps / $origin_rps:.2f}x')"
+if [ "$l2_port" != 0 ]; then
+  l2_url="http://127.0.0.1:$l2_port/l2?size=$SIZE"
+  curl -sf -o /dev/null "$l2_url"   # fills memcached (and cannot stay in the 1 KiB L1)
+  sleep 0.5                          # the L2 write is asynchronous
+  status=$(curl -sf -D - -o /dev/null "$l2_url" | tr -d '\r' | grep -i '^cache-status' || true)
+  echo "L2 warm-up: $status" >&2
+  l2_rps=$(run "corral L2 hits" "$l2_url")
+  python3 -c "print(f'ratio corral L2 hits / L1 hits: {$l2_rps / $hit_rps:.2f}x; L2 hits / origin direct: {$l2_rps / $origin_rps:.2f}x')"
+fi
 if [ "$nginx_port" != 0 ]; then
   static_rps=$(run "nginx static file" "http://127.0.0.1:$nginx_port$path")
   ncache_rps=$(run "nginx proxy_cache hits" "http://127.0.0.1:$nginx_cache_port$path")

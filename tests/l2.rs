@@ -204,6 +204,28 @@ async fn a_successful_post_removes_the_url_from_l2_too() {
 }
 
 #[tokio::test]
+async fn grace_works_from_l2() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/graceful", |s| {
+        Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=1")
+    });
+    let conf = Conf::default().servers(&[&mc]).cache("grace = \"30s\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a.url("/graceful")).await.body, "v1");
+    l2_sets(&a, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // stale now, within grace
+    let stale = get(&b.url("/graceful")).await;
+    assert_eq!(stale.body, "v1", "B serves the stale copy it found in L2");
+    assert!(stale.cache.starts_with("corral; hit; ttl=-"), "{}", stale.cache);
+    eventually(Duration::from_secs(5), "one background refresh", || async {
+        origin.hits("/graceful") == 2
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn objects_over_the_l2_limit_stay_in_l1() {
     let mc = Memcached::start().await;
     let origin = Origin::start().await;
