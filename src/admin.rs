@@ -1,7 +1,8 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/stats` (JSON).
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/stats` (JSON), and the
+//! purge endpoints `POST /purge` (a batch) and `POST /purge/all`.
 //!
-//! It binds to loopback by default (`server.admin`). Purge and cache-control endpoints, with
-//! their allow-list, come with the purge API.
+//! It binds to loopback by default (`server.admin`); the purge endpoints also require the
+//! `[purge]` allow-list and token, like purges on the proxy listener.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -9,12 +10,17 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
 use crate::metrics;
-use crate::proxy::CacheParts;
+use crate::proxy::{json_string, CacheParts};
+use crate::purge::{Batch, Purge, Target};
 
 pub struct Admin {
     pub parts: &'static CacheParts,
     pub memory_bytes: usize,
+    pub access: crate::purge::Access,
 }
+
+/// The largest batch body accepted.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u8>> {
     let body = body.into_bytes();
@@ -30,7 +36,11 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let post = session.req_header().method == http::Method::POST;
         self.parts.publish_gauges();
+        if post && (path == "/purge" || path == "/purge/all") {
+            return self.purge(session, &path).await;
+        }
         match path.as_str() {
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render()),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -47,5 +57,95 @@ impl ServeHttp for Admin {
             }
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
+    }
+}
+
+impl Admin {
+    async fn purge(&self, session: &mut ServerSession, path: &str) -> Response<Vec<u8>> {
+        let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let auth = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !self.access.permits(ip, auth) {
+            metrics::PURGES.with_label_values(&["-", "refused"]).inc();
+            tracing::warn!(source = ?ip, path, "admin purge refused: source or token not allowed");
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "application/json",
+                "{\"error\":\"not allowed\"}\n".into(),
+            );
+        }
+        let purges = if path == "/purge/all" {
+            vec![Purge {
+                target: Target::All,
+                soft: false,
+            }]
+        } else {
+            let mut body = Vec::new();
+            loop {
+                match session.read_request_body().await {
+                    Ok(Some(chunk)) => {
+                        body.extend_from_slice(&chunk);
+                        if body.len() > MAX_BATCH_BYTES {
+                            return reply(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "application/json",
+                                "{\"error\":\"batch over 1 MiB\"}\n".into(),
+                            );
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let msg = format!("{{\"error\":{}}}\n", json_string(&e.to_string()));
+                        return reply(StatusCode::BAD_REQUEST, "application/json", msg);
+                    }
+                }
+            }
+            match Batch::parse(&body) {
+                Ok(p) => p,
+                Err(e) => {
+                    metrics::PURGES.with_label_values(&["-", "invalid"]).inc();
+                    tracing::warn!(source = ?ip, error = %e, "admin purge batch refused: nothing purged");
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        "application/json",
+                        format!("{{\"error\":{}}}\n", json_string(&e)),
+                    );
+                }
+            }
+        };
+        let mut counts: std::collections::BTreeMap<&'static str, usize> = Default::default();
+        let mut l2_failed = 0;
+        for p in &purges {
+            let (n, l2_ok) = self.parts.apply(p).await;
+            if !l2_ok {
+                l2_failed += 1;
+                metrics::PURGES.with_label_values(&[p.kind(), "l2-failed"]).inc();
+                tracing::error!(
+                    kind = p.kind(),
+                    "purge applied locally but memcached could not be reached"
+                );
+                continue;
+            }
+            *counts.entry(p.kind()).or_default() += n;
+            metrics::PURGES.with_label_values(&[p.kind(), "ok"]).inc();
+            tracing::info!(kind = p.kind(), soft = p.soft, purged = n, source = ?ip, "purge accepted (admin)");
+        }
+        let body = counts
+            .iter()
+            .map(|(k, n)| format!("\"{k}\":{n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        if l2_failed > 0 {
+            let msg = format!("{{\"error\":\"memcached unavailable: {l2_failed} purges applied locally only, retry\",\"purged\":{{{body}}}}}\n");
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", msg);
+        }
+        reply(
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"purged\":{{{body}}},\"accepted\":{}}}\n", purges.len()),
+        )
     }
 }

@@ -51,6 +51,8 @@ struct FileConfig {
     log: LogFile,
     #[serde(default)]
     memcached: MemcachedFile,
+    #[serde(default)]
+    purge: PurgeFile,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleFile>,
 }
@@ -179,6 +181,28 @@ impl Default for MemcachedFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PurgeFile {
+    allow: Vec<String>,
+    token: String,
+    host_map: std::collections::BTreeMap<String, String>,
+    default_host: String,
+    strip_tag_headers: bool,
+}
+
+impl Default for PurgeFile {
+    fn default() -> Self {
+        PurgeFile {
+            allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            token: String::new(),
+            host_map: Default::default(),
+            default_host: String::new(),
+            strip_tag_headers: true,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 struct RuleFile {
@@ -233,6 +257,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub purge: PurgeConfig,
     /// The L2 tier; `None` = L1 only.
     pub memcached: Option<crate::storage::memcached::L2Config>,
     /// Ordered; the first rule that matches a request decides.
@@ -274,6 +299,30 @@ pub struct CacheConfig {
 pub struct LogConfig {
     pub level: String,
     pub access_log: bool,
+}
+
+/// `[purge]`: who may purge and which site a purge applies to.
+#[derive(Debug, Clone)]
+pub struct PurgeConfig {
+    pub access: crate::purge::Access,
+    /// Purge `Host` (as sent, lower-case, with port) → the site's host. Plone and Magento send
+    /// purges to the proxy's own address.
+    pub host_map: std::collections::BTreeMap<String, String>,
+    /// The site a purge applies to when `host_map` has no entry; empty = the purge's `Host`.
+    pub default_host: Option<String>,
+    /// Remove tag headers (xkey, Surrogate-Key, ...) from client responses.
+    pub strip_tag_headers: bool,
+}
+
+impl PurgeConfig {
+    /// The site host a purge sent with `host` applies to.
+    pub fn site_for(&self, host: &str) -> String {
+        self.host_map
+            .get(host)
+            .cloned()
+            .or_else(|| self.default_host.clone())
+            .map_or_else(|| host.to_string(), |h| crate::key::normalize_host(&h))
+    }
 }
 
 /// Per-route policy (`[[rule]]`), like a dogpile.cache region: first match wins.
@@ -327,12 +376,17 @@ impl Config {
         file.validate(source)
     }
 
-    /// Read `path`, validate it, and check that every listen address can be bound.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Read `path` and validate it (no socket is touched).
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
         let source = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(&source, "-", format!("cannot read: {e}")))?;
-        let cfg = Config::from_str(&text, &source)?;
+        Config::from_str(&text, &source)
+    }
+
+    /// Read `path`, validate it, and check that every listen address can be bound.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let cfg = Config::read(path)?;
         cfg.check_bindable()?;
         Ok(cfg)
     }
@@ -342,15 +396,34 @@ impl Config {
         Config::from_str(DEFAULT_CONFIG, "<embedded default>").expect("the embedded default config is valid")
     }
 
+    /// For `--check`: every listen address must be one this machine has. "In use" is accepted:
+    /// the running corral may hold it while its next config is checked.
+    pub fn check_addresses(&self) -> Result<(), ConfigError> {
+        self.bind_each(true)
+    }
+
     /// Bind and release each listen address, so a bad one fails before Pingora starts.
     pub fn check_bindable(&self) -> Result<(), ConfigError> {
+        self.bind_each(false)
+    }
+
+    fn bind_each(&self, in_use_is_fine: bool) -> Result<(), ConfigError> {
         let mut addrs = vec![("server.listen", self.server.listen)];
         if let Some(admin) = self.server.admin {
             addrs.push(("server.admin", admin));
         }
         for (key, addr) in addrs {
-            TcpListener::bind(addr)
-                .map_err(|e| ConfigError::new(&self.source, key, format!("cannot bind {addr}: {e}")))?;
+            match TcpListener::bind(addr) {
+                Ok(_) => {}
+                Err(e) if in_use_is_fine && e.kind() == std::io::ErrorKind::AddrInUse => {}
+                Err(e) => {
+                    return Err(ConfigError::new(
+                        &self.source,
+                        key,
+                        format!("cannot bind {addr}: {e}"),
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -359,6 +432,10 @@ impl Config {
     pub fn rule_for(&self, host: &str, path: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.matches(host, path))
     }
+}
+
+fn key_host(h: &str) -> String {
+    crate::key::normalize_host(h)
 }
 
 fn resolve(source: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -487,6 +564,40 @@ impl FileConfig {
             })
         };
 
+        let p = self.purge;
+        let mut allow = Vec::with_capacity(p.allow.len());
+        for (i, net) in p.allow.iter().enumerate() {
+            let parsed = net
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(
+                        source,
+                        format!("purge.allow[{i}]"),
+                        format!("{net:?} is not a CIDR like 10.0.0.0/8"),
+                    )
+                })?;
+            allow.push(parsed);
+        }
+        if p.token.contains(char::is_whitespace) {
+            return err("purge.token", "must not contain spaces".into());
+        }
+        let purge = PurgeConfig {
+            access: crate::purge::Access {
+                allow,
+                token: Some(p.token).filter(|t| !t.is_empty()),
+            },
+            host_map: p
+                .host_map
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), key_host(&v)))
+                .collect(),
+            default_host: Some(p.default_host)
+                .filter(|h| !h.is_empty())
+                .map(|h| key_host(&h)),
+            strip_tag_headers: p.strip_tag_headers,
+        };
+
         let mut rules = Vec::with_capacity(self.rules.len());
         for (i, r) in self.rules.into_iter().enumerate() {
             let at = |field: &str| format!("rule[{i}].{field}");
@@ -552,6 +663,7 @@ impl FileConfig {
                 access_log: self.log.access_log,
             },
             memcached,
+            purge,
             rules,
         })
     }
@@ -670,6 +782,30 @@ mod tests {
         assert_eq!(e.key, "memcached.namespace");
         let e = parse("[memcached]\nservers = [\"a:1\"]\nop_timeout = \"0ms\"\n").unwrap_err();
         assert_eq!(e.key, "memcached.op_timeout");
+    }
+
+    #[test]
+    fn purge_section() {
+        let c = parse("").unwrap();
+        assert!(
+            c.purge.access.permits(Some("127.0.0.1".parse().unwrap()), None),
+            "loopback by default"
+        );
+        assert!(
+            !c.purge.access.permits(Some("10.0.0.1".parse().unwrap()), None),
+            "nobody else"
+        );
+        let c = parse("[purge]\nallow = [\"10.0.0.0/8\", \"192.0.2.7\"]\ntoken = \"t\"\nhost_map = { \"cache1:6081\" = \"WWW.example.org\" }\n").unwrap();
+        assert!(c
+            .purge
+            .access
+            .permits(Some("192.0.2.7".parse().unwrap()), Some("Bearer t")));
+        assert_eq!(c.purge.site_for("cache1:6081"), "www.example.org");
+        assert_eq!(c.purge.site_for("other"), "other");
+        assert_eq!(
+            parse("[purge]\nallow = [\"everyone\"]\n").unwrap_err().key,
+            "purge.allow[0]"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory)
 //! - [`proxy`]: `impl ProxyHttp`, glue only
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
-//! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`)
+//! - [`purge`]: purge requests of every client shape → one `Purge`; bans and tag records
+//! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`, `POST /purge`, `POST /purge/all`)
 //! - [`metrics`]: every Prometheus metric
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod key;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod purge;
 pub mod storage;
 
 use std::sync::Arc;
@@ -82,6 +84,7 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
             admin::Admin {
                 parts,
                 memory_bytes: cfg.cache.memory_bytes,
+                access: cfg.purge.access.clone(),
             },
         );
         admin.add_tcp(&admin_addr.to_string());

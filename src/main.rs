@@ -25,13 +25,18 @@ struct Opt {
 
 fn main() -> ExitCode {
     let opt = Opt::parse();
-    let loaded = match &opt.config {
-        Some(path) => Config::load(path),
-        None => {
-            let cfg = Config::embedded_default();
-            cfg.check_bindable().map(|()| cfg)
-        }
+    let read = match &opt.config {
+        Some(path) => Config::read(path),
+        None => Ok(Config::embedded_default()),
     };
+    let loaded = read.and_then(|cfg| {
+        if opt.check {
+            cfg.check_addresses()
+        } else {
+            cfg.check_bindable()
+        }
+        .map(|()| cfg)
+    });
     let cfg = match loaded {
         Ok(cfg) => cfg,
         Err(e) => {

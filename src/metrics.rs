@@ -79,7 +79,7 @@ pub fn for_outcome(label: &'static str) -> &'static OutcomeMetrics {
         crate::cache_status::Outcome::ALL
             .iter()
             .map(|o| o.as_str())
-            .chain(["error"])
+            .chain(["error", "purge"])
             .map(|l| (l, &*Box::leak(Box::new(resolve(l)))))
             .collect()
     });
@@ -128,6 +128,17 @@ pub static L2_SERVERS_DOWN: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "corral_l2_servers_down",
         "memcached servers currently skipped as down"
+    )
+    .expect("metric registers once")
+});
+
+/// Purge requests by kind (`url`, `ban`, `tags`, `tag-pattern`, `all`) and result
+/// (`ok`, `refused` = not allowed, `invalid` = malformed).
+pub static PURGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_purges_total",
+        "Purge requests, by kind and result",
+        &["kind", "result"]
     )
     .expect("metric registers once")
 });

@@ -41,6 +41,7 @@ use crate::config::Config;
 use crate::key;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
+use crate::purge::{self, Purge, Target, Validity};
 use crate::storage::memcached::L2;
 use crate::storage::memory::MemoryStorage;
 use crate::storage::{FromL2, Tiered};
@@ -52,6 +53,8 @@ const SHARDS: usize = 16;
 /// `&'static` for all of it).
 pub struct CacheParts {
     pub storage: &'static Tiered,
+    /// Bans and tag purges, checked on every hit.
+    pub validity: &'static Validity,
     pub eviction: &'static lru::Manager<SHARDS>,
     pub lock: &'static CacheKeyLockImpl,
     pub predictor: &'static Predictor<SHARDS>,
@@ -76,6 +79,7 @@ impl CacheParts {
         )));
         Box::leak(Box::new(CacheParts {
             storage,
+            validity: Box::leak(Box::new(Validity::default())),
             eviction,
             lock,
             predictor,
@@ -83,20 +87,58 @@ impl CacheParts {
     }
 
     /// Remove every stored variant of the URL of `key` from L1 and the eviction manager, and
-    /// its primary entry from L2. Returns how many L1 entries were removed.
+    /// its primary entry from L2. Returns how many L1 entries were removed, and whether L2
+    /// (if any) confirmed the removal.
     ///
     /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
     /// give; those expire on their own (the purge API's bans and tags cover them).
-    pub async fn remove_url(&self, key: &CacheKey) -> usize {
+    pub async fn remove_url(&self, key: &CacheKey) -> (usize, bool) {
         let removed = self.storage.l1.remove_primary(&key.primary_bin());
         for compact in &removed {
             self.eviction
                 .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
         }
-        if let Some(l2) = &self.storage.l2 {
-            l2.delete(&l2.key(&key.combined())).await;
+        let l2_ok = match &self.storage.l2 {
+            Some(l2) => l2.delete(&l2.key(&key.combined())).await,
+            None => true,
+        };
+        (removed.len(), l2_ok)
+    }
+
+    /// Apply a purge to this corral's L1, its validity records, and L2. Returns how many L1
+    /// entries it removed or marked stale right away (bans and tag purges act lazily: 0), and
+    /// whether L2 took it (false: memcached could not be reached, the purge must be retried).
+    pub async fn apply(&self, purge: &Purge) -> (usize, bool) {
+        match &purge.target {
+            Target::Url { host, path } => {
+                let key = key::for_url(host, path);
+                if purge.soft {
+                    let n = self.storage.l1.expire_primary(&key.primary_bin());
+                    // other corrals refetch it (one of them at a time, through the L2 lease)
+                    let l2_ok = match &self.storage.l2 {
+                        Some(l2) => l2.delete(&l2.key(&key.combined())).await,
+                        None => true,
+                    };
+                    (n, l2_ok)
+                } else {
+                    self.remove_url(&key).await
+                }
+            }
+            Target::Ban(_) | Target::Tags(_) | Target::TagPattern { .. } => {
+                self.validity.record(purge, purge::now_stamp());
+                (0, true)
+            }
+            Target::All => {
+                let n = self.storage.l1.stats().entries;
+                self.validity.invalidate_all_before(purge::now_stamp());
+                self.storage.l1.clear();
+                let l2_ok = match &self.storage.l2 {
+                    Some(l2) => l2.bump_generation().await.is_some(),
+                    None => true,
+                };
+                (n, l2_ok)
+            }
         }
-        removed.len()
     }
 
     /// Refresh the L1 gauges from storage and the eviction manager.
@@ -131,6 +173,8 @@ pub struct Ctx {
     by_request: bool,
     /// The hit came from L2 (memcached).
     from_l2: bool,
+    /// This request was a purge (answered by corral itself).
+    purge: Option<&'static str>,
     /// `response_cache_filter` decided to store the response.
     storing: bool,
     upstream_started: Option<Instant>,
@@ -168,7 +212,7 @@ impl Corral {
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
     /// `Location` / `Content-Location` of the same host.
     async fn invalidate_after_unsafe(&self, ctx: &Ctx, resp: &ResponseHeader) {
-        let mut removed = self.parts.remove_url(&key::for_url(&ctx.host, &ctx.path)).await;
+        let mut removed = self.parts.remove_url(&key::for_url(&ctx.host, &ctx.path)).await.0;
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -181,7 +225,11 @@ impl Corral {
                 .is_none_or(|a| key::normalize_host(a.as_str()) == ctx.host);
             if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
                 if pq.as_str().starts_with('/') {
-                    removed += self.parts.remove_url(&key::for_url(&ctx.host, pq.as_str())).await;
+                    removed += self
+                        .parts
+                        .remove_url(&key::for_url(&ctx.host, pq.as_str()))
+                        .await
+                        .0;
                 }
             }
         }
@@ -189,6 +237,59 @@ impl Corral {
             metrics::INVALIDATIONS.inc_by(removed as u64);
             debug!(host = %ctx.host, path = %ctx.path, removed, "invalidated by unsafe method");
         }
+    }
+
+    /// Answer a purge request (any verb of [`purge::is_purge_method`]).
+    async fn handle_purge(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let req = session.req_header();
+        let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let auth = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let method = req.method.to_string();
+        ctx.purge = Some("refused");
+        if !self.cfg.purge.access.permits(ip, auth) {
+            metrics::PURGES.with_label_values(&["-", "refused"]).inc();
+            tracing::warn!(source = ?ip, %method, host = %ctx.host, path = %ctx.path, "purge refused: source or token not allowed");
+            return respond_json(
+                session,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{\"error\":\"not allowed\"}\n".into(),
+            )
+            .await;
+        }
+        let site = self.cfg.purge.site_for(&ctx.host);
+        let purge = match purge::parse(session.req_header(), &site, &ctx.path) {
+            Ok(p) => p,
+            Err(e) => {
+                metrics::PURGES.with_label_values(&["-", "invalid"]).inc();
+                tracing::warn!(source = ?ip, %method, path = %ctx.path, error = %e, "purge refused: malformed");
+                let body = format!("{{\"error\":{}}}\n", json_string(&e.to_string()));
+                return respond_json(session, StatusCode::BAD_REQUEST, body).await;
+            }
+        };
+        let (purged, l2_ok) = self.parts.apply(&purge).await;
+        ctx.purge = Some(purge.kind());
+        if !l2_ok {
+            // never acknowledge a purge that other corrals may not see: the client retries
+            metrics::PURGES
+                .with_label_values(&[purge.kind(), "l2-failed"])
+                .inc();
+            tracing::error!(kind = purge.kind(), site = %site, path = %ctx.path, purged, "purge applied locally but memcached could not be reached: answered 503");
+            let body = format!(
+                "{{\"error\":\"memcached unavailable: purged locally only, retry\",\"purged\":{purged}}}\n"
+            );
+            return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
+        }
+        metrics::PURGES.with_label_values(&[purge.kind(), "ok"]).inc();
+        info!(kind = purge.kind(), soft = purge.soft, %method, site = %site, path = %ctx.path, purged, source = ?ip, "purge accepted");
+        let body = format!(
+            "{{\"purged\":{purged},\"kind\":\"{}\",\"soft\":{}}}\n",
+            purge.kind(),
+            purge.soft
+        );
+        respond_json(session, StatusCode::OK, body).await
     }
 
     fn cache_status(&self, session: &Session, ctx: &Ctx) -> CacheStatus {
@@ -267,6 +368,31 @@ fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
         .collect()
 }
 
+async fn respond_json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(Bytes::from(body)), true).await
+}
+
+/// `s` as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn is_safe(method: &Method) -> bool {
     matches!(
         *method,
@@ -295,6 +421,7 @@ impl ProxyHttp for Corral {
             bypass: None,
             by_request: false,
             from_l2: false,
+            purge: None,
             storing: false,
             upstream_started: None,
             upstream_header_time: None,
@@ -311,6 +438,11 @@ impl ProxyHttp for Corral {
         let (policy, rule) = self.effective(&ctx.host, &ctx.path);
         ctx.policy = policy;
         ctx.directives = RequestDirectives::parse(req);
+        if purge::is_purge_method(&req.method) {
+            self.handle_purge(session, ctx).await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         ctx.bypass = if rule.is_some_and(|r| r.bypass) {
             Some("rule")
         } else if !matches!(req.method, Method::GET | Method::HEAD) {
@@ -357,6 +489,10 @@ impl ProxyHttp for Corral {
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = hit_handler.as_any().is::<FromL2>();
+        // bans and tag purges newer than this entry
+        if let Some(verdict) = self.parts.validity.verdict(&ctx.host, &ctx.path, meta) {
+            return Ok(Some(verdict));
+        }
         if self.cfg.cache.honor_client_no_cache
             && ctx
                 .directives
@@ -492,11 +628,19 @@ impl ProxyHttp for Corral {
             .map_err(|_| Error::explain(ErrorType::InternalError, "invalid cache-status"))?;
         resp.insert_header("cache-status", value)?;
         ctx.status = Some(status);
+        if self.cfg.purge.strip_tag_headers {
+            for (name, _) in purge::TAG_HEADERS {
+                resp.remove_header(name);
+            }
+        }
         Ok(())
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
-        let outcome = ctx.status.map_or("error", |s| s.outcome.as_str());
+        let outcome = match ctx.purge {
+            Some(_) => "purge",
+            None => ctx.status.map_or("error", |s| s.outcome.as_str()),
+        };
         let elapsed = ctx.started.elapsed();
         let m = metrics::for_outcome(outcome);
         m.requests.inc();

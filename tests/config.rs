@@ -119,6 +119,17 @@ fn a_bad_config_binds_nothing() {
 }
 
 #[test]
+fn check_accepts_a_port_in_use_by_the_running_server() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (out, _) = with_file(
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"\"\n"),
+        &["--check"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn a_listen_port_already_taken_is_refused_before_starting() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();

@@ -114,9 +114,10 @@ fn classify(e: &memcache::exp::Error) -> Failure {
         Error::Io(_) => Failure::Down,
         Error::Timeout { .. } => Failure::Slow,
         Error::Ambiguous { source, .. } => classify(source),
-        Error::Server(_) | Error::Rejected(_) => Failure::Refused,
         // a broken exchange (connection closed mid-answer, garbage): the server is gone
-        _ => Failure::Down,
+        Error::Protocol(_) => Failure::Down,
+        // the server answered, or the command never left: the server is fine
+        _ => Failure::Refused,
     }
 }
 
@@ -156,15 +157,9 @@ impl L2 {
         Ok(l2)
     }
 
-    /// Start the generation watcher (needs a tokio runtime).
-    pub fn spawn_background(&self) {
-        let l2 = self.clone();
-        tokio::spawn(async move {
-            loop {
-                l2.refresh_generation().await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
+    /// The namespace generation this corral currently uses.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     pub fn max_object_bytes(&self) -> usize {
@@ -175,38 +170,52 @@ impl L2 {
         format!("corral/{}/generation", self.inner.namespace)
     }
 
-    /// Read the namespace generation from memcached; returns the current one.
-    pub async fn refresh_generation(&self) -> u64 {
+    /// Read the namespace generation from memcached and adopt it. Returns `(old, new)`; equal
+    /// when nothing changed or memcached could not be read.
+    pub async fn refresh_generation(&self) -> (u64, u64) {
         let key = self.generation_key();
+        let current = self.generation();
         if let Some(Read::Hit(v)) = self.get_plain(key.as_bytes()).await {
-            if let Some(g) = std::str::from_utf8(&v)
+            let read = std::str::from_utf8(&v)
                 .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-            {
-                let old = self.inner.generation.swap(g, Ordering::AcqRel);
-                if old != g {
-                    info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation changed");
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            if let Some(g) = read.filter(|g| *g != current) {
+                let swapped =
+                    self.inner
+                        .generation
+                        .compare_exchange(current, g, Ordering::AcqRel, Ordering::Acquire);
+                if swapped.is_ok() {
+                    return (current, g);
                 }
             }
         }
-        self.inner.generation.load(Ordering::Acquire)
+        (current, current)
     }
 
-    /// The memcached key of a cache key (its `combined()` hex form).
+    /// Bump the namespace generation (purge everything): every L2 entry of the namespace
+    /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed.
+    pub async fn bump_generation(&self) -> Option<u64> {
+        let key = self.generation_key();
+        let k = key.as_bytes();
+        let r = self
+            .with_server(k, "incr", |c| async move {
+                c.increment(k).delta(1).initial(1, MAX_TTL).send().await
+            })
+            .await?;
+        let g = r.value?;
+        let old = self.inner.generation.swap(g, Ordering::AcqRel);
+        info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
+        Some(g)
+    }
+
+    /// The memcached key of a cache key (its `combined()` hex form), current generation.
     pub fn key(&self, combined: &str) -> String {
-        let mut h = Md5::new();
-        h.update(self.inner.namespace.as_bytes());
-        h.update(b"/");
-        h.update(
-            self.inner
-                .generation
-                .load(Ordering::Acquire)
-                .to_string()
-                .as_bytes(),
-        );
-        h.update(b"/");
-        h.update(combined.as_bytes());
-        hex(&h.finalize())
+        self.key_at(self.generation(), combined)
+    }
+
+    /// The memcached key of a cache key under `generation`.
+    pub fn key_at(&self, generation: u64, combined: &str) -> String {
+        key_for(&self.inner.namespace, generation, combined)
     }
 
     fn server(&self, key: &[u8]) -> &Server {
@@ -335,11 +344,13 @@ impl L2 {
         .await;
     }
 
-    /// Delete `key` (also a lease placeholder this client holds).
-    pub async fn delete(&self, key: &str) {
+    /// Delete `key` (also a lease placeholder this client holds). Returns false if memcached
+    /// could not be told (down, timed out): the key may still be there.
+    pub async fn delete(&self, key: &str) -> bool {
         let k = key.as_bytes();
         self.with_server(k, "delete", |c| async move { c.delete(k).send().await })
-            .await;
+            .await
+            .is_some()
     }
 
     /// Whether the server of `key` is currently considered up.

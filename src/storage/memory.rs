@@ -238,6 +238,28 @@ impl MemoryStorage {
         removed
     }
 
+    /// Mark every variant of the URL with this primary hash stale (a soft purge): it stays
+    /// stored, is served stale within its grace, and revalidates. Returns how many.
+    pub fn expire_primary(&self, primary: &HashBinary) -> usize {
+        let Some(mut slots) = self.table.get_mut(primary) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut n = 0;
+        for entry in slots.iter_mut().filter_map(|s| s.entry.as_mut()) {
+            let mut meta = entry.meta.clone();
+            meta.fresh_until = meta.fresh_until.min(now - Duration::from_millis(1));
+            *entry = Arc::new(Stored {
+                meta,
+                body: entry.body.clone(),
+                weight: entry.weight,
+                generation: entry.generation,
+            });
+            n += 1;
+        }
+        n
+    }
+
     /// Make every entry invisible at once (O(1)); a background task frees them.
     pub fn clear(&'static self) {
         let old = self.generation.fetch_add(1, Ordering::AcqRel);

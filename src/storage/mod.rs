@@ -81,8 +81,38 @@ impl Tiered {
         let Some(l2) = self.l2.clone() else { return };
         let mk = l2.key(&key.combined());
         if self.leases.remove(&mk).is_some() {
-            tokio::spawn(async move { l2.delete(&mk).await });
+            tokio::spawn(async move {
+                l2.delete(&mk).await;
+            });
         }
+    }
+
+    /// Every second, adopt memcached's namespace generation; when it moved (another corral
+    /// purged everything), drop L1 too: its entries predate the purge.
+    fn spawn_generation_watch(&'static self, l2: L2) {
+        tokio::spawn(async move {
+            loop {
+                self.adopt_generation(&l2).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// Read the generation; if it moved, drop L1 (loudly). Returns whether it moved.
+    async fn adopt_generation(&'static self, l2: &L2) -> bool {
+        let (old, new) = l2.refresh_generation().await;
+        if old == new {
+            return false;
+        }
+        let dropped = self.l1.stats().entries;
+        self.l1.clear();
+        warn!(
+            from = old,
+            to = new,
+            dropped,
+            "memcached namespace generation changed (purge of everything): local cache dropped"
+        );
+        true
     }
 
     /// L1 missed: read L2, one read per key at a time in this corral.
@@ -101,7 +131,7 @@ impl Tiered {
             Ok(_guard) => match self.l1.lookup(key, trace).await? {
                 // the read we waited for found it (or a fill started here meanwhile)
                 Some(hit) => Ok(Some(hit)),
-                None => self.l2_lookup(l2, key, mk.clone(), deadline).await,
+                None => self.l2_lookup(l2, key, deadline).await,
             },
         };
         drop(gate);
@@ -115,13 +145,24 @@ impl Tiered {
         &'static self,
         l2: &L2,
         key: &CacheKey,
-        mk: String,
         deadline: tokio::time::Instant,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let mut pause = Duration::from_millis(10);
         let mut waited = false;
+        // the key is built from one reading of the generation, so the two cannot disagree
+        let mut generation = l2.generation();
+        let mut mk = l2.key_at(generation, &key.combined());
         loop {
-            match l2.get(&mk, Some(self.lock_timeout)).await {
+            // the generation is read alongside the value (in parallel, one round trip): a value
+            // found under an older generation was purged by a purge-all elsewhere. Compare with
+            // the generation the key was built from: the watcher may have adopted it first.
+            let (read, _) = tokio::join!(l2.get(&mk, Some(self.lock_timeout)), self.adopt_generation(l2));
+            if l2.generation() != generation {
+                generation = l2.generation();
+                mk = l2.key_at(generation, &key.combined());
+                continue;
+            }
+            match read {
                 Read::Hit(bytes) => match record::decode(bytes) {
                     Ok(rec) => {
                         metrics::L2_LOOKUPS.with_label_values(&["hit"]).inc();
@@ -301,7 +342,7 @@ impl Storage for Tiered {
         let Some(l2) = &self.l2 else {
             return Ok(None);
         };
-        self.started.call_once(|| l2.spawn_background());
+        self.started.call_once(|| self.spawn_generation_watch(l2.clone()));
         self.l2_lookup_coalesced(l2, key, trace).await
     }
 

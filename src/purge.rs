@@ -1,0 +1,590 @@
+//! Purges: every request shape real clients send, parsed into one [`Purge`] value.
+//!
+//! | client | request | parsed as |
+//! |---|---|---|
+//! | Varnish style, Plone, WordPress, Drupal (URLs), FOSHttpCache | `PURGE /path?q` | [`Target::Url`]: every Vary variant of that URL |
+//! | WordPress Proxy Cache Purge (full purge) | `PURGE /.*` + `X-Purge-Method: regex` | [`Target::Ban`] on the path |
+//! | FOSHttpCache (Varnish) | `BAN /` + `X-Host`, `X-Url`, `X-Content-Type` regexes | [`Target::Ban`] |
+//! | FOSHttpCache (Varnish tags) | `BAN /` + `X-Cache-Tags: (^|,)(a|b)(,|$)` | [`Target::TagPattern`] on `X-Cache-Tags` |
+//! | FOSHttpCache xkey | `PURGEKEYS /` + `xkey-softpurge: a b` (soft) or `xkey-purge: a b` | [`Target::Tags`] |
+//! | FOSHttpCache Symfony | `PURGETAGS /` + `X-Cache-Tags: a,b` | [`Target::Tags`] |
+//! | Fastly style | `PURGE /` + `Surrogate-Key: a b` | [`Target::Tags`] |
+//! | Drupal varnish_purger | `BAN /` + `Cache-Tags: a\|b` | [`Target::TagPattern`] on `Cache-Tags` |
+//! | Drupal (image styles) | `URIBAN /path-regex` | [`Target::Ban`] on the path |
+//! | Magento 2 | `PURGE /` + `X-Magento-Tags-Pattern: ((^|,)cat_p_1(,|$))` | [`Target::TagPattern`] on `X-Magento-Tags` |
+//!
+//! `Soft-Purge: 1` or `Fastly-Soft-Purge: 1` on any of them (and `xkey-softpurge`) makes it
+//! soft: matching entries become stale instead of gone, so the next request is served the stale
+//! copy (within grace) while one request revalidates.
+//!
+//! # Validity by timestamps, not scans
+//! A purge of one URL removes it from L1 and L2 at once. Bans and tag purges are records with
+//! the time they were accepted ([`Validity`]); a hit is checked against the records newer than
+//! the entry's last validation, so accepting a ban is O(1) whatever the cache holds. The
+//! records are bounded: past [`MAX_RECORDS`] bans (or tag records), the oldest half is folded
+//! into one "everything validated before T" record, which over-invalidates a little and keeps
+//! memory and per-hit work bounded.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use http::header::HeaderName;
+use http::Method;
+use ipnet::IpNet;
+use parking_lot::RwLock;
+use pingora_cache::{CacheMeta, ForcedFreshness};
+use pingora_http::RequestHeader;
+use regex::{Regex, RegexBuilder};
+
+/// The longest regex a purge may carry (FOSHttpCache splits its tag bans at 7,500 bytes).
+pub const MAX_PATTERN_BYTES: usize = 16 * 1024;
+
+/// Bans, tag patterns or purged tags kept before the oldest are folded into one record.
+pub const MAX_RECORDS: usize = 10_000;
+
+/// What a purge invalidates.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Every Vary variant of one URL.
+    Url { host: String, path: String },
+    /// Every entry whose host, path and content type match (absent = any).
+    Ban(Ban),
+    /// Every entry carrying one of these tags (surrogate keys).
+    Tags(Vec<String>),
+    /// Every entry whose `header` value matches `pattern` (Varnish-style tag bans).
+    TagPattern { header: HeaderName, pattern: Regex },
+    /// Everything.
+    All,
+}
+
+/// Regexes of a ban; `None` matches anything.
+#[derive(Debug, Clone)]
+pub struct Ban {
+    pub host: Option<Regex>,
+    pub url: Option<Regex>,
+    pub content_type: Option<Regex>,
+}
+
+impl Ban {
+    pub fn matches(&self, host: &str, path: &str, content_type: &str) -> bool {
+        self.host.as_ref().is_none_or(|r| r.is_match(host))
+            && self.url.as_ref().is_none_or(|r| r.is_match(path))
+            && self
+                .content_type
+                .as_ref()
+                .is_none_or(|r| r.is_match(content_type))
+    }
+}
+
+/// One purge, from any client shape. It is plain data, so it can be logged, counted, and later
+/// sent to peers.
+#[derive(Debug, Clone)]
+pub struct Purge {
+    pub target: Target,
+    pub soft: bool,
+}
+
+impl Purge {
+    /// Label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self.target {
+            Target::Url { .. } => "url",
+            Target::Ban(_) => "ban",
+            Target::Tags(_) => "tags",
+            Target::TagPattern { .. } => "tag-pattern",
+            Target::All => "all",
+        }
+    }
+}
+
+/// Why a purge request was refused (400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PurgeError {
+    #[error("{header}: invalid regex: {reason}")]
+    BadPattern { header: String, reason: String },
+    #[error("{0}: longer than {MAX_PATTERN_BYTES} bytes")]
+    TooLong(String),
+    #[error("{0}")]
+    Missing(&'static str),
+    #[error("{0}: not valid UTF-8")]
+    NotText(String),
+}
+
+/// Is this a purge method corral answers itself?
+pub fn is_purge_method(method: &Method) -> bool {
+    matches!(
+        method.as_str(),
+        "PURGE" | "BAN" | "PURGEKEYS" | "PURGETAGS" | "URIBAN"
+    )
+}
+
+fn header<'a>(req: &'a RequestHeader, name: &str) -> Result<Option<&'a str>, PurgeError> {
+    match req.headers.get(name) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| PurgeError::NotText(name.to_string()))?
+                .trim();
+            if s.len() > MAX_PATTERN_BYTES {
+                return Err(PurgeError::TooLong(name.to_string()));
+            }
+            Ok(Some(s))
+        }
+    }
+}
+
+fn regex(name: &str, pattern: &str) -> Result<Regex, PurgeError> {
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(PurgeError::TooLong(name.to_string()));
+    }
+    RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| PurgeError::BadPattern {
+            header: name.to_string(),
+            reason: e.to_string().lines().last().unwrap_or("").trim().to_string(),
+        })
+}
+
+fn split_tags(value: &str, sep: char) -> Vec<String> {
+    let mut tags: Vec<String> = value
+        .split(|c: char| c == sep || (sep == ' ' && c.is_whitespace()))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    tags
+}
+
+fn soft_flag(req: &RequestHeader) -> bool {
+    ["soft-purge", "fastly-soft-purge"]
+        .iter()
+        .any(|h| req.headers.get(*h).is_some_and(|v| v.as_bytes() == b"1"))
+}
+
+/// Parse a purge request. `host` is the site it applies to (after `host_map`), `path` the
+/// request target's path and query. Fails with a reason on a malformed request; nothing is
+/// purged then.
+pub fn parse(req: &RequestHeader, host: &str, path: &str) -> Result<Purge, PurgeError> {
+    let soft = soft_flag(req);
+    let method = req.method.as_str();
+    let exact_host = format!("^{}$", regex::escape(host));
+    let tags = |v: &str, sep: char, soft: bool| -> Result<Purge, PurgeError> {
+        let tags = split_tags(v, sep);
+        if tags.is_empty() {
+            return Err(PurgeError::Missing("no tag given"));
+        }
+        Ok(Purge {
+            target: Target::Tags(tags),
+            soft,
+        })
+    };
+    let pattern = |header_name: &str, against: &'static str, v: &str| -> Result<Purge, PurgeError> {
+        Ok(Purge {
+            target: Target::TagPattern {
+                header: HeaderName::from_static(against),
+                pattern: regex(header_name, v)?,
+            },
+            soft,
+        })
+    };
+    match method {
+        "PURGEKEYS" | "PURGE"
+            if header(req, "xkey-softpurge")?.is_some() || header(req, "xkey-purge")?.is_some() =>
+        {
+            if let Some(v) = header(req, "xkey-softpurge")? {
+                return tags(v, ' ', true);
+            }
+            tags(header(req, "xkey-purge")?.unwrap_or(""), ' ', soft)
+        }
+        "PURGEKEYS" => Err(PurgeError::Missing(
+            "PURGEKEYS needs xkey-purge or xkey-softpurge",
+        )),
+        "PURGETAGS" => match header(req, "x-cache-tags")? {
+            Some(v) => tags(v, ',', soft),
+            None => Err(PurgeError::Missing("PURGETAGS needs X-Cache-Tags")),
+        },
+        "PURGE" => {
+            if let Some(v) = header(req, "surrogate-key")? {
+                return tags(v, ' ', soft);
+            }
+            if let Some(v) = header(req, "x-magento-tags-pattern")? {
+                return pattern("X-Magento-Tags-Pattern", "x-magento-tags", v);
+            }
+            if header(req, "x-purge-method")?.is_some_and(|m| m.eq_ignore_ascii_case("regex")) {
+                let path_only = path.split('?').next().unwrap_or(path);
+                return Ok(Purge {
+                    target: Target::Ban(Ban {
+                        host: Some(regex("Host", &exact_host)?),
+                        url: Some(regex("path", path_only)?),
+                        content_type: None,
+                    }),
+                    soft,
+                });
+            }
+            Ok(Purge {
+                target: Target::Url {
+                    host: host.to_string(),
+                    path: path.to_string(),
+                },
+                soft,
+            })
+        }
+        "BAN" => {
+            if let Some(v) = header(req, "cache-tags")? {
+                return pattern("Cache-Tags", "cache-tags", v);
+            }
+            if let Some(v) = header(req, "x-cache-tags")? {
+                return pattern("X-Cache-Tags", "x-cache-tags", v);
+            }
+            let opt = |name: &str| -> Result<Option<Regex>, PurgeError> {
+                header(req, name)?.map(|v| regex(name, v)).transpose()
+            };
+            let ban = Ban {
+                host: opt("x-host")?,
+                url: opt("x-url")?,
+                content_type: opt("x-content-type")?,
+            };
+            if ban.host.is_none() && ban.url.is_none() && ban.content_type.is_none() {
+                return Err(PurgeError::Missing(
+                    "BAN needs X-Host, X-Url, X-Content-Type or a tag header",
+                ));
+            }
+            Ok(Purge {
+                target: Target::Ban(ban),
+                soft,
+            })
+        }
+        "URIBAN" => {
+            let path_only = path.split('?').next().unwrap_or(path);
+            Ok(Purge {
+                target: Target::Ban(Ban {
+                    host: Some(regex("Host", &exact_host)?),
+                    url: Some(regex("path", path_only)?),
+                    content_type: None,
+                }),
+                soft,
+            })
+        }
+        _ => Err(PurgeError::Missing("not a purge method")),
+    }
+}
+
+/// `POST /purge` on the admin listener: a batch, validated whole before anything is applied.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub bans: Vec<BatchBan>,
+    #[serde(default)]
+    pub soft: bool,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBan {
+    pub url: Option<String>,
+    pub host: Option<String>,
+    pub content_type: Option<String>,
+}
+
+impl Batch {
+    /// Parse and validate a batch body into purges, duplicates removed. The error names the
+    /// offending entry (`urls[2]: ...`); nothing is applied then.
+    pub fn parse(body: &[u8]) -> Result<Vec<Purge>, String> {
+        let batch: Batch = serde_json::from_slice(body).map_err(|e| format!("invalid batch: {e}"))?;
+        let soft = batch.soft;
+        let mut out = Vec::new();
+        let mut seen_urls = std::collections::BTreeSet::new();
+        for (i, url) in batch.urls.iter().enumerate() {
+            let uri: http::Uri = url.parse().map_err(|e| format!("urls[{i}]: {url:?}: {e}"))?;
+            let (Some(host), Some(pq)) = (uri.authority(), uri.path_and_query()) else {
+                return Err(format!(
+                    "urls[{i}]: {url:?}: needs a scheme and host, like http://www.example.org/path"
+                ));
+            };
+            let host = crate::key::normalize_host(host.as_str());
+            if seen_urls.insert((host.clone(), pq.as_str().to_string())) {
+                out.push(Purge {
+                    target: Target::Url {
+                        host,
+                        path: pq.as_str().to_string(),
+                    },
+                    soft,
+                });
+            }
+        }
+        let mut tags: Vec<String> = Vec::new();
+        for (i, t) in batch.tags.iter().enumerate() {
+            let t = t.trim();
+            if t.is_empty() || t.contains(char::is_whitespace) || t.contains(',') {
+                return Err(format!("tags[{i}]: {t:?} is not a single tag"));
+            }
+            tags.push(t.to_string());
+        }
+        tags.sort_unstable();
+        tags.dedup();
+        if !tags.is_empty() {
+            out.push(Purge {
+                target: Target::Tags(tags),
+                soft,
+            });
+        }
+        for (i, b) in batch.bans.iter().enumerate() {
+            let field = |name: &str, v: &Option<String>| -> Result<Option<Regex>, String> {
+                v.as_deref()
+                    .map(|p| regex(name, p))
+                    .transpose()
+                    .map_err(|e| format!("bans[{i}].{e}"))
+            };
+            let ban = Ban {
+                url: field("url", &b.url)?,
+                host: field("host", &b.host)?,
+                content_type: field("content_type", &b.content_type)?,
+            };
+            if ban.url.is_none() && ban.host.is_none() && ban.content_type.is_none() {
+                return Err(format!("bans[{i}]: needs url, host or content_type"));
+            }
+            out.push(Purge {
+                target: Target::Ban(ban),
+                soft,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Who may purge: source networks and, optionally, a bearer token.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub allow: Vec<IpNet>,
+    pub token: Option<String>,
+}
+
+impl Access {
+    /// May a request from `ip` with this `Authorization` header purge?
+    pub fn permits(&self, ip: Option<IpAddr>, authorization: Option<&str>) -> bool {
+        let from_allowed = ip.is_some_and(|ip| {
+            let ip = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 => v4,
+            };
+            self.allow.iter().any(|net| net.contains(&ip))
+        });
+        let token_ok = match &self.token {
+            None => true,
+            Some(t) => authorization
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), t.as_bytes())),
+        };
+        from_allowed && token_ok
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// === validity records ===
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    at: SystemTime,
+    soft: bool,
+}
+
+/// Bans and tag purges, checked lazily against each hit.
+#[derive(Debug)]
+pub struct Validity {
+    /// Records of each kind kept before the oldest half is folded ([`MAX_RECORDS`]).
+    limit: usize,
+    bans: RwLock<Vec<(Ban, Stamp)>>,
+    patterns: RwLock<Vec<(HeaderName, Regex, Stamp)>>,
+    tags: DashMap<String, Stamp>,
+    /// Entries validated before this (ms since the epoch) are invalid: where old records fold.
+    floor_ms: AtomicU64,
+    /// Fast path: false until the first ban or tag purge.
+    any: AtomicBool,
+}
+
+impl Default for Validity {
+    fn default() -> Self {
+        Self::with_limit(MAX_RECORDS)
+    }
+}
+
+/// The response headers that carry tags, and how they separate them.
+pub const TAG_HEADERS: [(&str, char); 7] = [
+    ("xkey", ' '),
+    ("surrogate-key", ' '),
+    ("cache-tags", ' '),
+    ("cache-tag", ','),
+    ("purge-cache-tags", ' '),
+    ("x-cache-tags", ','),
+    ("x-magento-tags", ','),
+];
+
+impl Validity {
+    pub fn with_limit(limit: usize) -> Self {
+        Validity {
+            limit: limit.max(2),
+            bans: RwLock::default(),
+            patterns: RwLock::default(),
+            tags: DashMap::new(),
+            floor_ms: AtomicU64::new(0),
+            any: AtomicBool::new(false),
+        }
+    }
+
+    /// Record a ban, a tag purge or a tag pattern accepted `at`.
+    pub fn record(&self, purge: &Purge, at: SystemTime) {
+        let stamp = Stamp { at, soft: purge.soft };
+        match &purge.target {
+            Target::Ban(ban) => {
+                let mut bans = self.bans.write();
+                bans.push((ban.clone(), stamp));
+                self.fold(&mut bans, |(_, s)| s.at);
+            }
+            Target::TagPattern { header, pattern } => {
+                let mut p = self.patterns.write();
+                p.push((header.clone(), pattern.clone(), stamp));
+                self.fold(&mut p, |(_, _, s)| s.at);
+            }
+            Target::Tags(tags) => {
+                for t in tags {
+                    self.tags.insert(t.clone(), stamp);
+                }
+                if self.tags.len() > self.limit {
+                    let mut all: Vec<(String, SystemTime)> = self
+                        .tags
+                        .iter()
+                        .map(|e| (e.key().clone(), e.value().at))
+                        .collect();
+                    all.sort_by_key(|(_, at)| *at);
+                    let cut = &all[..all.len() / 2];
+                    if let Some((_, newest)) = cut.last() {
+                        self.floor_ms.fetch_max(millis(*newest), Ordering::AcqRel);
+                    }
+                    for (t, _) in cut {
+                        self.tags.remove(t);
+                    }
+                }
+            }
+            Target::Url { .. } | Target::All => return,
+        }
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Everything validated before `at` is invalid (hard).
+    pub fn invalidate_all_before(&self, at: SystemTime) {
+        self.floor_ms.fetch_max(millis(at), Ordering::AcqRel);
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn fold<T>(&self, list: &mut Vec<T>, at: impl Fn(&T) -> SystemTime) {
+        if list.len() <= self.limit {
+            return;
+        }
+        // records are appended in time order: fold the oldest half into the floor
+        let half = list.len() / 2;
+        if let Some(newest) = list.get(half - 1).map(&at) {
+            self.floor_ms.fetch_max(millis(newest), Ordering::AcqRel);
+        }
+        list.drain(..half);
+    }
+
+    /// How many records are kept (bans + patterns + tags).
+    pub fn len(&self) -> usize {
+        self.bans.read().len() + self.patterns.read().len() + self.tags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Is the entry `meta` for `host` + `path` still valid? `None` if it is; otherwise how
+    /// to treat it (a miss for hard purges, stale for soft ones).
+    pub fn verdict(&self, host: &str, path: &str, meta: &CacheMeta) -> Option<ForcedFreshness> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let validated = meta.updated();
+        if millis(validated) < self.floor_ms.load(Ordering::Acquire) {
+            return Some(ForcedFreshness::ForceMiss);
+        }
+        let mut soft_at: Option<SystemTime> = None;
+        let mut hit = |s: Stamp| -> bool {
+            if s.at <= validated {
+                return false;
+            }
+            if !s.soft {
+                return true;
+            }
+            soft_at = Some(soft_at.map_or(s.at, |t: SystemTime| t.max(s.at)));
+            false
+        };
+        let headers = meta.headers();
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        for (ban, stamp) in self.bans.read().iter() {
+            if stamp.at > validated && ban.matches(host, path, content_type) && hit(*stamp) {
+                return Some(ForcedFreshness::ForceMiss);
+            }
+        }
+        for (name, pattern, stamp) in self.patterns.read().iter() {
+            if stamp.at <= validated {
+                continue;
+            }
+            let matched = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| pattern.is_match(v));
+            if matched && hit(*stamp) {
+                return Some(ForcedFreshness::ForceMiss);
+            }
+        }
+        if !self.tags.is_empty() {
+            for (name, sep) in TAG_HEADERS {
+                for value in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+                    for tag in split_tags(value, sep) {
+                        if let Some(stamp) = self.tags.get(&tag).map(|s| *s) {
+                            if hit(stamp) {
+                                return Some(ForcedFreshness::ForceMiss);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        soft_at.map(|at| ForcedFreshness::ForceExpiredServeStale { expired_at: Some(at) })
+    }
+}
+
+/// The timestamp a purge accepted now is recorded with: a millisecond past any entry validated
+/// before it, so an entry refreshed in the same millisecond is not mistaken for a newer one.
+pub fn now_stamp() -> SystemTime {
+    from_millis(millis(SystemTime::now()) + 1)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,246 @@
+use super::*;
+use pingora_http::ResponseHeader;
+
+fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestHeader {
+    let mut r = RequestHeader::build(method, path.as_bytes(), None).unwrap();
+    for (k, v) in headers {
+        r.append_header(k.to_string(), *v).unwrap();
+    }
+    r
+}
+
+fn parse_req(method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Purge, PurgeError> {
+    parse(&req(method, path, headers), "www.example.org", path)
+}
+
+fn entry(headers: &[(&str, &str)], validated: SystemTime) -> CacheMeta {
+    let mut h = ResponseHeader::build(200, None).unwrap();
+    for (k, v) in headers {
+        h.append_header(k.to_string(), *v).unwrap();
+    }
+    CacheMeta::new(validated + Duration::from_secs(60), validated, 10, 10, h)
+}
+
+#[test]
+fn plain_purge_is_a_url_purge() {
+    let p = parse_req("PURGE", "/a/b?x=1", &[]).unwrap();
+    assert!(
+        matches!(p.target, Target::Url { ref host, ref path } if host == "www.example.org" && path == "/a/b?x=1")
+    );
+    assert!(!p.soft);
+    assert!(parse_req("PURGE", "/a", &[("soft-purge", "1")]).unwrap().soft);
+    assert!(
+        parse_req("PURGE", "/a", &[("fastly-soft-purge", "1")])
+            .unwrap()
+            .soft
+    );
+}
+
+#[test]
+fn every_client_shape_parses() {
+    let kind = |m: &str, p: &str, h: &[(&str, &str)]| parse_req(m, p, h).map(|p| (p.kind(), p.soft));
+    assert_eq!(
+        kind("PURGE", "/.*", &[("x-purge-method", "regex")]),
+        Ok(("ban", false))
+    );
+    assert_eq!(
+        kind("BAN", "/", &[("x-url", "^/news"), ("x-host", ".*")]),
+        Ok(("ban", false))
+    );
+    assert_eq!(
+        kind("BAN", "/", &[("x-cache-tags", "(^|,)(a|b)(,|$)")]),
+        Ok(("tag-pattern", false))
+    );
+    assert_eq!(
+        kind("BAN", "/", &[("cache-tags", "node:1|node:2")]),
+        Ok(("tag-pattern", false))
+    );
+    assert_eq!(
+        kind("PURGEKEYS", "/", &[("xkey-softpurge", "a b")]),
+        Ok(("tags", true))
+    );
+    assert_eq!(
+        kind("PURGEKEYS", "/", &[("xkey-purge", "a b")]),
+        Ok(("tags", false))
+    );
+    assert_eq!(
+        kind("PURGETAGS", "/", &[("x-cache-tags", "a,b")]),
+        Ok(("tags", false))
+    );
+    assert_eq!(
+        kind("PURGE", "/", &[("surrogate-key", "a b")]),
+        Ok(("tags", false))
+    );
+    assert_eq!(
+        kind("PURGE", "/", &[("x-magento-tags-pattern", "((^|,)cat_p_1(,|$))")]),
+        Ok(("tag-pattern", false))
+    );
+    assert_eq!(kind("URIBAN", "/styles/.*", &[]), Ok(("ban", false)));
+}
+
+#[test]
+fn tags_are_split_trimmed_and_deduplicated() {
+    let p = parse_req("PURGETAGS", "/", &[("x-cache-tags", " b, a ,,b ")]).unwrap();
+    assert!(matches!(p.target, Target::Tags(ref t) if t == &["a", "b"]));
+    let p = parse_req("PURGEKEYS", "/", &[("xkey-purge", "x  y\tx")]).unwrap();
+    assert!(matches!(p.target, Target::Tags(ref t) if t == &["x", "y"]));
+}
+
+#[test]
+fn malformed_purges_are_refused_with_a_reason() {
+    let e = parse_req("BAN", "/", &[("x-url", "(unclosed")]).unwrap_err();
+    assert!(
+        matches!(e, PurgeError::BadPattern { ref header, .. } if header == "x-url"),
+        "{e}"
+    );
+    assert!(parse_req("BAN", "/", &[]).is_err(), "a BAN must say what");
+    assert!(parse_req("PURGEKEYS", "/", &[]).is_err());
+    assert!(parse_req("PURGETAGS", "/", &[("x-cache-tags", " , ")]).is_err());
+    assert!(parse_req("PURGE", "/(", &[("x-purge-method", "regex")]).is_err());
+    let huge = "a".repeat(MAX_PATTERN_BYTES + 1);
+    assert_eq!(
+        parse_req("BAN", "/", &[("x-url", &huge)]).unwrap_err(),
+        PurgeError::TooLong("x-url".into())
+    );
+}
+
+#[test]
+fn access_needs_an_allowed_network_and_the_token() {
+    let open = Access {
+        allow: vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
+        token: None,
+    };
+    assert!(open.permits(Some("127.0.0.1".parse().unwrap()), None));
+    assert!(
+        open.permits(Some("::ffff:127.0.0.1".parse().unwrap()), None),
+        "v4-mapped v6"
+    );
+    assert!(!open.permits(Some("127.0.0.2".parse().unwrap()), None));
+    assert!(!open.permits(None, None));
+    let tokened = Access {
+        token: Some("s3cret".into()),
+        ..open
+    };
+    assert!(!tokened.permits(Some("127.0.0.1".parse().unwrap()), None));
+    assert!(!tokened.permits(Some("127.0.0.1".parse().unwrap()), Some("Bearer wrong")));
+    assert!(tokened.permits(Some("127.0.0.1".parse().unwrap()), Some("Bearer s3cret")));
+}
+
+#[test]
+fn bans_apply_to_entries_validated_before_them_only() {
+    let v = Validity::default();
+    let before = SystemTime::now() - Duration::from_secs(10);
+    let old = entry(&[("content-type", "text/html")], before);
+    assert_eq!(v.verdict("www.example.org", "/news/1", &old), None);
+    v.record(
+        &parse_req("BAN", "/", &[("x-url", "^/news/")]).unwrap(),
+        now_stamp(),
+    );
+    assert_eq!(
+        v.verdict("www.example.org", "/news/1", &old),
+        Some(ForcedFreshness::ForceMiss)
+    );
+    assert_eq!(v.verdict("www.example.org", "/about", &old), None);
+    let fresh = entry(&[], SystemTime::now() + Duration::from_millis(5));
+    assert_eq!(
+        v.verdict("www.example.org", "/news/1", &fresh),
+        None,
+        "stored after the ban"
+    );
+}
+
+#[test]
+fn tag_purges_match_every_tag_header() {
+    let v = Validity::default();
+    let before = SystemTime::now() - Duration::from_secs(10);
+    v.record(
+        &parse_req("PURGEKEYS", "/", &[("xkey-purge", "p1")]).unwrap(),
+        now_stamp(),
+    );
+    assert!(v
+        .verdict("h", "/", &entry(&[("xkey", "p0 p1")], before))
+        .is_some());
+    assert!(v
+        .verdict("h", "/", &entry(&[("x-magento-tags", "p2,p1")], before))
+        .is_some());
+    assert!(
+        v.verdict("h", "/", &entry(&[("xkey", "p10")], before)).is_none(),
+        "whole tags only"
+    );
+    v.record(
+        &parse_req("PURGEKEYS", "/", &[("xkey-softpurge", "s")]).unwrap(),
+        now_stamp(),
+    );
+    assert!(matches!(
+        v.verdict("h", "/", &entry(&[("surrogate-key", "s")], before)),
+        Some(ForcedFreshness::ForceExpiredServeStale { expired_at: Some(_) })
+    ));
+}
+
+#[test]
+fn tag_patterns_match_the_header_they_name() {
+    let v = Validity::default();
+    let before = SystemTime::now() - Duration::from_secs(10);
+    v.record(
+        &parse_req("PURGE", "/", &[("x-magento-tags-pattern", "((^|,)cat_p_1(,|$))")]).unwrap(),
+        now_stamp(),
+    );
+    assert!(v
+        .verdict("h", "/", &entry(&[("x-magento-tags", "cat_c_5,cat_p_1")], before))
+        .is_some());
+    assert!(v
+        .verdict("h", "/", &entry(&[("x-magento-tags", "cat_p_12")], before))
+        .is_none());
+    assert!(v
+        .verdict("h", "/", &entry(&[("xkey", "cat_p_1")], before))
+        .is_none());
+}
+
+#[test]
+fn records_stay_bounded() {
+    let old = entry(&[], SystemTime::now() - Duration::from_secs(10));
+    let v = Validity::with_limit(100);
+    for i in 0..1000 {
+        v.record(
+            &parse_req("BAN", "/", &[("x-url", &format!("^/b{i}$"))]).unwrap(),
+            now_stamp(),
+        );
+        v.record(
+            &parse_req("PURGEKEYS", "/", &[("xkey-purge", &format!("t{i}"))]).unwrap(),
+            now_stamp(),
+        );
+    }
+    assert!(v.len() <= 200, "{} records", v.len());
+    // folded records still invalidate what they covered
+    assert_eq!(v.verdict("h", "/b0", &old), Some(ForcedFreshness::ForceMiss));
+    let fresh = entry(&[("xkey", "t0")], SystemTime::now() + Duration::from_millis(5));
+    assert_eq!(v.verdict("h", "/b0", &fresh), None);
+}
+
+#[test]
+fn a_batch_is_validated_whole() {
+    let ok = Batch::parse(
+        br#"{"urls": ["http://www.example.org/a", "http://WWW.example.org/a", "http://x.org/b?q=1"],
+        "tags": ["t1", "t2", "t1"], "bans": [{"url": "^/news"}], "soft": true}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ok.iter().map(Purge::kind).collect::<Vec<_>>(),
+        ["url", "url", "tags", "ban"]
+    );
+    assert!(ok.iter().all(|p| p.soft));
+    for (body, names) in [
+        (&br#"{"urls": ["/no-host"]}"#[..], "urls[0]"),
+        (
+            br#"{"urls": ["http://a.org/"], "bans": [{"url": "("}]}"#,
+            "bans[0].url",
+        ),
+        (br#"{"bans": [{}]}"#, "bans[0]"),
+        (br#"{"tags": ["a b"]}"#, "tags[0]"),
+        (br#"{"urlz": []}"#, "unknown field"),
+        (b"not json", "invalid batch"),
+    ] {
+        let e = Batch::parse(body).unwrap_err();
+        assert!(e.contains(names), "{e}");
+    }
+}

@@ -1,0 +1,390 @@
+//! The purge API against the real binary: one test per request shape real clients send, the
+//! refusals, soft purge, admin batches and purge-all, and purges reaching L2.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SITE: &str = "www.site.test";
+
+async fn get(proxy: &Proxy, path: &str) -> Got {
+    get_with(&proxy.url(path), &[("host", SITE)]).await
+}
+
+async fn purge(proxy: &Proxy, method: &str, path: &str, headers: &[(&str, &str)]) -> Got {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut all = vec![("host", SITE)];
+    all.extend_from_slice(headers);
+    send(client().request(m, proxy.url(path)), &all).await
+}
+
+/// An origin where every path is cacheable, counts versions, and carries tags by path.
+async fn setup(conf: Conf) -> (Origin, Proxy) {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(origin.addr, conf).await;
+    (origin, proxy)
+}
+
+fn tagged(origin: &Origin, path: &str, headers: &'static [(&'static str, &'static str)]) {
+    origin.route(path, move |s| {
+        let mut r = Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=300");
+        for (k, v) in headers {
+            r = r.header(k, *v);
+        }
+        r
+    });
+}
+
+/// Fill `paths`, then check each is a hit.
+async fn warm(proxy: &Proxy, paths: &[&str]) {
+    for p in paths {
+        get(proxy, p).await;
+        assert!(get(proxy, p).await.cache.starts_with("corral; hit"), "{p} cached");
+    }
+}
+
+async fn is_miss(proxy: &Proxy, path: &str) -> bool {
+    get(proxy, path).await.cache.contains("fwd=miss")
+}
+
+#[tokio::test]
+async fn purge_of_one_url_removes_every_variant_and_nothing_else() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/page", |s| {
+        Reply::ok(format!("v{}", s.n))
+            .header("cache-control", "max-age=300")
+            .header("vary", "accept-language")
+    });
+    tagged(&origin, "/other", &[]);
+    for lang in ["en", "fr"] {
+        get_with(&proxy.url("/page"), &[("host", SITE), ("accept-language", lang)]).await;
+    }
+    warm(&proxy, &["/other"]).await;
+    let r = purge(&proxy, "PURGE", "/page", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.trim(), r#"{"purged":2,"kind":"url","soft":false}"#);
+    for lang in ["en", "fr"] {
+        let g = get_with(&proxy.url("/page"), &[("host", SITE), ("accept-language", lang)]).await;
+        assert!(g.cache.contains("fwd=miss"), "{lang}: {}", g.cache);
+    }
+    assert!(get(&proxy, "/other").await.cache.starts_with("corral; hit"));
+    let nothing = purge(&proxy, "PURGE", "/never-cached", &[]).await;
+    assert_eq!(
+        (nothing.status, nothing.body.trim()),
+        (200, r#"{"purged":0,"kind":"url","soft":false}"#)
+    );
+}
+
+#[tokio::test]
+async fn regex_and_ban_shapes() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    for p in ["/news/1", "/news/2", "/about", "/img/a.png", "/styles/x/a.png"] {
+        tagged(&origin, p, &[]);
+    }
+    // WordPress Proxy Cache Purge: PURGE with X-Purge-Method: regex
+    warm(&proxy, &["/news/1", "/news/2", "/about"]).await;
+    assert_eq!(
+        purge(&proxy, "PURGE", "/news/.*", &[("x-purge-method", "regex")])
+            .await
+            .status,
+        200
+    );
+    assert!(is_miss(&proxy, "/news/1").await && is_miss(&proxy, "/news/2").await);
+    assert!(!is_miss(&proxy, "/about").await);
+    // FOSHttpCache: BAN with X-Url / X-Host
+    warm(&proxy, &["/news/1", "/about"]).await;
+    let r = purge(
+        &proxy,
+        "BAN",
+        "/",
+        &[("x-url", "^/about$"), ("x-host", "^www\\.site\\.test$")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(is_miss(&proxy, "/about").await);
+    assert!(!is_miss(&proxy, "/news/1").await);
+    // a ban for another host leaves this one alone
+    purge(
+        &proxy,
+        "BAN",
+        "/",
+        &[("x-url", "^/news"), ("x-host", "^other\\.org$")],
+    )
+    .await;
+    assert!(!is_miss(&proxy, "/news/1").await);
+    // Drupal: URIBAN with a path regex
+    warm(&proxy, &["/styles/x/a.png", "/img/a.png"]).await;
+    assert_eq!(purge(&proxy, "URIBAN", "/styles/.*", &[]).await.status, 200);
+    assert!(is_miss(&proxy, "/styles/x/a.png").await);
+    assert!(!is_miss(&proxy, "/img/a.png").await);
+}
+
+#[tokio::test]
+async fn every_tag_header_and_purge_header() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    tagged(&origin, "/x1", &[("xkey", "product-1 list")]);
+    tagged(&origin, "/x2", &[("xkey", "product-2 list")]);
+    tagged(&origin, "/s1", &[("surrogate-key", "sk-1 sk-all")]);
+    tagged(&origin, "/d1", &[("cache-tags", "node:1 node_list")]);
+    tagged(&origin, "/f1", &[("x-cache-tags", "fos-1,fos-all")]);
+    tagged(&origin, "/m1", &[("x-magento-tags", "cat_p_1,cat_c_5")]);
+    tagged(&origin, "/m2", &[("x-magento-tags", "cat_p_12")]);
+    let all = ["/x1", "/x2", "/s1", "/d1", "/f1", "/m1", "/m2"];
+    warm(&proxy, &all).await;
+    // tags are stripped from what clients see
+    assert!(get(&proxy, "/x1").await.headers.get("xkey").is_none());
+
+    purge(&proxy, "PURGEKEYS", "/", &[("xkey-purge", "product-1")]).await;
+    assert!(is_miss(&proxy, "/x1").await && !is_miss(&proxy, "/x2").await);
+    purge(&proxy, "PURGE", "/", &[("surrogate-key", "sk-1")]).await;
+    assert!(is_miss(&proxy, "/s1").await);
+    purge(&proxy, "BAN", "/", &[("cache-tags", "node:1")]).await;
+    assert!(is_miss(&proxy, "/d1").await);
+    purge(&proxy, "PURGETAGS", "/", &[("x-cache-tags", "fos-1")]).await;
+    assert!(is_miss(&proxy, "/f1").await);
+    warm(&proxy, &["/f1"]).await;
+    purge(&proxy, "BAN", "/", &[("x-cache-tags", "(^|,)(fos-all)(,|$)")]).await;
+    assert!(is_miss(&proxy, "/f1").await);
+    purge(
+        &proxy,
+        "PURGE",
+        "/",
+        &[("x-magento-tags-pattern", "((^|,)cat_p_1(,|$))")],
+    )
+    .await;
+    assert!(is_miss(&proxy, "/m1").await);
+    assert!(!is_miss(&proxy, "/m2").await, "cat_p_12 is not cat_p_1");
+    assert!(!is_miss(&proxy, "/x2").await, "untouched by all of the above");
+}
+
+#[tokio::test]
+async fn soft_purge_serves_stale_once_while_one_request_refreshes() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"30s\"")).await;
+    tagged(&origin, "/soft", &[("xkey", "soft-tag")]);
+    tagged(&origin, "/soft2", &[]);
+    warm(&proxy, &["/soft", "/soft2"]).await;
+    purge(&proxy, "PURGEKEYS", "/", &[("xkey-softpurge", "soft-tag")]).await;
+    let stale = get(&proxy, "/soft").await;
+    assert_eq!(stale.body, "v1", "the stale copy is served");
+    assert!(stale.cache.starts_with("corral; hit; ttl=-"), "{}", stale.cache);
+    eventually(Duration::from_secs(5), "background refresh", || async {
+        origin.hits("/soft") == 2
+    })
+    .await;
+    eventually(Duration::from_secs(5), "refreshed copy served", || async {
+        get(&proxy, "/soft").await.body == "v2"
+    })
+    .await;
+    assert_eq!(origin.hits("/soft"), 2);
+
+    let r = purge(&proxy, "PURGE", "/soft2", &[("soft-purge", "1")]).await;
+    assert_eq!(r.body.trim(), r#"{"purged":1,"kind":"url","soft":true}"#);
+    assert_eq!(get(&proxy, "/soft2").await.body, "v1");
+}
+
+#[tokio::test]
+async fn host_map_applies_a_purge_sent_to_the_proxy_address_to_the_site() {
+    let conf = Conf::default().rules(""); // [purge] is written below as a rule-free table
+    let origin = Origin::start().await;
+    tagged(&origin, "/plone/doc", &[]);
+    let mut conf = conf;
+    conf.rules.push_str(&format!(
+        "[purge]\nhost_map = {{ \"cache1:6081\" = \"{SITE}\" }}\n"
+    ));
+    let proxy = Proxy::start(origin.addr, conf).await;
+    warm(&proxy, &["/plone/doc"]).await;
+    let r = send(
+        client().request(
+            reqwest::Method::from_bytes(b"PURGE").unwrap(),
+            proxy.url("/plone/doc"),
+        ),
+        &[("host", "cache1:6081")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(is_miss(&proxy, "/plone/doc").await);
+}
+
+#[tokio::test]
+async fn refused_purges_purge_nothing() {
+    let origin = Origin::start().await;
+    tagged(&origin, "/keep", &[("xkey", "k")]);
+    let mut conf = Conf::default();
+    conf.rules.push_str("[purge]\ntoken = \"s3cret\"\n");
+    let proxy = Proxy::start(origin.addr, conf).await;
+    warm(&proxy, &["/keep"]).await;
+
+    // from a source outside the allow-list (127.0.0.2 is loopback, but not allowed)
+    let outsider = reqwest::Client::builder()
+        .no_proxy()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let r = send(
+        outsider.request(reqwest::Method::from_bytes(b"PURGE").unwrap(), proxy.url("/keep")),
+        &[("host", SITE), ("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(r.status, 405);
+    // without or with a wrong token
+    assert_eq!(purge(&proxy, "PURGE", "/keep", &[]).await.status, 405);
+    assert_eq!(
+        purge(&proxy, "PURGE", "/keep", &[("authorization", "Bearer nope")])
+            .await
+            .status,
+        405
+    );
+    // malformed
+    let bad = purge(
+        &proxy,
+        "BAN",
+        "/",
+        &[("authorization", "Bearer s3cret"), ("x-url", "([")],
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("x-url"), "{}", bad.body);
+    let huge = "a".repeat(20_000);
+    let r = purge(
+        &proxy,
+        "BAN",
+        "/",
+        &[("authorization", "Bearer s3cret"), ("x-url", &huge)],
+    )
+    .await;
+    assert!(
+        r.status == 400 || r.status == 431,
+        "oversize header: {}",
+        r.status
+    );
+    assert_eq!(
+        purge(&proxy, "PURGEKEYS", "/", &[("authorization", "Bearer s3cret")])
+            .await
+            .status,
+        400
+    );
+    assert!(
+        get(&proxy, "/keep").await.cache.starts_with("corral; hit"),
+        "nothing was purged"
+    );
+    // the right token from an allowed source works
+    assert_eq!(
+        purge(&proxy, "PURGE", "/keep", &[("authorization", "Bearer s3cret")])
+            .await
+            .status,
+        200
+    );
+    assert!(is_miss(&proxy, "/keep").await);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "corral_purges_total{kind=\"-\",result=\"refused\"}"),
+        3.0
+    );
+}
+
+async fn admin_post(proxy: &Proxy, path: &str, body: &str) -> Got {
+    send(
+        client()
+            .post(format!("http://{}{path}", proxy.admin))
+            .body(body.to_string()),
+        &[],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn admin_batch_is_all_or_nothing() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    for p in ["/b1", "/b2", "/b3", "/b4"] {
+        tagged(&origin, p, &[("xkey", "batch-tag")]);
+    }
+    tagged(&origin, "/b5", &[]);
+    warm(&proxy, &["/b1", "/b2", "/b3", "/b5"]).await;
+    let bad = admin_post(
+        &proxy,
+        "/purge",
+        &format!(r#"{{"urls": ["http://{SITE}/b1"], "bans": [{{"url": "(("}}]}}"#),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("bans[0].url"), "{}", bad.body);
+    assert!(!is_miss(&proxy, "/b1").await, "one bad entry: nothing purged");
+    let ok = admin_post(
+        &proxy,
+        "/purge",
+        &format!(r#"{{"urls": ["http://{SITE}/b1", "http://{SITE}/b1"], "tags": ["batch-tag"], "bans": [{{"url": "^/b3$"}}]}}"#),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(ok.body.contains(r#""url":1"#), "duplicates once: {}", ok.body);
+    assert!(is_miss(&proxy, "/b1").await && is_miss(&proxy, "/b2").await && is_miss(&proxy, "/b3").await);
+    assert!(!is_miss(&proxy, "/b5").await);
+}
+
+#[tokio::test]
+async fn purge_all_empties_l1_and_l2() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    tagged(&origin, "/all1", &[]);
+    tagged(&origin, "/all2", &[]);
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    warm(&a, &["/all1", "/all2"]).await;
+    eventually(Duration::from_secs(5), "L2 writes", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 2.0
+    })
+    .await;
+    let r = admin_post(&a, "/purge/all", "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let generation = mc.command(b"get corral/corral/generation\r\n", "END\r\n").await;
+    assert!(
+        generation.contains("VALUE"),
+        "the generation was bumped in memcached: {generation}"
+    );
+    assert!(is_miss(&a, "/all1").await);
+    // B never had it in L1; the generation bump hides L2's copy from B too
+    assert!(is_miss(&b, "/all2").await, "B must not get the purged L2 entry");
+}
+
+#[tokio::test]
+async fn a_url_purge_at_one_corral_reaches_l2() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    tagged(&origin, "/shared", &[]);
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    warm(&a, &["/shared"]).await;
+    eventually(Duration::from_secs(5), "L2 write", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(purge(&a, "PURGE", "/shared", &[]).await.status, 200);
+    let at_b = get(&b, "/shared").await;
+    assert!(at_b.cache.contains("fwd=miss"), "{}", at_b.cache);
+    assert_eq!(at_b.body, "v2");
+}
+
+#[tokio::test]
+async fn a_purge_that_cannot_reach_memcached_is_not_acknowledged() {
+    let mut mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    tagged(&origin, "/p", &[]);
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    warm(&a, &["/p"]).await;
+    mc.stop();
+    let r = purge(&a, "PURGE", "/p", &[]).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("retry"), "{}", r.body);
+    assert!(is_miss(&a, "/p").await, "still purged locally");
+    assert_eq!(admin_post(&a, "/purge/all", "").await.status, 503);
+}
