@@ -69,8 +69,14 @@ impl CacheParts {
         let eviction: &'static lru::Manager<SHARDS> = Box::leak(Box::new(
             lru::Manager::<SHARDS>::with_capacity(cfg.cache.memory_bytes, per_shard),
         ));
-        let storage: &'static Tiered =
-            Box::leak(Box::new(Tiered::new(l1, eviction, l2, cfg.cache.lock_timeout)));
+        let validity: &'static Validity = Box::leak(Box::new(Validity::default()));
+        let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
+            l1,
+            eviction,
+            validity,
+            l2,
+            cfg.cache.lock_timeout,
+        )));
         // age timeout: a writer that holds the lock this long lets the waiters compete again
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
         let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(
@@ -79,7 +85,7 @@ impl CacheParts {
         )));
         Box::leak(Box::new(CacheParts {
             storage,
-            validity: Box::leak(Box::new(Validity::default())),
+            validity,
             eviction,
             lock,
             predictor,
@@ -125,8 +131,14 @@ impl CacheParts {
                 }
             }
             Target::Ban(_) | Target::Tags(_) | Target::TagPattern { .. } => {
-                self.validity.record(purge, purge::now_stamp());
-                (0, true)
+                let at = purge::now_stamp();
+                self.validity.record(purge, at);
+                // every corral of the namespace applies it to what it reads from L2
+                let l2_ok = match (&self.storage.l2, purge::LogRecord::of(purge, at)) {
+                    (Some(l2), Some(record)) => l2.append_log(&record.encode()).await.is_some(),
+                    _ => true,
+                };
+                (0, l2_ok)
             }
             Target::All => {
                 let n = self.storage.l1.stats().entries;

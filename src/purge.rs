@@ -363,6 +363,96 @@ impl Batch {
     }
 }
 
+/// A ban or tag purge as kept in memcached's purge log, so that every corral sharing the
+/// namespace applies it to what it reads from L2 (JSON: small, versionable, readable).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct LogRecord {
+    pub at_ms: u64,
+    pub soft: bool,
+    pub what: LogWhat,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum LogWhat {
+    Ban {
+        host: Option<String>,
+        url: Option<String>,
+        content_type: Option<String>,
+    },
+    Tags {
+        tags: Vec<String>,
+    },
+    TagPattern {
+        header: String,
+        pattern: String,
+    },
+}
+
+impl LogRecord {
+    /// The log record of a purge accepted `at`; `None` for purges that need none (URL purges
+    /// and purge-all reach L2 directly).
+    pub fn of(purge: &Purge, at: SystemTime) -> Option<LogRecord> {
+        let s = |r: &Option<Regex>| r.as_ref().map(|r| r.as_str().to_string());
+        let what = match &purge.target {
+            Target::Ban(b) => LogWhat::Ban {
+                host: s(&b.host),
+                url: s(&b.url),
+                content_type: s(&b.content_type),
+            },
+            Target::Tags(tags) => LogWhat::Tags { tags: tags.clone() },
+            Target::TagPattern { header, pattern } => LogWhat::TagPattern {
+                header: header.as_str().to_string(),
+                pattern: pattern.as_str().to_string(),
+            },
+            Target::Url { .. } | Target::All => return None,
+        };
+        Some(LogRecord {
+            at_ms: millis(at),
+            soft: purge.soft,
+            what,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decode a record and rebuild its purge; `None` if it does not decode.
+    pub fn decode(bytes: &[u8]) -> Option<(Purge, SystemTime)> {
+        let rec: LogRecord = serde_json::from_slice(bytes).ok()?;
+        let re = |name: &str, p: &Option<String>| -> Option<Option<Regex>> {
+            match p {
+                None => Some(None),
+                Some(p) => regex(name, p).ok().map(Some),
+            }
+        };
+        let target = match rec.what {
+            LogWhat::Ban {
+                host,
+                url,
+                content_type,
+            } => Target::Ban(Ban {
+                host: re("host", &host)?,
+                url: re("url", &url)?,
+                content_type: re("content_type", &content_type)?,
+            }),
+            LogWhat::Tags { tags } => Target::Tags(tags),
+            LogWhat::TagPattern { header, pattern } => Target::TagPattern {
+                header: HeaderName::from_bytes(header.as_bytes()).ok()?,
+                pattern: regex("pattern", &pattern).ok()?,
+            },
+        };
+        Some((
+            Purge {
+                target,
+                soft: rec.soft,
+            },
+            from_millis(rec.at_ms),
+        ))
+    }
+}
+
 /// Who may purge: source networks and, optionally, a bearer token.
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -453,7 +543,8 @@ impl Validity {
         }
     }
 
-    /// Record a ban, a tag purge or a tag pattern accepted `at`.
+    /// Record a ban, a tag purge or a tag pattern accepted `at` (records arrive roughly in time
+    /// order; one pulled late from the purge log still applies by its own time).
     pub fn record(&self, purge: &Purge, at: SystemTime) {
         let stamp = Stamp { at, soft: purge.soft };
         match &purge.target {

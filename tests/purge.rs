@@ -388,3 +388,44 @@ async fn a_purge_that_cannot_reach_memcached_is_not_acknowledged() {
     assert!(is_miss(&a, "/p").await, "still purged locally");
     assert_eq!(admin_post(&a, "/purge/all", "").await.status, 503);
 }
+
+#[tokio::test]
+async fn bans_and_tag_purges_reach_every_corral_through_l2() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    tagged(&origin, "/news/1", &[]);
+    tagged(&origin, "/t1", &[("xkey", "tag-one")]);
+    tagged(&origin, "/keep", &[("xkey", "tag-two")]);
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    warm(&a, &["/news/1", "/t1", "/keep"]).await;
+    eventually(Duration::from_secs(5), "L2 writes", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 3.0
+    })
+    .await;
+    // accepted at A, answered 2xx: from now on no corral may serve the old copies from L2
+    assert_eq!(purge(&a, "BAN", "/", &[("x-url", "^/news/")]).await.status, 200);
+    assert_eq!(
+        purge(&a, "PURGEKEYS", "/", &[("xkey-purge", "tag-one")])
+            .await
+            .status,
+        200
+    );
+    assert!(is_miss(&b, "/news/1").await, "B honours A's ban on an L2 read");
+    assert!(is_miss(&b, "/t1").await, "B honours A's tag purge on an L2 read");
+    assert!(
+        get(&b, "/keep").await.cache.ends_with("detail=l2"),
+        "the rest is still shared"
+    );
+    // a corral started after the purge honours it too
+    let c = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let at_c = get(&c, "/news/1").await;
+    assert!(
+        !at_c.body.starts_with("v1"),
+        "C never serves the banned copy: {}",
+        at_c.cache
+    );
+}

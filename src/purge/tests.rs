@@ -244,3 +244,26 @@ fn a_batch_is_validated_whole() {
         assert!(e.contains(names), "{e}");
     }
 }
+
+#[test]
+fn log_records_round_trip() {
+    let at = now_stamp();
+    for p in [
+        parse_req("BAN", "/", &[("x-url", "^/news"), ("x-content-type", "html")]).unwrap(),
+        parse_req("PURGEKEYS", "/", &[("xkey-softpurge", "a b")]).unwrap(),
+        parse_req("PURGE", "/", &[("x-magento-tags-pattern", "((^|,)cat_p_1(,|$))")]).unwrap(),
+    ] {
+        let bytes = LogRecord::of(&p, at).unwrap().encode();
+        let (back, when) = LogRecord::decode(&bytes).unwrap();
+        assert_eq!((back.kind(), back.soft), (p.kind(), p.soft));
+        assert_eq!(millis(when), millis(at));
+        let v = Validity::default();
+        v.record(&back, when);
+        assert!(!v.is_empty());
+    }
+    assert!(
+        LogRecord::of(&parse_req("PURGE", "/x", &[]).unwrap(), at).is_none(),
+        "URL purges need no log"
+    );
+    assert!(LogRecord::decode(b"{garbage").is_none());
+}

@@ -192,6 +192,55 @@ impl L2 {
         (current, current)
     }
 
+    fn log_seq_key(&self) -> String {
+        format!("corral/{}/purgelog/seq", self.inner.namespace)
+    }
+
+    fn log_key(&self, seq: u64) -> String {
+        format!("corral/{}/purgelog/{seq}", self.inner.namespace)
+    }
+
+    /// Append a record to the namespace's purge log. Returns its sequence number, or `None` if
+    /// memcached could not take it.
+    pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
+        let seq_key = self.log_seq_key();
+        let k = seq_key.as_bytes();
+        let r = self
+            .with_server(k, "incr", |c| async move {
+                c.increment(k).delta(1).initial(1, MAX_TTL).send().await
+            })
+            .await?;
+        let seq = r.value?;
+        let key = self.log_key(seq);
+        let kb = key.as_bytes();
+        let stored = self
+            .with_server(kb, "set", |c| async move {
+                c.set(kb, record).ttl(Ttl::secs(MAX_TTL)).send().await
+            })
+            .await;
+        stored.map(|_| seq)
+    }
+
+    /// The last sequence number of the purge log: `Some(0)` when it is empty, `None` when
+    /// memcached could not be read.
+    pub async fn log_seq(&self) -> Option<u64> {
+        let key = self.log_seq_key();
+        match self.get_plain(key.as_bytes()).await? {
+            Read::Hit(v) => std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()),
+            _ => Some(0),
+        }
+    }
+
+    /// One purge log record: `Some(None)` if it is gone (expired, evicted), `None` if memcached
+    /// could not be read.
+    pub async fn log_record(&self, seq: u64) -> Option<Option<Bytes>> {
+        let key = self.log_key(seq);
+        match self.get_plain(key.as_bytes()).await? {
+            Read::Hit(v) => Some(Some(v)),
+            _ => Some(None),
+        }
+    }
+
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace
     /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed.
     pub async fn bump_generation(&self) -> Option<u64> {

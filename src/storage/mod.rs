@@ -38,14 +38,22 @@ use pingora_error::Result;
 use tracing::warn;
 
 use crate::metrics;
+use crate::purge::{LogRecord, Validity, MAX_RECORDS};
 use memcached::{Read, L2};
 use memory::{MemoryStorage, MetaParts};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// L1 in front of an optional L2.
 pub struct Tiered {
     pub l1: &'static MemoryStorage,
     /// L1's eviction manager: promotions from L2 are admitted (and evict) like fills.
     eviction: &'static (dyn EvictionManager + Sync),
+    /// Ban and tag records, where records pulled from memcached's purge log go.
+    validity: &'static Validity,
+    /// The last purge log record applied here.
+    log_seen: AtomicU64,
+    /// One purge log reader at a time.
+    log_lock: tokio::sync::Mutex<()>,
     pub l2: Option<L2>,
     /// How long a lookup waits for another corral's fill (the cross-proxy lock).
     lock_timeout: Duration,
@@ -61,12 +69,16 @@ impl Tiered {
     pub fn new(
         l1: &'static MemoryStorage,
         eviction: &'static (dyn EvictionManager + Sync),
+        validity: &'static Validity,
         l2: Option<L2>,
         lock_timeout: Duration,
     ) -> Self {
         Tiered {
             l1,
             eviction,
+            validity,
+            log_seen: AtomicU64::new(0),
+            log_lock: tokio::sync::Mutex::new(()),
             l2,
             lock_timeout,
             leases: DashMap::new(),
@@ -87,15 +99,53 @@ impl Tiered {
         }
     }
 
-    /// Every second, adopt memcached's namespace generation; when it moved (another corral
-    /// purged everything), drop L1 too: its entries predate the purge.
+    /// Every second, adopt memcached's namespace generation (when it moved, another corral
+    /// purged everything: drop L1 too) and pull new purge log records (bans and tag purges
+    /// other corrals accepted), so L1 follows them within a second.
     fn spawn_generation_watch(&'static self, l2: L2) {
         tokio::spawn(async move {
             loop {
-                self.adopt_generation(&l2).await;
+                tokio::join!(self.adopt_generation(&l2), self.pull_log(&l2));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// Apply the purge log records this corral has not seen. Returns false if the log could
+    /// not be read completely (memcached trouble): an L2 value must not be trusted then.
+    ///
+    /// A record that is gone (expired, evicted), or more records than [`MAX_RECORDS`] to catch
+    /// up on (a corral started long after), is covered conservatively: everything validated
+    /// before now is treated as purged.
+    pub async fn pull_log(&'static self, l2: &L2) -> bool {
+        let Some(seq) = l2.log_seq().await else {
+            return false;
+        };
+        if seq <= self.log_seen.load(Ordering::Acquire) {
+            return true;
+        }
+        let _one_reader = self.log_lock.lock().await;
+        let seen = self.log_seen.load(Ordering::Acquire);
+        if seq <= seen {
+            return true;
+        }
+        let mut from = seen + 1;
+        if seq - seen > MAX_RECORDS as u64 {
+            self.validity.invalidate_all_before(crate::purge::now_stamp());
+            from = seq + 1 - MAX_RECORDS as u64;
+        }
+        for n in from..=seq {
+            match l2.log_record(n).await {
+                None => return false,
+                Some(Some(bytes)) => match LogRecord::decode(&bytes) {
+                    Some((purge, at)) => self.validity.record(&purge, at),
+                    None => self.validity.invalidate_all_before(crate::purge::now_stamp()),
+                },
+                Some(None) => self.validity.invalidate_all_before(crate::purge::now_stamp()),
+            }
+            self.log_seen.store(n, Ordering::Release);
+        }
+        true
     }
 
     /// Read the generation; if it moved, drop L1 (loudly). Returns whether it moved.
@@ -156,7 +206,16 @@ impl Tiered {
             // the generation is read alongside the value (in parallel, one round trip): a value
             // found under an older generation was purged by a purge-all elsewhere. Compare with
             // the generation the key was built from: the watcher may have adopted it first.
-            let (read, _) = tokio::join!(l2.get(&mk, Some(self.lock_timeout)), self.adopt_generation(l2));
+            let (read, _, log_complete) = tokio::join!(
+                l2.get(&mk, Some(self.lock_timeout)),
+                self.adopt_generation(l2),
+                self.pull_log(l2)
+            );
+            if !log_complete {
+                // a ban elsewhere may cover this value and we cannot tell: do without L2
+                metrics::L2_LOOKUPS.with_label_values(&["unavailable"]).inc();
+                return Ok(None);
+            }
             if l2.generation() != generation {
                 generation = l2.generation();
                 mk = l2.key_at(generation, &key.combined());
