@@ -267,3 +267,68 @@ fn log_records_round_trip() {
     );
     assert!(LogRecord::decode(b"{garbage").is_none());
 }
+
+#[test]
+fn a_hundred_thousand_bans_stay_bounded() {
+    let v = Validity::default();
+    let ban = parse_req("BAN", "/", &[("x-url", "^/gone/")]).unwrap();
+    let old = entry(&[], SystemTime::now() - Duration::from_secs(10));
+    for _ in 0..100_000 {
+        v.record(&ban, now_stamp());
+    }
+    assert!(v.len() <= MAX_RECORDS, "{} records kept", v.len());
+    assert_eq!(v.verdict("h", "/gone/x", &old), Some(ForcedFreshness::ForceMiss));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the separators and spacing, a tag list splits into exactly its tags.
+        #[test]
+        fn tag_lists_split_into_their_tags(tags in proptest::collection::btree_set("[a-zA-Z0-9:_.-]{1,12}", 1..8),
+                                           pad in "[ \t]{0,3}") {
+            let tags: Vec<String> = tags.into_iter().collect();
+            let spaced = tags.iter().map(|t| format!("{pad}{t}{pad}")).collect::<Vec<_>>().join(" ");
+            prop_assert_eq!(split_tags(&spaced, ' '), tags.clone());
+            let commas = tags.iter().map(|t| format!("{pad}{t}")).collect::<Vec<_>>().join(",");
+            prop_assert_eq!(split_tags(&commas, ','), tags);
+        }
+
+        /// An entry carrying a purged tag is invalid, one that does not is untouched.
+        #[test]
+        fn tag_purges_hit_exactly_the_tagged(tag in "[a-z]{1,8}", other in "[A-Z]{1,8}") {
+            let v = Validity::default();
+            let before = SystemTime::now() - Duration::from_secs(10);
+            v.record(&Purge { target: Target::Tags(vec![tag.clone()]), soft: false }, now_stamp());
+            let tagged_value = format!("{other} {tag}");
+            let tagged = entry(&[("xkey", tagged_value.as_str())], before);
+            let untagged = entry(&[("xkey", other.as_str())], before);
+            prop_assert_eq!(v.verdict("h", "/", &tagged), Some(ForcedFreshness::ForceMiss));
+            prop_assert_eq!(v.verdict("h", "/", &untagged), None);
+        }
+
+        /// A ban on an escaped literal path matches that path and no other.
+        #[test]
+        fn literal_bans_match_only_their_path(path in "/[a-z0-9/._-]{0,20}", other in "/[a-z0-9/._-]{0,20}") {
+            let ban = Ban { host: None, url: Some(Regex::new(&format!("^{}$", regex::escape(&path))).unwrap()), content_type: None };
+            prop_assert!(ban.matches("h", &path, ""));
+            prop_assert_eq!(ban.matches("h", &other, ""), other == path);
+        }
+
+        /// No header value makes the parser panic: it returns a purge or a reason.
+        #[test]
+        fn parsing_never_panics(method in prop::sample::select(vec!["PURGE", "BAN", "PURGEKEYS", "PURGETAGS", "URIBAN"]),
+                                name in prop::sample::select(vec!["x-url", "x-host", "x-content-type", "xkey-purge",
+                                    "xkey-softpurge", "x-cache-tags", "cache-tags", "surrogate-key",
+                                    "x-magento-tags-pattern", "x-purge-method", "soft-purge"]),
+                                value in "[ -~]{0,64}",
+                                path in "/[ -~]{0,32}") {
+            let mut r = RequestHeader::build(method, b"/", None).unwrap();
+            if r.append_header(name, value.as_str()).is_ok() {
+                let _ = parse(&r, "h", &path);
+            }
+        }
+    }
+}
