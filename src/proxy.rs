@@ -97,7 +97,9 @@ impl CacheParts {
     /// (if any) confirmed the removal.
     ///
     /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
-    /// give; those expire on their own (the purge API's bans and tags cover them).
+    /// give. They need no deletion: a variant is reached only through the URL's primary entry,
+    /// and Pingora accepts only variants created after that primary (its `created` is their
+    /// tombstone), so once the primary is gone, older variants can never be served again.
     pub async fn remove_url(&self, key: &CacheKey) -> (usize, bool) {
         let removed = self.storage.l1.remove_primary(&key.primary_bin());
         for compact in &removed {

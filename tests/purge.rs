@@ -429,3 +429,53 @@ async fn bans_and_tag_purges_reach_every_corral_through_l2() {
         at_c.cache
     );
 }
+
+#[tokio::test]
+async fn a_url_purge_reaches_every_vary_variant_in_l2() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/v", |s| {
+        Reply::ok(format!("v{}", s.n))
+            .header("cache-control", "max-age=300")
+            .header("vary", "accept-language")
+    });
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let fetch = |p: &Proxy, lang: &'static str| {
+        let url = p.url("/v");
+        async move { get_with(&url, &[("host", SITE), ("accept-language", lang)]).await }
+    };
+    fetch(&a, "en").await; // primary slot
+    fetch(&a, "fr").await; // a secondary variant
+    eventually(Duration::from_secs(5), "L2 writes", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 2.0
+    })
+    .await;
+    assert!(
+        fetch(&b, "fr").await.cache.ends_with("detail=l2"),
+        "B shares the variant"
+    );
+    let c = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    assert_eq!(purge(&a, "PURGE", "/v", &[]).await.status, 200);
+    // A refills the primary slot after the purge; C then looks up "fr": primary hit, Vary
+    // says another variant, and the "fr" variant stored before the purge must not come back
+    let a_en = fetch(&a, "en").await;
+    assert!(a_en.cache.contains("fwd=miss"), "{}", a_en.cache);
+    eventually(Duration::from_secs(5), "A's L2 write", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 3.0
+    })
+    .await;
+    let g = fetch(&c, "fr").await;
+    assert!(
+        g.cache.contains("fwd=miss"),
+        "fr at C after the purge: {} {}",
+        g.cache,
+        g.body
+    );
+}
