@@ -43,8 +43,9 @@ use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
 use crate::purge::{self, Purge, Target, Validity};
 use crate::storage::memcached::L2;
+use crate::storage::memory::CompleteHit;
 use crate::storage::memory::MemoryStorage;
-use crate::storage::{FromL2, Tiered};
+use crate::storage::Tiered;
 
 /// Shards of the eviction LRU and of the predictor.
 const SHARDS: usize = 16;
@@ -502,7 +503,7 @@ impl ProxyHttp for Corral {
         _is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
-        ctx.from_l2 = hit_handler.as_any().is::<FromL2>();
+        ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
         // bans and tag purges newer than this entry
         if let Some(verdict) = self.parts.validity.verdict(&ctx.host, &ctx.path, meta) {
             return Ok(Some(verdict));

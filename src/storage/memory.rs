@@ -313,11 +313,33 @@ fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey
 // === hit handlers ===
 
 /// Reads a committed body: one chunk, shared with the stored [`Bytes`].
-struct CompleteHit {
+pub struct CompleteHit {
     body: Bytes,
     done: bool,
     range: (usize, usize),
     weight: usize,
+    /// Answered from L2 (and promoted into L1): reported as `detail=l2`.
+    from_l2: bool,
+}
+
+impl CompleteHit {
+    pub fn new(body: Bytes, weight: usize, from_l2: bool) -> Self {
+        let len = body.len();
+        CompleteHit {
+            body,
+            done: false,
+            range: (0, len),
+            weight,
+            from_l2,
+        }
+    }
+
+    /// Was this hit answered from L2?
+    pub fn is_from_l2(hit: &HitHandler) -> bool {
+        hit.as_any()
+            .downcast_ref::<CompleteHit>()
+            .is_some_and(|h| h.from_l2)
+    }
 }
 
 /// Streams a body that is still being written.
@@ -561,12 +583,7 @@ impl Storage for MemoryStorage {
         let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {
             return Ok(None);
         };
-        let hit = CompleteHit {
-            body: entry.body.clone(),
-            done: false,
-            range: (0, entry.body.len()),
-            weight: entry.weight,
-        };
+        let hit = CompleteHit::new(entry.body.clone(), entry.weight, false);
         Ok(Some((entry.meta.to_meta(), Box::new(hit))))
     }
 

@@ -29,8 +29,7 @@ use dashmap::DashMap;
 use pingora_cache::eviction::{CacheEntryKey, EvictionManager};
 use pingora_cache::key::CacheHashKey;
 use pingora_cache::storage::{
-    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
-    Storage,
+    HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType, Storage,
 };
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
@@ -40,7 +39,7 @@ use tracing::warn;
 use crate::metrics;
 use crate::purge::{LogRecord, Validity, MAX_RECORDS};
 use memcached::{Read, L2};
-use memory::{MemoryStorage, MetaParts};
+use memory::{CompleteHit, MemoryStorage, MetaParts};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// L1 in front of an optional L2.
@@ -280,12 +279,7 @@ impl Tiered {
             let k = evicted.key();
             self.l1.remove_variant(k.primary, k.variance_bin());
         }
-        let hit = FromL2 {
-            body: rec.body,
-            done: false,
-            weight,
-        };
-        Some((rec.meta, Box::new(hit)))
+        Some((rec.meta, Box::new(CompleteHit::new(rec.body, weight, true))))
     }
 
     fn l2_ttl(meta: &CacheMeta) -> Duration {
@@ -293,46 +287,6 @@ impl Tiered {
         let fresh = meta.fresh_until().duration_since(now).unwrap_or(Duration::ZERO);
         let stale = meta.stale_while_revalidate_sec().max(meta.stale_if_error_sec());
         (fresh + Duration::from_secs(stale.into())).max(Duration::from_secs(1))
-    }
-}
-
-/// A hit answered from L2 (and already promoted into L1); the proxy reports it as
-/// `detail=l2`.
-pub struct FromL2 {
-    body: Bytes,
-    done: bool,
-    weight: usize,
-}
-
-#[async_trait]
-impl HandleHit for FromL2 {
-    async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        if self.done {
-            return Ok(None);
-        }
-        self.done = true;
-        Ok(Some(self.body.clone()))
-    }
-
-    async fn finish(
-        self: Box<Self>,
-        _storage: &'static (dyn Storage + Sync),
-        _key: &CacheKey,
-        _trace: &SpanHandle,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    fn get_eviction_weight(&self) -> usize {
-        self.weight
-    }
-
-    fn as_any(&self) -> &(dyn Any + Send + Sync) {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
-        self
     }
 }
 
