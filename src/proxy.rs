@@ -645,7 +645,10 @@ impl ProxyHttp for Corral {
         ctx.status = Some(status);
         if self.cfg.purge.strip_tag_headers {
             for (name, _) in purge::TAG_HEADERS {
-                resp.remove_header(name);
+                // most responses carry none: a lookup is cheaper than a removal
+                if resp.headers.contains_key(name) {
+                    resp.remove_header(name);
+                }
             }
         }
         Ok(())

@@ -114,6 +114,36 @@ struct Stored {
     generation: u64,
 }
 
+impl Stored {
+    fn new(meta: MetaParts, body: Bytes, generation: u64) -> Arc<Stored> {
+        let weight = body.len() + meta.header_bytes() + ENTRY_OVERHEAD;
+        Arc::new(Stored {
+            meta,
+            body,
+            weight,
+            generation,
+        })
+    }
+
+    /// The same body under new metadata. The weight stays what the eviction manager was told:
+    /// a 304 or a soft purge changes headers only.
+    fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
+        Arc::new(Stored {
+            meta,
+            body: self.body.clone(),
+            weight: self.weight,
+            generation: self.generation,
+        })
+    }
+
+    /// This entry, stale from `now` on (the serve-stale windows then run from this moment).
+    fn expired(&self, now: SystemTime) -> Arc<Stored> {
+        let mut meta = self.meta.clone();
+        meta.fresh_until = meta.fresh_until.min(now - Duration::from_millis(1));
+        self.with_meta(meta)
+    }
+}
+
 /// State of an in-progress fill, broadcast to the readers streaming it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FillState {
@@ -184,28 +214,38 @@ impl MemoryStorage {
 
     /// Store a complete entry directly (promotion from L2). Returns its weight.
     pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> usize {
-        let weight = body.len() + meta.header_bytes() + ENTRY_OVERHEAD;
-        let stored = Arc::new(Stored {
-            meta,
-            body,
-            weight,
-            generation: self.generation.load(Ordering::Acquire),
-        });
-        let variance = key.variance_bin();
-        let mut slots = self.table.entry(key.primary_bin()).or_default();
-        match slots.iter_mut().find(|s| s.variance == variance) {
-            Some(slot) => {
-                if let Some(old) = slot.entry.replace(stored) {
-                    self.account_remove(old.weight);
-                }
+        let stored = Stored::new(meta, body, self.generation.load(Ordering::Acquire));
+        self.commit(key.primary_bin(), key.variance_bin(), stored, None)
+    }
+
+    /// Put a committed entry in its variant's slot, replacing (and un-counting) the old one;
+    /// `fill` is the fill it completes, cleared from the slot if still there. Returns the weight.
+    fn commit(
+        &self,
+        primary: HashBinary,
+        variance: Option<HashBinary>,
+        stored: Arc<Stored>,
+        fill: Option<u64>,
+    ) -> usize {
+        let weight = stored.weight;
+        let mut slots = self.table.entry(primary).or_default();
+        let slot = match slots.iter().position(|s| s.variance == variance) {
+            Some(i) => &mut slots[i],
+            None => {
+                slots.push(Slot {
+                    variance,
+                    ..Default::default()
+                });
+                slots.last_mut().expect("just pushed")
             }
-            None => slots.push(Slot {
-                variance,
-                entry: Some(stored),
-                fill: None,
-            }),
+        };
+        if let Some(old) = slot.entry.replace(stored) {
+            self.account_remove(old.weight);
         }
         self.account_add(weight);
+        if fill.is_some() && slot.fill.as_ref().map(|f| f.id) == fill {
+            slot.fill = None;
+        }
         weight
     }
 
@@ -247,14 +287,7 @@ impl MemoryStorage {
         let now = SystemTime::now();
         let mut n = 0;
         for entry in slots.iter_mut().filter_map(|s| s.entry.as_mut()) {
-            let mut meta = entry.meta.clone();
-            meta.fresh_until = meta.fresh_until.min(now - Duration::from_millis(1));
-            *entry = Arc::new(Stored {
-                meta,
-                body: entry.body.clone(),
-                weight: entry.weight,
-                generation: entry.generation,
-            });
+            *entry = entry.expired(now);
             n += 1;
         }
         n
@@ -491,33 +524,11 @@ impl HandleMiss for MemoryMiss {
         // body is joined once here (a copy per fill, never per hit)
         let chunks = self.fill.chunks.lock().clone();
         let body = join(chunks, self.written);
-        let weight = body.len() + self.fill.meta.header_bytes() + ENTRY_OVERHEAD;
-        let stored = Arc::new(Stored {
-            meta: self.fill.meta.clone(),
-            body,
-            weight,
-            generation: self.storage.generation.load(Ordering::Acquire),
-        });
-        let storage = self.storage;
-        let mut slots = storage.table.entry(self.primary).or_default();
-        let slot = match slots.iter_mut().position(|s| s.variance == self.variance) {
-            Some(i) => &mut slots[i],
-            None => {
-                slots.push(Slot {
-                    variance: self.variance,
-                    ..Default::default()
-                });
-                slots.last_mut().expect("just pushed")
-            }
-        };
-        if let Some(old) = slot.entry.replace(stored) {
-            storage.account_remove(old.weight);
-        }
-        storage.account_add(weight);
-        if slot.fill.as_ref().is_some_and(|f| f.id == self.fill.id) {
-            slot.fill = None;
-        }
-        drop(slots);
+        let generation = self.storage.generation.load(Ordering::Acquire);
+        let stored = Stored::new(self.fill.meta.clone(), body, generation);
+        let weight = self
+            .storage
+            .commit(self.primary, self.variance, stored, Some(self.fill.id));
         self.finished = true;
         Ok(MissFinishType::Created(weight))
     }
@@ -675,18 +686,7 @@ impl Storage for MemoryStorage {
         let Some(entry) = slot.entry.as_mut() else {
             return Ok(PurgeOutcome::NotFound);
         };
-        let mut meta = entry.meta.clone();
-        let now = SystemTime::now();
-        if meta.fresh_until > now {
-            // stale from now on; the serve-stale windows then run from this moment
-            meta.fresh_until = now - Duration::from_millis(1);
-        }
-        *entry = Arc::new(Stored {
-            meta,
-            body: entry.body.clone(),
-            weight: entry.weight,
-            generation: entry.generation,
-        });
+        *entry = entry.expired(SystemTime::now());
         Ok(PurgeOutcome::Expired)
     }
 
@@ -707,13 +707,7 @@ impl Storage for MemoryStorage {
         else {
             return Ok(false);
         };
-        // the weight stays what the eviction manager was told; a 304 changes headers only
-        *entry = Arc::new(Stored {
-            meta: MetaParts::from_meta(meta),
-            body: entry.body.clone(),
-            weight: entry.weight,
-            generation: entry.generation,
-        });
+        *entry = entry.with_meta(MetaParts::from_meta(meta));
         Ok(true)
     }
 
