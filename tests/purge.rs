@@ -479,3 +479,36 @@ async fn a_url_purge_reaches_every_vary_variant_in_l2() {
         g.body
     );
 }
+
+#[tokio::test]
+async fn purges_hold_with_one_of_two_memcached_servers_down() {
+    let mc1 = Memcached::start().await;
+    let mut mc2 = Memcached::start().await;
+    let origin = Origin::start().await;
+    for i in 0..10 {
+        tagged(&origin, &format!("/two/{i}"), &[]);
+    }
+    let a = Proxy::start(origin.addr, Conf::default().servers(&[&mc1, &mc2])).await;
+    let b = Proxy::start(origin.addr, Conf::default().servers(&[&mc1, &mc2])).await;
+    let paths: Vec<String> = (0..10).map(|i| format!("/two/{i}")).collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    warm(&a, &paths).await;
+    eventually(Duration::from_secs(5), "L2 writes", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 10.0
+    })
+    .await;
+    mc2.stop();
+    // the control keys (purge log, generation) are on every server: the purge is taken
+    assert_eq!(purge(&a, "BAN", "/", &[("x-url", "^/two/")]).await.status, 200);
+    for p in &paths {
+        let g = get(&b, p).await;
+        assert!(
+            g.cache.contains("fwd=miss"),
+            "{p} at B after the ban: {}",
+            g.cache
+        );
+    }
+}

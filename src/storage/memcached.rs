@@ -11,7 +11,8 @@
 //! `md5_hex(namespace "/" generation "/" cache key)`: 32 characters, no spaces, far under
 //! memcached's 250-byte limit. The generation is a counter kept in memcached under
 //! `corral/<namespace>/generation`; bumping it makes every L2 entry of the namespace unreachable
-//! at once (they expire on their own). Each corral re-reads it every second.
+//! at once (they expire on their own). It and the purge log are control keys, kept on every
+//! server (the highest value any live server reports wins), so one server down hides no purge.
 //!
 //! # Outages
 //! Every operation is bounded by `op_timeout`. A transport failure (connect refused, timeout)
@@ -170,23 +171,82 @@ impl L2 {
         format!("corral/{}/generation", self.inner.namespace)
     }
 
+    // === control keys: the generation and the purge log, kept on every server ===
+    //
+    // A cache entry lives on one server; the keys that say which entries are still valid are
+    // written to every live server and read from all of them (the highest counter wins), so one
+    // server being down neither hides a purge nor stops the others from serving.
+
+    /// A counter's value: the highest any live server reports (absent = 0); `None` if no server
+    /// answered.
+    async fn read_counter(&self, key: &str) -> Option<u64> {
+        let k = key.as_bytes();
+        let mut best = None;
+        for server in &self.inner.servers {
+            let Some(r) = self
+                .with_server_at(server, "get", |c| async move { c.get(k).send().await })
+                .await
+            else {
+                continue;
+            };
+            let hit = r.hit();
+            let value = r
+                .value
+                .filter(|_| hit)
+                .and_then(|v| {
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            best = Some(best.map_or(value, |b: u64| b.max(value)));
+        }
+        best
+    }
+
+    /// Increment a counter on every live server and bring laggards (a server that was down) up
+    /// to the highest value, so it never goes backwards. Returns that value, `None` if no server
+    /// took it.
+    async fn bump_counter(&self, key: &str) -> Option<u64> {
+        let k = key.as_bytes();
+        let mut results = Vec::new();
+        for server in &self.inner.servers {
+            let r = self
+                .with_server_at(server, "incr", |c| async move {
+                    c.increment(k).delta(1).initial(1, MAX_TTL).send().await
+                })
+                .await;
+            results.push(r.and_then(|r| r.value));
+        }
+        let top = results.iter().flatten().copied().max()?;
+        for (server, value) in self.inner.servers.iter().zip(&results) {
+            if value.is_some_and(|v| v < top) {
+                let v = top.to_string();
+                let v = v.as_bytes();
+                self.with_server_at(server, "set", |c| async move {
+                    c.set(k, v).ttl(Ttl::secs(MAX_TTL)).send().await
+                })
+                .await;
+            }
+        }
+        Some(top)
+    }
+
     /// Read the namespace generation from memcached and adopt it. Returns `(old, new)`; equal
     /// when nothing changed or memcached could not be read.
     pub async fn refresh_generation(&self) -> (u64, u64) {
-        let key = self.generation_key();
         let current = self.generation();
-        if let Some(Read::Hit(v)) = self.get_plain(key.as_bytes()).await {
-            let read = std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok());
-            if let Some(g) = read.filter(|g| *g != current) {
-                let swapped =
-                    self.inner
-                        .generation
-                        .compare_exchange(current, g, Ordering::AcqRel, Ordering::Acquire);
-                if swapped.is_ok() {
-                    return (current, g);
-                }
+        if let Some(g) = self
+            .read_counter(&self.generation_key())
+            .await
+            .filter(|g| *g != current)
+        {
+            let swapped =
+                self.inner
+                    .generation
+                    .compare_exchange(current, g, Ordering::AcqRel, Ordering::Acquire);
+            if swapped.is_ok() {
+                return (current, g);
             }
         }
         (current, current)
@@ -200,58 +260,56 @@ impl L2 {
         format!("corral/{}/purgelog/{seq}", self.inner.namespace)
     }
 
-    /// Append a record to the namespace's purge log. Returns its sequence number, or `None` if
-    /// memcached could not take it.
+    /// Append a record to the namespace's purge log (on every live server). Returns its
+    /// sequence number, or `None` if memcached could not take it.
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
-        let seq_key = self.log_seq_key();
-        let k = seq_key.as_bytes();
-        let r = self
-            .with_server(k, "incr", |c| async move {
-                c.increment(k).delta(1).initial(1, MAX_TTL).send().await
-            })
-            .await?;
-        let seq = r.value?;
+        let seq = self.bump_counter(&self.log_seq_key()).await?;
         let key = self.log_key(seq);
         let kb = key.as_bytes();
-        let stored = self
-            .with_server(kb, "set", |c| async move {
-                c.set(kb, record).ttl(Ttl::secs(MAX_TTL)).send().await
-            })
-            .await;
-        stored.map(|_| seq)
+        let mut stored = false;
+        for server in &self.inner.servers {
+            stored |= self
+                .with_server_at(server, "set", |c| async move {
+                    c.set(kb, record).ttl(Ttl::secs(MAX_TTL)).send().await
+                })
+                .await
+                .is_some();
+        }
+        stored.then_some(seq)
     }
 
     /// The last sequence number of the purge log: `Some(0)` when it is empty, `None` when
     /// memcached could not be read.
     pub async fn log_seq(&self) -> Option<u64> {
-        let key = self.log_seq_key();
-        match self.get_plain(key.as_bytes()).await? {
-            Read::Hit(v) => std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()),
-            _ => Some(0),
-        }
+        self.read_counter(&self.log_seq_key()).await
     }
 
-    /// One purge log record: `Some(None)` if it is gone (expired, evicted), `None` if memcached
-    /// could not be read.
+    /// One purge log record, from any live server that has it: `Some(None)` if none has it
+    /// (expired, evicted), `None` if no server could be read.
     pub async fn log_record(&self, seq: u64) -> Option<Option<Bytes>> {
         let key = self.log_key(seq);
-        match self.get_plain(key.as_bytes()).await? {
-            Read::Hit(v) => Some(Some(v)),
-            _ => Some(None),
+        let k = key.as_bytes();
+        let mut answered = false;
+        for server in &self.inner.servers {
+            let Some(r) = self
+                .with_server_at(server, "get", |c| async move { c.get(k).send().await })
+                .await
+            else {
+                continue;
+            };
+            answered = true;
+            let hit = r.hit();
+            if let Some(v) = r.value.filter(|v| hit && !v.is_empty()) {
+                return Some(Some(Bytes::from(v)));
+            }
         }
+        answered.then_some(None)
     }
 
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace
     /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed.
     pub async fn bump_generation(&self) -> Option<u64> {
-        let key = self.generation_key();
-        let k = key.as_bytes();
-        let r = self
-            .with_server(k, "incr", |c| async move {
-                c.increment(k).delta(1).initial(1, MAX_TTL).send().await
-            })
-            .await?;
-        let g = r.value?;
+        let g = self.bump_counter(&self.generation_key()).await?;
         let old = self.inner.generation.swap(g, Ordering::AcqRel);
         info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
         Some(g)
@@ -324,7 +382,15 @@ impl L2 {
         F: FnOnce(AsyncMetaClient) -> Fut,
         Fut: std::future::Future<Output = memcache::exp::Result<T>>,
     {
-        let server = self.server(key);
+        self.with_server_at(self.server(key), op, f).await
+    }
+
+    /// [`Self::with_server`] against one given server.
+    async fn with_server_at<T, F, Fut>(&self, server: &Server, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(AsyncMetaClient) -> Fut,
+        Fut: std::future::Future<Output = memcache::exp::Result<T>>,
+    {
         if !server.up.load(Ordering::Acquire) {
             metrics::L2_REQUESTS.with_label_values(&[op, "skipped"]).inc();
             return None;
