@@ -165,6 +165,8 @@ struct MemcachedFile {
     #[serde(with = "size")]
     max_object_bytes: ByteSize,
     pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    max_ttl: Duration,
 }
 
 impl Default for MemcachedFile {
@@ -177,6 +179,7 @@ impl Default for MemcachedFile {
             // memcached's default item limit is 1 MiB, key and item header included
             max_object_bytes: ByteSize::b(1_000_000),
             pool_size: 16,
+            max_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -189,6 +192,8 @@ struct PurgeFile {
     host_map: std::collections::BTreeMap<String, String>,
     default_host: String,
     strip_tag_headers: bool,
+    #[serde(with = "humantime_serde")]
+    sweep_interval: Duration,
 }
 
 impl Default for PurgeFile {
@@ -199,6 +204,7 @@ impl Default for PurgeFile {
             host_map: Default::default(),
             default_host: String::new(),
             strip_tag_headers: true,
+            sweep_interval: Duration::from_secs(1),
         }
     }
 }
@@ -312,6 +318,8 @@ pub struct PurgeConfig {
     pub default_host: Option<String>,
     /// Remove tag headers (xkey, Surrogate-Key, ...) from client responses.
     pub strip_tag_headers: bool,
+    /// How often the ban sweeper runs (checks L1 against new bans, expires old ones).
+    pub sweep_interval: Duration,
 }
 
 impl PurgeConfig {
@@ -554,6 +562,12 @@ impl FileConfig {
             if m.pool_size == 0 {
                 return err("memcached.pool_size", "must be greater than 0".into());
             }
+            if m.max_ttl < Duration::from_secs(1) || m.max_ttl > Duration::from_secs(30 * 24 * 3600) {
+                return err(
+                    "memcached.max_ttl",
+                    format!("{:?}: must be between 1s and 30 days", m.max_ttl),
+                );
+            }
             Some(crate::storage::memcached::L2Config {
                 servers: m.servers,
                 namespace: m.namespace,
@@ -561,6 +575,7 @@ impl FileConfig {
                 op_timeout: m.op_timeout,
                 max_object_bytes: usize::try_from(m.max_object_bytes.as_u64()).unwrap_or(usize::MAX),
                 pool_size: m.pool_size,
+                max_ttl: m.max_ttl,
             })
         };
 
@@ -582,6 +597,12 @@ impl FileConfig {
         if p.token.contains(char::is_whitespace) {
             return err("purge.token", "must not contain spaces".into());
         }
+        if p.sweep_interval < Duration::from_millis(10) {
+            return err(
+                "purge.sweep_interval",
+                format!("{:?}: must be at least 10ms", p.sweep_interval),
+            );
+        }
         let purge = PurgeConfig {
             access: crate::purge::Access {
                 allow,
@@ -596,6 +617,7 @@ impl FileConfig {
                 .filter(|h| !h.is_empty())
                 .map(|h| key_host(&h)),
             strip_tag_headers: p.strip_tag_headers,
+            sweep_interval: p.sweep_interval,
         };
 
         let mut rules = Vec::with_capacity(self.rules.len());

@@ -78,6 +78,15 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     proxy.add_tcp(&cfg.server.listen.to_string());
     server.add_service(proxy);
 
+    // the ban sweeper, on its own runtime: never on a request's path
+    server.add_service(pingora_core::services::background::background_service(
+        "ban sweeper",
+        Sweeper {
+            parts,
+            interval: cfg.purge.sweep_interval,
+        },
+    ));
+
     if let Some(admin_addr) = cfg.server.admin {
         let mut admin = Service::new(
             "corral admin".to_string(),
@@ -91,4 +100,24 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
         server.add_service(admin);
     }
     Ok(server)
+}
+
+/// Runs [`storage::Tiered::sweep_once`] every `purge.sweep_interval`.
+struct Sweeper {
+    parts: &'static CacheParts,
+    interval: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.parts.storage.sweep_once().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

@@ -143,6 +143,35 @@ pub static PURGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Ban and tag records kept (checked on hits until the sweeper lets them expire).
+pub static PURGE_RECORDS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_purge_records",
+        "Ban and tag purge records kept, checked against entries older than them"
+    )
+    .expect("metric registers once")
+});
+
+/// Ban and tag records dropped because no entry older than them remains.
+pub static PURGE_RECORDS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_purge_records_expired_total",
+        "Ban and tag purge records dropped once no entry older than them could remain"
+    )
+    .expect("metric registers once")
+});
+
+/// What the ban sweeper did to L1 entries (`checked`, `removed`, `stale`).
+pub static SWEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_sweeper_entries_total",
+        "L1 entries the ban sweeper checked, removed (hard purge) or marked stale (soft purge)",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

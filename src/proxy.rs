@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::key;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
-use crate::purge::{self, Purge, Target, Validity};
+use crate::purge::{self, Purge, Target, Validity, Verdict};
 use crate::storage::memcached::L2;
 use crate::storage::memory::CompleteHit;
 use crate::storage::memory::MemoryStorage;
@@ -504,9 +504,16 @@ impl ProxyHttp for Corral {
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
-        // bans and tag purges newer than this entry
-        if let Some(verdict) = self.parts.validity.verdict(&ctx.host, &ctx.path, meta) {
-            return Ok(Some(verdict));
+        // bans and tag purges newer than this entry, that it was not checked against yet
+        let validity = self.parts.validity;
+        if validity.active() {
+            let upto = validity.published();
+            let checked = CompleteHit::checked(hit_handler);
+            match validity.check(&ctx.host, &ctx.path, meta.updated(), meta.headers(), checked) {
+                Verdict::Valid if checked < upto => CompleteHit::mark_checked(hit_handler, upto),
+                Verdict::Valid => {}
+                verdict => return Ok(verdict.forced()),
+            }
         }
         if self.cfg.cache.honor_client_no_cache
             && ctx

@@ -12,6 +12,8 @@
 //! | Drupal varnish_purger | `BAN /` + `Cache-Tags: a\|b` | [`Target::TagPattern`] on `Cache-Tags` |
 //! | Drupal (image styles) | `URIBAN /path-regex` | [`Target::Ban`] on the path |
 //! | Magento 2 | `PURGE /` + `X-Magento-Tags-Pattern: ((^|,)cat_p_1(,|$))` | [`Target::TagPattern`] on `X-Magento-Tags` |
+//! | Magento 2 deploys (capistrano-magento2) | `PURGE /` + `X-Pool: regex` | [`Target::TagPattern`] on `X-Pool` |
+//! | Plone collective.purgebyid | `PURGE /@@purgebyid/<uuid>` | [`Target::Tags`], matched against `X-Ids-Involved: #uuid#` |
 //!
 //! `Soft-Purge: 1` or `Fastly-Soft-Purge: 1` on any of them (and `xkey-softpurge`) makes it
 //! soft: matching entries become stale instead of gone, so the next request is served the stale
@@ -213,8 +215,19 @@ pub fn parse(req: &RequestHeader, host: &str, path: &str) -> Result<Purge, Purge
             if let Some(v) = header(req, "surrogate-key")? {
                 return tags(v, ' ', soft);
             }
-            if let Some(v) = header(req, "x-magento-tags-pattern")? {
-                return pattern("X-Magento-Tags-Pattern", "x-magento-tags", v);
+            match (header(req, "x-magento-tags-pattern")?, header(req, "x-pool")?) {
+                (Some(v), None) => return pattern("X-Magento-Tags-Pattern", "x-magento-tags", v),
+                (None, Some(v)) => return pattern("X-Pool", "x-pool", v),
+                (Some(_), Some(_)) => {
+                    return Err(PurgeError::Missing(
+                        "X-Magento-Tags-Pattern and X-Pool together: send them as two purges",
+                    ))
+                }
+                (None, None) => {}
+            }
+            // collective.purgebyid (Plone): PURGE /@@purgebyid/<uuid>, against X-Ids-Involved
+            if let Some((_, id)) = path.split('?').next().unwrap_or("").rsplit_once("/@@purgebyid/") {
+                return tags(id, '#', soft);
             }
             if header(req, "x-purge-method")?.is_some_and(|m| m.eq_ignore_ascii_case("regex")) {
                 let path_only = path.split('?').next().unwrap_or(path);
@@ -498,19 +511,60 @@ fn from_millis(ms: u64) -> SystemTime {
 struct Stamp {
     at: SystemTime,
     soft: bool,
+    /// Local arrival order: an entry checked up to `seq` needs only records after it.
+    seq: u64,
 }
 
-/// Bans and tag purges, checked lazily against each hit.
+/// A ban or tag record's effect on one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No record newer than the entry matches it.
+    Valid,
+    /// A soft record matches: stale from this moment on.
+    Stale(SystemTime),
+    /// A hard record matches: the entry is gone.
+    Invalid,
+}
+
+impl Verdict {
+    /// The forced freshness a hit gets for this verdict (`None`: serve it).
+    pub fn forced(self) -> Option<ForcedFreshness> {
+        match self {
+            Verdict::Valid => None,
+            Verdict::Stale(at) => Some(ForcedFreshness::ForceExpiredServeStale { expired_at: Some(at) }),
+            Verdict::Invalid => Some(ForcedFreshness::ForceMiss),
+        }
+    }
+}
+
+/// Bans and tag purges, checked lazily against each hit, and by the sweeper
+/// ([`crate::storage::Tiered::sweep`]) against every entry.
+///
+/// Every record carries the time it was accepted (it covers entries validated before that)
+/// and a local sequence number. An entry that was checked against every record up to some
+/// sequence number keeps that number ("checked"), so the next check looks only at records
+/// that arrived since: a hit on an entry pays for a ban once, not on every hit. Once every
+/// entry has been checked past a record, and no entry older than it can still arrive (from a
+/// fill in progress or from L2), the record is dropped ([`Validity::expire`]): that is how
+/// bans expire. [`MAX_RECORDS`] remains a hard bound if purges come faster than that.
 #[derive(Debug)]
 pub struct Validity {
     /// Records of each kind kept before the oldest half is folded ([`MAX_RECORDS`]).
     limit: usize,
+    /// Bans, sorted by `at`.
     bans: RwLock<Vec<(Ban, Stamp)>>,
+    /// Tag patterns, sorted by `at`.
     patterns: RwLock<Vec<(HeaderName, Regex, Stamp)>>,
     tags: DashMap<String, Stamp>,
     /// Entries validated before this (ms since the epoch) are invalid: where old records fold.
     floor_ms: AtomicU64,
-    /// Fast path: false until the first ban or tag purge.
+    /// The record sequence number when the floor last moved.
+    floor_seq: AtomicU64,
+    /// Writers take this, so that sequence numbers are published in order.
+    writer: parking_lot::Mutex<u64>,
+    /// Every record with a sequence number up to this one is in the lists.
+    published: AtomicU64,
+    /// Fast path: false while there is nothing to check.
     any: AtomicBool,
 }
 
@@ -521,7 +575,7 @@ impl Default for Validity {
 }
 
 /// The response headers that carry tags, and how they separate them.
-pub const TAG_HEADERS: [(&str, char); 7] = [
+pub const TAG_HEADERS: [(&str, char); 8] = [
     ("xkey", ' '),
     ("surrogate-key", ' '),
     ("cache-tags", ' '),
@@ -529,6 +583,7 @@ pub const TAG_HEADERS: [(&str, char); 7] = [
     ("purge-cache-tags", ' '),
     ("x-cache-tags", ','),
     ("x-magento-tags", ','),
+    ("x-ids-involved", ','),
 ];
 
 impl Validity {
@@ -539,24 +594,43 @@ impl Validity {
             patterns: RwLock::default(),
             tags: DashMap::new(),
             floor_ms: AtomicU64::new(0),
+            floor_seq: AtomicU64::new(0),
+            writer: parking_lot::Mutex::new(0),
+            published: AtomicU64::new(0),
             any: AtomicBool::new(false),
         }
     }
 
-    /// Record a ban, a tag purge or a tag pattern accepted `at` (records arrive roughly in time
-    /// order; one pulled late from the purge log still applies by its own time).
+    /// The newest record's sequence number: an entry checked now is checked up to this.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Record a ban, a tag purge or a tag pattern accepted `at` (one pulled late from the
+    /// purge log still applies by its own time).
     pub fn record(&self, purge: &Purge, at: SystemTime) {
-        let stamp = Stamp { at, soft: purge.soft };
+        if matches!(purge.target, Target::Url { .. } | Target::All) {
+            return;
+        }
+        let mut last = self.writer.lock();
+        let seq = *last + 1;
+        let stamp = Stamp {
+            at,
+            soft: purge.soft,
+            seq,
+        };
         match &purge.target {
             Target::Ban(ban) => {
                 let mut bans = self.bans.write();
-                bans.push((ban.clone(), stamp));
-                self.fold(&mut bans, |(_, s)| s.at);
+                let i = bans.partition_point(|(_, s)| s.at <= at);
+                bans.insert(i, (ban.clone(), stamp));
+                self.fold(&mut bans, seq, |(_, s)| s.at);
             }
             Target::TagPattern { header, pattern } => {
                 let mut p = self.patterns.write();
-                p.push((header.clone(), pattern.clone(), stamp));
-                self.fold(&mut p, |(_, _, s)| s.at);
+                let i = p.partition_point(|(_, _, s)| s.at <= at);
+                p.insert(i, (header.clone(), pattern.clone(), stamp));
+                self.fold(&mut p, seq, |(_, _, s)| s.at);
             }
             Target::Tags(tags) => {
                 for t in tags {
@@ -571,34 +645,77 @@ impl Validity {
                     all.sort_by_key(|(_, at)| *at);
                     let cut = &all[..all.len() / 2];
                     if let Some((_, newest)) = cut.last() {
-                        self.floor_ms.fetch_max(millis(*newest), Ordering::AcqRel);
+                        self.raise_floor(*newest, seq);
                     }
                     for (t, _) in cut {
                         self.tags.remove(t);
                     }
                 }
             }
-            Target::Url { .. } | Target::All => return,
+            Target::Url { .. } | Target::All => unreachable!("returned above"),
         }
+        *last = seq;
         self.any.store(true, Ordering::Release);
+        self.published.store(seq, Ordering::Release);
     }
 
     /// Everything validated before `at` is invalid (hard).
     pub fn invalidate_all_before(&self, at: SystemTime) {
-        self.floor_ms.fetch_max(millis(at), Ordering::AcqRel);
+        let mut last = self.writer.lock();
+        *last += 1;
+        self.raise_floor(at, *last);
         self.any.store(true, Ordering::Release);
+        self.published.store(*last, Ordering::Release);
     }
 
-    fn fold<T>(&self, list: &mut Vec<T>, at: impl Fn(&T) -> SystemTime) {
+    fn raise_floor(&self, at: SystemTime, seq: u64) {
+        self.floor_ms.fetch_max(millis(at), Ordering::AcqRel);
+        self.floor_seq.store(seq, Ordering::Release);
+    }
+
+    fn fold<T>(&self, list: &mut Vec<T>, seq: u64, at: impl Fn(&T) -> SystemTime) {
         if list.len() <= self.limit {
             return;
         }
-        // records are appended in time order: fold the oldest half into the floor
+        // the list is sorted by time: fold the oldest half into the floor
         let half = list.len() / 2;
         if let Some(newest) = list.get(half - 1).map(&at) {
-            self.floor_ms.fetch_max(millis(newest), Ordering::AcqRel);
+            self.raise_floor(newest, seq);
         }
         list.drain(..half);
+    }
+
+    /// Drop the records every entry has been checked past: those with a sequence number up to
+    /// `checked` (the sweeper checked every entry up to it) accepted at or before `horizon`
+    /// (no entry validated before it can still arrive). The floor goes the same way. Returns
+    /// how many records were dropped.
+    pub fn expire(&self, checked: u64, horizon: SystemTime) -> usize {
+        let _writer = self.writer.lock();
+        let gone = |s: &Stamp| s.seq <= checked && s.at <= horizon;
+        let mut dropped = 0;
+        {
+            let mut bans = self.bans.write();
+            let before = bans.len();
+            bans.retain(|(_, s)| !gone(s));
+            dropped += before - bans.len();
+        }
+        {
+            let mut p = self.patterns.write();
+            let before = p.len();
+            p.retain(|(_, _, s)| !gone(s));
+            dropped += before - p.len();
+        }
+        let before = self.tags.len();
+        self.tags.retain(|_, s| !gone(s));
+        dropped += before - self.tags.len();
+        let floor = self.floor_ms.load(Ordering::Acquire);
+        if floor > 0 && self.floor_seq.load(Ordering::Acquire) <= checked && floor <= millis(horizon) {
+            self.floor_ms.store(0, Ordering::Release);
+        }
+        if self.is_empty() && self.floor_ms.load(Ordering::Acquire) == 0 {
+            self.any.store(false, Ordering::Release);
+        }
+        dropped
     }
 
     /// How many records are kept (bans + patterns + tags).
@@ -610,48 +727,79 @@ impl Validity {
         self.len() == 0
     }
 
+    /// Entries validated before this (ms since the epoch) are invalid; 0 if none.
+    pub fn floor_ms(&self) -> u64 {
+        self.floor_ms.load(Ordering::Acquire)
+    }
+
+    /// Is there anything to check at all?
+    pub fn active(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
+
     /// Is the entry `meta` for `host` + `path` still valid? `None` if it is; otherwise how
     /// to treat it (a miss for hard purges, stale for soft ones).
     pub fn verdict(&self, host: &str, path: &str, meta: &CacheMeta) -> Option<ForcedFreshness> {
+        self.check(host, path, meta.updated(), meta.headers(), 0).forced()
+    }
+
+    /// The verdict on an entry validated at `validated`, with these response headers, already
+    /// checked against every record up to sequence number `checked`.
+    pub fn check(
+        &self,
+        host: &str,
+        path: &str,
+        validated: SystemTime,
+        headers: &http::HeaderMap,
+        checked: u64,
+    ) -> Verdict {
         if !self.any.load(Ordering::Acquire) {
-            return None;
+            return Verdict::Valid;
         }
-        let validated = meta.updated();
         if millis(validated) < self.floor_ms.load(Ordering::Acquire) {
-            return Some(ForcedFreshness::ForceMiss);
+            return Verdict::Invalid;
         }
+        if checked >= self.published() {
+            return Verdict::Valid;
+        }
+        let applies = |s: &Stamp| s.at > validated && s.seq > checked;
         let mut soft_at: Option<SystemTime> = None;
         let mut hit = |s: Stamp| -> bool {
-            if s.at <= validated {
-                return false;
-            }
             if !s.soft {
                 return true;
             }
             soft_at = Some(soft_at.map_or(s.at, |t: SystemTime| t.max(s.at)));
             false
         };
-        let headers = meta.headers();
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        for (ban, stamp) in self.bans.read().iter() {
-            if stamp.at > validated && ban.matches(host, path, content_type) && hit(*stamp) {
-                return Some(ForcedFreshness::ForceMiss);
+        {
+            let bans = self.bans.read();
+            // sorted by time: only the tail is newer than the entry
+            let newer = bans.partition_point(|(_, s)| s.at <= validated);
+            for (ban, stamp) in &bans[newer..] {
+                if applies(stamp) && ban.matches(host, path, content_type) && hit(*stamp) {
+                    return Verdict::Invalid;
+                }
             }
         }
-        for (name, pattern, stamp) in self.patterns.read().iter() {
-            if stamp.at <= validated {
-                continue;
-            }
-            let matched = headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| pattern.is_match(v));
-            if matched && hit(*stamp) {
-                return Some(ForcedFreshness::ForceMiss);
+        {
+            let patterns = self.patterns.read();
+            let newer = patterns.partition_point(|(_, _, s)| s.at <= validated);
+            for (name, pattern, stamp) in &patterns[newer..] {
+                if !applies(stamp) {
+                    continue;
+                }
+                let matched = headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| pattern.is_match(v));
+                if matched && hit(*stamp) {
+                    return Verdict::Invalid;
+                }
             }
         }
         if !self.tags.is_empty() {
@@ -659,15 +807,15 @@ impl Validity {
                 for value in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
                     for tag in split_tags(value, sep) {
                         if let Some(stamp) = self.tags.get(&tag).map(|s| *s) {
-                            if hit(stamp) {
-                                return Some(ForcedFreshness::ForceMiss);
+                            if applies(&stamp) && hit(stamp) {
+                                return Verdict::Invalid;
                             }
                         }
                     }
                 }
             }
         }
-        soft_at.map(|at| ForcedFreshness::ForceExpiredServeStale { expired_at: Some(at) })
+        soft_at.map_or(Verdict::Valid, Verdict::Stale)
     }
 }
 

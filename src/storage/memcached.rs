@@ -57,6 +57,8 @@ pub struct L2Config {
     pub op_timeout: Duration,
     pub max_object_bytes: usize,
     pub pool_size: usize,
+    /// The longest a value is kept (also how long bans are kept for L2's sake).
+    pub max_ttl: Duration,
 }
 
 struct Server {
@@ -96,6 +98,7 @@ struct Inner {
     generation: AtomicU64,
     op_timeout: Duration,
     max_object_bytes: usize,
+    max_ttl: Duration,
 }
 
 /// How a failed exchange bears on the server's health.
@@ -153,6 +156,7 @@ impl L2 {
                 generation: AtomicU64::new(0),
                 op_timeout: cfg.op_timeout,
                 max_object_bytes: cfg.max_object_bytes,
+                max_ttl: cfg.max_ttl,
             }),
         };
         Ok(l2)
@@ -161,6 +165,11 @@ impl L2 {
     /// The namespace generation this corral currently uses.
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// The longest a value lives in memcached: no value is older than this.
+    pub fn max_ttl(&self) -> Duration {
+        self.inner.max_ttl
     }
 
     pub fn max_object_bytes(&self) -> usize {
@@ -450,6 +459,7 @@ impl L2 {
             return;
         }
         let k = key.as_bytes();
+        let ttl = ttl.min(self.inner.max_ttl);
         let ttl = Ttl::secs((ttl.as_secs() as u32).clamp(1, MAX_TTL));
         self.with_server(
             k,
@@ -508,6 +518,7 @@ mod tests {
             op_timeout: Duration::from_millis(10),
             max_object_bytes: 1000,
             pool_size: 1,
+            max_ttl: Duration::from_secs(60),
         };
         let a = L2::connect(&cfg("site")).await.unwrap();
         let b = L2::connect(&cfg("other")).await.unwrap();

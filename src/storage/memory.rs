@@ -28,7 +28,7 @@
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -44,6 +44,8 @@ use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use tokio::sync::watch;
+
+use crate::purge::{Validity, Verdict};
 
 /// Bookkeeping bytes charged to every entry on top of body and headers (map slot, Arcs, meta).
 pub const ENTRY_OVERHEAD: usize = 256;
@@ -109,38 +111,51 @@ impl MetaParts {
 struct Stored {
     meta: MetaParts,
     body: Bytes,
+    /// The primary key text (`http://host/path?q`): what bans match against.
+    url: Arc<str>,
     /// Weight reported to the eviction manager.
     weight: usize,
     generation: u64,
+    /// Ban and tag records up to this sequence number were checked against this entry
+    /// ([`crate::purge::Validity`]).
+    checked: AtomicU64,
 }
 
 impl Stored {
-    fn new(meta: MetaParts, body: Bytes, generation: u64) -> Arc<Stored> {
-        let weight = body.len() + meta.header_bytes() + ENTRY_OVERHEAD;
+    fn new(meta: MetaParts, body: Bytes, url: Arc<str>, generation: u64) -> Arc<Stored> {
+        let weight = body.len() + meta.header_bytes() + url.len() + ENTRY_OVERHEAD;
         Arc::new(Stored {
             meta,
             body,
+            url,
             weight,
             generation,
+            checked: AtomicU64::new(0),
         })
     }
 
     /// The same body under new metadata. The weight stays what the eviction manager was told:
-    /// a 304 or a soft purge changes headers only.
+    /// a 304 or a soft purge changes headers only. New headers mean new checks.
     fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
         Arc::new(Stored {
             meta,
             body: self.body.clone(),
+            url: self.url.clone(),
             weight: self.weight,
             generation: self.generation,
+            checked: AtomicU64::new(0),
         })
     }
 
-    /// This entry, stale from `now` on (the serve-stale windows then run from this moment).
-    fn expired(&self, now: SystemTime) -> Arc<Stored> {
+    /// This entry, stale from `at` on (the serve-stale windows then run from this moment).
+    fn expired(&self, at: SystemTime) -> Arc<Stored> {
         let mut meta = self.meta.clone();
-        meta.fresh_until = meta.fresh_until.min(now - Duration::from_millis(1));
-        self.with_meta(meta)
+        meta.fresh_until = meta.fresh_until.min(at - Duration::from_millis(1));
+        let stale = self.with_meta(meta);
+        stale
+            .checked
+            .store(self.checked.load(Ordering::Acquire), Ordering::Release);
+        stale
     }
 }
 
@@ -160,6 +175,7 @@ enum FillState {
 struct Fill {
     id: u64,
     meta: MetaParts,
+    url: Arc<str>,
     chunks: Mutex<Vec<Bytes>>,
     state: watch::Sender<FillState>,
 }
@@ -180,13 +196,29 @@ pub struct MemoryStats {
 }
 
 /// The L1 tier. Build it once and leak it: Pingora's [`Storage`] takes `&'static self`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStorage {
     table: DashMap<HashBinary, Vec<Slot>>,
     bytes: AtomicUsize,
     entries: AtomicUsize,
     next_fill: AtomicU64,
     generation: AtomicU64,
+    /// The oldest validation time (ms) of an entry or fill inserted since the sweeper last
+    /// began a pass: such entries may have escaped that pass ([`MemoryStorage::sweep`]).
+    inserted_min_ms: AtomicU64,
+}
+
+impl Default for MemoryStorage {
+    fn default() -> Self {
+        MemoryStorage {
+            table: DashMap::new(),
+            bytes: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
+            next_fill: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            inserted_min_ms: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl MemoryStorage {
@@ -212,10 +244,22 @@ impl MemoryStorage {
         self.entries.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Store a complete entry directly (promotion from L2). Returns its weight.
-    pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> usize {
-        let stored = Stored::new(meta, body, self.generation.load(Ordering::Acquire));
-        self.commit(key.primary_bin(), key.variance_bin(), stored, None)
+    /// Store a complete entry directly (promotion from L2). Returns its hit handler and weight.
+    pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> (CompleteHit, usize) {
+        let stored = Stored::new(meta, body, url_of(key), self.generation.load(Ordering::Acquire));
+        let hit = CompleteHit::of(&stored, true);
+        (hit, self.commit(key.primary_bin(), key.variance_bin(), stored, None))
+    }
+
+    /// The oldest validation time (ms) of an entry or fill inserted since the last sweep pass
+    /// began (`u64::MAX`: none).
+    pub fn inserted_min_ms(&self) -> u64 {
+        self.inserted_min_ms.load(Ordering::Acquire)
+    }
+
+    /// Note that an entry validated at `validated` was inserted (after it is in the table).
+    fn note_insert(&self, validated: SystemTime) {
+        self.inserted_min_ms.fetch_min(millis(validated), Ordering::AcqRel);
     }
 
     /// Put a committed entry in its variant's slot, replacing (and un-counting) the old one;
@@ -239,6 +283,7 @@ impl MemoryStorage {
                 slots.last_mut().expect("just pushed")
             }
         };
+        let validated = stored.meta.updated;
         if let Some(old) = slot.entry.replace(stored) {
             self.account_remove(old.weight);
         }
@@ -246,6 +291,8 @@ impl MemoryStorage {
         if fill.is_some() && slot.fill.as_ref().map(|f| f.id) == fill {
             slot.fill = None;
         }
+        drop(slots);
+        self.note_insert(validated);
         weight
     }
 
@@ -335,6 +382,135 @@ impl MemoryStorage {
     }
 }
 
+/// The primary key text of `key`: what bans match, kept with the entry.
+fn url_of(key: &CacheKey) -> Arc<str> {
+    Arc::from(key.primary_key_str().unwrap_or(""))
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// What one pass of [`MemoryStorage::sweep`] did.
+#[derive(Debug, Default)]
+pub struct SweepReport {
+    /// Entries checked against records they had not seen.
+    pub checked: usize,
+    /// Entries a hard purge matched, removed (tell the eviction manager).
+    pub removed: Vec<CompactCacheKey>,
+    /// Entries a soft purge matched, now stale.
+    pub stale: usize,
+    /// The oldest validation time (ms since the epoch) of a fill in progress during the pass
+    /// (`u64::MAX`: none): such an entry is committed unchecked.
+    pub fills_min: u64,
+}
+
+/// `http://host/path?q` → (`host`, `/path?q`).
+fn split_url(url: &str) -> (&str, &str) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    }
+}
+
+/// Entries checked between two yields of the sweeper, so that it never holds a worker long.
+const SWEEP_BATCH: usize = 512;
+
+impl MemoryStorage {
+    /// One pass of the ban sweeper (Varnish's "ban lurker"): check every entry against the
+    /// ban and tag records it has not been checked against (up to sequence number `upto`),
+    /// remove what hard records match, mark stale what soft ones match, and move the check
+    /// mark of the rest to `upto`. Hits then skip those records, and the records can be
+    /// dropped once nothing older can arrive ([`SweepReport::escaped`]).
+    ///
+    /// The table is only read-locked while references to the entries to check are collected;
+    /// regexes run outside the locks, a batch at a time.
+    pub async fn sweep(&self, validity: &Validity, upto: u64) -> SweepReport {
+        self.inserted_min_ms.store(u64::MAX, Ordering::Release);
+        let floor = validity.floor_ms();
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut fills_min = u64::MAX;
+        let mut todo: Vec<(HashBinary, Option<HashBinary>, Arc<Stored>)> = Vec::new();
+        for row in self.table.iter() {
+            for slot in row.value() {
+                if let Some(fill) = &slot.fill {
+                    fills_min = fills_min.min(millis(fill.meta.updated));
+                }
+                let Some(e) = &slot.entry else { continue };
+                if e.generation == generation
+                    && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated) < floor)
+                {
+                    todo.push((*row.key(), slot.variance, e.clone()));
+                }
+            }
+        }
+        let mut report = SweepReport {
+            fills_min,
+            ..Default::default()
+        };
+        for batch in todo.chunks(SWEEP_BATCH) {
+            for (primary, variance, e) in batch {
+                let (host, path) = split_url(&e.url);
+                let checked = e.checked.load(Ordering::Acquire);
+                report.checked += 1;
+                match validity.check(host, path, e.meta.updated, &e.meta.header.headers, checked) {
+                    Verdict::Valid => {
+                        e.checked.fetch_max(upto, Ordering::AcqRel);
+                    }
+                    Verdict::Stale(at) => {
+                        let stale = e.expired(at);
+                        stale.checked.fetch_max(upto, Ordering::AcqRel);
+                        if self.replace_if_same(*primary, *variance, e, Some(stale)) {
+                            report.stale += 1;
+                        }
+                    }
+                    Verdict::Invalid => {
+                        if self.replace_if_same(*primary, *variance, e, None) {
+                            report.removed.push(compact(*primary, *variance));
+                        }
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        report
+    }
+
+    /// Replace (`Some`) or remove (`None`) the committed entry of a variant, if it is still
+    /// `current` (not replaced by a refresh meanwhile). Returns whether it was.
+    fn replace_if_same(
+        &self,
+        primary: HashBinary,
+        variance: Option<HashBinary>,
+        current: &Arc<Stored>,
+        with: Option<Arc<Stored>>,
+    ) -> bool {
+        let Some(mut slots) = self.table.get_mut(&primary) else {
+            return false;
+        };
+        let Some(slot) = slots
+            .iter_mut()
+            .find(|s| s.variance == variance && s.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, current)))
+        else {
+            return false;
+        };
+        match with {
+            Some(e) => slot.entry = Some(e),
+            None => {
+                slot.entry = None;
+                self.account_remove(current.weight);
+                slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+            }
+        }
+        drop(slots);
+        self.table.remove_if(&primary, |_, slots| slots.is_empty());
+        true
+    }
+}
+
 fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey {
     CompactCacheKey {
         primary,
@@ -350,19 +526,19 @@ pub struct CompleteHit {
     body: Bytes,
     done: bool,
     range: (usize, usize),
-    weight: usize,
+    /// The entry served: its ban check mark is read and moved by the proxy.
+    entry: Arc<Stored>,
     /// Answered from L2 (and promoted into L1): reported as `detail=l2`.
     from_l2: bool,
 }
 
 impl CompleteHit {
-    pub fn new(body: Bytes, weight: usize, from_l2: bool) -> Self {
-        let len = body.len();
+    fn of(entry: &Arc<Stored>, from_l2: bool) -> Self {
         CompleteHit {
-            body,
+            body: entry.body.clone(),
             done: false,
-            range: (0, len),
-            weight,
+            range: (0, entry.body.len()),
+            entry: entry.clone(),
             from_l2,
         }
     }
@@ -372,6 +548,20 @@ impl CompleteHit {
         hit.as_any()
             .downcast_ref::<CompleteHit>()
             .is_some_and(|h| h.from_l2)
+    }
+
+    /// Up to which ban/tag record the served entry was checked (0 for a body still streaming).
+    pub fn checked(hit: &HitHandler) -> u64 {
+        hit.as_any()
+            .downcast_ref::<CompleteHit>()
+            .map_or(0, |h| h.entry.checked.load(Ordering::Acquire))
+    }
+
+    /// Record that the served entry passed every record up to `seq`.
+    pub fn mark_checked(hit: &HitHandler, seq: u64) {
+        if let Some(h) = hit.as_any().downcast_ref::<CompleteHit>() {
+            h.entry.checked.fetch_max(seq, Ordering::AcqRel);
+        }
     }
 }
 
@@ -418,7 +608,7 @@ impl HandleHit for CompleteHit {
     }
 
     fn get_eviction_weight(&self) -> usize {
-        self.weight
+        self.entry.weight
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
@@ -525,7 +715,7 @@ impl HandleMiss for MemoryMiss {
         let chunks = self.fill.chunks.lock().clone();
         let body = join(chunks, self.written);
         let generation = self.storage.generation.load(Ordering::Acquire);
-        let stored = Stored::new(self.fill.meta.clone(), body, generation);
+        let stored = Stored::new(self.fill.meta.clone(), body, self.fill.url.clone(), generation);
         let weight = self
             .storage
             .commit(self.primary, self.variance, stored, Some(self.fill.id));
@@ -594,7 +784,7 @@ impl Storage for MemoryStorage {
         let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {
             return Ok(None);
         };
-        let hit = CompleteHit::new(entry.body.clone(), entry.weight, false);
+        let hit = CompleteHit::of(entry, false);
         Ok(Some((entry.meta.to_meta(), Box::new(hit))))
     }
 
@@ -633,6 +823,7 @@ impl Storage for MemoryStorage {
         let fill = Arc::new(Fill {
             id,
             meta: MetaParts::from_meta(meta),
+            url: url_of(key),
             chunks: Mutex::new(Vec::new()),
             state,
         });
@@ -649,6 +840,7 @@ impl Storage for MemoryStorage {
                 }),
             }
         }
+        self.note_insert(fill.meta.updated);
         Ok(Box::new(MemoryMiss {
             storage: self,
             primary,
@@ -707,7 +899,11 @@ impl Storage for MemoryStorage {
         else {
             return Ok(false);
         };
-        *entry = entry.with_meta(MetaParts::from_meta(meta));
+        let updated = entry.with_meta(MetaParts::from_meta(meta));
+        let validated = updated.meta.updated;
+        *entry = updated;
+        drop(slots);
+        self.note_insert(validated);
         Ok(true)
     }
 

@@ -39,7 +39,7 @@ use tracing::warn;
 use crate::metrics;
 use crate::purge::{LogRecord, Validity, MAX_RECORDS};
 use memcached::{Read, L2};
-use memory::{CompleteHit, MemoryStorage, MetaParts};
+use memory::{MemoryStorage, MetaParts};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// L1 in front of an optional L2.
@@ -62,7 +62,13 @@ pub struct Tiered {
     /// and then find the result in L1, so memcached sees one read per key, not one per client.
     inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     started: Once,
+    /// The sweeper's last pass: records checked up to, and fills in progress then (ms).
+    swept: parking_lot::Mutex<(u64, u64)>,
 }
+
+/// Margin for clocks of corrals sharing memcached: an L2 entry is taken to be at most
+/// `memcached.max_ttl` plus this old.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 impl Tiered {
     pub fn new(
@@ -83,6 +89,7 @@ impl Tiered {
             leases: DashMap::new(),
             inflight: DashMap::new(),
             started: Once::new(),
+            swept: parking_lot::Mutex::new((0, u64::MAX)),
         }
     }
 
@@ -96,6 +103,48 @@ impl Tiered {
                 l2.delete(&mk).await;
             });
         }
+    }
+
+    /// One run of the ban sweeper: if ban or tag records arrived since the last pass, check
+    /// every L1 entry against them ([`MemoryStorage::sweep`]: matched entries are removed or
+    /// marked stale, the rest marked checked), then drop the records no entry can need any
+    /// more. A record is needed while an entry validated before it may still be looked up
+    /// unchecked: a fill that was in progress, an entry inserted during the pass, or (with L2)
+    /// a memcached value, which lives at most `memcached.max_ttl`.
+    pub async fn sweep_once(&self) {
+        if !self.validity.active() {
+            return;
+        }
+        let upto = self.validity.published();
+        let (last, mut fills_min) = *self.swept.lock();
+        if upto > last || self.validity.floor_ms() > 0 {
+            let report = self.l1.sweep(self.validity, upto).await;
+            for compact in &report.removed {
+                self.eviction
+                    .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+            }
+            metrics::SWEPT.with_label_values(&["checked"]).inc_by(report.checked as u64);
+            metrics::SWEPT
+                .with_label_values(&["removed"])
+                .inc_by(report.removed.len() as u64);
+            metrics::SWEPT.with_label_values(&["stale"]).inc_by(report.stale as u64);
+            fills_min = report.fills_min;
+            *self.swept.lock() = (upto, fills_min);
+        }
+        // what may have escaped the last pass: fills in progress then, entries inserted since
+        let escaped = fills_min.min(self.l1.inserted_min_ms());
+        let mut horizon = if escaped == u64::MAX {
+            SystemTime::now() + Duration::from_secs(3600)
+        } else {
+            SystemTime::UNIX_EPOCH + Duration::from_millis(escaped)
+        };
+        if let Some(l2) = &self.l2 {
+            let l2_oldest = SystemTime::now() - l2.max_ttl() - CLOCK_SKEW;
+            horizon = horizon.min(l2_oldest);
+        }
+        let expired = self.validity.expire(self.swept.lock().0, horizon);
+        metrics::PURGE_RECORDS_EXPIRED.inc_by(expired as u64);
+        metrics::PURGE_RECORDS.set(self.validity.len() as i64);
     }
 
     /// Every second, adopt memcached's namespace generation (when it moved, another corral
@@ -272,14 +321,14 @@ impl Tiered {
     /// Put an L2 record into L1 and answer the lookup from there.
     fn promote(&'static self, key: &CacheKey, rec: record::Record) -> Option<(CacheMeta, HitHandler)> {
         let parts = MetaParts::from_meta(&rec.meta);
-        let weight = self.l1.insert(key, parts, rec.body.clone());
+        let (hit, weight) = self.l1.insert(key, parts, rec.body);
         // admitted like a fill, so the memory bound holds for promoted entries too
         let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
         for evicted in self.eviction.admit(entry, weight, rec.meta.fresh_until()) {
             let k = evicted.key();
             self.l1.remove_variant(k.primary, k.variance_bin());
         }
-        Some((rec.meta, Box::new(CompleteHit::new(rec.body, weight, true))))
+        Some((rec.meta, Box::new(hit)))
     }
 
     fn l2_ttl(meta: &CacheMeta) -> Duration {
