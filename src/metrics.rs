@@ -171,7 +171,6 @@ pub static SWEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

@@ -583,7 +583,7 @@ pub const TAG_HEADERS: [(&str, char); 8] = [
     ("purge-cache-tags", ' '),
     ("x-cache-tags", ','),
     ("x-magento-tags", ','),
-    ("x-ids-involved", ','),
+    ("x-ids-involved", '#'),
 ];
 
 impl Validity {

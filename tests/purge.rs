@@ -162,6 +162,148 @@ async fn every_tag_header_and_purge_header() {
 }
 
 #[tokio::test]
+async fn plone_purgebyid_and_magento_x_pool() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    tagged(&origin, "/p1", &[("x-ids-involved", "#uuid-1#uuid-9#")]);
+    tagged(&origin, "/p2", &[("x-ids-involved", "#uuid-2#")]);
+    tagged(&origin, "/static.css", &[("x-pool", "static")]);
+    tagged(&origin, "/page", &[("x-pool", "pages")]);
+    warm(&proxy, &["/p1", "/p2", "/static.css", "/page"]).await;
+    // collective.purgebyid: the id is the last path segment, matched against X-Ids-Involved
+    let r = purge(&proxy, "PURGE", "/@@purgebyid/uuid-9", &[]).await;
+    assert_eq!(
+        (r.status, r.body.contains("\"kind\":\"tags\"")),
+        (200, true),
+        "{}",
+        r.body
+    );
+    assert!(is_miss(&proxy, "/p1").await);
+    assert!(!is_miss(&proxy, "/p2").await);
+    // Magento deploys: X-Pool is a regex on the response's X-Pool
+    assert_eq!(
+        purge(&proxy, "PURGE", "/", &[("x-pool", "^static$")])
+            .await
+            .status,
+        200
+    );
+    assert!(is_miss(&proxy, "/static.css").await);
+    assert!(!is_miss(&proxy, "/page").await);
+    // both Magento headers at once would need two bans: refused, nothing purged
+    let both = purge(
+        &proxy,
+        "PURGE",
+        "/",
+        &[("x-pool", ".*"), ("x-magento-tags-pattern", ".*")],
+    )
+    .await;
+    assert_eq!(both.status, 400, "{}", both.body);
+    assert!(!is_miss(&proxy, "/page").await);
+}
+
+/// Conf with a fast ban sweeper and grace, for the sweeper tests.
+fn swept() -> Conf {
+    let mut conf = Conf::default().cache("grace = \"30s\"");
+    conf.rules.push_str("[purge]\nsweep_interval = \"20ms\"\n");
+    conf
+}
+
+async fn records(proxy: &Proxy) -> f64 {
+    metric(&proxy.metrics().await, "corral_purge_records")
+}
+
+#[tokio::test]
+async fn the_sweeper_frees_banned_entries_and_the_bans_expire() {
+    let (origin, proxy) = setup(swept()).await;
+    let keep: Vec<String> = (0..40).map(|i| format!("/keep/{i}")).collect();
+    let drop: Vec<String> = (0..40).map(|i| format!("/drop/{i}")).collect();
+    for p in keep.iter().chain(&drop) {
+        tagged(&origin, p, &[]);
+    }
+    tagged(&origin, "/soft", &[("xkey", "soft-one")]);
+    for p in keep.iter().chain(&drop).chain([&"/soft".to_string()]) {
+        get(&proxy, p).await;
+    }
+    assert_eq!(proxy.stats().await.0, 81);
+
+    assert_eq!(
+        purge(&proxy, "BAN", "/", &[("x-url", "^/drop/")]).await.status,
+        200
+    );
+    assert_eq!(
+        purge(&proxy, "PURGEKEYS", "/", &[("xkey-softpurge", "soft-one")])
+            .await
+            .status,
+        200
+    );
+    // nobody asks for the banned entries: the sweeper removes them, and then the records
+    eventually(Duration::from_secs(10), "banned entries swept", || async {
+        proxy.stats().await.0 == 41
+    })
+    .await;
+    eventually(Duration::from_secs(10), "records expired", || async {
+        records(&proxy).await == 0.0
+    })
+    .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "corral_sweeper_entries_total{result=\"removed\"}"),
+        40.0
+    );
+    assert_eq!(metric(&m, "corral_sweeper_entries_total{result=\"stale\"}"), 1.0);
+    assert_eq!(metric(&m, "corral_purge_records_expired_total"), 2.0);
+
+    // with the records gone, what they did holds: banned entries are misses, the soft-purged
+    // one is stale (served stale while one request refreshes), the rest are hits
+    assert!(is_miss(&proxy, "/drop/7").await);
+    assert_eq!(origin.hits("/drop/7"), 2);
+    let soft = get(&proxy, "/soft").await;
+    assert!(soft.cache.starts_with("corral; hit; ttl=-"), "{}", soft.cache);
+    assert_eq!(soft.body, "v1");
+    eventually(Duration::from_secs(5), "one background refresh", || async {
+        origin.hits("/soft") == 2
+    })
+    .await;
+    for p in &keep {
+        assert!(!is_miss(&proxy, p).await, "{p} still cached");
+    }
+    assert_eq!(origin.hits("/keep/3"), 1);
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_bans_expire_without_touching_other_entries() {
+    let (origin, proxy) = setup(swept()).await;
+    let pages: Vec<String> = (0..20).map(|i| format!("/page/{i}")).collect();
+    for p in &pages {
+        tagged(&origin, p, &[]);
+        get(&proxy, p).await;
+    }
+    // 20 batches of 5,000 bans through the admin API, none matching a cached page; the
+    // sweeper drops them as fast as they come, so the cap that folds old bans into an
+    // "everything before T" record (and would invalidate the pages) is never reached
+    let mut n = 0;
+    for round in 0..20 {
+        let bans: Vec<String> = (0..5000)
+            .map(|i| format!("{{\"url\":\"^/gone/{round}/{i}$\"}}"))
+            .collect();
+        let body = format!("{{\"bans\":[{}]}}", bans.join(","));
+        let r = admin_post(&proxy, "/purge", &body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        n += 5000;
+        eventually(Duration::from_secs(30), "bans expired", || async {
+            records(&proxy).await == 0.0
+        })
+        .await;
+    }
+    assert_eq!(n, 100_000);
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "corral_purge_records_expired_total"), 100_000.0);
+    for p in &pages {
+        assert!(!is_miss(&proxy, p).await, "{p} untouched by 100k bans");
+        assert_eq!(origin.hits(p), 1);
+    }
+}
+
+#[tokio::test]
 async fn soft_purge_serves_stale_once_while_one_request_refreshes() {
     let (origin, proxy) = setup(Conf::default().cache("grace = \"30s\"")).await;
     tagged(&origin, "/soft", &[("xkey", "soft-tag")]);

@@ -332,3 +332,108 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn purgebyid_matches_x_ids_involved() {
+    let p = parse_req("PURGE", "/@@purgebyid/uuid-9", &[]).unwrap();
+    assert!(
+        matches!(&p.target, Target::Tags(t) if t == &["uuid-9".to_string()]),
+        "{p:?}"
+    );
+    let v = Validity::default();
+    let before = SystemTime::now() - Duration::from_secs(10);
+    v.record(&p, now_stamp());
+    let hit = |h: &str| v.verdict("h", "/", &entry(&[("x-ids-involved", h)], before));
+    assert_eq!(hit("#uuid-1#uuid-9#"), Some(ForcedFreshness::ForceMiss));
+    assert_eq!(hit("#uuid-1#uuid-90#"), None);
+}
+
+#[test]
+fn a_checked_entry_skips_the_records_it_was_checked_against() {
+    let v = Validity::default();
+    let before = SystemTime::now() - Duration::from_secs(10);
+    let headers = http::HeaderMap::new();
+    v.record(&parse_req("BAN", "/", &[("x-url", "^/a")]).unwrap(), now_stamp());
+    let upto = v.published();
+    assert_eq!(v.check("h", "/a", before, &headers, 0), Verdict::Invalid);
+    assert_eq!(v.check("h", "/b", before, &headers, 0), Verdict::Valid);
+    // /b was checked up to `upto`; a later ban is still checked, the old one is not
+    assert_eq!(v.check("h", "/a", before, &headers, upto), Verdict::Valid);
+    v.record(&parse_req("BAN", "/", &[("x-url", "^/b")]).unwrap(), now_stamp());
+    assert_eq!(v.check("h", "/b", before, &headers, upto), Verdict::Invalid);
+}
+
+#[test]
+fn a_record_pulled_late_still_applies_by_its_own_time() {
+    let v = Validity::default();
+    let headers = http::HeaderMap::new();
+    let t0 = SystemTime::now() - Duration::from_secs(100);
+    v.record(
+        &parse_req("BAN", "/", &[("x-url", "^/new")]).unwrap(),
+        now_stamp(),
+    );
+    // another corral's ban from 50 s ago arrives now: it sorts before the newer one
+    v.record(
+        &parse_req("BAN", "/", &[("x-url", "^/old")]).unwrap(),
+        t0 + Duration::from_secs(50),
+    );
+    assert_eq!(v.check("h", "/old", t0, &headers, 0), Verdict::Invalid);
+    assert_eq!(
+        v.check("h", "/old", t0 + Duration::from_secs(60), &headers, 0),
+        Verdict::Valid,
+        "validated after it"
+    );
+    assert_eq!(v.check("h", "/new", t0, &headers, 0), Verdict::Invalid);
+}
+
+#[test]
+fn records_expire_only_past_the_check_mark_and_the_horizon() {
+    let v = Validity::default();
+    let t = |s: u64| UNIX_EPOCH + Duration::from_secs(1_000_000 + s);
+    for (i, at) in [(0, t(10)), (1, t(20)), (2, t(30))] {
+        v.record(
+            &parse_req("BAN", "/", &[("x-url", &format!("^/{i}"))]).unwrap(),
+            at,
+        );
+    }
+    v.record(
+        &parse_req("PURGEKEYS", "/", &[("xkey-purge", "k")]).unwrap(),
+        t(40),
+    );
+    assert_eq!(v.len(), 4);
+    // checked up to the third record, but an entry validated at t(15) may still arrive
+    assert_eq!(v.expire(3, t(15)), 1);
+    assert_eq!(v.len(), 3);
+    assert_eq!(
+        v.expire(3, t(100)),
+        2,
+        "the tag record (seq 4) was not checked yet"
+    );
+    assert_eq!(v.len(), 1);
+    assert!(v.active());
+    assert_eq!(v.expire(4, t(100)), 1);
+    assert!(
+        v.is_empty() && !v.active(),
+        "nothing left to check: the fast path is back"
+    );
+}
+
+#[test]
+fn the_floor_goes_once_swept_past() {
+    let v = Validity::default();
+    let headers = http::HeaderMap::new();
+    let old = SystemTime::now() - Duration::from_secs(10);
+    v.invalidate_all_before(now_stamp());
+    assert_eq!(v.check("h", "/", old, &headers, u64::MAX), Verdict::Invalid);
+    assert_eq!(v.expire(v.published(), old), 0);
+    assert!(
+        v.floor_ms() > 0,
+        "an entry validated before the floor may still arrive"
+    );
+    assert_eq!(
+        v.expire(v.published(), SystemTime::now() + Duration::from_secs(1)),
+        0
+    );
+    assert_eq!(v.floor_ms(), 0);
+    assert_eq!(v.check("h", "/", old, &headers, 0), Verdict::Valid);
+}

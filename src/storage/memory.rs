@@ -248,7 +248,10 @@ impl MemoryStorage {
     pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> (CompleteHit, usize) {
         let stored = Stored::new(meta, body, url_of(key), self.generation.load(Ordering::Acquire));
         let hit = CompleteHit::of(&stored, true);
-        (hit, self.commit(key.primary_bin(), key.variance_bin(), stored, None))
+        (
+            hit,
+            self.commit(key.primary_bin(), key.variance_bin(), stored, None),
+        )
     }
 
     /// The oldest validation time (ms) of an entry or fill inserted since the last sweep pass
@@ -259,7 +262,8 @@ impl MemoryStorage {
 
     /// Note that an entry validated at `validated` was inserted (after it is in the table).
     fn note_insert(&self, validated: SystemTime) {
-        self.inserted_min_ms.fetch_min(millis(validated), Ordering::AcqRel);
+        self.inserted_min_ms
+            .fetch_min(millis(validated), Ordering::AcqRel);
     }
 
     /// Put a committed entry in its variant's slot, replacing (and un-counting) the old one;
@@ -388,9 +392,7 @@ fn url_of(key: &CacheKey) -> Arc<str> {
 }
 
 fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
+    t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
 /// What one pass of [`MemoryStorage::sweep`] did.
@@ -919,6 +921,7 @@ impl Storage for MemoryStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::purge::Purge;
     use once_cell::sync::Lazy;
 
     fn meta(max_age: u64) -> CacheMeta {
@@ -1084,5 +1087,71 @@ mod tests {
         }
         assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
         assert!(S.lookup(&b, &trace).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_banned_marks_soft_and_tracks_what_escaped() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let v = Validity::default();
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let keys: Vec<CacheKey> = [
+            "http://h/news/1",
+            "http://h/news/2",
+            "http://h/about",
+            "http://h/soft",
+        ]
+        .iter()
+        .map(|u| CacheKey::new(*u, ""))
+        .collect();
+        for k in &keys {
+            fill(&S, k, &["body"]).await;
+        }
+        // a fill in progress when the pass runs is reported, and so is a later insert
+        let pending = CacheKey::new("http://h/pending", "");
+        let _miss = S.get_miss_handler(&pending, &meta(60), &trace).await.unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        let ban = |url: &str, soft: bool| Purge {
+            target: crate::purge::Target::Ban(crate::purge::Ban {
+                host: None,
+                url: Some(regex::Regex::new(url).unwrap()),
+                content_type: None,
+            }),
+            soft,
+        };
+        v.record(&ban("^/news/", false), crate::purge::now_stamp());
+        v.record(&ban("^/soft$", true), crate::purge::now_stamp());
+        let upto = v.published();
+
+        let report = S.sweep(&v, upto).await;
+        assert_eq!((report.checked, report.removed.len(), report.stale), (4, 2, 1));
+        assert!(
+            report.fills_min < u64::MAX,
+            "the fill in progress escaped the pass"
+        );
+        assert!(S.lookup(&keys[0], &trace).await.unwrap().is_none());
+        assert!(S.lookup(&keys[1], &trace).await.unwrap().is_none());
+        let (about, hit) = S.lookup(&keys[2], &trace).await.unwrap().unwrap();
+        assert_eq!(
+            CompleteHit::checked(&hit),
+            upto,
+            "checked up to the newest record"
+        );
+        assert!(about.is_fresh(SystemTime::now()));
+        let (soft, _) = S.lookup(&keys[3], &trace).await.unwrap().unwrap();
+        assert!(
+            !soft.is_fresh(SystemTime::now()),
+            "soft-banned: stale, still stored"
+        );
+        assert_eq!(S.stats().entries, 2);
+
+        // a second pass with nothing new checks nothing
+        let again = S.sweep(&v, upto).await;
+        assert_eq!((again.checked, again.removed.len()), (0, 0));
+        assert_eq!(S.inserted_min_ms(), u64::MAX);
+        fill(&S, &CacheKey::new("http://h/late", ""), &["x"]).await;
+        assert!(
+            S.inserted_min_ms() < u64::MAX,
+            "an insert after the pass began is noted"
+        );
     }
 }

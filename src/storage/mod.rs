@@ -123,11 +123,15 @@ impl Tiered {
                 self.eviction
                     .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
             }
-            metrics::SWEPT.with_label_values(&["checked"]).inc_by(report.checked as u64);
+            metrics::SWEPT
+                .with_label_values(&["checked"])
+                .inc_by(report.checked as u64);
             metrics::SWEPT
                 .with_label_values(&["removed"])
                 .inc_by(report.removed.len() as u64);
-            metrics::SWEPT.with_label_values(&["stale"]).inc_by(report.stale as u64);
+            metrics::SWEPT
+                .with_label_values(&["stale"])
+                .inc_by(report.stale as u64);
             fills_min = report.fills_min;
             *self.swept.lock() = (upto, fills_min);
         }
