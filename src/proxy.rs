@@ -121,27 +121,25 @@ impl CacheParts {
         match &purge.target {
             Target::Url { host, path } => {
                 let key = key::for_url(host, path);
+                let at = purge::now_stamp();
+                // also recorded: a fill that began before the purge ends after it, and other
+                // corrals' L1 copies (they read the record from the purge log)
+                self.validity.record(purge, at);
+                let logged = self.log(purge, at);
                 if purge.soft {
+                    // the L2 copy stays: the record makes it stale for every corral, served
+                    // stale while one request revalidates
                     let n = self.storage.l1.expire_primary(&key.primary_bin());
-                    // other corrals refetch it (one of them at a time, through the L2 lease)
-                    let l2_ok = match &self.storage.l2 {
-                        Some(l2) => l2.delete(&l2.key(&key.combined())).await,
-                        None => true,
-                    };
-                    (n, l2_ok)
+                    (n, logged.await)
                 } else {
-                    self.remove_url(&key).await
+                    let ((n, deleted), logged) = tokio::join!(self.remove_url(&key), logged);
+                    (n, deleted && logged)
                 }
             }
             Target::Ban(_) | Target::Tags(_) | Target::TagPattern { .. } => {
                 let at = purge::now_stamp();
                 self.validity.record(purge, at);
-                // every corral of the namespace applies it to what it reads from L2
-                let l2_ok = match (&self.storage.l2, purge::LogRecord::of(purge, at)) {
-                    (Some(l2), Some(record)) => l2.append_log(&record.encode()).await.is_some(),
-                    _ => true,
-                };
-                (0, l2_ok)
+                (0, self.log(purge, at).await)
             }
             Target::All => {
                 let n = self.storage.l1.stats().entries;
@@ -153,6 +151,15 @@ impl CacheParts {
                 };
                 (n, l2_ok)
             }
+        }
+    }
+
+    /// Append `purge` to memcached's purge log, which every corral of the namespace applies to
+    /// its L1 and to what it reads from L2. True if it took (or there is no L2).
+    async fn log(&self, purge: &Purge, at: std::time::SystemTime) -> bool {
+        match (&self.storage.l2, purge::LogRecord::of(purge, at)) {
+            (Some(l2), Some(record)) => l2.append_log(&record.encode()).await.is_some(),
+            _ => true,
         }
     }
 

@@ -400,11 +400,15 @@ pub enum LogWhat {
         header: String,
         pattern: String,
     },
+    Url {
+        host: String,
+        path: String,
+    },
 }
 
 impl LogRecord {
-    /// The log record of a purge accepted `at`; `None` for purges that need none (URL purges
-    /// and purge-all reach L2 directly).
+    /// The log record of a purge accepted `at`; `None` for purge-all, which reaches every
+    /// corral through the namespace generation.
     pub fn of(purge: &Purge, at: SystemTime) -> Option<LogRecord> {
         let s = |r: &Option<Regex>| r.as_ref().map(|r| r.as_str().to_string());
         let what = match &purge.target {
@@ -418,7 +422,11 @@ impl LogRecord {
                 header: header.as_str().to_string(),
                 pattern: pattern.as_str().to_string(),
             },
-            Target::Url { .. } | Target::All => return None,
+            Target::Url { host, path } => LogWhat::Url {
+                host: host.clone(),
+                path: path.clone(),
+            },
+            Target::All => return None,
         };
         Some(LogRecord {
             at_ms: millis(at),
@@ -455,6 +463,7 @@ impl LogRecord {
                 header: HeaderName::from_bytes(header.as_bytes()).ok()?,
                 pattern: regex("pattern", &pattern).ok()?,
             },
+            LogWhat::Url { host, path } => Target::Url { host, path },
         };
         Some((
             Purge {
@@ -513,6 +522,9 @@ struct Stamp {
     soft: bool,
     /// Local arrival order: an entry checked up to `seq` needs only records after it.
     seq: u64,
+    /// Whether memcached may still hold an entry it covers (a hard URL purge deletes the L2
+    /// copy: its record is needed only until L1 is swept).
+    l2: bool,
 }
 
 /// A ban or tag record's effect on one entry.
@@ -556,6 +568,9 @@ pub struct Validity {
     /// Tag patterns, sorted by `at`.
     patterns: RwLock<Vec<(HeaderName, Regex, Stamp)>>,
     tags: DashMap<String, Stamp>,
+    /// Purged URLs (primary key text), for entries this corral did not remove itself: fills
+    /// in progress during the purge, and other corrals' purges read from the purge log.
+    urls: DashMap<String, Stamp>,
     /// Entries validated before this (ms since the epoch) are invalid: where old records fold.
     floor_ms: AtomicU64,
     /// The record sequence number when the floor last moved.
@@ -593,6 +608,7 @@ impl Validity {
             bans: RwLock::default(),
             patterns: RwLock::default(),
             tags: DashMap::new(),
+            urls: DashMap::new(),
             floor_ms: AtomicU64::new(0),
             floor_seq: AtomicU64::new(0),
             writer: parking_lot::Mutex::new(0),
@@ -609,7 +625,7 @@ impl Validity {
     /// Record a ban, a tag purge or a tag pattern accepted `at` (one pulled late from the
     /// purge log still applies by its own time).
     pub fn record(&self, purge: &Purge, at: SystemTime) {
-        if matches!(purge.target, Target::Url { .. } | Target::All) {
+        if matches!(purge.target, Target::All) {
             return;
         }
         let mut last = self.writer.lock();
@@ -618,6 +634,7 @@ impl Validity {
             at,
             soft: purge.soft,
             seq,
+            l2: purge.soft || !matches!(purge.target, Target::Url { .. }),
         };
         match &purge.target {
             Target::Ban(ban) => {
@@ -636,23 +653,13 @@ impl Validity {
                 for t in tags {
                     self.tags.insert(t.clone(), stamp);
                 }
-                if self.tags.len() > self.limit {
-                    let mut all: Vec<(String, SystemTime)> = self
-                        .tags
-                        .iter()
-                        .map(|e| (e.key().clone(), e.value().at))
-                        .collect();
-                    all.sort_by_key(|(_, at)| *at);
-                    let cut = &all[..all.len() / 2];
-                    if let Some((_, newest)) = cut.last() {
-                        self.raise_floor(*newest, seq);
-                    }
-                    for (t, _) in cut {
-                        self.tags.remove(t);
-                    }
-                }
+                self.fold_map(&self.tags, seq);
             }
-            Target::Url { .. } | Target::All => unreachable!("returned above"),
+            Target::Url { host, path } => {
+                self.urls.insert(crate::key::primary(host, path), stamp);
+                self.fold_map(&self.urls, seq);
+            }
+            Target::All => unreachable!("returned above"),
         }
         *last = seq;
         self.any.store(true, Ordering::Release);
@@ -673,6 +680,22 @@ impl Validity {
         self.floor_seq.store(seq, Ordering::Release);
     }
 
+    fn fold_map(&self, map: &DashMap<String, Stamp>, seq: u64) {
+        if map.len() <= self.limit {
+            return;
+        }
+        let mut all: Vec<(String, SystemTime)> =
+            map.iter().map(|e| (e.key().clone(), e.value().at)).collect();
+        all.sort_by_key(|(_, at)| *at);
+        let cut = &all[..all.len() / 2];
+        if let Some((_, newest)) = cut.last() {
+            self.raise_floor(*newest, seq);
+        }
+        for (k, _) in cut {
+            map.remove(k);
+        }
+    }
+
     fn fold<T>(&self, list: &mut Vec<T>, seq: u64, at: impl Fn(&T) -> SystemTime) {
         if list.len() <= self.limit {
             return;
@@ -686,12 +709,15 @@ impl Validity {
     }
 
     /// Drop the records every entry has been checked past: those with a sequence number up to
-    /// `checked` (the sweeper checked every entry up to it) accepted at or before `horizon`
-    /// (no entry validated before it can still arrive). The floor goes the same way. Returns
-    /// how many records were dropped.
-    pub fn expire(&self, checked: u64, horizon: SystemTime) -> usize {
+    /// `checked` (the sweeper checked every L1 entry up to it) accepted at or before the
+    /// horizon (no entry validated before it can still arrive): `l1_horizon` for records
+    /// that cannot concern L2, `l2_horizon` (older: memcached values live longer) for the
+    /// others. The floor goes the same way. Returns how many records were dropped.
+    pub fn expire(&self, checked: u64, l1_horizon: SystemTime, l2_horizon: SystemTime) -> usize {
         let _writer = self.writer.lock();
-        let gone = |s: &Stamp| s.seq <= checked && s.at <= horizon;
+        let l2_horizon = l2_horizon.min(l1_horizon);
+        let gone = |s: &Stamp| s.seq <= checked && s.at <= if s.l2 { l2_horizon } else { l1_horizon };
+        let horizon = l2_horizon;
         let mut dropped = 0;
         {
             let mut bans = self.bans.write();
@@ -705,9 +731,11 @@ impl Validity {
             p.retain(|(_, _, s)| !gone(s));
             dropped += before - p.len();
         }
-        let before = self.tags.len();
-        self.tags.retain(|_, s| !gone(s));
-        dropped += before - self.tags.len();
+        for map in [&self.tags, &self.urls] {
+            let before = map.len();
+            map.retain(|_, s| !gone(s));
+            dropped += before - map.len();
+        }
         let floor = self.floor_ms.load(Ordering::Acquire);
         if floor > 0 && self.floor_seq.load(Ordering::Acquire) <= checked && floor <= millis(horizon) {
             self.floor_ms.store(0, Ordering::Release);
@@ -718,9 +746,9 @@ impl Validity {
         dropped
     }
 
-    /// How many records are kept (bans + patterns + tags).
+    /// How many records are kept (bans + patterns + tags + URLs).
     pub fn len(&self) -> usize {
-        self.bans.read().len() + self.patterns.read().len() + self.tags.len()
+        self.bans.read().len() + self.patterns.read().len() + self.tags.len() + self.urls.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -798,6 +826,13 @@ impl Validity {
                     .filter_map(|v| v.to_str().ok())
                     .any(|v| pattern.is_match(v));
                 if matched && hit(*stamp) {
+                    return Verdict::Invalid;
+                }
+            }
+        }
+        if !self.urls.is_empty() {
+            if let Some(stamp) = self.urls.get(&crate::key::primary(host, path)).map(|s| *s) {
+                if applies(&stamp) && hit(stamp) {
                     return Verdict::Invalid;
                 }
             }

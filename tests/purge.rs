@@ -517,6 +517,51 @@ async fn a_url_purge_at_one_corral_reaches_l2() {
 }
 
 #[tokio::test]
+async fn url_purges_reach_other_corrals_l1_and_soft_ones_keep_l2_stale() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    tagged(&origin, "/hard", &[]);
+    tagged(&origin, "/soft", &[]);
+    let conf = Conf::default().servers(&[&mc]).cache("grace = \"30s\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf.clone()).await;
+    for p in ["/hard", "/soft"] {
+        get(&a, p).await;
+        eventually(Duration::from_secs(5), "L2 write", || async {
+            get(&b, p).await.cache.contains("detail=l2")
+        })
+        .await;
+        assert!(get(&b, p).await.cache.starts_with("corral; hit"), "{p} in B's L1");
+    }
+    // purged at A; B's L1 copy goes within a second (B reads A's purge log)
+    assert_eq!(purge(&a, "PURGE", "/hard", &[]).await.status, 200);
+    eventually(Duration::from_secs(5), "B drops /hard", || async {
+        get(&b, "/hard").await.cache.contains("fwd=miss")
+    })
+    .await;
+    assert_eq!(origin.hits("/hard"), 2);
+
+    // soft: every corral serves the stale copy while one request refreshes, and a corral
+    // started after the purge gets it from L2 stale too, not a cold miss
+    assert_eq!(
+        purge(&a, "PURGE", "/soft", &[("soft-purge", "1")]).await.status,
+        200
+    );
+    let c = Proxy::start(origin.addr, conf).await;
+    let at_c = get(&c, "/soft").await;
+    assert!(at_c.cache.starts_with("corral; hit; ttl=-"), "{}", at_c.cache);
+    assert_eq!(at_c.body, "v1", "the stale copy, from L2");
+    eventually(Duration::from_secs(5), "one refresh", || async {
+        origin.hits("/soft") == 2
+    })
+    .await;
+    eventually(Duration::from_secs(5), "refreshed copy", || async {
+        get(&c, "/soft").await.body == "v2"
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_purge_that_cannot_reach_memcached_is_not_acknowledged() {
     let mut mc = Memcached::start().await;
     let origin = Origin::start().await;

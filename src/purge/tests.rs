@@ -261,9 +261,10 @@ fn log_records_round_trip() {
         v.record(&back, when);
         assert!(!v.is_empty());
     }
+    let url = LogRecord::of(&parse_req("PURGE", "/x?a=1", &[]).unwrap(), at).unwrap();
+    let (back, _) = LogRecord::decode(&url.encode()).unwrap();
     assert!(
-        LogRecord::of(&parse_req("PURGE", "/x", &[]).unwrap(), at).is_none(),
-        "URL purges need no log"
+        matches!(back.target, Target::Url { ref host, ref path } if host == "www.example.org" && path == "/x?a=1")
     );
     assert!(LogRecord::decode(b"{garbage").is_none());
 }
@@ -402,16 +403,16 @@ fn records_expire_only_past_the_check_mark_and_the_horizon() {
     );
     assert_eq!(v.len(), 4);
     // checked up to the third record, but an entry validated at t(15) may still arrive
-    assert_eq!(v.expire(3, t(15)), 1);
+    assert_eq!(v.expire(3, t(15), t(15)), 1);
     assert_eq!(v.len(), 3);
     assert_eq!(
-        v.expire(3, t(100)),
+        v.expire(3, t(100), t(100)),
         2,
         "the tag record (seq 4) was not checked yet"
     );
     assert_eq!(v.len(), 1);
     assert!(v.active());
-    assert_eq!(v.expire(4, t(100)), 1);
+    assert_eq!(v.expire(4, t(100), t(100)), 1);
     assert!(
         v.is_empty() && !v.active(),
         "nothing left to check: the fast path is back"
@@ -425,15 +426,48 @@ fn the_floor_goes_once_swept_past() {
     let old = SystemTime::now() - Duration::from_secs(10);
     v.invalidate_all_before(now_stamp());
     assert_eq!(v.check("h", "/", old, &headers, u64::MAX), Verdict::Invalid);
-    assert_eq!(v.expire(v.published(), old), 0);
+    assert_eq!(v.expire(v.published(), old, old), 0);
     assert!(
         v.floor_ms() > 0,
         "an entry validated before the floor may still arrive"
     );
     assert_eq!(
-        v.expire(v.published(), SystemTime::now() + Duration::from_secs(1)),
+        v.expire(
+            v.published(),
+            SystemTime::now() + Duration::from_secs(1),
+            SystemTime::now() + Duration::from_secs(1)
+        ),
         0
     );
     assert_eq!(v.floor_ms(), 0);
     assert_eq!(v.check("h", "/", old, &headers, 0), Verdict::Valid);
+}
+
+#[test]
+fn url_records_cover_every_variant_and_expire_with_l1_when_hard() {
+    let v = Validity::default();
+    let headers = http::HeaderMap::new();
+    let old = SystemTime::now() - Duration::from_secs(10);
+    v.record(&parse_req("PURGE", "/a?x=1", &[]).unwrap(), now_stamp());
+    v.record(
+        &parse_req("PURGE", "/s", &[("soft-purge", "1")]).unwrap(),
+        now_stamp(),
+    );
+    assert_eq!(
+        v.check("www.example.org", "/a?x=1", old, &headers, 0),
+        Verdict::Invalid
+    );
+    assert_eq!(v.check("www.example.org", "/a", old, &headers, 0), Verdict::Valid);
+    assert!(matches!(
+        v.check("www.example.org", "/s", old, &headers, 0),
+        Verdict::Stale(_)
+    ));
+    // L1 swept, but memcached may hold values for a day: the hard one (its L2 copy was
+    // deleted) goes, the soft one (its L2 copy stays, stale) is kept
+    let now = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(v.expire(v.published(), now, old), 1);
+    assert!(matches!(
+        v.check("www.example.org", "/s", old, &headers, 0),
+        Verdict::Stale(_)
+    ));
 }

@@ -137,16 +137,17 @@ impl Tiered {
         }
         // what may have escaped the last pass: fills in progress then, entries inserted since
         let escaped = fills_min.min(self.l1.inserted_min_ms());
-        let mut horizon = if escaped == u64::MAX {
+        let l1_horizon = if escaped == u64::MAX {
             SystemTime::now() + Duration::from_secs(3600)
         } else {
             SystemTime::UNIX_EPOCH + Duration::from_millis(escaped)
         };
-        if let Some(l2) = &self.l2 {
-            let l2_oldest = SystemTime::now() - l2.max_ttl() - CLOCK_SKEW;
-            horizon = horizon.min(l2_oldest);
-        }
-        let expired = self.validity.expire(self.swept.lock().0, horizon);
+        let l2_horizon = match &self.l2 {
+            Some(l2) => SystemTime::now() - l2.max_ttl() - CLOCK_SKEW,
+            None => l1_horizon,
+        };
+        let checked = self.swept.lock().0;
+        let expired = self.validity.expire(checked, l1_horizon, l2_horizon);
         metrics::PURGE_RECORDS_EXPIRED.inc_by(expired as u64);
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
     }
