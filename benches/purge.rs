@@ -83,6 +83,36 @@ fn bench(c: &mut Criterion) {
     c.bench_function("hit_check_1000_bans", |b| {
         b.iter(|| v.verdict(black_box("www.example.org"), black_box("/page/1"), &m))
     });
+    // the same hit once the entry was checked (by an earlier hit or by the sweeper)
+    let upto = v.published();
+    c.bench_function("hit_check_1000_bans_already_checked", |b| {
+        b.iter(|| {
+            v.check(
+                black_box("www.example.org"),
+                black_box("/page/1"),
+                m.updated(),
+                m.headers(),
+                upto,
+            )
+        })
+    });
+
+    // one sweeper pass over 100k entries after one new ban (matching 1 in 10), entries put
+    // back each time so that every pass has the same work
+    let mut group = c.benchmark_group("sweep_100k_entries_one_new_ban");
+    group.sample_size(10);
+    group.bench_function("pass", |b| {
+        b.iter_batched(
+            || {
+                let parts = parts_with(100_000);
+                parts.validity.record(&ban("^/page/[0-9]*7$"), purge::now_stamp());
+                parts
+            },
+            |parts| rt.block_on(parts.storage.l1.sweep(parts.validity, parts.validity.published())),
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
 }
 
 criterion_group! {

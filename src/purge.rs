@@ -20,12 +20,25 @@
 //! copy (within grace) while one request revalidates.
 //!
 //! # Validity by timestamps, not scans
-//! A purge of one URL removes it from L1 and L2 at once. Bans and tag purges are records with
-//! the time they were accepted ([`Validity`]); a hit is checked against the records newer than
-//! the entry's last validation, so accepting a ban is O(1) whatever the cache holds. The
-//! records are bounded: past [`MAX_RECORDS`] bans (or tag records), the oldest half is folded
-//! into one "everything validated before T" record, which over-invalidates a little and keeps
-//! memory and per-hit work bounded.
+//! A purge of one URL removes it from L1 and L2 at once. Every purge (but purge-all) is also a
+//! record with the time it was accepted ([`Validity`]); a hit is checked against the records
+//! newer than the entry's last validation, so accepting a ban is O(1) whatever the cache holds.
+//!
+//! # Bounded state
+//! - Each entry remembers up to which record it was checked (by a hit or by the sweeper), so
+//!   a hit pays for a ban at most once.
+//! - The sweeper ([`crate::storage::Tiered::sweep_once`], Varnish's "ban lurker") checks every
+//!   L1 entry against new records in the background: hard matches are removed (memory freed
+//!   without waiting for a request), soft matches marked stale.
+//! - A record is dropped ([`Validity::expire`]) once no entry it could match can turn up
+//!   unchecked: the sweeper checked every L1 entry past it, no fill older than it is in
+//!   progress, and (for records that concern memcached) it is older than
+//!   `memcached.max_ttl`, the longest any value lives there.
+//! - Tag data is only the purged tags (in records); the tags an entry carries stay in its
+//!   stored headers, so they are bounded by what is cached.
+//! - If purges arrive faster than they expire, [`MAX_RECORDS`] of a kind is a hard cap: the
+//!   oldest half folds into one "everything validated before T" record, which
+//!   over-invalidates a little and never grows.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
