@@ -426,7 +426,7 @@ impl MemoryStorage {
     /// ban and tag records it has not been checked against (up to sequence number `upto`),
     /// remove what hard records match, mark stale what soft ones match, and move the check
     /// mark of the rest to `upto`. Hits then skip those records, and the records can be
-    /// dropped once nothing older can arrive ([`SweepReport::escaped`]).
+    /// dropped once nothing older can arrive ([`SweepReport::fills_min`], [`MemoryStorage::inserted_min_ms`]).
     ///
     /// The table is only read-locked while references to the entries to check are collected;
     /// regexes run outside the locks, a batch at a time.
