@@ -563,7 +563,7 @@ impl Verdict {
 }
 
 /// Bans and tag purges, checked lazily against each hit, and by the sweeper
-/// ([`crate::storage::Tiered::sweep`]) against every entry.
+/// ([`crate::storage::Tiered::sweep_once`]) against every entry.
 ///
 /// Every record carries the time it was accepted (it covers entries validated before that)
 /// and a local sequence number. An entry that was checked against every record up to some
