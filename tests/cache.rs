@@ -503,6 +503,13 @@ async fn metrics_count_outcomes() {
     origin.route("/metered", |_| cacheable("m"));
     get(&proxy.url("/metered")).await;
     get(&proxy.url("/metered")).await;
+    // outcomes are counted when Pingora logs the request, just after the response is sent
+    eventually(Duration::from_secs(5), "both requests counted", || async {
+        let text = proxy.metrics().await;
+        metric(&text, "corral_requests_total{cache=\"hit\"}") == 1.0
+            && metric(&text, "corral_requests_total{cache=\"miss\"}") == 1.0
+    })
+    .await;
     let text = proxy.metrics().await;
     assert!(text.contains("corral_requests_total{cache=\"hit\"} 1"), "{text}");
     assert!(text.contains("corral_requests_total{cache=\"miss\"} 1"), "{text}");
