@@ -40,6 +40,15 @@ pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Hits answered by the fast hit path (plain requests for fresh, variant-free L1 entries).
+pub static FAST_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_fast_hits_total",
+        "Hits answered by the fast path, without Pingora's cache state machine"
+    )
+    .expect("metric registers once")
+});
+
 /// Entries invalidated by a successful unsafe request (RFC 9111 §4.4).
 pub static INVALIDATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(

@@ -219,6 +219,11 @@ pub struct RequestDirectives {
 }
 
 impl RequestDirectives {
+    /// No directive at all: any fresh stored response will do.
+    pub fn is_plain(&self) -> bool {
+        !self.no_cache && self.max_age.is_none() && !self.only_if_cached
+    }
+
     pub fn parse(req: &RequestHeader) -> Self {
         let Some(cc) = CacheControl::from_req_headers(req) else {
             let pragma_no_cache = req

@@ -867,6 +867,13 @@ impl Validity {
     }
 }
 
+/// Does this header map carry any tag header? One pass over its names (most carry none).
+pub fn has_tag_header(headers: &http::HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|k| TAG_HEADERS.iter().any(|(name, _)| k.as_str() == *name))
+}
+
 /// The timestamp a purge accepted now is recorded with: a millisecond past any entry validated
 /// before it, so an entry refreshed in the same millisecond is not mistaken for a newer one.
 pub fn now_stamp() -> SystemTime {

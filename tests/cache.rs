@@ -40,6 +40,70 @@ async fn miss_then_hit() {
     assert_eq!(origin.hits("/a"), 1);
 }
 
+/// A plain request for a fresh entry is answered by corral's fast hit path; a conditional one
+/// (or one with a range, or request directives) goes through Pingora's full hit path. Both must
+/// answer alike.
+#[tokio::test]
+async fn fast_and_full_hit_paths_answer_alike() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/same", |_| {
+        cacheable("same body")
+            .header("etag", "\"v1\"")
+            .header("content-type", "text/plain; charset=utf-8")
+            .header("x-custom", "kept")
+            .header("xkey", "tag-1")
+    });
+    get(&proxy.url("/same")).await;
+    let fast = get(&proxy.url("/same")).await;
+    // If-None-Match that does not match: the full path, answered 200 from the cache
+    let full = get_with(&proxy.url("/same"), &[("if-none-match", "\"other\"")]).await;
+    for (name, got) in [("fast", &fast), ("full", &full)] {
+        assert_eq!((got.status, got.body.as_str()), (200, "same body"), "{name}");
+        assert!(
+            got.cache.starts_with("corral; hit; ttl="),
+            "{name}: {}",
+            got.cache
+        );
+        assert!(got.headers.contains_key("age"), "{name}: Age");
+        assert!(got.headers.contains_key("date"), "{name}: Date");
+        assert!(!got.headers.contains_key("xkey"), "{name}: tags stripped");
+        for h in [
+            "etag",
+            "content-type",
+            "x-custom",
+            "content-length",
+            "cache-control",
+        ] {
+            assert_eq!(got.headers.get(h), fast.headers.get(h), "{name}: {h}");
+        }
+    }
+    assert_eq!(fast.headers.get_all("cache-status").iter().count(), 1);
+    assert_eq!(fast.headers.get_all("age").iter().count(), 1);
+    // HEAD on the fast path: the GET's headers, no body
+    let head = send(client().head(proxy.url("/same")), &[]).await;
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    assert!(head.cache.starts_with("corral; hit"), "{}", head.cache);
+    assert_eq!(
+        head.headers.get("content-length"),
+        fast.headers.get("content-length")
+    );
+    // a matching validator: 304 from the cache
+    let not_modified = get_with(&proxy.url("/same"), &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(not_modified.status, 304);
+    assert_eq!(origin.hits("/same"), 1);
+    // the plain GET and the HEAD took the fast path, the conditional ones did not
+    let fast_hits = || async { metric(&proxy.metrics().await, "corral_fast_hits_total") };
+    assert_eq!(fast_hits().await, 2.0);
+    let again = get(&proxy.url("/same")).await;
+    assert!(again.cache.starts_with("corral; hit; ttl="), "{}", again.cache);
+    assert_eq!(fast_hits().await, 3.0);
+    // request directives take the full path too
+    get_with(&proxy.url("/same"), &[("cache-control", "max-age=30")]).await;
+    get_with(&proxy.url("/same"), &[("range", "bytes=0-3")]).await;
+    assert_eq!(fast_hits().await, 3.0);
+    assert_eq!(origin.hits("/same"), 1);
+}
+
 #[tokio::test]
 async fn query_and_host_are_part_of_the_key() {
     let (origin, proxy) = setup(Conf::default()).await;

@@ -119,11 +119,14 @@ struct Stored {
     /// Ban and tag records up to this sequence number were checked against this entry
     /// ([`crate::purge::Validity`]).
     checked: AtomicU64,
+    /// The header as the fast hit path sends it, built on its first hit (charged in `weight`).
+    wire: std::sync::OnceLock<ResponseHeader>,
 }
 
 impl Stored {
     fn new(meta: MetaParts, body: Bytes, url: Arc<str>, generation: u64) -> Arc<Stored> {
-        let weight = body.len() + meta.header_bytes() + url.len() + ENTRY_OVERHEAD;
+        // the header twice: the stored one and the fast path's wire copy
+        let weight = body.len() + 2 * meta.header_bytes() + url.len() + ENTRY_OVERHEAD;
         Arc::new(Stored {
             meta,
             body,
@@ -131,6 +134,7 @@ impl Stored {
             weight,
             generation,
             checked: AtomicU64::new(0),
+            wire: std::sync::OnceLock::new(),
         })
     }
 
@@ -144,6 +148,7 @@ impl Stored {
             weight: self.weight,
             generation: self.generation,
             checked: AtomicU64::new(0),
+            wire: std::sync::OnceLock::new(),
         })
     }
 
@@ -156,6 +161,53 @@ impl Stored {
             .checked
             .store(self.checked.load(Ordering::Acquire), Ordering::Release);
         stale
+    }
+}
+
+/// A fresh, complete, variant-free L1 entry, served by the proxy's fast hit path without
+/// Pingora's cache state machine ([`MemoryStorage::fresh_plain`]).
+pub struct FreshEntry(Arc<Stored>);
+
+impl FreshEntry {
+    pub fn header(&self) -> &ResponseHeader {
+        &self.0.meta.header
+    }
+
+    /// The header prepared for sending, built by `build` from the stored one on first use
+    /// and kept with the entry: each hit clones it and only replaces values in it.
+    pub fn wire(&self, build: impl FnOnce(&ResponseHeader) -> ResponseHeader) -> &ResponseHeader {
+        self.0.wire.get_or_init(|| build(&self.0.meta.header))
+    }
+
+    pub fn body(&self) -> Bytes {
+        self.0.body.clone()
+    }
+
+    pub fn weight(&self) -> usize {
+        self.0.weight
+    }
+
+    pub fn fresh_until(&self) -> SystemTime {
+        self.0.meta.fresh_until
+    }
+
+    /// When the response was last validated (what bans compare with).
+    pub fn updated(&self) -> SystemTime {
+        self.0.meta.updated
+    }
+
+    /// What `Age` counts from: the origin's own age is folded into the epoch.
+    pub fn epoch(&self) -> SystemTime {
+        self.0.meta.epoch_override.unwrap_or(self.0.meta.updated)
+    }
+
+    /// Up to which ban/tag record this entry was checked.
+    pub fn checked(&self) -> u64 {
+        self.0.checked.load(Ordering::Acquire)
+    }
+
+    pub fn mark_checked(&self, seq: u64) {
+        self.0.checked.fetch_max(seq, Ordering::AcqRel);
     }
 }
 
@@ -242,6 +294,24 @@ impl MemoryStorage {
     fn account_remove(&self, weight: usize) {
         self.bytes.fetch_sub(weight, Ordering::Relaxed);
         self.entries.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The entry for `key` if a hit needs nothing of Pingora's cache machinery: committed (no
+    /// fill in progress), of the current generation, fresh at `now`, and the URL's only
+    /// variant with no `Vary`. Anything else is `None`, and the request takes the full path.
+    pub fn fresh_plain(&self, key: &CacheKey, now: SystemTime) -> Option<FreshEntry> {
+        let slots = self.table.get(&key.primary_bin())?;
+        let [slot] = slots.as_slice() else {
+            return None;
+        };
+        if slot.variance.is_some() || slot.fill.is_some() {
+            return None;
+        }
+        let entry = slot.entry.as_ref()?;
+        let usable = self.current(entry)
+            && now < entry.meta.fresh_until
+            && !entry.meta.header.headers.contains_key(http::header::VARY);
+        usable.then(|| FreshEntry(entry.clone()))
     }
 
     /// Store a complete entry directly (promotion from L2). Returns its hit handler and weight.
