@@ -170,6 +170,15 @@ pub static PURGE_RECORDS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Passes of the ban sweeper over L1.
+pub static SWEEPS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_sweeper_passes_total",
+        "Passes of the ban sweeper over L1 (run when purge records arrived or were held back)"
+    )
+    .expect("metric registers once")
+});
+
 /// What the ban sweeper did to L1 entries (`checked`, `removed`, `stale`).
 pub static SWEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(

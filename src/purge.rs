@@ -768,6 +768,16 @@ impl Validity {
         self.len() == 0
     }
 
+    /// When the oldest record kept was accepted.
+    pub fn oldest(&self) -> Option<SystemTime> {
+        let bans = self.bans.read().first().map(|(_, s)| s.at);
+        let patterns = self.patterns.read().first().map(|(_, _, s)| s.at);
+        let maps = [&self.tags, &self.urls]
+            .into_iter()
+            .filter_map(|m| m.iter().map(|e| e.value().at).min());
+        bans.into_iter().chain(patterns).chain(maps).min()
+    }
+
     /// Entries validated before this (ms since the epoch) are invalid; 0 if none.
     pub fn floor_ms(&self) -> u64 {
         self.floor_ms.load(Ordering::Acquire)

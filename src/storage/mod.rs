@@ -117,7 +117,20 @@ impl Tiered {
         }
         let upto = self.validity.published();
         let (last, mut fills_min) = *self.swept.lock();
-        if upto > last || self.validity.floor_ms() > 0 {
+        // no value older than this can be in memcached
+        let l2_bound = self
+            .l2
+            .as_ref()
+            .map(|l2| SystemTime::now() - l2.max_ttl() - CLOCK_SKEW);
+        // entries that escaped the last pass (inserted since, or fills in progress then) hold
+        // back the records older than them; a pass checks them and lifts that
+        let escaped = fills_min.min(self.l1.inserted_min_ms()) != u64::MAX;
+        let held_back = escaped
+            && self
+                .validity
+                .oldest()
+                .is_some_and(|t| l2_bound.is_none_or(|bound| t <= bound));
+        if upto > last || self.validity.floor_ms() > 0 || held_back {
             let report = self.l1.sweep(self.validity, upto).await;
             for compact in &report.removed {
                 self.eviction
@@ -134,18 +147,15 @@ impl Tiered {
                 .inc_by(report.stale as u64);
             fills_min = report.fills_min;
             *self.swept.lock() = (upto, fills_min);
+            metrics::SWEEPS.inc();
         }
-        // what may have escaped the last pass: fills in progress then, entries inserted since
         let escaped = fills_min.min(self.l1.inserted_min_ms());
         let l1_horizon = if escaped == u64::MAX {
             SystemTime::now() + Duration::from_secs(3600)
         } else {
             SystemTime::UNIX_EPOCH + Duration::from_millis(escaped)
         };
-        let l2_horizon = match &self.l2 {
-            Some(l2) => SystemTime::now() - l2.max_ttl() - CLOCK_SKEW,
-            None => l1_horizon,
-        };
+        let l2_horizon = l2_bound.unwrap_or(l1_horizon);
         let checked = self.swept.lock().0;
         let expired = self.validity.expire(checked, l1_horizon, l2_horizon);
         metrics::PURGE_RECORDS_EXPIRED.inc_by(expired as u64);
