@@ -4,6 +4,7 @@
 #
 #   benches/load.sh                 # 10 s per target, 64 connections, 1 KiB body
 #   DURATION=30 CONNS=128 SIZE=16384 benches/load.sh
+#   ROUNDS=7 benches/load.sh         # 7 alternating corral / nginx proxy_cache pairs: median ratio
 #
 # The server under test (origin or corral, one worker thread) is pinned to CPU 0 and wrk to
 # CPU 1, so the two do not compete for a core. Needs wrk (Debian package `wrk`); measures nginx
@@ -143,4 +144,20 @@ print(f"ratio nginx proxy_cache hits / nginx static: {$ncache_rps / $static_rps:
 print(f"ratio corral hits / nginx static: {$hit_rps / $static_rps:.2f}x")
 print(f"ratio corral hits / nginx proxy_cache hits: {$hit_rps / $ncache_rps:.2f}x")
 PY
+  # ROUNDS > 1: more alternating corral / nginx proxy_cache pairs, for a median that one
+  # noisy run cannot swing
+  ratios="$hit_rps/$ncache_rps"
+  for _ in $(seq 2 "${ROUNDS:-1}"); do
+    h=$(run "corral cache hits" "http://127.0.0.1:$proxy_port$path")
+    n=$(run "nginx proxy_cache hits" "http://127.0.0.1:$nginx_cache_port$path")
+    ratios="$ratios $h/$n"
+  done
+  if [ "${ROUNDS:-1}" -gt 1 ]; then
+    python3 - "$ratios" <<'PY'
+import statistics, sys
+rs = [eval(p) for p in sys.argv[1].split()]
+print("ratios corral hits / nginx proxy_cache hits, per round: " + " ".join(f"{r:.2f}" for r in rs))
+print(f"median over {len(rs)} rounds: {statistics.median(rs):.2f}x")
+PY
+  fi
 fi

@@ -67,6 +67,13 @@ pub fn for_request(req: &RequestHeader) -> CacheKey {
     with_hash(primary(&request_host(req), request_path_and_query(req)))
 }
 
+/// The cache key of a request whose host is already normalised ([`request_host`]) and whose
+/// path and query are [`request_path_and_query`]: what [`for_request`] builds, without
+/// working the host out again.
+pub fn for_parts(host: &str, path_and_query: &str) -> CacheKey {
+    with_hash(primary(host, path_and_query))
+}
+
 /// The cache key of a URL given as host and path (purges, RFC 9111 §4.4 invalidation).
 pub fn for_url(host: &str, path_and_query: &str) -> CacheKey {
     with_hash(primary(&normalize_host(host), path_and_query))
@@ -175,6 +182,20 @@ mod tests {
         assert_eq!(a.primary_bin(), b.primary_bin());
         let c = for_request(&req("/p?q=1", &[("host", "example.org:8080")]));
         assert_ne!(a.primary_bin(), c.primary_bin());
+    }
+
+    #[test]
+    fn a_key_from_the_request_parts_is_the_request_key() {
+        for r in [
+            req("/p?q=1", &[("host", "Example.ORG:80")]),
+            req("http://example.org/p", &[("host", "other")]),
+            req("/", &[]),
+        ] {
+            let parts = for_parts(&request_host(&r), request_path_and_query(&r));
+            let whole = for_request(&r);
+            assert_eq!(parts.primary_key(), whole.primary_key());
+            assert_eq!(parts.primary_bin(), whole.primary_bin());
+        }
     }
 
     #[test]

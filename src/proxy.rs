@@ -342,7 +342,7 @@ impl Corral {
             return Ok(false);
         }
         let head = req.method == Method::HEAD;
-        let key = key::for_request(req);
+        let key = key::for_parts(&ctx.host, &ctx.path);
         let now = SystemTime::now();
         let Some(entry) = self.parts.storage.l1.fresh_plain(&key, now) else {
             ctx.key = Some(key);
@@ -644,10 +644,13 @@ impl ProxyHttp for Corral {
 
     fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
         // the fast hit path may have built it already
-        Ok(ctx
-            .key
-            .take()
-            .unwrap_or_else(|| key::for_request(session.req_header())))
+        Ok(ctx.key.take().unwrap_or_else(|| {
+            if ctx.host.is_empty() {
+                key::for_request(session.req_header())
+            } else {
+                key::for_parts(&ctx.host, &ctx.path)
+            }
+        }))
     }
 
     async fn cache_hit_filter(
