@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Instructions per cache hit in user space, counted by callgrind rather than timed: stable on a
+# noisy machine where req/s swings by tens of percent between identical runs.
+#
+#   benches/callgrind.sh            # corral, and nginx proxy_cache when nginx is installed
+#
+# Each server runs under valgrind twice, answering 1,000 and then 5,000 hits of one 1 KiB
+# object over 8 keep-alive connections; the difference of the two totals over 4,000 is the
+# cost of one hit, start-up excluded. Needs valgrind (Debian package `valgrind`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || { echo "callgrind.sh: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+cargo build --release --quiet --bin corral --example origin
+
+dir=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+origin_port=$(free_port)
+target/release/examples/origin "127.0.0.1:$origin_port" >"$dir/origin.log" 2>&1 &
+pids+=($!)
+
+# exactly $2 GETs of one URL on port $1, 8 connections in lock step
+hits() {
+  python3 - "$1" "$2" <<'PY'
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+req = b"GET /bench?size=1024 HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n"
+conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+done = 0
+while done < n:
+    for c in conns:
+        c.sendall(req)
+    for c in conns:
+        data = b""
+        while True:
+            data += c.recv(65536)
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                continue
+            head = data[:end].decode().lower()
+            length = int(head.split("content-length:")[1].split("\r\n")[0])
+            if len(data) >= end + 4 + length:
+                break
+        done += 1
+PY
+}
+
+# total instructions of one server run under callgrind that answers $2 hits; $1 = corral|nginx
+count() {
+  local who=$1 n=$2 port out=$dir/cg.$1.$2 pid
+  port=$(free_port)
+  if [ "$who" = corral ]; then
+    printf '[server]\nlisten = "127.0.0.1:%s"\nadmin = "127.0.0.1:%s"\nthreads = 1\n[upstream]\naddress = "127.0.0.1:%s"\n[log]\nlevel = "warn"\naccess_log = false\n' \
+      "$port" "$(free_port)" "$origin_port" >"$dir/corral.toml"
+    valgrind --tool=callgrind --callgrind-out-file="$out" target/release/corral -c "$dir/corral.toml" >"$dir/$who.log" 2>&1 &
+  else
+    rm -rf "$dir/nginx-cache"; mkdir -p "$dir/nginx-cache"
+    cat >"$dir/nginx.conf" <<NGINX
+user root;
+worker_processes 1;
+master_process off;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  proxy_cache_path $dir/nginx-cache keys_zone=c:10m max_size=256m;
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://127.0.0.1:$origin_port;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache c;
+    }
+  }
+}
+NGINX
+    valgrind --tool=callgrind --callgrind-out-file="$out" nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/$who.log" 2>&1 &
+  fi
+  pid=$!
+  for _ in $(seq 200); do curl -sf -o /dev/null "http://127.0.0.1:$port/bench?size=1024" && break; sleep 0.2; done
+  curl -sf -o /dev/null "http://127.0.0.1:$port/bench?size=1024"   # stored; the rest are hits
+  hits "$port" "$n"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
+}
+
+per_hit() { # $1 = corral|nginx
+  local small big
+  small=$(count "$1" 1000); big=$(count "$1" 5000)
+  python3 -c "print(f'{\"$1\":<18} {($big - $small) / 4000:>8.0f} instructions per hit (user space)')"
+}
+
+per_hit corral
+if command -v nginx >/dev/null; then per_hit nginx; fi
