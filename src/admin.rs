@@ -131,7 +131,7 @@ impl Admin {
             }
             *counts.entry(p.kind()).or_default() += n;
             metrics::PURGES.with_label_values(&[p.kind(), "ok"]).inc();
-            tracing::info!(kind = p.kind(), soft = p.soft, purged = n, source = ?ip, "purge accepted (admin)");
+            tracing::info!(kind = p.kind(), target = %p.target_text(), soft = p.soft, purged = n, source = ?ip, "purge accepted (admin)");
         }
         let body = counts
             .iter()

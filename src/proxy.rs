@@ -311,7 +311,7 @@ impl Corral {
             return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
         }
         metrics::PURGES.with_label_values(&[purge.kind(), "ok"]).inc();
-        info!(kind = purge.kind(), soft = purge.soft, %method, site = %site, path = %ctx.path, purged, source = ?ip, "purge accepted");
+        info!(kind = purge.kind(), target = %purge.target_text(), soft = purge.soft, %method, site = %site, purged, source = ?ip, "purge accepted");
         let body = format!(
             "{{\"purged\":{purged},\"kind\":\"{}\",\"soft\":{}}}\n",
             purge.kind(),

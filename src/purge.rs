@@ -102,6 +102,35 @@ pub struct Purge {
 }
 
 impl Purge {
+    /// What it targets, for the log: `www.example.org/path`, `url~^/news/ host~...`, the tags,
+    /// `x-magento-tags~pattern`, `*`; at most 200 characters.
+    pub fn target_text(&self) -> String {
+        let mut s = match &self.target {
+            Target::Url { host, path } => format!("{host}{path}"),
+            Target::Ban(b) => [
+                ("host", &b.host),
+                ("url", &b.url),
+                ("content-type", &b.content_type),
+            ]
+            .iter()
+            .filter_map(|(name, re)| re.as_ref().map(|re| format!("{name}~{}", re.as_str())))
+            .collect::<Vec<_>>()
+            .join(" "),
+            Target::Tags(tags) => tags.join(" "),
+            Target::TagPattern { header, pattern } => format!("{header}~{}", pattern.as_str()),
+            Target::All => "*".to_string(),
+        };
+        if s.len() > 200 {
+            let mut cut = 200;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            s.push('…');
+        }
+        s
+    }
+
     /// Label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self.target {

@@ -140,6 +140,22 @@ async fn every_tag_header_and_purge_header() {
 
     purge(&proxy, "PURGEKEYS", "/", &[("xkey-purge", "product-1")]).await;
     assert!(is_miss(&proxy, "/x1").await && !is_miss(&proxy, "/x2").await);
+    // logged at INFO with its kind, target, count and source
+    let line = proxy
+        .log_text()
+        .lines()
+        .find(|l| l.contains("purge accepted"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    for field in [
+        "INFO",
+        "kind=\"tags\"",
+        "target=product-1",
+        "purged=0",
+        "source=Some(127.0.0.1)",
+    ] {
+        assert!(line.contains(field), "{field} in {line:?}");
+    }
     purge(&proxy, "PURGE", "/", &[("surrogate-key", "sk-1")]).await;
     assert!(is_miss(&proxy, "/s1").await);
     purge(&proxy, "BAN", "/", &[("cache-tags", "node:1")]).await;

@@ -471,3 +471,21 @@ fn url_records_cover_every_variant_and_expire_with_l1_when_hard() {
         Verdict::Stale(_)
     ));
 }
+
+#[test]
+fn the_log_names_what_a_purge_targets() {
+    let text = |m: &str, p: &str, h: &[(&str, &str)]| parse_req(m, p, h).unwrap().target_text();
+    assert_eq!(text("PURGE", "/a?b=1", &[]), "www.example.org/a?b=1");
+    assert_eq!(
+        text("BAN", "/", &[("x-url", "^/news/"), ("x-content-type", "html")]),
+        "url~^/news/ content-type~html"
+    );
+    assert_eq!(text("PURGEKEYS", "/", &[("xkey-purge", "b a")]), "a b");
+    assert_eq!(
+        text("PURGE", "/", &[("x-magento-tags-pattern", "cat_p_1")]),
+        "x-magento-tags~cat_p_1"
+    );
+    let long = "t".repeat(300);
+    let t = text("PURGEKEYS", "/", &[("xkey-purge", &long)]);
+    assert!(t.chars().count() <= 201 && t.ends_with('…'), "{t}");
+}
