@@ -7,8 +7,8 @@
 //! [`Tiered`] joins them: a lookup tries L1, then L2 (an L2 hit is promoted into L1 with its
 //! remaining lifetime), then reports a miss. A fill writes L1 as the body streams, and L2 once the
 //! body is complete, on a spawned task, so the L2 write never delays the client. The L2 expiry is
-//! the remaining freshness plus the longer of the serve-stale windows, so grace and
-//! stale-if-error also work from L2.
+//! the remaining freshness plus the longer of the serve-stale windows (capped at
+//! `memcached.max_ttl`), so grace and stale-if-error also work from L2.
 //!
 //! On an L1+L2 miss the L2 lookup is a lease read: one corral in the cluster wins the right to
 //! fill, the others poll L1 and L2 (10 ms, doubling to 100 ms) until the value appears or
