@@ -2,10 +2,10 @@
 //!
 //! | phase | module |
 //! |---|---|
-//! | `request_filter` | classify the request: rule, bypass, client directives |
+//! | `request_filter` | classify the request: rule, bypass, client directives; purges; the fast hit path (`Corral::fast_hit`) |
 //! | `request_cache_filter` | enable the cache: L1 storage, eviction, cache lock, predictor |
 //! | `cache_key_callback` | [`crate::key`] |
-//! | `cache_hit_filter` | client `no-cache`/`max-age` → revalidate ([`crate::policy`]) |
+//! | `cache_hit_filter` | purge records ([`crate::purge::Validity`]); client `no-cache`/`max-age` → revalidate ([`crate::policy`]) |
 //! | `proxy_upstream_filter` | `only-if-cached` → 504 |
 //! | `upstream_peer` | the configured upstream |
 //! | `upstream_request_filter` | hop-by-hop headers out, `X-Forwarded-For` in |
@@ -13,7 +13,7 @@
 //! | `response_cache_filter` | [`crate::policy::response_cacheable`] |
 //! | `cache_vary_filter` | [`crate::key::variance`] |
 //! | `should_serve_stale` | grace / stale-while-revalidate and stale-if-error |
-//! | `response_filter` | `Cache-Status` ([`crate::cache_status`]) |
+//! | `response_filter` | `Cache-Status` ([`crate::cache_status`]), tag headers out |
 //! | `logging` | access line + metrics |
 
 use std::sync::Arc;
