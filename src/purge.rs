@@ -68,8 +68,9 @@ pub enum Target {
     Ban(Ban),
     /// Every entry carrying one of these tags (surrogate keys).
     Tags(Vec<String>),
-    /// Every entry whose `header` value matches `pattern` (Varnish-style tag bans).
-    TagPattern { header: HeaderName, pattern: Regex },
+    /// Every entry with a named response header whose value matches that header's pattern
+    /// (Varnish-style tag bans; Magento may send two at once: `X-Magento-Tags` and `X-Pool`).
+    TagPattern { patterns: Vec<(HeaderName, Regex)> },
     /// Everything.
     All,
 }
@@ -117,7 +118,11 @@ impl Purge {
             .collect::<Vec<_>>()
             .join(" "),
             Target::Tags(tags) => tags.join(" "),
-            Target::TagPattern { header, pattern } => format!("{header}~{}", pattern.as_str()),
+            Target::TagPattern { patterns } => patterns
+                .iter()
+                .map(|(header, pattern)| format!("{header}~{}", pattern.as_str()))
+                .collect::<Vec<_>>()
+                .join(" "),
             Target::All => "*".to_string(),
         };
         if s.len() > 200 {
@@ -231,8 +236,7 @@ pub fn parse(req: &RequestHeader, host: &str, path: &str) -> Result<Purge, Purge
     let pattern = |header_name: &str, against: &'static str, v: &str| -> Result<Purge, PurgeError> {
         Ok(Purge {
             target: Target::TagPattern {
-                header: HeaderName::from_static(against),
-                pattern: regex(header_name, v)?,
+                patterns: vec![(HeaderName::from_static(against), regex(header_name, v)?)],
             },
             soft,
         })
@@ -257,15 +261,22 @@ pub fn parse(req: &RequestHeader, host: &str, path: &str) -> Result<Purge, Purge
             if let Some(v) = header(req, "surrogate-key")? {
                 return tags(v, ' ', soft);
             }
-            match (header(req, "x-magento-tags-pattern")?, header(req, "x-pool")?) {
-                (Some(v), None) => return pattern("X-Magento-Tags-Pattern", "x-magento-tags", v),
-                (None, Some(v)) => return pattern("X-Pool", "x-pool", v),
-                (Some(_), Some(_)) => {
-                    return Err(PurgeError::Missing(
-                        "X-Magento-Tags-Pattern and X-Pool together: send them as two purges",
-                    ))
-                }
-                (None, None) => {}
+            // Magento's VCL bans on either header, or on both at once
+            let mut magento = Vec::new();
+            if let Some(v) = header(req, "x-magento-tags-pattern")? {
+                magento.push((
+                    HeaderName::from_static("x-magento-tags"),
+                    regex("X-Magento-Tags-Pattern", v)?,
+                ));
+            }
+            if let Some(v) = header(req, "x-pool")? {
+                magento.push((HeaderName::from_static("x-pool"), regex("X-Pool", v)?));
+            }
+            if !magento.is_empty() {
+                return Ok(Purge {
+                    target: Target::TagPattern { patterns: magento },
+                    soft,
+                });
             }
             // collective.purgebyid (Plone): PURGE /@@purgebyid/<uuid>, against X-Ids-Involved
             if let Some((_, id)) = path.split('?').next().unwrap_or("").rsplit_once("/@@purgebyid/") {
@@ -442,6 +453,10 @@ pub enum LogWhat {
         header: String,
         pattern: String,
     },
+    /// More than one pattern (a corral that does not know this kind covers it by its floor).
+    TagPatterns {
+        patterns: Vec<(String, String)>,
+    },
     Url {
         host: String,
         path: String,
@@ -460,9 +475,17 @@ impl LogRecord {
                 content_type: s(&b.content_type),
             },
             Target::Tags(tags) => LogWhat::Tags { tags: tags.clone() },
-            Target::TagPattern { header, pattern } => LogWhat::TagPattern {
-                header: header.as_str().to_string(),
-                pattern: pattern.as_str().to_string(),
+            Target::TagPattern { patterns } => match patterns.as_slice() {
+                [(header, pattern)] => LogWhat::TagPattern {
+                    header: header.as_str().to_string(),
+                    pattern: pattern.as_str().to_string(),
+                },
+                many => LogWhat::TagPatterns {
+                    patterns: many
+                        .iter()
+                        .map(|(h, p)| (h.as_str().to_string(), p.as_str().to_string()))
+                        .collect(),
+                },
             },
             Target::Url { host, path } => LogWhat::Url {
                 host: host.clone(),
@@ -502,8 +525,21 @@ impl LogRecord {
             }),
             LogWhat::Tags { tags } => Target::Tags(tags),
             LogWhat::TagPattern { header, pattern } => Target::TagPattern {
-                header: HeaderName::from_bytes(header.as_bytes()).ok()?,
-                pattern: regex("pattern", &pattern).ok()?,
+                patterns: vec![(
+                    HeaderName::from_bytes(header.as_bytes()).ok()?,
+                    regex("pattern", &pattern).ok()?,
+                )],
+            },
+            LogWhat::TagPatterns { patterns } => Target::TagPattern {
+                patterns: patterns
+                    .iter()
+                    .map(|(h, p)| {
+                        Some((
+                            HeaderName::from_bytes(h.as_bytes()).ok()?,
+                            regex("pattern", p).ok()?,
+                        ))
+                    })
+                    .collect::<Option<Vec<_>>>()?,
             },
             LogWhat::Url { host, path } => Target::Url { host, path },
         };
@@ -685,10 +721,12 @@ impl Validity {
                 bans.insert(i, (ban.clone(), stamp));
                 self.fold(&mut bans, seq, |(_, s)| s.at);
             }
-            Target::TagPattern { header, pattern } => {
+            Target::TagPattern { patterns } => {
                 let mut p = self.patterns.write();
-                let i = p.partition_point(|(_, _, s)| s.at <= at);
-                p.insert(i, (header.clone(), pattern.clone(), stamp));
+                for (header, pattern) in patterns {
+                    let i = p.partition_point(|(_, _, s)| s.at <= at);
+                    p.insert(i, (header.clone(), pattern.clone(), stamp));
+                }
                 self.fold(&mut p, seq, |(_, _, s)| s.at);
             }
             Target::Tags(tags) => {

@@ -204,16 +204,38 @@ async fn plone_purgebyid_and_magento_x_pool() {
     );
     assert!(is_miss(&proxy, "/static.css").await);
     assert!(!is_miss(&proxy, "/page").await);
-    // both Magento headers at once would need two bans: refused, nothing purged
+    // both Magento headers at once: both bans (Magento's VCL does the two)
+    tagged(&origin, "/cat", &[("x-magento-tags", "cat_c_5")]);
+    tagged(
+        &origin,
+        "/other",
+        &[("x-magento-tags", "cat_c_6"), ("x-pool", "other")],
+    );
+    warm(&proxy, &["/cat", "/other"]).await;
     let both = purge(
         &proxy,
         "PURGE",
         "/",
-        &[("x-pool", ".*"), ("x-magento-tags-pattern", ".*")],
+        &[
+            ("x-pool", "^pages$"),
+            ("x-magento-tags-pattern", "(^|,)cat_c_5(,|$)"),
+        ],
     )
     .await;
-    assert_eq!(both.status, 400, "{}", both.body);
-    assert!(!is_miss(&proxy, "/page").await);
+    assert_eq!(both.status, 200, "{}", both.body);
+    assert!(is_miss(&proxy, "/page").await, "by X-Pool");
+    assert!(is_miss(&proxy, "/cat").await, "by X-Magento-Tags");
+    assert!(!is_miss(&proxy, "/other").await, "neither");
+    // one bad pattern refuses the whole purge
+    let bad = purge(
+        &proxy,
+        "PURGE",
+        "/",
+        &[("x-pool", ".*"), ("x-magento-tags-pattern", "(")],
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(!is_miss(&proxy, "/other").await);
 }
 
 /// Conf with a fast ban sweeper and grace, for the sweeper tests.

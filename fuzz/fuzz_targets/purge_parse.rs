@@ -7,9 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 
 const METHODS: [&str; 5] = ["PURGE", "BAN", "PURGEKEYS", "PURGETAGS", "URIBAN"];
-const HEADERS: [&str; 12] = [
+const HEADERS: [&str; 13] = [
     "x-url", "x-host", "x-content-type", "xkey-purge", "xkey-softpurge", "x-cache-tags", "cache-tags",
-    "surrogate-key", "x-magento-tags-pattern", "x-purge-method", "soft-purge", "fastly-soft-purge",
+    "surrogate-key", "x-magento-tags-pattern", "x-pool", "x-purge-method", "soft-purge", "fastly-soft-purge",
 ];
 
 fuzz_target!(|data: &[u8]| {

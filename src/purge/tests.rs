@@ -489,3 +489,29 @@ fn the_log_names_what_a_purge_targets() {
     let t = text("PURGEKEYS", "/", &[("xkey-purge", &long)]);
     assert!(t.chars().count() <= 201 && t.ends_with('…'), "{t}");
 }
+
+#[test]
+fn both_magento_headers_make_one_purge_of_two_patterns_that_survives_the_log() {
+    let p = parse_req(
+        "PURGE",
+        "/",
+        &[("x-magento-tags-pattern", "cat_p_1"), ("x-pool", "^static$")],
+    )
+    .unwrap();
+    assert_eq!(p.target_text(), "x-magento-tags~cat_p_1 x-pool~^static$");
+    let rec = LogRecord::of(&p, now_stamp()).unwrap();
+    let (back, _) = LogRecord::decode(&rec.encode()).unwrap();
+    assert_eq!(back.target_text(), p.target_text());
+    let v = Validity::default();
+    v.record(&back, now_stamp());
+    let before = SystemTime::now() - Duration::from_secs(10);
+    assert!(v
+        .verdict("h", "/", &entry(&[("x-pool", "static")], before))
+        .is_some());
+    assert!(v
+        .verdict("h", "/", &entry(&[("x-magento-tags", "cat_p_1")], before))
+        .is_some());
+    assert!(v
+        .verdict("h", "/", &entry(&[("x-pool", "pages")], before))
+        .is_none());
+}
