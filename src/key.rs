@@ -64,7 +64,7 @@ pub fn primary(host: &str, path_and_query: &str) -> String {
 
 /// The cache key of a request (no variance yet: Pingora adds it after the first lookup).
 pub fn for_request(req: &RequestHeader) -> CacheKey {
-    with_hash(primary(&request_host(req), request_path_and_query(req)))
+    for_parts(&request_host(req), request_path_and_query(req))
 }
 
 /// The cache key of a request whose host is already normalised ([`request_host`]) and whose

@@ -156,7 +156,7 @@ pub static PURGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static PURGE_RECORDS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "corral_purge_records",
-        "Ban and tag purge records kept, checked against entries older than them"
+        "URL, ban and tag purge records kept, checked against entries older than them"
     )
     .expect("metric registers once")
 });

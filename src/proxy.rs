@@ -43,8 +43,7 @@ use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
 use crate::purge::{self, Purge, Target, Validity, Verdict};
 use crate::storage::memcached::L2;
-use crate::storage::memory::CompleteHit;
-use crate::storage::memory::MemoryStorage;
+use crate::storage::memory::{CompleteHit, FreshEntry, MemoryStorage};
 use crate::storage::Tiered;
 
 /// RFC 9211's response header.
@@ -121,39 +120,34 @@ impl CacheParts {
     /// entries it removed or marked stale right away (bans and tag purges act lazily: 0), and
     /// whether L2 took it (false: memcached could not be reached, the purge must be retried).
     pub async fn apply(&self, purge: &Purge) -> (usize, bool) {
-        match &purge.target {
-            Target::Url { host, path } => {
-                let key = key::for_url(host, path);
-                let at = purge::now_stamp();
-                // also recorded: a fill that began before the purge ends after it, and other
-                // corrals' L1 copies (they read the record from the purge log)
-                self.validity.record(purge, at);
-                let logged = self.log(purge, at);
-                if purge.soft {
-                    // the L2 copy stays: the record makes it stale for every corral, served
-                    // stale while one request revalidates
-                    let n = self.storage.l1.expire_primary(&key.primary_bin());
-                    (n, logged.await)
-                } else {
-                    let ((n, deleted), logged) = tokio::join!(self.remove_url(&key), logged);
-                    (n, deleted && logged)
-                }
-            }
-            Target::Ban(_) | Target::Tags(_) | Target::TagPattern { .. } => {
-                let at = purge::now_stamp();
-                self.validity.record(purge, at);
-                (0, self.log(purge, at).await)
-            }
-            Target::All => {
-                let n = self.storage.l1.stats().entries;
-                self.validity.invalidate_all_before(purge::now_stamp());
-                self.storage.l1.clear();
-                let l2_ok = match &self.storage.l2 {
-                    Some(l2) => l2.bump_generation().await.is_some(),
-                    None => true,
-                };
-                (n, l2_ok)
-            }
+        if let Target::All = purge.target {
+            let n = self.storage.l1.stats().entries;
+            self.validity.invalidate_all_before(purge::now_stamp());
+            self.storage.l1.clear();
+            let l2_ok = match &self.storage.l2 {
+                Some(l2) => l2.bump_generation().await.is_some(),
+                None => true,
+            };
+            return (n, l2_ok);
+        }
+        // every other purge is a record, here and (through the purge log) at every corral of
+        // the namespace: for a URL it also covers a fill that began before the purge and ends
+        // after it, and other corrals' L1 copies
+        let at = purge::now_stamp();
+        self.validity.record(purge, at);
+        let logged = self.log(purge, at);
+        let Target::Url { host, path } = &purge.target else {
+            return (0, logged.await);
+        };
+        let key = key::for_url(host, path);
+        if purge.soft {
+            // the L2 copy stays: the record makes it stale for every corral, served stale
+            // while one request revalidates
+            let n = self.storage.l1.expire_primary(&key.primary_bin());
+            (n, logged.await)
+        } else {
+            let ((n, deleted), logged) = tokio::join!(self.remove_url(&key), logged);
+            (n, deleted && logged)
         }
     }
 
@@ -371,30 +365,10 @@ impl Corral {
         let head = session.req_header().method == Method::HEAD;
         let key = key::for_parts(&ctx.host, &ctx.path);
         let now = SystemTime::now();
-        let Some(entry) = self.parts.storage.l1.fresh_plain(&key, now) else {
+        let Some(entry) = self.fast_entry(&key, ctx, now) else {
             ctx.key = Some(key);
             return Ok(false);
         };
-        if !entry.header().headers.contains_key(header::CONTENT_LENGTH) {
-            // Pingora frames those (chunked); not worth a second way of doing it
-            ctx.key = Some(key);
-            return Ok(false);
-        }
-        let validity = self.parts.validity;
-        if validity.active() {
-            let upto = validity.published();
-            let checked = entry.checked();
-            let headers = &entry.header().headers;
-            match validity.check(&ctx.host, &ctx.path, entry.updated(), headers, checked) {
-                Verdict::Valid if checked < upto => entry.mark_checked(upto),
-                Verdict::Valid => {}
-                // the full path applies the verdict (miss, or stale while revalidating)
-                _ => {
-                    ctx.key = Some(key);
-                    return Ok(false);
-                }
-            }
-        }
         // a hit keeps the entry in the LRU, as Pingora's hit path does
         let lru_key = pingora_cache::eviction::CacheEntryKey::from_entry_id(key.to_compact(), None);
         self.parts
@@ -402,43 +376,7 @@ impl Corral {
             .access(&lru_key, entry.weight(), entry.fresh_until());
 
         let strip = self.cfg.purge.strip_tag_headers;
-        let mut resp = entry
-            .wire(|stored| {
-                // without the case-preserving name map Pingora keeps beside the header map:
-                // half the copying per hit, and names go out lower-case, as in HTTP/2
-                let mut h = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 4))
-                {
-                    Ok(mut h) => {
-                        for (name, value) in &stored.headers {
-                            let _ = h.append_header(name.clone(), value.clone());
-                        }
-                        let _ = h.set_reason_phrase(stored.get_reason_phrase());
-                        h
-                    }
-                    Err(_) => stored.clone(),
-                };
-                h.set_version(http::Version::HTTP_11);
-                if strip {
-                    strip_tags(&mut h);
-                }
-                // every header a hit (or Pingora's writer: Date, Connection) sets, present
-                // once here, so that a hit replaces values and never grows the map
-                for (name, placeholder) in [
-                    (header::AGE, http::HeaderValue::from_static("0")),
-                    (CACHE_STATUS, http::HeaderValue::from_static("corral")),
-                    (
-                        header::DATE,
-                        pingora_core::protocols::http::date::get_cached_date(),
-                    ),
-                    (header::CONNECTION, http::HeaderValue::from_static("keep-alive")),
-                ] {
-                    if !h.headers.contains_key(&name) {
-                        let _ = h.insert_header(name, placeholder);
-                    }
-                }
-                h
-            })
-            .clone();
+        let mut resp = entry.wire(|stored| wire_header(stored, strip)).clone();
         let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
         resp.insert_header(header::AGE, age)?;
         let mut status = CacheStatus::new(Outcome::Hit);
@@ -456,6 +394,26 @@ impl Corral {
             session.write_response_body(Some(entry.body()), true).await?;
         }
         Ok(true)
+    }
+
+    /// The L1 entry the fast hit path may serve for `key`: fresh, plain (see
+    /// [`MemoryStorage::fresh_plain`]), framed by `Content-Length` (Pingora frames the others),
+    /// and valid against every purge record. Otherwise `None`: the full path then decides,
+    /// and applies a purge verdict (a miss, or stale while one request revalidates).
+    fn fast_entry(&self, key: &CacheKey, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
+        let entry = self.parts.storage.l1.fresh_plain(key, now)?;
+        if !entry.header().headers.contains_key(header::CONTENT_LENGTH) {
+            return None;
+        }
+        let headers = &entry.header().headers;
+        let verdict = self.parts.validity.check_marked(
+            &ctx.host,
+            &ctx.path,
+            entry.updated(),
+            headers,
+            Some(entry.check_mark()),
+        );
+        (verdict == Verdict::Valid).then_some(entry)
     }
 
     /// The last touches of every response header: `Cache-Status`, tag headers stripped.
@@ -513,6 +471,42 @@ impl Corral {
 fn cache_status_value(status: &CacheStatus) -> Result<http::HeaderValue> {
     http::HeaderValue::from_maybe_shared(Bytes::from(status.header_value()))
         .map_err(|_| Error::explain(ErrorType::InternalError, "invalid cache-status"))
+}
+
+/// The header a fast hit sends, built once per entry from the stored one: without the
+/// case-preserving name map Pingora keeps beside the header map (half the copying per hit;
+/// names go out lower-case, as in HTTP/2), tags stripped if configured, and every field a hit
+/// (or Pingora's writer: `Date`, `Connection`) sets already present, so that a hit replaces
+/// values and never grows the map.
+fn wire_header(stored: &ResponseHeader, strip: bool) -> ResponseHeader {
+    let mut h = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 4)) {
+        Ok(mut h) => {
+            for (name, value) in &stored.headers {
+                let _ = h.append_header(name.clone(), value.clone());
+            }
+            let _ = h.set_reason_phrase(stored.get_reason_phrase());
+            h
+        }
+        Err(_) => stored.clone(),
+    };
+    h.set_version(http::Version::HTTP_11);
+    if strip {
+        strip_tags(&mut h);
+    }
+    for (name, placeholder) in [
+        (header::AGE, http::HeaderValue::from_static("0")),
+        (CACHE_STATUS, http::HeaderValue::from_static("corral")),
+        (
+            header::DATE,
+            pingora_core::protocols::http::date::get_cached_date(),
+        ),
+        (header::CONNECTION, http::HeaderValue::from_static("keep-alive")),
+    ] {
+        if !h.headers.contains_key(&name) {
+            let _ = h.insert_header(name, placeholder);
+        }
+    }
+    h
 }
 
 /// Remove the tag headers (xkey, Surrogate-Key, ...) from a client response.
@@ -679,15 +673,13 @@ impl ProxyHttp for Corral {
         Ok(())
     }
 
-    fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
         // the fast hit path may have built it already
-        Ok(ctx.key.take().unwrap_or_else(|| {
-            if ctx.host.is_empty() {
-                key::for_request(session.req_header())
-            } else {
-                key::for_parts(&ctx.host, &ctx.path)
-            }
-        }))
+        // the request filter worked out host and path (and the fast hit path maybe the key)
+        Ok(ctx
+            .key
+            .take()
+            .unwrap_or_else(|| key::for_parts(&ctx.host, &ctx.path)))
     }
 
     async fn cache_hit_filter(
@@ -700,15 +692,13 @@ impl ProxyHttp for Corral {
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
         // bans and tag purges newer than this entry, that it was not checked against yet
-        let validity = self.parts.validity;
-        if validity.active() {
-            let upto = validity.published();
-            let checked = CompleteHit::checked(hit_handler);
-            match validity.check(&ctx.host, &ctx.path, meta.updated(), meta.headers(), checked) {
-                Verdict::Valid if checked < upto => CompleteHit::mark_checked(hit_handler, upto),
-                Verdict::Valid => {}
-                verdict => return Ok(verdict.forced()),
-            }
+        let mark = CompleteHit::check_mark(hit_handler);
+        let verdict =
+            self.parts
+                .validity
+                .check_marked(&ctx.host, &ctx.path, meta.updated(), meta.headers(), mark);
+        if verdict != Verdict::Valid {
+            return Ok(verdict.forced());
         }
         if self.cfg.cache.honor_client_no_cache
             && ctx

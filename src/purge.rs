@@ -797,7 +797,6 @@ impl Validity {
         let _writer = self.writer.lock();
         let l2_horizon = l2_horizon.min(l1_horizon);
         let gone = |s: &Stamp| s.seq <= checked && s.at <= if s.l2 { l2_horizon } else { l1_horizon };
-        let horizon = l2_horizon;
         let mut dropped = 0;
         {
             let mut bans = self.bans.write();
@@ -817,7 +816,8 @@ impl Validity {
             dropped += before - map.len();
         }
         let floor = self.floor_ms.load(Ordering::Acquire);
-        if floor > 0 && self.floor_seq.load(Ordering::Acquire) <= checked && floor <= millis(horizon) {
+        // the floor covers L2 values too
+        if floor > 0 && self.floor_seq.load(Ordering::Acquire) <= checked && floor <= millis(l2_horizon) {
             self.floor_ms.store(0, Ordering::Release);
         }
         if self.is_empty() && self.floor_ms.load(Ordering::Acquire) == 0 {
@@ -859,6 +859,35 @@ impl Validity {
     /// to treat it (a miss for hard purges, stale for soft ones).
     pub fn verdict(&self, host: &str, path: &str, meta: &CacheMeta) -> Option<ForcedFreshness> {
         self.check(host, path, meta.updated(), meta.headers(), 0).forced()
+    }
+
+    /// [`Validity::check`] for a stored entry that keeps its check mark in `mark` (`None`: it
+    /// has none, e.g. a body still streaming): only the records after the mark are checked,
+    /// and if none matches, the mark moves to the newest record, so a hit pays for a record
+    /// once.
+    pub fn check_marked(
+        &self,
+        host: &str,
+        path: &str,
+        validated: SystemTime,
+        headers: &http::HeaderMap,
+        mark: Option<&AtomicU64>,
+    ) -> Verdict {
+        if !self.active() {
+            return Verdict::Valid;
+        }
+        // read before checking: a record published meanwhile stays above the mark
+        let upto = self.published();
+        let checked = mark.map_or(0, |m| m.load(Ordering::Acquire));
+        let verdict = self.check(host, path, validated, headers, checked);
+        match mark {
+            // no write when the mark is current: hot entries are read by every worker
+            Some(m) if verdict == Verdict::Valid && checked < upto => {
+                m.fetch_max(upto, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+        verdict
     }
 
     /// The verdict on an entry validated at `validated`, with these response headers, already

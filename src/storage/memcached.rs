@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::join_all;
 use md5::{Digest, Md5};
 use memcache::exp::{AsyncMetaClient, MetaClientBuilder, Rendezvous, Router, Ttl};
 use tracing::{debug, info, warn};
@@ -186,31 +187,42 @@ impl L2 {
     // written to every live server and read from all of them (the highest counter wins), so one
     // server being down neither hides a purge nor stops the others from serving.
 
+    /// `key` from every server at once: per server `None` if it could not be read, otherwise
+    /// its value (`None` when it has none).
+    async fn get_everywhere(&self, key: &[u8]) -> Vec<Option<Option<Vec<u8>>>> {
+        join_all(self.inner.servers.iter().map(|server| async move {
+            let r = self
+                .with_server_at(server, "get", |c| async move { c.get(key).send().await })
+                .await?;
+            let hit = r.hit();
+            Some(r.value.filter(|v| hit && !v.is_empty()))
+        }))
+        .await
+    }
+
+    /// Store `value` under `key` on every server at once. Returns whether any took it.
+    async fn set_everywhere(&self, key: &[u8], value: &[u8]) -> bool {
+        let stored = join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "set", |c| async move {
+                c.set(key, value).ttl(Ttl::secs(MAX_TTL)).send().await
+            })
+        }))
+        .await;
+        stored.iter().any(Option::is_some)
+    }
+
     /// A counter's value: the highest any live server reports (absent = 0); `None` if no server
     /// answered.
     async fn read_counter(&self, key: &str) -> Option<u64> {
-        let k = key.as_bytes();
-        let mut best = None;
-        for server in &self.inner.servers {
-            let Some(r) = self
-                .with_server_at(server, "get", |c| async move { c.get(k).send().await })
-                .await
-            else {
-                continue;
-            };
-            let hit = r.hit();
-            let value = r
-                .value
-                .filter(|_| hit)
-                .and_then(|v| {
-                    std::str::from_utf8(&v)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0);
-            best = Some(best.map_or(value, |b: u64| b.max(value)));
-        }
-        best
+        self.get_everywhere(key.as_bytes())
+            .await
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                v.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .max()
     }
 
     /// Increment a counter on every live server and bring laggards (a server that was down) up
@@ -218,26 +230,30 @@ impl L2 {
     /// took it.
     async fn bump_counter(&self, key: &str) -> Option<u64> {
         let k = key.as_bytes();
-        let mut results = Vec::new();
-        for server in &self.inner.servers {
-            let r = self
-                .with_server_at(server, "incr", |c| async move {
-                    c.increment(k).delta(1).initial(1, MAX_TTL).send().await
-                })
-                .await;
-            results.push(r.and_then(|r| r.value));
-        }
+        let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
+            self.with_server_at(server, "incr", |c| async move {
+                c.increment(k).delta(1).initial(1, MAX_TTL).send().await
+            })
+            .await
+            .and_then(|r| r.value)
+        }))
+        .await;
         let top = results.iter().flatten().copied().max()?;
-        for (server, value) in self.inner.servers.iter().zip(&results) {
-            if value.is_some_and(|v| v < top) {
-                let v = top.to_string();
-                let v = v.as_bytes();
-                self.with_server_at(server, "set", |c| async move {
-                    c.set(k, v).ttl(Ttl::secs(MAX_TTL)).send().await
-                })
-                .await;
-            }
-        }
+        let v = top.to_string();
+        let v = v.as_bytes();
+        join_all(
+            self.inner
+                .servers
+                .iter()
+                .zip(&results)
+                .filter(|(_, value)| value.is_some_and(|v| v < top))
+                .map(|(server, _)| {
+                    self.with_server_at(server, "set", |c| async move {
+                        c.set(k, v).ttl(Ttl::secs(MAX_TTL)).send().await
+                    })
+                }),
+        )
+        .await;
         Some(top)
     }
 
@@ -274,17 +290,7 @@ impl L2 {
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
         let seq = self.bump_counter(&self.log_seq_key()).await?;
         let key = self.log_key(seq);
-        let kb = key.as_bytes();
-        let mut stored = false;
-        for server in &self.inner.servers {
-            stored |= self
-                .with_server_at(server, "set", |c| async move {
-                    c.set(kb, record).ttl(Ttl::secs(MAX_TTL)).send().await
-                })
-                .await
-                .is_some();
-        }
-        stored.then_some(seq)
+        self.set_everywhere(key.as_bytes(), record).await.then_some(seq)
     }
 
     /// The last sequence number of the purge log: `Some(0)` when it is empty, `None` when
@@ -296,23 +302,10 @@ impl L2 {
     /// One purge log record, from any live server that has it: `Some(None)` if none has it
     /// (expired, evicted), `None` if no server could be read.
     pub async fn log_record(&self, seq: u64) -> Option<Option<Bytes>> {
-        let key = self.log_key(seq);
-        let k = key.as_bytes();
-        let mut answered = false;
-        for server in &self.inner.servers {
-            let Some(r) = self
-                .with_server_at(server, "get", |c| async move { c.get(k).send().await })
-                .await
-            else {
-                continue;
-            };
-            answered = true;
-            let hit = r.hit();
-            if let Some(v) = r.value.filter(|v| hit && !v.is_empty()) {
-                return Some(Some(Bytes::from(v)));
-            }
-        }
-        answered.then_some(None)
+        let answers = self.get_everywhere(self.log_key(seq).as_bytes()).await;
+        let answered = answers.iter().any(Option::is_some);
+        let found = answers.into_iter().flatten().flatten().next().map(Bytes::from);
+        answered.then_some(found)
     }
 
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace

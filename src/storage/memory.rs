@@ -201,13 +201,9 @@ impl FreshEntry {
         self.0.meta.epoch_override.unwrap_or(self.0.meta.updated)
     }
 
-    /// Up to which ban/tag record this entry was checked.
-    pub fn checked(&self) -> u64 {
-        self.0.checked.load(Ordering::Acquire)
-    }
-
-    pub fn mark_checked(&self, seq: u64) {
-        self.0.checked.fetch_max(seq, Ordering::AcqRel);
+    /// Up to which purge record this entry was checked ([`Validity::check_marked`]).
+    pub fn check_mark(&self) -> &AtomicU64 {
+        &self.0.checked
     }
 }
 
@@ -595,7 +591,6 @@ fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey
 
 /// Reads a committed body: one chunk, shared with the stored [`Bytes`].
 pub struct CompleteHit {
-    body: Bytes,
     done: bool,
     range: (usize, usize),
     /// The entry served: its ban check mark is read and moved by the proxy.
@@ -607,7 +602,6 @@ pub struct CompleteHit {
 impl CompleteHit {
     fn of(entry: &Arc<Stored>, from_l2: bool) -> Self {
         CompleteHit {
-            body: entry.body.clone(),
             done: false,
             range: (0, entry.body.len()),
             entry: entry.clone(),
@@ -622,18 +616,12 @@ impl CompleteHit {
             .is_some_and(|h| h.from_l2)
     }
 
-    /// Up to which ban/tag record the served entry was checked (0 for a body still streaming).
-    pub fn checked(hit: &HitHandler) -> u64 {
+    /// Up to which purge record the served entry was checked ([`Validity::check_marked`]);
+    /// `None` for a body still streaming.
+    pub fn check_mark(hit: &HitHandler) -> Option<&AtomicU64> {
         hit.as_any()
             .downcast_ref::<CompleteHit>()
-            .map_or(0, |h| h.entry.checked.load(Ordering::Acquire))
-    }
-
-    /// Record that the served entry passed every record up to `seq`.
-    pub fn mark_checked(hit: &HitHandler, seq: u64) {
-        if let Some(h) = hit.as_any().downcast_ref::<CompleteHit>() {
-            h.entry.checked.fetch_max(seq, Ordering::AcqRel);
-        }
+            .map(|h| &h.entry.checked)
     }
 }
 
@@ -651,7 +639,7 @@ impl HandleHit for CompleteHit {
             return Ok(None);
         }
         self.done = true;
-        Ok(Some(self.body.slice(self.range.0..self.range.1)))
+        Ok(Some(self.entry.body.slice(self.range.0..self.range.1)))
     }
 
     async fn finish(
@@ -668,13 +656,16 @@ impl HandleHit for CompleteHit {
     }
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
-        if start >= self.body.len() {
+        if start >= self.entry.body.len() {
             return Error::e_explain(
                 ErrorType::InternalError,
-                format!("seek start out of range {start} >= {}", self.body.len()),
+                format!("seek start out of range {start} >= {}", self.entry.body.len()),
             );
         }
-        self.range = (start, end.map_or(self.body.len(), |e| e.min(self.body.len())));
+        self.range = (
+            start,
+            end.map_or(self.entry.body.len(), |e| e.min(self.entry.body.len())),
+        );
         self.done = false;
         Ok(())
     }
@@ -1202,7 +1193,7 @@ mod tests {
         assert!(S.lookup(&keys[1], &trace).await.unwrap().is_none());
         let (about, hit) = S.lookup(&keys[2], &trace).await.unwrap().unwrap();
         assert_eq!(
-            CompleteHit::checked(&hit),
+            CompleteHit::check_mark(&hit).unwrap().load(Ordering::Acquire),
             upto,
             "checked up to the newest record"
         );

@@ -159,7 +159,6 @@ impl Tiered {
         let checked = self.swept.lock().0;
         let expired = self.validity.expire(checked, l1_horizon, l2_horizon);
         metrics::PURGE_RECORDS_EXPIRED.inc_by(expired as u64);
-        metrics::PURGE_RECORDS.set(self.validity.len() as i64);
     }
 
     /// Every second, adopt memcached's namespace generation (when it moved, another corral
