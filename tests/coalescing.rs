@@ -259,3 +259,49 @@ async fn concurrent_client_no_cache_requests_share_one_revalidation() {
         origin.hits("/ncc")
     );
 }
+
+#[tokio::test]
+async fn a_chunked_body_whose_end_arrives_alone_completes_for_filler_and_waiters() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // a raw origin that keeps its connection open and sends the last chunk on its own, when
+    // the test says: Pingora then finishes the fill without an end-of-body write
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        let mut wait = Some(wait);
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                count.fetch_add(1, Ordering::SeqCst);
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+                            Cache-Control: max-age=60\r\n\r\n5\r\nhello\r\n";
+                s.write_all(head.as_bytes()).await.unwrap();
+                if let Some(w) = wait.take() {
+                    let _ = w.await;
+                }
+                s.write_all(b"0\r\n\r\n").await.unwrap();
+            }
+        }
+    });
+    let proxy = Proxy::start(addr, Conf::default()).await;
+    let mut filler = client().get(proxy.url("/chunks")).send().await.unwrap();
+    // the first chunk has reached the client: the fill is in storage
+    assert_eq!(&filler.chunk().await.unwrap().unwrap()[..], b"hello");
+    let waiters = {
+        let url = proxy.url("/chunks");
+        tokio::spawn(async move { burst(&url, 20).await })
+    };
+    go_on.send(()).unwrap();
+    let limit = Duration::from_secs(10);
+    let rest = tokio::time::timeout(limit, filler.chunk()).await;
+    assert!(rest.expect("the filler's body ends").unwrap().is_none());
+    let waiters = tokio::time::timeout(limit, waiters).await;
+    for got in waiters.expect("the waiters' bodies end").unwrap() {
+        assert_eq!((got.status, got.body.as_str()), (200, "hello"));
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    assert!(get(&proxy.url("/chunks")).await.cache.contains("hit"));
+}

@@ -783,6 +783,10 @@ impl HandleMiss for MemoryMiss {
             .storage
             .commit(self.primary, self.variance, stored, Some(self.fill.id));
         self.finished = true;
+        // Pingora may finish without a last `write_body(.., eof = true)` (a chunked body
+        // whose end arrives on its own): readers streaming the fill must learn it is whole
+        let n = self.fill.chunks.lock().len();
+        self.fill.state.send_replace(FillState::Done(n));
         Ok(MissFinishType::Created(weight))
     }
 
@@ -1056,6 +1060,22 @@ mod tests {
         writer.await.unwrap();
         let (_, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
         assert_eq!(read_all(&mut h).await.unwrap(), b"one two");
+    }
+
+    #[tokio::test]
+    async fn readers_learn_the_end_from_finish_alone() {
+        // a chunked body whose last chunk arrives on its own: Pingora finishes the miss
+        // without a write_body(.., eof = true)
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let key = CacheKey::new("http://h/chunked", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+        miss.write_body(Bytes::from_static(b"body"), false).await.unwrap();
+        let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"body");
+        miss.finish().await.unwrap();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), reader.read_body());
+        assert!(end.await.expect("the reader learns the end").unwrap().is_none());
     }
 
     #[tokio::test]
