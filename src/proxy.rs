@@ -622,6 +622,10 @@ impl ProxyHttp for Corral {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2), as nginx and Varnish answer it: requests sent
+        // ahead on a keep-alive connection are answered in order, one after another, instead
+        // of Pingora's default of closing the connection after the first and dropping the rest
+        session.set_pipelining_enabled(true);
         let req = session.req_header();
         ctx.host = key::request_host(req);
         ctx.path = key::request_path_and_query(req).to_string();

@@ -508,6 +508,42 @@ async fn interim_1xx_responses_pass_through() {
 }
 
 #[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/p1", |_| cacheable("one"));
+    origin.route("/p2", |_| cacheable("two"));
+    origin.route("/form", |_| Reply::ok("posted".to_string()));
+    // five requests in one write, before reading any answer (RFC 9112 §9.3.2): misses, a
+    // HEAD and a GET answered from cache, a POST with a body
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /p1 HTTP/1.1\r\nHost: h\r\n\r\n\
+          GET /p2 HTTP/1.1\r\nHost: h\r\n\r\n\
+          HEAD /p1 HTTP/1.1\r\nHost: h\r\n\r\n\
+          POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc\
+          GET /p2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got));
+    read.await.expect("the connection closes after the last").unwrap();
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert_eq!(text.matches("http/1.1 200 ok").count(), 5, "{text}");
+    let order: Vec<usize> = ["one", "two", "cache-status: corral; hit", "posted", "two"]
+        .iter()
+        .scan(0, |from, needle| {
+            let at = *from + text[*from..].find(needle)?;
+            *from = at + needle.len();
+            Some(at)
+        })
+        .collect();
+    assert_eq!(order.len(), 5, "answers out of order: {text}");
+    assert_eq!((origin.hits("/p1"), origin.hits("/p2")), (1, 1));
+}
+
+#[tokio::test]
 async fn objects_over_max_object_bytes_stream_through_unstored() {
     let (origin, proxy) = setup(Conf::default().cache("max_object_bytes = \"64KiB\"")).await;
     let big = "b".repeat(200 * 1024);
