@@ -44,7 +44,7 @@ use crate::policy::{self, Effective, RequestDirectives};
 use crate::purge::{self, Purge, Target, Validity, Verdict};
 use crate::storage::memcached::L2;
 use crate::storage::memory::{CompleteHit, FreshEntry, MemoryStorage};
-use crate::storage::Tiered;
+use crate::storage::{Refresh, Tiered};
 
 /// RFC 9211's response header.
 const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
@@ -207,6 +207,8 @@ pub struct Ctx {
     key: Option<CacheKey>,
     /// The request has a range or a conditional header field.
     conditional: bool,
+    /// This background revalidation holds the cluster's refresh lock for its key.
+    refresh_lock: Option<String>,
 }
 
 /// The request header fields the request filter decides on, found in one pass over the names
@@ -618,6 +620,7 @@ impl ProxyHttp for Corral {
             status: None,
             key: None,
             conditional: false,
+            refresh_lock: None,
         }
     }
 
@@ -652,10 +655,32 @@ impl ProxyHttp for Corral {
         } else {
             None
         };
-        if ctx.bypass.is_none() {
-            return self.fast_hit(session, ctx).await;
+        if ctx.bypass.is_some() {
+            return Ok(false);
         }
-        Ok(false)
+        if session.subrequest_ctx.is_some() {
+            // Pingora's background revalidation of a stale entry (grace): one corral of the
+            // cluster goes upstream, the others take its copy from memcached
+            let key = key::for_parts(&ctx.host, &ctx.path);
+            let refresh = self.parts.storage.refresh_once(&key).await;
+            metrics::STALE_REFRESHES
+                .with_label_values(&[refresh.label()])
+                .inc();
+            match refresh {
+                Refresh::Mine(lock) => ctx.refresh_lock = Some(lock),
+                Refresh::Peer => {
+                    // the lookup now finds the fresh copy; the cache lock handed to this
+                    // revalidation is not needed (and Pingora does not release it after a hit)
+                    if let Some(sub) = session.subrequest_ctx.as_mut() {
+                        sub.release_write_lock();
+                    }
+                }
+                Refresh::TimedOut | Refresh::Local => {}
+            }
+            ctx.key = Some(key);
+            return Ok(false);
+        }
+        self.fast_hit(session, ctx).await
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
@@ -841,6 +866,9 @@ impl ProxyHttp for Corral {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(lock) = ctx.refresh_lock.take() {
+            self.parts.storage.refresh_done(lock);
+        }
         let outcome = match ctx.purge {
             Some(_) => "purge",
             None => ctx.status.map_or("error", |s| s.outcome.as_str()),

@@ -287,3 +287,63 @@ async fn keys_spread_over_servers_and_one_down_leaves_the_other_serving() {
     }
     assert_eq!(from_l2 as u64, n1, "the live server still serves its share");
 }
+
+#[tokio::test]
+async fn a_stale_entry_is_refreshed_once_across_corrals() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    // v1 (validator "a"), then a changed v2 (validator "b"), then 304s for "b"
+    origin.route("/popular", |s| {
+        let reply = match s.headers.get("if-none-match") {
+            Some(v) if s.n > 2 && v == "\"b\"" => Reply::ok("").status(304),
+            _ => Reply::ok(format!("v{}", s.n.min(2))),
+        };
+        reply
+            .header("etag", if s.n == 1 { "\"a\"" } else { "\"b\"" })
+            .header("cache-control", "max-age=1")
+            .delay(Duration::from_millis(300))
+    });
+    let conf = Conf::default().servers(&[&mc]).cache("grace = \"30s\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a.url("/popular")).await.body, "v1");
+    l2_sets(&a, 1.0).await;
+    assert!(get(&b.url("/popular")).await.cache.ends_with("detail=l2"));
+    let c = client();
+    // twice: a changed response (200), then an unchanged one (304); the second round also
+    // shows the refresh lock was given back, not left to expire
+    for (round, body) in [(1, "v1"), (2, "v2")] {
+        // both hold the same copy, which goes stale for both at once
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let url = if i % 2 == 0 {
+                    a.url("/popular")
+                } else {
+                    b.url("/popular")
+                };
+                let req = c.get(url).header(SITE.0, SITE.1);
+                tokio::spawn(async move { send(req, &[]).await })
+            })
+            .collect();
+        for t in tasks {
+            let got = t.await.unwrap();
+            assert_eq!(got.body, body, "served stale at once: {}", got.cache);
+        }
+        // each corral answers fresh once its refresh is done (its own or the other's)
+        for p in [&a, &b] {
+            eventually(Duration::from_secs(10), "a fresh copy", || async {
+                let got = get(&p.url("/popular")).await;
+                got.cache.starts_with("corral; hit; ttl=0") && got.body == "v2"
+            })
+            .await;
+        }
+        assert_eq!(origin.hits("/popular"), 1 + round, "one refresh for both corrals");
+        let peer = |m: String| metric(&m, "corral_stale_refreshes_total{how=\"peer\"}");
+        let adopted = peer(a.metrics().await) + peer(b.metrics().await);
+        assert_eq!(adopted, round as f64);
+    }
+    for p in [&a, &b] {
+        assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
+    }
+}

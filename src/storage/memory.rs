@@ -377,6 +377,18 @@ impl MemoryStorage {
             .map(|e| e.body.clone())
     }
 
+    /// When the stored, Vary-free, complete entry of `key` was last validated, if it is stale
+    /// at `now` (`None` if there is no such entry, a fill is under way, or it is fresh).
+    pub fn stale_validated(&self, key: &CacheKey, now: SystemTime) -> Option<SystemTime> {
+        let slots = self.table.get(&key.primary_bin())?;
+        let slot = slots.iter().find(|s| s.variance.is_none())?;
+        if slot.fill.is_some() {
+            return None;
+        }
+        let entry = slot.entry.as_ref().filter(|e| self.current(e))?;
+        (entry.meta.fresh_until <= now).then_some(entry.meta.updated)
+    }
+
     /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
     /// keys removed (for the eviction manager) .
     pub fn remove_primary(&self, primary: &HashBinary) -> Vec<CompactCacheKey> {

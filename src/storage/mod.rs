@@ -14,6 +14,10 @@
 //! fill, the others poll L1 and L2 (10 ms, doubling to 100 ms) until the value appears or
 //! `lock_timeout` passes, and then look up as usual. Within one corral, Pingora's cache lock
 //! still coalesces the requests of the winner, so N proxies × M clients make one upstream fetch.
+//!
+//! A stale entry is refreshed once per cluster, too ([`Tiered::refresh_once`]): the
+//! background revalidation of the first corral takes a refresh lock in memcached; the others
+//! serve stale meanwhile and take its fresher copy from memcached instead of going upstream.
 
 pub mod memcached;
 pub mod memory;
@@ -66,6 +70,33 @@ pub struct Tiered {
     swept: parking_lot::Mutex<(u64, u64)>,
 }
 
+/// Who revalidates a stale entry ([`Tiered::refresh_once`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// This corral, holding the cluster's refresh lock (give it back with
+    /// [`Tiered::refresh_done`]).
+    Mine(String),
+    /// Another corral did: its fresher copy is in L1 now.
+    Peer,
+    /// Another corral holds the lock but no fresher copy came within `lock_timeout`: this
+    /// corral goes upstream itself.
+    TimedOut,
+    /// No memcached, no stale Vary-free entry, or memcached unavailable: Pingora's local
+    /// revalidation, as without L2.
+    Local,
+}
+
+impl Refresh {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refresh::Mine(_) => "mine",
+            Refresh::Peer => "peer",
+            Refresh::TimedOut => "timeout",
+            Refresh::Local => "local",
+        }
+    }
+}
+
 /// Margin for clocks of corrals sharing memcached: an L2 entry is taken to be at most
 /// `memcached.max_ttl` plus this old.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -101,6 +132,64 @@ impl Tiered {
         if self.leases.remove(&mk).is_some() {
             tokio::spawn(async move {
                 l2.delete(&mk).await;
+            });
+        }
+    }
+
+    /// Pingora is about to revalidate the stale L1 entry of `key` in the background (grace).
+    /// Every corral holding that copy sees it go stale at the same moment; only one of them
+    /// should go upstream. The first takes a refresh lock in memcached (a lease on
+    /// `<key>:refresh`) and goes ([`Refresh::Mine`]; it gives the lock back with
+    /// [`Self::refresh_done`]). Another waits, bounded by `lock_timeout`, for the fresher copy
+    /// to land in memcached and puts it in L1: its revalidation then finds a fresh entry and
+    /// makes no upstream request ([`Refresh::Peer`]). Clients are never delayed: they are
+    /// served the stale copy meanwhile.
+    pub async fn refresh_once(&'static self, key: &CacheKey) -> Refresh {
+        let Some(l2) = &self.l2 else {
+            return Refresh::Local;
+        };
+        let Some(validated) = self.l1.stale_validated(key, SystemTime::now()) else {
+            return Refresh::Local;
+        };
+        let mk = l2.key(&key.combined());
+        let lock = format!("{mk}:refresh");
+        match l2.get(&lock, Some(self.lock_timeout)).await {
+            Read::Won => return Refresh::Mine(lock),
+            Read::Busy => {}
+            _ => return Refresh::Local,
+        }
+        let deadline = tokio::time::Instant::now() + self.lock_timeout;
+        let mut pause = Duration::from_millis(10);
+        while tokio::time::Instant::now() + pause <= deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            let current = l2.key_at(l2.generation(), &key.combined());
+            let (read, moved, log_complete) = tokio::join!(
+                l2.get(&current, None),
+                self.adopt_generation(l2),
+                self.pull_log(l2)
+            );
+            if moved || !log_complete {
+                // a purge of everything dropped the entry, or bans elsewhere are unknown
+                return Refresh::Local;
+            }
+            let Read::Hit(bytes) = read else { continue };
+            let Ok(rec) = record::decode(bytes) else { continue };
+            if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) {
+                self.promote(key, rec);
+                return Refresh::Peer;
+            }
+        }
+        Refresh::TimedOut
+    }
+
+    /// This corral's refresh is over (stored, or failed): free the refresh lock at once, so
+    /// the next time the entry goes stale a corral can take it without waiting for it to
+    /// expire.
+    pub fn refresh_done(&self, lock: String) {
+        if let Some(l2) = self.l2.clone() {
+            tokio::spawn(async move {
+                l2.delete(&lock).await;
             });
         }
     }
