@@ -120,6 +120,7 @@ struct CacheFile {
     lock_timeout: Duration,
     hit_for_miss_keys: usize,
     honor_client_no_cache: bool,
+    normalize_accept_encoding: bool,
 }
 
 impl Default for CacheFile {
@@ -133,6 +134,7 @@ impl Default for CacheFile {
             lock_timeout: Duration::from_secs(5),
             hit_for_miss_keys: 16384,
             honor_client_no_cache: true,
+            normalize_accept_encoding: true,
         }
     }
 }
@@ -299,6 +301,9 @@ pub struct CacheConfig {
     pub lock_timeout: Duration,
     pub hit_for_miss_keys: usize,
     pub honor_client_no_cache: bool,
+    /// Forward cacheable requests with a normalised `Accept-Encoding`
+    /// ([`crate::key::normalize_accept_encoding`]).
+    pub normalize_accept_encoding: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -679,6 +684,7 @@ impl FileConfig {
                 lock_timeout: c.lock_timeout,
                 hit_for_miss_keys: c.hit_for_miss_keys,
                 honor_client_no_cache: c.honor_client_no_cache,
+                normalize_accept_encoding: c.normalize_accept_encoding,
             },
             log: LogConfig {
                 level: self.log.level,

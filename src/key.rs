@@ -146,9 +146,79 @@ fn normalized_values<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Strin
     out
 }
 
+/// The `Accept-Encoding` a cacheable request is forwarded with, so that `Vary:
+/// Accept-Encoding` makes at most three variants instead of one per browser's spelling
+/// (`gzip, deflate, br, zstd`, `gzip, deflate, br`, `br, gzip`...), as Varnish and Fastly
+/// normalise it: `br, gzip` if the client takes Brotli and gzip, `br` or `gzip` if only one,
+/// `None` (drop the field) if neither. Other codings (deflate, zstd, compress) are dropped: few
+/// origins send them and a client that lists them also takes gzip. A `q=0` refuses a coding;
+/// `*` stands for the codings not named.
+pub fn normalize_accept_encoding(values: &[&[u8]]) -> Option<&'static str> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Said {
+        Nothing,
+        Yes,
+        No,
+    }
+    let (mut gzip, mut br, mut star) = (Said::Nothing, Said::Nothing, Said::Nothing);
+    for value in values {
+        for item in String::from_utf8_lossy(value).split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                let q = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q="));
+                q.is_some_and(|q| q.trim().parse::<f32>().map_or(true, |q| q <= 0.0))
+            });
+            let said = if refused { Said::No } else { Said::Yes };
+            match coding.as_str() {
+                "gzip" | "x-gzip" => gzip = said,
+                "br" => br = said,
+                "*" => star = said,
+                _ => {}
+            }
+        }
+    }
+    let takes = |s: Said| s == Said::Yes || (s == Said::Nothing && star == Said::Yes);
+    match (takes(br), takes(gzip)) {
+        (true, true) => Some("br, gzip"),
+        (true, false) => Some("br"),
+        (false, true) => Some("gzip"),
+        (false, false) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_encoding_is_normalised_like_varnish_and_fastly() {
+        let n = |v: &str| normalize_accept_encoding(&[v.as_bytes()]);
+        for browser in [
+            "gzip, deflate, br, zstd",
+            "gzip, deflate, br",
+            "br,gzip",
+            "BR, GZip;q=0.8",
+        ] {
+            assert_eq!(n(browser), Some("br, gzip"), "{browser}");
+        }
+        assert_eq!(n("gzip, deflate"), Some("gzip"));
+        assert_eq!(n("x-gzip"), Some("gzip"));
+        assert_eq!(n("br"), Some("br"));
+        assert_eq!(n("gzip;q=0, br"), Some("br"));
+        assert_eq!(n("br;q=0.0, gzip;q=1"), Some("gzip"));
+        assert_eq!(n("*"), Some("br, gzip"));
+        assert_eq!(n("*, br;q=0"), Some("gzip"));
+        assert_eq!(n("*;q=0, gzip"), Some("gzip"));
+        assert_eq!(n("gzip;q=junk"), None, "an unreadable weight refuses");
+        for none in ["", "identity", "deflate", "zstd", "compress", ",,;", "gzip;q=0"] {
+            assert_eq!(n(none), None, "{none}");
+        }
+        // several fields are one list (RFC 9110 §5.3)
+        let two: [&[u8]; 2] = [b"gzip", b"br"];
+        assert_eq!(normalize_accept_encoding(&two), Some("br, gzip"));
+    }
     use pingora_cache::key::CacheHashKey;
     use pingora_http::ResponseHeader;
     use std::time::SystemTime;

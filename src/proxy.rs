@@ -219,6 +219,30 @@ struct RequestFields {
     /// `Cache-Control` or `Pragma`.
     directives: bool,
     authorization: bool,
+    accept_encoding: bool,
+}
+
+/// Rewrite the request's `Accept-Encoding` to one of the few values cached variants are kept
+/// for ([`key::normalize_accept_encoding`]).
+fn normalize_accept_encoding(req: &mut RequestHeader) {
+    let values: Vec<&[u8]> = req
+        .headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let normal = key::normalize_accept_encoding(&values);
+    if values.len() == 1 && normal.is_some_and(|n| values[0] == n.as_bytes()) {
+        return;
+    }
+    match normal {
+        Some(n) => {
+            let _ = req.insert_header(header::ACCEPT_ENCODING, n);
+        }
+        None => {
+            req.remove_header(&header::ACCEPT_ENCODING);
+        }
+    }
 }
 
 impl RequestFields {
@@ -227,6 +251,7 @@ impl RequestFields {
             conditional: false,
             directives: false,
             authorization: false,
+            accept_encoding: false,
         };
         for name in req.headers.keys() {
             if name == header::RANGE
@@ -241,6 +266,8 @@ impl RequestFields {
                 f.directives = true;
             } else if name == header::AUTHORIZATION {
                 f.authorization = true;
+            } else if name == header::ACCEPT_ENCODING {
+                f.accept_encoding = true;
             }
         }
         f
@@ -657,6 +684,9 @@ impl ProxyHttp for Corral {
         };
         if ctx.bypass.is_some() {
             return Ok(false);
+        }
+        if fields.accept_encoding && self.cfg.cache.normalize_accept_encoding {
+            normalize_accept_encoding(session.req_header_mut());
         }
         if session.subrequest_ctx.is_some() {
             // Pingora's background revalidation of a stale entry (grace): one corral of the

@@ -150,6 +150,54 @@ async fn vary_keeps_variants_apart() {
 }
 
 #[tokio::test]
+async fn accept_encoding_is_normalised_so_browsers_share_variants() {
+    fn echo(s: &common::origin::Seen) -> Reply {
+        let enc = s
+            .headers
+            .get("accept-encoding")
+            .map_or("none", |v| v.to_str().unwrap());
+        cacheable(&format!("variant {enc}")).header("vary", "Accept-Encoding")
+    }
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/v", echo);
+    let url = proxy.url("/v");
+    // Chrome, Firefox, Safari, curl --compressed: one variant, fetched once
+    for (i, ae) in [
+        "gzip, deflate, br, zstd",
+        "gzip, deflate, br",
+        "br, gzip",
+        "deflate, gzip, br",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let got = get_with(&url, &[("accept-encoding", ae)]).await;
+        assert_eq!(got.body, "variant br, gzip", "{ae}");
+        assert_eq!(got.cache.contains("hit"), i > 0, "{ae}: {}", got.cache);
+    }
+    let gzip = get_with(&url, &[("accept-encoding", "gzip, deflate")]).await;
+    assert_eq!(gzip.body, "variant gzip");
+    let none = get_with(&url, &[("accept-encoding", "identity")]).await;
+    assert_eq!(none.body, "variant none");
+    assert_eq!(get(&url).await.body, "variant none");
+    assert_eq!(origin.hits("/v"), 3);
+    // a bypassed request goes as the client sent it
+    let post = send(client().post(&url).header("accept-encoding", "zstd"), &[]).await;
+    assert_eq!(post.body, "variant zstd");
+
+    // and off, the origin sees every spelling
+    let conf = Conf::default().cache("normalize_accept_encoding = false");
+    let (origin, proxy) = setup(conf).await;
+    origin.route("/v", echo);
+    let got = get_with(
+        &proxy.url("/v"),
+        &[("accept-encoding", "gzip, deflate, br, zstd")],
+    )
+    .await;
+    assert_eq!(got.body, "variant gzip, deflate, br, zstd");
+}
+
+#[tokio::test]
 async fn vary_star_is_never_served_from_cache() {
     let (origin, proxy) = setup(Conf::default()).await;
     origin.route("/star", |_| cacheable("s").header("vary", "*"));
