@@ -111,7 +111,12 @@ fn vary_names(headers: &http::HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// Values are compared after trimming and collapsing each comma-separated list, so
 /// `gzip,br` and `gzip, br` select the same variant (§4.1 allows such normalisation).
 pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
-    let names: Vec<String> = vary_names(meta.headers()).collect();
+    variance_for(meta.headers(), req)
+}
+
+/// [`variance`] against a stored response's header fields.
+pub fn variance_for(resp: &http::HeaderMap, req: &RequestHeader) -> Option<HashBinary> {
+    let names: Vec<String> = vary_names(resp).collect();
     if names.is_empty() {
         return None;
     }

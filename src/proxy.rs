@@ -43,7 +43,7 @@ use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
 use crate::purge::{self, Purge, Target, Validity, Verdict};
 use crate::storage::memcached::L2;
-use crate::storage::memory::{CompleteHit, FreshEntry, MemoryStorage};
+use crate::storage::memory::{self, CompleteHit, FreshEntry, MemoryStorage};
 use crate::storage::{Refresh, Tiered};
 
 /// RFC 9211's response header.
@@ -692,7 +692,7 @@ impl ProxyHttp for Corral {
             // Pingora's background revalidation of a stale entry (grace): one corral of the
             // cluster goes upstream, the others take its copy from memcached
             let key = key::for_parts(&ctx.host, &ctx.path);
-            let refresh = self.parts.storage.refresh_once(&key).await;
+            let refresh = self.parts.storage.refresh_once(&key, session.req_header()).await;
             metrics::STALE_REFRESHES
                 .with_label_values(&[refresh.label()])
                 .inc();
@@ -750,19 +750,21 @@ impl ProxyHttp for Corral {
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
+        // the last validation: the meta's `updated` is its lineage (see MetaParts::to_meta)
+        let validated = memory::validated(hit_handler).unwrap_or_else(|| meta.updated());
         // bans and tag purges newer than this entry, that it was not checked against yet
         let mark = CompleteHit::check_mark(hit_handler);
-        let verdict =
-            self.parts
-                .validity
-                .check_marked(&ctx.host, &ctx.path, meta.updated(), meta.headers(), mark);
+        let verdict = self
+            .parts
+            .validity
+            .check_marked(&ctx.host, &ctx.path, validated, meta.headers(), mark);
         if verdict != Verdict::Valid {
             return Ok(verdict.forced());
         }
         if self.cfg.cache.honor_client_no_cache
             && ctx
                 .directives
-                .requires_validation(meta.updated(), meta.age(), ctx.arrived)
+                .requires_validation(validated, meta.age(), ctx.arrived)
         {
             // revalidate; concurrent such requests wait on the lock and are satisfied by the
             // one revalidation (it is newer than their arrival)

@@ -198,6 +198,55 @@ async fn accept_encoding_is_normalised_so_browsers_share_variants() {
 }
 
 #[tokio::test]
+async fn refreshing_one_variant_leaves_the_others_valid() {
+    // Pingora keeps the first variant in the URL's primary slot and takes its lineage time as
+    // the tombstone of the others: a refresh must not move it, or every refresh of the
+    // first variant would turn the others into misses
+    let conf = Conf::default().cache("grace = \"30s\"");
+    let (origin, proxy) = setup(conf).await;
+    origin.route("/vr", |s| {
+        let enc = s
+            .headers
+            .get("accept-encoding")
+            .map_or("none", |v| v.to_str().unwrap());
+        let etag = format!("\"{enc}\"");
+        let reply = if s.headers.get("if-none-match").is_some_and(|v| v == etag.as_str()) {
+            Reply::ok("").status(304)
+        } else {
+            Reply::ok(format!("variant {enc}"))
+        };
+        reply
+            .header("etag", etag.as_str())
+            .header("cache-control", "max-age=1")
+            .header("vary", "Accept-Encoding")
+    });
+    let url = proxy.url("/vr");
+    let fetch = |enc: &'static str| {
+        let url = url.clone();
+        async move { get_with(&url, &[("accept-encoding", enc)]).await }
+    };
+    assert_eq!(fetch("gzip").await.body, "variant gzip");
+    assert_eq!(fetch("br").await.body, "variant br");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // the first variant is served stale and refreshed in the background (a 304)
+    assert!(fetch("gzip").await.cache.starts_with("corral; hit; ttl=-"));
+    eventually(Duration::from_secs(5), "the refresh", || async {
+        fetch("gzip").await.cache.starts_with("corral; hit; ttl=0")
+    })
+    .await;
+    // the other variant is still the stale copy, served at once while it is refreshed,
+    // not a miss that makes its clients wait
+    let br = fetch("br").await;
+    assert_eq!(br.body, "variant br");
+    assert!(br.cache.starts_with("corral; hit; ttl=-"), "{}", br.cache);
+    eventually(Duration::from_secs(5), "its refresh", || async {
+        fetch("br").await.cache.starts_with("corral; hit; ttl=0")
+    })
+    .await;
+    assert_eq!(origin.hits("/vr"), 4, "two fills, two 304s");
+}
+
+#[tokio::test]
 async fn vary_star_is_never_served_from_cache() {
     let (origin, proxy) = setup(Conf::default()).await;
     origin.route("/star", |_| cacheable("s").header("vary", "*"));

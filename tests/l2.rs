@@ -290,58 +290,96 @@ async fn keys_spread_over_servers_and_one_down_leaves_the_other_serving() {
 
 #[tokio::test]
 async fn a_stale_entry_is_refreshed_once_across_corrals() {
+    refreshed_once_across_corrals(&[None]).await;
+}
+
+#[tokio::test]
+async fn each_stale_vary_variant_is_refreshed_once_across_corrals() {
+    // the first variant lives in Pingora's primary slot, the other in a secondary one
+    refreshed_once_across_corrals(&[Some("gzip"), Some("br")]).await;
+}
+
+/// Two corrals hold the same copies (one per `Accept-Encoding` in `variants`), which go stale
+/// for both at once, twice: a changed response (200), then an unchanged one (304). Each
+/// variant is refreshed once per round for both corrals; the second round also shows the
+/// refresh lock was given back, not left to expire.
+async fn refreshed_once_across_corrals(variants: &[Option<&'static str>]) {
     let mc = Memcached::start().await;
     let origin = Origin::start().await;
-    // v1 (validator "a"), then a changed v2 (validator "b"), then 304s for "b"
-    origin.route("/popular", |s| {
+    // per variant: v1 (validator "a"), then a changed v2 (validator "b"), then 304s for "b"
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(std::collections::HashMap::new()));
+    origin.route("/popular", move |s| {
+        let enc = s
+            .headers
+            .get("accept-encoding")
+            .map_or("none", |v| v.to_str().unwrap());
+        let n = {
+            let mut seen = seen.lock();
+            let n = seen.entry(enc.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
         let reply = match s.headers.get("if-none-match") {
-            Some(v) if s.n > 2 && v == "\"b\"" => Reply::ok("").status(304),
-            _ => Reply::ok(format!("v{}", s.n.min(2))),
+            Some(v) if n > 2 && v == "\"b\"" => Reply::ok("").status(304),
+            _ => Reply::ok(format!("{enc} v{}", n.min(2))),
         };
         reply
-            .header("etag", if s.n == 1 { "\"a\"" } else { "\"b\"" })
+            .header("etag", if n == 1 { "\"a\"" } else { "\"b\"" })
             .header("cache-control", "max-age=1")
+            .header("vary", "Accept-Encoding")
             .delay(Duration::from_millis(300))
     });
     let conf = Conf::default().servers(&[&mc]).cache("grace = \"30s\"");
     let a = Proxy::start(origin.addr, conf.clone()).await;
     let b = Proxy::start(origin.addr, conf).await;
-    assert_eq!(get(&a.url("/popular")).await.body, "v1");
-    l2_sets(&a, 1.0).await;
-    assert!(get(&b.url("/popular")).await.cache.ends_with("detail=l2"));
-    let c = client();
-    // twice: a changed response (200), then an unchanged one (304); the second round also
-    // shows the refresh lock was given back, not left to expire
-    for (round, body) in [(1, "v1"), (2, "v2")] {
-        // both hold the same copy, which goes stale for both at once
+    let fetch = |p: &Proxy, enc: Option<&'static str>| {
+        let req = client().get(p.url("/popular")).header(SITE.0, SITE.1);
+        let req = match enc {
+            Some(e) => req.header("accept-encoding", e),
+            None => req,
+        };
+        async move { send(req, &[]).await }
+    };
+    let n = variants.len();
+    for (i, &enc) in variants.iter().enumerate() {
+        assert!(fetch(&a, enc).await.body.ends_with(" v1"));
+        l2_sets(&a, (i + 1) as f64).await;
+        assert!(fetch(&b, enc).await.cache.ends_with("detail=l2"));
+    }
+    for round in 1..=2 {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let tasks: Vec<_> = (0..40)
             .map(|i| {
-                let url = if i % 2 == 0 {
-                    a.url("/popular")
-                } else {
-                    b.url("/popular")
-                };
-                let req = c.get(url).header(SITE.0, SITE.1);
-                tokio::spawn(async move { send(req, &[]).await })
+                let p = if i % 2 == 0 { &a } else { &b };
+                let enc = variants[(i / 2) % n];
+                let got = fetch(p, enc);
+                tokio::spawn(got)
             })
             .collect();
         for t in tasks {
             let got = t.await.unwrap();
-            assert_eq!(got.body, body, "served stale at once: {}", got.cache);
+            let stale = if round == 1 { " v1" } else { " v2" };
+            assert!(got.body.ends_with(stale), "served stale at once: {}", got.cache);
         }
         // each corral answers fresh once its refresh is done (its own or the other's)
         for p in [&a, &b] {
-            eventually(Duration::from_secs(10), "a fresh copy", || async {
-                let got = get(&p.url("/popular")).await;
-                got.cache.starts_with("corral; hit; ttl=0") && got.body == "v2"
-            })
-            .await;
+            for &enc in variants {
+                eventually(Duration::from_secs(10), "a fresh copy", || async {
+                    let got = fetch(p, enc).await;
+                    got.cache.starts_with("corral; hit; ttl=0") && got.body.ends_with(" v2")
+                })
+                .await;
+            }
         }
-        assert_eq!(origin.hits("/popular"), 1 + round, "one refresh for both corrals");
+        let refreshes = n * (1 + round);
+        assert_eq!(
+            origin.hits("/popular"),
+            refreshes,
+            "one refresh per variant for both"
+        );
         let peer = |m: String| metric(&m, "corral_stale_refreshes_total{how=\"peer\"}");
         let adopted = peer(a.metrics().await) + peer(b.metrics().await);
-        assert_eq!(adopted, round as f64);
+        assert_eq!(adopted, (n * round) as f64);
     }
     for p in [&a, &b] {
         assert!(!p.log_text().contains("panicked"), "{}", p.log_text());

@@ -42,7 +42,7 @@ use pingora_cache::storage::{
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::ResponseHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::sync::watch;
 
 use crate::purge::{Validity, Verdict};
@@ -56,6 +56,10 @@ pub struct MetaParts {
     pub fresh_until: SystemTime,
     /// When the response was last fetched or revalidated (pingora's `updated`).
     pub updated: SystemTime,
+    /// When this entry's lineage began (Pingora's `provenance`): its first admission, kept
+    /// across refreshes. For the variant in a URL's primary slot it is the tombstone of the
+    /// other variants: Pingora serves only those created after it.
+    pub lineage: SystemTime,
     pub epoch_override: Option<SystemTime>,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
@@ -68,6 +72,7 @@ impl MetaParts {
         MetaParts {
             fresh_until: meta.fresh_until(),
             updated: meta.updated(),
+            lineage: meta.provenance(),
             epoch_override: meta.epoch_override(),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
@@ -76,19 +81,20 @@ impl MetaParts {
         }
     }
 
-    /// Rebuild a [`CacheMeta`]. Its `created` is the last validation time: that is what `Age`
-    /// and purge/ban comparisons are measured from.
+    /// Rebuild a [`CacheMeta`]. Its `created` (hence `provenance`) is the entry's lineage, so
+    /// refreshing the variant in a URL's primary slot does not turn the other variants into
+    /// misses. `CacheMeta::new` makes `updated` that same time, so the epoch that `Age` is
+    /// measured from is set explicitly, and purge and `no-cache` checks take the last
+    /// validation from the hit handler ([`validated`]), not from `updated`.
     pub fn to_meta(&self) -> CacheMeta {
         let mut meta = CacheMeta::new(
             self.fresh_until,
-            self.updated,
+            self.lineage,
             self.stale_while_revalidate_sec,
             self.stale_if_error_sec,
             self.header.clone(),
         );
-        if let Some(epoch) = self.epoch_override {
-            meta.set_epoch_override(epoch);
-        }
+        meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated));
         if let Some(v) = self.variance {
             meta.set_variance_key(v);
         }
@@ -377,16 +383,33 @@ impl MemoryStorage {
             .map(|e| e.body.clone())
     }
 
-    /// When the stored, Vary-free, complete entry of `key` was last validated, if it is stale
-    /// at `now` (`None` if there is no such entry, a fill is under way, or it is fresh).
-    pub fn stale_validated(&self, key: &CacheKey, now: SystemTime) -> Option<SystemTime> {
+    /// The stored entry `req` would be answered with, for the primary `key`, if it is
+    /// complete and stale at `now`: when it was last validated, and the variance of its slot
+    /// (`None`: the primary slot, where Pingora keeps the first variant). `None` if there is no
+    /// such entry, a fill is under way, or it is fresh.
+    pub fn stale_validated(
+        &self,
+        key: &CacheKey,
+        req: &RequestHeader,
+        now: SystemTime,
+    ) -> Option<(SystemTime, Option<HashBinary>)> {
         let slots = self.table.get(&key.primary_bin())?;
-        let slot = slots.iter().find(|s| s.variance.is_none())?;
+        let primary = slots.iter().find(|s| s.variance.is_none())?;
+        let mut slot = primary;
+        if let Some(entry) = &primary.entry {
+            let wanted = crate::key::variance_for(&entry.meta.header.headers, req);
+            if wanted != entry.meta.variance {
+                // another variant: its own (secondary) slot
+                slot = slots
+                    .iter()
+                    .find(|s| s.variance.is_some() && s.variance == wanted)?;
+            }
+        }
         if slot.fill.is_some() {
             return None;
         }
         let entry = slot.entry.as_ref().filter(|e| self.current(e))?;
-        (entry.meta.fresh_until <= now).then_some(entry.meta.updated)
+        (entry.meta.fresh_until <= now).then_some((entry.meta.updated, slot.variance))
     }
 
     /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
@@ -635,6 +658,15 @@ impl CompleteHit {
             .downcast_ref::<CompleteHit>()
             .map(|h| &h.entry.checked)
     }
+}
+
+/// When the entry behind a hit from this storage was last fetched or revalidated (what bans,
+/// purges and a client's `no-cache` compare with); `None` for a hit of another storage.
+pub fn validated(hit: &HitHandler) -> Option<SystemTime> {
+    let any = hit.as_any();
+    any.downcast_ref::<CompleteHit>()
+        .map(|h| h.entry.meta.updated)
+        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| h.fill.meta.updated))
 }
 
 /// Streams a body that is still being written.

@@ -38,6 +38,7 @@ use pingora_cache::storage::{
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::Result;
+use pingora_http::RequestHeader;
 use tracing::warn;
 
 use crate::metrics;
@@ -81,7 +82,7 @@ pub enum Refresh {
     /// Another corral holds the lock but no fresher copy came within `lock_timeout`: this
     /// corral goes upstream itself.
     TimedOut,
-    /// No memcached, no stale Vary-free entry, or memcached unavailable: Pingora's local
+    /// No memcached, no stale complete entry, or memcached unavailable: Pingora's local
     /// revalidation, as without L2.
     Local,
 }
@@ -144,13 +145,19 @@ impl Tiered {
     /// to land in memcached and puts it in L1: its revalidation then finds a fresh entry and
     /// makes no upstream request ([`Refresh::Peer`]). Clients are never delayed: they are
     /// served the stale copy meanwhile.
-    pub async fn refresh_once(&'static self, key: &CacheKey) -> Refresh {
+    pub async fn refresh_once(&'static self, primary: &CacheKey, req: &RequestHeader) -> Refresh {
         let Some(l2) = &self.l2 else {
             return Refresh::Local;
         };
-        let Some(validated) = self.l1.stale_validated(key, SystemTime::now()) else {
+        let Some((validated, variance)) = self.l1.stale_validated(primary, req, SystemTime::now()) else {
             return Refresh::Local;
         };
+        // the variant's own slot, in L1 and in L2, as Pingora stored it
+        let mut key = primary.clone();
+        if let Some(v) = variance {
+            key.set_variance_key(v);
+        }
+        let key = &key;
         let mk = l2.key(&key.combined());
         let lock = format!("{mk}:refresh");
         match l2.get(&lock, Some(self.lock_timeout)).await {
