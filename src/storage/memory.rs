@@ -511,7 +511,8 @@ pub struct SweepReport {
 }
 
 /// `http://host/path?q` → (`host`, `/path?q`).
-fn split_url(url: &str) -> (&str, &str) {
+/// Host and path of a primary key's URL (`http://host/path?q`).
+pub fn split_url(url: &str) -> (&str, &str) {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     match rest.find('/') {
         Some(i) => rest.split_at(i),

@@ -42,7 +42,7 @@ use pingora_http::RequestHeader;
 use tracing::warn;
 
 use crate::metrics;
-use crate::purge::{LogRecord, Validity, MAX_RECORDS};
+use crate::purge::{LogRecord, Validity, Verdict, MAX_RECORDS};
 use memcached::{Read, L2};
 use memory::{MemoryStorage, MetaParts};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,7 +182,15 @@ impl Tiered {
             }
             let Read::Hit(bytes) = read else { continue };
             let Ok(rec) = record::decode(bytes) else { continue };
-            if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) {
+            let (host, path) = memory::split_url(key.primary_key_str().unwrap_or(""));
+            let purged = || {
+                self.validity
+                    .check(host, path, rec.meta.updated(), rec.meta.headers(), 0)
+                    != Verdict::Valid
+            };
+            // a copy refreshed before a purge that covers it (a soft one keeps it in memcached)
+            // is no better than ours: wait for the refresh under way
+            if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
                 self.promote(key, rec);
                 return Refresh::Peer;
             }
