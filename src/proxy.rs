@@ -220,6 +220,8 @@ struct RequestFields {
     directives: bool,
     authorization: bool,
     accept_encoding: bool,
+    /// `Upgrade` (a WebSocket handshake, h2c): never answered from or stored in the cache.
+    upgrade: bool,
 }
 
 /// Rewrite the request's `Accept-Encoding` to one of the few values cached variants are kept
@@ -252,6 +254,7 @@ impl RequestFields {
             directives: false,
             authorization: false,
             accept_encoding: false,
+            upgrade: false,
         };
         for name in req.headers.keys() {
             if name == header::RANGE
@@ -268,6 +271,8 @@ impl RequestFields {
                 f.authorization = true;
             } else if name == header::ACCEPT_ENCODING {
                 f.accept_encoding = true;
+            } else if name == header::UPGRADE {
+                f.upgrade = true;
             }
         }
         f
@@ -675,6 +680,9 @@ impl ProxyHttp for Corral {
             Some("rule")
         } else if !matches!(req.method, Method::GET | Method::HEAD) {
             Some("method")
+        } else if fields.upgrade {
+            // a WebSocket handshake is a GET that must reach the origin (Varnish pipes it)
+            Some("upgrade")
         } else if fields.authorization && !policy.cache_private {
             // a stored public page must not answer an authenticated user (Varnish passes
             // these too); a rule with cache_private opts in
@@ -888,7 +896,9 @@ impl ProxyHttp for Corral {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if resp.status.is_informational() {
+        if resp.status.is_informational() && resp.status != StatusCode::SWITCHING_PROTOCOLS {
+            // interim: the final response follows (a 101 is final for HTTP, then the
+            // connection carries another protocol)
             return Ok(());
         }
         let status = self.cache_status(session, ctx);

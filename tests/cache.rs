@@ -641,6 +641,67 @@ async fn pipelined_requests_are_answered_in_order() {
 }
 
 #[tokio::test]
+async fn websocket_handshakes_reach_the_origin_and_the_connection_is_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // a raw origin: a cacheable page at /ws, and a WebSocket-style echo after a 101
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                if !req.contains("upgrade: websocket") {
+                    let page = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\
+                                Cache-Control: max-age=60\r\n\r\npage";
+                    let _ = s.write_all(page.as_bytes()).await;
+                    return;
+                }
+                let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                              Connection: Upgrade\r\n\r\n";
+                let _ = s.write_all(switch.as_bytes()).await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&[b"echo:", &buf[..n]].concat()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(addr, Conf::default()).await;
+    // the page is cached; a handshake for the same URL must not be answered with it
+    assert_eq!(get(&proxy.url("/ws")).await.body, "page");
+    assert!(get(&proxy.url("/ws")).await.cache.contains("hit"));
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("cache-status: corral; fwd=bypass"), "{head}");
+    s.write_all(b"hello").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"echo:hello");
+    drop(s);
+    eventually(
+        Duration::from_secs(5),
+        "the handshake counted as a bypass",
+        || async { metric(&proxy.metrics().await, "corral_requests_total{cache=\"bypass\"}") == 1.0 },
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy.metrics().await, "corral_requests_total{cache=\"error\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
 async fn objects_over_max_object_bytes_stream_through_unstored() {
     let (origin, proxy) = setup(Conf::default().cache("max_object_bytes = \"64KiB\"")).await;
     let big = "b".repeat(200 * 1024);
