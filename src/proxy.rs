@@ -272,7 +272,12 @@ impl RequestFields {
             } else if name == header::ACCEPT_ENCODING {
                 f.accept_encoding = true;
             } else if name == header::UPGRADE {
-                f.upgrade = true;
+                // h2c (curl --http2 on http://) is ignored by Pingora: a plain request
+                f.upgrade = req
+                    .headers
+                    .get_all(header::UPGRADE)
+                    .iter()
+                    .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"));
             }
         }
         f

@@ -673,6 +673,13 @@ async fn websocket_handshakes_reach_the_origin_and_the_connection_is_tunnelled()
     // the page is cached; a handshake for the same URL must not be answered with it
     assert_eq!(get(&proxy.url("/ws")).await.body, "page");
     assert!(get(&proxy.url("/ws")).await.cache.contains("hit"));
+    // an h2c upgrade offer (curl --http2 on http://) is ignored: still a plain cached GET
+    let h2c = [
+        ("connection", "Upgrade, HTTP2-Settings"),
+        ("upgrade", "h2c"),
+        ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+    ];
+    assert!(get_with(&proxy.url("/ws"), &h2c).await.cache.contains("hit"));
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(
         b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
