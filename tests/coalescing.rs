@@ -305,3 +305,45 @@ async fn a_chunked_body_whose_end_arrives_alone_completes_for_filler_and_waiters
     assert_eq!(served.load(Ordering::SeqCst), 1);
     assert!(get(&proxy.url("/chunks")).await.cache.contains("hit"));
 }
+
+#[tokio::test]
+async fn a_range_request_during_a_fill_gets_its_range() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // a raw origin that sends half of a 4,000-byte body, then the rest when the test says
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut wait = Some(wait);
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 4000\r\nCache-Control: max-age=60\r\n\r\n";
+                s.write_all(format!("{head}{}", "a".repeat(2000)).as_bytes())
+                    .await
+                    .unwrap();
+                if let Some(w) = wait.take() {
+                    let _ = w.await;
+                }
+                s.write_all("b".repeat(2000).as_bytes()).await.unwrap();
+            }
+        }
+    });
+    let proxy = Proxy::start(addr, Conf::default()).await;
+    let mut filler = client().get(proxy.url("/big")).send().await.unwrap();
+    // the first half has reached the client: the fill is in storage
+    assert_eq!(filler.chunk().await.unwrap().unwrap()[0], b'a');
+    let ranged = {
+        let url = proxy.url("/big");
+        tokio::spawn(async move { get_with(&url, &[("range", "bytes=1990-2009")]).await })
+    };
+    go_on.send(()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), ranged)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.status, 206, "{}", got.cache);
+    assert_eq!(got.body, format!("{}{}", "a".repeat(10), "b".repeat(10)));
+    assert_eq!(got.headers["content-range"], "bytes 1990-2009/4000");
+    while filler.chunk().await.unwrap().is_some() {}
+}

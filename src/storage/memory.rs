@@ -674,7 +674,13 @@ pub fn validated(hit: &HitHandler) -> Option<SystemTime> {
 struct PartialHit {
     fill: Arc<Fill>,
     state: watch::Receiver<FillState>,
+    /// The next chunk to read.
     next: usize,
+    /// Body offset of that chunk.
+    pos: usize,
+    /// The byte range asked for (`end` exclusive): a Range request served while the body is
+    /// still arriving is cut as it streams.
+    range: Option<(usize, Option<usize>)>,
 }
 
 #[async_trait]
@@ -739,10 +745,26 @@ impl HandleHit for PartialHit {
                     return Error::e_explain(ErrorType::InternalError, "cache fill aborted by its writer")
                 }
             };
+            if let Some((_, Some(end))) = self.range {
+                if self.pos >= end {
+                    return Ok(None);
+                }
+            }
             if self.next < readable {
                 let chunk = self.fill.chunks.lock()[self.next].clone();
                 self.next += 1;
-                return Ok(Some(chunk));
+                let at = self.pos;
+                self.pos += chunk.len();
+                let Some((start, end)) = self.range else {
+                    return Ok(Some(chunk));
+                };
+                let from = start.saturating_sub(at).min(chunk.len());
+                let to = end.map_or(chunk.len(), |e| e.saturating_sub(at).min(chunk.len()));
+                if from < to {
+                    return Ok(Some(chunk.slice(from..to)));
+                }
+                // wholly before the range
+                continue;
             }
             if matches!(state, FillState::Done(_)) {
                 return Ok(None);
@@ -768,6 +790,27 @@ impl HandleHit for PartialHit {
         false
     }
 
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        if let FillState::Done(_) = *self.state.borrow() {
+            let len: usize = self.fill.chunks.lock().iter().map(Bytes::len).sum();
+            if start >= len {
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    format!("seek start out of range {start} >= {len}"),
+                );
+            }
+        }
+        // read again from the first chunk, keeping only the range
+        self.range = Some((start, end));
+        self.next = 0;
+        self.pos = 0;
+        Ok(())
+    }
+
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         self
     }
@@ -782,6 +825,8 @@ fn partial_hit(fill: &Arc<Fill>) -> (CacheMeta, HitHandler) {
         fill: fill.clone(),
         state: fill.state.subscribe(),
         next: 0,
+        pos: 0,
+        range: None,
     };
     (fill.meta.to_meta(), Box::new(hit))
 }
@@ -1105,6 +1150,31 @@ mod tests {
         writer.await.unwrap();
         let (_, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
         assert_eq!(read_all(&mut h).await.unwrap(), b"one two");
+    }
+
+    #[tokio::test]
+    async fn a_range_is_cut_from_a_fill_in_progress() {
+        static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        let key = CacheKey::new("http://h/ranged", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+        miss.write_body(Bytes::from_static(b"abc"), false).await.unwrap();
+        let (_, mut middle) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        let (_, mut tail) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert!(middle.can_seek());
+        middle.seek(2, Some(6)).unwrap(); // bytes 2..6: "cdef"
+        tail.seek(5, None).unwrap(); // from byte 5: "fgh"
+        assert_eq!(&middle.read_body().await.unwrap().unwrap()[..], b"c");
+        miss.write_body(Bytes::from_static(b"defg"), false).await.unwrap();
+        assert_eq!(&middle.read_body().await.unwrap().unwrap()[..], b"def");
+        assert!(middle.read_body().await.unwrap().is_none(), "ends with the range");
+        assert_eq!(&tail.read_body().await.unwrap().unwrap()[..], b"fg");
+        miss.write_body(Bytes::from_static(b"h"), true).await.unwrap();
+        assert_eq!(&tail.read_body().await.unwrap().unwrap()[..], b"h");
+        assert!(tail.read_body().await.unwrap().is_none());
+        let (_, mut late) = S.lookup(&key, &trace).await.unwrap().unwrap();
+        assert!(late.seek(8, None).is_err(), "past the end of a finished body");
+        miss.finish().await.unwrap();
     }
 
     #[tokio::test]
