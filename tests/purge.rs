@@ -245,6 +245,14 @@ fn swept() -> Conf {
     conf
 }
 
+/// Entries the ban sweeper marked stale (soft purges) at `proxy`.
+async fn stale_marks(proxy: &Proxy) -> f64 {
+    metric(
+        &proxy.metrics().await,
+        "corral_sweeper_entries_total{result=\"stale\"}",
+    )
+}
+
 async fn records(proxy: &Proxy) -> f64 {
     metric(&proxy.metrics().await, "corral_purge_records")
 }
@@ -810,4 +818,65 @@ async fn purges_hold_with_one_of_two_memcached_servers_down() {
             g.cache
         );
     }
+}
+
+#[tokio::test]
+async fn a_stale_refresh_never_takes_a_peer_copy_that_a_later_purge_covers() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/p", |s| {
+        // v1 goes stale at once; v3 is slow, so B looks at memcached while it is under way
+        let max_age = if s.n == 1 { "max-age=1" } else { "max-age=300" };
+        let delay = if s.n == 3 { 300 } else { 0 };
+        Reply::ok(format!("v{}", s.n))
+            .header("cache-control", max_age)
+            .header("xkey", "t")
+            .delay(Duration::from_millis(delay))
+    });
+    let conf = swept().servers(&[&mc]);
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a, "/p").await.body, "v1");
+    eventually(Duration::from_secs(5), "B has v1 from L2", || async {
+        get(&b, "/p").await.cache.contains("detail=l2")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A refreshes: memcached gets v2 (fresh for 300 s); B keeps its stale v1
+    assert_eq!(get(&a, "/p").await.body, "v1");
+    eventually(Duration::from_secs(5), "A refreshed, into L2", || async {
+        get(&a, "/p").await.body == "v2"
+            && metric(
+                &a.metrics().await,
+                "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+            ) >= 2.0
+    })
+    .await;
+    // a soft purge covers v2, in A's L1 and in memcached
+    let soft = [("xkey-softpurge", "t")];
+    assert_eq!(purge(&a, "PURGEKEYS", "/", &soft).await.status, 200);
+    eventually(Duration::from_secs(5), "A's v2 marked stale", || async {
+        stale_marks(&a).await >= 1.0
+    })
+    .await;
+    // A refreshes again, slowly, holding the cluster's refresh lock; then B's copy is due
+    assert_eq!(get(&a, "/p").await.body, "v2");
+    eventually(Duration::from_secs(5), "A's refresh under way", || async {
+        origin.hits("/p") == 3
+    })
+    .await;
+    assert_eq!(
+        get(&b, "/p").await.body,
+        "v1",
+        "B serves its stale copy meanwhile"
+    );
+    // B takes A's v3 when it lands, not the purged v2 it finds in memcached first
+    eventually(Duration::from_secs(10), "B has v3", || async {
+        let got = get(&b, "/p").await;
+        got.body == "v3" && got.cache.starts_with("corral; hit; ttl=2")
+    })
+    .await;
+    assert_eq!(origin.hits("/p"), 3);
+    let peer = metric(&b.metrics().await, "corral_stale_refreshes_total{how=\"peer\"}");
+    assert_eq!(peer, 1.0);
 }
