@@ -196,6 +196,9 @@ pub fn normalize_accept_encoding(values: &[&[u8]]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_cache::key::CacheHashKey;
+    use pingora_http::ResponseHeader;
+    use std::time::SystemTime;
 
     #[test]
     fn accept_encoding_is_normalised_like_varnish_and_fastly() {
@@ -224,9 +227,6 @@ mod tests {
         let two: [&[u8]; 2] = [b"gzip", b"br"];
         assert_eq!(normalize_accept_encoding(&two), Some("br, gzip"));
     }
-    use pingora_cache::key::CacheHashKey;
-    use pingora_http::ResponseHeader;
-    use std::time::SystemTime;
 
     fn req(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
