@@ -170,14 +170,15 @@ pub static PURGE_RECORDS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Background revalidations of stale entries, by who refreshed (`mine`: this corral, holding
+/// Revalidations of stale entries (in the background within grace, for waiting clients past
+/// it), by who refreshed (`mine`: this corral, holding
 /// the cluster's refresh lock; `peer`: another corral, whose copy was taken from memcached;
 /// `timeout`: the other corral's copy did not come within lock_timeout; `local`: no memcached,
 /// or it is unavailable: refreshed here as without L2).
 pub static STALE_REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "corral_stale_refreshes_total",
-        "Background revalidations of stale entries, by who refreshed (mine, peer, timeout, local)",
+        "Revalidations of stale entries, by who refreshed (mine, peer, timeout, local)",
         &["how"]
     )
     .expect("metric registers once")

@@ -207,7 +207,7 @@ pub struct Ctx {
     key: Option<CacheKey>,
     /// The request has a range or a conditional header field.
     conditional: bool,
-    /// This background revalidation holds the cluster's refresh lock for its key.
+    /// This request revalidates its entry for the cluster and holds the refresh lock.
     refresh_lock: Option<String>,
 }
 
@@ -763,6 +763,13 @@ impl ProxyHttp for Corral {
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
+        if let Some(lock) = CompleteHit::take_refresh_lock(hit_handler) {
+            // this request revalidates the entry for the cluster: the lock goes when it ends
+            match ctx.refresh_lock {
+                None => ctx.refresh_lock = Some(lock),
+                Some(_) => self.parts.storage.refresh_done(lock),
+            }
+        }
         // the last validation: the meta's `updated` is its lineage (see MetaParts::to_meta)
         let validated = memory::validated(hit_handler).unwrap_or_else(|| meta.updated());
         // bans and tag purges newer than this entry, that it was not checked against yet

@@ -385,3 +385,60 @@ async fn refreshed_once_across_corrals(variants: &[Option<&'static str>]) {
         assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
     }
 }
+
+#[tokio::test]
+async fn an_expired_entry_past_grace_is_revalidated_once_across_corrals() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    // v1 (validator "a"), then a changed v2 (validator "b"), then 304s for "b"; refreshes are
+    // slow, so both corrals' clients are waiting at once
+    origin.route("/expired", |s| {
+        let reply = match s.headers.get("if-none-match") {
+            Some(v) if s.n > 2 && v == "\"b\"" => Reply::ok("").status(304),
+            _ => Reply::ok(format!("v{}", s.n.min(2))),
+        };
+        let delay = if s.n > 1 { 300 } else { 0 };
+        reply
+            .header("etag", if s.n == 1 { "\"a\"" } else { "\"b\"" })
+            .header("cache-control", "max-age=1")
+            .delay(Duration::from_millis(delay))
+    });
+    // no grace: past max-age, clients wait for a revalidation
+    let conf = Conf::default().servers(&[&mc]).cache("grace = \"0s\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a.url("/expired")).await.body, "v1");
+    l2_sets(&a, 1.0).await;
+    assert!(get(&b.url("/expired")).await.cache.ends_with("detail=l2"));
+    let c = client();
+    let how = |m: &str, label: &str| metric(m, &format!("corral_stale_refreshes_total{{how=\"{label}\"}}"));
+    for round in 1..=2 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let url = if i % 2 == 0 {
+                    a.url("/expired")
+                } else {
+                    b.url("/expired")
+                };
+                let req = c.get(url).header(SITE.0, SITE.1);
+                tokio::spawn(async move { send(req, &[]).await })
+            })
+            .collect();
+        for t in tasks {
+            let got = t.await.unwrap();
+            assert_eq!(got.body, "v2", "the revalidated copy: {}", got.cache);
+        }
+        assert_eq!(
+            origin.hits("/expired"),
+            1 + round,
+            "one revalidation for both corrals"
+        );
+        let (ma, mb) = (a.metrics().await, b.metrics().await);
+        assert_eq!(how(&ma, "mine") + how(&mb, "mine"), round as f64);
+        assert_eq!(how(&ma, "peer") + how(&mb, "peer"), round as f64);
+    }
+    for p in [&a, &b] {
+        assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
+    }
+}

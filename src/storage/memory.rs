@@ -633,6 +633,9 @@ pub struct CompleteHit {
     entry: Arc<Stored>,
     /// Answered from L2 (and promoted into L1): reported as `detail=l2`.
     from_l2: bool,
+    /// The cluster's refresh lock this request took to revalidate the (stale) entry, given
+    /// back when the request ends ([`crate::storage::Tiered::refresh_done`]).
+    refresh_lock: Option<String>,
 }
 
 impl CompleteHit {
@@ -642,10 +645,26 @@ impl CompleteHit {
             range: (0, entry.body.len()),
             entry: entry.clone(),
             from_l2,
+            refresh_lock: None,
         }
     }
 
     /// Was this hit answered from L2?
+    /// Attach the cluster's refresh lock to this hit: the request that revalidates the entry
+    /// gives it back when it ends.
+    pub fn set_refresh_lock(hit: &mut HitHandler, lock: String) {
+        if let Some(h) = hit.as_any_mut().downcast_mut::<CompleteHit>() {
+            h.refresh_lock = Some(lock);
+        }
+    }
+
+    /// The refresh lock attached with [`Self::set_refresh_lock`], if any.
+    pub fn take_refresh_lock(hit: &mut HitHandler) -> Option<String> {
+        hit.as_any_mut()
+            .downcast_mut::<CompleteHit>()
+            .and_then(|h| h.refresh_lock.take())
+    }
+
     pub fn is_from_l2(hit: &HitHandler) -> bool {
         hit.as_any()
             .downcast_ref::<CompleteHit>()

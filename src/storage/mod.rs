@@ -15,9 +15,11 @@
 //! `lock_timeout` passes, and then look up as usual. Within one corral, Pingora's cache lock
 //! still coalesces the requests of the winner, so N proxies × M clients make one upstream fetch.
 //!
-//! A stale entry is refreshed once per cluster, too ([`Tiered::refresh_once`]): the
-//! background revalidation of the first corral takes a refresh lock in memcached; the others
-//! serve stale meanwhile and take its fresher copy from memcached instead of going upstream.
+//! A stale entry is refreshed once per cluster, too: the revalidation of the first corral
+//! takes a refresh lock in memcached; the others take its fresher copy from memcached instead
+//! of going upstream, serving stale meanwhile within grace ([`Tiered::refresh_once`], in the
+//! background) or making their clients wait for it past grace (`Tiered::revalidate_once`, in
+//! the lookup).
 
 pub mod memcached;
 pub mod memory;
@@ -44,7 +46,7 @@ use tracing::warn;
 use crate::metrics;
 use crate::purge::{LogRecord, Validity, Verdict, MAX_RECORDS};
 use memcached::{Read, L2};
-use memory::{MemoryStorage, MetaParts};
+use memory::{CompleteHit, MemoryStorage, MetaParts};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// L1 in front of an optional L2.
@@ -63,6 +65,8 @@ pub struct Tiered {
     lock_timeout: Duration,
     /// L2 keys whose fill lease this corral won and has not yet filled.
     leases: DashMap<String, ()>,
+    /// L2 keys whose refresh lock (see [`Self::refresh_once`]) this corral holds.
+    refreshing: DashMap<String, ()>,
     /// One L2 read per key at a time in this corral: concurrent lookups of a key wait here
     /// and then find the result in L1, so memcached sees one read per key, not one per client.
     inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -98,6 +102,13 @@ impl Refresh {
     }
 }
 
+const REFRESH_SUFFIX: &str = ":refresh";
+
+/// The memcached key of the refresh lock of the memcached key `mk`.
+fn refresh_lock_key(mk: &str) -> String {
+    format!("{mk}{REFRESH_SUFFIX}")
+}
+
 /// Margin for clocks of corrals sharing memcached: an L2 entry is taken to be at most
 /// `memcached.max_ttl` plus this old.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -119,6 +130,7 @@ impl Tiered {
             l2,
             lock_timeout,
             leases: DashMap::new(),
+            refreshing: DashMap::new(),
             inflight: DashMap::new(),
             started: Once::new(),
             swept: parking_lot::Mutex::new((0, u64::MAX)),
@@ -157,14 +169,96 @@ impl Tiered {
         if let Some(v) = variance {
             key.set_variance_key(v);
         }
-        let key = &key;
         let mk = l2.key(&key.combined());
-        let lock = format!("{mk}:refresh");
-        match l2.get(&lock, Some(self.lock_timeout)).await {
-            Read::Won => return Refresh::Mine(lock),
-            Read::Busy => {}
-            _ => return Refresh::Local,
+        if self.refreshing.contains_key(&mk) {
+            // a request of this corral revalidates it already (past grace)
+            return Refresh::Local;
         }
+        match self.take_refresh_lock(l2, &mk).await {
+            Read::Won => Refresh::Mine(refresh_lock_key(&mk)),
+            Read::Busy => match self.await_peer_copy(l2, &key, validated).await {
+                Ok(_) => Refresh::Peer,
+                Err(r) => r,
+            },
+            _ => Refresh::Local,
+        }
+    }
+
+    /// An L1 hit that Pingora must revalidate before use (stale, past its serve-stale
+    /// window: the clients wait): as [`Self::refresh_once`] does in the background, one
+    /// corral of the cluster revalidates, the others wait for its copy in memcached and answer
+    /// with that. Within this corral one request decides; the others wait for it, then find
+    /// the fresh copy in L1 or leave the revalidation to Pingora's cache lock.
+    async fn revalidate_once(
+        &'static self,
+        l2: &L2,
+        key: &CacheKey,
+        stale: (CacheMeta, HitHandler),
+        trace: &SpanHandle,
+    ) -> Result<(CacheMeta, HitHandler)> {
+        let mk = l2.key(&key.combined());
+        if self.refreshing.contains_key(&mk) {
+            return Ok(stale);
+        }
+        let gate = self.inflight.entry(mk.clone()).or_default().clone();
+        let guard = gate.clone().lock_owned().await;
+        let result = async {
+            if self.refreshing.contains_key(&mk) {
+                return Ok(stale);
+            }
+            // the request before this one may have brought a fresh copy
+            if let Some(hit) = self.l1.lookup(key, trace).await? {
+                if hit.0.is_fresh(SystemTime::now()) {
+                    return Ok(hit);
+                }
+            }
+            let validated = memory::validated(&stale.1).unwrap_or_else(|| stale.0.updated());
+            let refresh = match self.take_refresh_lock(l2, &mk).await {
+                Read::Won => Refresh::Mine(refresh_lock_key(&mk)),
+                Read::Busy => match self.await_peer_copy(l2, key, validated).await {
+                    Ok(fresh) => {
+                        metrics::STALE_REFRESHES.with_label_values(&["peer"]).inc();
+                        return Ok(fresh);
+                    }
+                    Err(r) => r,
+                },
+                _ => Refresh::Local,
+            };
+            metrics::STALE_REFRESHES
+                .with_label_values(&[refresh.label()])
+                .inc();
+            let mut stale = stale;
+            if let Refresh::Mine(lock) = refresh {
+                CompleteHit::set_refresh_lock(&mut stale.1, lock);
+            }
+            Ok(stale)
+        }
+        .await;
+        drop(guard);
+        drop(gate);
+        self.inflight.remove_if(&mk, |_, g| Arc::strong_count(g) == 1);
+        result
+    }
+
+    /// Try to take the cluster's refresh lock of the memcached key `mk` (noted in
+    /// `refreshing` when won).
+    async fn take_refresh_lock(&self, l2: &L2, mk: &str) -> Read {
+        let read = l2.get(&refresh_lock_key(mk), Some(self.lock_timeout)).await;
+        if matches!(read, Read::Won) {
+            self.refreshing.insert(mk.to_string(), ());
+        }
+        read
+    }
+
+    /// Wait, bounded by `lock_timeout`, for a copy of `key` validated after `validated` to land
+    /// in memcached (fresh, and covered by no purge), put it in L1 and answer with it.
+    /// `Err(TimedOut)` if none came; `Err(Local)` if memcached cannot be trusted now.
+    async fn await_peer_copy(
+        &'static self,
+        l2: &L2,
+        key: &CacheKey,
+        validated: SystemTime,
+    ) -> std::result::Result<(CacheMeta, HitHandler), Refresh> {
         let deadline = tokio::time::Instant::now() + self.lock_timeout;
         let mut pause = Duration::from_millis(10);
         while tokio::time::Instant::now() + pause <= deadline {
@@ -178,7 +272,7 @@ impl Tiered {
             );
             if moved || !log_complete {
                 // a purge of everything dropped the entry, or bans elsewhere are unknown
-                return Refresh::Local;
+                return Err(Refresh::Local);
             }
             let Read::Hit(bytes) = read else { continue };
             let Ok(rec) = record::decode(bytes) else { continue };
@@ -191,17 +285,21 @@ impl Tiered {
             // a copy refreshed before a purge that covers it (a soft one keeps it in memcached)
             // is no better than ours: wait for the refresh under way
             if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
-                self.promote(key, rec);
-                return Refresh::Peer;
+                if let Some(fresh) = self.promote(key, rec) {
+                    return Ok(fresh);
+                }
             }
         }
-        Refresh::TimedOut
+        Err(Refresh::TimedOut)
     }
 
     /// This corral's refresh is over (stored, or failed): free the refresh lock at once, so
     /// the next time the entry goes stale a corral can take it without waiting for it to
     /// expire.
     pub fn refresh_done(&self, lock: String) {
+        if let Some(mk) = lock.strip_suffix(REFRESH_SUFFIX) {
+            self.refreshing.remove(mk);
+        }
         if let Some(l2) = self.l2.clone() {
             tokio::spawn(async move {
                 l2.delete(&lock).await;
@@ -457,6 +555,18 @@ impl Tiered {
     }
 }
 
+/// Whether Pingora will make the clients of this L1 hit wait for a revalidation: a complete
+/// entry, stale and past its serve-stale window. A Vary variant only when looked up under its
+/// own variance (the primary slot may hold another variant than the request wants).
+fn awaits_revalidation(hit: &(CacheMeta, HitHandler), key: &CacheKey) -> bool {
+    let (meta, handler) = hit;
+    let now = SystemTime::now();
+    !meta.is_fresh(now)
+        && !meta.serve_stale_while_revalidate(now)
+        && (key.variance_bin().is_some() || meta.variance().is_none())
+        && handler.as_any().is::<CompleteHit>()
+}
+
 /// Writes L1 as the body arrives, and L2 once it is complete.
 struct TieredMiss {
     l1: MissHandler,
@@ -517,6 +627,11 @@ impl Storage for Tiered {
         trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         if let Some(hit) = self.l1.lookup(key, trace).await? {
+            if let Some(l2) = &self.l2 {
+                if awaits_revalidation(&hit, key) {
+                    return Ok(Some(self.revalidate_once(l2, key, hit, trace).await?));
+                }
+            }
             return Ok(Some(hit));
         }
         let Some(l2) = &self.l2 else {
