@@ -442,3 +442,42 @@ async fn an_expired_entry_past_grace_is_revalidated_once_across_corrals() {
         assert!(!p.log_text().contains("panicked"), "{}", p.log_text());
     }
 }
+
+#[tokio::test]
+async fn when_the_refreshing_corral_fails_another_takes_over_at_once() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    // v1, then a slow 500 (A's revalidation), then v3
+    origin.route("/flaky", |s| match s.n {
+        1 => Reply::ok("v1").header("cache-control", "max-age=1"),
+        2 => Reply::ok("down").status(500).delay(Duration::from_millis(300)),
+        n => Reply::ok(format!("v{n}")).header("cache-control", "max-age=60"),
+    });
+    // no grace; a lock_timeout far longer than the test: B must not wait it out
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .cache("grace = \"0s\"")
+        .cache("lock_timeout = \"30s\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a.url("/flaky")).await.body, "v1");
+    l2_sets(&a, 1.0).await;
+    assert!(get(&b.url("/flaky")).await.cache.ends_with("detail=l2"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let at_a = {
+        let url = a.url("/flaky");
+        tokio::spawn(async move { get(&url).await })
+    };
+    eventually(Duration::from_secs(5), "A revalidating", || async {
+        origin.hits("/flaky") == 2
+    })
+    .await;
+    // B waits for A's copy; A's revalidation fails and gives the lock back: B takes it over
+    let at_b = get(&b.url("/flaky")).await;
+    assert_eq!(at_b.body, "v3", "{}", at_b.cache);
+    assert_eq!(at_a.await.unwrap().body, "v1", "A: stale-if-error");
+    assert_eq!(origin.hits("/flaky"), 3);
+    let m = b.metrics().await;
+    assert_eq!(metric(&m, "corral_stale_refreshes_total{how=\"mine\"}"), 1.0);
+    assert_eq!(metric(&m, "corral_stale_refreshes_total{how=\"timeout\"}"), 0.0);
+}

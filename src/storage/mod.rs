@@ -252,59 +252,93 @@ impl Tiered {
 
     /// Wait, bounded by `lock_timeout`, for a copy of `key` validated after `validated` to land
     /// in memcached (fresh, and covered by no purge), put it in L1 and answer with it.
-    /// `Err(TimedOut)` if none came; `Err(Local)` if memcached cannot be trusted now.
+    /// `Err(Mine)` if the corral that held the refresh lock gave it up without a copy (its
+    /// refresh failed or was uncacheable): this corral took the lock over and refreshes.
+    /// `Err(TimedOut)` if nothing came; `Err(Local)` if memcached cannot be trusted now.
     async fn await_peer_copy(
         &'static self,
         l2: &L2,
         key: &CacheKey,
         validated: SystemTime,
     ) -> std::result::Result<(CacheMeta, HitHandler), Refresh> {
+        let mk = l2.key(&key.combined());
         let deadline = tokio::time::Instant::now() + self.lock_timeout;
         let mut pause = Duration::from_millis(10);
         while tokio::time::Instant::now() + pause <= deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
-            let current = l2.key_at(l2.generation(), &key.combined());
-            let (read, moved, log_complete) = tokio::join!(
-                l2.get(&current, None),
-                self.adopt_generation(l2),
-                self.pull_log(l2)
-            );
-            if moved || !log_complete {
-                // a purge of everything dropped the entry, or bans elsewhere are unknown
-                return Err(Refresh::Local);
+            if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
+                return Ok(fresh);
             }
-            let Read::Hit(bytes) = read else { continue };
-            let Ok(rec) = record::decode(bytes) else { continue };
-            let (host, path) = memory::split_url(key.primary_key_str().unwrap_or(""));
-            let purged = || {
-                self.validity
-                    .check(host, path, rec.meta.updated(), rec.meta.headers(), 0)
-                    != Verdict::Valid
-            };
-            // a copy refreshed before a purge that covers it (a soft one keeps it in memcached)
-            // is no better than ours: wait for the refresh under way
-            if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
-                if let Some(fresh) = self.promote(key, rec) {
+            if let Read::Won = self.take_refresh_lock(l2, &mk).await {
+                // the lock was given back: a copy that landed just before counts
+                if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
+                    self.refresh_done(refresh_lock_key(&mk));
                     return Ok(fresh);
                 }
+                return Err(Refresh::Mine(refresh_lock_key(&mk)));
             }
         }
         Err(Refresh::TimedOut)
     }
 
+    /// One look for a peer's copy of `key` validated after `validated`: fresh and covered by
+    /// no purge, it goes into L1 and answers. `Err(Local)` if memcached cannot be trusted now.
+    async fn peer_copy(
+        &'static self,
+        l2: &L2,
+        key: &CacheKey,
+        validated: SystemTime,
+    ) -> std::result::Result<Option<(CacheMeta, HitHandler)>, Refresh> {
+        let current = l2.key_at(l2.generation(), &key.combined());
+        let (read, moved, log_complete) = tokio::join!(
+            l2.get(&current, None),
+            self.adopt_generation(l2),
+            self.pull_log(l2)
+        );
+        if moved || !log_complete {
+            // a purge of everything dropped the entry, or bans elsewhere are unknown
+            return Err(Refresh::Local);
+        }
+        let Read::Hit(bytes) = read else { return Ok(None) };
+        let Ok(rec) = record::decode(bytes) else {
+            return Ok(None);
+        };
+        let (host, path) = memory::split_url(key.primary_key_str().unwrap_or(""));
+        let purged = || {
+            self.validity
+                .check(host, path, rec.meta.updated(), rec.meta.headers(), 0)
+                != Verdict::Valid
+        };
+        // a copy refreshed before a purge that covers it (a soft one keeps it in memcached) is
+        // no better than ours: wait for the refresh under way
+        if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
+            return Ok(self.promote(key, rec));
+        }
+        Ok(None)
+    }
+
     /// This corral's refresh is over (stored, or failed): free the refresh lock at once, so
     /// the next time the entry goes stale a corral can take it without waiting for it to
     /// expire.
+    ///
+    /// When the refresh stored a copy, the L2 write already gave the lock back, right after
+    /// the copy landed (so a corral that sees the lock gone finds the copy): nothing to do.
     pub fn refresh_done(&self, lock: String) {
-        if let Some(mk) = lock.strip_suffix(REFRESH_SUFFIX) {
-            self.refreshing.remove(mk);
-        }
-        if let Some(l2) = self.l2.clone() {
+        let held = lock
+            .strip_suffix(REFRESH_SUFFIX)
+            .is_some_and(|mk| self.refreshing.remove(mk).is_some());
+        if let (true, Some(l2)) = (held, self.l2.clone()) {
             tokio::spawn(async move {
                 l2.delete(&lock).await;
             });
         }
+    }
+
+    /// The refresh lock of `mk` if this corral holds it, handed to the L2 write of the
+    /// refreshed copy, which gives it back once the copy has landed.
+    fn refresh_lock_for_write(&self, mk: &str) -> Option<String> {
+        self.refreshing.remove(mk).map(|_| refresh_lock_key(mk))
     }
 
     /// One run of the ban sweeper: if ban or tag records arrived since the last pass, check
@@ -571,6 +605,7 @@ fn awaits_revalidation(hit: &(CacheMeta, HitHandler), key: &CacheKey) -> bool {
 struct TieredMiss {
     l1: MissHandler,
     l2: Option<PendingL2>,
+    tiered: &'static Tiered,
 }
 
 struct PendingL2 {
@@ -602,6 +637,7 @@ impl HandleMiss for TieredMiss {
         let this = *self;
         let done = this.l1.finish().await?;
         if let Some(p) = this.l2 {
+            let lock = this.tiered.refresh_lock_for_write(&p.key);
             tokio::spawn(async move {
                 let mut body = BytesMut::with_capacity(p.size);
                 for c in &p.chunks {
@@ -609,6 +645,9 @@ impl HandleMiss for TieredMiss {
                 }
                 let value = record::encode_parts(&p.internal, &p.header, &[], &body);
                 p.l2.set(&p.key, value, p.ttl).await;
+                if let Some(lock) = lock {
+                    p.l2.delete(&lock).await;
+                }
             });
         }
         Ok(done)
@@ -674,7 +713,7 @@ impl Storage for Tiered {
             }
             None => None,
         };
-        Ok(Box::new(TieredMiss { l1, l2 }))
+        Ok(Box::new(TieredMiss { l1, l2, tiered: self }))
     }
 
     async fn purge(
@@ -706,7 +745,13 @@ impl Storage for Tiered {
             // a 304 refreshed the entry: refresh the shared copy too
             let value = record::encode(meta, &[], &body)?;
             let (l2, mk, ttl) = (l2.clone(), l2.key(&key.combined()), Self::l2_ttl(meta));
-            tokio::spawn(async move { l2.set(&mk, value, ttl).await });
+            let lock = self.refresh_lock_for_write(&mk);
+            tokio::spawn(async move {
+                l2.set(&mk, value, ttl).await;
+                if let Some(lock) = lock {
+                    l2.delete(&lock).await;
+                }
+            });
         }
         Ok(updated)
     }
