@@ -65,8 +65,10 @@ pub struct Tiered {
     lock_timeout: Duration,
     /// L2 keys whose fill lease this corral won and has not yet filled.
     leases: DashMap<String, ()>,
-    /// L2 keys whose refresh lock (see [`Self::refresh_once`]) this corral holds.
-    refreshing: DashMap<String, ()>,
+    /// L2 keys whose refresh lock (see [`Self::refresh_once`]) this corral holds, and since
+    /// when: memcached lets the lock go after `lock_timeout` even if a request never gave it
+    /// back, and so does this map.
+    refreshing: DashMap<String, std::time::Instant>,
     /// One L2 read per key at a time in this corral: concurrent lookups of a key wait here
     /// and then find the result in L1, so memcached sees one read per key, not one per client.
     inflight: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -170,7 +172,7 @@ impl Tiered {
             key.set_variance_key(v);
         }
         let mk = l2.key(&key.combined());
-        if self.refreshing.contains_key(&mk) {
+        if self.refreshes(&mk) {
             // a request of this corral revalidates it already (past grace)
             return Refresh::Local;
         }
@@ -197,13 +199,13 @@ impl Tiered {
         trace: &SpanHandle,
     ) -> Result<(CacheMeta, HitHandler)> {
         let mk = l2.key(&key.combined());
-        if self.refreshing.contains_key(&mk) {
+        if self.refreshes(&mk) {
             return Ok(stale);
         }
         let gate = self.inflight.entry(mk.clone()).or_default().clone();
         let guard = gate.clone().lock_owned().await;
         let result = async {
-            if self.refreshing.contains_key(&mk) {
+            if self.refreshes(&mk) {
                 return Ok(stale);
             }
             // the request before this one may have brought a fresh copy
@@ -240,12 +242,26 @@ impl Tiered {
         result
     }
 
+    /// Whether this corral holds the refresh lock of the memcached key `mk`.
+    fn refreshes(&self, mk: &str) -> bool {
+        let held = self.refreshing.get(mk).map(|since| since.elapsed());
+        match held {
+            Some(for_) if for_ < self.lock_timeout => true,
+            Some(_) => {
+                // never given back (the request vanished): memcached has dropped it too
+                self.refreshing.remove(mk);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Try to take the cluster's refresh lock of the memcached key `mk` (noted in
     /// `refreshing` when won).
     async fn take_refresh_lock(&self, l2: &L2, mk: &str) -> Read {
         let read = l2.get(&refresh_lock_key(mk), Some(self.lock_timeout)).await;
         if matches!(read, Read::Won) {
-            self.refreshing.insert(mk.to_string(), ());
+            self.refreshing.insert(mk.to_string(), std::time::Instant::now());
         }
         read
     }
