@@ -52,28 +52,7 @@ count() {
     valgrind --tool=callgrind --callgrind-out-file="$out" target/release/corral -c "$dir/corral.toml" >"$dir/$who.log" 2>&1 &
   else
     rm -rf "$dir/nginx-cache"; mkdir -p "$dir/nginx-cache"
-    cat >"$dir/nginx.conf" <<NGINX
-user root;
-worker_processes 1;
-master_process off;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  proxy_cache_path $dir/nginx-cache keys_zone=c:10m max_size=256m;
-  server {
-    listen 127.0.0.1:$port;
-    location / {
-      proxy_pass http://127.0.0.1:$origin_port;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_cache c;
-    }
-  }
-}
-NGINX
+    nginx_conf "$port" "master_process off;" ""
     valgrind --tool=callgrind --callgrind-out-file="$out" nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/$who.log" 2>&1 &
   fi
   pid=$!

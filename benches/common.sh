@@ -8,3 +8,32 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+# nginx.conf of the reference: proxy_cache on port $1 in front of the origin ($origin_port);
+# $2 = extra lines for the main context, $3 = extra server blocks
+nginx_conf() {
+  cat >"$dir/nginx.conf" <<NGINX
+user root;
+worker_processes 1;
+$2
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  proxy_cache_path $dir/nginx-cache keys_zone=c:10m max_size=256m;
+  $3
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://127.0.0.1:$origin_port;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache c;
+      proxy_cache_lock on;
+    }
+  }
+}
+NGINX
+}

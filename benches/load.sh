@@ -75,29 +75,8 @@ if command -v nginx >/dev/null; then
   nginx_port=$(free_port); nginx_cache_port=$(free_port)
   mkdir -p "$dir/www" "$dir/nginx-cache"
   head -c "$SIZE" /dev/zero | tr '\0' x >"$dir/www/bench"
-  cat >"$dir/nginx.conf" <<NGINX
-user root;
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  proxy_cache_path $dir/nginx-cache keys_zone=c:10m max_size=256m;
-  server { listen 127.0.0.1:$nginx_port; root $dir/www; location / { try_files /bench =404; } }
-  server {
-    listen 127.0.0.1:$nginx_cache_port;
-    location / {
-      proxy_pass http://127.0.0.1:$origin_port;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_cache c;
-      proxy_cache_lock on;
-    }
-  }
-}
-NGINX
+  nginx_conf "$nginx_cache_port" "" \
+    "server { listen 127.0.0.1:$nginx_port; root $dir/www; location / { try_files /bench =404; } }"
   taskset -c 0 nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
   pids+=($!)
   wait_port "$nginx_port"; wait_port "$nginx_cache_port"

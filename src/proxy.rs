@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{header, Method, StatusCode};
+use http::{header, HeaderValue, Method, StatusCode};
 use pingora_cache::eviction::{lru, EvictionManager};
 use pingora_cache::key::{CacheHashKey, HashBinary};
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
@@ -227,19 +227,17 @@ struct RequestFields {
 /// Rewrite the request's `Accept-Encoding` to one of the few values cached variants are kept
 /// for ([`key::normalize_accept_encoding`]).
 fn normalize_accept_encoding(req: &mut RequestHeader) {
-    let values: Vec<&[u8]> = req
-        .headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    let normal = key::normalize_accept_encoding(&values);
-    if values.len() == 1 && normal.is_some_and(|n| values[0] == n.as_bytes()) {
-        return;
+    let values = req.headers.get_all(header::ACCEPT_ENCODING);
+    let normal = key::normalize_accept_encoding(values.iter().map(HeaderValue::as_bytes));
+    let mut sent = values.iter();
+    if let (Some(n), Some(only), None) = (normal, sent.next(), sent.next()) {
+        if only.as_bytes() == n.as_bytes() {
+            return;
+        }
     }
     match normal {
         Some(n) => {
-            let _ = req.insert_header(header::ACCEPT_ENCODING, n);
+            let _ = req.insert_header(header::ACCEPT_ENCODING, HeaderValue::from_static(n));
         }
         None => {
             req.remove_header(&header::ACCEPT_ENCODING);
@@ -507,8 +505,8 @@ impl Corral {
     }
 }
 
-fn cache_status_value(status: &CacheStatus) -> Result<http::HeaderValue> {
-    http::HeaderValue::from_maybe_shared(Bytes::from(status.header_value()))
+fn cache_status_value(status: &CacheStatus) -> Result<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from(status.header_value()))
         .map_err(|_| Error::explain(ErrorType::InternalError, "invalid cache-status"))
 }
 
@@ -698,6 +696,11 @@ impl ProxyHttp for Corral {
         if ctx.bypass.is_some() {
             return Ok(false);
         }
+        // a background revalidation is of a stale entry: never a fast hit
+        if session.subrequest_ctx.is_none() && self.fast_hit(session, ctx).await? {
+            return Ok(true);
+        }
+        // only what goes on to Pingora's cache needs it (a fast hit has no Vary)
         if fields.accept_encoding && self.cfg.cache.normalize_accept_encoding {
             normalize_accept_encoding(session.req_header_mut());
         }
@@ -705,11 +708,7 @@ impl ProxyHttp for Corral {
             // Pingora's background revalidation of a stale entry (grace): one corral of the
             // cluster goes upstream, the others take its copy from memcached
             let key = key::for_parts(&ctx.host, &ctx.path);
-            let refresh = self.parts.storage.refresh_once(&key, session.req_header()).await;
-            metrics::STALE_REFRESHES
-                .with_label_values(&[refresh.label()])
-                .inc();
-            match refresh {
+            match self.parts.storage.refresh_once(&key, session.req_header()).await {
                 Refresh::Mine(lock) => ctx.refresh_lock = Some(lock),
                 Refresh::Peer => {
                     // the lookup now finds the fresh copy; the cache lock handed to this
@@ -721,9 +720,8 @@ impl ProxyHttp for Corral {
                 Refresh::TimedOut | Refresh::Local => {}
             }
             ctx.key = Some(key);
-            return Ok(false);
         }
-        self.fast_hit(session, ctx).await
+        Ok(false)
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {

@@ -18,6 +18,23 @@ fn cacheable(body: &str) -> Reply {
     Reply::ok(body.to_string()).header("cache-control", "max-age=60")
 }
 
+/// A raw TCP origin, for what hyper cannot send (interim responses, upgrades): `serve` gets
+/// each connection, on a task of its own.
+async fn raw_origin<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
 #[tokio::test]
 async fn miss_then_hit() {
     let (origin, proxy) = setup(Conf::default()).await;
@@ -583,20 +600,15 @@ async fn odd_partial_responses_pass_through() {
 #[tokio::test]
 async fn interim_1xx_responses_pass_through() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // a raw origin: hyper cannot send 103 Early Hints
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=60\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    // hyper cannot send 103 Early Hints
+    let addr = raw_origin(|mut s| async move {
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=60\r\n\r\nok")
+            .await;
+    })
+    .await;
     let proxy = Proxy::start(addr, Conf::default()).await;
     let got = get(&proxy.url("/early")).await;
     assert_eq!((got.status, got.body.as_str()), (200, "ok"));
@@ -643,32 +655,27 @@ async fn pipelined_requests_are_answered_in_order() {
 #[tokio::test]
 async fn websocket_handshakes_bypass_the_cache_and_reach_the_origin() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // a raw origin: a cacheable page at /ws, and a WebSocket-style echo after a 101
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).to_lowercase();
-                if !req.contains("upgrade: websocket") {
-                    let page = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\
-                                Cache-Control: max-age=60\r\n\r\npage";
-                    let _ = s.write_all(page.as_bytes()).await;
-                    return;
-                }
-                let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                              Connection: Upgrade\r\n\r\n";
-                let _ = s.write_all(switch.as_bytes()).await;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&[b"echo:", &buf[..n]].concat()).await.is_err() {
-                        break;
-                    }
-                }
-            });
+    // a cacheable page at /ws, and a WebSocket-style echo after a 101
+    let addr = raw_origin(|mut s| async move {
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let req = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        if !req.contains("upgrade: websocket") {
+            let page = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\
+                        Cache-Control: max-age=60\r\n\r\npage";
+            let _ = s.write_all(page.as_bytes()).await;
+            return;
         }
-    });
+        let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                      Connection: Upgrade\r\n\r\n";
+        let _ = s.write_all(switch.as_bytes()).await;
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&[b"echo:", &buf[..n]].concat()).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
     let proxy = Proxy::start(addr, Conf::default()).await;
     // the page is cached; a handshake for the same URL must not be answered with it
     assert_eq!(get(&proxy.url("/ws")).await.body, "page");

@@ -32,6 +32,16 @@ async fn l2_sets(proxy: &Proxy, n: f64) {
     .await;
 }
 
+/// Two corrals on `conf`, both holding v1 of `path`: A fetched it, B took it from L2.
+async fn two_holding_v1(origin: &Origin, conf: Conf, path: &str) -> (Proxy, Proxy) {
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a.url(path)).await.body, "v1");
+    l2_sets(&a, 1.0).await;
+    assert!(get(&b.url(path)).await.cache.ends_with("detail=l2"));
+    (a, b)
+}
+
 #[tokio::test]
 async fn an_object_fetched_through_one_corral_is_an_l2_hit_at_another() {
     let mc = Memcached::start().await;
@@ -405,11 +415,7 @@ async fn an_expired_entry_past_grace_is_revalidated_once_across_corrals() {
     });
     // no grace: past max-age, clients wait for a revalidation
     let conf = Conf::default().servers(&[&mc]).cache("grace = \"0s\"");
-    let a = Proxy::start(origin.addr, conf.clone()).await;
-    let b = Proxy::start(origin.addr, conf).await;
-    assert_eq!(get(&a.url("/expired")).await.body, "v1");
-    l2_sets(&a, 1.0).await;
-    assert!(get(&b.url("/expired")).await.cache.ends_with("detail=l2"));
+    let (a, b) = two_holding_v1(&origin, conf, "/expired").await;
     let c = client();
     let how = |m: &str, label: &str| metric(m, &format!("corral_stale_refreshes_total{{how=\"{label}\"}}"));
     for round in 1..=2 {
@@ -458,11 +464,7 @@ async fn when_the_refreshing_corral_fails_another_takes_over_at_once() {
         .servers(&[&mc])
         .cache("grace = \"0s\"")
         .cache("lock_timeout = \"30s\"");
-    let a = Proxy::start(origin.addr, conf.clone()).await;
-    let b = Proxy::start(origin.addr, conf).await;
-    assert_eq!(get(&a.url("/flaky")).await.body, "v1");
-    l2_sets(&a, 1.0).await;
-    assert!(get(&b.url("/flaky")).await.cache.ends_with("detail=l2"));
+    let (a, b) = two_holding_v1(&origin, conf, "/flaky").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let at_a = {
         let url = a.url("/flaky");

@@ -160,29 +160,28 @@ impl Tiered {
     /// makes no upstream request ([`Refresh::Peer`]). Clients are never delayed: they are
     /// served the stale copy meanwhile.
     pub async fn refresh_once(&'static self, primary: &CacheKey, req: &RequestHeader) -> Refresh {
+        let local = || {
+            metrics::STALE_REFRESHES.with_label_values(&["local"]).inc();
+            Refresh::Local
+        };
         let Some(l2) = &self.l2 else {
-            return Refresh::Local;
+            return local();
         };
         let Some((validated, variance)) = self.l1.stale_validated(primary, req, SystemTime::now()) else {
-            return Refresh::Local;
+            return local();
         };
         // the variant's own slot, in L1 and in L2, as Pingora stored it
         let mut key = primary.clone();
         if let Some(v) = variance {
             key.set_variance_key(v);
         }
-        let mk = l2.key(&key.combined());
-        if self.refreshes(&mk) {
+        if self.refreshes(&l2.key(&key.combined())) {
             // a request of this corral revalidates it already (past grace)
-            return Refresh::Local;
+            return local();
         }
-        match self.take_refresh_lock(l2, &mk).await {
-            Read::Won => Refresh::Mine(refresh_lock_key(&mk)),
-            Read::Busy => match self.await_peer_copy(l2, &key, validated).await {
-                Ok(_) => Refresh::Peer,
-                Err(r) => r,
-            },
-            _ => Refresh::Local,
+        match self.refresh_or_wait(l2, &key, validated).await {
+            Ok(_) => Refresh::Peer,
+            Err(r) => r,
         }
     }
 
@@ -215,23 +214,11 @@ impl Tiered {
                 }
             }
             let validated = memory::validated(&stale.1).unwrap_or_else(|| stale.0.updated());
-            let refresh = match self.take_refresh_lock(l2, &mk).await {
-                Read::Won => Refresh::Mine(refresh_lock_key(&mk)),
-                Read::Busy => match self.await_peer_copy(l2, key, validated).await {
-                    Ok(fresh) => {
-                        metrics::STALE_REFRESHES.with_label_values(&["peer"]).inc();
-                        return Ok(fresh);
-                    }
-                    Err(r) => r,
-                },
-                _ => Refresh::Local,
-            };
-            metrics::STALE_REFRESHES
-                .with_label_values(&[refresh.label()])
-                .inc();
             let mut stale = stale;
-            if let Refresh::Mine(lock) = refresh {
-                CompleteHit::set_refresh_lock(&mut stale.1, lock);
+            match self.refresh_or_wait(l2, key, validated).await {
+                Ok(fresh) => return Ok(fresh),
+                Err(Refresh::Mine(lock)) => CompleteHit::set_refresh_lock(&mut stale.1, lock),
+                Err(_) => {}
             }
             Ok(stale)
         }
@@ -240,6 +227,28 @@ impl Tiered {
         drop(gate);
         self.inflight.remove_if(&mk, |_, g| Arc::strong_count(g) == 1);
         result
+    }
+
+    /// Take the cluster's refresh lock of `key` (`Err(Mine)`: this corral refreshes), or,
+    /// if another corral holds it, wait for its copy ([`Self::await_peer_copy`]). Counted in
+    /// `corral_stale_refreshes_total`.
+    async fn refresh_or_wait(
+        &'static self,
+        l2: &L2,
+        key: &CacheKey,
+        validated: SystemTime,
+    ) -> std::result::Result<(CacheMeta, HitHandler), Refresh> {
+        let mk = l2.key(&key.combined());
+        let outcome = match self.take_refresh_lock(l2, &mk).await {
+            Read::Won => Err(Refresh::Mine(refresh_lock_key(&mk))),
+            Read::Busy => self.await_peer_copy(l2, key, validated).await,
+            _ => Err(Refresh::Local),
+        };
+        let how = outcome
+            .as_ref()
+            .map_or_else(Refresh::label, |_| Refresh::Peer.label());
+        metrics::STALE_REFRESHES.with_label_values(&[how]).inc();
+        outcome
     }
 
     /// Whether this corral holds the refresh lock of the memcached key `mk`.
