@@ -46,7 +46,7 @@ fn bench(c: &mut Criterion) {
     // 10k stored URLs, so lookups hit a populated table
     rt.block_on(async {
         for i in 0..10_000 {
-            let key = key::for_request(&request(&format!("/page/{i}?q=1")));
+            let key = key::for_request(&request(&format!("/page/{i}?q=1"))).expect("valid host");
             let now = SystemTime::now();
             let meta = CacheMeta::new(now + Duration::from_secs(3600), now, 10, 300, response());
             let mut miss = storage
@@ -59,12 +59,12 @@ fn bench(c: &mut Criterion) {
     });
     let req = request("/page/4242?q=1");
 
-    c.bench_function("cache_key", |b| b.iter(|| key::for_request(black_box(&req))));
+    c.bench_function("cache_key", |b| b.iter(|| key::for_request(black_box(&req)).expect("valid host")));
 
     c.bench_function("key_and_l1_hit", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let key = key::for_request(black_box(&req));
+                let key = key::for_request(black_box(&req)).expect("valid host");
                 let (meta, mut hit) = storage.lookup(&key, &trace).await.expect("lookup").expect("hit");
                 let body = hit.read_body().await.expect("read").expect("body");
                 black_box((meta.is_fresh(SystemTime::now()), body.len()))
@@ -73,7 +73,7 @@ fn bench(c: &mut Criterion) {
     });
 
     c.bench_function("l1_miss", |b| {
-        let missing = key::for_request(&request("/not/stored"));
+        let missing = key::for_request(&request("/not/stored")).expect("valid host");
         b.iter(|| {
             rt.block_on(async {
                 storage

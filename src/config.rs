@@ -64,6 +64,11 @@ struct ServerFile {
     /// Empty string disables the admin listener.
     admin: String,
     threads: usize,
+    #[serde(with = "humantime_serde")]
+    header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Default for ServerFile {
@@ -72,6 +77,9 @@ impl Default for ServerFile {
             listen: "127.0.0.1:6081".into(),
             admin: "127.0.0.1:6082".into(),
             threads: 2,
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
         }
     }
 }
@@ -85,9 +93,15 @@ struct UpstreamFile {
     #[serde(with = "humantime_serde")]
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    first_byte_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     write_timeout: Duration,
+    max_connections: usize,
+    max_queue: usize,
+    #[serde(with = "humantime_serde")]
+    queue_timeout: Duration,
 }
 
 impl Default for UpstreamFile {
@@ -97,8 +111,12 @@ impl Default for UpstreamFile {
             tls: false,
             sni: String::new(),
             connect_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_secs(15),
             read_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            max_connections: 256,
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -201,7 +219,7 @@ struct PurgeFile {
 impl Default for PurgeFile {
     fn default() -> Self {
         PurgeFile {
-            allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             token: String::new(),
             host_map: Default::default(),
             default_host: String::new(),
@@ -277,6 +295,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub threads: usize,
+    /// Client connections: head and idle deadlines, and the cap ([`crate::conn`]).
+    pub limits: crate::conn::Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -287,8 +307,15 @@ pub struct UpstreamConfig {
     /// TLS server name; defaults to the host part of `address`.
     pub sni: String,
     pub connect_timeout: Duration,
+    /// From the request sent to the response head; then 504 (or a stale copy).
+    pub first_byte_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    /// Requests to the upstream at once; more wait in a queue of `max_queue`, at most
+    /// `queue_timeout`, then get 503.
+    pub max_connections: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -480,6 +507,17 @@ impl FileConfig {
                 format!("{} is not in 1..=1024", self.server.threads),
             );
         }
+        for (key, d) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.keepalive_timeout", self.server.keepalive_timeout),
+        ] {
+            if d < Duration::from_millis(10) {
+                return err(key, format!("{d:?}: must be at least 10ms"));
+            }
+        }
+        if self.server.max_connections == 0 {
+            return err("server.max_connections", "must be greater than 0".into());
+        }
 
         let up = self.upstream;
         let Some((host, port)) = up.address.rsplit_once(':') else {
@@ -490,12 +528,17 @@ impl FileConfig {
         }
         for (key, d) in [
             ("upstream.connect_timeout", up.connect_timeout),
+            ("upstream.first_byte_timeout", up.first_byte_timeout),
             ("upstream.read_timeout", up.read_timeout),
+            ("upstream.queue_timeout", up.queue_timeout),
             ("upstream.write_timeout", up.write_timeout),
         ] {
             if d.is_zero() {
                 return err(key, "must be greater than 0".into());
             }
+        }
+        if up.max_connections == 0 {
+            return err("upstream.max_connections", "must be greater than 0".into());
         }
         let sni = if up.sni.is_empty() {
             host.trim_start_matches('[').trim_end_matches(']').to_string()
@@ -666,14 +709,23 @@ impl FileConfig {
                 listen,
                 admin,
                 threads: self.server.threads,
+                limits: crate::conn::Limits {
+                    header_timeout: self.server.header_timeout,
+                    keepalive_timeout: self.server.keepalive_timeout,
+                    max_connections: self.server.max_connections,
+                },
             },
             upstream: UpstreamConfig {
                 address: up.address,
                 tls: up.tls,
                 sni,
                 connect_timeout: up.connect_timeout,
+                first_byte_timeout: up.first_byte_timeout,
                 read_timeout: up.read_timeout,
                 write_timeout: up.write_timeout,
+                max_connections: up.max_connections,
+                max_queue: up.max_queue,
+                queue_timeout: up.queue_timeout,
             },
             cache: CacheConfig {
                 memory_bytes,

@@ -16,17 +16,108 @@ use pingora_http::RequestHeader;
 /// The scheme part of every key: corral's listener speaks plain HTTP to clients.
 const SCHEME: &str = "http";
 
-/// The normalised host of a request: from the absolute-form URI, else the Host header,
-/// lower-cased, without a default port. `-` when the request names no host (HTTP/1.0).
-pub fn request_host(req: &RequestHeader) -> String {
-    // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host. Pingora keeps
-    // only the path in `uri` for that form, and the whole target in `raw_path()`.
-    let absolute = absolute_authority(req.raw_path());
-    let raw = absolute
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
-        .unwrap_or("-");
-    normalize_host(raw)
+/// Why a request's authority (its `Host`, `:authority` or absolute-form target) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHost {
+    /// Not a valid RFC 3986 authority: `/`, `?`, `#`, `@`, whitespace, control or non-ASCII
+    /// bytes, a bad port, or empty.
+    Invalid,
+    /// More than one `Host` field (RFC 9112 §3.2).
+    Repeated,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    Missing,
+    /// HTTP/2 `:authority` and `Host` name different hosts (RFC 9113 §8.3.1).
+    Conflicting,
+}
+
+impl BadHost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadHost::Invalid => "invalid Host",
+            BadHost::Repeated => "more than one Host",
+            BadHost::Missing => "missing Host",
+            BadHost::Conflicting => "Host differs from :authority",
+        }
+    }
+}
+
+/// The normalised host of a request: from the absolute-form URI, else the HTTP/2
+/// `:authority`, else the Host header; lower-cased, without a default port or a trailing dot.
+/// `-` when an HTTP/1.0 request names no host. Every authority the request carries must be
+/// valid ([`valid_authority`]): a request with a bad one is refused, never keyed, because the
+/// host is part of the key every other client shares.
+pub fn request_host(req: &RequestHeader) -> Result<String, BadHost> {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(BadHost::Repeated);
+    }
+    let host = match host {
+        Some(h) => Some(h.to_str().ok().filter(|h| valid_authority(h)).ok_or(BadHost::Invalid)?),
+        None => None,
+    };
+    // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host (Pingora answers
+    // 400 when they differ). Pingora keeps only the path in `uri` for that form, and the
+    // whole target in `raw_path()`.
+    let authority = match absolute_authority(req.raw_path()) {
+        Some(a) => Some(a),
+        None => req.uri.authority().map(|a| a.as_str()),
+    };
+    if let Some(a) = authority {
+        if !valid_authority(a) {
+            return Err(BadHost::Invalid);
+        }
+        if let Some(h) = host {
+            if normalize_host(h) != normalize_host(a) {
+                return Err(BadHost::Conflicting);
+            }
+        }
+    }
+    match authority.or(host) {
+        Some(raw) => Ok(normalize_host(raw)),
+        None if req.version == http::Version::HTTP_11 => Err(BadHost::Missing),
+        None => Ok("-".to_string()),
+    }
+}
+
+/// Is `s` an RFC 3986 authority without userinfo (`host[:port]`), as `Host` must be
+/// (RFC 9110 §7.2)? The host is a reg-name (unreserved, sub-delims, percent-encoded bytes)
+/// or an IP literal in brackets; the port is up to five digits.
+pub fn valid_authority(s: &str) -> bool {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let literal_ok = !literal.is_empty()
+            && literal
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'));
+        if !literal_ok {
+            return false;
+        }
+        match after {
+            "" => return true,
+            a => ("x", a.strip_prefix(':').unwrap_or("!")),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, p),
+            None => (s, ""),
+        }
+    };
+    let reg_name = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';'
+                    | b'=' | b'%'
+            )
+    };
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(reg_name)
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`), if it is one.
@@ -40,11 +131,27 @@ fn absolute_authority(target: &[u8]) -> Option<&str> {
     Some(&rest[..end]).filter(|a| !a.is_empty())
 }
 
-/// Lower-case `host`, drop userinfo and a default `:80`.
+/// Lower-case `host`, drop userinfo, a default `:80` and a trailing dot (`site.test.` is the
+/// fully qualified spelling of `site.test`: one site, one set of keys, one purge).
 pub fn normalize_host(raw: &str) -> String {
     let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h).trim();
     let raw = raw.strip_suffix(":80").unwrap_or(raw);
-    raw.to_ascii_lowercase()
+    // the port follows the last ':' unless that one is inside an IPv6 literal
+    let (name, port) = match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') && (!raw.starts_with('[') || raw[..i].ends_with(']')) => {
+            (&raw[..i], Some(&raw[i + 1..]))
+        }
+        _ => (raw, None),
+    };
+    let name = name.strip_suffix('.').filter(|n| !n.is_empty()).unwrap_or(name);
+    let mut out = String::with_capacity(raw.len());
+    out.push_str(name);
+    if let Some(p) = port {
+        out.push(':');
+        out.push_str(p);
+    }
+    out.make_ascii_lowercase();
+    out
 }
 
 /// Path and query of the request, `/` when empty.
@@ -52,19 +159,36 @@ pub fn request_path_and_query(req: &RequestHeader) -> &str {
     req.uri.path_and_query().map_or("/", |pq| pq.as_str())
 }
 
-/// The primary key text for `host` (already normalised) and `path_and_query`.
+/// The primary key text for `host` (already normalised) and `path_and_query`:
+/// `http://host/path?query`. Unambiguous by construction, whatever `host` holds: every byte
+/// of it that could end a host (`/`, `*`, `?`, `#`, whitespace...) or start an escape (`%`)
+/// is percent-encoded, and a path starts with `/` or is `*`, so no two (host, path) pairs
+/// make the same text. Requests with such hosts are refused earlier ([`request_host`]);
+/// this holds for every other caller too (purges, config).
 pub fn primary(host: &str, path_and_query: &str) -> String {
     let mut s = String::with_capacity(SCHEME.len() + 3 + host.len() + path_and_query.len());
     s.push_str(SCHEME);
     s.push_str("://");
-    s.push_str(host);
+    for b in host.bytes() {
+        let plain = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'+' | b',' | b';' | b'='
+                    | b':' | b'[' | b']'
+            );
+        if plain {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
     s.push_str(path_and_query);
     s
 }
 
 /// The cache key of a request (no variance yet: Pingora adds it after the first lookup).
-pub fn for_request(req: &RequestHeader) -> CacheKey {
-    for_parts(&request_host(req), request_path_and_query(req))
+pub fn for_request(req: &RequestHeader) -> Result<CacheKey, BadHost> {
+    Ok(for_parts(&request_host(req)?, request_path_and_query(req)))
 }
 
 /// The cache key of a request whose host is already normalised ([`request_host`]) and whose
@@ -249,15 +373,15 @@ mod tests {
 
     #[test]
     fn host_is_normalised() {
-        let a = for_request(&req("/p?q=1", &[("host", "Example.ORG:80")]));
-        let b = for_request(&req("http://example.org/p?q=1", &[]));
+        let a = for_request(&req("/p?q=1", &[("host", "Example.ORG:80")])).unwrap();
+        let b = for_request(&req("http://example.org/p?q=1", &[])).unwrap();
         assert_eq!(a.primary_key(), b"http://example.org/p?q=1");
         assert_eq!(
             String::from_utf8_lossy(b.primary_key()),
             "http://example.org/p?q=1"
         );
         assert_eq!(a.primary_bin(), b.primary_bin());
-        let c = for_request(&req("/p?q=1", &[("host", "example.org:8080")]));
+        let c = for_request(&req("/p?q=1", &[("host", "example.org:8080")])).unwrap();
         assert_ne!(a.primary_bin(), c.primary_bin());
     }
 
@@ -265,11 +389,11 @@ mod tests {
     fn a_key_from_the_request_parts_is_the_request_key() {
         for r in [
             req("/p?q=1", &[("host", "Example.ORG:80")]),
-            req("http://example.org/p", &[("host", "other")]),
-            req("/", &[]),
+            req("http://example.org/p", &[("host", "example.org")]),
+            req("/", &[("host", "site.test.")]),
         ] {
-            let parts = for_parts(&request_host(&r), request_path_and_query(&r));
-            let whole = for_request(&r);
+            let parts = for_parts(&request_host(&r).unwrap(), request_path_and_query(&r));
+            let whole = for_request(&r).unwrap();
             assert_eq!(parts.primary_key(), whole.primary_key());
             assert_eq!(parts.primary_bin(), whole.primary_bin());
         }
@@ -282,9 +406,77 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_is_not_an_authority_is_refused() {
+        // See: issue 8 (a `/` in Host poisoned any URL of the named site)
+        for bad in [
+            "victim.test/evil",
+            "victim.test?x",
+            "victim.test#x",
+            "user@victim.test",
+            "victim test",
+            "victim.test\t",
+            "",
+            "victim.test:8o",
+            "victim.test:123456",
+            "[::1",
+            "[::1]x",
+            "[zz]",
+            "vïctim.test",
+        ] {
+            assert!(!valid_authority(bad), "{bad:?} accepted");
+        }
+        for good in ["victim.test", "Victim.Test:8080", "127.0.0.1:80", "[::1]", "[::1]:6081", "a-b_c.~d", "xn--bcher-kva.test."] {
+            assert!(valid_authority(good), "{good:?} refused");
+        }
+        let refused = |headers: &[(&str, &str)]| request_host(&req("/x", headers)).err();
+        assert_eq!(refused(&[("host", "victim.test/evil")]), Some(BadHost::Invalid));
+        assert_eq!(refused(&[("host", "a"), ("host", "a")]), Some(BadHost::Repeated));
+        assert_eq!(refused(&[]), Some(BadHost::Missing));
+        let mut http10 = req("/x", &[]);
+        http10.set_version(http::Version::HTTP_10);
+        assert_eq!(request_host(&http10), Ok("-".to_string()));
+        assert_eq!(
+            request_host(&req("http://victim.test/x", &[("host", "other.test")])),
+            Err(BadHost::Conflicting)
+        );
+    }
+
+    #[test]
+    fn a_trailing_dot_names_the_same_site() {
+        assert_eq!(normalize_host("Site.Test."), "site.test");
+        assert_eq!(normalize_host("site.test.:8080"), "site.test:8080");
+        assert_eq!(normalize_host("site.test.:80"), "site.test");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("[::1]:8080"), "[::1]:8080");
+        assert_eq!(normalize_host("[::1]"), "[::1]");
+        assert_eq!(for_url("site.test.", "/x").primary_bin(), for_url("site.test", "/x").primary_bin());
+    }
+
+    #[test]
+    fn the_key_text_is_unambiguous_whatever_the_host_holds() {
+        // a host that swallowed part of a path must not make another URL's key
+        assert_ne!(primary("victim.test/evil", "/x"), primary("victim.test", "/evil/x"));
+        assert_ne!(primary("a*", "/"), primary("a", "*/"));
+        assert_ne!(primary("a%2F", "/x"), primary("a/", "/x"));
+        assert_eq!(primary("victim.test", "/evil/x"), "http://victim.test/evil/x");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_host_and_path_pairs_make_distinct_keys(
+            h1 in "[a-z/%*?# .]{0,6}", p1 in "/[a-z/]{0,6}",
+            h2 in "[a-z/%*?# .]{0,6}", p2 in "/[a-z/]{0,6}",
+        ) {
+            if (&h1, &p1) != (&h2, &p2) {
+                proptest::prop_assert_ne!(primary(&h1, &p1), primary(&h2, &p2));
+            }
+        }
+    }
+
+    #[test]
     fn query_is_part_of_the_key() {
-        let a = for_request(&req("/p?a=1&b=2", &[("host", "h")]));
-        let b = for_request(&req("/p?b=2&a=1", &[("host", "h")]));
+        let a = for_request(&req("/p?a=1&b=2", &[("host", "h")])).unwrap();
+        let b = for_request(&req("/p?b=2&a=1", &[("host", "h")])).unwrap();
         assert_ne!(a.primary_bin(), b.primary_bin());
         assert_eq!(for_url("H", "/p?a=1&b=2").primary_bin(), a.primary_bin());
     }

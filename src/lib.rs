@@ -10,6 +10,7 @@
 //! - [`policy`]: RFC 9111 storability and freshness
 //! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory)
 //! - [`proxy`]: `impl ProxyHttp`, glue only
+//! - [`conn`]: client connections: the cap, head and idle deadlines
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
 //! - [`purge`]: purge requests of every client shape → one `Purge`; bans and tag records
 //! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`, `POST /purge`, `POST /purge/all`)
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod cache_status;
 pub mod config;
+pub mod conn;
 pub mod key;
 pub mod metrics;
 pub mod policy;
@@ -65,16 +67,15 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     server.bootstrap();
 
     let parts = CacheParts::leak(&cfg, l2);
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Corral::new(cfg.clone(), parts),
-        "corral proxy",
+    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(cfg.clone(), parts));
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    options.h2_idle_timeout = Some(cfg.server.limits.keepalive_timeout);
+    proxy.server_options = Some(options);
+    let mut proxy = Service::new(
+        "corral proxy".to_string(),
+        conn::Guarded::new(proxy, cfg.server.limits),
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-    }
     proxy.add_tcp(&cfg.server.listen.to_string());
     server.add_service(proxy);
 

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         }
         .map(|()| cfg)
     });
-    let cfg = match loaded {
+    let mut cfg = match loaded {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("corral: bad configuration: {e:#}");
@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&cfg.log.level);
+    fit_connections_to_nofile(&mut cfg);
     tracing::info!(
         config = %cfg.source,
         listen = %cfg.server.listen,
@@ -64,6 +65,33 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Raise the open-files limit to its hard limit, and keep `server.max_connections` below it,
+/// with room for upstream and memcached connections and the process's own files: corral
+/// refuses a connection with a 503 rather than run out of descriptors.
+fn fit_connections_to_nofile(cfg: &mut Config) {
+    let Some(nofile) = corral::conn::raise_nofile_limit() else {
+        tracing::warn!("cannot read the open files limit (RLIMIT_NOFILE)");
+        return;
+    };
+    let memcached = cfg
+        .memcached
+        .as_ref()
+        .map_or(0, |m| m.servers.len() * m.pool_size);
+    let reserve = cfg.upstream.max_connections + memcached + 64;
+    let fit = usize::try_from(nofile).unwrap_or(usize::MAX).saturating_sub(reserve).max(1);
+    let limits = &mut cfg.server.limits;
+    if fit < limits.max_connections {
+        tracing::warn!(
+            nofile,
+            configured = limits.max_connections,
+            max_connections = fit,
+            "server.max_connections lowered to fit the open files limit (raise it with ulimit -n)"
+        );
+        limits.max_connections = fit;
+    }
+    tracing::info!(nofile, max_connections = limits.max_connections, "open files limit");
 }
 
 fn init_tracing(level: &str) {

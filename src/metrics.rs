@@ -75,6 +75,50 @@ pub static L1_EVICTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// Client connections open on the proxy listener.
+pub static CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("corral_connections", "Client connections open on the proxy listener")
+        .expect("metric registers once")
+});
+
+/// Client connections refused because `server.max_connections` were open.
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_connections_refused_total",
+        "Client connections answered 503 and closed because server.max_connections were open"
+    )
+    .expect("metric registers once")
+});
+
+/// Client connections closed by a timeout, by `kind` (`header`, `keepalive`).
+pub static CONNECTION_TIMEOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_connection_timeouts_total",
+        "Client connections closed because a request head (header) or an idle wait (keepalive) took too long",
+        &["kind"]
+    )
+    .expect("metric registers once")
+});
+
+/// Requests holding one of the `upstream.max_connections` slots.
+pub static UPSTREAM_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_upstream_active",
+        "Requests to the upstream in progress (at most upstream.max_connections)"
+    )
+    .expect("metric registers once")
+});
+
+/// Requests answered 503 because every upstream slot was taken and the queue was full or
+/// the wait ran out.
+pub static UPSTREAM_BUSY: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_upstream_busy_total",
+        "Requests answered 503 because upstream.max_connections were busy and the queue was full or timed out"
+    )
+    .expect("metric registers once")
+});
+
 /// Per-outcome handles, resolved once: `with_label_values` hashes the label on every call.
 pub struct OutcomeMetrics {
     pub requests: IntCounter,
@@ -88,7 +132,7 @@ pub fn for_outcome(label: &'static str) -> &'static OutcomeMetrics {
         crate::cache_status::Outcome::ALL
             .iter()
             .map(|o| o.as_str())
-            .chain(["error", "purge"])
+            .chain(["error", "purge", "refused"])
             .map(|l| (l, &*Box::leak(Box::new(resolve(l)))))
             .collect()
     });

@@ -33,11 +33,12 @@ use pingora_cache::{
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::{debug, info};
 
 use crate::cache_status::{CacheStatus, Outcome};
 use crate::config::Config;
+use crate::conn;
 use crate::key;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
@@ -176,6 +177,68 @@ pub struct Corral {
     parts: &'static CacheParts,
     /// Connection settings for the upstream, cloned per request.
     peer: HttpPeer,
+    /// `upstream.max_connections` slots and the queue in front of them.
+    upstream: Arc<UpstreamSlots>,
+    /// `server.keepalive_timeout` in whole seconds, as Pingora takes it.
+    keepalive_secs: u64,
+}
+
+/// Requests to the upstream at once: a sick origin gets at most `max_connections` of them,
+/// the next `max_queue` wait (at most `queue_timeout`), the rest get 503 at once.
+pub struct UpstreamSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    queued: std::sync::atomic::AtomicUsize,
+    max_queue: usize,
+    queue_timeout: Duration,
+}
+
+/// One request's hold on an upstream slot, given back when the request ends (drop).
+pub struct UpstreamSlot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Drop for UpstreamSlot {
+    fn drop(&mut self) {
+        metrics::UPSTREAM_ACTIVE.dec();
+    }
+}
+
+impl UpstreamSlots {
+    fn new(up: &crate::config::UpstreamConfig) -> Self {
+        UpstreamSlots {
+            slots: Arc::new(tokio::sync::Semaphore::new(up.max_connections)),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            max_queue: up.max_queue,
+            queue_timeout: up.queue_timeout,
+        }
+    }
+
+    /// A slot, at once or after waiting in the queue; `None` if the queue is full or the wait
+    /// ran out.
+    async fn take(&self) -> Option<UpstreamSlot> {
+        use std::sync::atomic::Ordering;
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                /// Leaves the queue on every exit (timeout, a client that went away).
+                struct InQueue<'a>(&'a std::sync::atomic::AtomicUsize);
+                impl Drop for InQueue<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
+                let _in_queue = InQueue(&self.queued);
+                if ahead >= self.max_queue {
+                    return None;
+                }
+                tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned())
+                    .await
+                    .ok()?
+                    .ok()?
+            }
+        };
+        metrics::UPSTREAM_ACTIVE.inc();
+        Some(UpstreamSlot(permit))
+    }
 }
 
 /// Per-request state.
@@ -209,6 +272,10 @@ pub struct Ctx {
     conditional: bool,
     /// This request revalidates its entry for the cluster and holds the refresh lock.
     refresh_lock: Option<String>,
+    /// Why corral answered the request itself with an error (bad Host, upstream queue full).
+    refused: Option<&'static str>,
+    /// This request's upstream slot, held until it ends.
+    upstream_slot: Option<UpstreamSlot>,
 }
 
 /// The request header fields the request filter decides on, found in one pass over the names
@@ -287,10 +354,21 @@ impl Corral {
         let up = &cfg.upstream;
         let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
         peer.options.connection_timeout = Some(up.connect_timeout);
-        peer.options.read_timeout = Some(up.read_timeout);
+        // Pingora 0.9.1 times every read of an upstream response with one value, the head's
+        // and the body's alike: the smaller of the two settings, so that a hung origin is
+        // given up on after first_byte_timeout (README: Limits and timeouts)
+        peer.options.read_timeout = Some(up.first_byte_timeout.min(up.read_timeout));
         peer.options.write_timeout = Some(up.write_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        Corral { cfg, parts, peer }
+        let upstream = Arc::new(UpstreamSlots::new(up));
+        let keepalive_secs = cfg.server.limits.keepalive_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        Corral {
+            cfg,
+            parts,
+            peer,
+            upstream,
+            keepalive_secs,
+        }
     }
 
     fn effective(&self, host: &str, path: &str) -> (Effective, Option<&crate::config::Rule>) {
@@ -453,6 +531,22 @@ impl Corral {
         (verdict == Verdict::Valid).then_some(entry)
     }
 
+    /// An error answer of corral's own (Pingora's `respond_error` with `Cache-Status`, and
+    /// `Retry-After` when the upstream is busy).
+    async fn respond_error(&self, session: &mut Session, ctx: &mut Ctx, code: u16) -> Result<()> {
+        let mut resp = ResponseHeader::build(code, Some(4))?;
+        resp.insert_header(header::CONTENT_LENGTH, "0")?;
+        resp.insert_header(header::CACHE_CONTROL, "private, no-store")?;
+        if ctx.refused == Some(UPSTREAM_BUSY) {
+            resp.insert_header(header::RETRY_AFTER, "1")?;
+        }
+        let status = CacheStatus::new(if ctx.bypass.is_some() { Outcome::Bypass } else { Outcome::Miss });
+        resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
+        ctx.status.get_or_insert(status);
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), true).await
+    }
+
     /// The last touches of every response header: `Cache-Status`, tag headers stripped.
     fn finish_header(&self, resp: &mut ResponseHeader, status: CacheStatus) -> Result<()> {
         resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
@@ -555,6 +649,36 @@ fn strip_tags(resp: &mut ResponseHeader) {
     }
 }
 
+/// RFC 9112 §6.3: a `Content-Length` sent as several identical values (`5, 5` or two lines)
+/// is forwarded as one; different values make the message invalid (400).
+fn single_content_length(req: &mut RequestHeader) -> Result<()> {
+    let mut parts = req
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    let Some(first) = parts.next() else {
+        return Ok(());
+    };
+    let mut repeated = false;
+    for part in parts {
+        if part != first {
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "different Content-Length values")
+                .map_err(|e| e.into_down());
+        }
+        repeated = true;
+    }
+    if repeated {
+        let first = first.to_vec();
+        req.insert_header(header::CONTENT_LENGTH, first)?;
+    }
+    Ok(())
+}
+
+/// `Ctx::refused` of a request that found every upstream slot taken.
+const UPSTREAM_BUSY: &str = "upstream busy";
+
 /// Remaining freshness in whole seconds, negative when stale.
 fn ttl_secs(meta: &CacheMeta, now: SystemTime) -> i64 {
     match meta.fresh_until().duration_since(now) {
@@ -656,6 +780,8 @@ impl ProxyHttp for Corral {
             key: None,
             conditional: false,
             refresh_lock: None,
+            refused: None,
+            upstream_slot: None,
         }
     }
 
@@ -664,8 +790,24 @@ impl ProxyHttp for Corral {
         // ahead on a keep-alive connection are answered in order, one after another, instead
         // of Pingora's default of closing the connection after the first and dropping the rest
         session.set_pipelining_enabled(true);
+        // the head is in: its deadline is met ([`conn`]); Pingora's own wait for the next
+        // request on this connection is the idle timeout
+        conn::head_received(session);
+        session.set_keepalive(Some(self.keepalive_secs));
         let req = session.req_header();
-        ctx.host = key::request_host(req);
+        ctx.host = match key::request_host(req) {
+            Ok(host) => host,
+            Err(bad) => {
+                // the host is part of the key every client shares: never guess at a bad one
+                ctx.refused = Some(bad.as_str());
+                let host = req.headers.get(header::HOST).map(|h| String::from_utf8_lossy(&h.as_bytes()[..h.len().min(100)]).into_owned());
+                tracing::warn!(client = ?session.client_addr(), reason = bad.as_str(), host = ?host, "request refused: 400");
+                let body = format!("{{\"error\":\"{}\"}}\n", bad.as_str());
+                session.set_keepalive(None);
+                respond_json(session, StatusCode::BAD_REQUEST, body).await?;
+                return Ok(true);
+            }
+        };
         ctx.path = key::request_path_and_query(req).to_string();
         let (policy, rule) = self.effective(&ctx.host, &ctx.path);
         ctx.policy = policy;
@@ -806,6 +948,18 @@ impl ProxyHttp for Corral {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        if ctx.upstream_slot.is_none() {
+            // a retry keeps the slot it has
+            match self.upstream.take().await {
+                Some(slot) => ctx.upstream_slot = Some(slot),
+                None => {
+                    metrics::UPSTREAM_BUSY.inc();
+                    ctx.refused = Some(UPSTREAM_BUSY);
+                    // a 5xx: a stale copy within stale-if-error is served instead
+                    return Error::e_explain(ErrorType::HTTPStatus(503), "upstream busy: every slot taken, queue full or timed out");
+                }
+            }
+        }
         ctx.upstream_started = Some(Instant::now());
         Ok(Box::new(self.peer.clone()))
     }
@@ -819,6 +973,7 @@ impl ProxyHttp for Corral {
         for name in hop_by_hop(&upstream_request.headers) {
             upstream_request.remove_header(&name);
         }
+        single_content_length(upstream_request)?;
         if let Some(ip) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -917,13 +1072,45 @@ impl ProxyHttp for Corral {
         Ok(())
     }
 
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            // RFC 9110 §15.6.5: the upstream did not answer in time
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    // the client is gone: nothing to answer
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            if let Err(e) = self.respond_error(session, ctx, code).await {
+                debug!(error = %e, "cannot send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        conn::request_done(session);
         if let Some(lock) = ctx.refresh_lock.take() {
             self.parts.storage.refresh_done(lock);
         }
-        let outcome = match ctx.purge {
-            Some(_) => "purge",
-            None => ctx.status.map_or("error", |s| s.outcome.as_str()),
+        let outcome = match (ctx.purge, ctx.refused) {
+            (Some(_), _) => "purge",
+            (None, Some(_)) => "refused",
+            (None, None) => ctx.status.map_or("error", |s| s.outcome.as_str()),
         };
         let elapsed = ctx.started.elapsed();
         let m = metrics::for_outcome(outcome);

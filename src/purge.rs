@@ -573,7 +573,10 @@ impl Access {
         let token_ok = match &self.token {
             None => true,
             Some(t) => authorization
-                .and_then(|a| a.strip_prefix("Bearer "))
+                // RFC 9110 §11.1: the scheme is case-insensitive, one or more spaces follow it
+                .and_then(|a| a.trim_start().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, given)| given)
                 .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), t.as_bytes())),
         };
         from_allowed && token_ok

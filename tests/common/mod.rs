@@ -31,6 +31,9 @@ pub struct Conf {
     pub rules: String,
     /// Lines inside `[memcached]`; the section is written only when there are some.
     pub memcached: Vec<String>,
+    /// More lines inside `[server]` and `[upstream]` (listen, admin, address are set).
+    pub server: Vec<String>,
+    pub upstream: Vec<String>,
 }
 
 impl Conf {
@@ -40,6 +43,14 @@ impl Conf {
     }
     pub fn rules(mut self, toml: &str) -> Self {
         self.rules.push_str(toml);
+        self
+    }
+    pub fn server(mut self, line: &str) -> Self {
+        self.server.push(line.to_string());
+        self
+    }
+    pub fn upstream(mut self, line: &str) -> Self {
+        self.upstream.push(line.to_string());
         self
     }
     pub fn memcached(mut self, line: &str) -> Self {
@@ -71,13 +82,26 @@ pub fn corral_bin() -> &'static str {
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr, conf: Conf) -> Proxy {
+        Proxy::start_wrapped(upstream, conf, "exec \"$0\" \"$@\"").await
+    }
+
+    /// [`Proxy::start`], with corral run by `bash -c script corral -c FILE` (e.g. to set
+    /// limits with `ulimit` first; the script ends with `exec "$0" "$@"`).
+    pub async fn start_wrapped(upstream: SocketAddr, conf: Conf, script: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
-            "[server]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nthreads = 2\n\n\
-             [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\nread_timeout = \"5s\"\n\n\
+            "[server]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nthreads = 2\n{}\n\n\
+             [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\n{}\n\n\
              [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n\n{}\n{}",
+            conf.server.join("\n"),
+            if conf.upstream.iter().any(|l| l.starts_with("read_timeout") || l.starts_with("first_byte_timeout")) {
+                conf.upstream.join("\n")
+            } else {
+                // tests of hung origins wait for this
+                format!("read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n{}", conf.upstream.join("\n"))
+            },
             conf.cache.join("\n"),
             if conf.memcached.is_empty() {
                 String::new()
@@ -90,7 +114,10 @@ impl Proxy {
         std::fs::write(&path, text).unwrap();
         let log = dir.path().join("corral.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(corral_bin())
+        let child = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .arg(corral_bin())
             .arg("-c")
             .arg(&path)
             .stdout(out.try_clone().unwrap())

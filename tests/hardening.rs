@@ -1,0 +1,436 @@
+//! Hostile clients and a hung origin, against the real binary with raw sockets: a Host that
+//! tries to poison another URL, connections that stay silent, an origin that never answers.
+//! See: issue 8.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn cacheable(body: &str) -> Reply {
+    Reply::ok(body.to_string()).header("cache-control", "max-age=60")
+}
+
+async fn setup(conf: Conf) -> (Origin, Proxy) {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(origin.addr, conf).await;
+    (origin, proxy)
+}
+
+/// Send `request` on a new connection and read until the proxy closes it (at most 10 s).
+async fn raw(proxy: &Proxy, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&got).to_string()
+}
+
+/// How long until the proxy closes `s` (reads and drops whatever it sends), at most `limit`.
+async fn closed_after(s: &mut TcpStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("still open after {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_host_with_a_slash_is_refused_and_poisons_no_other_url() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/x", |_| cacheable("attacker's page"));
+    origin.route("/evil/x", |_| cacheable("the real /evil/x"));
+    for host in ["victim.test/evil", "victim.test?a", "victim.test#a", "user@victim.test", "victim test"] {
+        let answer = raw(
+            &proxy,
+            format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host}: {answer}");
+    }
+    assert_eq!(origin.hits("/x"), 0, "a refused request never reaches the origin");
+    let real = get_with(&proxy.url("/evil/x"), &[("host", "victim.test")]).await;
+    assert_eq!(real.body, "the real /evil/x");
+    assert!(real.cache.contains("fwd=miss"), "{}", real.cache);
+    let m = proxy.metrics().await;
+    // Pingora refuses the userinfo form itself, before any of corral's filters
+    assert_eq!(metric(&m, "corral_requests_total{cache=\"refused\"}"), 4.0, "{m}");
+}
+
+#[tokio::test]
+async fn two_hosts_or_none_are_refused() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/two", |_| cacheable("x"));
+    let two = raw(
+        &proxy,
+        b"GET /two HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(two.starts_with("HTTP/1.1 400"), "{two}");
+    let none = raw(&proxy, b"GET /two HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(none.starts_with("HTTP/1.1 400"), "{none}");
+    assert_eq!(origin.hits("/two"), 0);
+}
+
+/// Over h2c, a `host` field without `:authority` is what names the site: it is checked the
+/// same way.
+#[tokio::test]
+async fn an_h2c_host_with_a_slash_is_refused() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/x", |_| cacheable("attacker's page"));
+    origin.route("/evil/x", |_| cacheable("the real /evil/x"));
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    async fn status(h2: &h2::client::SendRequest<bytes::Bytes>, host: &str, path: &str) -> u16 {
+        // no scheme and no authority in the URI: the request carries only `host`
+        let req = http::Request::builder().uri(path).header("host", host).body(()).unwrap();
+        let mut h2 = h2.clone().ready().await.unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        resp.await.unwrap().status().as_u16()
+    }
+    assert_eq!(status(&h2, "victim.test/evil", "/x").await, 400);
+    assert_eq!(origin.hits("/x"), 0);
+    assert_eq!(status(&h2, "victim.test", "/evil/x").await, 200);
+}
+
+#[tokio::test]
+async fn a_trailing_dot_host_is_the_same_site_and_one_purge_covers_both() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/dot", |s| cacheable(&format!("v{}", s.n)));
+    let first = get_with(&proxy.url("/dot"), &[("host", "site.test.")]).await;
+    assert!(first.cache.contains("fwd=miss"), "{}", first.cache);
+    let second = get_with(&proxy.url("/dot"), &[("host", "Site.Test")]).await;
+    assert!(second.cache.contains("hit"), "{}", second.cache);
+    assert_eq!(second.body, first.body);
+    let purged = send(client().request("PURGE".parse().unwrap(), proxy.url("/dot")), &[("host", "site.test.")]).await;
+    assert_eq!(purged.status, 200, "{}", purged.body);
+    let after = get_with(&proxy.url("/dot"), &[("host", "site.test")]).await;
+    assert!(after.cache.contains("fwd=miss"), "{}", after.cache);
+    assert_eq!(origin.hits("/dot"), 2);
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_header_timeout() {
+    let (_origin, proxy) = setup(Conf::default().server("header_timeout = \"1s\"")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let took = closed_after(&mut s, Duration::from_secs(10)).await;
+    assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
+    let m = proxy.metrics().await;
+    assert!(metric(&m, "corral_connection_timeouts_total{kind=\"header\"}") >= 1.0, "{m}");
+}
+
+/// A head trickled a byte at a time keeps each read under any per-read timeout: the whole
+/// head has `header_timeout`.
+#[tokio::test]
+async fn a_trickled_request_head_is_cut_at_header_timeout() {
+    let (origin, proxy) = setup(Conf::default().server("header_timeout = \"1s\"")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n").await.unwrap();
+    let start = Instant::now();
+    let mut closed = false;
+    for i in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(format!("X-{i}: y\r\n").as_bytes()).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(0)) | Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "still open after 4 s of trickling");
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert_eq!(origin.hits("/slow"), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keepalive_connection_is_closed_after_keepalive_timeout() {
+    let (origin, proxy) = setup(Conf::default().server("keepalive_timeout = \"1s\"")).await;
+    origin.route("/ka", |_| cacheable("ka"));
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..2 {
+        // two requests on the connection, each answered: keep-alive works
+        s.write_all(b"GET /ka HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("ka"), "{text}");
+    }
+    let took = closed_after(&mut s, Duration::from_secs(10)).await;
+    assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+/// A request in progress has no head deadline: an origin slower than `header_timeout` and
+/// `keepalive_timeout` still gets its answer through.
+#[tokio::test]
+async fn a_slow_response_outlives_the_client_timeouts() {
+    let (origin, proxy) = setup(
+        Conf::default()
+            .server("header_timeout = \"1s\"")
+            .server("keepalive_timeout = \"1s\""),
+    )
+    .await;
+    origin.route("/slowpage", |_| cacheable("late").delay(Duration::from_millis(2500)));
+    let got = get(&proxy.url("/slowpage")).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "late"));
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed() {
+    let (_origin, proxy) = setup(Conf::default().server("keepalive_timeout = \"1s\"")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // the HTTP/2 preface and an empty SETTINGS frame, then nothing
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let took = closed_after(&mut s, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_get_503_and_are_closed() {
+    let (origin, proxy) = setup(Conf::default().server("max_connections = 20")).await;
+    origin.route("/cap", |_| cacheable("cap"));
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    eventually(Duration::from_secs(5), "20 connections counted", || async {
+        metric(&proxy.metrics().await, "corral_connections") >= 20.0
+    })
+    .await;
+    let refused = raw(&proxy, b"GET /cap HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("Retry-After: 1"), "{refused}");
+    assert_eq!(origin.hits("/cap"), 0);
+    idle.truncate(10);
+    eventually(Duration::from_secs(5), "closed connections leave the count", || async {
+        metric(&proxy.metrics().await, "corral_connections") <= 10.0
+    })
+    .await;
+    let ok = get(&proxy.url("/cap")).await;
+    assert_eq!(ok.status, 200);
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "corral_connections_refused_total"), 1.0, "{m}");
+}
+
+/// Started with a soft limit of open files below the hard one, corral raises it; with a
+/// low hard limit, it lowers `max_connections` to fit, so a flood of idle connections gets
+/// 503s instead of taking every descriptor.
+#[tokio::test]
+async fn the_open_files_limit_is_raised_and_the_cap_fits_it() {
+    let origin = Origin::start().await;
+    origin.route("/fd", |_| cacheable("fd"));
+    // the harness runs corral through this wrapper: soft 64, hard 200
+    let proxy = Proxy::start_wrapped(
+        origin.addr,
+        Conf::default().upstream("max_connections = 16"),
+        "ulimit -Sn 64 && ulimit -Hn 200 && exec \"$0\" \"$@\"",
+    )
+    .await;
+    let log = proxy.log_text();
+    assert!(log.contains("nofile=200"), "{log}");
+    // 200 - 16 upstream - 64 spare
+    assert!(log.contains("max_connections=120"), "{log}");
+    let mut idle = Vec::new();
+    for _ in 0..120 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    eventually(Duration::from_secs(5), "120 connections counted", || async {
+        metric(&proxy.metrics().await, "corral_connections") >= 120.0
+    })
+    .await;
+    let refused = raw(&proxy, b"GET /fd HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    drop(idle);
+    eventually(Duration::from_secs(5), "served again", || async {
+        get(&proxy.url("/fd")).await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hung_origin_gets_504_after_first_byte_timeout() {
+    let (origin, proxy) = setup(
+        Conf::default()
+            .upstream("first_byte_timeout = \"1s\"")
+            .upstream("read_timeout = \"30s\""),
+    )
+    .await;
+    origin.route("/hang", |_| cacheable("never").delay(Duration::from_secs(20)));
+    let start = Instant::now();
+    let got = get(&proxy.url("/hang")).await;
+    assert_eq!(got.status, 504, "{got:?}");
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn a_stale_copy_is_served_as_soon_as_the_first_byte_timeout_fires() {
+    let (origin, proxy) = setup(
+        Conf::default()
+            .cache("grace = \"0s\"")
+            .cache("stale_if_error = \"5m\"")
+            .upstream("first_byte_timeout = \"1s\"")
+            .upstream("read_timeout = \"30s\""),
+    )
+    .await;
+    origin.route("/sie", |s| {
+        let r = Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=1");
+        if s.n == 1 {
+            r
+        } else {
+            r.delay(Duration::from_secs(20))
+        }
+    });
+    assert_eq!(get(&proxy.url("/sie")).await.body, "v1");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // max-age=1 runs out
+    let start = Instant::now();
+    let stale = get(&proxy.url("/sie")).await;
+    assert_eq!((stale.status, stale.body.as_str()), (200, "v1"), "{stale:?}");
+    // RFC 9211: a hit with a negative ttl is a stale copy
+    assert!(stale.cache.starts_with("corral; hit; ttl=-"), "{}", stale.cache);
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+}
+
+/// A sick origin gets at most `upstream.max_connections` requests at once; the queue in front
+/// of them is bounded in length and in time; everything past it gets 503 with Retry-After.
+#[tokio::test]
+async fn upstream_connections_are_capped_and_the_queue_is_bounded() {
+    let (origin, proxy) = setup(
+        Conf::default()
+            .upstream("max_connections = 2")
+            .upstream("max_queue = 2")
+            .upstream("queue_timeout = \"500ms\""),
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        origin.route(&format!("/busy/{i}"), |_| {
+            Reply::ok("slow").header("cache-control", "no-store").delay(Duration::from_secs(2))
+        });
+        let url = proxy.url(&format!("/busy/{i}"));
+        tasks.push(tokio::spawn(async move { get(&url).await }));
+        // in order: the first two take the slots, the next two queue, the last two overflow
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        if got.status == 503 {
+            assert_eq!(got.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+        }
+        statuses.push(got.status);
+    }
+    assert_eq!(statuses, vec![200, 200, 503, 503, 503, 503]);
+    assert_eq!(origin.total(), 2, "the origin saw only the requests that had a slot");
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "corral_upstream_busy_total"), 4.0, "{m}");
+    eventually(Duration::from_secs(5), "every slot given back", || async {
+        metric(&proxy.metrics().await, "corral_upstream_active") == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_lower_case_bearer_token_is_accepted() {
+    let origin = Origin::start().await;
+    let mut conf = Conf::default();
+    conf.rules.push_str("[purge]\ntoken = \"s3cret\"\n");
+    let proxy = Proxy::start(origin.addr, conf).await;
+    let purge = |auth: &'static str| {
+        let url = proxy.url("/tok");
+        async move { send(client().request("PURGE".parse().unwrap(), url), &[("authorization", auth)]).await.status }
+    };
+    assert_eq!(purge("bearer s3cret").await, 200);
+    assert_eq!(purge("BEARER s3cret").await, 200);
+    assert_eq!(purge("bearer wrong").await, 405);
+}
+
+/// A raw origin that records each request as it arrives (head and body, until the client
+/// has been quiet for 300 ms) and answers 200 `ok`.
+async fn recording_origin() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = requests.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let quiet = Duration::from_millis(if got.windows(4).any(|w| w == b"\r\n\r\n") { 300 } else { 5000 });
+                    match tokio::time::timeout(quiet, s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                seen.lock().unwrap().push(String::from_utf8_lossy(&got).to_lowercase());
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    (addr, requests)
+}
+
+/// Two identical `Content-Length` lines reach the origin as one (RFC 9112 §6.3).
+#[tokio::test]
+async fn a_repeated_content_length_is_forwarded_once() {
+    let (addr, requests) = recording_origin().await;
+    let proxy = Proxy::start(addr, Conf::default()).await;
+    let answer = raw(
+        &proxy,
+        b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let requests = requests.lock().unwrap();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].matches("content-length").count(), 1, "{}", requests[0]);
+    assert!(requests[0].contains("content-length: 5\r\n"), "{}", requests[0]);
+    assert!(requests[0].ends_with("\r\n\r\nhello"), "{}", requests[0]);
+}
+
+/// Pingora 0.9.1 reads chunked request bodies leniently (through httparse): a chunk size with
+/// trailing whitespace, a bare LF in a chunk extension, an empty size line. corral cannot
+/// reject these forms (Pingora decodes the body before any filter of corral sees it). What it
+/// does today, kept in sight by this test (the README's security notes name the forms): the
+/// body is decoded and forwarded with clean framing of Pingora's own, so the origin never
+/// sees the odd form.
+#[tokio::test]
+async fn lenient_chunked_request_bodies_are_reframed_current_behaviour() {
+    for (what, body) in [
+        ("trailing whitespace after the size", &b"5 \r\nhello\r\n0\r\n\r\n"[..]),
+        ("bare LF in a chunk extension", &b"5;a=b\nc\r\nhello\r\n0\r\n\r\n"[..]),
+    ] {
+        let (addr, requests) = recording_origin().await;
+        let proxy = Proxy::start(addr, Conf::default()).await;
+        let mut request =
+            b"POST /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+        request.extend_from_slice(body);
+        let answer = raw(&proxy, &request).await;
+        eprintln!("{what}: {answer:?} / {:?}", requests.lock().unwrap());
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+        let requests = requests.lock().unwrap();
+        assert_eq!(requests.len(), 1, "{what}");
+        assert!(requests[0].ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{what}: {:?}", requests[0]);
+    }
+}
