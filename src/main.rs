@@ -5,10 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc: the hit path allocates small, short-lived objects (headers, keys); measured with
-/// benches/load.sh, it serves more hits per core than glibc malloc.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use corral::config::Config;
 
 /// A caching HTTP reverse proxy on Pingora.

@@ -205,6 +205,15 @@ pub static PURGE_RECORDS: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Heap bytes held by the purge records (outside `memory_bytes`).
+pub static PURGE_RECORD_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_purge_record_bytes",
+        "Heap bytes held by the URL, ban and tag purge records kept (estimated from their sizes)"
+    )
+    .expect("metric registers once")
+});
+
 /// Ban and tag records dropped because no entry older than them remains.
 pub static PURGE_RECORDS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(

@@ -168,6 +168,7 @@ impl CacheParts {
         metrics::L1_ENTRIES.set(stats.entries as i64);
         metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
+        metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
     }
 }
 

@@ -51,7 +51,6 @@ use ipnet::IpNet;
 use parking_lot::RwLock;
 use pingora_cache::{CacheMeta, ForcedFreshness};
 use pingora_http::RequestHeader;
-use regex::{Regex, RegexBuilder};
 
 /// The longest regex a purge may carry (FOSHttpCache splits its tag bans at 7,500 bytes).
 pub const MAX_PATTERN_BYTES: usize = 16 * 1024;
@@ -70,20 +69,35 @@ pub enum Target {
     Tags(Vec<String>),
     /// Every entry with a named response header whose value matches that header's pattern
     /// (Varnish-style tag bans; Magento may send two at once: `X-Magento-Tags` and `X-Pool`).
-    TagPattern { patterns: Vec<(HeaderName, Regex)> },
+    TagPattern { patterns: Vec<(HeaderName, Pattern)> },
     /// Everything.
     All,
 }
 
-/// Regexes of a ban; `None` matches anything.
+/// Patterns of a ban; `None` matches anything.
 #[derive(Debug, Clone)]
 pub struct Ban {
-    pub host: Option<Regex>,
-    pub url: Option<Regex>,
-    pub content_type: Option<Regex>,
+    pub host: Option<Pattern>,
+    pub url: Option<Pattern>,
+    pub content_type: Option<Pattern>,
 }
 
 impl Ban {
+    /// The same patterns?
+    fn same(&self, other: &Ban) -> bool {
+        let text = |p: &Option<Pattern>| p.as_ref().map(Pattern::as_str).map(str::to_owned);
+        let text = |b: &Ban| (text(&b.host), text(&b.url), text(&b.content_type));
+        text(self) == text(other)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        [&self.host, &self.url, &self.content_type]
+            .into_iter()
+            .flatten()
+            .map(Pattern::heap_bytes)
+            .sum()
+    }
+
     pub fn matches(&self, host: &str, path: &str, content_type: &str) -> bool {
         self.host.as_ref().is_none_or(|r| r.is_match(host))
             && self.url.as_ref().is_none_or(|r| r.is_match(path))
@@ -185,17 +199,14 @@ fn header<'a>(req: &'a RequestHeader, name: &str) -> Result<Option<&'a str>, Pur
     }
 }
 
-fn regex(name: &str, pattern: &str) -> Result<Regex, PurgeError> {
+fn regex(name: &str, pattern: &str) -> Result<Pattern, PurgeError> {
     if pattern.len() > MAX_PATTERN_BYTES {
         return Err(PurgeError::TooLong(name.to_string()));
     }
-    RegexBuilder::new(pattern)
-        .size_limit(1 << 20)
-        .build()
-        .map_err(|e| PurgeError::BadPattern {
-            header: name.to_string(),
-            reason: e.to_string().lines().last().unwrap_or("").trim().to_string(),
-        })
+    Pattern::new(pattern).map_err(|e| PurgeError::BadPattern {
+        header: name.to_string(),
+        reason: e.to_string().lines().last().unwrap_or("").trim().to_string(),
+    })
 }
 
 fn split_tags(value: &str, sep: char) -> Vec<String> {
@@ -308,7 +319,7 @@ pub fn parse(req: &RequestHeader, host: &str, path: &str) -> Result<Purge, Purge
             if let Some(v) = header(req, "x-cache-tags")? {
                 return pattern("X-Cache-Tags", "x-cache-tags", v);
             }
-            let opt = |name: &str| -> Result<Option<Regex>, PurgeError> {
+            let opt = |name: &str| -> Result<Option<Pattern>, PurgeError> {
                 header(req, name)?.map(|v| regex(name, v)).transpose()
             };
             let ban = Ban {
@@ -406,7 +417,7 @@ impl Batch {
             });
         }
         for (i, b) in batch.bans.iter().enumerate() {
-            let field = |name: &str, v: &Option<String>| -> Result<Option<Regex>, String> {
+            let field = |name: &str, v: &Option<String>| -> Result<Option<Pattern>, String> {
                 v.as_deref()
                     .map(|p| regex(name, p))
                     .transpose()
@@ -467,7 +478,7 @@ impl LogRecord {
     /// The log record of a purge accepted `at`; `None` for purge-all, which reaches every
     /// corral through the namespace generation.
     pub fn of(purge: &Purge, at: SystemTime) -> Option<LogRecord> {
-        let s = |r: &Option<Regex>| r.as_ref().map(|r| r.as_str().to_string());
+        let s = |r: &Option<Pattern>| r.as_ref().map(|r| r.as_str().to_string());
         let what = match &purge.target {
             Target::Ban(b) => LogWhat::Ban {
                 host: s(&b.host),
@@ -507,7 +518,7 @@ impl LogRecord {
     /// Decode a record and rebuild its purge; `None` if it does not decode.
     pub fn decode(bytes: &[u8]) -> Option<(Purge, SystemTime)> {
         let rec: LogRecord = serde_json::from_slice(bytes).ok()?;
-        let re = |name: &str, p: &Option<String>| -> Option<Option<Regex>> {
+        let re = |name: &str, p: &Option<String>| -> Option<Option<Pattern>> {
             match p {
                 None => Some(None),
                 Some(p) => regex(name, p).ok().map(Some),
@@ -647,7 +658,7 @@ pub struct Validity {
     /// Bans, sorted by `at`.
     bans: RwLock<Vec<(Ban, Stamp)>>,
     /// Tag patterns, sorted by `at`.
-    patterns: RwLock<Vec<(HeaderName, Regex, Stamp)>>,
+    patterns: RwLock<Vec<(HeaderName, Pattern, Stamp)>>,
     tags: DashMap<String, Stamp>,
     /// Purged URLs (primary key text), for entries this corral did not remove itself: fills
     /// in progress during the purge, and other corrals' purges read from the purge log.
@@ -721,11 +732,30 @@ impl Validity {
             Target::Ban(ban) => {
                 let mut bans = self.bans.write();
                 let i = bans.partition_point(|(_, s)| s.at <= at);
+                // this corral's own purge, read back from memcached's log: kept once
+                let known = bans[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|(_, s)| s.at == at)
+                    .any(|(b, s)| s.soft == stamp.soft && b.same(ban));
+                if known {
+                    return;
+                }
                 bans.insert(i, (ban.clone(), stamp));
                 self.fold(&mut bans, seq, |(_, s)| s.at);
             }
             Target::TagPattern { patterns } => {
                 let mut p = self.patterns.write();
+                let i = p.partition_point(|(_, _, s)| s.at <= at);
+                let known = |(h, pattern): &(HeaderName, Pattern)| {
+                    p[..i].iter().rev().take_while(|(_, _, s)| s.at == at).any(|(kh, kp, s)| {
+                        s.soft == stamp.soft && kh == h && kp.as_str() == pattern.as_str()
+                    })
+                };
+                if patterns.iter().all(known) {
+                    // this corral's own purge, read back from memcached's log: kept once
+                    return;
+                }
                 for (header, pattern) in patterns {
                     let i = p.partition_point(|(_, _, s)| s.at <= at);
                     p.insert(i, (header.clone(), pattern.clone(), stamp));
@@ -827,6 +857,30 @@ impl Validity {
             self.any.store(false, Ordering::Release);
         }
         dropped
+    }
+
+    /// Heap bytes the records hold (estimated from their sizes), for
+    /// `corral_purge_record_bytes`. Walks every record: called at scrape time only.
+    pub fn heap_bytes(&self) -> usize {
+        // a DashMap entry: key, value, and the table's per-entry overhead
+        let entry = std::mem::size_of::<(String, Stamp)>() + 16;
+        let bans: usize = self
+            .bans
+            .read()
+            .iter()
+            .map(|(b, _)| std::mem::size_of::<(Ban, Stamp)>() + b.heap_bytes())
+            .sum();
+        let patterns: usize = self
+            .patterns
+            .read()
+            .iter()
+            .map(|(_, p, _)| std::mem::size_of::<(HeaderName, Pattern, Stamp)>() + p.heap_bytes())
+            .sum();
+        let maps: usize = [&self.tags, &self.urls]
+            .into_iter()
+            .map(|m| m.iter().map(|e| e.key().capacity() + entry).sum::<usize>())
+            .sum();
+        bans + patterns + maps
     }
 
     /// How many records are kept (bans + patterns + tags + URLs).
@@ -988,6 +1042,9 @@ pub fn has_tag_header(headers: &http::HeaderMap) -> bool {
 pub fn now_stamp() -> SystemTime {
     from_millis(millis(SystemTime::now()) + 1)
 }
+
+mod pattern;
+pub use pattern::Pattern;
 
 #[cfg(test)]
 mod tests;

@@ -476,11 +476,11 @@ async fn refused_purges_purge_nothing() {
     let origin = Origin::start().await;
     tagged(&origin, "/keep", &[("xkey", "k")]);
     let mut conf = Conf::default();
-    conf.rules.push_str("[purge]\ntoken = \"s3cret\"\n");
+    conf.rules.push_str("[purge]\ntoken = \"s3cret\"\nallow = [\"127.0.0.1/32\"]\n");
     let proxy = Proxy::start(origin.addr, conf).await;
     warm(&proxy, &["/keep"]).await;
 
-    // from a source outside the allow-list (127.0.0.2 is loopback, but not allowed)
+    // from a source outside the allow-list (127.0.0.2 is loopback, but not in this one)
     let outsider = reqwest::Client::builder()
         .no_proxy()
         .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())

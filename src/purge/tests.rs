@@ -319,7 +319,7 @@ mod properties {
         /// A ban on an escaped literal path matches that path and no other.
         #[test]
         fn literal_bans_match_only_their_path(path in "/[a-z0-9/._-]{0,20}", other in "/[a-z0-9/._-]{0,20}") {
-            let ban = Ban { host: None, url: Some(Regex::new(&format!("^{}$", regex::escape(&path))).unwrap()), content_type: None };
+            let ban = Ban { host: None, url: Some(Pattern::new(&format!("^{}$", regex::escape(&path))).unwrap()), content_type: None };
             prop_assert!(ban.matches("h", &path, ""));
             prop_assert_eq!(ban.matches("h", &other, ""), other == path);
         }

@@ -47,8 +47,15 @@ use tokio::sync::watch;
 
 use crate::purge::{Validity, Verdict};
 
-/// Bookkeeping bytes charged to every entry on top of body and headers (map slot, Arcs, meta).
-pub const ENTRY_OVERHEAD: usize = 256;
+/// Bookkeeping bytes charged to every entry on top of body and headers: the entry itself
+/// (metadata, two header structs), its map row and slot, its URL, the eviction manager's
+/// node and index, and the allocator's share of each. Measured with benches/memory.sh (1 KB
+/// objects, no eviction: RSS growth per entry beyond body and header fields).
+pub const ENTRY_OVERHEAD: usize = 1280;
+
+/// Bytes charged per header field on top of its name and value: the header map's bucket and
+/// index, the value's own allocation.
+const FIELD_OVERHEAD: usize = 96;
 
 /// [`CacheMeta`] kept as parts, so a hit rebuilds it without deserialising anything.
 #[derive(Debug, Clone)]
@@ -77,7 +84,7 @@ impl MetaParts {
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
             variance: meta.variance(),
-            header: meta.response_header_copy(),
+            header: owned_header(meta.response_header()),
         }
     }
 
@@ -106,10 +113,27 @@ impl MetaParts {
         self.header
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .map(|(k, v)| k.as_str().len() + v.len() + FIELD_OVERHEAD)
             .sum::<usize>()
-            + 32
     }
+}
+
+/// A copy of `h` that owns its bytes, with lower-case names (as a fast hit sends them, and as
+/// HTTP/2 does). Pingora parses a response head in one read buffer of 4 KiB or more, and the
+/// header values (and the case-preserving names) it hands over are slices of that buffer: a
+/// stored header would keep the whole buffer alive, 4 to 8 KiB per entry that `memory_bytes`
+/// does not count (issue 8: 1 KB objects took 5x their budget in RSS).
+fn owned_header(h: &ResponseHeader) -> ResponseHeader {
+    let Ok(mut out) = ResponseHeader::build_no_case(h.status, Some(h.headers.len())) else {
+        return h.clone();
+    };
+    for (name, value) in &h.headers {
+        let value = http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        let _ = out.append_header(name.clone(), value);
+    }
+    out.set_version(h.version);
+    let _ = out.set_reason_phrase(h.get_reason_phrase());
+    out
 }
 
 /// A committed response.
@@ -1328,7 +1352,7 @@ mod tests {
         let ban = |url: &str, soft: bool| Purge {
             target: crate::purge::Target::Ban(crate::purge::Ban {
                 host: None,
-                url: Some(regex::Regex::new(url).unwrap()),
+                url: Some(crate::purge::Pattern::new(url).unwrap()),
                 content_type: None,
             }),
             soft,
