@@ -50,9 +50,16 @@ def metrics():
             k, v = l.rsplit(" ", 1); out[k] = float(v)
     return out
 c = http.client.HTTPConnection("127.0.0.1", port)
+errors = []
 def req(method, path, headers={}):
-    c.request(method, path, headers=dict({"Host": "soak.test"}, **headers))
-    r = c.getresponse(); r.read(); return r.status
+    global c
+    try:
+        c.request(method, path, headers=dict({"Host": "soak.test"}, **headers))
+        r = c.getresponse(); r.read(); return r.status
+    except (OSError, http.client.HTTPException) as e:
+        errors.append(f"{method} {path}: {e!r}")
+        c = http.client.HTTPConnection("127.0.0.1", port)
+        return 0
 for i in range(200):
     req("GET", f"/soak/{i}")
 M = 1 << 20
@@ -73,7 +80,7 @@ while time.time() - t0 < duration:
     time.sleep(max(0.0, t0 + n * 0.1 - time.time()))
 m = metrics()
 end_rss = rss()
-print(f"purges: {n} ({failed} not 200) in {time.time() - t0:.0f} s")
+print(f"purges: {n} ({failed} not 200) in {time.time() - t0:.0f} s; connection errors: {len(errors)} {errors[:3]}")
 print(f"RSS at end: {end_rss / M:.1f} MiB (+{(end_rss - start_rss) / M:.1f} MiB)")
 print(f"corral_purge_records {m.get('corral_purge_records', 0):.0f}, corral_purge_record_bytes {m.get('corral_purge_record_bytes', 0):.0f}")
 recs = m.get('corral_purge_records', 0)

@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -130,21 +130,19 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     }
 }
 
-/// Where the HTTP/1 connection is, as the proxy tells [`Deadlined`].
-const AWAITING_HEAD: u8 = 0;
-const BUSY_WITH_REQUEST: u8 = 1;
-const IDLE: u8 = 2;
-
 /// An HTTP/1 client stream whose reads fail with `TimedOut` once a request head or an idle
 /// wait takes too long (see the module docs).
 #[derive(Debug)]
 pub struct Deadlined {
     inner: Stream,
     limits: Limits,
-    /// Set by the proxy's hooks ([`head_received`], [`request_done`]).
-    phase: AtomicU8,
-    /// The phase the deadline below was worked out for.
-    seen: u8,
+    /// Request heads received and requests done on this connection, counted by the proxy's
+    /// hooks ([`head_received`], [`request_done`]). Counts, not a state: a request served
+    /// whole between two reads (pipelined) still moves them.
+    heads: AtomicU64,
+    dones: AtomicU64,
+    /// The counts the deadline below was worked out for.
+    seen: (u64, u64),
     /// Idle, waiting for the first byte of the next request.
     idle: bool,
     deadline: Option<Instant>,
@@ -156,8 +154,9 @@ impl Deadlined {
         Deadlined {
             inner,
             limits,
-            phase: AtomicU8::new(AWAITING_HEAD),
-            seen: AWAITING_HEAD,
+            heads: AtomicU64::new(0),
+            dones: AtomicU64::new(0),
+            seen: (0, 0),
             idle: false,
             deadline: Some(deadline),
             sleep: None,
@@ -172,24 +171,25 @@ impl Deadlined {
 /// The request head has arrived: no deadline from here until the request is done.
 pub fn head_received(session: &pingora_proxy::Session) {
     if let Some(d) = Deadlined::of(session) {
-        d.phase.store(BUSY_WITH_REQUEST, Ordering::Release);
+        d.heads.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 /// The response is written: the connection is idle until the next request's first byte.
 pub fn request_done(session: &pingora_proxy::Session) {
     if let Some(d) = Deadlined::of(session) {
-        d.phase.store(IDLE, Ordering::Release);
+        d.dones.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 impl AsyncRead for Deadlined {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let phase = this.phase.load(Ordering::Acquire);
-        if phase != this.seen {
-            this.seen = phase;
-            this.idle = phase == IDLE;
+        let counts = (this.heads.load(Ordering::Acquire), this.dones.load(Ordering::Acquire));
+        if counts != this.seen {
+            this.seen = counts;
+            // every request received is done: idle; otherwise one is in progress
+            this.idle = counts.1 >= counts.0;
             this.deadline = this.idle.then(|| Instant::now() + this.limits.keepalive_timeout);
         }
         let before = buf.filled().len();

@@ -51,7 +51,7 @@ use crate::purge::{Validity, Verdict};
 /// (metadata, two header structs), its map row and slot, its URL, the eviction manager's
 /// node and index, and the allocator's share of each. Measured with benches/memory.sh (1 KB
 /// objects, no eviction: RSS growth per entry beyond body and header fields).
-pub const ENTRY_OVERHEAD: usize = 1280;
+pub const ENTRY_OVERHEAD: usize = 1536;
 
 /// Bytes charged per header field on top of its name and value: the header map's bucket and
 /// index, the value's own allocation.
@@ -150,7 +150,7 @@ struct Stored {
     /// ([`crate::purge::Validity`]).
     checked: AtomicU64,
     /// The header as the fast hit path sends it, built on its first hit (charged in `weight`).
-    wire: std::sync::OnceLock<ResponseHeader>,
+    wire: std::sync::OnceLock<Box<ResponseHeader>>,
 }
 
 impl Stored {
@@ -206,7 +206,7 @@ impl FreshEntry {
     /// The header prepared for sending, built by `build` from the stored one on first use
     /// and kept with the entry: each hit clones it and only replaces values in it.
     pub fn wire(&self, build: impl FnOnce(&ResponseHeader) -> ResponseHeader) -> &ResponseHeader {
-        self.0.wire.get_or_init(|| build(&self.0.meta.header))
+        self.0.wire.get_or_init(|| Box::new(build(&self.0.meta.header)))
     }
 
     pub fn body(&self) -> Bytes {
