@@ -59,7 +59,9 @@ fn bench(c: &mut Criterion) {
     });
     let req = request("/page/4242?q=1");
 
-    c.bench_function("cache_key", |b| b.iter(|| key::for_request(black_box(&req)).expect("valid host")));
+    c.bench_function("cache_key", |b| {
+        b.iter(|| key::for_request(black_box(&req)).expect("valid host"))
+    });
 
     c.bench_function("key_and_l1_hit", |b| {
         b.iter(|| {

@@ -43,7 +43,8 @@ use crate::metrics;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a connection over the cap gets before it is closed.
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// The connection limits of the proxy listener (`[server]`).
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +121,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             // HTTP/2 multiplexes: Pingora's h2_idle_timeout covers an idle connection
             stream
         } else {
-            Box::new(Deadlined::new(stream, self.limits, accepted + self.limits.header_timeout))
+            Box::new(Deadlined::new(
+                stream,
+                self.limits,
+                accepted + self.limits.header_timeout,
+            ))
         };
         self.inner.process_new(stream, shutdown).await
     }
@@ -164,7 +169,11 @@ impl Deadlined {
     }
 
     fn of(session: &pingora_proxy::Session) -> Option<&Deadlined> {
-        session.as_downstream().stream()?.as_any().downcast_ref::<Deadlined>()
+        session
+            .as_downstream()
+            .stream()?
+            .as_any()
+            .downcast_ref::<Deadlined>()
     }
 }
 
@@ -183,9 +192,16 @@ pub fn request_done(session: &pingora_proxy::Session) {
 }
 
 impl AsyncRead for Deadlined {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let counts = (this.heads.load(Ordering::Acquire), this.dones.load(Ordering::Acquire));
+        let counts = (
+            this.heads.load(Ordering::Acquire),
+            this.dones.load(Ordering::Acquire),
+        );
         if counts != this.seen {
             this.seen = counts;
             // every request received is done: idle; otherwise one is in progress
@@ -208,7 +224,9 @@ impl AsyncRead for Deadlined {
         let Some(deadline) = this.deadline else {
             return Poll::Pending;
         };
-        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() != deadline {
             sleep.as_mut().reset(deadline);
         }
@@ -228,7 +246,11 @@ impl AsyncRead for Deadlined {
 }
 
 impl AsyncWrite for Deadlined {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

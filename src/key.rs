@@ -53,7 +53,12 @@ pub fn request_host(req: &RequestHeader) -> Result<String, BadHost> {
         return Err(BadHost::Repeated);
     }
     let host = match host {
-        Some(h) => Some(h.to_str().ok().filter(|h| valid_authority(h)).ok_or(BadHost::Invalid)?),
+        Some(h) => Some(
+            h.to_str()
+                .ok()
+                .filter(|h| valid_authority(h))
+                .ok_or(BadHost::Invalid)?,
+        ),
         None => None,
     };
     // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host (Pingora answers
@@ -109,8 +114,21 @@ pub fn valid_authority(s: &str) -> bool {
         b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';'
-                    | b'=' | b'%'
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
             )
     };
     !host.is_empty()
@@ -173,8 +191,22 @@ pub fn primary(host: &str, path_and_query: &str) -> String {
         let plain = b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'+' | b',' | b';' | b'='
-                    | b':' | b'[' | b']'
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
             );
         if plain {
             s.push(b as char);
@@ -425,7 +457,15 @@ mod tests {
         ] {
             assert!(!valid_authority(bad), "{bad:?} accepted");
         }
-        for good in ["victim.test", "Victim.Test:8080", "127.0.0.1:80", "[::1]", "[::1]:6081", "a-b_c.~d", "xn--bcher-kva.test."] {
+        for good in [
+            "victim.test",
+            "Victim.Test:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:6081",
+            "a-b_c.~d",
+            "xn--bcher-kva.test.",
+        ] {
             assert!(valid_authority(good), "{good:?} refused");
         }
         let refused = |headers: &[(&str, &str)]| request_host(&req("/x", headers)).err();
@@ -449,13 +489,19 @@ mod tests {
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("[::1]:8080"), "[::1]:8080");
         assert_eq!(normalize_host("[::1]"), "[::1]");
-        assert_eq!(for_url("site.test.", "/x").primary_bin(), for_url("site.test", "/x").primary_bin());
+        assert_eq!(
+            for_url("site.test.", "/x").primary_bin(),
+            for_url("site.test", "/x").primary_bin()
+        );
     }
 
     #[test]
     fn the_key_text_is_unambiguous_whatever_the_host_holds() {
         // a host that swallowed part of a path must not make another URL's key
-        assert_ne!(primary("victim.test/evil", "/x"), primary("victim.test", "/evil/x"));
+        assert_ne!(
+            primary("victim.test/evil", "/x"),
+            primary("victim.test", "/evil/x")
+        );
         assert_ne!(primary("a*", "/"), primary("a", "*/"));
         assert_ne!(primary("a%2F", "/x"), primary("a/", "/x"));
         assert_eq!(primary("victim.test", "/evil/x"), "http://victim.test/evil/x");

@@ -76,7 +76,10 @@ fn fit_connections_to_nofile(cfg: &mut Config) {
         .as_ref()
         .map_or(0, |m| m.servers.len() * m.pool_size);
     let reserve = cfg.upstream.max_connections + memcached + 64;
-    let fit = usize::try_from(nofile).unwrap_or(usize::MAX).saturating_sub(reserve).max(1);
+    let fit = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(reserve)
+        .max(1);
     let limits = &mut cfg.server.limits;
     if fit < limits.max_connections {
         tracing::warn!(
@@ -87,7 +90,11 @@ fn fit_connections_to_nofile(cfg: &mut Config) {
         );
         limits.max_connections = fit;
     }
-    tracing::info!(nofile, max_connections = limits.max_connections, "open files limit");
+    tracing::info!(
+        nofile,
+        max_connections = limits.max_connections,
+        "open files limit"
+    );
 }
 
 fn init_tracing(level: &str) {

@@ -77,8 +77,11 @@ pub static L1_EVICTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
 
 /// Client connections open on the proxy listener.
 pub static CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!("corral_connections", "Client connections open on the proxy listener")
-        .expect("metric registers once")
+    register_int_gauge!(
+        "corral_connections",
+        "Client connections open on the proxy listener"
+    )
+    .expect("metric registers once")
 });
 
 /// Client connections refused because `server.max_connections` were open.

@@ -541,7 +541,11 @@ impl Corral {
         if ctx.refused == Some(UPSTREAM_BUSY) {
             resp.insert_header(header::RETRY_AFTER, "1")?;
         }
-        let status = CacheStatus::new(if ctx.bypass.is_some() { Outcome::Bypass } else { Outcome::Miss });
+        let status = CacheStatus::new(if ctx.bypass.is_some() {
+            Outcome::Bypass
+        } else {
+            Outcome::Miss
+        });
         resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
         ctx.status.get_or_insert(status);
         session.set_keepalive(None);
@@ -801,7 +805,10 @@ impl ProxyHttp for Corral {
             Err(bad) => {
                 // the host is part of the key every client shares: never guess at a bad one
                 ctx.refused = Some(bad.as_str());
-                let host = req.headers.get(header::HOST).map(|h| String::from_utf8_lossy(&h.as_bytes()[..h.len().min(100)]).into_owned());
+                let host = req
+                    .headers
+                    .get(header::HOST)
+                    .map(|h| String::from_utf8_lossy(&h.as_bytes()[..h.len().min(100)]).into_owned());
                 tracing::warn!(client = ?session.client_addr(), reason = bad.as_str(), host = ?host, "request refused: 400");
                 let body = format!("{{\"error\":\"{}\"}}\n", bad.as_str());
                 session.set_keepalive(None);
@@ -957,7 +964,10 @@ impl ProxyHttp for Corral {
                     metrics::UPSTREAM_BUSY.inc();
                     ctx.refused = Some(UPSTREAM_BUSY);
                     // a 5xx: a stale copy within stale-if-error is served instead
-                    return Error::e_explain(ErrorType::HTTPStatus(503), "upstream busy: every slot taken, queue full or timed out");
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "upstream busy: every slot taken, queue full or timed out",
+                    );
                 }
             }
         }

@@ -748,9 +748,11 @@ impl Validity {
                 let mut p = self.patterns.write();
                 let i = p.partition_point(|(_, _, s)| s.at <= at);
                 let known = |(h, pattern): &(HeaderName, Pattern)| {
-                    p[..i].iter().rev().take_while(|(_, _, s)| s.at == at).any(|(kh, kp, s)| {
-                        s.soft == stamp.soft && kh == h && kp.as_str() == pattern.as_str()
-                    })
+                    p[..i]
+                        .iter()
+                        .rev()
+                        .take_while(|(_, _, s)| s.at == at)
+                        .any(|(kh, kp, s)| s.soft == stamp.soft && kh == h && kp.as_str() == pattern.as_str())
                 };
                 if patterns.iter().all(known) {
                     // this corral's own purge, read back from memcached's log: kept once

@@ -51,7 +51,13 @@ async fn a_host_with_a_slash_is_refused_and_poisons_no_other_url() {
     let (origin, proxy) = setup(Conf::default()).await;
     origin.route("/x", |_| cacheable("attacker's page"));
     origin.route("/evil/x", |_| cacheable("the real /evil/x"));
-    for host in ["victim.test/evil", "victim.test?a", "victim.test#a", "user@victim.test", "victim test"] {
+    for host in [
+        "victim.test/evil",
+        "victim.test?a",
+        "victim.test#a",
+        "user@victim.test",
+        "victim test",
+    ] {
         let answer = raw(
             &proxy,
             format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -95,7 +101,11 @@ async fn an_h2c_host_with_a_slash_is_refused() {
     tokio::spawn(conn);
     async fn status(h2: &h2::client::SendRequest<bytes::Bytes>, host: &str, path: &str) -> u16 {
         // no scheme and no authority in the URI: the request carries only `host`
-        let req = http::Request::builder().uri(path).header("host", host).body(()).unwrap();
+        let req = http::Request::builder()
+            .uri(path)
+            .header("host", host)
+            .body(())
+            .unwrap();
         let mut h2 = h2.clone().ready().await.unwrap();
         let (resp, _) = h2.send_request(req, true).unwrap();
         resp.await.unwrap().status().as_u16()
@@ -114,7 +124,11 @@ async fn a_trailing_dot_host_is_the_same_site_and_one_purge_covers_both() {
     let second = get_with(&proxy.url("/dot"), &[("host", "Site.Test")]).await;
     assert!(second.cache.contains("hit"), "{}", second.cache);
     assert_eq!(second.body, first.body);
-    let purged = send(client().request("PURGE".parse().unwrap(), proxy.url("/dot")), &[("host", "site.test.")]).await;
+    let purged = send(
+        client().request("PURGE".parse().unwrap(), proxy.url("/dot")),
+        &[("host", "site.test.")],
+    )
+    .await;
     assert_eq!(purged.status, 200, "{}", purged.body);
     let after = get_with(&proxy.url("/dot"), &[("host", "site.test")]).await;
     assert!(after.cache.contains("fwd=miss"), "{}", after.cache);
@@ -128,7 +142,10 @@ async fn a_silent_connection_is_closed_after_header_timeout() {
     let took = closed_after(&mut s, Duration::from_secs(10)).await;
     assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
     let m = proxy.metrics().await;
-    assert!(metric(&m, "corral_connection_timeouts_total{kind=\"header\"}") >= 1.0, "{m}");
+    assert!(
+        metric(&m, "corral_connection_timeouts_total{kind=\"header\"}") >= 1.0,
+        "{m}"
+    );
 }
 
 /// A head trickled a byte at a time keeps each read under any per-read timeout: the whole
@@ -147,7 +164,8 @@ async fn a_trickled_request_head_is_cut_at_header_timeout() {
             break;
         }
         let mut buf = [0u8; 256];
-        if let Ok(Ok(0)) | Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+        if let Ok(Ok(0)) | Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+        {
             closed = true;
             break;
         }
@@ -183,11 +201,16 @@ async fn a_keepalive_connection_outlives_header_timeout() {
     origin.route("/long", |_| cacheable("long"));
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     for _ in 0..4 {
-        s.write_all(b"GET /long HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /long HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         let text = String::from_utf8_lossy(&buf[..n]);
-        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("long"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("long"),
+            "{text}"
+        );
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
 }
@@ -202,7 +225,9 @@ async fn a_slow_response_outlives_the_client_timeouts() {
             .server("keepalive_timeout = \"1s\""),
     )
     .await;
-    origin.route("/slowpage", |_| cacheable("late").delay(Duration::from_millis(2500)));
+    origin.route("/slowpage", |_| {
+        cacheable("late").delay(Duration::from_millis(2500))
+    });
     let got = get(&proxy.url("/slowpage")).await;
     assert_eq!((got.status, got.body.as_str()), (200, "late"));
 }
@@ -236,9 +261,11 @@ async fn connections_over_the_cap_get_503_and_are_closed() {
     assert!(refused.contains("Retry-After: 1"), "{refused}");
     assert_eq!(origin.hits("/cap"), 0);
     idle.truncate(10);
-    eventually(Duration::from_secs(5), "closed connections leave the count", || async {
-        metric(&proxy.metrics().await, "corral_connections") <= 10.0
-    })
+    eventually(
+        Duration::from_secs(5),
+        "closed connections leave the count",
+        || async { metric(&proxy.metrics().await, "corral_connections") <= 10.0 },
+    )
     .await;
     let ok = get(&proxy.url("/cap")).await;
     assert_eq!(ok.status, 200);
@@ -338,7 +365,9 @@ async fn upstream_connections_are_capped_and_the_queue_is_bounded() {
     let mut tasks = Vec::new();
     for i in 0..6 {
         origin.route(&format!("/busy/{i}"), |_| {
-            Reply::ok("slow").header("cache-control", "no-store").delay(Duration::from_secs(2))
+            Reply::ok("slow")
+                .header("cache-control", "no-store")
+                .delay(Duration::from_secs(2))
         });
         let url = proxy.url(&format!("/busy/{i}"));
         tasks.push(tokio::spawn(async move { get(&url).await }));
@@ -349,12 +378,19 @@ async fn upstream_connections_are_capped_and_the_queue_is_bounded() {
     for t in tasks {
         let got = t.await.unwrap();
         if got.status == 503 {
-            assert_eq!(got.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+            assert_eq!(
+                got.headers.get("retry-after").map(|v| v.to_str().unwrap()),
+                Some("1")
+            );
         }
         statuses.push(got.status);
     }
     assert_eq!(statuses, vec![200, 200, 503, 503, 503, 503]);
-    assert_eq!(origin.total(), 2, "the origin saw only the requests that had a slot");
+    assert_eq!(
+        origin.total(),
+        2,
+        "the origin saw only the requests that had a slot"
+    );
     let m = proxy.metrics().await;
     assert_eq!(metric(&m, "corral_upstream_busy_total"), 4.0, "{m}");
     eventually(Duration::from_secs(5), "every slot given back", || async {
@@ -371,7 +407,14 @@ async fn a_lower_case_bearer_token_is_accepted() {
     let proxy = Proxy::start(origin.addr, conf).await;
     let purge = |auth: &'static str| {
         let url = proxy.url("/tok");
-        async move { send(client().request("PURGE".parse().unwrap(), url), &[("authorization", auth)]).await.status }
+        async move {
+            send(
+                client().request("PURGE".parse().unwrap(), url),
+                &[("authorization", auth)],
+            )
+            .await
+            .status
+        }
     };
     assert_eq!(purge("bearer s3cret").await, 200);
     assert_eq!(purge("BEARER s3cret").await, 200);
@@ -380,7 +423,10 @@ async fn a_lower_case_bearer_token_is_accepted() {
 
 /// A raw origin that records each request as it arrives (head and body, until the client
 /// has been quiet for 300 ms) and answers 200 `ok`.
-async fn recording_origin() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+async fn recording_origin() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = requests.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -392,13 +438,19 @@ async fn recording_origin() -> (std::net::SocketAddr, std::sync::Arc<std::sync::
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
                 loop {
-                    let quiet = Duration::from_millis(if got.windows(4).any(|w| w == b"\r\n\r\n") { 300 } else { 5000 });
+                    let quiet = Duration::from_millis(if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        300
+                    } else {
+                        5000
+                    });
                     match tokio::time::timeout(quiet, s.read(&mut buf)).await {
                         Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
                         _ => break,
                     }
                 }
-                seen.lock().unwrap().push(String::from_utf8_lossy(&got).to_lowercase());
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&got).to_lowercase());
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
                     .await;
@@ -421,7 +473,12 @@ async fn a_repeated_content_length_is_forwarded_once() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let requests = requests.lock().unwrap();
     assert_eq!(requests.len(), 1);
-    assert_eq!(requests[0].matches("content-length").count(), 1, "{}", requests[0]);
+    assert_eq!(
+        requests[0].matches("content-length").count(),
+        1,
+        "{}",
+        requests[0]
+    );
     assert!(requests[0].contains("content-length: 5\r\n"), "{}", requests[0]);
     assert!(requests[0].ends_with("\r\n\r\nhello"), "{}", requests[0]);
 }
@@ -435,20 +492,35 @@ async fn a_repeated_content_length_is_forwarded_once() {
 #[tokio::test]
 async fn lenient_chunked_request_bodies_are_reframed_current_behaviour() {
     for (what, body) in [
-        ("trailing whitespace after the size", &b"5 \r\nhello\r\n0\r\n\r\n"[..]),
-        ("bare LF in a chunk extension", &b"5;a=b\nc\r\nhello\r\n0\r\n\r\n"[..]),
+        (
+            "trailing whitespace after the size",
+            &b"5 \r\nhello\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "bare LF in a chunk extension",
+            &b"5;a=b\nc\r\nhello\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "an empty line where a chunk size belongs",
+            &b"5\r\nhello\r\n\r\n0\r\n\r\n"[..],
+        ),
     ] {
         let (addr, requests) = recording_origin().await;
         let proxy = Proxy::start(addr, Conf::default()).await;
         let mut request =
-            b"POST /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+            b"POST /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_vec();
         request.extend_from_slice(body);
         let answer = raw(&proxy, &request).await;
         eprintln!("{what}: {answer:?} / {:?}", requests.lock().unwrap());
         assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
         let requests = requests.lock().unwrap();
         assert_eq!(requests.len(), 1, "{what}");
-        assert!(requests[0].ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{what}: {:?}", requests[0]);
+        assert!(
+            requests[0].ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+            "{what}: {:?}",
+            requests[0]
+        );
     }
 }
 
@@ -482,7 +554,10 @@ async fn l1_stays_within_its_budget_in_rss() {
     let grown = proxy.rss().saturating_sub(start);
     eprintln!("{entries} entries, {bytes} bytes counted, RSS +{grown}");
     assert!(bytes <= BUDGET, "{bytes}");
-    assert!(grown <= BUDGET * 5 / 4, "RSS grew by {grown} bytes for a budget of {BUDGET}");
+    assert!(
+        grown <= BUDGET * 5 / 4,
+        "RSS grew by {grown} bytes for a budget of {BUDGET}"
+    );
 }
 
 /// Purge records with memcached are kept for a day: each must cost little. 2,000 bans and

@@ -476,7 +476,8 @@ async fn refused_purges_purge_nothing() {
     let origin = Origin::start().await;
     tagged(&origin, "/keep", &[("xkey", "k")]);
     let mut conf = Conf::default();
-    conf.rules.push_str("[purge]\ntoken = \"s3cret\"\nallow = [\"127.0.0.1/32\"]\n");
+    conf.rules
+        .push_str("[purge]\ntoken = \"s3cret\"\nallow = [\"127.0.0.1/32\"]\n");
     let proxy = Proxy::start(origin.addr, conf).await;
     warm(&proxy, &["/keep"]).await;
 

@@ -24,7 +24,11 @@ pub struct Pattern {
 #[derive(Debug, Clone)]
 enum How {
     /// Plain text: the literal, and whether it is anchored at the start (`^`) and end (`$`).
-    Literal { literal: Box<str>, start: bool, end: bool },
+    Literal {
+        literal: Box<str>,
+        start: bool,
+        end: bool,
+    },
     Regex(Arc<Regex>),
 }
 
@@ -145,7 +149,16 @@ mod tests {
     /// The literal fast path agrees with the regex engine on every case it takes.
     #[test]
     fn literal_patterns_match_as_the_regex_would() {
-        let haystacks = ["/news/a", "/news", "/a/news/", "www.example.org", "wwwxexample.org", "", "/x$", "a.b"];
+        let haystacks = [
+            "/news/a",
+            "/news",
+            "/a/news/",
+            "www.example.org",
+            "wwwxexample.org",
+            "",
+            "/x$",
+            "a.b",
+        ];
         for p in [
             "^/news/",
             "^/news$",
@@ -169,7 +182,15 @@ mod tests {
 
     #[test]
     fn regex_patterns_use_the_engine_and_share_it() {
-        for p in ["^/news/.*", "(^|,)tag(,|$)", "a|b", "\\d+", "^/x(", "[abc]", "a b"] {
+        for p in [
+            "^/news/.*",
+            "(^|,)tag(,|$)",
+            "a|b",
+            "\\d+",
+            "^/x(",
+            "[abc]",
+            "a b",
+        ] {
             match Pattern::new(p) {
                 Ok(pattern) => assert!(!pattern.is_literal(), "{p}"),
                 Err(_) => assert_eq!(p, "^/x(", "only the broken one fails"),

@@ -126,7 +126,10 @@ fn access_needs_an_allowed_network_and_the_token() {
     assert!(tokened.permits(Some("127.0.0.1".parse().unwrap()), Some("Bearer s3cret")));
     // RFC 9110 §11.1: the scheme is case-insensitive
     for spelling in ["bearer s3cret", "BEARER s3cret", "Bearer  s3cret"] {
-        assert!(tokened.permits(Some("127.0.0.1".parse().unwrap()), Some(spelling)), "{spelling}");
+        assert!(
+            tokened.permits(Some("127.0.0.1".parse().unwrap()), Some(spelling)),
+            "{spelling}"
+        );
     }
     assert!(!tokened.permits(Some("127.0.0.1".parse().unwrap()), Some("Basic s3cret")));
     assert!(!tokened.permits(Some("127.0.0.1".parse().unwrap()), Some("s3cret")));

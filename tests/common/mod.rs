@@ -96,11 +96,18 @@ impl Proxy {
              [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\n{}\n\n\
              [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n\n{}\n{}",
             conf.server.join("\n"),
-            if conf.upstream.iter().any(|l| l.starts_with("read_timeout") || l.starts_with("first_byte_timeout")) {
+            if conf
+                .upstream
+                .iter()
+                .any(|l| l.starts_with("read_timeout") || l.starts_with("first_byte_timeout"))
+            {
                 conf.upstream.join("\n")
             } else {
                 // tests of hung origins wait for this
-                format!("read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n{}", conf.upstream.join("\n"))
+                format!(
+                    "read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n{}",
+                    conf.upstream.join("\n")
+                )
             },
             conf.cache.join("\n"),
             if conf.memcached.is_empty() {
