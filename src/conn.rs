@@ -11,15 +11,17 @@
 //! | open connections | `server.max_connections` | the new one gets a 503 and is closed at once |
 //! | first bytes of a connection | `server.header_timeout` from accept | closed |
 //! | a whole HTTP/1 request head | `server.header_timeout` from its first byte (the accept for the first request) | closed |
-//! | idle HTTP/1 keep-alive | `server.keepalive_timeout` from the end of the last response | closed |
+//! | idle HTTP/1 keep-alive | `server.keepalive_timeout` (Pingora's keep-alive timeout, set by the proxy per request) | closed |
 //! | idle HTTP/2 connection | `server.keepalive_timeout` (Pingora's `h2_idle_timeout`) | closed |
 //!
-//! The HTTP/1 deadlines live in [`Deadlined`], a wrapper around the connection's stream. It
+//! The head deadline lives in [`Deadlined`], a wrapper around the connection's stream. It
 //! knows where a request starts from the bytes (the first one after an idle wait) and where
 //! it ends from the proxy: [`head_received`] (in `request_filter`) stops the clock, and
-//! [`request_done`] (in `logging`) starts the idle one. Reads while a request is in progress
-//! (its body, Pingora's check for a client that went away while the response streams) have
-//! no deadline from here: Pingora's own read timeouts cover them.
+//! [`request_done`] (in `logging`) makes the connection idle again. The clock is a timer only
+//! when a read of a head has to wait (a head usually arrives in one packet), so a hit costs
+//! no timer of corral's. Reads while a request is in progress (its body, Pingora's check for a
+//! client that went away while the response streams) have no deadline from here: Pingora's own
+//! read timeouts cover them.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -79,7 +81,7 @@ impl<'a> Slot<'a> {
     fn take(open: &'a AtomicUsize, max: usize) -> Option<Slot<'a>> {
         let now = open.fetch_add(1, Ordering::AcqRel) + 1;
         let slot = Slot(open);
-        metrics::CONNECTIONS.set(now as i64);
+        metrics::CONNECTIONS.inc();
         // over the cap: the slot goes again when dropped here
         (now <= max).then_some(slot)
     }
@@ -87,8 +89,8 @@ impl<'a> Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let now = self.0.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::CONNECTIONS.set(now as i64);
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::CONNECTIONS.dec();
     }
 }
 
@@ -111,8 +113,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         let mut preface = [0u8; H2_PREFACE.len()];
         let h2 = match tokio::time::timeout(self.limits.header_timeout, stream.try_peek(&mut preface)).await {
             Ok(Ok(peeked)) => peeked && preface == *H2_PREFACE,
-            // closed, or a short request (under 24 bytes) that never went on
-            Ok(Err(_)) | Err(_) => {
+            // closed before 24 bytes (a load balancer's TCP check, a tiny HTTP/1.0 request)
+            Ok(Err(_)) => return None,
+            // silent, or a short request that never went on
+            Err(_) => {
                 metrics::CONNECTION_TIMEOUTS.with_label_values(&["header"]).inc();
                 return None;
             }
@@ -204,9 +208,11 @@ impl AsyncRead for Deadlined {
         );
         if counts != this.seen {
             this.seen = counts;
-            // every request received is done: idle; otherwise one is in progress
+            // every request received is done: idle; otherwise one is in progress. The idle
+            // wait itself is Pingora's keep-alive timeout (the proxy sets it to
+            // keepalive_timeout): no timer of ours on the hot path
             this.idle = counts.1 >= counts.0;
-            this.deadline = this.idle.then(|| Instant::now() + this.limits.keepalive_timeout);
+            this.deadline = None;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -232,12 +238,11 @@ impl AsyncRead for Deadlined {
         }
         match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                let what = if this.idle { "keepalive" } else { "header" };
-                metrics::CONNECTION_TIMEOUTS.with_label_values(&[what]).inc();
+                metrics::CONNECTION_TIMEOUTS.with_label_values(&["header"]).inc();
                 this.deadline = None;
                 Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("client {what} timeout"),
+                    "client header timeout",
                 )))
             }
             Poll::Pending => Poll::Pending,

@@ -43,7 +43,7 @@ impl BadHost {
 
 /// The normalised host of a request: from the absolute-form URI, else the HTTP/2
 /// `:authority`, else the Host header; lower-cased, without a default port or a trailing dot.
-/// `-` when an HTTP/1.0 request names no host. Every authority the request carries must be
+/// Empty when an HTTP/1.0 request names no host. Every authority the request carries must be
 /// valid ([`valid_authority`]): a request with a bad one is refused, never keyed, because the
 /// host is part of the key every other client shares.
 pub fn request_host(req: &RequestHeader) -> Result<String, BadHost> {
@@ -81,7 +81,8 @@ pub fn request_host(req: &RequestHeader) -> Result<String, BadHost> {
     match authority.or(host) {
         Some(raw) => Ok(normalize_host(raw)),
         None if req.version == http::Version::HTTP_11 => Err(BadHost::Missing),
-        None => Ok("-".to_string()),
+        // empty: no valid Host is empty, so such requests share no key with a named site
+        None => Ok(String::new()),
     }
 }
 
@@ -474,7 +475,9 @@ mod tests {
         assert_eq!(refused(&[]), Some(BadHost::Missing));
         let mut http10 = req("/x", &[]);
         http10.set_version(http::Version::HTTP_10);
-        assert_eq!(request_host(&http10), Ok("-".to_string()));
+        assert_eq!(request_host(&http10), Ok(String::new()));
+        // `Host: -` is a valid name, and another site than no host at all
+        assert_ne!(for_url("-", "/x").primary_bin(), for_url("", "/x").primary_bin());
         assert_eq!(
             request_host(&req("http://victim.test/x", &[("host", "other.test")])),
             Err(BadHost::Conflicting)

@@ -93,11 +93,12 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Client connections closed by a timeout, by `kind` (`header`, `keepalive`).
+/// Client connections closed by a timeout, by `kind` (`header`; idle keep-alive connections
+/// are closed by Pingora, uncounted).
 pub static CONNECTION_TIMEOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "corral_connection_timeouts_total",
-        "Client connections closed because a request head (header) or an idle wait (keepalive) took too long",
+        "Client connections closed because a request head took longer than server.header_timeout (kind=header)",
         &["kind"]
     )
     .expect("metric registers once")
@@ -213,6 +214,15 @@ pub static PURGE_RECORD_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "corral_purge_record_bytes",
         "Heap bytes held by the URL, ban and tag purge records kept (estimated from their sizes)"
+    )
+    .expect("metric registers once")
+});
+
+/// The sequence number of the last record of memcached's purge log applied here.
+pub static PURGE_LOG_APPLIED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_purge_log_applied",
+        "Sequence number of the last record of memcached's purge log this corral applied"
     )
     .expect("metric registers once")
 });

@@ -169,6 +169,7 @@ impl CacheParts {
         metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
         metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
+        metrics::PURGE_LOG_APPLIED.set(self.storage.log_seen() as i64);
     }
 }
 
@@ -275,8 +276,10 @@ pub struct Ctx {
     refresh_lock: Option<String>,
     /// Why corral answered the request itself with an error (bad Host, upstream queue full).
     refused: Option<&'static str>,
-    /// This request's upstream slot, held until it ends.
+    /// This request's upstream slot, held until the upstream response has ended.
     upstream_slot: Option<UpstreamSlot>,
+    /// Every upstream slot was taken: answered 503 (or stale).
+    upstream_busy: bool,
 }
 
 /// The request header fields the request filter decides on, found in one pass over the names
@@ -538,8 +541,9 @@ impl Corral {
         let mut resp = ResponseHeader::build(code, Some(4))?;
         resp.insert_header(header::CONTENT_LENGTH, "0")?;
         resp.insert_header(header::CACHE_CONTROL, "private, no-store")?;
-        if ctx.refused == Some(UPSTREAM_BUSY) {
+        if ctx.upstream_busy {
             resp.insert_header(header::RETRY_AFTER, "1")?;
+            ctx.refused = Some(UPSTREAM_BUSY);
         }
         let status = CacheStatus::new(if ctx.bypass.is_some() {
             Outcome::Bypass
@@ -662,21 +666,24 @@ fn single_content_length(req: &mut RequestHeader) -> Result<()> {
         .get_all(header::CONTENT_LENGTH)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii);
+        .map(|p| {
+            std::str::from_utf8(p.trim_ascii())
+                .ok()
+                .and_then(|p| p.parse::<u64>().ok())
+        });
     let Some(first) = parts.next() else {
         return Ok(());
     };
     let mut repeated = false;
     for part in parts {
-        if part != first {
+        if part.is_none() || part != first {
             return Error::e_explain(ErrorType::InvalidHTTPHeader, "different Content-Length values")
                 .map_err(|e| e.into_down());
         }
         repeated = true;
     }
-    if repeated {
-        let first = first.to_vec();
-        req.insert_header(header::CONTENT_LENGTH, first)?;
+    if let (true, Some(length)) = (repeated, first) {
+        req.insert_header(header::CONTENT_LENGTH, length)?;
     }
     Ok(())
 }
@@ -787,6 +794,7 @@ impl ProxyHttp for Corral {
             refresh_lock: None,
             refused: None,
             upstream_slot: None,
+            upstream_busy: false,
         }
     }
 
@@ -798,7 +806,10 @@ impl ProxyHttp for Corral {
         // the head is in: its deadline is met ([`conn`]); Pingora's own wait for the next
         // request on this connection is the idle timeout
         conn::head_received(session);
-        session.set_keepalive(Some(self.keepalive_secs));
+        if session.get_keepalive().is_some() {
+            // never turns keep-alive on where Pingora turned it off (HTTP/1.0, `close`)
+            session.set_keepalive(Some(self.keepalive_secs));
+        }
         let req = session.req_header();
         ctx.host = match key::request_host(req) {
             Ok(host) => host,
@@ -956,13 +967,20 @@ impl ProxyHttp for Corral {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        if ctx.upstream_slot.is_none() {
+        let mut peer = Box::new(self.peer.clone());
+        if ctx.bypass.is_some() {
+            // never cached: WebSockets, server-sent events and long polls that go quiet for
+            // longer than first_byte_timeout stay up (read_timeout between reads)
+            peer.options.read_timeout = Some(self.cfg.upstream.read_timeout);
+        }
+        if ctx.upstream_slot.is_none() && ctx.bypass != Some("upgrade") {
+            // a tunnel after a 101 is no request to a sick origin: it takes no slot
             // a retry keeps the slot it has
             match self.upstream.take().await {
                 Some(slot) => ctx.upstream_slot = Some(slot),
                 None => {
                     metrics::UPSTREAM_BUSY.inc();
-                    ctx.refused = Some(UPSTREAM_BUSY);
+                    ctx.upstream_busy = true;
                     // a 5xx: a stale copy within stale-if-error is served instead
                     return Error::e_explain(
                         ErrorType::HTTPStatus(503),
@@ -972,19 +990,25 @@ impl ProxyHttp for Corral {
             }
         }
         ctx.upstream_started = Some(Instant::now());
-        Ok(Box::new(self.peer.clone()))
+        Ok(peer)
     }
 
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
         for name in hop_by_hop(&upstream_request.headers) {
             upstream_request.remove_header(&name);
         }
         single_content_length(upstream_request)?;
+        let sent = upstream_request.headers.get(header::HOST);
+        if sent.is_some_and(|h| h.as_bytes() != ctx.host.as_bytes()) {
+            // the host the key was made of (lower case, no `:80`, no trailing dot): the origin
+            // answers for the site the entry is stored under, never for a spelling of it
+            upstream_request.insert_header(header::HOST, ctx.host.as_str())?;
+        }
         if let Some(ip) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -1026,6 +1050,20 @@ impl ProxyHttp for Corral {
             self.invalidate_after_unsafe(ctx, upstream_response).await;
         }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream {
+            // the origin is done with this request: a slow client does not hold its slot
+            ctx.upstream_slot = None;
+        }
+        Ok(None)
     }
 
     fn response_cache_filter(

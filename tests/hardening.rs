@@ -33,6 +33,35 @@ async fn raw(proxy: &Proxy, request: &[u8]) -> String {
     String::from_utf8_lossy(&got).to_string()
 }
 
+/// One whole response (head and a `Content-Length` body) read from a keep-alive connection.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed mid-response: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// How long until the proxy closes `s` (reads and drops whatever it sends), at most `limit`.
 async fn closed_after(s: &mut TcpStream, limit: Duration) -> Duration {
     let start = Instant::now();
@@ -183,9 +212,7 @@ async fn an_idle_keepalive_connection_is_closed_after_keepalive_timeout() {
     for _ in 0..2 {
         // two requests on the connection, each answered: keep-alive works
         s.write_all(b"GET /ka HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = s.read(&mut buf).await.unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]);
+        let text = read_response(&mut s).await;
         assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("ka"), "{text}");
     }
     let took = closed_after(&mut s, Duration::from_secs(10)).await;
@@ -204,9 +231,7 @@ async fn a_keepalive_connection_outlives_header_timeout() {
         s.write_all(b"GET /long HTTP/1.1\r\nHost: h\r\n\r\n")
             .await
             .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = s.read(&mut buf).await.unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]);
+        let text = read_response(&mut s).await;
         assert!(
             text.starts_with("HTTP/1.1 200") && text.ends_with("long"),
             "{text}"
@@ -246,7 +271,13 @@ async fn an_idle_h2c_connection_is_closed() {
 
 #[tokio::test]
 async fn connections_over_the_cap_get_503_and_are_closed() {
-    let (origin, proxy) = setup(Conf::default().server("max_connections = 20")).await;
+    // idle connections are not cut by header_timeout while the test runs
+    let (origin, proxy) = setup(
+        Conf::default()
+            .server("max_connections = 20")
+            .server("header_timeout = \"60s\""),
+    )
+    .await;
     origin.route("/cap", |_| cacheable("cap"));
     let mut idle = Vec::new();
     for _ in 0..20 {
@@ -283,7 +314,9 @@ async fn the_open_files_limit_is_raised_and_the_cap_fits_it() {
     // the harness runs corral through this wrapper: soft 64, hard 200
     let proxy = Proxy::start_wrapped(
         origin.addr,
-        Conf::default().upstream("max_connections = 16"),
+        Conf::default()
+            .upstream("max_connections = 16")
+            .server("header_timeout = \"60s\""),
         "ulimit -Sn 64 && ulimit -Hn 200 && exec \"$0\" \"$@\"",
     )
     .await;
@@ -385,6 +418,7 @@ async fn upstream_connections_are_capped_and_the_queue_is_bounded() {
         }
         statuses.push(got.status);
     }
+    statuses.sort_unstable();
     assert_eq!(statuses, vec![200, 200, 503, 503, 503, 503]);
     assert_eq!(
         origin.total(),
@@ -588,7 +622,10 @@ async fn purge_records_are_small() {
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
     // the log is read back every second: this corral's own records are kept once
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(Duration::from_secs(10), "the purge log read back", || async {
+        metric(&proxy.metrics().await, "corral_purge_log_applied") >= 2000.0
+    })
+    .await;
     let m = proxy.metrics().await;
     let records = metric(&m, "corral_purge_records");
     let bytes = metric(&m, "corral_purge_record_bytes");

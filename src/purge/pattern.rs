@@ -137,11 +137,12 @@ fn list_items(pattern: &str) -> Option<Box<[Box<str>]>> {
     const CLOSE: &str = "(,|$)";
     let one = |p: &str| -> Option<Vec<Box<str>>> {
         let inner = p.strip_prefix(OPEN)?.strip_suffix(CLOSE)?;
-        let inner = match inner.strip_prefix('(').and_then(|i| i.strip_suffix(')')) {
-            Some(group) => group,
-            None => inner,
+        // alternatives only inside one group: `(^|,)a|b(,|$)` is `(^|,)a` or `b(,|$)`
+        let alternatives = match inner.strip_prefix('(').and_then(|i| i.strip_suffix(')')) {
+            Some(group) if split_top(inner, '|')?.len() == 1 => split_top(group, '|')?,
+            _ => vec![inner],
         };
-        split_top(inner, '|')?
+        alternatives
             .into_iter()
             .map(|t| match literal(t) {
                 Some((text, false, false)) if !text.is_empty() && !text.contains(',') => {
@@ -200,7 +201,8 @@ fn literal(pattern: &str) -> Option<(String, bool, bool)> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => match chars.next() {
-                Some(e) if e.is_ascii_punctuation() => out.push(e),
+                // `\<` and `\>` are word boundaries
+                Some(e) if e.is_ascii_punctuation() && e != '<' && e != '>' => out.push(e),
                 // \d, \b, \n...: a class or an assertion
                 _ => return None,
             },
@@ -281,6 +283,9 @@ mod tests {
             "x,a",
             "x, a",
             "ab",
+            "xb",
+            "b,y",
+            "x",
             "xa,y",
             "node-1",
             "node-12",
@@ -314,6 +319,9 @@ mod tests {
     fn regex_patterns_use_the_engine_and_share_it() {
         for p in [
             "^/news/.*",
+            "\\<word\\>",
+            "(^|,)a|b(,|$)",
+            "((^|,)a|b(,|$))|((^|,)x(,|$))",
             "(^|\\s)tag(\\s|$)",
             "a|b.c",
             "\\d+",

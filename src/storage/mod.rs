@@ -434,6 +434,11 @@ impl Tiered {
         });
     }
 
+    /// The sequence number of the last purge log record applied here.
+    pub fn log_seen(&self) -> u64 {
+        self.log_seen.load(Ordering::Acquire)
+    }
+
     /// Apply the purge log records this corral has not seen. Returns false if the log could
     /// not be read completely (memcached trouble): an L2 value must not be trusted then.
     ///
