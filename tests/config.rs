@@ -78,6 +78,26 @@ fn each_bad_config_names_file_key_and_reason() {
             "rule[0].path_prefix",
             "must start with '/'",
         ),
+        (
+            "[server]\nheader_timeout = \"0s\"\n",
+            "server.header_timeout",
+            "at least 10ms",
+        ),
+        (
+            "[server]\nmax_connections = 0\n",
+            "server.max_connections",
+            "greater than 0",
+        ),
+        (
+            "[upstream]\nfirst_byte_timeout = \"soon\"\n",
+            "upstream.first_byte_timeout",
+            "invalid",
+        ),
+        (
+            "[upstream]\nmax_connections = 0\n",
+            "upstream.max_connections",
+            "greater than 0",
+        ),
         ("[server\n", "-", "TOML parse error"),
     ];
     for (text, key, reason) in cases {

@@ -164,6 +164,30 @@ async fn a_trailing_dot_host_is_the_same_site_and_one_purge_covers_both() {
     assert_eq!(origin.hits("/dot"), 2);
 }
 
+/// The origin is asked for the host the key was made of, so a spelling of it (`Site.Test.`)
+/// cannot make the origin answer for another virtual host under this site's key.
+#[tokio::test]
+async fn the_origin_gets_the_normalised_host() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/which", |s| {
+        let host = s.headers.get("host").map(|h| h.to_str().unwrap().to_string());
+        cacheable(&format!("{host:?}"))
+    });
+    let got = get_with(&proxy.url("/which"), &[("host", "Site.Test.")]).await;
+    assert_eq!(got.body, "Some(\"site.test\")");
+}
+
+/// HTTP/1.0 without keep-alive: corral answers and closes, as the client expects.
+#[tokio::test]
+async fn an_http10_request_gets_its_connection_closed() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/ten", |_| cacheable("ten"));
+    let start = Instant::now();
+    let answer = raw(&proxy, b"GET /ten HTTP/1.0\r\nHost: h\r\n\r\n").await;
+    assert!(answer.ends_with("ten"), "{answer}");
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_header_timeout() {
     let (_origin, proxy) = setup(Conf::default().server("header_timeout = \"1s\"")).await;
