@@ -154,6 +154,8 @@ pub struct Deadlined {
     seen: (u64, u64),
     /// Idle, waiting for the first byte of the next request.
     idle: bool,
+    /// A head began since the last read that waited: its deadline starts at the next wait.
+    head_started: bool,
     deadline: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -167,6 +169,7 @@ impl Deadlined {
             dones: AtomicU64::new(0),
             seen: (0, 0),
             idle: false,
+            head_started: false,
             deadline: Some(deadline),
             sleep: None,
         }
@@ -218,14 +221,19 @@ impl AsyncRead for Deadlined {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if this.idle && buf.filled().len() > before {
-                    // the next request began: its whole head has header_timeout
+                    // the next request began: its whole head has header_timeout, from the
+                    // first read of it that has to wait (no clock read on the hot path, where
+                    // a head arrives whole)
                     this.idle = false;
-                    this.deadline = Some(Instant::now() + this.limits.header_timeout);
+                    this.head_started = true;
                 }
                 return Poll::Ready(Ok(()));
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
+        }
+        if std::mem::take(&mut this.head_started) {
+            this.deadline = Some(Instant::now() + this.limits.header_timeout);
         }
         let Some(deadline) = this.deadline else {
             return Poll::Pending;

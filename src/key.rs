@@ -153,6 +153,17 @@ fn absolute_authority(target: &[u8]) -> Option<&str> {
 /// Lower-case `host`, drop userinfo, a default `:80` and a trailing dot (`site.test.` is the
 /// fully qualified spelling of `site.test`: one site, one set of keys, one purge).
 pub fn normalize_host(raw: &str) -> String {
+    // the common case, taken without building anything: already lower case, no port 80, no
+    // trailing dot, no userinfo, no spaces
+    let plain = raw
+        .bytes()
+        .all(|b| !b.is_ascii_uppercase() && b != b'@' && !b.is_ascii_whitespace())
+        && !raw.ends_with(":80")
+        && !raw.ends_with('.')
+        && !raw.contains(".:");
+    if plain {
+        return raw.to_string();
+    }
     let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h).trim();
     let raw = raw.strip_suffix(":80").unwrap_or(raw);
     // the port follows the last ':' unless that one is inside an IPv6 literal
