@@ -216,6 +216,8 @@ impl AsyncRead for Deadlined {
             // keepalive_timeout): no timer of ours on the hot path
             this.idle = counts.1 >= counts.0;
             this.deadline = None;
+            // a head that arrived whole: no deadline left to start for it
+            this.head_started = false;
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {

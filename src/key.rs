@@ -173,7 +173,9 @@ pub fn normalize_host(raw: &str) -> String {
         }
         _ => (raw, None),
     };
-    let name = name.strip_suffix('.').filter(|n| !n.is_empty()).unwrap_or(name);
+    let name = Some(name.trim_end_matches('.'))
+        .filter(|n| !n.is_empty())
+        .unwrap_or(name);
     let mut out = String::with_capacity(raw.len());
     out.push_str(name);
     if let Some(p) = port {
@@ -500,6 +502,11 @@ mod tests {
         assert_eq!(normalize_host("Site.Test."), "site.test");
         assert_eq!(normalize_host("site.test.:8080"), "site.test:8080");
         assert_eq!(normalize_host("site.test.:80"), "site.test");
+        assert_eq!(normalize_host("site.test.."), "site.test");
+        assert_eq!(
+            normalize_host(&normalize_host("Site.Test..")),
+            normalize_host("Site.Test..")
+        );
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("[::1]:8080"), "[::1]:8080");
         assert_eq!(normalize_host("[::1]"), "[::1]");

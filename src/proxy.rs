@@ -968,13 +968,12 @@ impl ProxyHttp for Corral {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let mut peer = Box::new(self.peer.clone());
-        if ctx.bypass.is_some() {
-            // never cached: WebSockets, server-sent events and long polls that go quiet for
-            // longer than first_byte_timeout stay up (read_timeout between reads)
+        if matches!(ctx.bypass, Some("upgrade") | Some("rule")) {
+            // WebSockets, and server-sent events and long polls behind a bypass rule, go
+            // quiet for longer than first_byte_timeout: read_timeout between reads
             peer.options.read_timeout = Some(self.cfg.upstream.read_timeout);
         }
-        if ctx.upstream_slot.is_none() && ctx.bypass != Some("upgrade") {
-            // a tunnel after a 101 is no request to a sick origin: it takes no slot
+        if ctx.upstream_slot.is_none() {
             // a retry keeps the slot it has
             match self.upstream.take().await {
                 Some(slot) => ctx.upstream_slot = Some(slot),
@@ -1004,7 +1003,7 @@ impl ProxyHttp for Corral {
         }
         single_content_length(upstream_request)?;
         let sent = upstream_request.headers.get(header::HOST);
-        if sent.is_some_and(|h| h.as_bytes() != ctx.host.as_bytes()) {
+        if !ctx.host.is_empty() && sent.is_none_or(|h| h.as_bytes() != ctx.host.as_bytes()) {
             // the host the key was made of (lower case, no `:80`, no trailing dot): the origin
             // answers for the site the entry is stored under, never for a spelling of it
             upstream_request.insert_header(header::HOST, ctx.host.as_str())?;
@@ -1038,6 +1037,17 @@ impl ProxyHttp for Corral {
         }
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         ctx.upstream_header_time = ctx.upstream_started.map(|t| t.elapsed());
+        let no_body = matches!(upstream_response.status.as_u16(), 101 | 204 | 304)
+            || session.req_header().method == Method::HEAD
+            || upstream_response
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        if no_body {
+            // no body will follow (a 101's tunnel is no request to the origin): the slot goes
+            // now, not when a slow client is done
+            ctx.upstream_slot = None;
+        }
         for name in hop_by_hop(&upstream_response.headers) {
             upstream_response.remove_header(&name);
         }

@@ -175,6 +175,13 @@ async fn the_origin_gets_the_normalised_host() {
     });
     let got = get_with(&proxy.url("/which"), &[("host", "Site.Test.")]).await;
     assert_eq!(got.body, "Some(\"site.test\")");
+    // an absolute-form target without Host: the origin gets the normalised host too
+    let answer = raw(
+        &proxy,
+        b"GET http://Other.Test./which HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.ends_with("Some(\"other.test\")"), "{answer}");
 }
 
 /// HTTP/1.0 without keep-alive: corral answers and closes, as the client expects.
@@ -262,6 +269,28 @@ async fn a_keepalive_connection_outlives_header_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
+}
+
+/// On a keep-alive connection, a later request that takes longer than `header_timeout` at
+/// the origin still gets its answer: the head deadline ends with the head.
+#[tokio::test]
+async fn a_slow_second_request_on_a_keepalive_connection_is_answered() {
+    let (origin, proxy) = setup(Conf::default().server("header_timeout = \"1s\"")).await;
+    origin.route("/fast", |_| cacheable("fast"));
+    origin.route("/slow2", |_| cacheable("slow").delay(Duration::from_millis(2500)));
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /fast HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.ends_with("fast"));
+    s.write_all(b"GET /slow2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_response(&mut s).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("slow"),
+        "{text}"
+    );
 }
 
 /// A request in progress has no head deadline: an origin slower than `header_timeout` and
