@@ -111,32 +111,34 @@ pub fn valid_authority(s: &str) -> bool {
             None => (s, ""),
         }
     };
-    let reg_name = |b: u8| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b'%'
-            )
-    };
+    let reg_name = |b: u8| unreserved_or_sub_delim(b) || b == b'%';
     !host.is_empty()
         && host.len() <= 255
         && host.bytes().all(reg_name)
         && port.len() <= 5
         && port.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// RFC 3986 `unreserved` / `sub-delims`: what a reg-name holds besides percent-encodings.
+fn unreserved_or_sub_delim(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+        )
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`), if it is one.
@@ -202,26 +204,7 @@ pub fn primary(host: &str, path_and_query: &str) -> String {
     s.push_str(SCHEME);
     s.push_str("://");
     for b in host.bytes() {
-        let plain = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'['
-                    | b']'
-            );
+        let plain = (unreserved_or_sub_delim(b) && b != b'*') || matches!(b, b':' | b'[' | b']');
         if plain {
             s.push(b as char);
         } else {
