@@ -16,22 +16,8 @@ source benches/common.sh
 origin_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
 target/release/examples/origin "127.0.0.1:$origin_port" >"$dir/origin.log" 2>&1 &
 pids+=($!)
-cat >"$dir/corral.toml" <<CONF
-[server]
-listen = "127.0.0.1:$proxy_port"
-admin = "127.0.0.1:$admin_port"
-threads = 2
-[upstream]
-address = "127.0.0.1:$origin_port"
-[cache]
-memory_bytes = "$MEM"
-[log]
-level = "warn"
-access_log = false
-CONF
-env ${CORRAL_ENV:-} ${CORRAL_WRAP:-} target/release/corral -c "$dir/corral.toml" >"$dir/corral.log" 2>&1 &
-corral_pid=$!
-pids+=($corral_pid)
+start_corral "[cache]
+memory_bytes = \"$MEM\""
 wait_port "$origin_port"; wait_port "$proxy_port"
 
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$corral_pid/status"; }

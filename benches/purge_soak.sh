@@ -16,22 +16,8 @@ target/release/examples/origin "127.0.0.1:$origin_port" >"$dir/origin.log" 2>&1 
 pids+=($!)
 memcached -p "$mc_port" -l 127.0.0.1 -U 0 -u root -m 64 >"$dir/memcached.log" 2>&1 &
 pids+=($!)
-cat >"$dir/corral.toml" <<CONF
-[server]
-listen = "127.0.0.1:$proxy_port"
-admin = "127.0.0.1:$admin_port"
-threads = 2
-[upstream]
-address = "127.0.0.1:$origin_port"
-[memcached]
-servers = ["127.0.0.1:$mc_port"]
-[log]
-level = "warn"
-access_log = false
-CONF
-target/release/corral -c "$dir/corral.toml" >"$dir/corral.log" 2>&1 &
-corral_pid=$!
-pids+=($corral_pid)
+start_corral "[memcached]
+servers = [\"127.0.0.1:$mc_port\"]"
 wait_port "$origin_port"; wait_port "$mc_port"; wait_port "$proxy_port"
 
 python3 - "$proxy_port" "$admin_port" "$corral_pid" "$DURATION" <<'PY'

@@ -62,6 +62,19 @@ async fn read_response(s: &mut TcpStream) -> String {
     }
 }
 
+/// Open `n` idle connections to the proxy and wait until it counts them.
+async fn idle_connections(proxy: &Proxy, n: usize) -> Vec<TcpStream> {
+    let mut idle = Vec::new();
+    for _ in 0..n {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    eventually(Duration::from_secs(5), "the connections counted", || async {
+        metric(&proxy.metrics().await, "corral_connections") >= n as f64
+    })
+    .await;
+    idle
+}
+
 /// How long until the proxy closes `s` (reads and drops whatever it sends), at most `limit`.
 async fn closed_after(s: &mut TcpStream, limit: Duration) -> Duration {
     let start = Instant::now();
@@ -332,14 +345,7 @@ async fn connections_over_the_cap_get_503_and_are_closed() {
     )
     .await;
     origin.route("/cap", |_| cacheable("cap"));
-    let mut idle = Vec::new();
-    for _ in 0..20 {
-        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
-    }
-    eventually(Duration::from_secs(5), "20 connections counted", || async {
-        metric(&proxy.metrics().await, "corral_connections") >= 20.0
-    })
-    .await;
+    let mut idle = idle_connections(&proxy, 20).await;
     let refused = raw(&proxy, b"GET /cap HTTP/1.1\r\nHost: h\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.contains("Retry-After: 1"), "{refused}");
@@ -377,14 +383,7 @@ async fn the_open_files_limit_is_raised_and_the_cap_fits_it() {
     assert!(log.contains("nofile=200"), "{log}");
     // 200 - 16 upstream - 64 spare
     assert!(log.contains("max_connections=120"), "{log}");
-    let mut idle = Vec::new();
-    for _ in 0..120 {
-        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
-    }
-    eventually(Duration::from_secs(5), "120 connections counted", || async {
-        metric(&proxy.metrics().await, "corral_connections") >= 120.0
-    })
-    .await;
+    let idle = idle_connections(&proxy, 120).await;
     let refused = raw(&proxy, b"GET /fd HTTP/1.1\r\nHost: h\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     drop(idle);
