@@ -9,8 +9,9 @@ use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
+use crate::json;
 use crate::metrics;
-use crate::proxy::{json_string, CacheParts};
+use crate::proxy::CacheParts;
 use crate::purge::{Batch, Purge, Target};
 
 pub struct Admin {
@@ -46,13 +47,13 @@ impl ServeHttp for Admin {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/stats" => {
                 let s = self.parts.storage.l1.stats();
-                let body = format!(
-                    "{{\"l1_entries\":{},\"l1_bytes\":{},\"memory_bytes\":{},\"l1_evicted\":{}}}\n",
-                    s.entries,
-                    s.bytes,
-                    self.memory_bytes,
-                    pingora_cache::eviction::EvictionManager::evicted_items(self.parts.eviction)
-                );
+                let body = json::body(&json::Stats {
+                    l1_entries: s.entries,
+                    l1_bytes: s.bytes,
+                    memory_bytes: self.memory_bytes,
+                    l1_evicted: pingora_cache::eviction::EvictionManager::evicted_items(self.parts.eviction)
+                        as u64,
+                });
                 reply(StatusCode::OK, "application/json", body)
             }
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
@@ -74,7 +75,7 @@ impl Admin {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "application/json",
-                "{\"error\":\"not allowed\"}\n".into(),
+                json::error("not allowed"),
             );
         }
         let purges = if path == "/purge/all" {
@@ -92,14 +93,17 @@ impl Admin {
                             return reply(
                                 StatusCode::PAYLOAD_TOO_LARGE,
                                 "application/json",
-                                "{\"error\":\"batch over 1 MiB\"}\n".into(),
+                                json::error("batch over 1 MiB"),
                             );
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let msg = format!("{{\"error\":{}}}\n", json_string(&e.to_string()));
-                        return reply(StatusCode::BAD_REQUEST, "application/json", msg);
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            "application/json",
+                            json::error(&e.to_string()),
+                        );
                     }
                 }
             }
@@ -108,11 +112,7 @@ impl Admin {
                 Err(e) => {
                     metrics::PURGES.with_label_values(&["-", "invalid"]).inc();
                     tracing::warn!(source = ?ip, error = %e, "admin purge batch refused: nothing purged");
-                    return reply(
-                        StatusCode::BAD_REQUEST,
-                        "application/json",
-                        format!("{{\"error\":{}}}\n", json_string(&e)),
-                    );
+                    return reply(StatusCode::BAD_REQUEST, "application/json", json::error(&e));
                 }
             }
         };
@@ -133,19 +133,18 @@ impl Admin {
             metrics::PURGES.with_label_values(&[p.kind(), "ok"]).inc();
             tracing::info!(kind = p.kind(), target = %p.target_text(), soft = p.soft, purged = n, source = ?ip, "purge accepted (admin)");
         }
-        let body = counts
-            .iter()
-            .map(|(k, n)| format!("\"{k}\":{n}"))
-            .collect::<Vec<_>>()
-            .join(",");
         if l2_failed > 0 {
-            let msg = format!("{{\"error\":\"memcached unavailable: {l2_failed} purges applied locally only, retry\",\"purged\":{{{body}}}}}\n");
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", msg);
+            let error = format!("memcached unavailable: {l2_failed} purges applied locally only, retry");
+            let body = json::body(&json::Error {
+                error: &error,
+                purged: Some(&counts),
+            });
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body);
         }
-        reply(
-            StatusCode::OK,
-            "application/json",
-            format!("{{\"purged\":{{{body}}},\"accepted\":{}}}\n", purges.len()),
-        )
+        let body = json::body(&json::BatchPurged {
+            purged: &counts,
+            accepted: purges.len(),
+        });
+        reply(StatusCode::OK, "application/json", body)
     }
 }

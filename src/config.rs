@@ -2,8 +2,8 @@
 //!
 //! Every error names the file, the dotted key and the reason, e.g.
 //! `conf/corral.toml: cache.grace: invalid duration "10x": unknown time unit "x"`.
-//! [`Config::load`] also checks that the listen addresses can be bound, so that `main` fails
-//! before Pingora binds anything.
+//! [`Config::check_bindable`] also checks that the listen addresses can be bound, so that
+//! `main` fails before Pingora binds anything.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::Path;
@@ -422,13 +422,6 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(&source, "-", format!("cannot read: {e}")))?;
         Config::from_str(&text, &source)
-    }
-
-    /// Read `path`, validate it, and check that every listen address can be bound.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let cfg = Config::read(path)?;
-        cfg.check_bindable()?;
-        Ok(cfg)
     }
 
     /// The embedded default configuration (memory cache only).

@@ -14,12 +14,14 @@
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
 //! - [`purge`]: purge requests of every client shape → one `Purge`; bans and tag records
 //! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`, `POST /purge`, `POST /purge/all`)
+//! - [`json`]: the JSON answers corral writes itself
 //! - [`metrics`]: every Prometheus metric
 
 pub mod admin;
 pub mod cache_status;
 pub mod config;
 pub mod conn;
+pub mod json;
 pub mod key;
 pub mod metrics;
 pub mod policy;

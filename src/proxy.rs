@@ -39,6 +39,7 @@ use tracing::{debug, info};
 use crate::cache_status::{CacheStatus, Outcome};
 use crate::config::Config;
 use crate::conn;
+use crate::json;
 use crate::key;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
@@ -434,7 +435,7 @@ impl Corral {
             return respond_json(
                 session,
                 StatusCode::METHOD_NOT_ALLOWED,
-                "{\"error\":\"not allowed\"}\n".into(),
+                json::error("not allowed"),
             )
             .await;
         }
@@ -444,7 +445,7 @@ impl Corral {
             Err(e) => {
                 metrics::PURGES.with_label_values(&["-", "invalid"]).inc();
                 tracing::warn!(source = ?ip, %method, path = %ctx.path, error = %e, "purge refused: malformed");
-                let body = format!("{{\"error\":{}}}\n", json_string(&e.to_string()));
+                let body = json::error(&e.to_string());
                 return respond_json(session, StatusCode::BAD_REQUEST, body).await;
             }
         };
@@ -456,18 +457,19 @@ impl Corral {
                 .with_label_values(&[purge.kind(), "l2-failed"])
                 .inc();
             tracing::error!(kind = purge.kind(), site = %site, path = %ctx.path, purged, "purge applied locally but memcached could not be reached: answered 503");
-            let body = format!(
-                "{{\"error\":\"memcached unavailable: purged locally only, retry\",\"purged\":{purged}}}\n"
-            );
+            let body = json::body(&json::Error {
+                error: "memcached unavailable: purged locally only, retry",
+                purged: Some(purged),
+            });
             return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
         }
         metrics::PURGES.with_label_values(&[purge.kind(), "ok"]).inc();
         info!(kind = purge.kind(), target = %purge.target_text(), soft = purge.soft, %method, site = %site, purged, source = ?ip, "purge accepted");
-        let body = format!(
-            "{{\"purged\":{purged},\"kind\":\"{}\",\"soft\":{}}}\n",
-            purge.kind(),
-            purge.soft
-        );
+        let body = json::body(&json::Purged {
+            purged,
+            kind: purge.kind(),
+            soft: purge.soft,
+        });
         respond_json(session, StatusCode::OK, body).await
     }
 
@@ -733,22 +735,6 @@ async fn respond_json(session: &mut Session, status: StatusCode, body: String) -
     session.write_response_body(Some(Bytes::from(body)), true).await
 }
 
-/// `s` as a JSON string literal.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn is_safe(method: &Method) -> bool {
     matches!(
         *method,
@@ -821,7 +807,7 @@ impl ProxyHttp for Corral {
                     .get(header::HOST)
                     .map(|h| String::from_utf8_lossy(&h.as_bytes()[..h.len().min(100)]).into_owned());
                 tracing::warn!(client = ?session.client_addr(), reason = bad.as_str(), host = ?host, "request refused: 400");
-                let body = format!("{{\"error\":\"{}\"}}\n", bad.as_str());
+                let body = json::error(bad.as_str());
                 session.set_keepalive(None);
                 respond_json(session, StatusCode::BAD_REQUEST, body).await?;
                 return Ok(true);

@@ -51,6 +51,7 @@ use ipnet::IpNet;
 use parking_lot::RwLock;
 use pingora_cache::{CacheMeta, ForcedFreshness};
 use pingora_http::RequestHeader;
+use subtle::ConstantTimeEq;
 
 /// The longest regex a purge may carry (FOSHttpCache splits its tag bans at 7,500 bytes).
 pub const MAX_PATTERN_BYTES: usize = 16 * 1024;
@@ -588,19 +589,16 @@ impl Access {
                 .and_then(|a| a.trim_start().split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, given)| given)
-                .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), t.as_bytes())),
+                .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(t.as_bytes()))),
         };
         from_allowed && token_ok
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 // === validity records ===
 
-fn millis(t: SystemTime) -> u64 {
+/// Milliseconds since the epoch (0 before it).
+pub(crate) fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 

@@ -332,11 +332,6 @@ impl L2 {
         &self.inner.servers[i]
     }
 
-    /// Which configured server holds `key` (for tests and logs).
-    pub fn server_of(&self, key: &str) -> &str {
-        &self.server(key.as_bytes()).id
-    }
-
     fn failed(&self, server: &Server, op: &'static str, failure: Failure, e: &dyn std::fmt::Display) {
         metrics::L2_ERRORS.with_label_values(&[op]).inc();
         let open = match failure {
@@ -470,11 +465,6 @@ impl L2 {
             .await
             .is_some()
     }
-
-    /// Whether the server of `key` is currently considered up.
-    pub fn is_up(&self, key: &str) -> bool {
-        self.server(key.as_bytes()).up.load(Ordering::Acquire)
-    }
 }
 
 /// `md5_hex(namespace "/" generation "/" combined)`: the memcached key of a cache key.
@@ -485,17 +475,7 @@ pub fn key_for(namespace: &str, generation: u64, combined: &str) -> String {
     h.update(generation.to_string().as_bytes());
     h.update(b"/");
     h.update(combined.as_bytes());
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
+    format!("{:x}", h.finalize())
 }
 
 #[cfg(test)]
@@ -524,7 +504,13 @@ mod tests {
     }
 
     #[test]
-    fn hex_is_lower_case() {
-        assert_eq!(hex(&[0, 15, 16, 255]), "000f10ff");
+    fn keys_are_lower_case_md5_hex() {
+        assert_eq!(
+            key_for("ns", 0, "abc"),
+            format!("{:x}", md5::Md5::digest(b"ns/0/abc"))
+        );
+        assert!(key_for("ns", 0, "abc")
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')));
     }
 }

@@ -28,7 +28,7 @@
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -45,7 +45,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::sync::watch;
 
-use crate::purge::{Validity, Verdict};
+use crate::purge::{millis, Validity, Verdict};
 
 /// Bookkeeping bytes charged to every entry on top of body and headers: the entry itself
 /// (metadata, two header structs), its map row and slot, its URL, the eviction manager's
@@ -514,10 +514,6 @@ impl MemoryStorage {
 /// The primary key text of `key`: what bans match, kept with the entry.
 fn url_of(key: &CacheKey) -> Arc<str> {
     Arc::from(key.primary_key_str().unwrap_or(""))
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
 /// What one pass of [`MemoryStorage::sweep`] did.
