@@ -244,6 +244,19 @@ impl UpstreamSlots {
     }
 }
 
+/// Why a request does not use the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bypass {
+    /// A `[[rule]]` with `bypass = true`.
+    Rule,
+    /// Not GET or HEAD.
+    Method,
+    /// `Upgrade` (a WebSocket handshake).
+    Upgrade,
+    /// `Authorization`, without a rule's `cache_private`.
+    Authorization,
+}
+
 /// Per-request state.
 pub struct Ctx {
     started: Instant,
@@ -254,13 +267,13 @@ pub struct Ctx {
     policy: Effective,
     directives: RequestDirectives,
     /// Why the cache is not used for this request, if it is not.
-    bypass: Option<&'static str>,
+    bypass: Option<Bypass>,
     /// The cache entry was forced stale by the client's directives.
     by_request: bool,
     /// The hit came from L2 (memcached).
     from_l2: bool,
     /// This request was a purge (answered by corral itself).
-    purge: Option<&'static str>,
+    purge: bool,
     /// `response_cache_filter` decided to store the response.
     storing: bool,
     upstream_started: Option<Instant>,
@@ -275,8 +288,8 @@ pub struct Ctx {
     conditional: bool,
     /// This request revalidates its entry for the cluster and holds the refresh lock.
     refresh_lock: Option<String>,
-    /// Why corral answered the request itself with an error (bad Host, upstream queue full).
-    refused: Option<&'static str>,
+    /// corral answered the request itself with an error (bad Host, upstream queue full).
+    refused: bool,
     /// This request's upstream slot, held until the upstream response has ended.
     upstream_slot: Option<UpstreamSlot>,
     /// Every upstream slot was taken: answered 503 (or stale).
@@ -428,7 +441,7 @@ impl Corral {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let method = req.method.to_string();
-        ctx.purge = Some("refused");
+        ctx.purge = true;
         if !self.cfg.purge.access.permits(ip, auth) {
             metrics::PURGES.with_label_values(&["-", "refused"]).inc();
             tracing::warn!(source = ?ip, %method, host = %ctx.host, path = %ctx.path, "purge refused: source or token not allowed");
@@ -450,7 +463,6 @@ impl Corral {
             }
         };
         let (purged, l2_ok) = self.parts.apply(&purge).await;
-        ctx.purge = Some(purge.kind());
         if !l2_ok {
             // never acknowledge a purge that other corrals may not see: the client retries
             metrics::PURGES
@@ -545,7 +557,7 @@ impl Corral {
         resp.insert_header(header::CACHE_CONTROL, "private, no-store")?;
         if ctx.upstream_busy {
             resp.insert_header(header::RETRY_AFTER, "1")?;
-            ctx.refused = Some(UPSTREAM_BUSY);
+            ctx.refused = true;
         }
         let status = CacheStatus::new(if ctx.bypass.is_some() {
             Outcome::Bypass
@@ -690,9 +702,6 @@ fn single_content_length(req: &mut RequestHeader) -> Result<()> {
     Ok(())
 }
 
-/// `Ctx::refused` of a request that found every upstream slot taken.
-const UPSTREAM_BUSY: &str = "upstream busy";
-
 /// Remaining freshness in whole seconds, negative when stale.
 fn ttl_secs(meta: &CacheMeta, now: SystemTime) -> i64 {
     match meta.fresh_until().duration_since(now) {
@@ -768,7 +777,7 @@ impl ProxyHttp for Corral {
             bypass: None,
             by_request: false,
             from_l2: false,
-            purge: None,
+            purge: false,
             storing: false,
             upstream_started: None,
             upstream_header_time: None,
@@ -778,7 +787,7 @@ impl ProxyHttp for Corral {
             key: None,
             conditional: false,
             refresh_lock: None,
-            refused: None,
+            refused: false,
             upstream_slot: None,
             upstream_busy: false,
         }
@@ -801,7 +810,7 @@ impl ProxyHttp for Corral {
             Ok(host) => host,
             Err(bad) => {
                 // the host is part of the key every client shares: never guess at a bad one
-                ctx.refused = Some(bad.as_str());
+                ctx.refused = true;
                 let host = req
                     .headers
                     .get(header::HOST)
@@ -827,16 +836,16 @@ impl ProxyHttp for Corral {
         }
         let req = session.req_header();
         ctx.bypass = if rule.is_some_and(|r| r.bypass) {
-            Some("rule")
+            Some(Bypass::Rule)
         } else if !matches!(req.method, Method::GET | Method::HEAD) {
-            Some("method")
+            Some(Bypass::Method)
         } else if fields.upgrade {
             // a WebSocket handshake is a GET that must reach the origin (Varnish pipes it)
-            Some("upgrade")
+            Some(Bypass::Upgrade)
         } else if fields.authorization && !policy.cache_private {
             // a stored public page must not answer an authenticated user (Varnish passes
             // these too); a rule with cache_private opts in
-            Some("authorization")
+            Some(Bypass::Authorization)
         } else {
             None
         };
@@ -954,7 +963,7 @@ impl ProxyHttp for Corral {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let mut peer = Box::new(self.peer.clone());
-        if matches!(ctx.bypass, Some("upgrade") | Some("rule")) {
+        if matches!(ctx.bypass, Some(Bypass::Upgrade | Bypass::Rule)) {
             // WebSockets, and server-sent events and long polls behind a bypass rule, go
             // quiet for longer than first_byte_timeout: read_timeout between reads
             peer.options.read_timeout = Some(self.cfg.upstream.read_timeout);
@@ -1152,10 +1161,12 @@ impl ProxyHttp for Corral {
         if let Some(lock) = ctx.refresh_lock.take() {
             self.parts.storage.refresh_done(lock);
         }
-        let outcome = match (ctx.purge, ctx.refused) {
-            (Some(_), _) => "purge",
-            (None, Some(_)) => "refused",
-            (None, None) => ctx.status.map_or("error", |s| s.outcome.as_str()),
+        let outcome = if ctx.purge {
+            "purge"
+        } else if ctx.refused {
+            "refused"
+        } else {
+            ctx.status.map_or("error", |s| s.outcome.as_str())
         };
         let elapsed = ctx.started.elapsed();
         let m = metrics::for_outcome(outcome);
