@@ -6,9 +6,9 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use corral::cache::CacheParts;
 use corral::config::Config;
 use corral::key;
-use corral::proxy::CacheParts;
 use corral::purge::{self, Purge, Validity};
 use corral::storage::memory::MetaParts;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};

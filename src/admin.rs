@@ -9,9 +9,9 @@ use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
+use crate::cache::CacheParts;
 use crate::json;
 use crate::metrics;
-use crate::proxy::CacheParts;
 use crate::purge::{Batch, Purge, Target};
 
 pub struct Admin {

@@ -9,7 +9,8 @@
 //! - [`key`]: cache key (scheme + host + path + query, Vary variance)
 //! - [`policy`]: RFC 9111 storability and freshness
 //! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory)
-//! - [`proxy`]: `impl ProxyHttp`, glue only
+//! - [`cache`]: the cache as one object (tiers, purge records, lock), and the purge entry point
+//! - [`proxy`]: `impl ProxyHttp`, glue only (with `fast_hit`, `headers`, `upstream` slots)
 //! - [`conn`]: client connections: the cap, head and idle deadlines
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
 //! - [`purge`]: purge requests of every client shape → one `Purge`; bans and tag records
@@ -18,6 +19,7 @@
 //! - [`metrics`]: every Prometheus metric
 
 pub mod admin;
+pub mod cache;
 pub mod cache_status;
 pub mod config;
 pub mod conn;
@@ -36,8 +38,9 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
 
+use crate::cache::CacheParts;
 use crate::config::Config;
-use crate::proxy::{CacheParts, Corral};
+use crate::proxy::Corral;
 
 /// Build the Pingora server for `cfg`: the proxy service and, if configured, the admin one.
 /// Nothing is bound until the server runs. Fails only if the memcached client cannot be built

@@ -636,10 +636,14 @@ async fn l1_stays_within_its_budget_in_rss() {
     for i in 0..3 * BUDGET / SIZE {
         fetch(proxy.url(&format!("/rss/{i}?size={SIZE}"))).await;
     }
+    // Pingora evicts right after an admission, on its own task: the count settles at once
+    eventually(Duration::from_secs(5), "L1 back within its budget", || async {
+        proxy.stats().await.1 <= BUDGET
+    })
+    .await;
     let (entries, bytes, _) = proxy.stats().await;
     let grown = proxy.rss().saturating_sub(start);
     eprintln!("{entries} entries, {bytes} bytes counted, RSS +{grown}");
-    assert!(bytes <= BUDGET, "{bytes}");
     assert!(
         grown <= BUDGET * 5 / 4,
         "RSS grew by {grown} bytes for a budget of {BUDGET}"

@@ -22,10 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, StatusCode};
-use pingora_cache::eviction::{lru, EvictionManager};
-use pingora_cache::key::{CacheHashKey, HashBinary};
-use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora_cache::predictor::Predictor;
+use pingora_cache::key::HashBinary;
 use pingora_cache::{
     CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, ForcedFreshness, HitHandler, NoCacheReason,
     RespCacheable,
@@ -36,6 +33,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::{debug, info};
 
+use crate::cache::CacheParts;
 use crate::cache_status::{CacheStatus, Outcome};
 use crate::config::Config;
 use crate::conn;
@@ -43,136 +41,19 @@ use crate::json;
 use crate::key;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
-use crate::purge::{self, Purge, Target, Validity, Verdict};
-use crate::storage::memcached::L2;
-use crate::storage::memory::{self, CompleteHit, FreshEntry, MemoryStorage};
-use crate::storage::{Refresh, Tiered};
+use crate::purge::{self, Verdict};
+use crate::storage::memory::{self, CompleteHit};
+use crate::storage::Refresh;
+
+mod fast_hit;
+mod headers;
+mod upstream;
+
+use headers::{hop_by_hop, normalize_accept_encoding, single_content_length, strip_tags, RequestFields};
+use upstream::{UpstreamSlot, UpstreamSlots};
 
 /// RFC 9211's response header.
 const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
-
-/// Shards of the eviction LRU and of the predictor.
-const SHARDS: usize = 16;
-
-/// The cache machinery shared by every request, built once per process (Pingora wants
-/// `&'static` for all of it).
-pub struct CacheParts {
-    pub storage: &'static Tiered,
-    /// Bans and tag purges, checked on every hit.
-    pub validity: &'static Validity,
-    pub eviction: &'static lru::Manager<SHARDS>,
-    pub lock: &'static CacheKeyLockImpl,
-    pub predictor: &'static Predictor<SHARDS>,
-}
-
-impl CacheParts {
-    /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
-    pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
-        let l1: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
-        // capacity hint: entries of ~8 KiB on average, per shard
-        let per_shard = (cfg.cache.memory_bytes / 8192 / SHARDS).clamp(64, 1 << 16);
-        let eviction: &'static lru::Manager<SHARDS> = Box::leak(Box::new(
-            lru::Manager::<SHARDS>::with_capacity(cfg.cache.memory_bytes, per_shard),
-        ));
-        let validity: &'static Validity = Box::leak(Box::new(Validity::default()));
-        let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
-            l1,
-            eviction,
-            validity,
-            l2,
-            cfg.cache.lock_timeout,
-        )));
-        // age timeout: a writer that holds the lock this long lets the waiters compete again
-        let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
-        let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(
-            cfg.cache.hit_for_miss_keys.div_ceil(SHARDS),
-            None,
-        )));
-        Box::leak(Box::new(CacheParts {
-            storage,
-            validity,
-            eviction,
-            lock,
-            predictor,
-        }))
-    }
-
-    /// Remove every stored variant of the URL of `key` from L1 and the eviction manager, and
-    /// its primary entry from L2. Returns how many L1 entries were removed, and whether L2
-    /// (if any) confirmed the removal.
-    ///
-    /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
-    /// give. They need no deletion: a variant is reached only through the URL's primary entry,
-    /// and Pingora accepts only variants created after that primary (its `created` is their
-    /// tombstone), so once the primary is gone, older variants can never be served again.
-    pub async fn remove_url(&self, key: &CacheKey) -> (usize, bool) {
-        let removed = self.storage.l1.remove_primary(&key.primary_bin());
-        for compact in &removed {
-            self.eviction
-                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
-        }
-        let l2_ok = match &self.storage.l2 {
-            Some(l2) => l2.delete(&l2.key(&key.combined())).await,
-            None => true,
-        };
-        (removed.len(), l2_ok)
-    }
-
-    /// Apply a purge to this corral's L1, its validity records, and L2. Returns how many L1
-    /// entries it removed or marked stale right away (bans and tag purges act lazily: 0), and
-    /// whether L2 took it (false: memcached could not be reached, the purge must be retried).
-    pub async fn apply(&self, purge: &Purge) -> (usize, bool) {
-        if let Target::All = purge.target {
-            let n = self.storage.l1.stats().entries;
-            self.validity.invalidate_all_before(purge::now_stamp());
-            self.storage.l1.clear();
-            let l2_ok = match &self.storage.l2 {
-                Some(l2) => l2.bump_generation().await.is_some(),
-                None => true,
-            };
-            return (n, l2_ok);
-        }
-        // every other purge is a record, here and (through the purge log) at every corral of
-        // the namespace: for a URL it also covers a fill that began before the purge and ends
-        // after it, and other corrals' L1 copies
-        let at = purge::now_stamp();
-        self.validity.record(purge, at);
-        let logged = self.log(purge, at);
-        let Target::Url { host, path } = &purge.target else {
-            return (0, logged.await);
-        };
-        let key = key::for_url(host, path);
-        if purge.soft {
-            // the L2 copy stays: the record makes it stale for every corral, served stale
-            // while one request revalidates
-            let n = self.storage.l1.expire_primary(&key.primary_bin());
-            (n, logged.await)
-        } else {
-            let ((n, deleted), logged) = tokio::join!(self.remove_url(&key), logged);
-            (n, deleted && logged)
-        }
-    }
-
-    /// Append `purge` to memcached's purge log, which every corral of the namespace applies to
-    /// its L1 and to what it reads from L2. True if it took (or there is no L2).
-    async fn log(&self, purge: &Purge, at: std::time::SystemTime) -> bool {
-        match (&self.storage.l2, purge::LogRecord::of(purge, at)) {
-            (Some(l2), Some(record)) => l2.append_log(&record.encode()).await.is_some(),
-            _ => true,
-        }
-    }
-
-    /// Refresh the L1 gauges from storage and the eviction manager.
-    pub fn publish_gauges(&self) {
-        let stats = self.storage.l1.stats();
-        metrics::L1_BYTES.set(stats.bytes as i64);
-        metrics::L1_ENTRIES.set(stats.entries as i64);
-        metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
-        metrics::PURGE_RECORDS.set(self.validity.len() as i64);
-        metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
-        metrics::PURGE_LOG_APPLIED.set(self.storage.log_seen() as i64);
-    }
-}
 
 /// The proxy.
 pub struct Corral {
@@ -184,64 +65,6 @@ pub struct Corral {
     upstream: Arc<UpstreamSlots>,
     /// `server.keepalive_timeout` in whole seconds, as Pingora takes it.
     keepalive_secs: u64,
-}
-
-/// Requests to the upstream at once: a sick origin gets at most `max_connections` of them,
-/// the next `max_queue` wait (at most `queue_timeout`), the rest get 503 at once.
-pub struct UpstreamSlots {
-    slots: Arc<tokio::sync::Semaphore>,
-    queued: std::sync::atomic::AtomicUsize,
-    max_queue: usize,
-    queue_timeout: Duration,
-}
-
-/// One request's hold on an upstream slot, given back when the request ends (drop).
-pub struct UpstreamSlot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
-
-impl Drop for UpstreamSlot {
-    fn drop(&mut self) {
-        metrics::UPSTREAM_ACTIVE.dec();
-    }
-}
-
-impl UpstreamSlots {
-    fn new(up: &crate::config::UpstreamConfig) -> Self {
-        UpstreamSlots {
-            slots: Arc::new(tokio::sync::Semaphore::new(up.max_connections)),
-            queued: std::sync::atomic::AtomicUsize::new(0),
-            max_queue: up.max_queue,
-            queue_timeout: up.queue_timeout,
-        }
-    }
-
-    /// A slot, at once or after waiting in the queue; `None` if the queue is full or the wait
-    /// ran out.
-    async fn take(&self) -> Option<UpstreamSlot> {
-        use std::sync::atomic::Ordering;
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                /// Leaves the queue on every exit (timeout, a client that went away).
-                struct InQueue<'a>(&'a std::sync::atomic::AtomicUsize);
-                impl Drop for InQueue<'_> {
-                    fn drop(&mut self) {
-                        self.0.fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
-                let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
-                let _in_queue = InQueue(&self.queued);
-                if ahead >= self.max_queue {
-                    return None;
-                }
-                tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned())
-                    .await
-                    .ok()?
-                    .ok()?
-            }
-        };
-        metrics::UPSTREAM_ACTIVE.inc();
-        Some(UpstreamSlot(permit))
-    }
 }
 
 /// Why a request does not use the cache.
@@ -294,77 +117,6 @@ pub struct Ctx {
     upstream_slot: Option<UpstreamSlot>,
     /// Every upstream slot was taken: answered 503 (or stale).
     upstream_busy: bool,
-}
-
-/// The request header fields the request filter decides on, found in one pass over the names
-/// (a handful per request) rather than a map lookup each.
-struct RequestFields {
-    /// `Range`, `If-Range` or an `If-*` precondition.
-    conditional: bool,
-    /// `Cache-Control` or `Pragma`.
-    directives: bool,
-    authorization: bool,
-    accept_encoding: bool,
-    /// `Upgrade` (a WebSocket handshake, h2c): never answered from or stored in the cache.
-    upgrade: bool,
-}
-
-/// Rewrite the request's `Accept-Encoding` to one of the few values cached variants are kept
-/// for ([`key::normalize_accept_encoding`]).
-fn normalize_accept_encoding(req: &mut RequestHeader) {
-    let values = req.headers.get_all(header::ACCEPT_ENCODING);
-    let normal = key::normalize_accept_encoding(values.iter().map(HeaderValue::as_bytes));
-    let mut sent = values.iter();
-    if let (Some(n), Some(only), None) = (normal, sent.next(), sent.next()) {
-        if only.as_bytes() == n.as_bytes() {
-            return;
-        }
-    }
-    match normal {
-        Some(n) => {
-            let _ = req.insert_header(header::ACCEPT_ENCODING, HeaderValue::from_static(n));
-        }
-        None => {
-            req.remove_header(&header::ACCEPT_ENCODING);
-        }
-    }
-}
-
-impl RequestFields {
-    fn of(req: &RequestHeader) -> Self {
-        let mut f = RequestFields {
-            conditional: false,
-            directives: false,
-            authorization: false,
-            accept_encoding: false,
-            upgrade: false,
-        };
-        for name in req.headers.keys() {
-            if name == header::RANGE
-                || name == header::IF_RANGE
-                || name == header::IF_NONE_MATCH
-                || name == header::IF_MODIFIED_SINCE
-                || name == header::IF_MATCH
-                || name == header::IF_UNMODIFIED_SINCE
-            {
-                f.conditional = true;
-            } else if name == header::CACHE_CONTROL || name == header::PRAGMA {
-                f.directives = true;
-            } else if name == header::AUTHORIZATION {
-                f.authorization = true;
-            } else if name == header::ACCEPT_ENCODING {
-                f.accept_encoding = true;
-            } else if name == header::UPGRADE {
-                // h2c (curl --http2 on http://) is ignored by Pingora: a plain request
-                f.upgrade = req
-                    .headers
-                    .get_all(header::UPGRADE)
-                    .iter()
-                    .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"));
-            }
-        }
-        f
-    }
 }
 
 impl Corral {
@@ -485,70 +237,6 @@ impl Corral {
         respond_json(session, StatusCode::OK, body).await
     }
 
-    /// The fast hit path: a plain GET/HEAD (no conditionals, no range, no request directives)
-    /// for a fresh, complete, variant-free L1 entry that no ban or tag purge touches is answered
-    /// here, from the stored header and body, without Pingora's cache state machine (lookup
-    /// boxing, a second header copy, range and conditional filters). Everything else, and
-    /// every doubt, returns `false` and takes the full path, which decides the same way.
-    /// Returns whether the response was sent.
-    async fn fast_hit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if ctx.conditional || !ctx.directives.is_plain() {
-            return Ok(false);
-        }
-        let head = session.req_header().method == Method::HEAD;
-        let key = key::for_parts(&ctx.host, &ctx.path);
-        let now = SystemTime::now();
-        let Some(entry) = self.fast_entry(&key, ctx, now) else {
-            ctx.key = Some(key);
-            return Ok(false);
-        };
-        // a hit keeps the entry in the LRU, as Pingora's hit path does
-        let lru_key = pingora_cache::eviction::CacheEntryKey::from_entry_id(key.to_compact(), None);
-        self.parts
-            .eviction
-            .access(&lru_key, entry.weight(), entry.fresh_until());
-
-        let strip = self.cfg.purge.strip_tag_headers;
-        let mut resp = entry.wire(|stored| wire_header(stored, strip)).clone();
-        let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
-        resp.insert_header(header::AGE, age)?;
-        let mut status = CacheStatus::new(Outcome::Hit);
-        status.ttl = Some(
-            entry
-                .fresh_until()
-                .duration_since(now)
-                .map_or(0, |d| d.as_secs() as i64),
-        );
-        resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
-        ctx.status = Some(status);
-        metrics::FAST_HITS.inc();
-        session.write_response_header(Box::new(resp), head).await?;
-        if !head {
-            session.write_response_body(Some(entry.body()), true).await?;
-        }
-        Ok(true)
-    }
-
-    /// The L1 entry the fast hit path may serve for `key`: fresh, plain (see
-    /// [`MemoryStorage::fresh_plain`]), framed by `Content-Length` (Pingora frames the others),
-    /// and valid against every purge record. Otherwise `None`: the full path then decides,
-    /// and applies a purge verdict (a miss, or stale while one request revalidates).
-    fn fast_entry(&self, key: &CacheKey, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
-        let entry = self.parts.storage.l1.fresh_plain(key, now)?;
-        if !entry.header().headers.contains_key(header::CONTENT_LENGTH) {
-            return None;
-        }
-        let headers = &entry.header().headers;
-        let verdict = self.parts.validity.check_marked(
-            &ctx.host,
-            &ctx.path,
-            entry.updated(),
-            headers,
-            Some(entry.check_mark()),
-        );
-        (verdict == Verdict::Valid).then_some(entry)
-    }
-
     /// An error answer of corral's own (Pingora's `respond_error` with `Cache-Status`, and
     /// `Retry-After` when the upstream is busy).
     async fn respond_error(&self, session: &mut Session, ctx: &mut Ctx, code: u16) -> Result<()> {
@@ -627,112 +315,12 @@ fn cache_status_value(status: &CacheStatus) -> Result<HeaderValue> {
         .map_err(|_| Error::explain(ErrorType::InternalError, "invalid cache-status"))
 }
 
-/// The header a fast hit sends, built once per entry from the stored one: without the
-/// case-preserving name map Pingora keeps beside the header map (half the copying per hit;
-/// names go out lower-case, as in HTTP/2), tags stripped if configured, and every field a hit
-/// (or Pingora's writer: `Date`, `Connection`) sets already present, so that a hit replaces
-/// values and never grows the map.
-fn wire_header(stored: &ResponseHeader, strip: bool) -> ResponseHeader {
-    let mut h = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 4)) {
-        Ok(mut h) => {
-            for (name, value) in &stored.headers {
-                let _ = h.append_header(name.clone(), value.clone());
-            }
-            let _ = h.set_reason_phrase(stored.get_reason_phrase());
-            h
-        }
-        Err(_) => stored.clone(),
-    };
-    h.set_version(http::Version::HTTP_11);
-    if strip {
-        strip_tags(&mut h);
-    }
-    for (name, placeholder) in [
-        (header::AGE, http::HeaderValue::from_static("0")),
-        (CACHE_STATUS, http::HeaderValue::from_static("corral")),
-        (
-            header::DATE,
-            pingora_core::protocols::http::date::get_cached_date(),
-        ),
-        (header::CONNECTION, http::HeaderValue::from_static("keep-alive")),
-    ] {
-        if !h.headers.contains_key(&name) {
-            let _ = h.insert_header(name, placeholder);
-        }
-    }
-    h
-}
-
-/// Remove the tag headers (xkey, Surrogate-Key, ...) from a client response.
-fn strip_tags(resp: &mut ResponseHeader) {
-    if purge::has_tag_header(&resp.headers) {
-        for (name, _) in purge::TAG_HEADERS {
-            resp.remove_header(name);
-        }
-    }
-}
-
-/// RFC 9112 §6.3: a `Content-Length` sent as several identical values (`5, 5` or two lines)
-/// is forwarded as one; different values make the message invalid (400).
-fn single_content_length(req: &mut RequestHeader) -> Result<()> {
-    let mut parts = req
-        .headers
-        .get_all(header::CONTENT_LENGTH)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|p| {
-            std::str::from_utf8(p.trim_ascii())
-                .ok()
-                .and_then(|p| p.parse::<u64>().ok())
-        });
-    let Some(first) = parts.next() else {
-        return Ok(());
-    };
-    let mut repeated = false;
-    for part in parts {
-        if part.is_none() || part != first {
-            return Error::e_explain(ErrorType::InvalidHTTPHeader, "different Content-Length values")
-                .map_err(|e| e.into_down());
-        }
-        repeated = true;
-    }
-    if let (true, Some(length)) = (repeated, first) {
-        req.insert_header(header::CONTENT_LENGTH, length)?;
-    }
-    Ok(())
-}
-
 /// Remaining freshness in whole seconds, negative when stale.
 fn ttl_secs(meta: &CacheMeta, now: SystemTime) -> i64 {
     match meta.fresh_until().duration_since(now) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
     }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) other than the framing ones Pingora manages itself.
-const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "te", "trailer"];
-
-/// The headers to remove before forwarding: those named in `Connection` and the standard
-/// hop-by-hop ones. `Connection` and `Upgrade` themselves stay (Pingora uses them for keep-alive
-/// and protocol upgrades), and so do the framing headers and `Host`, whatever `Connection` says.
-fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .chain(HOP_BY_HOP.iter().map(|h| h.to_string()))
-        .filter(|t| {
-            !t.is_empty()
-                && !matches!(
-                    t.as_str(),
-                    "close" | "upgrade" | "connection" | "content-length" | "transfer-encoding" | "host"
-                )
-                && headers.contains_key(t.as_str())
-        })
-        .collect()
 }
 
 async fn respond_json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
@@ -1203,38 +791,6 @@ impl ProxyHttp for Corral {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_named_headers_are_stripped() {
-        let mut h = http::HeaderMap::new();
-        h.insert("connection", "close, x-secret".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        h.insert("content-length", "3".parse().unwrap());
-        for n in hop_by_hop(&h) {
-            h.remove(n.as_str());
-        }
-        assert!(h.get("x-secret").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert!(h.get("x-kept").is_some());
-        assert!(h.get("content-length").is_some());
-        assert!(h.get("connection").is_some(), "pingora manages Connection itself");
-    }
-
-    #[test]
-    fn framing_headers_survive_a_hostile_connection_header() {
-        let mut h = http::HeaderMap::new();
-        h.insert(
-            "connection",
-            "content-length, transfer-encoding, host".parse().unwrap(),
-        );
-        h.insert("content-length", "3".parse().unwrap());
-        h.insert("host", "a".parse().unwrap());
-        assert!(hop_by_hop(&h).is_empty());
-        assert!(h.get("content-length").is_some());
-        assert!(h.get("host").is_some());
-    }
 
     #[test]
     fn ttl_is_negative_when_stale() {

@@ -1,0 +1,141 @@
+//! The cache as one object: the tiers, the purge records, the eviction manager, Pingora's
+//! cache lock and predictor, and the one entry point every purge goes through
+//! ([`CacheParts::apply`]). Built once per process and held by the proxy and the admin
+//! listener.
+
+use pingora_cache::eviction::{lru, EvictionManager};
+use pingora_cache::key::CacheHashKey;
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::predictor::Predictor;
+use pingora_cache::CacheKey;
+
+use crate::config::Config;
+use crate::key;
+use crate::metrics;
+use crate::purge::{self, Purge, Target, Validity};
+use crate::storage::memcached::L2;
+use crate::storage::memory::MemoryStorage;
+use crate::storage::Tiered;
+
+/// Shards of the eviction LRU and of the predictor.
+pub const SHARDS: usize = 16;
+
+/// The cache machinery shared by every request, built once per process (Pingora wants
+/// `&'static` for all of it).
+pub struct CacheParts {
+    pub storage: &'static Tiered,
+    /// Bans and tag purges, checked on every hit.
+    pub validity: &'static Validity,
+    pub eviction: &'static lru::Manager<SHARDS>,
+    pub lock: &'static CacheKeyLockImpl,
+    pub predictor: &'static Predictor<SHARDS>,
+}
+
+impl CacheParts {
+    /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
+    pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
+        let l1: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
+        // capacity hint: entries of ~8 KiB on average, per shard
+        let per_shard = (cfg.cache.memory_bytes / 8192 / SHARDS).clamp(64, 1 << 16);
+        let eviction: &'static lru::Manager<SHARDS> = Box::leak(Box::new(
+            lru::Manager::<SHARDS>::with_capacity(cfg.cache.memory_bytes, per_shard),
+        ));
+        let validity: &'static Validity = Box::leak(Box::new(Validity::default()));
+        let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
+            l1,
+            eviction,
+            validity,
+            l2,
+            cfg.cache.lock_timeout,
+        )));
+        // age timeout: a writer that holds the lock this long lets the waiters compete again
+        let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
+        let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(
+            cfg.cache.hit_for_miss_keys.div_ceil(SHARDS),
+            None,
+        )));
+        Box::leak(Box::new(CacheParts {
+            storage,
+            validity,
+            eviction,
+            lock,
+            predictor,
+        }))
+    }
+
+    /// Remove every stored variant of the URL of `key` from L1 and the eviction manager, and
+    /// its primary entry from L2. Returns how many L1 entries were removed, and whether L2
+    /// (if any) confirmed the removal.
+    ///
+    /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
+    /// give. They need no deletion: a variant is reached only through the URL's primary entry,
+    /// and Pingora accepts only variants created after that primary (its `created` is their
+    /// tombstone), so once the primary is gone, older variants can never be served again.
+    pub async fn remove_url(&self, key: &CacheKey) -> (usize, bool) {
+        let removed = self.storage.l1.remove_primary(&key.primary_bin());
+        for compact in &removed {
+            self.eviction
+                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+        }
+        let l2_ok = match &self.storage.l2 {
+            Some(l2) => l2.delete(&l2.key(&key.combined())).await,
+            None => true,
+        };
+        (removed.len(), l2_ok)
+    }
+
+    /// Apply a purge to this corral's L1, its validity records, and L2. Returns how many L1
+    /// entries it removed or marked stale right away (bans and tag purges act lazily: 0), and
+    /// whether L2 took it (false: memcached could not be reached, the purge must be retried).
+    pub async fn apply(&self, purge: &Purge) -> (usize, bool) {
+        if let Target::All = purge.target {
+            let n = self.storage.l1.stats().entries;
+            self.validity.invalidate_all_before(purge::now_stamp());
+            self.storage.l1.clear();
+            let l2_ok = match &self.storage.l2 {
+                Some(l2) => l2.bump_generation().await.is_some(),
+                None => true,
+            };
+            return (n, l2_ok);
+        }
+        // every other purge is a record, here and (through the purge log) at every corral of
+        // the namespace: for a URL it also covers a fill that began before the purge and ends
+        // after it, and other corrals' L1 copies
+        let at = purge::now_stamp();
+        self.validity.record(purge, at);
+        let logged = self.log(purge, at);
+        let Target::Url { host, path } = &purge.target else {
+            return (0, logged.await);
+        };
+        let key = key::for_url(host, path);
+        if purge.soft {
+            // the L2 copy stays: the record makes it stale for every corral, served stale
+            // while one request revalidates
+            let n = self.storage.l1.expire_primary(&key.primary_bin());
+            (n, logged.await)
+        } else {
+            let ((n, deleted), logged) = tokio::join!(self.remove_url(&key), logged);
+            (n, deleted && logged)
+        }
+    }
+
+    /// Append `purge` to memcached's purge log, which every corral of the namespace applies to
+    /// its L1 and to what it reads from L2. True if it took (or there is no L2).
+    async fn log(&self, purge: &Purge, at: std::time::SystemTime) -> bool {
+        match (&self.storage.l2, purge::LogRecord::of(purge, at)) {
+            (Some(l2), Some(record)) => l2.append_log(&record.encode()).await.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Refresh the L1 gauges from storage and the eviction manager.
+    pub fn publish_gauges(&self) {
+        let stats = self.storage.l1.stats();
+        metrics::L1_BYTES.set(stats.bytes as i64);
+        metrics::L1_ENTRIES.set(stats.entries as i64);
+        metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
+        metrics::PURGE_RECORDS.set(self.validity.len() as i64);
+        metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
+        metrics::PURGE_LOG_APPLIED.set(self.storage.log_seen() as i64);
+    }
+}

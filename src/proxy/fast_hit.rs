@@ -1,0 +1,84 @@
+//! The fast hit path: plain requests for fresh, variant-free L1 entries answered in the
+//! request filter, without Pingora's cache state machine.
+
+use std::time::SystemTime;
+
+use http::{header, Method};
+use pingora_cache::eviction::EvictionManager;
+use pingora_cache::CacheKey;
+use pingora_error::Result;
+use pingora_proxy::Session;
+
+use super::headers::wire_header;
+use super::{cache_status_value, Corral, Ctx, CACHE_STATUS};
+use crate::cache_status::{CacheStatus, Outcome};
+use crate::key;
+use crate::metrics;
+use crate::purge::Verdict;
+use crate::storage::memory::FreshEntry;
+
+impl Corral {
+    /// The fast hit path: a plain GET/HEAD (no conditionals, no range, no request directives)
+    /// for a fresh, complete, variant-free L1 entry that no ban or tag purge touches is answered
+    /// here, from the stored header and body, without Pingora's cache state machine (lookup
+    /// boxing, a second header copy, range and conditional filters). Everything else, and
+    /// every doubt, returns `false` and takes the full path, which decides the same way.
+    /// Returns whether the response was sent.
+    pub(super) async fn fast_hit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if ctx.conditional || !ctx.directives.is_plain() {
+            return Ok(false);
+        }
+        let head = session.req_header().method == Method::HEAD;
+        let key = key::for_parts(&ctx.host, &ctx.path);
+        let now = SystemTime::now();
+        let Some(entry) = self.fast_entry(&key, ctx, now) else {
+            ctx.key = Some(key);
+            return Ok(false);
+        };
+        // a hit keeps the entry in the LRU, as Pingora's hit path does
+        let lru_key = pingora_cache::eviction::CacheEntryKey::from_entry_id(key.to_compact(), None);
+        self.parts
+            .eviction
+            .access(&lru_key, entry.weight(), entry.fresh_until());
+
+        let strip = self.cfg.purge.strip_tag_headers;
+        let mut resp = entry.wire(|stored| wire_header(stored, strip)).clone();
+        let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
+        resp.insert_header(header::AGE, age)?;
+        let mut status = CacheStatus::new(Outcome::Hit);
+        status.ttl = Some(
+            entry
+                .fresh_until()
+                .duration_since(now)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
+        resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
+        ctx.status = Some(status);
+        metrics::FAST_HITS.inc();
+        session.write_response_header(Box::new(resp), head).await?;
+        if !head {
+            session.write_response_body(Some(entry.body()), true).await?;
+        }
+        Ok(true)
+    }
+
+    /// The L1 entry the fast hit path may serve for `key`: fresh, plain (see
+    /// [`crate::storage::memory::MemoryStorage::fresh_plain`]), framed by `Content-Length` (Pingora frames the others),
+    /// and valid against every purge record. Otherwise `None`: the full path then decides,
+    /// and applies a purge verdict (a miss, or stale while one request revalidates).
+    fn fast_entry(&self, key: &CacheKey, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
+        let entry = self.parts.storage.l1.fresh_plain(key, now)?;
+        if !entry.header().headers.contains_key(header::CONTENT_LENGTH) {
+            return None;
+        }
+        let headers = &entry.header().headers;
+        let verdict = self.parts.validity.check_marked(
+            &ctx.host,
+            &ctx.path,
+            entry.updated(),
+            headers,
+            Some(entry.check_mark()),
+        );
+        (verdict == Verdict::Valid).then_some(entry)
+    }
+}

@@ -1,0 +1,219 @@
+//! Header handling on the way through: the request fields the filter decides on,
+//! `Accept-Encoding` normalisation, hop-by-hop fields, `Content-Length`, tag headers, and the
+//! header a fast hit sends.
+
+use http::{header, HeaderValue};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use super::CACHE_STATUS;
+use crate::key;
+use crate::purge;
+
+/// The request header fields the request filter decides on, found in one pass over the names
+/// (a handful per request) rather than a map lookup each.
+pub(super) struct RequestFields {
+    /// `Range`, `If-Range` or an `If-*` precondition.
+    pub(super) conditional: bool,
+    /// `Cache-Control` or `Pragma`.
+    pub(super) directives: bool,
+    pub(super) authorization: bool,
+    pub(super) accept_encoding: bool,
+    /// `Upgrade` (a WebSocket handshake, h2c): never answered from or stored in the cache.
+    pub(super) upgrade: bool,
+}
+
+/// Rewrite the request's `Accept-Encoding` to one of the few values cached variants are kept
+/// for ([`key::normalize_accept_encoding`]).
+pub(super) fn normalize_accept_encoding(req: &mut RequestHeader) {
+    let values = req.headers.get_all(header::ACCEPT_ENCODING);
+    let normal = key::normalize_accept_encoding(values.iter().map(HeaderValue::as_bytes));
+    let mut sent = values.iter();
+    if let (Some(n), Some(only), None) = (normal, sent.next(), sent.next()) {
+        if only.as_bytes() == n.as_bytes() {
+            return;
+        }
+    }
+    match normal {
+        Some(n) => {
+            let _ = req.insert_header(header::ACCEPT_ENCODING, HeaderValue::from_static(n));
+        }
+        None => {
+            req.remove_header(&header::ACCEPT_ENCODING);
+        }
+    }
+}
+
+impl RequestFields {
+    pub(super) fn of(req: &RequestHeader) -> Self {
+        let mut f = RequestFields {
+            conditional: false,
+            directives: false,
+            authorization: false,
+            accept_encoding: false,
+            upgrade: false,
+        };
+        for name in req.headers.keys() {
+            if name == header::RANGE
+                || name == header::IF_RANGE
+                || name == header::IF_NONE_MATCH
+                || name == header::IF_MODIFIED_SINCE
+                || name == header::IF_MATCH
+                || name == header::IF_UNMODIFIED_SINCE
+            {
+                f.conditional = true;
+            } else if name == header::CACHE_CONTROL || name == header::PRAGMA {
+                f.directives = true;
+            } else if name == header::AUTHORIZATION {
+                f.authorization = true;
+            } else if name == header::ACCEPT_ENCODING {
+                f.accept_encoding = true;
+            } else if name == header::UPGRADE {
+                // h2c (curl --http2 on http://) is ignored by Pingora: a plain request
+                f.upgrade = req
+                    .headers
+                    .get_all(header::UPGRADE)
+                    .iter()
+                    .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"));
+            }
+        }
+        f
+    }
+}
+
+/// The header a fast hit sends, built once per entry from the stored one: without the
+/// case-preserving name map Pingora keeps beside the header map (half the copying per hit;
+/// names go out lower-case, as in HTTP/2), tags stripped if configured, and every field a hit
+/// (or Pingora's writer: `Date`, `Connection`) sets already present, so that a hit replaces
+/// values and never grows the map.
+pub(super) fn wire_header(stored: &ResponseHeader, strip: bool) -> ResponseHeader {
+    let mut h = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 4)) {
+        Ok(mut h) => {
+            for (name, value) in &stored.headers {
+                let _ = h.append_header(name.clone(), value.clone());
+            }
+            let _ = h.set_reason_phrase(stored.get_reason_phrase());
+            h
+        }
+        Err(_) => stored.clone(),
+    };
+    h.set_version(http::Version::HTTP_11);
+    if strip {
+        strip_tags(&mut h);
+    }
+    for (name, placeholder) in [
+        (header::AGE, http::HeaderValue::from_static("0")),
+        (CACHE_STATUS, http::HeaderValue::from_static("corral")),
+        (
+            header::DATE,
+            pingora_core::protocols::http::date::get_cached_date(),
+        ),
+        (header::CONNECTION, http::HeaderValue::from_static("keep-alive")),
+    ] {
+        if !h.headers.contains_key(&name) {
+            let _ = h.insert_header(name, placeholder);
+        }
+    }
+    h
+}
+
+/// Remove the tag headers (xkey, Surrogate-Key, ...) from a client response.
+pub(super) fn strip_tags(resp: &mut ResponseHeader) {
+    if purge::has_tag_header(&resp.headers) {
+        for (name, _) in purge::TAG_HEADERS {
+            resp.remove_header(name);
+        }
+    }
+}
+
+/// RFC 9112 §6.3: a `Content-Length` sent as several identical values (`5, 5` or two lines)
+/// is forwarded as one; different values make the message invalid (400).
+pub(super) fn single_content_length(req: &mut RequestHeader) -> Result<()> {
+    let mut parts = req
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|p| {
+            std::str::from_utf8(p.trim_ascii())
+                .ok()
+                .and_then(|p| p.parse::<u64>().ok())
+        });
+    let Some(first) = parts.next() else {
+        return Ok(());
+    };
+    let mut repeated = false;
+    for part in parts {
+        if part.is_none() || part != first {
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "different Content-Length values")
+                .map_err(|e| e.into_down());
+        }
+        repeated = true;
+    }
+    if let (true, Some(length)) = (repeated, first) {
+        req.insert_header(header::CONTENT_LENGTH, length)?;
+    }
+    Ok(())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) other than the framing ones Pingora manages itself.
+const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "te", "trailer"];
+
+/// The headers to remove before forwarding: those named in `Connection` and the standard
+/// hop-by-hop ones. `Connection` and `Upgrade` themselves stay (Pingora uses them for keep-alive
+/// and protocol upgrades), and so do the framing headers and `Host`, whatever `Connection` says.
+pub(super) fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .chain(HOP_BY_HOP.iter().map(|h| h.to_string()))
+        .filter(|t| {
+            !t.is_empty()
+                && !matches!(
+                    t.as_str(),
+                    "close" | "upgrade" | "connection" | "content-length" | "transfer-encoding" | "host"
+                )
+                && headers.contains_key(t.as_str())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        h.insert("content-length", "3".parse().unwrap());
+        for n in hop_by_hop(&h) {
+            h.remove(n.as_str());
+        }
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("x-kept").is_some());
+        assert!(h.get("content-length").is_some());
+        assert!(h.get("connection").is_some(), "pingora manages Connection itself");
+    }
+
+    #[test]
+    fn framing_headers_survive_a_hostile_connection_header() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "connection",
+            "content-length, transfer-encoding, host".parse().unwrap(),
+        );
+        h.insert("content-length", "3".parse().unwrap());
+        h.insert("host", "a".parse().unwrap());
+        assert!(hop_by_hop(&h).is_empty());
+        assert!(h.get("content-length").is_some());
+        assert!(h.get("host").is_some());
+    }
+}
