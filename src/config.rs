@@ -484,35 +484,66 @@ fn resolve(source: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigErr
 
 impl FileConfig {
     fn validate(self, source: &str) -> Result<Config, ConfigError> {
-        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        Ok(Config {
+            source: source.to_string(),
+            server: self.server.validate(source)?,
+            upstream: self.upstream.validate(source)?,
+            cache: self.cache.validate(source)?,
+            log: self.log.validate(source)?,
+            memcached: self.memcached.validate(source)?,
+            purge: self.purge.validate(source)?,
+            rules: self
+                .rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| r.validate(source, i))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
 
-        let listen = resolve(source, "server.listen", &self.server.listen)?;
-        let admin = match self.server.admin.as_str() {
+impl ServerFile {
+    fn validate(self, source: &str) -> Result<ServerConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let listen = resolve(source, "server.listen", &self.listen)?;
+        let admin = match self.admin.as_str() {
             "" => None,
             a => Some(resolve(source, "server.admin", a)?),
         };
         if admin == Some(listen) {
             return err("server.admin", "must differ from server.listen".into());
         }
-        if self.server.threads == 0 || self.server.threads > 1024 {
-            return err(
-                "server.threads",
-                format!("{} is not in 1..=1024", self.server.threads),
-            );
+        if self.threads == 0 || self.threads > 1024 {
+            return err("server.threads", format!("{} is not in 1..=1024", self.threads));
         }
         for (key, d) in [
-            ("server.header_timeout", self.server.header_timeout),
-            ("server.keepalive_timeout", self.server.keepalive_timeout),
+            ("server.header_timeout", self.header_timeout),
+            ("server.keepalive_timeout", self.keepalive_timeout),
         ] {
             if d < Duration::from_millis(10) {
                 return err(key, format!("{d:?}: must be at least 10ms"));
             }
         }
-        if self.server.max_connections == 0 {
+        if self.max_connections == 0 {
             return err("server.max_connections", "must be greater than 0".into());
         }
+        Ok(ServerConfig {
+            listen,
+            admin,
+            threads: self.threads,
+            limits: crate::conn::Limits {
+                header_timeout: self.header_timeout,
+                keepalive_timeout: self.keepalive_timeout,
+                max_connections: self.max_connections,
+            },
+        })
+    }
+}
 
-        let up = self.upstream;
+impl UpstreamFile {
+    fn validate(self, source: &str) -> Result<UpstreamConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let up = self;
         let Some((host, port)) = up.address.rsplit_once(':') else {
             return err("upstream.address", format!("{:?} is not host:port", up.address));
         };
@@ -538,8 +569,25 @@ impl FileConfig {
         } else {
             up.sni
         };
+        Ok(UpstreamConfig {
+            address: up.address,
+            tls: up.tls,
+            sni,
+            connect_timeout: up.connect_timeout,
+            first_byte_timeout: up.first_byte_timeout,
+            read_timeout: up.read_timeout,
+            write_timeout: up.write_timeout,
+            max_connections: up.max_connections,
+            max_queue: up.max_queue,
+            queue_timeout: up.queue_timeout,
+        })
+    }
+}
 
-        let c = self.cache;
+impl CacheFile {
+    fn validate(self, source: &str) -> Result<CacheConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let c = self;
         let memory_bytes = usize::try_from(c.memory_bytes.as_u64()).unwrap_or(usize::MAX);
         let max_object_bytes = usize::try_from(c.max_object_bytes.as_u64()).unwrap_or(usize::MAX);
         if memory_bytes < 1024 {
@@ -563,15 +611,37 @@ impl FileConfig {
         if c.hit_for_miss_keys == 0 {
             return err("cache.hit_for_miss_keys", "must be greater than 0".into());
         }
+        Ok(CacheConfig {
+            memory_bytes,
+            max_object_bytes,
+            default_ttl: c.default_ttl,
+            grace: c.grace,
+            stale_if_error: c.stale_if_error,
+            lock_timeout: c.lock_timeout,
+            hit_for_miss_keys: c.hit_for_miss_keys,
+            honor_client_no_cache: c.honor_client_no_cache,
+            normalize_accept_encoding: c.normalize_accept_encoding,
+        })
+    }
+}
 
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return err(
-                "log.level",
-                format!("{:?} is not a level or filter", self.log.level),
-            );
+impl LogFile {
+    fn validate(self, source: &str) -> Result<LogConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
+            return err("log.level", format!("{:?} is not a level or filter", self.level));
         }
+        Ok(LogConfig {
+            level: self.level,
+            access_log: self.access_log,
+        })
+    }
+}
 
-        let m = self.memcached;
+impl MemcachedFile {
+    fn validate(self, source: &str) -> Result<Option<crate::storage::memcached::L2Config>, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let m = self;
         let memcached = if m.servers.is_empty() {
             None
         } else {
@@ -619,8 +689,14 @@ impl FileConfig {
                 max_ttl: m.max_ttl,
             })
         };
+        Ok(memcached)
+    }
+}
 
-        let p = self.purge;
+impl PurgeFile {
+    fn validate(self, source: &str) -> Result<PurgeConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let p = self;
         let mut allow = Vec::with_capacity(p.allow.len());
         for (i, net) in p.allow.iter().enumerate() {
             let parsed = net
@@ -660,84 +736,45 @@ impl FileConfig {
             strip_tag_headers: p.strip_tag_headers,
             sweep_interval: p.sweep_interval,
         };
+        Ok(purge)
+    }
+}
 
-        let mut rules = Vec::with_capacity(self.rules.len());
-        for (i, r) in self.rules.into_iter().enumerate() {
-            let at = |field: &str| format!("rule[{i}].{field}");
-            if let Some(h) = &r.host {
-                let bare = h.strip_prefix("*.").unwrap_or(h);
-                if bare.is_empty() || bare.contains(['/', ':', ' ', '*']) {
-                    return err(
-                        &at("host"),
-                        format!("{h:?} is not a host name (no port, no path)"),
-                    );
-                }
-            }
-            if let Some(p) = &r.path_prefix {
-                if !p.starts_with('/') {
-                    return err(&at("path_prefix"), format!("{p:?} must start with '/'"));
-                }
-            }
-            if r.bypass && (r.ttl.is_some() || r.grace.is_some() || r.cache_private || r.cache_set_cookie) {
+impl RuleFile {
+    fn validate(self, source: &str, i: usize) -> Result<Rule, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let at = |field: &str| format!("rule[{i}].{field}");
+        if let Some(h) = &self.host {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty() || bare.contains(['/', ':', ' ', '*']) {
                 return err(
-                    &at("bypass"),
-                    "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into(),
+                    &at("host"),
+                    format!("{h:?} is not a host name (no port, no path)"),
                 );
             }
-            rules.push(Rule {
-                host: r.host.map(|h| h.to_ascii_lowercase()),
-                path_prefix: r.path_prefix,
-                ttl: r.ttl,
-                grace: r.grace,
-                stale_if_error: r.stale_if_error,
-                bypass: r.bypass,
-                cache_private: r.cache_private,
-                cache_set_cookie: r.cache_set_cookie,
-            });
         }
-
-        Ok(Config {
-            source: source.to_string(),
-            server: ServerConfig {
-                listen,
-                admin,
-                threads: self.server.threads,
-                limits: crate::conn::Limits {
-                    header_timeout: self.server.header_timeout,
-                    keepalive_timeout: self.server.keepalive_timeout,
-                    max_connections: self.server.max_connections,
-                },
-            },
-            upstream: UpstreamConfig {
-                address: up.address,
-                tls: up.tls,
-                sni,
-                connect_timeout: up.connect_timeout,
-                first_byte_timeout: up.first_byte_timeout,
-                read_timeout: up.read_timeout,
-                write_timeout: up.write_timeout,
-                max_connections: up.max_connections,
-                max_queue: up.max_queue,
-                queue_timeout: up.queue_timeout,
-            },
-            cache: CacheConfig {
-                memory_bytes,
-                max_object_bytes,
-                default_ttl: c.default_ttl,
-                grace: c.grace,
-                stale_if_error: c.stale_if_error,
-                lock_timeout: c.lock_timeout,
-                hit_for_miss_keys: c.hit_for_miss_keys,
-                honor_client_no_cache: c.honor_client_no_cache,
-                normalize_accept_encoding: c.normalize_accept_encoding,
-            },
-            log: LogConfig {
-                level: self.log.level,
-                access_log: self.log.access_log,
-            },
-            memcached,
-            purge,
-            rules,
+        if let Some(p) = &self.path_prefix {
+            if !p.starts_with('/') {
+                return err(&at("path_prefix"), format!("{p:?} must start with '/'"));
+            }
+        }
+        if self.bypass
+            && (self.ttl.is_some() || self.grace.is_some() || self.cache_private || self.cache_set_cookie)
+        {
+            return err(
+                &at("bypass"),
+                "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into(),
+            );
+        }
+        Ok(Rule {
+            host: self.host.map(|h| h.to_ascii_lowercase()),
+            path_prefix: self.path_prefix,
+            ttl: self.ttl,
+            grace: self.grace,
+            stale_if_error: self.stale_if_error,
+            bypass: self.bypass,
+            cache_private: self.cache_private,
+            cache_set_cookie: self.cache_set_cookie,
         })
     }
 }
