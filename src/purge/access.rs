@@ -1,0 +1,34 @@
+//! Who may purge: source networks and, optionally, a bearer token.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Who may purge: source networks and, optionally, a bearer token.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub allow: Vec<IpNet>,
+    pub token: Option<String>,
+}
+
+impl Access {
+    /// May a request from `ip` with this `Authorization` header purge?
+    pub fn permits(&self, ip: Option<IpAddr>, authorization: Option<&str>) -> bool {
+        let from_allowed = ip.is_some_and(|ip| {
+            let ip = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 => v4,
+            };
+            self.allow.iter().any(|net| net.contains(&ip))
+        });
+        let token_ok = match &self.token {
+            None => true,
+            Some(t) => authorization
+                // RFC 9110 §11.1: the scheme is case-insensitive, one or more spaces follow it
+                .and_then(|a| a.trim_start().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, given)| given)
+                .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(t.as_bytes()))),
+        };
+        from_allowed && token_ok
+    }
+}
