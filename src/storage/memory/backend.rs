@@ -1,0 +1,157 @@
+//! pingora-cache's `Storage` for L1: lookup, miss handlers, purge, expire, meta updates.
+
+#[allow(unused_imports)]
+use super::*;
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(slots) = self.table.get(&key.primary_bin()) else {
+            return Ok(None);
+        };
+        let variance = key.variance_bin();
+        let Some(slot) = slots.iter().find(|s| s.variance == variance) else {
+            return Ok(None);
+        };
+        // prefer a fill in progress: it is newer than the committed entry
+        if let Some(fill) = &slot.fill {
+            return Ok(Some(partial_hit(fill)));
+        }
+        let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {
+            return Ok(None);
+        };
+        let hit = CompleteHit::of(entry, false);
+        Ok(Some((entry.meta.to_meta(), Box::new(hit))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(id) = tag
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            .map(u64::from_be_bytes)
+        else {
+            return self.lookup(key, trace).await;
+        };
+        let Some(slots) = self.table.get(&key.primary_bin()) else {
+            return Ok(None);
+        };
+        let variance = key.variance_bin();
+        Ok(slots
+            .iter()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.fill.as_ref())
+            .filter(|f| f.id == id)
+            .map(partial_hit))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
+        let (state, _) = watch::channel(FillState::Partial(0));
+        let fill = Arc::new(Fill {
+            id,
+            meta: MetaParts::from_meta(meta),
+            url: url_of(key),
+            chunks: Mutex::new(Vec::new()),
+            state,
+        });
+        let primary = key.primary_bin();
+        let variance = key.variance_bin();
+        {
+            let mut slots = self.table.entry(primary).or_default();
+            match slots.iter_mut().find(|s| s.variance == variance) {
+                Some(slot) => slot.fill = Some(fill.clone()),
+                None => slots.push(Slot {
+                    variance,
+                    entry: None,
+                    fill: Some(fill.clone()),
+                }),
+            }
+        }
+        self.note_insert(fill.meta.updated);
+        Ok(Box::new(MemoryMiss {
+            storage: self,
+            primary,
+            variance,
+            fill,
+            tag: id.to_be_bytes(),
+            written: 0,
+            finished: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = target.key();
+        if self.remove_variant(key.primary, key.variance_bin()) {
+            Ok(PurgeOutcome::Purged(None))
+        } else {
+            Ok(PurgeOutcome::NotFound)
+        }
+    }
+
+    async fn expire(&'static self, target: PurgeTarget<'_>, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+        let key = target.key();
+        let Some(mut slots) = self.table.get_mut(&key.primary) else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        let variance = key.variance_bin();
+        let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        let Some(entry) = slot.entry.as_mut() else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        *entry = entry.expired(SystemTime::now());
+        Ok(PurgeOutcome::Expired)
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let Some(mut slots) = self.table.get_mut(&key.primary_bin()) else {
+            return Ok(false);
+        };
+        let variance = key.variance_bin();
+        let Some(entry) = slots
+            .iter_mut()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.entry.as_mut())
+        else {
+            return Ok(false);
+        };
+        let updated = entry.with_meta(MetaParts::from_meta(meta));
+        let validated = updated.meta.updated;
+        *entry = updated;
+        drop(slots);
+        self.note_insert(validated);
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}

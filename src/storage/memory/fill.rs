@@ -1,0 +1,89 @@
+//! The miss handler: the one request that fetches a body writes it here, readers stream it.
+
+#[allow(unused_imports)]
+use super::*;
+
+pub(super) struct MemoryMiss {
+    pub(super) storage: &'static MemoryStorage,
+    pub(super) primary: HashBinary,
+    pub(super) variance: Option<HashBinary>,
+    pub(super) fill: Arc<Fill>,
+    pub(super) tag: [u8; 8],
+    pub(super) written: usize,
+    pub(super) finished: bool,
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        let n = {
+            let mut chunks = self.fill.chunks.lock();
+            if !data.is_empty() {
+                self.written += data.len();
+                chunks.push(data);
+            }
+            chunks.len()
+        };
+        self.fill.state.send_replace(if eof {
+            FillState::Done(n)
+        } else {
+            FillState::Partial(n)
+        });
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        // readers still streaming this fill keep indexing its chunks, so they stay; the stored
+        // body is joined once here (a copy per fill, never per hit)
+        let chunks = self.fill.chunks.lock().clone();
+        let body = join(chunks, self.written);
+        let generation = self.storage.generation.load(Ordering::Acquire);
+        let stored = Stored::new(self.fill.meta.clone(), body, self.fill.url.clone(), generation);
+        let weight = self
+            .storage
+            .commit(self.primary, self.variance, stored, Some(self.fill.id));
+        self.finished = true;
+        // Pingora may finish without a last `write_body(.., eof = true)` (a chunked body
+        // whose end arrives on its own): readers streaming the fill must learn it is whole
+        let n = self.fill.chunks.lock().len();
+        self.fill.state.send_replace(FillState::Done(n));
+        Ok(MissFinishType::Created(weight))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.tag)
+    }
+}
+
+fn join(chunks: Vec<Bytes>, len: usize) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.into_iter().next().expect("one chunk"),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            buf.freeze()
+        }
+    }
+}
+
+impl Drop for MemoryMiss {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // the writer gave up: readers of this fill fail rather than see a truncated body
+        self.fill.state.send_replace(FillState::Aborted);
+        if let Some(mut slots) = self.storage.table.get_mut(&self.primary) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.variance == self.variance) {
+                if slot.fill.as_ref().is_some_and(|f| f.id == self.fill.id) {
+                    slot.fill = None;
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+        }
+        self.storage.table.remove_if(&self.primary, |_, s| s.is_empty());
+    }
+}

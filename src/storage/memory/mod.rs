@@ -1,0 +1,540 @@
+//! L1: the in-memory tier, a pingora-cache [`Storage`] bounded by bytes.
+//!
+//! # Layout
+//! One [`DashMap`] from the primary hash of a URL to its [`Slot`]s, one slot per Vary variant.
+//! Grouping variants under their URL makes "purge every variant of this URL" one map removal,
+//! and a lookup is one sharded-map read plus a scan of (usually one) variant.
+//!
+//! A slot holds the committed entry and, while a miss is being filled, the in-progress
+//! [`Fill`]. A lookup prefers the fill: lock waiters and requests that arrive during a refresh
+//! stream the new body as it arrives ([`Storage::support_streaming_partial_write`]) instead of
+//! waiting for the whole body or getting the old one.
+//!
+//! # Hits never copy
+//! A committed body is one [`Bytes`] (the chunks of the fill, joined once at commit); a hit
+//! hands out clones of it, which share the buffer. Metadata is kept as parts and a hit builds its
+//! [`CacheMeta`] by cloning the header map, with no serialisation and no compression.
+//!
+//! # Memory bound
+//! Each entry weighs its body + its headers + a fixed overhead ([`ENTRY_OVERHEAD`]); the weight
+//! is reported to Pingora's eviction manager (a sharded LRU with `memory_bytes` as its limit),
+//! which asks this storage to purge the least recently used entries when the total goes over.
+//! [`MemoryStorage::stats`] reports what is actually held.
+//!
+//! # Emptying in O(1)
+//! [`MemoryStorage::clear`] bumps a generation: entries of older generations are invisible at
+//! once and are freed by a background sweep.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora_cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
+    Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use tokio::sync::watch;
+
+use crate::purge::{millis, Validity, Verdict};
+
+/// Bookkeeping bytes charged to every entry on top of body and headers: the entry itself
+/// (metadata, two header structs), its map row and slot, its URL, the eviction manager's
+/// node and index, and the allocator's share of each. Measured with benches/memory.sh (1 KB
+/// objects, no eviction: RSS growth per entry beyond body and header fields).
+pub const ENTRY_OVERHEAD: usize = 1536;
+
+/// Bytes charged per header field on top of its name and value: the header map's bucket and
+/// index, the value's own allocation.
+const FIELD_OVERHEAD: usize = 96;
+
+/// [`CacheMeta`] kept as parts, so a hit rebuilds it without deserialising anything.
+#[derive(Debug, Clone)]
+pub struct MetaParts {
+    pub fresh_until: SystemTime,
+    /// When the response was last fetched or revalidated (pingora's `updated`).
+    pub updated: SystemTime,
+    /// When this entry's lineage began (Pingora's `provenance`): its first admission, kept
+    /// across refreshes. For the variant in a URL's primary slot it is the tombstone of the
+    /// other variants: Pingora serves only those created after it.
+    pub lineage: SystemTime,
+    pub epoch_override: Option<SystemTime>,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    pub variance: Option<HashBinary>,
+    pub header: ResponseHeader,
+}
+
+impl MetaParts {
+    pub fn from_meta(meta: &CacheMeta) -> Self {
+        MetaParts {
+            fresh_until: meta.fresh_until(),
+            updated: meta.updated(),
+            lineage: meta.provenance(),
+            epoch_override: meta.epoch_override(),
+            stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+            stale_if_error_sec: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            header: owned_header(meta.response_header()),
+        }
+    }
+
+    /// Rebuild a [`CacheMeta`]. Its `created` (hence `provenance`) is the entry's lineage, so
+    /// refreshing the variant in a URL's primary slot does not turn the other variants into
+    /// misses. `CacheMeta::new` makes `updated` that same time, so the epoch that `Age` is
+    /// measured from is set explicitly, and purge and `no-cache` checks take the last
+    /// validation from the hit handler ([`validated`]), not from `updated`.
+    pub fn to_meta(&self) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.lineage,
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            self.header.clone(),
+        );
+        meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated));
+        if let Some(v) = self.variance {
+            meta.set_variance_key(v);
+        }
+        meta
+    }
+
+    /// Approximate bytes held by the header.
+    pub fn header_bytes(&self) -> usize {
+        self.header
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + FIELD_OVERHEAD)
+            .sum::<usize>()
+    }
+}
+
+/// A copy of `h` that owns its bytes, with lower-case names (as a fast hit sends them, and as
+/// HTTP/2 does). Pingora parses a response head in one read buffer of 4 KiB or more, and the
+/// header values (and the case-preserving names) it hands over are slices of that buffer: a
+/// stored header would keep the whole buffer alive, 4 to 8 KiB per entry that `memory_bytes`
+/// does not count (issue 8: 1 KB objects took 5x their budget in RSS).
+fn owned_header(h: &ResponseHeader) -> ResponseHeader {
+    let Ok(mut out) = ResponseHeader::build_no_case(h.status, Some(h.headers.len())) else {
+        return h.clone();
+    };
+    for (name, value) in &h.headers {
+        let value = http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        let _ = out.append_header(name.clone(), value);
+    }
+    out.set_version(h.version);
+    let _ = out.set_reason_phrase(h.get_reason_phrase());
+    out
+}
+
+/// A committed response.
+#[derive(Debug)]
+struct Stored {
+    meta: MetaParts,
+    body: Bytes,
+    /// The primary key text (`http://host/path?q`): what bans match against.
+    url: Arc<str>,
+    /// Weight reported to the eviction manager.
+    weight: usize,
+    generation: u64,
+    /// Ban and tag records up to this sequence number were checked against this entry
+    /// ([`crate::purge::Validity`]).
+    checked: AtomicU64,
+    /// The header as the fast hit path sends it, built on its first hit (charged in `weight`).
+    wire: std::sync::OnceLock<Box<ResponseHeader>>,
+}
+
+impl Stored {
+    fn new(meta: MetaParts, body: Bytes, url: Arc<str>, generation: u64) -> Arc<Stored> {
+        // the header twice: the stored one and the fast path's wire copy
+        let weight = body.len() + 2 * meta.header_bytes() + url.len() + ENTRY_OVERHEAD;
+        Arc::new(Stored {
+            meta,
+            body,
+            url,
+            weight,
+            generation,
+            checked: AtomicU64::new(0),
+            wire: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The same body under new metadata. The weight stays what the eviction manager was told:
+    /// a 304 or a soft purge changes headers only. New headers mean new checks.
+    fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
+        Arc::new(Stored {
+            meta,
+            body: self.body.clone(),
+            url: self.url.clone(),
+            weight: self.weight,
+            generation: self.generation,
+            checked: AtomicU64::new(0),
+            wire: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// This entry, stale from `at` on (the serve-stale windows then run from this moment).
+    fn expired(&self, at: SystemTime) -> Arc<Stored> {
+        let mut meta = self.meta.clone();
+        meta.fresh_until = meta.fresh_until.min(at - Duration::from_millis(1));
+        let stale = self.with_meta(meta);
+        stale
+            .checked
+            .store(self.checked.load(Ordering::Acquire), Ordering::Release);
+        stale
+    }
+}
+
+/// A fresh, complete, variant-free L1 entry, served by the proxy's fast hit path without
+/// Pingora's cache state machine ([`MemoryStorage::fresh_plain`]).
+pub struct FreshEntry(Arc<Stored>);
+
+impl FreshEntry {
+    pub fn header(&self) -> &ResponseHeader {
+        &self.0.meta.header
+    }
+
+    /// The header prepared for sending, built by `build` from the stored one on first use
+    /// and kept with the entry: each hit clones it and only replaces values in it.
+    pub fn wire(&self, build: impl FnOnce(&ResponseHeader) -> ResponseHeader) -> &ResponseHeader {
+        self.0.wire.get_or_init(|| Box::new(build(&self.0.meta.header)))
+    }
+
+    pub fn body(&self) -> Bytes {
+        self.0.body.clone()
+    }
+
+    pub fn weight(&self) -> usize {
+        self.0.weight
+    }
+
+    pub fn fresh_until(&self) -> SystemTime {
+        self.0.meta.fresh_until
+    }
+
+    /// When the response was last validated (what bans compare with).
+    pub fn updated(&self) -> SystemTime {
+        self.0.meta.updated
+    }
+
+    /// What `Age` counts from: the origin's own age is folded into the epoch.
+    pub fn epoch(&self) -> SystemTime {
+        self.0.meta.epoch_override.unwrap_or(self.0.meta.updated)
+    }
+
+    /// Up to which purge record this entry was checked ([`Validity::check_marked`]).
+    pub fn check_mark(&self) -> &AtomicU64 {
+        &self.0.checked
+    }
+}
+
+/// State of an in-progress fill, broadcast to the readers streaming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FillState {
+    /// This many chunks are readable.
+    Partial(usize),
+    /// All chunks are written.
+    Done(usize),
+    /// The writer gave up (upstream error, response too large): readers fail.
+    Aborted,
+}
+
+/// A body being written by the one request that fetches it.
+#[derive(Debug)]
+struct Fill {
+    id: u64,
+    meta: MetaParts,
+    url: Arc<str>,
+    chunks: Mutex<Vec<Bytes>>,
+    state: watch::Sender<FillState>,
+}
+
+/// One Vary variant of a URL.
+#[derive(Debug, Default)]
+struct Slot {
+    variance: Option<HashBinary>,
+    entry: Option<Arc<Stored>>,
+    fill: Option<Arc<Fill>>,
+}
+
+/// What [`MemoryStorage::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryStats {
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+/// The L1 tier. Build it once and leak it: Pingora's [`Storage`] takes `&'static self`.
+#[derive(Debug)]
+pub struct MemoryStorage {
+    table: DashMap<HashBinary, Vec<Slot>>,
+    bytes: AtomicUsize,
+    entries: AtomicUsize,
+    next_fill: AtomicU64,
+    generation: AtomicU64,
+    /// The oldest validation time (ms) of an entry or fill inserted since the sweeper last
+    /// began a pass: such entries may have escaped that pass ([`MemoryStorage::sweep`]).
+    inserted_min_ms: AtomicU64,
+}
+
+impl Default for MemoryStorage {
+    fn default() -> Self {
+        MemoryStorage {
+            table: DashMap::new(),
+            bytes: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
+            next_fill: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            inserted_min_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl MemoryStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Entries and bytes currently held (committed entries only).
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn account_add(&self, weight: usize) {
+        self.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn account_remove(&self, weight: usize) {
+        self.bytes.fetch_sub(weight, Ordering::Relaxed);
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The entry for `key` if a hit needs nothing of Pingora's cache machinery: committed (no
+    /// fill in progress), of the current generation, fresh at `now`, and the URL's only
+    /// variant with no `Vary`. Anything else is `None`, and the request takes the full path.
+    pub fn fresh_plain(&self, key: &CacheKey, now: SystemTime) -> Option<FreshEntry> {
+        let slots = self.table.get(&key.primary_bin())?;
+        let [slot] = slots.as_slice() else {
+            return None;
+        };
+        if slot.variance.is_some() || slot.fill.is_some() {
+            return None;
+        }
+        let entry = slot.entry.as_ref()?;
+        let usable = self.current(entry)
+            && now < entry.meta.fresh_until
+            && !entry.meta.header.headers.contains_key(http::header::VARY);
+        usable.then(|| FreshEntry(entry.clone()))
+    }
+
+    /// Store a complete entry directly (promotion from L2). Returns its hit handler and weight.
+    pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> (CompleteHit, usize) {
+        let stored = Stored::new(meta, body, url_of(key), self.generation.load(Ordering::Acquire));
+        let hit = CompleteHit::of(&stored, true);
+        (
+            hit,
+            self.commit(key.primary_bin(), key.variance_bin(), stored, None),
+        )
+    }
+
+    /// The oldest validation time (ms) of an entry or fill inserted since the last sweep pass
+    /// began (`u64::MAX`: none).
+    pub fn inserted_min_ms(&self) -> u64 {
+        self.inserted_min_ms.load(Ordering::Acquire)
+    }
+
+    /// Note that an entry validated at `validated` was inserted (after it is in the table).
+    fn note_insert(&self, validated: SystemTime) {
+        self.inserted_min_ms
+            .fetch_min(millis(validated), Ordering::AcqRel);
+    }
+
+    /// Put a committed entry in its variant's slot, replacing (and un-counting) the old one;
+    /// `fill` is the fill it completes, cleared from the slot if still there. Returns the weight.
+    fn commit(
+        &self,
+        primary: HashBinary,
+        variance: Option<HashBinary>,
+        stored: Arc<Stored>,
+        fill: Option<u64>,
+    ) -> usize {
+        let weight = stored.weight;
+        let mut slots = self.table.entry(primary).or_default();
+        let slot = match slots.iter().position(|s| s.variance == variance) {
+            Some(i) => &mut slots[i],
+            None => {
+                slots.push(Slot {
+                    variance,
+                    ..Default::default()
+                });
+                slots.last_mut().expect("just pushed")
+            }
+        };
+        let validated = stored.meta.updated;
+        if let Some(old) = slot.entry.replace(stored) {
+            self.account_remove(old.weight);
+        }
+        self.account_add(weight);
+        if fill.is_some() && slot.fill.as_ref().map(|f| f.id) == fill {
+            slot.fill = None;
+        }
+        drop(slots);
+        self.note_insert(validated);
+        weight
+    }
+
+    /// The body of the committed entry for `key`, if any (to re-store it after a 304).
+    pub fn body_of(&self, key: &CacheKey) -> Option<Bytes> {
+        let slots = self.table.get(&key.primary_bin())?;
+        let variance = key.variance_bin();
+        slots
+            .iter()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.entry.as_ref())
+            .map(|e| e.body.clone())
+    }
+
+    /// The stored entry `req` would be answered with, for the primary `key`, if it is
+    /// complete and stale at `now`: when it was last validated, and the variance of its slot
+    /// (`None`: the primary slot, where Pingora keeps the first variant). `None` if there is no
+    /// such entry, a fill is under way, or it is fresh.
+    pub fn stale_validated(
+        &self,
+        key: &CacheKey,
+        req: &RequestHeader,
+        now: SystemTime,
+    ) -> Option<(SystemTime, Option<HashBinary>)> {
+        let slots = self.table.get(&key.primary_bin())?;
+        let primary = slots.iter().find(|s| s.variance.is_none())?;
+        let mut slot = primary;
+        if let Some(entry) = &primary.entry {
+            let wanted = crate::key::variance_for(&entry.meta.header.headers, req);
+            if wanted != entry.meta.variance {
+                // another variant: its own (secondary) slot
+                slot = slots
+                    .iter()
+                    .find(|s| s.variance.is_some() && s.variance == wanted)?;
+            }
+        }
+        if slot.fill.is_some() {
+            return None;
+        }
+        let entry = slot.entry.as_ref().filter(|e| self.current(e))?;
+        (entry.meta.fresh_until <= now).then_some((entry.meta.updated, slot.variance))
+    }
+
+    /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
+    /// keys removed (for the eviction manager) .
+    pub fn remove_primary(&self, primary: &HashBinary) -> Vec<CompactCacheKey> {
+        let Some((_, slots)) = self.table.remove(primary) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for slot in slots {
+            // a fill in progress is left to finish: it started before this call returns,
+            // and the proxy's validity checks decide whether it may be served
+            if let Some(entry) = slot.entry {
+                self.account_remove(entry.weight);
+                removed.push(compact(*primary, slot.variance));
+            }
+        }
+        removed
+    }
+
+    /// Mark every variant of the URL with this primary hash stale (a soft purge): it stays
+    /// stored, is served stale within its grace, and revalidates. Returns how many.
+    pub fn expire_primary(&self, primary: &HashBinary) -> usize {
+        let Some(mut slots) = self.table.get_mut(primary) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut n = 0;
+        for entry in slots.iter_mut().filter_map(|s| s.entry.as_mut()) {
+            *entry = entry.expired(now);
+            n += 1;
+        }
+        n
+    }
+
+    /// Make every entry invisible at once (O(1)); a background task frees them.
+    pub fn clear(&'static self) {
+        let old = self.generation.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move { self.sweep_before(old + 1) });
+    }
+
+    fn sweep_before(&self, generation: u64) {
+        self.table.retain(|_, slots| {
+            for slot in slots.iter_mut() {
+                if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
+                    let e = slot.entry.take().expect("checked above");
+                    self.account_remove(e.weight);
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+            !slots.is_empty()
+        });
+    }
+
+    fn current(&self, entry: &Arc<Stored>) -> bool {
+        entry.generation == self.generation.load(Ordering::Acquire)
+    }
+
+    /// Remove one variant; returns whether something was removed.
+    pub fn remove_variant(&self, primary: HashBinary, variance: Option<HashBinary>) -> bool {
+        let mut removed = false;
+        if let Some(mut slots) = self.table.get_mut(&primary) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) {
+                if let Some(e) = slot.entry.take() {
+                    self.account_remove(e.weight);
+                    removed = true;
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+        }
+        // drop the URL's row if that was its last variant; the re-check under the write lock
+        // keeps a concurrent insert
+        self.table.remove_if(&primary, |_, slots| slots.is_empty());
+        removed
+    }
+}
+
+/// The primary key text of `key`: what bans match, kept with the entry.
+fn url_of(key: &CacheKey) -> Arc<str> {
+    Arc::from(key.primary_key_str().unwrap_or(""))
+}
+
+fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey {
+    CompactCacheKey {
+        primary,
+        variance: variance.map(Box::new),
+        user_tag: "".into(),
+    }
+}
+
+mod backend;
+mod fill;
+mod hit;
+mod sweep;
+
+#[allow(unused_imports)]
+use fill::*;
+#[allow(unused_imports)]
+use hit::*;
+pub use hit::{validated, CompleteHit};
+pub use sweep::{split_url, SweepReport};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! The sweeper's pass over L1: entries checked against new purge records (hard matches
+//! removed, soft ones marked stale), in batches.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// What one pass of [`MemoryStorage::sweep`] did.
+#[derive(Debug, Default)]
+pub struct SweepReport {
+    /// Entries checked against records they had not seen.
+    pub checked: usize,
+    /// Entries a hard purge matched, removed (tell the eviction manager).
+    pub removed: Vec<CompactCacheKey>,
+    /// Entries a soft purge matched, now stale.
+    pub stale: usize,
+    /// The oldest validation time (ms since the epoch) of a fill in progress during the pass
+    /// (`u64::MAX`: none): such an entry is committed unchecked.
+    pub fills_min: u64,
+}
+
+/// `http://host/path?q` → (`host`, `/path?q`).
+/// Host and path of a primary key's URL (`http://host/path?q`).
+pub fn split_url(url: &str) -> (&str, &str) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    }
+}
+
+/// Entries checked between two yields of the sweeper, so that it never holds a worker long.
+const SWEEP_BATCH: usize = 512;
+
+impl MemoryStorage {
+    /// One pass of the ban sweeper (Varnish's "ban lurker"): check every entry against the
+    /// ban and tag records it has not been checked against (up to sequence number `upto`),
+    /// remove what hard records match, mark stale what soft ones match, and move the check
+    /// mark of the rest to `upto`. Hits then skip those records, and the records can be
+    /// dropped once nothing older can arrive ([`SweepReport::fills_min`], [`MemoryStorage::inserted_min_ms`]).
+    ///
+    /// The table is only read-locked while references to the entries to check are collected;
+    /// regexes run outside the locks, a batch at a time.
+    pub async fn sweep(&self, validity: &Validity, upto: u64) -> SweepReport {
+        self.inserted_min_ms.store(u64::MAX, Ordering::Release);
+        let floor = validity.floor_ms();
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut fills_min = u64::MAX;
+        let mut todo: Vec<(HashBinary, Option<HashBinary>, Arc<Stored>)> = Vec::new();
+        for row in self.table.iter() {
+            for slot in row.value() {
+                if let Some(fill) = &slot.fill {
+                    fills_min = fills_min.min(millis(fill.meta.updated));
+                }
+                let Some(e) = &slot.entry else { continue };
+                if e.generation == generation
+                    && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated) < floor)
+                {
+                    todo.push((*row.key(), slot.variance, e.clone()));
+                }
+            }
+        }
+        let mut report = SweepReport {
+            fills_min,
+            ..Default::default()
+        };
+        for batch in todo.chunks(SWEEP_BATCH) {
+            for (primary, variance, e) in batch {
+                let (host, path) = split_url(&e.url);
+                let checked = e.checked.load(Ordering::Acquire);
+                report.checked += 1;
+                match validity.check(host, path, e.meta.updated, &e.meta.header.headers, checked) {
+                    Verdict::Valid => {
+                        e.checked.fetch_max(upto, Ordering::AcqRel);
+                    }
+                    Verdict::Stale(at) => {
+                        let stale = e.expired(at);
+                        stale.checked.fetch_max(upto, Ordering::AcqRel);
+                        if self.replace_if_same(*primary, *variance, e, Some(stale)) {
+                            report.stale += 1;
+                        }
+                    }
+                    Verdict::Invalid => {
+                        if self.replace_if_same(*primary, *variance, e, None) {
+                            report.removed.push(compact(*primary, *variance));
+                        }
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        report
+    }
+
+    /// Replace (`Some`) or remove (`None`) the committed entry of a variant, if it is still
+    /// `current` (not replaced by a refresh meanwhile). Returns whether it was.
+    fn replace_if_same(
+        &self,
+        primary: HashBinary,
+        variance: Option<HashBinary>,
+        current: &Arc<Stored>,
+        with: Option<Arc<Stored>>,
+    ) -> bool {
+        let Some(mut slots) = self.table.get_mut(&primary) else {
+            return false;
+        };
+        let Some(slot) = slots
+            .iter_mut()
+            .find(|s| s.variance == variance && s.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, current)))
+        else {
+            return false;
+        };
+        match with {
+            Some(e) => slot.entry = Some(e),
+            None => {
+                slot.entry = None;
+                self.account_remove(current.weight);
+                slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+            }
+        }
+        drop(slots);
+        self.table.remove_if(&primary, |_, slots| slots.is_empty());
+        true
+    }
+}

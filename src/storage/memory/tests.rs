@@ -1,0 +1,275 @@
+use super::*;
+use crate::purge::Purge;
+use once_cell::sync::Lazy;
+
+fn meta(max_age: u64) -> CacheMeta {
+    let mut h = ResponseHeader::build(200, None).unwrap();
+    h.append_header("content-type", "text/plain").unwrap();
+    let now = SystemTime::now();
+    CacheMeta::new(now + Duration::from_secs(max_age), now, 0, 0, h)
+}
+
+async fn fill(s: &'static MemoryStorage, key: &CacheKey, chunks: &[&'static str]) -> usize {
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut miss = s.get_miss_handler(key, &meta(60), &trace).await.unwrap();
+    for (i, c) in chunks.iter().enumerate() {
+        miss.write_body(Bytes::from_static(c.as_bytes()), i + 1 == chunks.len())
+            .await
+            .unwrap();
+    }
+    match miss.finish().await.unwrap() {
+        MissFinishType::Created(w) => w,
+        MissFinishType::Appended(..) => unreachable!(),
+    }
+}
+
+async fn read_all(h: &mut HitHandler) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(b) = h.read_body().await? {
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn miss_then_hit_shares_the_body() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/a", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none());
+    let weight = fill(&S, &key, &["hel", "lo"]).await;
+    assert_eq!(
+        S.stats(),
+        MemoryStats {
+            entries: 1,
+            bytes: weight
+        }
+    );
+    let (m, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(m.is_fresh(SystemTime::now()));
+    let body = h.read_body().await.unwrap().unwrap();
+    assert_eq!(&body[..], b"hello");
+    assert!(h.read_body().await.unwrap().is_none());
+    let (_, mut h2) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let body2 = h2.read_body().await.unwrap().unwrap();
+    assert_eq!(body.as_ptr(), body2.as_ptr(), "two hits share one buffer");
+}
+
+#[tokio::test]
+async fn readers_stream_a_fill_in_progress() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/stream", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"one "), false).await.unwrap();
+    let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"one ");
+    let writer = tokio::spawn(async move {
+        miss.write_body(Bytes::from_static(b"two"), true).await.unwrap();
+        miss.finish().await.unwrap();
+    });
+    assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"two");
+    assert!(reader.read_body().await.unwrap().is_none());
+    writer.await.unwrap();
+    let (_, mut h) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut h).await.unwrap(), b"one two");
+}
+
+#[tokio::test]
+async fn a_range_is_cut_from_a_fill_in_progress() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/ranged", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"abc"), false).await.unwrap();
+    let (_, mut middle) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let (_, mut tail) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(middle.can_seek());
+    middle.seek(2, Some(6)).unwrap(); // bytes 2..6: "cdef"
+    tail.seek(5, None).unwrap(); // from byte 5: "fgh"
+    assert_eq!(&middle.read_body().await.unwrap().unwrap()[..], b"c");
+    miss.write_body(Bytes::from_static(b"defg"), false).await.unwrap();
+    assert_eq!(&middle.read_body().await.unwrap().unwrap()[..], b"def");
+    assert!(middle.read_body().await.unwrap().is_none(), "ends with the range");
+    assert_eq!(&tail.read_body().await.unwrap().unwrap()[..], b"fg");
+    miss.write_body(Bytes::from_static(b"h"), true).await.unwrap();
+    assert_eq!(&tail.read_body().await.unwrap().unwrap()[..], b"h");
+    assert!(tail.read_body().await.unwrap().is_none());
+    let (_, mut late) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(late.seek(8, None).is_err(), "past the end of a finished body");
+    miss.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn readers_learn_the_end_from_finish_alone() {
+    // a chunked body whose last chunk arrives on its own: Pingora finishes the miss
+    // without a write_body(.., eof = true)
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/chunked", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"body"), false).await.unwrap();
+    let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"body");
+    miss.finish().await.unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), reader.read_body());
+    assert!(end.await.expect("the reader learns the end").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn an_abandoned_fill_fails_its_readers_and_stores_nothing() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/abandoned", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"part"), false).await.unwrap();
+    let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    drop(miss);
+    assert!(read_all(&mut reader).await.is_err());
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none());
+    assert_eq!(S.stats(), MemoryStats::default());
+}
+
+#[tokio::test]
+async fn variants_are_separate_and_purged_together() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut gz = CacheKey::new("http://h/v", "");
+    gz.set_variance_key([1; 16]);
+    let mut br = CacheKey::new("http://h/v", "");
+    br.set_variance_key([2; 16]);
+    fill(&S, &gz, &["gz"]).await;
+    fill(&S, &br, &["br"]).await;
+    let (_, mut h) = S.lookup(&br, &trace).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut h).await.unwrap(), b"br");
+    let removed = S.remove_primary(&gz.primary_bin());
+    assert_eq!(removed.len(), 2);
+    assert!(S.lookup(&gz, &trace).await.unwrap().is_none());
+    assert!(S.lookup(&br, &trace).await.unwrap().is_none());
+    assert_eq!(S.stats(), MemoryStats::default());
+}
+
+#[tokio::test]
+async fn purge_expire_and_update_meta() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/p", "");
+    fill(&S, &key, &["x"]).await;
+    let compact = key.to_compact();
+    assert_eq!(
+        S.expire(PurgeTarget::Active(&compact), &trace).await.unwrap(),
+        PurgeOutcome::Expired
+    );
+    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(!m.is_fresh(SystemTime::now()), "expired entries stay, stale");
+    assert!(S.update_meta(&key, &meta(60), &trace).await.unwrap());
+    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(m.is_fresh(SystemTime::now()), "a revalidation freshens it");
+    let outcome = S
+        .purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace)
+        .await
+        .unwrap();
+    assert_eq!(outcome, PurgeOutcome::Purged(None));
+    let outcome = S
+        .purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &trace)
+        .await
+        .unwrap();
+    assert_eq!(outcome, PurgeOutcome::NotFound);
+    assert!(!S.update_meta(&key, &meta(60), &trace).await.unwrap());
+}
+
+#[tokio::test]
+async fn overwrite_keeps_the_accounting_exact() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/o", "");
+    fill(&S, &key, &["short"]).await;
+    let w = fill(&S, &key, &["a longer body"]).await;
+    assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
+}
+
+#[tokio::test]
+async fn clear_hides_everything_at_once_then_frees_it() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let a = CacheKey::new("http://h/c1", "");
+    fill(&S, &a, &["x"]).await;
+    S.clear();
+    assert!(S.lookup(&a, &trace).await.unwrap().is_none());
+    let b = CacheKey::new("http://h/c2", "");
+    let w = fill(&S, &b, &["y"]).await;
+    // the sweep runs on the runtime; wait for its effect, bounded
+    for _ in 0..1000 {
+        if S.stats().entries == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
+    assert!(S.lookup(&b, &trace).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn sweep_removes_banned_marks_soft_and_tracks_what_escaped() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let v = Validity::default();
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let keys: Vec<CacheKey> = [
+        "http://h/news/1",
+        "http://h/news/2",
+        "http://h/about",
+        "http://h/soft",
+    ]
+    .iter()
+    .map(|u| CacheKey::new(*u, ""))
+    .collect();
+    for k in &keys {
+        fill(&S, k, &["body"]).await;
+    }
+    // a fill in progress when the pass runs is reported, and so is a later insert
+    let pending = CacheKey::new("http://h/pending", "");
+    let _miss = S.get_miss_handler(&pending, &meta(60), &trace).await.unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    let ban = |url: &str, soft: bool| Purge {
+        target: crate::purge::Target::Ban(crate::purge::Ban {
+            host: None,
+            url: Some(crate::purge::Pattern::new(url).unwrap()),
+            content_type: None,
+        }),
+        soft,
+    };
+    v.record(&ban("^/news/", false), crate::purge::now_stamp());
+    v.record(&ban("^/soft$", true), crate::purge::now_stamp());
+    let upto = v.published();
+
+    let report = S.sweep(&v, upto).await;
+    assert_eq!((report.checked, report.removed.len(), report.stale), (4, 2, 1));
+    assert!(
+        report.fills_min < u64::MAX,
+        "the fill in progress escaped the pass"
+    );
+    assert!(S.lookup(&keys[0], &trace).await.unwrap().is_none());
+    assert!(S.lookup(&keys[1], &trace).await.unwrap().is_none());
+    let (about, hit) = S.lookup(&keys[2], &trace).await.unwrap().unwrap();
+    assert_eq!(
+        CompleteHit::check_mark(&hit).unwrap().load(Ordering::Acquire),
+        upto,
+        "checked up to the newest record"
+    );
+    assert!(about.is_fresh(SystemTime::now()));
+    let (soft, _) = S.lookup(&keys[3], &trace).await.unwrap().unwrap();
+    assert!(
+        !soft.is_fresh(SystemTime::now()),
+        "soft-banned: stale, still stored"
+    );
+    assert_eq!(S.stats().entries, 2);
+
+    // a second pass with nothing new checks nothing
+    let again = S.sweep(&v, upto).await;
+    assert_eq!((again.checked, again.removed.len()), (0, 0));
+    assert_eq!(S.inserted_min_ms(), u64::MAX);
+    fill(&S, &CacheKey::new("http://h/late", ""), &["x"]).await;
+    assert!(
+        S.inserted_min_ms() < u64::MAX,
+        "an insert after the pass began is noted"
+    );
+}
