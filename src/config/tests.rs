@@ -1,0 +1,175 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str(text, "t.toml")
+}
+
+#[test]
+fn embedded_default_is_valid_and_memory_only() {
+    let c = Config::embedded_default();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:6081");
+    assert_eq!(c.cache.default_ttl, Duration::ZERO);
+    assert!(c.rules.is_empty());
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    let c = parse("").unwrap();
+    assert_eq!(c.upstream.address, "127.0.0.1:8080");
+    assert_eq!(c.upstream.sni, "127.0.0.1");
+    assert_eq!(c.cache.memory_bytes, 256 * 1024 * 1024);
+}
+
+#[test]
+fn readable_values() {
+    let c = parse("[cache]\nmemory_bytes = \"64MiB\"\ngrace = \"1m 30s\"\n").unwrap();
+    assert_eq!(c.cache.memory_bytes, 64 * 1024 * 1024);
+    assert_eq!(c.cache.grace, Duration::from_secs(90));
+}
+
+#[test]
+fn unknown_key_names_the_key() {
+    let e = parse("[cache]\ngrase = \"10s\"\n").unwrap_err();
+    assert_eq!(e.file, "t.toml");
+    assert_eq!(e.key, "cache.grase");
+    assert!(e.reason.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn unknown_section_is_refused() {
+    let e = parse("[cahce]\n").unwrap_err();
+    assert!(e.reason.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let e = parse("[cache]\ngrace = \"10x\"\n").unwrap_err();
+    assert_eq!(e.key, "cache.grace");
+    let e = parse("[[rule]]\npath_prefix = \"/a\"\nttl = \"soon\"\n").unwrap_err();
+    assert_eq!(e.key, "rule[0].ttl");
+}
+
+#[test]
+fn bad_size_names_the_key() {
+    let e = parse("[cache]\nmemory_bytes = \"lots\"\n").unwrap_err();
+    assert_eq!(e.key, "cache.memory_bytes");
+}
+
+#[test]
+fn bad_addresses_are_refused() {
+    assert_eq!(
+        parse("[server]\nlisten = \"nonsense\"\n").unwrap_err().key,
+        "server.listen"
+    );
+    assert_eq!(
+        parse("[upstream]\naddress = \"example.org\"\n").unwrap_err().key,
+        "upstream.address"
+    );
+    assert_eq!(
+        parse("[upstream]\naddress = \":80\"\n").unwrap_err().key,
+        "upstream.address"
+    );
+    let e = parse("[server]\nlisten = \"127.0.0.1:7000\"\nadmin = \"127.0.0.1:7000\"\n").unwrap_err();
+    assert_eq!(e.key, "server.admin");
+}
+
+#[test]
+fn not_toml_is_refused() {
+    let e = parse("[cache\n").unwrap_err();
+    assert_eq!(e.key, "-");
+    assert!(e.to_string().starts_with("t.toml: -: "), "{e}");
+}
+
+#[test]
+fn impossible_values_are_refused() {
+    assert_eq!(
+        parse("[server]\nthreads = 0\n").unwrap_err().key,
+        "server.threads"
+    );
+    assert_eq!(
+        parse("[cache]\nlock_timeout = \"0s\"\n").unwrap_err().key,
+        "cache.lock_timeout"
+    );
+    let e = parse("[cache]\nmemory_bytes = \"1MiB\"\nmax_object_bytes = \"2MiB\"\n").unwrap_err();
+    assert_eq!(e.key, "cache.max_object_bytes");
+    assert_eq!(parse("[log]\nlevel = \"loud[\"\n").unwrap_err().key, "log.level");
+}
+
+#[test]
+fn memcached_section() {
+    assert!(parse("").unwrap().memcached.is_none(), "L1 only by default");
+    let c =
+        parse("[memcached]\nservers = [\"127.0.0.1:11211\", \"mc2:11211\"]\nnamespace = \"site\"\n").unwrap();
+    let m = c.memcached.unwrap();
+    assert_eq!(m.servers.len(), 2);
+    assert_eq!(m.op_timeout, Duration::from_millis(50));
+    let e = parse("[memcached]\nservers = [\"127.0.0.1\"]\n").unwrap_err();
+    assert_eq!(e.key, "memcached.servers[0]");
+    let e = parse("[memcached]\nservers = [\"a:1\"]\nnamespace = \"a b\"\n").unwrap_err();
+    assert_eq!(e.key, "memcached.namespace");
+    let e = parse("[memcached]\nservers = [\"a:1\"]\nop_timeout = \"0ms\"\n").unwrap_err();
+    assert_eq!(e.key, "memcached.op_timeout");
+}
+
+#[test]
+fn purge_section() {
+    let c = parse("").unwrap();
+    assert!(
+        c.purge.access.permits(Some("127.0.0.1".parse().unwrap()), None),
+        "loopback by default"
+    );
+    assert!(
+        !c.purge.access.permits(Some("10.0.0.1".parse().unwrap()), None),
+        "nobody else"
+    );
+    let c = parse("[purge]\nallow = [\"10.0.0.0/8\", \"192.0.2.7\"]\ntoken = \"t\"\nhost_map = { \"cache1:6081\" = \"WWW.example.org\" }\n").unwrap();
+    assert!(c
+        .purge
+        .access
+        .permits(Some("192.0.2.7".parse().unwrap()), Some("Bearer t")));
+    assert_eq!(c.purge.site_for("cache1:6081"), "www.example.org");
+    assert_eq!(c.purge.site_for("other"), "other");
+    assert_eq!(
+        parse("[purge]\nallow = [\"everyone\"]\n").unwrap_err().key,
+        "purge.allow[0]"
+    );
+}
+
+#[test]
+fn bad_rules_are_refused() {
+    let e = parse("[[rule]]\npath_prefix = \"static\"\n").unwrap_err();
+    assert_eq!(e.key, "rule[0].path_prefix");
+    let e = parse("[[rule]]\nhost = \"a.org:80\"\n").unwrap_err();
+    assert_eq!(e.key, "rule[0].host");
+    let e = parse("[[rule]]\nbypass = true\nttl = \"1m\"\n").unwrap_err();
+    assert_eq!(e.key, "rule[0].bypass");
+}
+
+#[test]
+fn unbindable_listen_address_is_refused() {
+    // 192.0.2.1 (TEST-NET-1) is never a local address: bind fails with EADDRNOTAVAIL
+    let c = parse("[server]\nlisten = \"192.0.2.1:6081\"\nadmin = \"\"\n").unwrap();
+    assert_eq!(c.check_bindable().unwrap_err().key, "server.listen");
+}
+
+#[test]
+fn first_matching_rule_wins() {
+    let c = parse(
+        "[[rule]]\nhost = \"*.example.org\"\npath_prefix = \"/admin\"\nbypass = true\n\
+         [[rule]]\npath_prefix = \"/static/\"\nttl = \"1h\"\n\
+         [[rule]]\nhost = \"Example.org\"\nttl = \"1m\"\n",
+    )
+    .unwrap();
+    assert!(c.rule_for("www.example.org", "/admin/x").unwrap().bypass);
+    assert_eq!(
+        c.rule_for("example.org", "/admin/x").unwrap().ttl,
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(
+        c.rule_for("other.net", "/static/a.css").unwrap().ttl,
+        Some(Duration::from_secs(3600))
+    );
+    assert!(c.rule_for("other.net", "/").is_none());
+    // the wildcard needs a real subdomain label
+    assert!(c.rule_for("xexample.org", "/admin").is_none());
+}
