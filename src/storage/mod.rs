@@ -21,6 +21,7 @@
 //! background) or making their clients wait for it past grace (`Tiered::revalidate_once`, in
 //! the lookup).
 
+mod lock;
 pub mod memcached;
 pub mod memory;
 pub mod record;
@@ -45,6 +46,7 @@ use tracing::warn;
 
 use crate::metrics;
 use crate::purge::{LogRecord, Validity, Verdict, MAX_RECORDS};
+pub use lock::Refresh;
 use memcached::{Read, L2};
 use memory::{CompleteHit, MemoryStorage, MetaParts};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,40 +79,6 @@ pub struct Tiered {
     swept: parking_lot::Mutex<(u64, u64)>,
 }
 
-/// Who revalidates a stale entry ([`Tiered::refresh_once`]).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refresh {
-    /// This corral, holding the cluster's refresh lock (give it back with
-    /// [`Tiered::refresh_done`]).
-    Mine(String),
-    /// Another corral did: its fresher copy is in L1 now.
-    Peer,
-    /// Another corral holds the lock but no fresher copy came within `lock_timeout`: this
-    /// corral goes upstream itself.
-    TimedOut,
-    /// No memcached, no stale complete entry, or memcached unavailable: Pingora's local
-    /// revalidation, as without L2.
-    Local,
-}
-
-impl Refresh {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Refresh::Mine(_) => "mine",
-            Refresh::Peer => "peer",
-            Refresh::TimedOut => "timeout",
-            Refresh::Local => "local",
-        }
-    }
-}
-
-const REFRESH_SUFFIX: &str = ":refresh";
-
-/// The memcached key of the refresh lock of the memcached key `mk`.
-fn refresh_lock_key(mk: &str) -> String {
-    format!("{mk}{REFRESH_SUFFIX}")
-}
-
 /// Margin for clocks of corrals sharing memcached: an L2 entry is taken to be at most
 /// `memcached.max_ttl` plus this old.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -137,233 +105,6 @@ impl Tiered {
             started: Once::new(),
             swept: parking_lot::Mutex::new((0, u64::MAX)),
         }
-    }
-
-    /// Give back the fill lease for `key` (the response turned out uncacheable), so other
-    /// corrals stop waiting for a value that will never come.
-    pub fn release_lease(&self, key: &CacheKey) {
-        let Some(l2) = self.l2.clone() else { return };
-        let mk = l2.key(&key.combined());
-        if self.leases.remove(&mk).is_some() {
-            tokio::spawn(async move {
-                l2.delete(&mk).await;
-            });
-        }
-    }
-
-    /// Pingora is about to revalidate the stale L1 entry of `key` in the background (grace).
-    /// Every corral holding that copy sees it go stale at the same moment; only one of them
-    /// should go upstream. The first takes a refresh lock in memcached (a lease on
-    /// `<key>:refresh`) and goes ([`Refresh::Mine`]; it gives the lock back with
-    /// [`Self::refresh_done`]). Another waits, bounded by `lock_timeout`, for the fresher copy
-    /// to land in memcached and puts it in L1: its revalidation then finds a fresh entry and
-    /// makes no upstream request ([`Refresh::Peer`]). Clients are never delayed: they are
-    /// served the stale copy meanwhile.
-    pub async fn refresh_once(&'static self, primary: &CacheKey, req: &RequestHeader) -> Refresh {
-        let local = || {
-            metrics::STALE_REFRESHES.with_label_values(&["local"]).inc();
-            Refresh::Local
-        };
-        let Some(l2) = &self.l2 else {
-            return local();
-        };
-        let Some((validated, variance)) = self.l1.stale_validated(primary, req, SystemTime::now()) else {
-            return local();
-        };
-        // the variant's own slot, in L1 and in L2, as Pingora stored it
-        let mut key = primary.clone();
-        if let Some(v) = variance {
-            key.set_variance_key(v);
-        }
-        if self.refreshes(&l2.key(&key.combined())) {
-            // a request of this corral revalidates it already (past grace)
-            return local();
-        }
-        match self.refresh_or_wait(l2, &key, validated).await {
-            Ok(_) => Refresh::Peer,
-            Err(r) => r,
-        }
-    }
-
-    /// An L1 hit that Pingora must revalidate before use (stale, past its serve-stale
-    /// window: the clients wait): as [`Self::refresh_once`] does in the background, one
-    /// corral of the cluster revalidates, the others wait for its copy in memcached and answer
-    /// with that. Within this corral one request decides; the others wait for it, then find
-    /// the fresh copy in L1 or leave the revalidation to Pingora's cache lock.
-    async fn revalidate_once(
-        &'static self,
-        l2: &L2,
-        key: &CacheKey,
-        stale: (CacheMeta, HitHandler),
-        trace: &SpanHandle,
-    ) -> Result<(CacheMeta, HitHandler)> {
-        let mk = l2.key(&key.combined());
-        if self.refreshes(&mk) {
-            return Ok(stale);
-        }
-        let gate = self.inflight.entry(mk.clone()).or_default().clone();
-        let guard = gate.clone().lock_owned().await;
-        let result = async {
-            if self.refreshes(&mk) {
-                return Ok(stale);
-            }
-            // the request before this one may have brought a fresh copy
-            if let Some(hit) = self.l1.lookup(key, trace).await? {
-                if hit.0.is_fresh(SystemTime::now()) {
-                    return Ok(hit);
-                }
-            }
-            let validated = memory::validated(&stale.1).unwrap_or_else(|| stale.0.updated());
-            let mut stale = stale;
-            match self.refresh_or_wait(l2, key, validated).await {
-                Ok(fresh) => return Ok(fresh),
-                Err(Refresh::Mine(lock)) => CompleteHit::set_refresh_lock(&mut stale.1, lock),
-                Err(_) => {}
-            }
-            Ok(stale)
-        }
-        .await;
-        drop(guard);
-        drop(gate);
-        self.inflight.remove_if(&mk, |_, g| Arc::strong_count(g) == 1);
-        result
-    }
-
-    /// Take the cluster's refresh lock of `key` (`Err(Mine)`: this corral refreshes), or,
-    /// if another corral holds it, wait for its copy ([`Self::await_peer_copy`]). Counted in
-    /// `corral_stale_refreshes_total`.
-    async fn refresh_or_wait(
-        &'static self,
-        l2: &L2,
-        key: &CacheKey,
-        validated: SystemTime,
-    ) -> std::result::Result<(CacheMeta, HitHandler), Refresh> {
-        let mk = l2.key(&key.combined());
-        let outcome = match self.take_refresh_lock(l2, &mk).await {
-            Read::Won => Err(Refresh::Mine(refresh_lock_key(&mk))),
-            Read::Busy => self.await_peer_copy(l2, key, validated).await,
-            _ => Err(Refresh::Local),
-        };
-        let how = outcome
-            .as_ref()
-            .map_or_else(Refresh::label, |_| Refresh::Peer.label());
-        metrics::STALE_REFRESHES.with_label_values(&[how]).inc();
-        outcome
-    }
-
-    /// Whether this corral holds the refresh lock of the memcached key `mk`.
-    fn refreshes(&self, mk: &str) -> bool {
-        let held = self.refreshing.get(mk).map(|since| since.elapsed());
-        match held {
-            Some(for_) if for_ < self.lock_timeout => true,
-            Some(_) => {
-                // never given back (the request vanished): memcached has dropped it too
-                self.refreshing.remove(mk);
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// Try to take the cluster's refresh lock of the memcached key `mk` (noted in
-    /// `refreshing` when won).
-    async fn take_refresh_lock(&self, l2: &L2, mk: &str) -> Read {
-        let read = l2.get(&refresh_lock_key(mk), Some(self.lock_timeout)).await;
-        if matches!(read, Read::Won) {
-            self.refreshing.insert(mk.to_string(), std::time::Instant::now());
-        }
-        read
-    }
-
-    /// Wait, bounded by `lock_timeout`, for a copy of `key` validated after `validated` to land
-    /// in memcached (fresh, and covered by no purge), put it in L1 and answer with it.
-    /// `Err(Mine)` if the corral that held the refresh lock gave it up without a copy (its
-    /// refresh failed or was uncacheable): this corral took the lock over and refreshes.
-    /// `Err(TimedOut)` if nothing came; `Err(Local)` if memcached cannot be trusted now.
-    async fn await_peer_copy(
-        &'static self,
-        l2: &L2,
-        key: &CacheKey,
-        validated: SystemTime,
-    ) -> std::result::Result<(CacheMeta, HitHandler), Refresh> {
-        let mk = l2.key(&key.combined());
-        let deadline = tokio::time::Instant::now() + self.lock_timeout;
-        let mut pause = Duration::from_millis(10);
-        while tokio::time::Instant::now() + pause <= deadline {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-            if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
-                return Ok(fresh);
-            }
-            if let Read::Won = self.take_refresh_lock(l2, &mk).await {
-                // the lock was given back: a copy that landed just before counts
-                if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
-                    self.refresh_done(refresh_lock_key(&mk));
-                    return Ok(fresh);
-                }
-                return Err(Refresh::Mine(refresh_lock_key(&mk)));
-            }
-        }
-        Err(Refresh::TimedOut)
-    }
-
-    /// One look for a peer's copy of `key` validated after `validated`: fresh and covered by
-    /// no purge, it goes into L1 and answers. `Err(Local)` if memcached cannot be trusted now.
-    async fn peer_copy(
-        &'static self,
-        l2: &L2,
-        key: &CacheKey,
-        validated: SystemTime,
-    ) -> std::result::Result<Option<(CacheMeta, HitHandler)>, Refresh> {
-        let current = l2.key_at(l2.generation(), &key.combined());
-        let (read, moved, log_complete) = tokio::join!(
-            l2.get(&current, None),
-            self.adopt_generation(l2),
-            self.pull_log(l2)
-        );
-        if moved || !log_complete {
-            // a purge of everything dropped the entry, or bans elsewhere are unknown
-            return Err(Refresh::Local);
-        }
-        let Read::Hit(bytes) = read else { return Ok(None) };
-        let Ok(rec) = record::decode(bytes) else {
-            return Ok(None);
-        };
-        let (host, path) = memory::split_url(key.primary_key_str().unwrap_or(""));
-        let purged = || {
-            self.validity
-                .check(host, path, rec.meta.updated(), rec.meta.headers(), 0)
-                != Verdict::Valid
-        };
-        // a copy refreshed before a purge that covers it (a soft one keeps it in memcached) is
-        // no better than ours: wait for the refresh under way
-        if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
-            return Ok(self.promote(key, rec));
-        }
-        Ok(None)
-    }
-
-    /// This corral's refresh is over (stored, or failed): free the refresh lock at once, so
-    /// the next time the entry goes stale a corral can take it without waiting for it to
-    /// expire.
-    ///
-    /// When the refresh stored a copy, the L2 write already gave the lock back, right after
-    /// the copy landed (so a corral that sees the lock gone finds the copy): nothing to do.
-    pub fn refresh_done(&self, lock: String) {
-        let held = lock
-            .strip_suffix(REFRESH_SUFFIX)
-            .is_some_and(|mk| self.refreshing.remove(mk).is_some());
-        if let (true, Some(l2)) = (held, self.l2.clone()) {
-            tokio::spawn(async move {
-                l2.delete(&lock).await;
-            });
-        }
-    }
-
-    /// The refresh lock of `mk` if this corral holds it, handed to the L2 write of the
-    /// refreshed copy, which gives it back once the copy has landed.
-    fn refresh_lock_for_write(&self, mk: &str) -> Option<String> {
-        self.refreshing.remove(mk).map(|_| refresh_lock_key(mk))
     }
 
     /// One run of the ban sweeper: if ban or tag records arrived since the last pass, check
@@ -493,39 +234,13 @@ impl Tiered {
         true
     }
 
-    /// L1 missed: read L2, one read per key at a time in this corral.
-    async fn l2_lookup_coalesced(
-        &'static self,
-        l2: &L2,
-        key: &CacheKey,
-        trace: &SpanHandle,
-    ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let mk = l2.key(&key.combined());
-        let deadline = tokio::time::Instant::now() + self.lock_timeout;
-        let gate = self.inflight.entry(mk.clone()).or_default().clone();
-        let result = match tokio::time::timeout_at(deadline, gate.clone().lock_owned()).await {
-            // waited as long as a lock waiter may: look up as if there were no L2
-            Err(_) => Ok(None),
-            Ok(_guard) => match self.l1.lookup(key, trace).await? {
-                // the read we waited for found it (or a fill started here meanwhile)
-                Some(hit) => Ok(Some(hit)),
-                None => self.l2_lookup(l2, key, deadline).await,
-            },
-        };
-        drop(gate);
-        // forget the gate once nobody holds or awaits it (the check runs under the map's lock,
-        // so a lookup that is cloning it right now keeps it)
-        self.inflight.remove_if(&mk, |_, g| Arc::strong_count(g) == 1);
-        result
-    }
-
     async fn l2_lookup(
         &'static self,
         l2: &L2,
         key: &CacheKey,
         deadline: tokio::time::Instant,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let mut pause = Duration::from_millis(10);
+        let mut backoff = lock::Backoff::until(deadline);
         let mut waited = false;
         // the key is built from one reading of the generation, so the two cannot disagree
         let mut generation = l2.generation();
@@ -571,12 +286,10 @@ impl Tiered {
                 Read::Busy => {
                     // another corral is fetching it: wait for its value, bounded
                     waited = true;
-                    if tokio::time::Instant::now() + pause > deadline {
+                    if !backoff.wait().await {
                         metrics::L2_LOOKUPS.with_label_values(&["waited"]).inc();
                         return Ok(None);
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(100));
                     // this corral may be filling it too (a request that arrived first)
                     if let Some(hit) = self
                         .l1

@@ -68,13 +68,17 @@ impl MemoryStorage {
                 let (host, path) = split_url(&e.url);
                 let checked = e.checked.load(Ordering::Acquire);
                 report.checked += 1;
+                // the check covers every record published when it starts, which may be more
+                // than `upto` (a purge accepted during the pass): mark what was covered, or the
+                // next pass applies that record again (a soft purge marked stale twice)
+                let covered = validity.published().max(upto);
                 match validity.check(host, path, e.meta.updated, &e.meta.header.headers, checked) {
                     Verdict::Valid => {
-                        e.checked.fetch_max(upto, Ordering::AcqRel);
+                        e.checked.fetch_max(covered, Ordering::AcqRel);
                     }
                     Verdict::Stale(at) => {
                         let stale = e.expired(at);
-                        stale.checked.fetch_max(upto, Ordering::AcqRel);
+                        stale.checked.fetch_max(covered, Ordering::AcqRel);
                         if self.replace_if_same(*primary, *variance, e, Some(stale)) {
                             report.stale += 1;
                         }
