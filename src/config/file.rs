@@ -1,0 +1,540 @@
+//! The file structs (exactly what the TOML may contain, with the defaults) and their
+//! validation into [`Config`], one function per section.
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use super::*;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    upstream: UpstreamFile,
+    #[serde(default)]
+    cache: CacheFile,
+    #[serde(default)]
+    log: LogFile,
+    #[serde(default)]
+    memcached: MemcachedFile,
+    #[serde(default)]
+    purge: PurgeFile,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct ServerFile {
+    listen: String,
+    /// Empty string disables the admin listener.
+    admin: String,
+    threads: usize,
+    #[serde(with = "humantime_serde")]
+    header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
+    max_connections: usize,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        ServerFile {
+            listen: "127.0.0.1:6081".into(),
+            admin: "127.0.0.1:6082".into(),
+            threads: 2,
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct UpstreamFile {
+    address: String,
+    tls: bool,
+    sni: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    first_byte_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    write_timeout: Duration,
+    max_connections: usize,
+    max_queue: usize,
+    #[serde(with = "humantime_serde")]
+    queue_timeout: Duration,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        UpstreamFile {
+            address: "127.0.0.1:8080".into(),
+            tls: false,
+            sni: String::new(),
+            connect_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 256,
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct CacheFile {
+    #[serde(with = "size")]
+    memory_bytes: ByteSize,
+    #[serde(with = "size")]
+    max_object_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    default_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    grace: Duration,
+    #[serde(with = "humantime_serde")]
+    stale_if_error: Duration,
+    #[serde(with = "humantime_serde")]
+    lock_timeout: Duration,
+    hit_for_miss_keys: usize,
+    honor_client_no_cache: bool,
+    normalize_accept_encoding: bool,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        CacheFile {
+            memory_bytes: ByteSize::mib(256),
+            max_object_bytes: ByteSize::mib(8),
+            default_ttl: Duration::ZERO,
+            grace: Duration::from_secs(10),
+            stale_if_error: Duration::from_secs(300),
+            lock_timeout: Duration::from_secs(5),
+            hit_for_miss_keys: 16384,
+            honor_client_no_cache: true,
+            normalize_accept_encoding: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct LogFile {
+    level: String,
+    access_log: bool,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            level: "info".into(),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct MemcachedFile {
+    servers: Vec<String>,
+    namespace: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    op_timeout: Duration,
+    #[serde(with = "size")]
+    max_object_bytes: ByteSize,
+    pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    max_ttl: Duration,
+}
+
+impl Default for MemcachedFile {
+    fn default() -> Self {
+        MemcachedFile {
+            servers: Vec::new(),
+            namespace: "corral".into(),
+            connect_timeout: Duration::from_millis(100),
+            op_timeout: Duration::from_millis(50),
+            // memcached's default item limit is 1 MiB, key and item header included
+            max_object_bytes: ByteSize::b(1_000_000),
+            pool_size: 16,
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct PurgeFile {
+    allow: Vec<String>,
+    token: String,
+    host_map: std::collections::BTreeMap<String, String>,
+    default_host: String,
+    strip_tag_headers: bool,
+    #[serde(with = "humantime_serde")]
+    sweep_interval: Duration,
+}
+
+impl Default for PurgeFile {
+    fn default() -> Self {
+        PurgeFile {
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            token: String::new(),
+            host_map: Default::default(),
+            default_host: String::new(),
+            strip_tag_headers: true,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RuleFile {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    #[serde(with = "humantime_serde")]
+    ttl: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    grace: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    stale_if_error: Option<Duration>,
+    bypass: bool,
+    cache_private: bool,
+    cache_set_cookie: bool,
+}
+
+/// Sizes: `"256MiB"`, `"1 GiB"`, `"64KB"` or a plain number of bytes, with a message that
+/// says so when the value is neither.
+mod size {
+    use bytesize::ByteSize;
+    use serde::{de, Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a size like \"256MiB\" or a number of bytes"))?
+        {
+            Raw::Bytes(n) => Ok(ByteSize::b(n)),
+            Raw::Text(t) => t.trim().parse::<ByteSize>().map_err(|_| {
+                de::Error::custom(format!(
+                    "invalid size {t:?}: expected a size like \"256MiB\" or a number of bytes"
+                ))
+            }),
+        }
+    }
+}
+
+impl FileConfig {
+    pub(super) fn validate(self, source: &str) -> Result<Config, ConfigError> {
+        Ok(Config {
+            source: source.to_string(),
+            server: self.server.validate(source)?,
+            upstream: self.upstream.validate(source)?,
+            cache: self.cache.validate(source)?,
+            log: self.log.validate(source)?,
+            memcached: self.memcached.validate(source)?,
+            purge: self.purge.validate(source)?,
+            rules: self
+                .rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| r.validate(source, i))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl ServerFile {
+    fn validate(self, source: &str) -> Result<ServerConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let listen = resolve(source, "server.listen", &self.listen)?;
+        let admin = match self.admin.as_str() {
+            "" => None,
+            a => Some(resolve(source, "server.admin", a)?),
+        };
+        if admin == Some(listen) {
+            return err("server.admin", "must differ from server.listen".into());
+        }
+        if self.threads == 0 || self.threads > 1024 {
+            return err("server.threads", format!("{} is not in 1..=1024", self.threads));
+        }
+        for (key, d) in [
+            ("server.header_timeout", self.header_timeout),
+            ("server.keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if d < Duration::from_millis(10) {
+                return err(key, format!("{d:?}: must be at least 10ms"));
+            }
+        }
+        if self.max_connections == 0 {
+            return err("server.max_connections", "must be greater than 0".into());
+        }
+        Ok(ServerConfig {
+            listen,
+            admin,
+            threads: self.threads,
+            limits: crate::conn::Limits {
+                header_timeout: self.header_timeout,
+                keepalive_timeout: self.keepalive_timeout,
+                max_connections: self.max_connections,
+            },
+        })
+    }
+}
+
+impl UpstreamFile {
+    fn validate(self, source: &str) -> Result<UpstreamConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let up = self;
+        let Some((host, port)) = up.address.rsplit_once(':') else {
+            return err("upstream.address", format!("{:?} is not host:port", up.address));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return err("upstream.address", format!("{:?} is not host:port", up.address));
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", up.connect_timeout),
+            ("upstream.first_byte_timeout", up.first_byte_timeout),
+            ("upstream.read_timeout", up.read_timeout),
+            ("upstream.queue_timeout", up.queue_timeout),
+            ("upstream.write_timeout", up.write_timeout),
+        ] {
+            if d.is_zero() {
+                return err(key, "must be greater than 0".into());
+            }
+        }
+        if up.max_connections == 0 {
+            return err("upstream.max_connections", "must be greater than 0".into());
+        }
+        let sni = if up.sni.is_empty() {
+            host.trim_start_matches('[').trim_end_matches(']').to_string()
+        } else {
+            up.sni
+        };
+        Ok(UpstreamConfig {
+            address: up.address,
+            tls: up.tls,
+            sni,
+            connect_timeout: up.connect_timeout,
+            first_byte_timeout: up.first_byte_timeout,
+            read_timeout: up.read_timeout,
+            write_timeout: up.write_timeout,
+            max_connections: up.max_connections,
+            max_queue: up.max_queue,
+            queue_timeout: up.queue_timeout,
+        })
+    }
+}
+
+impl CacheFile {
+    fn validate(self, source: &str) -> Result<CacheConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let c = self;
+        let memory_bytes = usize::try_from(c.memory_bytes.as_u64()).unwrap_or(usize::MAX);
+        let max_object_bytes = usize::try_from(c.max_object_bytes.as_u64()).unwrap_or(usize::MAX);
+        if memory_bytes < 1024 {
+            return err(
+                "cache.memory_bytes",
+                format!("{} is too small (at least 1KiB)", c.memory_bytes),
+            );
+        }
+        if max_object_bytes == 0 || max_object_bytes > memory_bytes {
+            return err(
+                "cache.max_object_bytes",
+                format!(
+                    "{} must be > 0 and <= cache.memory_bytes ({})",
+                    c.max_object_bytes, c.memory_bytes
+                ),
+            );
+        }
+        if c.lock_timeout.is_zero() {
+            return err("cache.lock_timeout", "must be greater than 0".into());
+        }
+        if c.hit_for_miss_keys == 0 {
+            return err("cache.hit_for_miss_keys", "must be greater than 0".into());
+        }
+        Ok(CacheConfig {
+            memory_bytes,
+            max_object_bytes,
+            default_ttl: c.default_ttl,
+            grace: c.grace,
+            stale_if_error: c.stale_if_error,
+            lock_timeout: c.lock_timeout,
+            hit_for_miss_keys: c.hit_for_miss_keys,
+            honor_client_no_cache: c.honor_client_no_cache,
+            normalize_accept_encoding: c.normalize_accept_encoding,
+        })
+    }
+}
+
+impl LogFile {
+    fn validate(self, source: &str) -> Result<LogConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
+            return err("log.level", format!("{:?} is not a level or filter", self.level));
+        }
+        Ok(LogConfig {
+            level: self.level,
+            access_log: self.access_log,
+        })
+    }
+}
+
+impl MemcachedFile {
+    fn validate(self, source: &str) -> Result<Option<crate::storage::memcached::L2Config>, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let m = self;
+        let memcached = if m.servers.is_empty() {
+            None
+        } else {
+            for (i, server) in m.servers.iter().enumerate() {
+                let ok = server
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return err(
+                        &format!("memcached.servers[{i}]"),
+                        format!("{server:?} is not host:port"),
+                    );
+                }
+            }
+            if m.namespace.is_empty() || m.namespace.len() > 64 || m.namespace.contains(char::is_whitespace) {
+                return err(
+                    "memcached.namespace",
+                    format!("{:?}: 1 to 64 characters, no spaces", m.namespace),
+                );
+            }
+            for (key, d) in [
+                ("memcached.connect_timeout", m.connect_timeout),
+                ("memcached.op_timeout", m.op_timeout),
+            ] {
+                if d.is_zero() {
+                    return err(key, "must be greater than 0".into());
+                }
+            }
+            if m.pool_size == 0 {
+                return err("memcached.pool_size", "must be greater than 0".into());
+            }
+            if m.max_ttl < Duration::from_secs(1) || m.max_ttl > Duration::from_secs(30 * 24 * 3600) {
+                return err(
+                    "memcached.max_ttl",
+                    format!("{:?}: must be between 1s and 30 days", m.max_ttl),
+                );
+            }
+            Some(crate::storage::memcached::L2Config {
+                servers: m.servers,
+                namespace: m.namespace,
+                connect_timeout: m.connect_timeout,
+                op_timeout: m.op_timeout,
+                max_object_bytes: usize::try_from(m.max_object_bytes.as_u64()).unwrap_or(usize::MAX),
+                pool_size: m.pool_size,
+                max_ttl: m.max_ttl,
+            })
+        };
+        Ok(memcached)
+    }
+}
+
+impl PurgeFile {
+    fn validate(self, source: &str) -> Result<PurgeConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let p = self;
+        let mut allow = Vec::with_capacity(p.allow.len());
+        for (i, net) in p.allow.iter().enumerate() {
+            let parsed = net
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(
+                        source,
+                        format!("purge.allow[{i}]"),
+                        format!("{net:?} is not a CIDR like 10.0.0.0/8"),
+                    )
+                })?;
+            allow.push(parsed);
+        }
+        if p.token.contains(char::is_whitespace) {
+            return err("purge.token", "must not contain spaces".into());
+        }
+        if p.sweep_interval < Duration::from_millis(10) {
+            return err(
+                "purge.sweep_interval",
+                format!("{:?}: must be at least 10ms", p.sweep_interval),
+            );
+        }
+        let purge = PurgeConfig {
+            access: crate::purge::Access {
+                allow,
+                token: Some(p.token).filter(|t| !t.is_empty()),
+            },
+            host_map: p
+                .host_map
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), key_host(&v)))
+                .collect(),
+            default_host: Some(p.default_host)
+                .filter(|h| !h.is_empty())
+                .map(|h| key_host(&h)),
+            strip_tag_headers: p.strip_tag_headers,
+            sweep_interval: p.sweep_interval,
+        };
+        Ok(purge)
+    }
+}
+
+impl RuleFile {
+    fn validate(self, source: &str, i: usize) -> Result<Rule, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let at = |field: &str| format!("rule[{i}].{field}");
+        if let Some(h) = &self.host {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty() || bare.contains(['/', ':', ' ', '*']) {
+                return err(
+                    &at("host"),
+                    format!("{h:?} is not a host name (no port, no path)"),
+                );
+            }
+        }
+        if let Some(p) = &self.path_prefix {
+            if !p.starts_with('/') {
+                return err(&at("path_prefix"), format!("{p:?} must start with '/'"));
+            }
+        }
+        if self.bypass
+            && (self.ttl.is_some() || self.grace.is_some() || self.cache_private || self.cache_set_cookie)
+        {
+            return err(
+                &at("bypass"),
+                "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into(),
+            );
+        }
+        Ok(Rule {
+            host: self.host.map(|h| h.to_ascii_lowercase()),
+            path_prefix: self.path_prefix,
+            ttl: self.ttl,
+            grace: self.grace,
+            stale_if_error: self.stale_if_error,
+            bypass: self.bypass,
+            cache_private: self.cache_private,
+            cache_set_cookie: self.cache_set_cookie,
+        })
+    }
+}
