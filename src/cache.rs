@@ -3,11 +3,13 @@
 //! ([`CacheParts::apply`]). Built once per process and held by the proxy and the admin
 //! listener.
 
+use http::header;
 use pingora_cache::eviction::{lru, EvictionManager};
 use pingora_cache::key::CacheHashKey;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::predictor::Predictor;
 use pingora_cache::CacheKey;
+use pingora_http::ResponseHeader;
 
 use crate::config::Config;
 use crate::key;
@@ -128,6 +130,32 @@ impl CacheParts {
         }
     }
 
+    /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
+    /// `Location` / `Content-Location` of the same host.
+    pub async fn invalidate_after_unsafe(&self, host: &str, path: &str, resp: &ResponseHeader) {
+        let mut removed = self.remove_url(&key::for_url(host, path)).await.0;
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let Ok(uri) = target.parse::<http::Uri>() else {
+                continue;
+            };
+            let same_host = uri
+                .authority()
+                .is_none_or(|a| key::normalize_host(a.as_str()) == host);
+            if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
+                if pq.as_str().starts_with('/') {
+                    removed += self.remove_url(&key::for_url(host, pq.as_str())).await.0;
+                }
+            }
+        }
+        if removed > 0 {
+            metrics::INVALIDATIONS.inc_by(removed as u64);
+            tracing::debug!(host, path, removed, "invalidated by unsafe method");
+        }
+    }
+
     /// Refresh the L1 gauges from storage and the eviction manager.
     pub fn publish_gauges(&self) {
         let stats = self.storage.l1.stats();
@@ -136,6 +164,6 @@ impl CacheParts {
         metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
         metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
-        metrics::PURGE_LOG_APPLIED.set(self.storage.log_seen() as i64);
+        metrics::PURGE_LOG_APPLIED.set(self.storage.log.seen() as i64);
     }
 }

@@ -9,6 +9,8 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::policy::Effective;
+
 /// The embedded default configuration, the same text as `conf/corral.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../conf/corral.toml");
 
@@ -223,6 +225,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The cache settings for a request to `host` + `path`: the `[cache]` defaults, overridden
+    /// by the first matching `[[rule]]` (returned too).
+    pub fn effective(&self, host: &str, path: &str) -> (Effective, Option<&Rule>) {
+        let c = &self.cache;
+        let rule = self.rule_for(host, path);
+        let eff = Effective {
+            default_ttl: rule.and_then(|r| r.ttl).unwrap_or(c.default_ttl),
+            grace: rule.and_then(|r| r.grace).unwrap_or(c.grace),
+            stale_if_error: rule.and_then(|r| r.stale_if_error).unwrap_or(c.stale_if_error),
+            cache_private: rule.is_some_and(|r| r.cache_private),
+            cache_set_cookie: rule.is_some_and(|r| r.cache_set_cookie),
+        };
+        (eff, rule)
     }
 
     /// The first rule that applies to this request, if any.

@@ -8,12 +8,14 @@
 //! - [`config`]: the TOML file → validated [`config::Config`]
 //! - [`key`]: cache key (scheme + host + path + query, Vary variance)
 //! - [`policy`]: RFC 9111 storability and freshness
-//! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory)
+//! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory, L2 memcached)
+//! - [`lock`]: one request works for many: fill leases, refresh locks, in-process gates
 //! - [`cache`]: the cache as one object (tiers, purge records, lock), and the purge entry point
 //! - [`proxy`]: `impl ProxyHttp`, glue only (with `fast_hit`, `headers`, `upstream` slots)
 //! - [`conn`]: client connections: the cap, head and idle deadlines
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
-//! - [`purge`]: purge requests of every client shape → one `Purge`; bans and tag records
+//! - [`purge`]: purge requests of every client shape → one `Purge`; validity records;
+//!   memcached's purge log and its follower; the ban sweeper
 //! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`, `POST /purge`, `POST /purge/all`)
 //! - [`json`]: the JSON answers corral writes itself
 //! - [`metrics`]: every Prometheus metric
@@ -25,6 +27,7 @@ pub mod config;
 pub mod conn;
 pub mod json;
 pub mod key;
+pub mod lock;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -87,10 +90,7 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     // the ban sweeper, on its own runtime: never on a request's path
     server.add_service(pingora_core::services::background::background_service(
         "ban sweeper",
-        Sweeper {
-            parts,
-            interval: cfg.purge.sweep_interval,
-        },
+        purge::sweep::Sweeper::new(parts.storage, cfg.purge.sweep_interval),
     ));
 
     if let Some(admin_addr) = cfg.server.admin {
@@ -106,24 +106,4 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
         server.add_service(admin);
     }
     Ok(server)
-}
-
-/// Runs [`storage::Tiered::sweep_once`] every `purge.sweep_interval`.
-struct Sweeper {
-    parts: &'static CacheParts,
-    interval: std::time::Duration,
-}
-
-#[async_trait::async_trait]
-impl pingora_core::services::background::BackgroundService for Sweeper {
-    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.parts.storage.sweep_once().await,
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
 }

@@ -258,6 +258,15 @@ impl RequestDirectives {
     }
 }
 
+/// RFC 9110 §9.2.1: the safe methods; a successful other one invalidates (RFC 9111 §4.4).
+pub fn is_safe(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

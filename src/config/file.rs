@@ -1,12 +1,15 @@
 //! The file structs (exactly what the TOML may contain, with the defaults) and their
 //! validation into [`Config`], one function per section.
 
+use super::{
+    key_host, resolve, CacheConfig, Config, ConfigError, LogConfig, PurgeConfig, Rule, ServerConfig,
+    UpstreamConfig,
+};
+
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
-
-use super::*;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

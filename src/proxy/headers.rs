@@ -181,6 +181,18 @@ pub(super) fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// Append the client's address to `X-Forwarded-For` (the list the client sent, if any, is
+/// kept in front: the origin decides how many hops it trusts).
+pub(super) fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr) -> Result<()> {
+    let ip = ip.to_string();
+    let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    req.insert_header("x-forwarded-for", xff)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

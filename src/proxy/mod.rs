@@ -38,11 +38,11 @@ use crate::config::Config;
 use crate::conn;
 use crate::json;
 use crate::key;
+use crate::lock::Refresh;
 use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
 use crate::purge::{self, Verdict};
 use crate::storage::memory::{self, CompleteHit};
-use crate::storage::Refresh;
 
 mod answer;
 mod fast_hit;
@@ -51,7 +51,9 @@ mod purge_endpoint;
 mod upstream;
 
 use answer::{cache_status_value, respond_json};
-use headers::{hop_by_hop, normalize_accept_encoding, single_content_length, RequestFields};
+use headers::{
+    append_forwarded_for, hop_by_hop, normalize_accept_encoding, single_content_length, RequestFields,
+};
 use upstream::{UpstreamSlot, UpstreamSlots};
 
 /// RFC 9211's response header.
@@ -142,56 +144,6 @@ impl Corral {
             keepalive_secs,
         }
     }
-
-    fn effective(&self, host: &str, path: &str) -> (Effective, Option<&crate::config::Rule>) {
-        let c = &self.cfg.cache;
-        let rule = self.cfg.rule_for(host, path);
-        let eff = Effective {
-            default_ttl: rule.and_then(|r| r.ttl).unwrap_or(c.default_ttl),
-            grace: rule.and_then(|r| r.grace).unwrap_or(c.grace),
-            stale_if_error: rule.and_then(|r| r.stale_if_error).unwrap_or(c.stale_if_error),
-            cache_private: rule.is_some_and(|r| r.cache_private),
-            cache_set_cookie: rule.is_some_and(|r| r.cache_set_cookie),
-        };
-        (eff, rule)
-    }
-
-    /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
-    /// `Location` / `Content-Location` of the same host.
-    async fn invalidate_after_unsafe(&self, ctx: &Ctx, resp: &ResponseHeader) {
-        let mut removed = self.parts.remove_url(&key::for_url(&ctx.host, &ctx.path)).await.0;
-        for name in [header::LOCATION, header::CONTENT_LOCATION] {
-            let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
-                continue;
-            };
-            let Ok(uri) = target.parse::<http::Uri>() else {
-                continue;
-            };
-            let same_host = uri
-                .authority()
-                .is_none_or(|a| key::normalize_host(a.as_str()) == ctx.host);
-            if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
-                if pq.as_str().starts_with('/') {
-                    removed += self
-                        .parts
-                        .remove_url(&key::for_url(&ctx.host, pq.as_str()))
-                        .await
-                        .0;
-                }
-            }
-        }
-        if removed > 0 {
-            metrics::INVALIDATIONS.inc_by(removed as u64);
-            debug!(host = %ctx.host, path = %ctx.path, removed, "invalidated by unsafe method");
-        }
-    }
-}
-
-fn is_safe(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
 }
 
 #[async_trait]
@@ -266,7 +218,7 @@ impl ProxyHttp for Corral {
             }
         };
         ctx.path = key::request_path_and_query(req).to_string();
-        let (policy, rule) = self.effective(&ctx.host, &ctx.path);
+        let (policy, rule) = self.cfg.effective(&ctx.host, &ctx.path);
         ctx.policy = policy;
         let fields = RequestFields::of(req);
         ctx.conditional = fields.conditional;
@@ -446,20 +398,8 @@ impl ProxyHttp for Corral {
             // answers for the site the entry is stored under, never for a spelling of it
             upstream_request.insert_header(header::HOST, ctx.host.as_str())?;
         }
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-        {
-            let xff = match upstream_request
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            upstream_request.insert_header("x-forwarded-for", xff)?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            append_forwarded_for(upstream_request, addr.ip())?;
         }
         Ok(())
     }
@@ -494,8 +434,10 @@ impl ProxyHttp for Corral {
             ctx.not_modified = Some(upstream_response.headers.clone());
         }
         let method = &session.req_header().method;
-        if !is_safe(method) && (status.is_success() || status.is_redirection()) {
-            self.invalidate_after_unsafe(ctx, upstream_response).await;
+        if !policy::is_safe(method) && (status.is_success() || status.is_redirection()) {
+            self.parts
+                .invalidate_after_unsafe(&ctx.host, &ctx.path, upstream_response)
+                .await;
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! Who may purge: source networks and, optionally, a bearer token.
 
-#[allow(unused_imports)]
-use super::*;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use subtle::ConstantTimeEq;
 
 /// Who may purge: source networks and, optionally, a bearer token.
 #[derive(Debug, Clone)]

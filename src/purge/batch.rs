@@ -1,7 +1,6 @@
 //! The admin listener's batch of purges (`POST /purge`), validated whole.
 
-#[allow(unused_imports)]
-use super::*;
+use super::{Ban, BanText, Purge, Target};
 
 /// `POST /purge` on the admin listener: a batch, validated whole before anything is applied.
 #[derive(Debug, serde::Deserialize)]
@@ -12,17 +11,9 @@ pub struct Batch {
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]
-    pub bans: Vec<BatchBan>,
+    pub bans: Vec<BanText>,
     #[serde(default)]
     pub soft: bool,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchBan {
-    pub url: Option<String>,
-    pub host: Option<String>,
-    pub content_type: Option<String>,
 }
 
 impl Batch {
@@ -67,18 +58,8 @@ impl Batch {
                 soft,
             });
         }
-        for (i, b) in batch.bans.iter().enumerate() {
-            let field = |name: &str, v: &Option<String>| -> Result<Option<Pattern>, String> {
-                v.as_deref()
-                    .map(|p| regex(name, p))
-                    .transpose()
-                    .map_err(|e| format!("bans[{i}].{e}"))
-            };
-            let ban = Ban {
-                url: field("url", &b.url)?,
-                host: field("host", &b.host)?,
-                content_type: field("content_type", &b.content_type)?,
-            };
+        for (i, text) in batch.bans.into_iter().enumerate() {
+            let ban = Ban::try_from(text).map_err(|e| format!("bans[{i}].{e}"))?;
             if ban.url.is_none() && ban.host.is_none() && ban.content_type.is_none() {
                 return Err(format!("bans[{i}]: needs url, host or content_type"));
             }

@@ -1,10 +1,25 @@
-//! A purge as kept in memcached's purge log, and back.
+//! memcached's purge log: the record of a purge as kept there, and the [`Follower`] that
+//! applies other corrals' records (and the namespace generation) to this corral.
+//!
+//! A purge accepted anywhere (but purge-all) is appended to the log ([`LogRecord`], JSON) under
+//! a sequence number from a memcached counter; purge-all bumps the namespace generation
+//! instead. Every corral follows both: every second in the background
+//! ([`Follower::spawn_watch`]), and on each L2 lookup, so that no value read from memcached is
+//! used before the records that may cover it are applied.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
-/// A ban or tag purge as kept in memcached's purge log, so that every corral sharing the
-/// namespace applies it to what it reads from L2 (JSON: small, versionable, readable).
+use http::header::HeaderName;
+use tracing::warn;
+
+use super::validity::{from_millis, millis};
+use super::{now_stamp, regex, Ban, Purge, Target, Validity, MAX_RECORDS};
+use crate::storage::memcached::L2;
+use crate::storage::memory::MemoryStorage;
+
+/// A purge as kept in memcached's purge log, so that every corral sharing the namespace
+/// applies it to its L1 and to what it reads from L2 (JSON: small, versionable, readable).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct LogRecord {
     pub at_ms: u64,
@@ -15,11 +30,7 @@ pub struct LogRecord {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum LogWhat {
-    Ban {
-        host: Option<String>,
-        url: Option<String>,
-        content_type: Option<String>,
-    },
+    Ban(Ban),
     Tags {
         tags: Vec<String>,
     },
@@ -41,13 +52,8 @@ impl LogRecord {
     /// The log record of a purge accepted `at`; `None` for purge-all, which reaches every
     /// corral through the namespace generation.
     pub fn of(purge: &Purge, at: SystemTime) -> Option<LogRecord> {
-        let s = |r: &Option<Pattern>| r.as_ref().map(|r| r.as_str().to_string());
         let what = match &purge.target {
-            Target::Ban(b) => LogWhat::Ban {
-                host: s(&b.host),
-                url: s(&b.url),
-                content_type: s(&b.content_type),
-            },
+            Target::Ban(b) => LogWhat::Ban(b.clone()),
             Target::Tags(tags) => LogWhat::Tags { tags: tags.clone() },
             Target::TagPattern { patterns } => match patterns.as_slice() {
                 [(header, pattern)] => LogWhat::TagPattern {
@@ -81,22 +87,8 @@ impl LogRecord {
     /// Decode a record and rebuild its purge; `None` if it does not decode.
     pub fn decode(bytes: &[u8]) -> Option<(Purge, SystemTime)> {
         let rec: LogRecord = serde_json::from_slice(bytes).ok()?;
-        let re = |name: &str, p: &Option<String>| -> Option<Option<Pattern>> {
-            match p {
-                None => Some(None),
-                Some(p) => regex(name, p).ok().map(Some),
-            }
-        };
         let target = match rec.what {
-            LogWhat::Ban {
-                host,
-                url,
-                content_type,
-            } => Target::Ban(Ban {
-                host: re("host", &host)?,
-                url: re("url", &url)?,
-                content_type: re("content_type", &content_type)?,
-            }),
+            LogWhat::Ban(ban) => Target::Ban(ban),
             LogWhat::Tags { tags } => Target::Tags(tags),
             LogWhat::TagPattern { header, pattern } => Target::TagPattern {
                 patterns: vec![(
@@ -124,5 +116,98 @@ impl LogRecord {
             },
             from_millis(rec.at_ms),
         ))
+    }
+}
+
+/// Follows memcached's purge log and namespace generation into this corral's validity records
+/// and L1.
+pub struct Follower {
+    l1: &'static MemoryStorage,
+    validity: &'static Validity,
+    /// The last purge log record applied here.
+    seen: AtomicU64,
+    /// One purge log reader at a time.
+    reader: tokio::sync::Mutex<()>,
+}
+
+impl Follower {
+    pub fn new(l1: &'static MemoryStorage, validity: &'static Validity) -> Self {
+        Follower {
+            l1,
+            validity,
+            seen: AtomicU64::new(0),
+            reader: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Every second, adopt memcached's namespace generation (when it moved, another corral
+    /// purged everything: drop L1 too) and pull new purge log records (bans and tag purges
+    /// other corrals accepted), so L1 follows them within a second.
+    pub fn spawn_watch(&'static self, l2: L2) {
+        tokio::spawn(async move {
+            loop {
+                tokio::join!(self.adopt_generation(&l2), self.pull(&l2));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// The sequence number of the last purge log record applied here.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    /// Apply the purge log records this corral has not seen. Returns false if the log could
+    /// not be read completely (memcached trouble): an L2 value must not be trusted then.
+    ///
+    /// A record that is gone (expired, evicted), or more records than [`MAX_RECORDS`] to catch
+    /// up on (a corral started long after), is covered conservatively: everything validated
+    /// before now is treated as purged.
+    pub async fn pull(&self, l2: &L2) -> bool {
+        let Some(seq) = l2.log_seq().await else {
+            return false;
+        };
+        if seq <= self.seen.load(Ordering::Acquire) {
+            return true;
+        }
+        let _one_reader = self.reader.lock().await;
+        let seen = self.seen.load(Ordering::Acquire);
+        if seq <= seen {
+            return true;
+        }
+        let mut from = seen + 1;
+        if seq - seen > MAX_RECORDS as u64 {
+            self.validity.invalidate_all_before(now_stamp());
+            from = seq + 1 - MAX_RECORDS as u64;
+        }
+        for n in from..=seq {
+            match l2.log_record(n).await {
+                None => return false,
+                Some(Some(bytes)) => match LogRecord::decode(&bytes) {
+                    Some((purge, at)) => self.validity.record(&purge, at),
+                    None => self.validity.invalidate_all_before(now_stamp()),
+                },
+                Some(None) => self.validity.invalidate_all_before(now_stamp()),
+            }
+            self.seen.store(n, Ordering::Release);
+        }
+        true
+    }
+
+    /// Read the generation; if it moved, drop L1 (loudly). Returns whether it moved.
+    pub async fn adopt_generation(&self, l2: &L2) -> bool {
+        let (old, new) = l2.refresh_generation().await;
+        if old == new {
+            return false;
+        }
+        let dropped = self.l1.stats().entries;
+        self.l1.clear();
+        warn!(
+            from = old,
+            to = new,
+            dropped,
+            "memcached namespace generation changed (purge of everything): local cache dropped"
+        );
+        true
     }
 }

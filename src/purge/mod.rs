@@ -27,7 +27,7 @@
 //! # Bounded state
 //! - Each entry remembers up to which record it was checked (by a hit or by the sweeper), so
 //!   a hit pays for a ban at most once.
-//! - The sweeper ([`crate::storage::Tiered::sweep_once`], Varnish's "ban lurker") checks every
+//! - The sweeper ([`sweep::Sweeper`], Varnish's "ban lurker") checks every
 //!   L1 entry against new records in the background: hard matches are removed (memory freed
 //!   without waiting for a request), soft matches marked stale.
 //! - A record is dropped ([`Validity::expire`]) once no entry it could match can turn up
@@ -40,18 +40,7 @@
 //!   oldest half folds into one "everything validated before T" record, which
 //!   over-invalidates a little and never grows.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use dashmap::DashMap;
 use http::header::HeaderName;
-use http::Method;
-use ipnet::IpNet;
-use parking_lot::RwLock;
-use pingora_cache::{CacheMeta, ForcedFreshness};
-use pingora_http::RequestHeader;
-use subtle::ConstantTimeEq;
 
 /// The longest regex a purge may carry (FOSHttpCache splits its tag bans at 7,500 bytes).
 pub const MAX_PATTERN_BYTES: usize = 16 * 1024;
@@ -75,12 +64,48 @@ pub enum Target {
     All,
 }
 
-/// Patterns of a ban; `None` matches anything.
-#[derive(Debug, Clone)]
+/// Patterns of a ban; `None` matches anything. On the wire (a batch, memcached's log) it is
+/// [`BanText`], compiled on the way in.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "BanText", into = "BanText")]
 pub struct Ban {
     pub host: Option<Pattern>,
     pub url: Option<Pattern>,
     pub content_type: Option<Pattern>,
+}
+
+/// A ban as clients and memcached's log carry it: the patterns as text.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BanText {
+    pub host: Option<String>,
+    pub url: Option<String>,
+    pub content_type: Option<String>,
+}
+
+impl TryFrom<BanText> for Ban {
+    type Error = PurgeError;
+
+    /// Compile each pattern; the error names the field.
+    fn try_from(text: BanText) -> Result<Ban, PurgeError> {
+        let field = |name: &str, v: Option<String>| v.as_deref().map(|p| regex(name, p)).transpose();
+        Ok(Ban {
+            host: field("host", text.host)?,
+            url: field("url", text.url)?,
+            content_type: field("content_type", text.content_type)?,
+        })
+    }
+}
+
+impl From<Ban> for BanText {
+    fn from(ban: Ban) -> BanText {
+        let text = |p: Option<Pattern>| p.map(|p| p.as_str().to_string());
+        BanText {
+            host: text(ban.host),
+            url: text(ban.url),
+            content_type: text(ban.content_type),
+        }
+    }
 }
 
 impl Ban {
@@ -178,18 +203,18 @@ pub enum PurgeError {
 
 mod access;
 mod batch;
-mod log;
+pub mod log;
 mod parse;
 mod pattern;
+pub mod sweep;
 mod validity;
 
 pub use access::Access;
-pub use batch::{Batch, BatchBan};
+pub use batch::Batch;
 pub use log::{LogRecord, LogWhat};
+use parse::regex;
 pub use parse::{is_purge_method, parse};
-use parse::{regex, split_tags};
 pub use pattern::Pattern;
-use validity::from_millis;
 pub(crate) use validity::millis;
 pub use validity::{has_tag_header, now_stamp, Validity, Verdict, TAG_HEADERS};
 

@@ -1,7 +1,10 @@
 //! Every request shape real clients send (see the table in the module above), parsed into one [`Purge`].
 
-#[allow(unused_imports)]
-use super::*;
+use http::header::HeaderName;
+use http::Method;
+use pingora_http::RequestHeader;
+
+use super::{Ban, Pattern, Purge, PurgeError, Target, MAX_PATTERN_BYTES};
 
 /// Is this a purge method corral answers itself?
 pub fn is_purge_method(method: &Method) -> bool {

@@ -1,5 +1,10 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pingora_cache::{CacheMeta, ForcedFreshness};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use super::parse::split_tags;
 use super::*;
-use pingora_http::ResponseHeader;
 
 fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestHeader {
     let mut r = RequestHeader::build(method, path.as_bytes(), None).unwrap();

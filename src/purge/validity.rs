@@ -1,8 +1,16 @@
 //! Validity records: bans, tag purges and URL purges, checked against each hit and by the
 //! sweeper; how they fold and expire.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use http::header::HeaderName;
+use parking_lot::RwLock;
+use pingora_cache::{CacheMeta, ForcedFreshness};
+
+use super::parse::split_tags;
+use super::{Ban, Pattern, Purge, Target, MAX_RECORDS};
 
 /// Milliseconds since the epoch (0 before it).
 pub(crate) fn millis(t: SystemTime) -> u64 {
@@ -47,7 +55,7 @@ impl Verdict {
 }
 
 /// Bans and tag purges, checked lazily against each hit, and by the sweeper
-/// ([`crate::storage::Tiered::sweep_once`]) against every entry.
+/// ([`super::sweep::Sweeper`]) against every entry.
 ///
 /// Every record carries the time it was accepted (it covers entries validated before that)
 /// and a local sequence number. An entry that was checked against every record up to some

@@ -1,7 +1,22 @@
 //! pingora-cache's `Storage` for L1: lookup, miss handlers, purge, expire, meta updates.
 
-#[allow(unused_imports)]
-use super::*;
+use std::any::Any;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora_cache::key::CacheHashKey;
+use pingora_cache::storage::{HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType, Storage};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::Result;
+use tokio::sync::watch;
+
+use super::fill::MemoryMiss;
+use super::hit::{partial_hit, CompleteHit};
+use super::{url_of, Fill, FillState, MemoryStorage, MetaParts, Slot};
 
 #[async_trait]
 impl Storage for MemoryStorage {

@@ -1,7 +1,15 @@
 //! The miss handler: the one request that fetches a body writes it here, readers stream it.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_cache::key::HashBinary;
+use pingora_cache::storage::{HandleMiss, MissFinishType};
+use pingora_error::Result;
+
+use super::{Fill, FillState, MemoryStorage, Stored};
 
 pub(super) struct MemoryMiss {
     pub(super) storage: &'static MemoryStorage,

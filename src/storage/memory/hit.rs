@@ -1,8 +1,20 @@
 //! Hit handlers: a complete entry (shared body, seekable for ranges) and a fill in progress
 //! (streamed as it arrives).
 
-#[allow(unused_imports)]
-use super::*;
+use std::any::Any;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_cache::storage::{HandleHit, HitHandler, Storage};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::{Error, ErrorType, Result};
+use tokio::sync::watch;
+
+use super::{Fill, FillState, Stored};
 
 /// Reads a committed body: one chunk, shared with the stored [`Bytes`].
 pub struct CompleteHit {

@@ -25,27 +25,19 @@
 //! [`MemoryStorage::clear`] bumps a generation: entries of older generations are invisible at
 //! once and are freed by a background sweep.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
-use pingora_cache::storage::{
-    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
-    Storage,
-};
-use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
-use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::sync::watch;
 
-use crate::purge::{millis, Validity, Verdict};
+use crate::purge::millis;
 
 /// Bookkeeping bytes charged to every entry on top of body and headers: the entry itself
 /// (metadata, two header structs), its map row and slot, its URL, the eviction manager's
@@ -529,10 +521,6 @@ mod fill;
 mod hit;
 mod sweep;
 
-#[allow(unused_imports)]
-use fill::*;
-#[allow(unused_imports)]
-use hit::*;
 pub use hit::{validated, CompleteHit};
 pub use sweep::{split_url, SweepReport};
 

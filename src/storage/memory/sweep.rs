@@ -1,8 +1,13 @@
 //! The sweeper's pass over L1: entries checked against new purge records (hard matches
 //! removed, soft ones marked stale), in batches.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pingora_cache::key::{CompactCacheKey, HashBinary};
+
+use super::{compact, MemoryStorage, Stored};
+use crate::purge::{millis, Validity, Verdict};
 
 /// What one pass of [`MemoryStorage::sweep`] did.
 #[derive(Debug, Default)]

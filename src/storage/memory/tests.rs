@@ -1,5 +1,8 @@
+use pingora_cache::storage::{HitHandler, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType, Storage};
+use pingora_error::Result;
+
 use super::*;
-use crate::purge::Purge;
+use crate::purge::{Purge, Validity};
 use once_cell::sync::Lazy;
 
 fn meta(max_age: u64) -> CacheMeta {

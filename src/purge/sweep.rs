@@ -1,0 +1,109 @@
+//! The ban sweeper (Varnish's "ban lurker"): in the background, check every L1 entry against
+//! the purge records that arrived since the last pass, free what hard records match, mark
+//! stale what soft ones match, and drop the records no entry can need any more. The check
+//! itself walks L1 ([`crate::storage::memory::MemoryStorage::sweep`]); this module decides
+//! when to run it and which records it lets go.
+
+use std::time::{Duration, SystemTime};
+
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::metrics;
+use crate::storage::Tiered;
+
+/// Margin for clocks of corrals sharing memcached: an L2 entry is taken to be at most
+/// `memcached.max_ttl` plus this old.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Runs [`Sweeper::pass`] every `purge.sweep_interval`, on its own runtime: never on a
+/// request's path.
+pub struct Sweeper {
+    storage: &'static Tiered,
+    interval: Duration,
+    /// The last pass: records checked up to, and fills in progress then (ms).
+    swept: parking_lot::Mutex<(u64, u64)>,
+}
+
+impl Sweeper {
+    pub fn new(storage: &'static Tiered, interval: Duration) -> Self {
+        Sweeper {
+            storage,
+            interval,
+            swept: parking_lot::Mutex::new((0, u64::MAX)),
+        }
+    }
+
+    /// One run of the ban sweeper: if ban or tag records arrived since the last pass, check
+    /// every L1 entry against them ([`crate::storage::memory::MemoryStorage::sweep`]: matched entries are removed or
+    /// marked stale, the rest marked checked), then drop the records no entry can need any
+    /// more. A record is needed while an entry validated before it may still be looked up
+    /// unchecked: a fill that was in progress, an entry inserted during the pass, or (with L2)
+    /// a memcached value, which lives at most `memcached.max_ttl`.
+    pub async fn pass(&self) {
+        if !self.storage.validity.active() {
+            return;
+        }
+        let upto = self.storage.validity.published();
+        let (last, mut fills_min) = *self.swept.lock();
+        // no value older than this can be in memcached
+        let l2_bound = self
+            .storage
+            .l2
+            .as_ref()
+            .map(|l2| SystemTime::now() - l2.max_ttl() - CLOCK_SKEW);
+        // entries that escaped the last pass (inserted since, or fills in progress then) hold
+        // back the records older than them; a pass checks them and lifts that
+        let escaped = fills_min.min(self.storage.l1.inserted_min_ms()) != u64::MAX;
+        let held_back = escaped
+            && self
+                .storage
+                .validity
+                .oldest()
+                .is_some_and(|t| l2_bound.is_none_or(|bound| t <= bound));
+        if upto > last || self.storage.validity.floor_ms() > 0 || held_back {
+            let report = self.storage.l1.sweep(self.storage.validity, upto).await;
+            for compact in &report.removed {
+                self.storage
+                    .eviction
+                    .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+            }
+            metrics::SWEPT
+                .with_label_values(&["checked"])
+                .inc_by(report.checked as u64);
+            metrics::SWEPT
+                .with_label_values(&["removed"])
+                .inc_by(report.removed.len() as u64);
+            metrics::SWEPT
+                .with_label_values(&["stale"])
+                .inc_by(report.stale as u64);
+            fills_min = report.fills_min;
+            *self.swept.lock() = (upto, fills_min);
+            metrics::SWEEPS.inc();
+        }
+        let escaped = fills_min.min(self.storage.l1.inserted_min_ms());
+        let l1_horizon = if escaped == u64::MAX {
+            SystemTime::now() + Duration::from_secs(3600)
+        } else {
+            SystemTime::UNIX_EPOCH + Duration::from_millis(escaped)
+        };
+        let l2_horizon = l2_bound.unwrap_or(l1_horizon);
+        let checked = self.swept.lock().0;
+        let expired = self.storage.validity.expire(checked, l1_horizon, l2_horizon);
+        metrics::PURGE_RECORDS_EXPIRED.inc_by(expired as u64);
+    }
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.pass().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! [`Tiered`]: L1 in front of an optional L2, behind Pingora's `Storage` trait (see [`super`]).
+
+use std::any::Any;
+use std::sync::Once;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_cache::eviction::{CacheEntryKey, EvictionManager};
+use pingora_cache::key::CacheHashKey;
+use pingora_cache::storage::{
+    HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType, Storage,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta};
+use pingora_error::Result;
+
+use super::memcached::L2;
+use super::memory::{CompleteHit, MemoryStorage, MetaParts};
+use super::record;
+use crate::lock::{Gates, Held};
+use crate::purge::log::Follower;
+use crate::purge::Validity;
+
+/// L1 in front of an optional L2.
+pub struct Tiered {
+    pub l1: &'static MemoryStorage,
+    /// L1's eviction manager: promotions from L2 are admitted (and evict) like fills.
+    pub(crate) eviction: &'static (dyn EvictionManager + Sync),
+    /// Ban and tag records, where records pulled from memcached's purge log go.
+    pub(crate) validity: &'static Validity,
+    /// Follows memcached's purge log and namespace generation into `validity` and L1.
+    pub(crate) log: Follower,
+    pub l2: Option<L2>,
+    /// How long a lookup waits for another corral's fill (the cross-proxy lock).
+    pub(crate) lock_timeout: Duration,
+    /// L2 keys whose fill lease this corral won and has not yet filled. memcached lets a
+    /// lease go after `lock_timeout` even if the fill never came, and so does this set.
+    pub(crate) leases: Held,
+    /// L2 keys whose refresh lock (see [`Self::refresh_once`]) this corral holds; forgotten
+    /// after `lock_timeout` like the leases.
+    pub(crate) refreshing: Held,
+    /// One L2 read per key at a time in this corral: concurrent lookups of a key wait here
+    /// and then find the result in L1, so memcached sees one read per key, not one per client.
+    pub(crate) inflight: Gates,
+    started: Once,
+}
+
+impl Tiered {
+    pub fn new(
+        l1: &'static MemoryStorage,
+        eviction: &'static (dyn EvictionManager + Sync),
+        validity: &'static Validity,
+        l2: Option<L2>,
+        lock_timeout: Duration,
+    ) -> Self {
+        Tiered {
+            l1,
+            eviction,
+            validity,
+            log: Follower::new(l1, validity),
+            l2,
+            lock_timeout,
+            leases: Held::new(lock_timeout),
+            refreshing: Held::new(lock_timeout),
+            inflight: Gates::default(),
+            started: Once::new(),
+        }
+    }
+
+    /// Put an L2 record into L1 and answer the lookup from there.
+    pub(crate) fn promote(
+        &'static self,
+        key: &CacheKey,
+        rec: record::Record,
+    ) -> Option<(CacheMeta, HitHandler)> {
+        let parts = MetaParts::from_meta(&rec.meta);
+        let (hit, weight) = self.l1.insert(key, parts, rec.body);
+        // admitted like a fill, so the memory bound holds for promoted entries too
+        let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
+        for evicted in self.eviction.admit(entry, weight, rec.meta.fresh_until()) {
+            let k = evicted.key();
+            self.l1.remove_variant(k.primary, k.variance_bin());
+        }
+        Some((rec.meta, Box::new(hit)))
+    }
+
+    fn l2_ttl(meta: &CacheMeta) -> Duration {
+        let now = SystemTime::now();
+        let fresh = meta.fresh_until().duration_since(now).unwrap_or(Duration::ZERO);
+        let stale = meta.stale_while_revalidate_sec().max(meta.stale_if_error_sec());
+        (fresh + Duration::from_secs(stale.into())).max(Duration::from_secs(1))
+    }
+}
+
+/// Whether Pingora will make the clients of this L1 hit wait for a revalidation: a complete
+/// entry, stale and past its serve-stale window. A Vary variant only when looked up under its
+/// own variance (the primary slot may hold another variant than the request wants).
+fn awaits_revalidation(hit: &(CacheMeta, HitHandler), key: &CacheKey) -> bool {
+    let (meta, handler) = hit;
+    let now = SystemTime::now();
+    !meta.is_fresh(now)
+        && !meta.serve_stale_while_revalidate(now)
+        && (key.variance_bin().is_some() || meta.variance().is_none())
+        && handler.as_any().is::<CompleteHit>()
+}
+
+/// Writes L1 as the body arrives, and L2 once it is complete.
+struct TieredMiss {
+    l1: MissHandler,
+    l2: Option<PendingL2>,
+    tiered: &'static Tiered,
+}
+
+struct PendingL2 {
+    l2: L2,
+    key: String,
+    internal: Vec<u8>,
+    header: Vec<u8>,
+    ttl: Duration,
+    chunks: Vec<Bytes>,
+    size: usize,
+}
+
+#[async_trait]
+impl HandleMiss for TieredMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        if let Some(p) = &mut self.l2 {
+            p.size += data.len();
+            if p.size > p.l2.max_object_bytes() {
+                // too big for memcached: this object stays L1-only
+                self.l2 = None;
+            } else {
+                p.chunks.push(data.clone());
+            }
+        }
+        self.l1.write_body(data, eof).await
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let this = *self;
+        let done = this.l1.finish().await?;
+        if let Some(p) = this.l2 {
+            let lock = this.tiered.refresh_lock_for_write(&p.key);
+            tokio::spawn(async move {
+                let mut body = BytesMut::with_capacity(p.size);
+                for c in &p.chunks {
+                    body.extend_from_slice(c);
+                }
+                let value = record::encode_parts(&p.internal, &p.header, &[], &body);
+                p.l2.set(&p.key, value, p.ttl).await;
+                if let Some(lock) = lock {
+                    p.l2.delete(&lock).await;
+                }
+            });
+        }
+        Ok(done)
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        self.l1.streaming_write_tag()
+    }
+}
+
+#[async_trait]
+impl Storage for Tiered {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if let Some(hit) = self.l1.lookup(key, trace).await? {
+            if let Some(l2) = &self.l2 {
+                if awaits_revalidation(&hit, key) {
+                    return Ok(Some(self.revalidate_once(l2, key, hit, trace).await?));
+                }
+            }
+            return Ok(Some(hit));
+        }
+        let Some(l2) = &self.l2 else {
+            return Ok(None);
+        };
+        self.started.call_once(|| self.log.spawn_watch(l2.clone()));
+        self.l2_lookup_coalesced(l2, key, trace).await
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        self.l1.lookup_streaming_write(key, tag, trace).await
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let l1 = self.l1.get_miss_handler(key, meta, trace).await?;
+        let l2 = match &self.l2 {
+            Some(l2) => {
+                let mk = l2.key(&key.combined());
+                self.leases.give_back(&mk);
+                let (internal, header) = meta.serialize()?;
+                Some(PendingL2 {
+                    l2: l2.clone(),
+                    key: mk,
+                    internal,
+                    header,
+                    ttl: Self::l2_ttl(meta),
+                    chunks: Vec::new(),
+                    size: 0,
+                })
+            }
+            None => None,
+        };
+        Ok(Box::new(TieredMiss { l1, l2, tiered: self }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let outcome = self.l1.purge(target, purge_type, trace).await?;
+        // an eviction only frees local memory; an invalidation reaches every corral through L2
+        if let (PurgeType::Invalidation, Some(l2)) = (purge_type, &self.l2) {
+            l2.delete(&l2.key(&target.key().combined())).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn expire(&'static self, target: PurgeTarget<'_>, trace: &SpanHandle) -> Result<PurgeOutcome> {
+        self.l1.expire(target, trace).await
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<bool> {
+        let updated = self.l1.update_meta(key, meta, trace).await?;
+        if let (Some(l2), Some(body)) = (&self.l2, self.l1.body_of(key)) {
+            // a 304 refreshed the entry: refresh the shared copy too
+            let value = record::encode(meta, &[], &body)?;
+            let (l2, mk, ttl) = (l2.clone(), l2.key(&key.combined()), Self::l2_ttl(meta));
+            let lock = self.refresh_lock_for_write(&mk);
+            tokio::spawn(async move {
+                l2.set(&mk, value, ttl).await;
+                if let Some(lock) = lock {
+                    l2.delete(&lock).await;
+                }
+            });
+        }
+        Ok(updated)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
