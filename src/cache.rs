@@ -116,7 +116,11 @@ impl CacheParts {
             let n = self.storage.l1.expire_primary(&key.primary_bin());
             (n, logged.await)
         } else {
-            let ((n, deleted), logged) = tokio::join!(self.remove_url(&key), logged);
+            // logged before the L2 delete: a corral whose fill writes to memcached without a
+            // lease checks the log after its write, so either it sees this record or this
+            // delete comes after its write (see Tiered::write_l2)
+            let logged = logged.await;
+            let (n, deleted) = self.remove_url(&key).await;
             (n, deleted && logged)
         }
     }
@@ -165,5 +169,12 @@ impl CacheParts {
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
         metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
         metrics::PURGE_LOG_APPLIED.set(self.storage.log.seen() as i64);
+        for (map, n) in [
+            ("leases", self.storage.leases.live()),
+            ("refreshing", self.storage.refreshing.live()),
+            ("gates", self.storage.inflight.len()),
+        ] {
+            metrics::LOCK_ENTRIES.with_label_values(&[map]).set(n as i64);
+        }
     }
 }

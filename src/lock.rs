@@ -123,12 +123,15 @@ impl Drop for Pass<'_> {
 }
 
 /// Locks this corral holds in memcached (fill leases, refresh locks), by memcached key, with
-/// the time each was taken. memcached lets a lock go after `ttl` whether or not it was given
-/// back, and so does this set: an entry older than `ttl` counts as not held, and is dropped by
-/// the next look at it or, past a size that doubles, by a sweep of the whole set, so a lock a
-/// vanished request never gave back costs nothing for long.
+/// the time each was taken and the CAS memcached gave it. The CAS makes a lock this corral's
+/// alone: it is given back with a CAS-conditional delete, which cannot remove a lock that
+/// expired meanwhile and was won by another corral. memcached lets a lock go after its lease
+/// time whether or not it was given back, and so does this set: an entry older than `ttl`
+/// counts as not held, and is dropped by the next look at it or, past a size that doubles, by
+/// a sweep of the whole set, so a lock a vanished request never gave back costs nothing for
+/// long.
 pub struct Held {
-    map: DashMap<String, Instant>,
+    map: DashMap<String, (Instant, Option<u64>)>,
     ttl: Duration,
     /// Sweep the set when it grows past this.
     sweep_at: parking_lot::Mutex<usize>,
@@ -146,40 +149,45 @@ impl Held {
         }
     }
 
-    /// Note that this corral took the lock of `key`.
-    pub fn take(&self, key: String) {
-        self.map.insert(key, Instant::now());
+    /// Note that this corral took the lock of `key`, whose CAS is `cas`.
+    pub fn take(&self, key: String, cas: Option<u64>) {
+        self.map.insert(key, (Instant::now(), cas));
         let mut sweep_at = self.sweep_at.lock();
         if self.map.len() >= *sweep_at {
-            self.map.retain(|_, since| since.elapsed() < self.ttl);
+            self.map.retain(|_, (since, _)| since.elapsed() < self.ttl);
             *sweep_at = (self.map.len() * 2).max(HELD_SWEEP_MIN);
         }
     }
 
     /// Whether this corral holds the lock of `key` (taken less than `ttl` ago).
     pub fn holds(&self, key: &str) -> bool {
-        let held = self.map.get(key).map(|since| since.elapsed());
-        match held {
-            Some(for_) if for_ < self.ttl => true,
-            Some(_) => {
-                // never given back (the request vanished): memcached has dropped it too
-                self.map.remove(key);
-                false
-            }
-            None => false,
+        if self.map.get(key).is_some_and(|e| e.0.elapsed() < self.ttl) {
+            return true;
         }
+        // never given back (the request vanished): memcached has dropped it too. Checked
+        // again under the map's lock, so a lock taken again just now stays
+        self.map
+            .remove_if(key, |_, (since, _)| since.elapsed() >= self.ttl);
+        false
     }
 
-    /// Forget the lock of `key`; whether this corral held it (taken less than `ttl` ago).
-    pub fn give_back(&self, key: &str) -> bool {
-        self.map
-            .remove(key)
-            .is_some_and(|(_, since)| since.elapsed() < self.ttl)
+    /// Forget the lock of `key`: `Some(cas)` if this corral had noted it (give it back in
+    /// memcached with a delete on that CAS), `None` if not.
+    pub fn give_back(&self, key: &str) -> Option<Option<u64>> {
+        self.map.remove(key).map(|(_, (_, cas))| cas)
     }
 
     /// Locks noted now, including expired ones not yet dropped.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Locks held now (taken less than `ttl` ago).
+    pub fn live(&self) -> usize {
+        self.map
+            .iter()
+            .filter(|e| e.value().0.elapsed() < self.ttl)
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -222,14 +230,19 @@ fn refresh_lock_key(mk: &str) -> String {
 }
 
 impl Tiered {
-    /// Give back the fill lease for `key` (the response turned out uncacheable), so other
-    /// corrals stop waiting for a value that will never come.
+    /// Give back the fill lease for `key` if this corral still holds it: the request that won
+    /// it ended without a fill (uncacheable, an upstream error or timeout, `only-if-cached`,
+    /// the client gone), so other corrals stop waiting for a value that will never come. The
+    /// proxy calls it at the end of every request that did not store.
     pub fn release_lease(&self, key: &CacheKey) {
         let Some(l2) = self.l2.clone() else { return };
+        if self.leases.is_empty() {
+            return;
+        }
         let mk = l2.key(&key.combined());
-        if self.leases.give_back(&mk) {
+        if let Some(cas) = self.leases.give_back(&mk) {
             tokio::spawn(async move {
-                l2.delete(&mk).await;
+                l2.delete_if(&mk, cas).await;
             });
         }
     }
@@ -319,7 +332,7 @@ impl Tiered {
     ) -> std::result::Result<(CacheMeta, HitHandler), Refresh> {
         let mk = l2.key(&key.combined());
         let outcome = match self.take_refresh_lock(l2, &mk).await {
-            Read::Won => Err(Refresh::Mine(refresh_lock_key(&mk))),
+            Read::Won(_) => Err(Refresh::Mine(refresh_lock_key(&mk))),
             Read::Busy => self.await_peer_copy(l2, key, validated).await,
             _ => Err(Refresh::Local),
         };
@@ -339,8 +352,8 @@ impl Tiered {
     /// `refreshing` when won).
     pub(crate) async fn take_refresh_lock(&self, l2: &L2, mk: &str) -> Read {
         let read = l2.get(&refresh_lock_key(mk), Some(self.lock_timeout)).await;
-        if matches!(read, Read::Won) {
-            self.refreshing.take(mk.to_string());
+        if let Read::Won(cas) = read {
+            self.refreshing.take(mk.to_string(), cas);
         }
         read
     }
@@ -362,7 +375,7 @@ impl Tiered {
             if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
                 return Ok(fresh);
             }
-            if let Read::Won = self.take_refresh_lock(l2, &mk).await {
+            if let Read::Won(_) = self.take_refresh_lock(l2, &mk).await {
                 // the lock was given back: a copy that landed just before counts
                 if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
                     self.refresh_done(refresh_lock_key(&mk));
@@ -419,18 +432,20 @@ impl Tiered {
     pub fn refresh_done(&self, lock: String) {
         let held = lock
             .strip_suffix(REFRESH_SUFFIX)
-            .is_some_and(|mk| self.refreshing.give_back(mk));
-        if let (true, Some(l2)) = (held, self.l2.clone()) {
+            .and_then(|mk| self.refreshing.give_back(mk));
+        if let (Some(cas), Some(l2)) = (held, self.l2.clone()) {
             tokio::spawn(async move {
-                l2.delete(&lock).await;
+                l2.delete_if(&lock, cas).await;
             });
         }
     }
 
-    /// The refresh lock of `mk` if this corral holds it, handed to the L2 write of the
-    /// refreshed copy, which gives it back once the copy has landed.
-    pub(crate) fn refresh_lock_for_write(&self, mk: &str) -> Option<String> {
-        self.refreshing.give_back(mk).then(|| refresh_lock_key(mk))
+    /// The refresh lock of `mk` (its key and CAS) if this corral holds it, handed to the L2
+    /// write of the refreshed copy, which gives it back once the copy has landed.
+    pub(crate) fn refresh_lock_for_write(&self, mk: &str) -> Option<(String, Option<u64>)> {
+        self.refreshing
+            .give_back(mk)
+            .map(|cas| (refresh_lock_key(mk), cas))
     }
 
     /// L1 missed: read L2, one read per key at a time in this corral.
@@ -498,8 +513,8 @@ impl Tiered {
                         return Ok(None);
                     }
                 },
-                Read::Won => {
-                    self.leases.take(mk);
+                Read::Won(cas) => {
+                    self.leases.take(mk, cas);
                     metrics::L2_LOOKUPS
                         .with_label_values(&[if waited { "waited" } else { "miss" }])
                         .inc();
@@ -573,23 +588,36 @@ mod tests {
         assert!(gates.enter("k", Some(soon)).await.is_some());
     }
 
+    #[tokio::test]
+    async fn a_gate_is_forgotten_when_the_last_waiter_out_is_a_cancelled_one() {
+        let gates = Gates::default();
+        let pass = gates.enter("k", None).await.expect("no deadline");
+        let waiting = Box::pin(gates.enter("k", None));
+        let mut waiting = waiting;
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(pass);
+        drop(waiting);
+        assert!(gates.is_empty());
+    }
+
     #[test]
     fn a_held_lock_is_forgotten_after_its_ttl_and_the_set_stays_bounded() {
-        let held = Held::new(Duration::from_millis(30));
-        held.take("a".into());
+        let ttl = Duration::from_millis(300);
+        let held = Held::new(ttl);
+        held.take("a".into(), Some(7));
         assert!(held.holds("a"));
-        assert!(held.give_back("a"));
-        assert!(!held.give_back("a"), "given back once");
-        held.take("b".into());
-        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(held.give_back("a"), Some(Some(7)), "given back with its CAS");
+        assert_eq!(held.give_back("a"), None, "given back once");
+        held.take("b".into(), None);
+        std::thread::sleep(ttl + Duration::from_millis(50));
         assert!(!held.holds("b"), "memcached dropped it: so does the set");
         assert!(held.is_empty());
         // locks never given back: the set sweeps itself instead of growing
         for i in 0..HELD_SWEEP_MIN - 1 {
-            held.take(format!("lost{i}"));
+            held.take(format!("lost{i}"), None);
         }
-        std::thread::sleep(Duration::from_millis(40));
-        held.take("fresh".into());
+        std::thread::sleep(ttl + Duration::from_millis(50));
+        held.take("fresh".into(), None);
         assert_eq!(held.len(), 1, "the expired ones were swept");
         assert!(held.holds("fresh"));
     }

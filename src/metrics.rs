@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Requests answered, by cache outcome (`hit`, `miss`, `stale`, `collapsed`, ...).
@@ -223,6 +223,27 @@ pub static PURGE_LOG_APPLIED: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "corral_purge_log_applied",
         "Sequence number of the last record of memcached's purge log this corral applied"
+    )
+    .expect("metric registers once")
+});
+
+/// Keys in each per-key lock map (`leases`, `refreshing`, `gates`): all of them go back to 0
+/// when no request is in flight, whatever the requests' fate.
+pub static LOCK_ENTRIES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "corral_lock_entries",
+        "Keys held in each per-key lock map of this corral (fill leases, refresh locks, L2 read gates)",
+        &["map"]
+    )
+    .expect("metric registers once")
+});
+
+/// Values not written to memcached (or deleted right after) because a purge accepted while
+/// they were fetched covers them.
+pub static L2_WRITES_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_l2_writes_purged_total",
+        "Values kept out of memcached because a purge accepted during their fetch covers them"
     )
     .expect("metric registers once")
 });

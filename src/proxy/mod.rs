@@ -471,7 +471,8 @@ impl ProxyHttp for Corral {
         ctx.storing = decision.is_cacheable();
         if !ctx.storing {
             if let Some(key) = session.cache.maybe_cache_key() {
-                // other corrals may be waiting for this fill: tell them it will not come
+                // other corrals may be waiting for this fill: tell them now that it will not
+                // come, not when the body has gone to the client
                 self.parts.storage.release_lease(key);
             }
         }
@@ -545,6 +546,13 @@ impl ProxyHttp for Corral {
         conn::request_done(session);
         if let Some(lock) = ctx.refresh_lock.take() {
             self.parts.storage.refresh_done(lock);
+        }
+        if !ctx.storing {
+            if let Some(key) = session.cache.maybe_cache_key() {
+                // whatever ended this request (an error, a timeout, a client gone), a lease it
+                // won goes back now instead of making other corrals wait out lock_timeout
+                self.parts.storage.release_lease(key);
+            }
         }
         let outcome = if ctx.purge {
             "purge"

@@ -89,10 +89,13 @@ impl TryFrom<BanText> for Ban {
     /// Compile each pattern; the error names the field.
     fn try_from(text: BanText) -> Result<Ban, PurgeError> {
         let field = |name: &str, v: Option<String>| v.as_deref().map(|p| regex(name, p)).transpose();
+        let url = field("url", text.url)?;
+        let host = field("host", text.host)?;
+        let content_type = field("content_type", text.content_type)?;
         Ok(Ban {
-            host: field("host", text.host)?,
-            url: field("url", text.url)?,
-            content_type: field("content_type", text.content_type)?,
+            host,
+            url,
+            content_type,
         })
     }
 }

@@ -21,8 +21,8 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 pub struct Sweeper {
     storage: &'static Tiered,
     interval: Duration,
-    /// The last pass: records checked up to, and fills in progress then (ms).
-    swept: parking_lot::Mutex<(u64, u64)>,
+    /// The last pass checked the records up to this one.
+    swept: parking_lot::Mutex<u64>,
 }
 
 impl Sweeper {
@@ -30,7 +30,7 @@ impl Sweeper {
         Sweeper {
             storage,
             interval,
-            swept: parking_lot::Mutex::new((0, u64::MAX)),
+            swept: parking_lot::Mutex::new(0),
         }
     }
 
@@ -45,16 +45,16 @@ impl Sweeper {
             return;
         }
         let upto = self.storage.validity.published();
-        let (last, mut fills_min) = *self.swept.lock();
+        let last = *self.swept.lock();
         // no value older than this can be in memcached
         let l2_bound = self
             .storage
             .l2
             .as_ref()
             .map(|l2| SystemTime::now() - l2.max_ttl() - CLOCK_SKEW);
-        // entries that escaped the last pass (inserted since, or fills in progress then) hold
-        // back the records older than them; a pass checks them and lifts that
-        let escaped = fills_min.min(self.storage.l1.inserted_min_ms()) != u64::MAX;
+        // entries that escaped the last pass (inserted since, fills and memcached writes in
+        // progress) hold back the records older than them; a pass checks them and lifts that
+        let escaped = self.escaped() != u64::MAX;
         let held_back = escaped
             && self
                 .storage
@@ -77,20 +77,32 @@ impl Sweeper {
             metrics::SWEPT
                 .with_label_values(&["stale"])
                 .inc_by(report.stale as u64);
-            fills_min = report.fills_min;
-            *self.swept.lock() = (upto, fills_min);
+            *self.swept.lock() = upto;
             metrics::SWEEPS.inc();
         }
-        let escaped = fills_min.min(self.storage.l1.inserted_min_ms());
+        let escaped = self.escaped();
         let l1_horizon = if escaped == u64::MAX {
             SystemTime::now() + Duration::from_secs(3600)
         } else {
             SystemTime::UNIX_EPOCH + Duration::from_millis(escaped)
         };
         let l2_horizon = l2_bound.unwrap_or(l1_horizon);
-        let checked = self.swept.lock().0;
+        let checked = *self.swept.lock();
         let expired = self.storage.validity.expire(checked, l1_horizon, l2_horizon);
         metrics::PURGE_RECORDS_EXPIRED.inc_by(expired as u64);
+    }
+}
+
+impl Sweeper {
+    /// The oldest validation time (ms) of what the sweeper has not checked and may yet be
+    /// looked up: entries inserted since the last pass began, fills in progress (also those a
+    /// purge took out of the table: they still commit), values on their way to memcached.
+    /// `u64::MAX`: none.
+    fn escaped(&self) -> u64 {
+        let l1 = self.storage.l1;
+        l1.inserted_min_ms()
+            .min(l1.fills_min_ms())
+            .min(self.storage.writes_min_ms())
     }
 }
 

@@ -75,13 +75,28 @@ struct Server {
 #[derive(Debug)]
 pub enum Read {
     Hit(Bytes),
-    /// Not there, and this client now holds the cluster-wide lease to fill it.
-    Won,
+    /// Not there, and this client now holds the cluster-wide lease to fill it: the lease
+    /// placeholder's CAS, which makes the lease this client's alone ([`L2::set_if`],
+    /// [`L2::delete_if`]: a purge that deleted the placeholder, or memcached letting it expire
+    /// and another client winning it, makes them fail).
+    Won(Option<u64>),
     /// Not there; another client holds the lease and is filling it.
     Busy,
     /// Not there (lease not requested).
     Miss,
     /// The server is down or failed: behave as without L2.
+    Unavailable,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored; the new item's CAS.
+    Stored(Option<u64>),
+    /// Refused: the CAS did not match (the lease was deleted by a purge, or expired), or the
+    /// value is over `max_object_bytes`.
+    NotStored,
+    /// memcached could not be reached.
     Unavailable,
 }
 
@@ -435,7 +450,7 @@ impl L2 {
         };
         match (&r.value, r.hit(), r.won_lease(), r.lease_busy()) {
             (Some(v), true, _, _) if !v.is_empty() => Read::Hit(Bytes::from(v.clone())),
-            (_, _, true, _) => Read::Won,
+            (_, _, true, _) => Read::Won(r.item.cas),
             (_, _, _, true) => Read::Busy,
             _ => Read::Miss,
         }
@@ -443,27 +458,53 @@ impl L2 {
 
     /// Store `value` under `key` for `ttl`. Errors are logged and counted, never returned.
     pub async fn set(&self, key: &str, value: Bytes, ttl: Duration) {
+        self.set_if(key, value, ttl, None).await;
+    }
+
+    /// Store `value` under `key` for `ttl`; with `cas`, only if the item (the fill lease's
+    /// placeholder) still has it. Returns what happened; errors are logged and counted.
+    pub async fn set_if(&self, key: &str, value: Bytes, ttl: Duration, cas: Option<u64>) -> Stored {
         if value.len() > self.inner.max_object_bytes {
-            return;
+            return Stored::NotStored;
         }
         let k = key.as_bytes();
         let ttl = ttl.min(self.inner.max_ttl);
         let ttl = Ttl::secs((ttl.as_secs() as u32).clamp(1, MAX_TTL));
-        self.with_server(
-            k,
-            "set",
-            |c| async move { c.set(k, &value[..]).ttl(ttl).send().await },
-        )
-        .await;
+        let r = self
+            .with_server(k, "set", |c| async move {
+                let set = c.set(k, &value[..]).ttl(ttl).return_cas();
+                match cas {
+                    Some(cas) => set.compare_cas(cas).send().await,
+                    None => set.send().await,
+                }
+            })
+            .await;
+        match r {
+            Some(r) if r.applied() => Stored::Stored(r.cas),
+            Some(_) => Stored::NotStored,
+            None => Stored::Unavailable,
+        }
     }
 
-    /// Delete `key` (also a lease placeholder this client holds). Returns false if memcached
-    /// could not be told (down, timed out): the key may still be there.
+    /// Delete `key`. Returns false if memcached could not be told (down, timed out): the key
+    /// may still be there.
     pub async fn delete(&self, key: &str) -> bool {
+        self.delete_if(key, None).await
+    }
+
+    /// Delete `key` if its CAS is still `cas` (a lease or lock this client won, not one that
+    /// expired and was won by another since); without a CAS, unconditionally. Returns false
+    /// if memcached could not be told.
+    pub async fn delete_if(&self, key: &str, cas: Option<u64>) -> bool {
         let k = key.as_bytes();
-        self.with_server(k, "delete", |c| async move { c.delete(k).send().await })
-            .await
-            .is_some()
+        self.with_server(k, "delete", |c| async move {
+            match cas {
+                Some(cas) => c.delete(k).compare_cas(cas).send().await,
+                None => c.delete(k).send().await,
+            }
+        })
+        .await
+        .is_some()
     }
 }
 

@@ -1,11 +1,13 @@
 //! [`Tiered`]: L1 in front of an optional L2, behind Pingora's `Storage` trait (see [`super`]).
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
 use pingora_cache::eviction::{CacheEntryKey, EvictionManager};
 use pingora_cache::key::CacheHashKey;
 use pingora_cache::storage::{
@@ -15,12 +17,13 @@ use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::Result;
 
-use super::memcached::L2;
-use super::memory::{CompleteHit, MemoryStorage, MetaParts};
+use super::memcached::{Stored, L2};
+use super::memory::{self, CompleteHit, MemoryStorage, MetaParts};
 use super::record;
 use crate::lock::{Gates, Held};
+use crate::metrics;
 use crate::purge::log::Follower;
-use crate::purge::Validity;
+use crate::purge::{Validity, Verdict};
 
 /// L1 in front of an optional L2.
 pub struct Tiered {
@@ -43,6 +46,9 @@ pub struct Tiered {
     /// One L2 read per key at a time in this corral: concurrent lookups of a key wait here
     /// and then find the result in L1, so memcached sees one read per key, not one per client.
     pub(crate) inflight: Gates,
+    /// Values on their way to memcached (write id → validation time, ms).
+    writes: &'static DashMap<u64, u64>,
+    next_write: AtomicU64,
     started: Once,
 }
 
@@ -61,9 +67,13 @@ impl Tiered {
             log: Follower::new(l1, validity),
             l2,
             lock_timeout,
-            leases: Held::new(lock_timeout),
-            refreshing: Held::new(lock_timeout),
+            // memcached counts a lease in whole seconds (at least one), on a clock that ticks
+            // once a second: what it may still hold, give or take that tick
+            leases: Held::new(Duration::from_secs(lock_timeout.as_secs().max(1) + 1)),
+            refreshing: Held::new(Duration::from_secs(lock_timeout.as_secs().max(1) + 1)),
             inflight: Gates::default(),
+            writes: Box::leak(Box::default()),
+            next_write: AtomicU64::new(0),
             started: Once::new(),
         }
     }
@@ -93,6 +103,88 @@ impl Tiered {
     }
 }
 
+/// A value on its way to memcached (a fill, or the copy a 304 refreshed).
+struct L2Write {
+    key: String,
+    value: Bytes,
+    ttl: Duration,
+    /// The fill lease this corral won: the write replaces the placeholder only if it is
+    /// still there ([`L2::set_if`]): a purge that deleted it meanwhile wins.
+    lease: Option<Lease>,
+    /// The refresh lock this corral holds for the key, given back once the copy has landed.
+    refresh_lock: Option<(String, Option<u64>)>,
+    url: String,
+    validated: SystemTime,
+    headers: http::HeaderMap,
+    _pending: PendingWrite,
+}
+
+/// A write to memcached in progress, in [`Tiered::writes`] until it ends (a drop guard): the
+/// sweeper keeps the purge records older than it, which the write is checked against.
+pub(crate) struct PendingWrite {
+    writes: &'static DashMap<u64, u64>,
+    id: u64,
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        self.writes.remove(&self.id);
+    }
+}
+
+impl Tiered {
+    fn pending_write(&'static self, validated: SystemTime) -> PendingWrite {
+        let id = self.next_write.fetch_add(1, Ordering::Relaxed);
+        self.writes.insert(id, crate::purge::millis(validated));
+        PendingWrite {
+            writes: &self.writes,
+            id,
+        }
+    }
+
+    /// The oldest validation time (ms) of a value on its way to memcached (`u64::MAX`: none).
+    pub fn writes_min_ms(&self) -> u64 {
+        self.writes.iter().map(|w| *w.value()).min().unwrap_or(u64::MAX)
+    }
+
+    /// Write a value to memcached, unless a purge covers it: one accepted while it was being
+    /// fetched must not let it reach the other corrals through L2 (the purging corral's delete
+    /// may have come before this write).
+    ///
+    /// - Checked first against this corral's records: covered, it is not written.
+    /// - A fill that won the lease writes only over its own placeholder (CAS): a purge deletes
+    ///   the placeholder, so a write that comes after the purge's delete fails.
+    /// - Any other write (no lease: memcached was busy, or a refresh of a stored copy) is
+    ///   checked again after it landed, against the purge log read anew, and deleted (on its
+    ///   own CAS) if a purge now covers it. The purging corral appends to the log before it
+    ///   deletes, so either its delete comes after this write, or its record is in the log
+    ///   this check reads.
+    async fn write_l2(&self, l2: &L2, mut w: L2Write) {
+        let (host, path) = memory::split_url(&w.url);
+        let covered = |v: &Validity| v.check(host, path, w.validated, &w.headers, 0) != Verdict::Valid;
+        if covered(self.validity) {
+            metrics::L2_WRITES_SKIPPED.inc();
+        } else {
+            let cas = w.lease.as_ref().map(|l| l.cas);
+            let stored = l2.set_if(&w.key, w.value.clone(), w.ttl, cas.flatten()).await;
+            if let Some(lease) = &mut w.lease {
+                // written, or the placeholder is gone: nothing to give back
+                lease.armed = stored == Stored::Unavailable;
+            }
+            if let (Stored::Stored(new_cas), None) = (stored, &w.lease) {
+                let complete = self.log.pull(l2).await;
+                if !complete || covered(self.validity) {
+                    metrics::L2_WRITES_SKIPPED.inc();
+                    l2.delete_if(&w.key, new_cas).await;
+                }
+            }
+        }
+        if let Some((lock, cas)) = w.refresh_lock.take() {
+            l2.delete_if(&lock, cas).await;
+        }
+    }
+}
+
 /// Whether Pingora will make the clients of this L1 hit wait for a revalidation: a complete
 /// entry, stale and past its serve-stale window. A Vary variant only when looked up under its
 /// own variance (the primary slot may hold another variant than the request wants).
@@ -115,11 +207,45 @@ struct TieredMiss {
 struct PendingL2 {
     l2: L2,
     key: String,
+    /// What the validity check before and after the write needs: the URL, when the response
+    /// was validated, its header fields (tags).
+    url: String,
+    validated: SystemTime,
+    headers: http::HeaderMap,
+    /// Holds back the purge records older than this value until it has landed.
+    pending: PendingWrite,
+    /// The fill lease this corral won for `key`, if it did: given back if the value never
+    /// gets written (the fill aborted, or the body outgrew `memcached.max_object_bytes`).
+    lease: Option<Lease>,
     internal: Vec<u8>,
     header: Vec<u8>,
     ttl: Duration,
     chunks: Vec<Bytes>,
     size: usize,
+}
+
+/// A fill lease held in memcached: dropped unwritten, it is deleted, so other corrals stop
+/// waiting for a value that will not come (instead of waiting out `lock_timeout`).
+struct Lease {
+    l2: L2,
+    key: String,
+    cas: Option<u64>,
+    /// Still to give back (false once the value is written).
+    armed: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (l2, key, cas) = (self.l2.clone(), std::mem::take(&mut self.key), self.cas);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                l2.delete_if(&key, cas).await;
+            });
+        }
+    }
 }
 
 #[async_trait]
@@ -141,17 +267,26 @@ impl HandleMiss for TieredMiss {
         let this = *self;
         let done = this.l1.finish().await?;
         if let Some(p) = this.l2 {
-            let lock = this.tiered.refresh_lock_for_write(&p.key);
+            let tiered = this.tiered;
+            let refresh_lock = tiered.refresh_lock_for_write(&p.key);
             tokio::spawn(async move {
                 let mut body = BytesMut::with_capacity(p.size);
                 for c in &p.chunks {
                     body.extend_from_slice(c);
                 }
                 let value = record::encode_parts(&p.internal, &p.header, &[], &body);
-                p.l2.set(&p.key, value, p.ttl).await;
-                if let Some(lock) = lock {
-                    p.l2.delete(&lock).await;
-                }
+                let write = L2Write {
+                    key: p.key,
+                    value,
+                    ttl: p.ttl,
+                    lease: p.lease,
+                    refresh_lock,
+                    validated: p.validated,
+                    headers: p.headers,
+                    url: p.url,
+                    _pending: p.pending,
+                };
+                tiered.write_l2(&p.l2, write).await;
             });
         }
         Ok(done)
@@ -203,10 +338,20 @@ impl Storage for Tiered {
         let l2 = match &self.l2 {
             Some(l2) => {
                 let mk = l2.key(&key.combined());
-                self.leases.give_back(&mk);
+                let lease = self.leases.give_back(&mk).map(|cas| Lease {
+                    l2: l2.clone(),
+                    key: mk.clone(),
+                    cas,
+                    armed: true,
+                });
                 let (internal, header) = meta.serialize()?;
                 Some(PendingL2 {
                     l2: l2.clone(),
+                    lease,
+                    url: key.primary_key_str().unwrap_or("").to_string(),
+                    validated: meta.updated(),
+                    headers: meta.headers().clone(),
+                    pending: self.pending_write(meta.updated()),
                     key: mk,
                     internal,
                     header,
@@ -247,15 +392,20 @@ impl Storage for Tiered {
         let updated = self.l1.update_meta(key, meta, trace).await?;
         if let (Some(l2), Some(body)) = (&self.l2, self.l1.body_of(key)) {
             // a 304 refreshed the entry: refresh the shared copy too
-            let value = record::encode(meta, &[], &body)?;
-            let (l2, mk, ttl) = (l2.clone(), l2.key(&key.combined()), Self::l2_ttl(meta));
-            let lock = self.refresh_lock_for_write(&mk);
-            tokio::spawn(async move {
-                l2.set(&mk, value, ttl).await;
-                if let Some(lock) = lock {
-                    l2.delete(&lock).await;
-                }
-            });
+            let mk = l2.key(&key.combined());
+            let write = L2Write {
+                value: record::encode(meta, &[], &body)?,
+                ttl: Self::l2_ttl(meta),
+                lease: None,
+                refresh_lock: self.refresh_lock_for_write(&mk),
+                key: mk,
+                validated: meta.updated(),
+                headers: meta.headers().clone(),
+                url: key.primary_key_str().unwrap_or("").to_string(),
+                _pending: self.pending_write(meta.updated()),
+            };
+            let l2 = l2.clone();
+            tokio::spawn(async move { self.write_l2(&l2, write).await });
         }
         Ok(updated)
     }

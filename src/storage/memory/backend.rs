@@ -95,6 +95,7 @@ impl Storage for MemoryStorage {
                 }),
             }
         }
+        self.fills.insert(id, crate::purge::millis(fill.meta.updated));
         self.note_insert(fill.meta.updated);
         Ok(Box::new(MemoryMiss {
             storage: self,

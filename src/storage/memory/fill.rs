@@ -50,6 +50,9 @@ impl HandleMiss for MemoryMiss {
         let weight = self
             .storage
             .commit(self.primary, self.variance, stored, Some(self.fill.id));
+        // committed (and noted as inserted) before it leaves the fills in progress, so the
+        // sweeper sees it in one place or the other
+        self.storage.fills.remove(&self.fill.id);
         self.finished = true;
         // Pingora may finish without a last `write_body(.., eof = true)` (a chunked body
         // whose end arrives on its own): readers streaming the fill must learn it is whole
@@ -82,6 +85,7 @@ impl Drop for MemoryMiss {
         if self.finished {
             return;
         }
+        self.storage.fills.remove(&self.fill.id);
         // the writer gave up: readers of this fill fail rather than see a truncated body
         self.fill.state.send_replace(FillState::Aborted);
         if let Some(mut slots) = self.storage.table.get_mut(&self.primary) {

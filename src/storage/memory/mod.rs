@@ -276,6 +276,11 @@ pub struct MemoryStorage {
     /// The oldest validation time (ms) of an entry or fill inserted since the sweeper last
     /// began a pass: such entries may have escaped that pass ([`MemoryStorage::sweep`]).
     inserted_min_ms: AtomicU64,
+    /// Every fill in progress (fill id → validation time, ms), whether or not its slot is
+    /// still in the table: a purge removes the URL's row, but the fill goes on and commits,
+    /// so the records older than it must stay until the sweeper has seen what it committed.
+    /// Entered when the fill starts, left when it commits or aborts (a drop guard).
+    fills: DashMap<u64, u64>,
 }
 
 impl Default for MemoryStorage {
@@ -287,6 +292,7 @@ impl Default for MemoryStorage {
             next_fill: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             inserted_min_ms: AtomicU64::new(u64::MAX),
+            fills: DashMap::new(),
         }
     }
 }
@@ -340,6 +346,16 @@ impl MemoryStorage {
             hit,
             self.commit(key.primary_bin(), key.variance_bin(), stored, None),
         )
+    }
+
+    /// The oldest validation time (ms) of a fill in progress now (`u64::MAX`: none).
+    pub fn fills_min_ms(&self) -> u64 {
+        self.fills.iter().map(|f| *f.value()).min().unwrap_or(u64::MAX)
+    }
+
+    /// Fills in progress now.
+    pub fn fills_in_progress(&self) -> usize {
+        self.fills.len()
     }
 
     /// The oldest validation time (ms) of an entry or fill inserted since the last sweep pass

@@ -18,9 +18,6 @@ pub struct SweepReport {
     pub removed: Vec<CompactCacheKey>,
     /// Entries a soft purge matched, now stale.
     pub stale: usize,
-    /// The oldest validation time (ms since the epoch) of a fill in progress during the pass
-    /// (`u64::MAX`: none): such an entry is committed unchecked.
-    pub fills_min: u64,
 }
 
 /// `http://host/path?q` → (`host`, `/path?q`).
@@ -41,7 +38,8 @@ impl MemoryStorage {
     /// ban and tag records it has not been checked against (up to sequence number `upto`),
     /// remove what hard records match, mark stale what soft ones match, and move the check
     /// mark of the rest to `upto`. Hits then skip those records, and the records can be
-    /// dropped once nothing older can arrive ([`SweepReport::fills_min`], [`MemoryStorage::inserted_min_ms`]).
+    /// dropped once nothing older can arrive ([`MemoryStorage::fills_min_ms`],
+    /// [`MemoryStorage::inserted_min_ms`]).
     ///
     /// The table is only read-locked while references to the entries to check are collected;
     /// regexes run outside the locks, a batch at a time.
@@ -49,13 +47,9 @@ impl MemoryStorage {
         self.inserted_min_ms.store(u64::MAX, Ordering::Release);
         let floor = validity.floor_ms();
         let generation = self.generation.load(Ordering::Acquire);
-        let mut fills_min = u64::MAX;
         let mut todo: Vec<(HashBinary, Option<HashBinary>, Arc<Stored>)> = Vec::new();
         for row in self.table.iter() {
             for slot in row.value() {
-                if let Some(fill) = &slot.fill {
-                    fills_min = fills_min.min(millis(fill.meta.updated));
-                }
                 let Some(e) = &slot.entry else { continue };
                 if e.generation == generation
                     && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated) < floor)
@@ -64,10 +58,7 @@ impl MemoryStorage {
                 }
             }
         }
-        let mut report = SweepReport {
-            fills_min,
-            ..Default::default()
-        };
+        let mut report = SweepReport::default();
         for batch in todo.chunks(SWEEP_BATCH) {
             for (primary, variance, e) in batch {
                 let (host, path) = split_url(&e.url);
