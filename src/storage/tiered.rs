@@ -137,7 +137,7 @@ impl Tiered {
         let id = self.next_write.fetch_add(1, Ordering::Relaxed);
         self.writes.insert(id, crate::purge::millis(validated));
         PendingWrite {
-            writes: &self.writes,
+            writes: self.writes,
             id,
         }
     }
