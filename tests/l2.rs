@@ -483,3 +483,160 @@ async fn when_the_refreshing_corral_fails_another_takes_over_at_once() {
     assert_eq!(metric(&m, "corral_stale_refreshes_total{how=\"mine\"}"), 1.0);
     assert_eq!(metric(&m, "corral_stale_refreshes_total{how=\"timeout\"}"), 0.0);
 }
+
+/// The memcached key of `path` on the site, namespace `t`, generation 0.
+fn mc_key(path: &str) -> String {
+    let combined = corral::key::for_url(SITE.1, path).combined();
+    corral::storage::memcached::key_for("t", 0, &combined)
+}
+
+/// Whether memcached holds nothing under `key` (neither a value nor a lease placeholder).
+async fn absent(mc: &Memcached, key: &str) -> bool {
+    mc.command(format!("mg {key} v\r\n").as_bytes(), "\r\n")
+        .await
+        .starts_with("EN")
+}
+
+/// See: issue 10, item 6. A corral that won the fill lease and then failed (here the origin
+/// drops the connection) kept the lease until `lock_timeout`: every other corral waited that
+/// long for a value that would never come.
+#[tokio::test]
+async fn r10_a_lease_won_by_a_failed_fill_is_given_back_at_once() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/gone", |s| match s.n {
+        1 => Reply::dropped(),
+        n => cacheable(format!("v{n}")),
+    });
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .memcached("namespace = \"t\"")
+        .cache("lock_timeout = \"30s\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    assert_eq!(get(&a.url("/gone")).await.status, 502);
+    let key = mc_key("/gone");
+    eventually(Duration::from_secs(5), "the lease given back", || {
+        absent(&mc, &key)
+    })
+    .await;
+    let at_b = get(&b.url("/gone")).await;
+    assert_eq!(at_b.body, "v2");
+    let m = b.metrics().await;
+    assert_eq!(metric(&m, "corral_l2_lookups_total{result=\"waited\"}"), 0.0);
+}
+
+/// See: issue 10, item 6. Every per-key lock map goes back to empty, and memcached holds no
+/// lease placeholder, after a thousand fills that fail in every way a fill can: the origin
+/// drops the connection, answers an uncacheable 500, is slower than `first_byte_timeout`,
+/// the client asks `only-if-cached`, or the client goes away mid-request.
+#[tokio::test]
+async fn r10_lock_maps_are_empty_after_a_thousand_failed_fills() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    for i in 0..1000 {
+        let path = format!("/fail/{i}");
+        origin.route(&path, move |_| match i % 5 {
+            0 => Reply::dropped(),
+            1 => Reply::ok("no").status(500).header("cache-control", "no-store"),
+            2 => cacheable("late".into()).delay(Duration::from_millis(400)),
+            3 => cacheable("never asked".into()),
+            _ => cacheable("the client is gone".into()).delay(Duration::from_millis(300)),
+        });
+    }
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .memcached("namespace = \"t\"")
+        .cache("lock_timeout = \"30s\"")
+        .upstream("first_byte_timeout = \"150ms\"");
+    let a = Proxy::start(origin.addr, conf).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let (mut ok, mut gone) = (0, 0);
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(50) {
+        let results = futures::future::join_all(chunk.iter().map(|&i| {
+            let url = a.url(&format!("/fail/{i}"));
+            let impatient = impatient.clone();
+            async move {
+                match i % 5 {
+                    3 => Some(
+                        get_with(&url, &[SITE, ("cache-control", "only-if-cached")])
+                            .await
+                            .status,
+                    ),
+                    4 => {
+                        let r = impatient.get(&url).header(SITE.0, SITE.1).send().await;
+                        assert!(r.is_err(), "the client gave up first");
+                        None
+                    }
+                    _ => Some(get(&url).await.status),
+                }
+            }
+        }))
+        .await;
+        for r in results {
+            match r {
+                Some(status) => {
+                    assert!(status >= 500, "a failed fill: {status}");
+                    ok += 1;
+                }
+                None => gone += 1,
+            }
+        }
+    }
+    assert_eq!((ok, gone), (800, 200));
+    eventually(Duration::from_secs(10), "every lock given back", || async {
+        let m = a.metrics().await;
+        ["leases", "refreshing", "gates"]
+            .iter()
+            .all(|map| metric(&m, &format!("corral_lock_entries{{map=\"{map}\"}}")) == 0.0)
+            && mc.items().await == 0
+    })
+    .await;
+}
+
+/// See: issue 10, item 3. B fills a URL, A hard-purges it meanwhile, and B's write to
+/// memcached lands after A's delete: once A's sweeper has dropped its record of the purge,
+/// A must not take B's pre-purge copy from memcached.
+#[tokio::test]
+async fn r10_a_purged_url_does_not_come_back_from_l2() {
+    let mc = Memcached::start().await;
+    let mut origin = SlowOrigin::start().await;
+    let mut conf = Conf::default()
+        .servers(&[&mc])
+        .memcached("namespace = \"t\"")
+        .cache("lock_timeout = \"30s\"");
+    conf.rules.push_str("[purge]\nsweep_interval = \"20ms\"\n");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    // B fills /slow (it won the lease) and its client has the header: validated before the purge
+    let fill = origin.first_fill(&b, SITE.1).await;
+    // A follows memcached's purge log from its first L2 lookup on
+    assert_eq!(get(&a.url("/warm")).await.body, "v2-aabbbbb");
+    let purged = send(
+        client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), a.url("/slow")),
+        &[SITE],
+    )
+    .await;
+    assert_eq!(purged.status, 200);
+    assert_eq!(origin.finish(fill).await, b"v1-aabbbbb");
+    // B's write to memcached has been tried
+    eventually(Duration::from_secs(5), "B's L2 write", || async {
+        metric(
+            &b.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 1.0
+    })
+    .await;
+    // A has read its own record back from the log, and its sweeper has dropped the record
+    eventually(Duration::from_secs(10), "A's purge record expired", || async {
+        let m = a.metrics().await;
+        metric(&m, "corral_purge_log_applied") >= 1.0 && metric(&m, "corral_purge_records") == 0.0
+    })
+    .await;
+    let at_a = get(&a.url("/slow")).await;
+    assert_eq!(at_a.body, "v3-aabbbbb", "{}", at_a.cache);
+    assert!(at_a.cache.contains("fwd=miss"), "{}", at_a.cache);
+}

@@ -316,76 +316,6 @@ async fn the_sweeper_frees_banned_entries_and_the_bans_expire() {
     assert_eq!(origin.hits("/keep/3"), 1);
 }
 
-/// A raw origin that sends the header and half of a chunked body (`v<n>-aa`), then waits
-/// for the test before the rest (`bbbbb`); later requests are answered at once.
-struct SlowOrigin {
-    addr: std::net::SocketAddr,
-    go_on: Option<tokio::sync::oneshot::Sender<()>>,
-    requests: tokio::sync::mpsc::UnboundedReceiver<usize>,
-}
-
-impl SlowOrigin {
-    async fn start() -> SlowOrigin {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
-        let (n_tx, requests) = tokio::sync::mpsc::unbounded_channel::<usize>();
-        tokio::spawn(async move {
-            let mut wait = Some(wait);
-            let mut n = 0;
-            while let Ok((mut s, _)) = listener.accept().await {
-                let mut buf = vec![0u8; 4096];
-                while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
-                    n += 1;
-                    n_tx.send(n).unwrap();
-                    // chunked, because Pingora holds back up to 1460 bytes of a body of known
-                    // length (flushing at its end) but flushes each chunk
-                    let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
-                                Cache-Control: max-age=300\r\n\r\n";
-                    s.write_all(format!("{head}5\r\nv{n}-aa\r\n").as_bytes())
-                        .await
-                        .unwrap();
-                    if let Some(w) = wait.take() {
-                        let _ = w.await;
-                    }
-                    s.write_all(b"5\r\nbbbbb\r\n0\r\n\r\n").await.unwrap();
-                }
-            }
-        });
-        SlowOrigin {
-            addr,
-            go_on: Some(go_on),
-            requests,
-        }
-    }
-
-    /// Start the first fill of `/slow` at `proxy` and return it once its response header and
-    /// first chunk have reached the client: corral holds the header, so the entry is
-    /// validated before anything the test does next, whatever the scheduling.
-    async fn first_fill(&mut self, proxy: &Proxy) -> (reqwest::Response, Vec<u8>) {
-        let mut fill = client()
-            .get(proxy.url("/slow"))
-            .header("host", SITE)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(self.requests.recv().await, Some(1), "the fill is under way");
-        let first = fill.chunk().await.unwrap().unwrap();
-        assert!(b"v1-aa".starts_with(&first), "{first:?}");
-        (fill, first.to_vec())
-    }
-
-    /// Let the first fill finish; the whole body its client got.
-    async fn finish(&mut self, (mut fill, mut body): (reqwest::Response, Vec<u8>)) -> Vec<u8> {
-        self.go_on.take().unwrap().send(()).unwrap();
-        while let Some(chunk) = fill.chunk().await.unwrap() {
-            body.extend_from_slice(&chunk);
-        }
-        body
-    }
-}
-
 /// Wait until a sweeper pass has run entirely after this call (or, with nothing holding them
 /// back, the purge records are gone).
 async fn a_sweeper_pass(proxy: &Proxy) {
@@ -401,7 +331,7 @@ async fn a_sweeper_pass(proxy: &Proxy) {
 async fn a_ban_during_a_slow_fill_still_applies_and_then_expires() {
     let mut origin = SlowOrigin::start().await;
     let proxy = Proxy::start(origin.addr, swept()).await;
-    let fill = origin.first_fill(&proxy).await;
+    let fill = origin.first_fill(&proxy, SITE).await;
     // the stored response was validated before this ban: it must not be served after it
     assert_eq!(
         purge(&proxy, "BAN", "/", &[("x-url", "^/slow$")]).await.status,
@@ -428,7 +358,7 @@ async fn a_ban_during_a_slow_fill_still_applies_and_then_expires() {
 async fn r10_a_purge_during_a_slow_fill_is_not_undone_by_the_fill() {
     let mut origin = SlowOrigin::start().await;
     let proxy = Proxy::start(origin.addr, swept()).await;
-    let fill = origin.first_fill(&proxy).await;
+    let fill = origin.first_fill(&proxy, SITE).await;
     assert_eq!(purge(&proxy, "PURGE", "/slow", &[]).await.status, 200);
     a_sweeper_pass(&proxy).await;
     assert_eq!(origin.finish(fill).await, b"v1-aabbbbb");
@@ -450,7 +380,7 @@ async fn r10_a_purge_during_a_slow_fill_is_not_undone_by_the_fill() {
 async fn r10_a_soft_purge_during_a_slow_fill_leaves_the_fill_stale() {
     let mut origin = SlowOrigin::start().await;
     let proxy = Proxy::start(origin.addr, swept()).await;
-    let fill = origin.first_fill(&proxy).await;
+    let fill = origin.first_fill(&proxy, SITE).await;
     assert_eq!(
         purge(&proxy, "PURGE", "/slow", &[("soft-purge", "1")])
             .await

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod origin;
+pub mod slow;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use origin::{Origin, Reply};
+#[allow(unused_imports)]
+pub use slow::SlowOrigin;
 
 /// A free loopback port (bound then released; the proxy binds it right after).
 pub fn free_port() -> u16 {
