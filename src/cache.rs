@@ -42,14 +42,17 @@ impl CacheParts {
         let eviction: &'static lru::Manager<SHARDS> = Box::leak(Box::new(
             lru::Manager::<SHARDS>::with_capacity(cfg.cache.memory_bytes, per_shard),
         ));
-        let validity: &'static Validity = Box::leak(Box::new(Validity::default()));
+        let validity: &'static Validity =
+            Box::leak(Box::new(Validity::default().with_skew(cfg.purge.clock_skew)));
         let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
             l1,
             eviction,
             validity,
             l2,
             cfg.cache.lock_timeout,
+            &cfg.purge,
         )));
+        purge::set_clock_offset(cfg.purge.clock_offset_ms);
         // age timeout: a writer that holds the lock this long lets the waiters compete again
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
         let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(

@@ -118,6 +118,14 @@ pub struct PurgeConfig {
     pub strip_tag_headers: bool,
     /// How often the ban sweeper runs (checks L1 against new bans, expires old ones).
     pub sweep_interval: Duration,
+    /// How far apart the clocks of the corrals of a namespace may be: a purge another corral
+    /// accepted at T covers what this corral validated before T + this.
+    pub clock_skew: Duration,
+    /// How long this corral serves L1 copies without having confirmed memcached's purge log;
+    /// past it, copies validated before the last confirmation are revalidated (the fence).
+    pub max_unconfirmed: Duration,
+    /// For tests: the purge clock of this corral runs this many milliseconds off.
+    pub clock_offset_ms: i64,
 }
 
 impl PurgeConfig {

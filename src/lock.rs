@@ -310,7 +310,7 @@ impl Tiered {
                     return Ok(hit);
                 }
             }
-            let validated = memory::validated(&stale.1).unwrap_or_else(|| stale.0.updated());
+            let validated = memory::validated(&stale.1).map_or_else(|| stale.0.updated(), |v| v.0);
             let mut stale = stale;
             match self.refresh_or_wait(l2, key, validated).await {
                 Ok(fresh) => return Ok(fresh),
@@ -412,7 +412,7 @@ impl Tiered {
         let (host, path) = memory::split_url(key.primary_key_str().unwrap_or(""));
         let purged = || {
             self.validity
-                .check(host, path, rec.meta.updated(), rec.meta.headers(), 0)
+                .check(host, path, rec.meta.updated(), rec.filler, rec.meta.headers(), 0)
                 != Verdict::Valid
         };
         // a copy refreshed before a purge that covers it (a soft one keeps it in memcached) is

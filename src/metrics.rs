@@ -248,6 +248,33 @@ pub static L2_WRITES_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// 1 while this corral is fenced (it cannot confirm memcached's purge log).
+pub static FENCED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_fenced",
+        "1 while this corral cannot confirm memcached's purge log and revalidates its L1 copies before use"
+    )
+    .expect("metric registers once")
+});
+
+/// Times the fence went up.
+pub static FENCES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_fences_total",
+        "Times this corral went without confirming memcached's purge log for purge.max_unconfirmed"
+    )
+    .expect("metric registers once")
+});
+
+/// Hits that the fence sent upstream for revalidation.
+pub static FENCED_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_fenced_revalidations_total",
+        "L1 copies revalidated upstream before use because the fence was up"
+    )
+    .expect("metric registers once")
+});
+
 /// Ban and tag records dropped because no entry older than them remains.
 pub static PURGE_RECORDS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(

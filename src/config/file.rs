@@ -187,6 +187,12 @@ pub(super) struct PurgeFile {
     strip_tag_headers: bool,
     #[serde(with = "humantime_serde")]
     sweep_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    clock_skew: Duration,
+    #[serde(with = "humantime_serde")]
+    max_unconfirmed: Duration,
+    /// For tests: this corral's purge clock runs this many milliseconds off.
+    clock_offset_ms: i64,
 }
 
 impl Default for PurgeFile {
@@ -198,6 +204,9 @@ impl Default for PurgeFile {
             default_host: String::new(),
             strip_tag_headers: true,
             sweep_interval: Duration::from_secs(1),
+            clock_skew: Duration::from_secs(1),
+            max_unconfirmed: Duration::from_secs(2),
+            clock_offset_ms: 0,
         }
     }
 }
@@ -477,6 +486,24 @@ impl PurgeFile {
         if p.token.contains(char::is_whitespace) {
             return err("purge.token", "must not contain spaces".into());
         }
+        if p.clock_skew > Duration::from_secs(60) {
+            return err(
+                "purge.clock_skew",
+                format!("{:?}: at most 60s (synchronise the clocks instead)", p.clock_skew),
+            );
+        }
+        if p.max_unconfirmed < Duration::from_millis(500) {
+            return err(
+                "purge.max_unconfirmed",
+                format!(
+                    "{:?}: at least 500ms (the purge log is read every second)",
+                    p.max_unconfirmed
+                ),
+            );
+        }
+        if p.clock_offset_ms.unsigned_abs() > 3_600_000 {
+            return err("purge.clock_offset_ms", "at most an hour either way".into());
+        }
         if p.sweep_interval < Duration::from_millis(10) {
             return err(
                 "purge.sweep_interval",
@@ -497,6 +524,9 @@ impl PurgeFile {
                 .filter(|h| !h.is_empty())
                 .map(|h| key_host(&h)),
             strip_tag_headers: p.strip_tag_headers,
+            clock_skew: p.clock_skew,
+            max_unconfirmed: p.max_unconfirmed,
+            clock_offset_ms: p.clock_offset_ms,
             sweep_interval: p.sweep_interval,
         };
         Ok(purge)

@@ -71,11 +71,22 @@ impl Corral {
         if !entry.header().headers.contains_key(header::CONTENT_LENGTH) {
             return None;
         }
+        if self
+            .parts
+            .storage
+            .log
+            .fence(now)
+            .is_some_and(|fence| entry.updated() < fence)
+        {
+            // fenced: the full path revalidates it
+            return None;
+        }
         let headers = &entry.header().headers;
         let verdict = self.parts.validity.check_marked(
             &ctx.host,
             &ctx.path,
             entry.updated(),
+            entry.validated_by(),
             headers,
             Some(entry.check_mark()),
         );

@@ -320,15 +320,24 @@ impl ProxyHttp for Corral {
             }
         }
         // the last validation: the meta's `updated` is its lineage (see MetaParts::to_meta)
-        let validated = memory::validated(hit_handler).unwrap_or_else(|| meta.updated());
+        let (validated, by) =
+            memory::validated(hit_handler).unwrap_or_else(|| (meta.updated(), purge::corral_id()));
         // bans and tag purges newer than this entry, that it was not checked against yet
         let mark = CompleteHit::check_mark(hit_handler);
-        let verdict = self
-            .parts
-            .validity
-            .check_marked(&ctx.host, &ctx.path, validated, meta.headers(), mark);
+        let verdict =
+            self.parts
+                .validity
+                .check_marked(&ctx.host, &ctx.path, validated, by, meta.headers(), mark);
         if verdict != Verdict::Valid {
             return Ok(verdict.forced());
+        }
+        if let Some(fence) = self.parts.storage.log.fence(SystemTime::now()) {
+            if validated < fence {
+                // this corral cannot confirm memcached's purge log: a copy from before it lost
+                // track may have been purged elsewhere, so the origin decides (a 304 is cheap)
+                metrics::FENCED_HITS.inc();
+                return Ok(Some(ForcedFreshness::ForceExpired));
+            }
         }
         if self.cfg.cache.honor_client_no_cache
             && ctx

@@ -15,6 +15,7 @@ use tracing::warn;
 
 use super::validity::{from_millis, millis};
 use super::{now_stamp, regex, Ban, Purge, Target, Validity, MAX_RECORDS};
+use crate::metrics;
 use crate::storage::memcached::L2;
 use crate::storage::memory::MemoryStorage;
 
@@ -25,6 +26,10 @@ pub struct LogRecord {
     pub at_ms: u64,
     pub soft: bool,
     pub what: LogWhat,
+    /// The corral that accepted the purge ([`super::corral_id`]; 0 from older corrals): it
+    /// applied the purge when it accepted it, and skips the record when it reads it back.
+    #[serde(default)]
+    pub origin: u64,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -77,6 +82,7 @@ impl LogRecord {
             at_ms: millis(at),
             soft: purge.soft,
             what,
+            origin: super::corral_id(),
         })
     }
 
@@ -86,7 +92,13 @@ impl LogRecord {
 
     /// Decode a record and rebuild its purge; `None` if it does not decode.
     pub fn decode(bytes: &[u8]) -> Option<(Purge, SystemTime)> {
+        Self::decode_with_origin(bytes).map(|(purge, at, _)| (purge, at))
+    }
+
+    /// [`Self::decode`], with the id of the corral that accepted the purge.
+    pub fn decode_with_origin(bytes: &[u8]) -> Option<(Purge, SystemTime, u64)> {
         let rec: LogRecord = serde_json::from_slice(bytes).ok()?;
+        let origin = rec.origin;
         let target = match rec.what {
             LogWhat::Ban(ban) => Target::Ban(ban),
             LogWhat::Tags { tags } => Target::Tags(tags),
@@ -115,12 +127,22 @@ impl LogRecord {
                 soft: rec.soft,
             },
             from_millis(rec.at_ms),
+            origin,
         ))
     }
 }
 
 /// Follows memcached's purge log and namespace generation into this corral's validity records
-/// and L1.
+/// and L1, and keeps the fence.
+///
+/// # The fence
+/// A corral that cannot read the log cannot know which purges other corrals accepted. Once it
+/// has gone `purge.max_unconfirmed` without a complete read, it is fenced: the L1 copies it
+/// validated before the fence went up are revalidated upstream before use ([`Self::fence`]),
+/// whatever their freshness, and the moment is logged and counted. Copies fetched while fenced
+/// come from the origin after every purge accepted before them, so they are used. When a read
+/// succeeds again, the records it missed are applied (or, past [`MAX_RECORDS`] or with one
+/// gone, everything validated before now is treated as purged) and the fence comes down.
 pub struct Follower {
     l1: &'static MemoryStorage,
     validity: &'static Validity,
@@ -128,15 +150,24 @@ pub struct Follower {
     seen: AtomicU64,
     /// One purge log reader at a time.
     reader: tokio::sync::Mutex<()>,
+    /// `purge.max_unconfirmed`, in ms.
+    max_unconfirmed_ms: u64,
+    /// When the last complete read of the log began (ms, this corral's clock); 0 = never.
+    confirmed_ms: AtomicU64,
+    /// Whether the fence is up (for the log line and the gauge, once per change).
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl Follower {
-    pub fn new(l1: &'static MemoryStorage, validity: &'static Validity) -> Self {
+    pub fn new(l1: &'static MemoryStorage, validity: &'static Validity, max_unconfirmed: Duration) -> Self {
         Follower {
             l1,
             validity,
             seen: AtomicU64::new(0),
             reader: tokio::sync::Mutex::new(()),
+            max_unconfirmed_ms: max_unconfirmed.as_millis() as u64,
+            confirmed_ms: AtomicU64::new(0),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -147,6 +178,7 @@ impl Follower {
         tokio::spawn(async move {
             loop {
                 tokio::join!(self.adopt_generation(&l2), self.pull(&l2));
+                self.update_fence();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
@@ -157,6 +189,37 @@ impl Follower {
         self.seen.load(Ordering::Acquire)
     }
 
+    /// If the fence is up: L1 copies validated before this time must be revalidated before
+    /// use. `None` while the log is confirmed (or was never read: no memcached, or nothing
+    /// looked up in it yet, so L1 holds nothing of the cluster's).
+    #[inline]
+    pub fn fence(&self, now: SystemTime) -> Option<SystemTime> {
+        let confirmed = self.confirmed_ms.load(Ordering::Acquire);
+        if confirmed == 0 {
+            return None;
+        }
+        let up_at = confirmed + self.max_unconfirmed_ms;
+        (millis(now) > up_at).then(|| from_millis(up_at))
+    }
+
+    /// Log and count the fence going up or down (called by the watch, once a second).
+    fn update_fence(&self) {
+        let fenced = self.fence(SystemTime::now()).is_some();
+        if self.fenced.swap(fenced, Ordering::AcqRel) == fenced {
+            return;
+        }
+        metrics::FENCED.set(fenced as i64);
+        if fenced {
+            metrics::FENCES.inc();
+            warn!(
+                max_unconfirmed_ms = self.max_unconfirmed_ms,
+                "cannot read memcached's purge log: fenced, L1 copies are revalidated upstream before use until it can"
+            );
+        } else {
+            tracing::info!(seen = self.seen(), "memcached's purge log read again: fence down");
+        }
+    }
+
     /// Apply the purge log records this corral has not seen. Returns false if the log could
     /// not be read completely (memcached trouble): an L2 value must not be trusted then.
     ///
@@ -164,17 +227,24 @@ impl Follower {
     /// up on (a corral started long after), is covered conservatively: everything validated
     /// before now is treated as purged.
     pub async fn pull(&self, l2: &L2) -> bool {
+        // a complete read covers every record appended before it began
+        let began = millis(SystemTime::now());
         let Some(seq) = l2.log_seq().await else {
             return false;
         };
-        if seq <= self.seen.load(Ordering::Acquire) {
-            return true;
+        if seq > self.seen.load(Ordering::Acquire) {
+            let _one_reader = self.reader.lock().await;
+            let seen = self.seen.load(Ordering::Acquire);
+            if seq > seen && !self.apply(l2, seen, seq).await {
+                return false;
+            }
         }
-        let _one_reader = self.reader.lock().await;
-        let seen = self.seen.load(Ordering::Acquire);
-        if seq <= seen {
-            return true;
-        }
+        self.confirmed_ms.fetch_max(began, Ordering::AcqRel);
+        true
+    }
+
+    /// Apply records `seen + 1 ..= seq`; false if one could not be read.
+    async fn apply(&self, l2: &L2, seen: u64, seq: u64) -> bool {
         let mut from = seen + 1;
         if seq - seen > MAX_RECORDS as u64 {
             self.validity.invalidate_all_before(now_stamp());
@@ -183,8 +253,11 @@ impl Follower {
         for n in from..=seq {
             match l2.log_record(n).await {
                 None => return false,
-                Some(Some(bytes)) => match LogRecord::decode(&bytes) {
-                    Some((purge, at)) => self.validity.record(&purge, at),
+                Some(Some(bytes)) => match LogRecord::decode_with_origin(&bytes) {
+                    // applied when this corral accepted it
+                    Some((_, _, origin)) if origin == super::corral_id() => {}
+                    // another corral's clock: compared with a margin where clocks differ
+                    Some((purge, at, origin)) => self.validity.record_by(&purge, at, origin),
                     None => self.validity.invalidate_all_before(now_stamp()),
                 },
                 Some(None) => self.validity.invalidate_all_before(now_stamp()),

@@ -48,6 +48,17 @@ pub const MAX_PATTERN_BYTES: usize = 16 * 1024;
 /// Bans, tag patterns or purged tags kept before the oldest are folded into one record.
 pub const MAX_RECORDS: usize = 10_000;
 
+/// This process's id among the corrals of a namespace: random, chosen at start.
+pub fn corral_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish().max(1)
+    })
+}
+
 /// What a purge invalidates.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -219,7 +230,7 @@ use parse::regex;
 pub use parse::{is_purge_method, parse};
 pub use pattern::Pattern;
 pub(crate) use validity::millis;
-pub use validity::{has_tag_header, now_stamp, Validity, Verdict, TAG_HEADERS};
+pub use validity::{has_tag_header, now_stamp, set_clock_offset, Validity, Verdict, TAG_HEADERS};
 
 #[cfg(test)]
 mod tests;

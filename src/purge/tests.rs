@@ -370,12 +370,24 @@ fn a_checked_entry_skips_the_records_it_was_checked_against() {
     let headers = http::HeaderMap::new();
     v.record(&parse_req("BAN", "/", &[("x-url", "^/a")]).unwrap(), now_stamp());
     let upto = v.published();
-    assert_eq!(v.check("h", "/a", before, &headers, 0), Verdict::Invalid);
-    assert_eq!(v.check("h", "/b", before, &headers, 0), Verdict::Valid);
+    assert_eq!(
+        v.check("h", "/a", before, corral_id(), &headers, 0),
+        Verdict::Invalid
+    );
+    assert_eq!(
+        v.check("h", "/b", before, corral_id(), &headers, 0),
+        Verdict::Valid
+    );
     // /b was checked up to `upto`; a later ban is still checked, the old one is not
-    assert_eq!(v.check("h", "/a", before, &headers, upto), Verdict::Valid);
+    assert_eq!(
+        v.check("h", "/a", before, corral_id(), &headers, upto),
+        Verdict::Valid
+    );
     v.record(&parse_req("BAN", "/", &[("x-url", "^/b")]).unwrap(), now_stamp());
-    assert_eq!(v.check("h", "/b", before, &headers, upto), Verdict::Invalid);
+    assert_eq!(
+        v.check("h", "/b", before, corral_id(), &headers, upto),
+        Verdict::Invalid
+    );
 }
 
 #[test]
@@ -392,13 +404,26 @@ fn a_record_pulled_late_still_applies_by_its_own_time() {
         &parse_req("BAN", "/", &[("x-url", "^/old")]).unwrap(),
         t0 + Duration::from_secs(50),
     );
-    assert_eq!(v.check("h", "/old", t0, &headers, 0), Verdict::Invalid);
     assert_eq!(
-        v.check("h", "/old", t0 + Duration::from_secs(60), &headers, 0),
+        v.check("h", "/old", t0, corral_id(), &headers, 0),
+        Verdict::Invalid
+    );
+    assert_eq!(
+        v.check(
+            "h",
+            "/old",
+            t0 + Duration::from_secs(60),
+            corral_id(),
+            &headers,
+            0
+        ),
         Verdict::Valid,
         "validated after it"
     );
-    assert_eq!(v.check("h", "/new", t0, &headers, 0), Verdict::Invalid);
+    assert_eq!(
+        v.check("h", "/new", t0, corral_id(), &headers, 0),
+        Verdict::Invalid
+    );
 }
 
 #[test]
@@ -439,7 +464,10 @@ fn the_floor_goes_once_swept_past() {
     let headers = http::HeaderMap::new();
     let old = SystemTime::now() - Duration::from_secs(10);
     v.invalidate_all_before(now_stamp());
-    assert_eq!(v.check("h", "/", old, &headers, u64::MAX), Verdict::Invalid);
+    assert_eq!(
+        v.check("h", "/", old, corral_id(), &headers, u64::MAX),
+        Verdict::Invalid
+    );
     assert_eq!(v.expire(v.published(), old, old), 0);
     assert!(
         v.floor_ms() > 0,
@@ -454,7 +482,7 @@ fn the_floor_goes_once_swept_past() {
         0
     );
     assert_eq!(v.floor_ms(), 0);
-    assert_eq!(v.check("h", "/", old, &headers, 0), Verdict::Valid);
+    assert_eq!(v.check("h", "/", old, corral_id(), &headers, 0), Verdict::Valid);
 }
 
 #[test]
@@ -468,12 +496,15 @@ fn url_records_cover_every_variant_and_expire_with_l1_when_hard() {
         now_stamp(),
     );
     assert_eq!(
-        v.check("www.example.org", "/a?x=1", old, &headers, 0),
+        v.check("www.example.org", "/a?x=1", old, corral_id(), &headers, 0),
         Verdict::Invalid
     );
-    assert_eq!(v.check("www.example.org", "/a", old, &headers, 0), Verdict::Valid);
+    assert_eq!(
+        v.check("www.example.org", "/a", old, corral_id(), &headers, 0),
+        Verdict::Valid
+    );
     assert!(matches!(
-        v.check("www.example.org", "/s", old, &headers, 0),
+        v.check("www.example.org", "/s", old, corral_id(), &headers, 0),
         Verdict::Stale(_)
     ));
     // L1 swept, but memcached may hold values for a day: the hard one (its L2 copy was
@@ -481,7 +512,7 @@ fn url_records_cover_every_variant_and_expire_with_l1_when_hard() {
     let now = SystemTime::now() + Duration::from_secs(1);
     assert_eq!(v.expire(v.published(), now, old), 1);
     assert!(matches!(
-        v.check("www.example.org", "/s", old, &headers, 0),
+        v.check("www.example.org", "/s", old, corral_id(), &headers, 0),
         Verdict::Stale(_)
     ));
 }
@@ -528,4 +559,42 @@ fn both_magento_headers_make_one_purge_of_two_patterns_that_survives_the_log() {
     assert!(v
         .verdict("h", "/", &entry(&[("x-pool", "pages")], before))
         .is_none());
+}
+
+/// See: issue 10, item 4. A purge another corral accepted covers what this corral validated
+/// up to `clock_skew` after it (their clocks may disagree that much); on one clock, no margin.
+#[test]
+fn another_corrals_purge_covers_what_was_validated_within_the_clock_skew() {
+    let v = Validity::default().with_skew(Duration::from_secs(1));
+    let headers = http::HeaderMap::new();
+    let at = SystemTime::now();
+    let other = corral_id() + 1;
+    let url = parse_req("PURGE", "/p", &[]).unwrap();
+    v.record_by(&url, at, other);
+    let just_after = at + Duration::from_millis(500);
+    let well_after = at + Duration::from_millis(1500);
+    assert_eq!(
+        v.check("www.example.org", "/p", just_after, corral_id(), &headers, 0),
+        Verdict::Invalid
+    );
+    assert_eq!(
+        v.check("www.example.org", "/p", well_after, corral_id(), &headers, 0),
+        Verdict::Valid
+    );
+    // validated on the purging corral's own clock: compared as is
+    assert_eq!(
+        v.check("www.example.org", "/p", just_after, other, &headers, 0),
+        Verdict::Valid
+    );
+    // the same for a ban, found through the time-sorted list
+    let ban = parse_req("BAN", "/", &[("x-url", "^/b$")]).unwrap();
+    v.record_by(&ban, at, other);
+    assert_eq!(
+        v.check("www.example.org", "/b", just_after, corral_id(), &headers, 0),
+        Verdict::Invalid
+    );
+    assert_eq!(
+        v.check("www.example.org", "/b", just_after, other, &headers, 0),
+        Verdict::Valid
+    );
 }

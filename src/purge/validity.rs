@@ -30,6 +30,8 @@ struct Stamp {
     /// Whether memcached may still hold an entry it covers (a hard URL purge deletes the L2
     /// copy: its record is needed only until L1 is swept).
     l2: bool,
+    /// The corral that accepted the purge ([`super::corral_id`]): `at` is its clock.
+    by: u64,
 }
 
 /// A ban or tag record's effect on one entry.
@@ -48,7 +50,10 @@ impl Verdict {
     pub fn forced(self) -> Option<ForcedFreshness> {
         match self {
             Verdict::Valid => None,
-            Verdict::Stale(at) => Some(ForcedFreshness::ForceExpiredServeStale { expired_at: Some(at) }),
+            // another corral's clock may be ahead: never stale from the future
+            Verdict::Stale(at) => Some(ForcedFreshness::ForceExpiredServeStale {
+                expired_at: Some(at.min(SystemTime::now())),
+            }),
             Verdict::Invalid => Some(ForcedFreshness::ForceMiss),
         }
     }
@@ -86,6 +91,8 @@ pub struct Validity {
     published: AtomicU64,
     /// Fast path: false while there is nothing to check.
     any: AtomicBool,
+    /// `purge.clock_skew` ([`Self::with_skew`]).
+    skew: Duration,
 }
 
 impl Default for Validity {
@@ -119,6 +126,24 @@ impl Validity {
             writer: parking_lot::Mutex::new(0),
             published: AtomicU64::new(0),
             any: AtomicBool::new(false),
+            skew: Duration::ZERO,
+        }
+    }
+
+    /// `purge.clock_skew`: a purge accepted at T by another corral covers what was validated
+    /// before T + `skew` by another clock than its own.
+    pub fn with_skew(mut self, skew: Duration) -> Self {
+        self.skew = skew;
+        self
+    }
+
+    /// How much later than `s.at` an entry validated `by` a corral may be and still be
+    /// covered: nothing on the same clock, `skew` across two clocks.
+    fn margin(&self, s: &Stamp, by: u64) -> Duration {
+        if s.by == by {
+            Duration::ZERO
+        } else {
+            self.skew
         }
     }
 
@@ -130,6 +155,11 @@ impl Validity {
     /// Record a ban, a tag purge or a tag pattern accepted `at` (one pulled late from the
     /// purge log still applies by its own time).
     pub fn record(&self, purge: &Purge, at: SystemTime) {
+        self.record_by(purge, at, super::corral_id());
+    }
+
+    /// [`Self::record`] for a purge the corral `by` accepted at `at` by its clock.
+    pub fn record_by(&self, purge: &Purge, at: SystemTime, by: u64) {
         if matches!(purge.target, Target::All) {
             return;
         }
@@ -140,6 +170,7 @@ impl Validity {
             soft: purge.soft,
             seq,
             l2: purge.soft || !matches!(purge.target, Target::Url { .. }),
+            by,
         };
         match &purge.target {
             Target::Ban(ban) => {
@@ -244,7 +275,9 @@ impl Validity {
     pub fn expire(&self, checked: u64, l1_horizon: SystemTime, l2_horizon: SystemTime) -> usize {
         let _writer = self.writer.lock();
         let l2_horizon = l2_horizon.min(l1_horizon);
-        let gone = |s: &Stamp| s.seq <= checked && s.at <= if s.l2 { l2_horizon } else { l1_horizon };
+        // a record covers what was validated up to `skew` after it (another corral's clock)
+        let gone =
+            |s: &Stamp| s.seq <= checked && s.at + self.skew <= if s.l2 { l2_horizon } else { l1_horizon };
         let mut dropped = 0;
         {
             let mut bans = self.bans.write();
@@ -330,7 +363,8 @@ impl Validity {
     /// Is the entry `meta` for `host` + `path` still valid? `None` if it is; otherwise how
     /// to treat it (a miss for hard purges, stale for soft ones).
     pub fn verdict(&self, host: &str, path: &str, meta: &CacheMeta) -> Option<ForcedFreshness> {
-        self.check(host, path, meta.updated(), meta.headers(), 0).forced()
+        self.check(host, path, meta.updated(), super::corral_id(), meta.headers(), 0)
+            .forced()
     }
 
     /// [`Validity::check`] for a stored entry that keeps its check mark in `mark` (`None`: it
@@ -342,6 +376,7 @@ impl Validity {
         host: &str,
         path: &str,
         validated: SystemTime,
+        by: u64,
         headers: &http::HeaderMap,
         mark: Option<&AtomicU64>,
     ) -> Verdict {
@@ -351,7 +386,7 @@ impl Validity {
         // read before checking: a record published meanwhile stays above the mark
         let upto = self.published();
         let checked = mark.map_or(0, |m| m.load(Ordering::Acquire));
-        let verdict = self.check(host, path, validated, headers, checked);
+        let verdict = self.check(host, path, validated, by, headers, checked);
         match mark {
             // no write when the mark is current: hot entries are read by every worker
             Some(m) if verdict == Verdict::Valid && checked < upto => {
@@ -362,13 +397,15 @@ impl Validity {
         verdict
     }
 
-    /// The verdict on an entry validated at `validated`, with these response headers, already
-    /// checked against every record up to sequence number `checked`.
+    /// The verdict on an entry validated at `validated` by the corral `by` (its clock), with
+    /// these response headers, already checked against every record up to sequence number
+    /// `checked`.
     pub fn check(
         &self,
         host: &str,
         path: &str,
         validated: SystemTime,
+        by: u64,
         headers: &http::HeaderMap,
         checked: u64,
     ) -> Verdict {
@@ -381,7 +418,9 @@ impl Validity {
         if checked >= self.published() {
             return Verdict::Valid;
         }
-        let applies = |s: &Stamp| s.at > validated && s.seq > checked;
+        let applies = |s: &Stamp| s.seq > checked && s.at + self.margin(s, by) > validated;
+        // records sorted by time: those older than this cannot apply, whatever their clock
+        let oldest = validated.checked_sub(self.skew).unwrap_or(UNIX_EPOCH);
         let mut soft_at: Option<SystemTime> = None;
         let mut hit = |s: Stamp| -> bool {
             if !s.soft {
@@ -397,7 +436,7 @@ impl Validity {
         {
             let bans = self.bans.read();
             // sorted by time: only the tail is newer than the entry
-            let newer = bans.partition_point(|(_, s)| s.at <= validated);
+            let newer = bans.partition_point(|(_, s)| s.at <= oldest);
             for (ban, stamp) in &bans[newer..] {
                 if applies(stamp) && ban.matches(host, path, content_type) && hit(*stamp) {
                     return Verdict::Invalid;
@@ -406,7 +445,7 @@ impl Validity {
         }
         {
             let patterns = self.patterns.read();
-            let newer = patterns.partition_point(|(_, _, s)| s.at <= validated);
+            let newer = patterns.partition_point(|(_, _, s)| s.at <= oldest);
             for (name, pattern, stamp) in &patterns[newer..] {
                 if !applies(stamp) {
                     continue;
@@ -455,5 +494,14 @@ pub fn has_tag_header(headers: &http::HeaderMap) -> bool {
 /// The timestamp a purge accepted now is recorded with: a millisecond past any entry validated
 /// before it, so an entry refreshed in the same millisecond is not mistaken for a newer one.
 pub fn now_stamp() -> SystemTime {
-    from_millis(millis(SystemTime::now()) + 1)
+    let offset = CLOCK_OFFSET_MS.load(Ordering::Relaxed);
+    from_millis(millis(SystemTime::now()).saturating_add_signed(offset) + 1)
+}
+
+/// `purge.clock_offset_ms`: a purge clock that runs off, for tests of clock skew.
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Make this process's purge clock run `ms` milliseconds off (tests only).
+pub fn set_clock_offset(ms: i64) {
+    CLOCK_OFFSET_MS.store(ms, Ordering::Relaxed);
 }

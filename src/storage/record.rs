@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! magic   "CRRL"            4 bytes
-//! version 1                 1 byte
+//! version 2                 1 byte
 //! meta    u32 len + bytes   pingora's CacheMeta internal part (msgpack, versioned by pingora)
 //! header  u32 len + bytes   pingora's serialised response header
-//! tags    u32 len + bytes   dependency tags, '\n'-separated (used by the purge API)
+//! filler  u64               the corral whose clock `updated` is (purge records from the same
+//!                           corral compare without `purge.clock_skew`)
 //! body    u32 len + bytes
 //! ```
 //! All lengths are big-endian and checked against what is left: a value that is foreign,
@@ -16,12 +17,13 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pingora_cache::CacheMeta;
 
 const MAGIC: &[u8; 4] = b"CRRL";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// A decoded record.
 pub struct Record {
     pub meta: CacheMeta,
-    pub tags: Vec<String>,
+    /// The corral that validated it ([`crate::purge::corral_id`]).
+    pub filler: u64,
     pub body: Bytes,
 }
 
@@ -40,22 +42,25 @@ pub enum DecodeError {
     Meta(String),
 }
 
-/// Encode `meta`, `tags` and `body`. Fails only if pingora cannot serialise the metadata.
-pub fn encode(meta: &CacheMeta, tags: &[String], body: &[u8]) -> pingora_error::Result<Bytes> {
+/// Encode `meta`, who validated it, and `body`. Fails only if pingora cannot serialise the
+/// metadata.
+pub fn encode(meta: &CacheMeta, filler: u64, body: &[u8]) -> pingora_error::Result<Bytes> {
     let (internal, header) = meta.serialize()?;
-    Ok(encode_parts(&internal, &header, tags, body))
+    Ok(encode_parts(&internal, &header, filler, body))
 }
 
-/// Encode already serialised metadata (`CacheMeta::serialize`) with `tags` and `body`.
-pub fn encode_parts(internal: &[u8], header: &[u8], tags: &[String], body: &[u8]) -> Bytes {
-    let tags = tags.join("\n");
-    let mut buf = BytesMut::with_capacity(5 + 16 + internal.len() + header.len() + tags.len() + body.len());
+/// Encode already serialised metadata (`CacheMeta::serialize`) with `filler` and `body`.
+pub fn encode_parts(internal: &[u8], header: &[u8], filler: u64, body: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + 20 + internal.len() + header.len() + body.len());
     buf.put_slice(MAGIC);
     buf.put_u8(VERSION);
-    for part in [internal, header, tags.as_bytes(), body] {
+    for part in [internal, header] {
         buf.put_u32(part.len() as u32);
         buf.put_slice(part);
     }
+    buf.put_u64(filler);
+    buf.put_u32(body.len() as u32);
+    buf.put_slice(body);
     buf.freeze()
 }
 
@@ -82,19 +87,16 @@ pub fn decode(mut buf: Bytes) -> Result<Record, DecodeError> {
     }
     let internal = take(&mut buf)?;
     let header = take(&mut buf)?;
-    let tags = take(&mut buf)?;
+    if buf.remaining() < 8 {
+        return Err(DecodeError::Truncated);
+    }
+    let filler = buf.get_u64();
     let body = take(&mut buf)?;
     if buf.has_remaining() {
         return Err(DecodeError::Trailing(buf.remaining()));
     }
     let meta = CacheMeta::deserialize(&internal, &header).map_err(|e| DecodeError::Meta(e.to_string()))?;
-    let tags = std::str::from_utf8(&tags)
-        .map_err(|_| DecodeError::Meta("tags are not UTF-8".into()))?
-        .split('\n')
-        .filter(|t| !t.is_empty())
-        .map(str::to_string)
-        .collect();
-    Ok(Record { meta, tags, body })
+    Ok(Record { meta, filler, body })
 }
 
 #[cfg(test)]
@@ -115,10 +117,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let bytes = encode(&meta(), &["a".into(), "b".into()], b"hello").unwrap();
+        let bytes = encode(&meta(), 42, b"hello").unwrap();
         let r = decode(bytes).unwrap();
         assert_eq!(&r.body[..], b"hello");
-        assert_eq!(r.tags, vec!["a", "b"]);
+        assert_eq!(r.filler, 42);
         assert_eq!(r.meta.headers()["etag"], "\"x\"");
         assert_eq!(r.meta.variance(), Some([7; 16]));
         assert_eq!(r.meta.stale_while_revalidate_sec(), 10);
@@ -137,14 +139,14 @@ mod tests {
 
     #[test]
     fn other_versions_are_refused() {
-        let mut v = encode(&meta(), &[], b"x").unwrap().to_vec();
+        let mut v = encode(&meta(), 1, b"x").unwrap().to_vec();
         v[4] = 9;
         assert_eq!(decode(Bytes::from(v)).err(), Some(DecodeError::Version(9)));
     }
 
     #[test]
     fn every_truncation_is_refused() {
-        let full = encode(&meta(), &["t".into()], b"body").unwrap();
+        let full = encode(&meta(), 1, b"body").unwrap();
         for cut in 0..full.len() {
             assert!(decode(full.slice(..cut)).is_err(), "cut at {cut}");
         }
@@ -158,10 +160,13 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_slice(MAGIC);
         buf.put_u8(VERSION);
-        for part in [&b"\xff\xfe"[..], b"junk", b"", b"body"] {
+        for part in [&b"\xff\xfe"[..], b"junk"] {
             buf.put_u32(part.len() as u32);
             buf.put_slice(part);
         }
+        buf.put_u64(1);
+        buf.put_u32(4);
+        buf.put_slice(b"body");
         assert!(matches!(decode(buf.freeze()), Err(DecodeError::Meta(_))));
     }
 }

@@ -59,12 +59,13 @@ impl Tiered {
         validity: &'static Validity,
         l2: Option<L2>,
         lock_timeout: Duration,
+        purge: &crate::config::PurgeConfig,
     ) -> Self {
         Tiered {
             l1,
             eviction,
             validity,
-            log: Follower::new(l1, validity),
+            log: Follower::new(l1, validity, purge.max_unconfirmed),
             l2,
             lock_timeout,
             // memcached counts a lease in whole seconds (at least one), on a clock that ticks
@@ -84,7 +85,8 @@ impl Tiered {
         key: &CacheKey,
         rec: record::Record,
     ) -> Option<(CacheMeta, HitHandler)> {
-        let parts = MetaParts::from_meta(&rec.meta);
+        let mut parts = MetaParts::from_meta(&rec.meta);
+        parts.validated_by = rec.filler;
         let (hit, weight) = self.l1.insert(key, parts, rec.body);
         // admitted like a fill, so the memory bound holds for promoted entries too
         let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
@@ -161,7 +163,8 @@ impl Tiered {
     ///   this check reads.
     async fn write_l2(&self, l2: &L2, mut w: L2Write) {
         let (host, path) = memory::split_url(&w.url);
-        let covered = |v: &Validity| v.check(host, path, w.validated, &w.headers, 0) != Verdict::Valid;
+        let by = crate::purge::corral_id();
+        let covered = |v: &Validity| v.check(host, path, w.validated, by, &w.headers, 0) != Verdict::Valid;
         if covered(self.validity) {
             metrics::L2_WRITES_SKIPPED.inc();
         } else {
@@ -274,7 +277,7 @@ impl HandleMiss for TieredMiss {
                 for c in &p.chunks {
                     body.extend_from_slice(c);
                 }
-                let value = record::encode_parts(&p.internal, &p.header, &[], &body);
+                let value = record::encode_parts(&p.internal, &p.header, crate::purge::corral_id(), &body);
                 let write = L2Write {
                     key: p.key,
                     value,
@@ -394,7 +397,7 @@ impl Storage for Tiered {
             // a 304 refreshed the entry: refresh the shared copy too
             let mk = l2.key(&key.combined());
             let write = L2Write {
-                value: record::encode(meta, &[], &body)?,
+                value: record::encode(meta, crate::purge::corral_id(), &body)?,
                 ttl: Self::l2_ttl(meta),
                 lease: None,
                 refresh_lock: self.refresh_lock_for_write(&mk),

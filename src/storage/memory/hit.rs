@@ -40,7 +40,6 @@ impl CompleteHit {
         }
     }
 
-    /// Was this hit answered from L2?
     /// Attach the cluster's refresh lock to this hit: the request that revalidates the entry
     /// gives it back when it ends.
     pub fn set_refresh_lock(hit: &mut HitHandler, lock: String) {
@@ -56,6 +55,7 @@ impl CompleteHit {
             .and_then(|h| h.refresh_lock.take())
     }
 
+    /// Was this hit answered from L2?
     pub fn is_from_l2(hit: &HitHandler) -> bool {
         hit.as_any()
             .downcast_ref::<CompleteHit>()
@@ -73,11 +73,13 @@ impl CompleteHit {
 
 /// When the entry behind a hit from this storage was last fetched or revalidated (what bans,
 /// purges and a client's `no-cache` compare with); `None` for a hit of another storage.
-pub fn validated(hit: &HitHandler) -> Option<SystemTime> {
+pub fn validated(hit: &HitHandler) -> Option<(SystemTime, u64)> {
     let any = hit.as_any();
-    any.downcast_ref::<CompleteHit>()
-        .map(|h| h.entry.meta.updated)
-        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| h.fill.meta.updated))
+    let meta = any
+        .downcast_ref::<CompleteHit>()
+        .map(|h| &h.entry.meta)
+        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| &h.fill.meta))?;
+    Some((meta.updated, meta.validated_by))
 }
 
 /// Streams a body that is still being written.

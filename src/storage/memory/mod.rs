@@ -55,6 +55,9 @@ pub struct MetaParts {
     pub fresh_until: SystemTime,
     /// When the response was last fetched or revalidated (pingora's `updated`).
     pub updated: SystemTime,
+    /// The corral whose clock `updated` is ([`crate::purge::corral_id`]): this one for its
+    /// own fills and refreshes, the filling corral for a copy from memcached.
+    pub validated_by: u64,
     /// When this entry's lineage began (Pingora's `provenance`): its first admission, kept
     /// across refreshes. For the variant in a URL's primary slot it is the tombstone of the
     /// other variants: Pingora serves only those created after it.
@@ -71,6 +74,7 @@ impl MetaParts {
         MetaParts {
             fresh_until: meta.fresh_until(),
             updated: meta.updated(),
+            validated_by: crate::purge::corral_id(),
             lineage: meta.provenance(),
             epoch_override: meta.epoch_override(),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
@@ -216,6 +220,11 @@ impl FreshEntry {
     /// When the response was last validated (what bans compare with).
     pub fn updated(&self) -> SystemTime {
         self.0.meta.updated
+    }
+
+    /// The corral whose clock [`Self::updated`] is.
+    pub fn validated_by(&self) -> u64 {
+        self.0.meta.validated_by
     }
 
     /// What `Age` counts from: the origin's own age is folded into the epoch.

@@ -68,7 +68,8 @@ impl MemoryStorage {
                 // than `upto` (a purge accepted during the pass): mark what was covered, or the
                 // next pass applies that record again (a soft purge marked stale twice)
                 let covered = validity.published().max(upto);
-                match validity.check(host, path, e.meta.updated, &e.meta.header.headers, checked) {
+                let (validated, by) = (e.meta.updated, e.meta.validated_by);
+                match validity.check(host, path, validated, by, &e.meta.header.headers, checked) {
                     Verdict::Valid => {
                         e.checked.fetch_max(covered, Ordering::AcqRel);
                     }
