@@ -91,6 +91,7 @@ fn bench(c: &mut Criterion) {
                 black_box("www.example.org"),
                 black_box("/page/1"),
                 m.updated(),
+                corral::purge::corral_id(),
                 m.headers(),
                 upto,
             )
