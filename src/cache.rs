@@ -172,6 +172,8 @@ impl CacheParts {
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
         metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
         metrics::PURGE_LOG_APPLIED.set(self.storage.log.seen() as i64);
+        let fenced = self.storage.log.fence(std::time::SystemTime::now()).is_some();
+        metrics::FENCED.set(fenced as i64);
         for (map, n) in [
             ("leases", self.storage.leases.live()),
             ("refreshing", self.storage.refreshing.live()),

@@ -248,6 +248,15 @@ pub static L2_WRITES_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Times memcached's purge log was found reset (restart, flush, eviction of its counter).
+pub static PURGE_LOG_RESETS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_purge_log_resets_total",
+        "Times memcached's purge log was found reset; everything validated before was treated as purged"
+    )
+    .expect("metric registers once")
+});
+
 /// 1 while this corral is fenced (it cannot confirm memcached's purge log).
 pub static FENCED: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(

@@ -282,7 +282,8 @@ async fn keys_spread_over_servers_and_one_down_leaves_the_other_serving() {
         get(&a.url(&format!("/spread/{i}"))).await;
     }
     l2_sets(&a, 40.0).await;
-    let (n1, n2) = (mc1.items().await, mc2.items().await);
+    // besides the values, each server holds the purge log's epoch (a control key)
+    let (n1, n2) = (mc1.items().await - 1, mc2.items().await - 1);
     assert_eq!(n1 + n2, 40);
     assert!(n1 >= 5 && n2 >= 5, "keys are spread: {n1} / {n2}");
 
@@ -592,7 +593,8 @@ async fn r10_lock_maps_are_empty_after_a_thousand_failed_fills() {
         ["leases", "refreshing", "gates"]
             .iter()
             .all(|map| metric(&m, &format!("corral_lock_entries{{map=\"{map}\"}}")) == 0.0)
-            && mc.items().await == 0
+            // nothing but the purge log's epoch: no lease placeholder left behind
+            && mc.items().await == 1
     })
     .await;
 }

@@ -156,6 +156,8 @@ pub struct Follower {
     confirmed_ms: AtomicU64,
     /// Whether the fence is up (for the log line and the gauge, once per change).
     fenced: std::sync::atomic::AtomicBool,
+    /// The epoch of the log that `seen` counts in ([`L2::log_state`]).
+    epoch: parking_lot::Mutex<Option<u64>>,
 }
 
 impl Follower {
@@ -168,6 +170,7 @@ impl Follower {
             max_unconfirmed_ms: max_unconfirmed.as_millis() as u64,
             confirmed_ms: AtomicU64::new(0),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            epoch: parking_lot::Mutex::new(None),
         }
     }
 
@@ -208,7 +211,6 @@ impl Follower {
         if self.fenced.swap(fenced, Ordering::AcqRel) == fenced {
             return;
         }
-        metrics::FENCED.set(fenced as i64);
         if fenced {
             metrics::FENCES.inc();
             warn!(
@@ -223,19 +225,25 @@ impl Follower {
     /// Apply the purge log records this corral has not seen. Returns false if the log could
     /// not be read completely (memcached trouble): an L2 value must not be trusted then.
     ///
-    /// A record that is gone (expired, evicted), or more records than [`MAX_RECORDS`] to catch
-    /// up on (a corral started long after), is covered conservatively: everything validated
-    /// before now is treated as purged.
+    /// Records that cannot be applied one by one are covered conservatively, by treating
+    /// everything validated before now as purged (a floor): a record gone (expired, evicted),
+    /// more than [`MAX_RECORDS`] to catch up on (a corral started long after, or one cut off
+    /// for long), or a log that was reset ([`Self::resync`]).
     pub async fn pull(&self, l2: &L2) -> bool {
         // a complete read covers every record appended before it began
         let began = millis(SystemTime::now());
-        let Some(seq) = l2.log_seq().await else {
+        let Some((epoch, seq)) = l2.log_state().await else {
             return false;
         };
-        if seq > self.seen.load(Ordering::Acquire) {
+        let current = epoch.is_some() && *self.epoch.lock() == epoch;
+        if !(current && seq == self.seen.load(Ordering::Acquire)) {
             let _one_reader = self.reader.lock().await;
-            let seen = self.seen.load(Ordering::Acquire);
-            if seq > seen && !self.apply(l2, seen, seq).await {
+            // read again under the lock: the reader before may have moved the state (given a
+            // new namespace its epoch, resynced)
+            let Some((epoch, seq)) = l2.log_state().await else {
+                return false;
+            };
+            if !self.follow(l2, epoch, seq).await {
                 return false;
             }
         }
@@ -243,14 +251,62 @@ impl Follower {
         true
     }
 
+    /// The log's state moved (under the reader lock): adopt its epoch, resync after a reset,
+    /// or apply the new records.
+    async fn follow(&self, l2: &L2, epoch: Option<u64>, seq: u64) -> bool {
+        let seen = self.seen.load(Ordering::Acquire);
+        let known = *self.epoch.lock();
+        match (known, epoch) {
+            (None, None) if seen == 0 && seq == 0 => {
+                // a new namespace: give its log an epoch
+                *self.epoch.lock() = l2.set_log_epoch(super::random(), false).await;
+                true
+            }
+            (_, None) => {
+                let now = l2.set_log_epoch(super::random(), false).await;
+                self.resync(now, seq, "its epoch is gone (memcached restarted or flushed)");
+                true
+            }
+            (Some(k), Some(e)) if k != e => {
+                self.resync(Some(e), seq, "its epoch changed (another corral found it reset)");
+                true
+            }
+            (Some(_), Some(_)) if seq < seen => {
+                // the counter alone vanished: say so to every corral with a new epoch
+                let now = l2.set_log_epoch(super::random(), true).await;
+                self.resync(now, seq, "its sequence number went backwards");
+                true
+            }
+            (_, Some(e)) => {
+                *self.epoch.lock() = Some(e);
+                seq <= seen || self.apply(l2, seen, seq).await
+            }
+        }
+    }
+
+    /// memcached's purge log was reset: records may have been lost, and nobody can tell
+    /// which. Treat everything validated before now as purged (L1 and what L2 still holds
+    /// are fetched anew, once each) and follow the log from `seq` on.
+    fn resync(&self, epoch: Option<u64>, seq: u64, why: &str) {
+        self.validity.invalidate_all_before(now_stamp());
+        *self.epoch.lock() = epoch;
+        self.seen.store(seq, Ordering::Release);
+        metrics::PURGE_LOG_RESETS.inc();
+        warn!(
+            seq,
+            "memcached's purge log was reset ({why}): purges may have been lost, every copy validated before now is treated as purged"
+        );
+    }
+
     /// Apply records `seen + 1 ..= seq`; false if one could not be read.
     async fn apply(&self, l2: &L2, seen: u64, seq: u64) -> bool {
-        let mut from = seen + 1;
         if seq - seen > MAX_RECORDS as u64 {
+            // too many to read one by one: the floor covers every one of them
             self.validity.invalidate_all_before(now_stamp());
-            from = seq + 1 - MAX_RECORDS as u64;
+            self.seen.store(seq, Ordering::Release);
+            return true;
         }
-        for n in from..=seq {
+        for n in seen + 1..=seq {
             match l2.log_record(n).await {
                 None => return false,
                 Some(Some(bytes)) => match LogRecord::decode_with_origin(&bytes) {
@@ -275,12 +331,25 @@ impl Follower {
         }
         let dropped = self.l1.stats().entries;
         self.l1.clear();
-        warn!(
-            from = old,
-            to = new,
-            dropped,
-            "memcached namespace generation changed (purge of everything): local cache dropped"
-        );
+        if new < old {
+            // the counter never expires: it vanished with memcached's contents (a restart, a
+            // flush) or was evicted. What it stood for may come back under reused keys
+            self.validity.invalidate_all_before(now_stamp());
+            metrics::PURGE_LOG_RESETS.inc();
+            warn!(
+                from = old,
+                to = new,
+                dropped,
+                "memcached namespace generation went backwards (memcached restarted or flushed): local cache dropped, every copy validated before now is treated as purged"
+            );
+        } else {
+            warn!(
+                from = old,
+                to = new,
+                dropped,
+                "memcached namespace generation changed (purge of everything): local cache dropped"
+            );
+        }
         true
     }
 }

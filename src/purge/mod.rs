@@ -40,6 +40,8 @@
 //!   oldest half folds into one "everything validated before T" record, which
 //!   over-invalidates a little and never grows.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use http::header::HeaderName;
 
 /// The longest regex a purge may carry (FOSHttpCache splits its tag bans at 7,500 bytes).
@@ -50,13 +52,22 @@ pub const MAX_RECORDS: usize = 10_000;
 
 /// This process's id among the corrals of a namespace: random, chosen at start.
 pub fn corral_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
     static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *ID.get_or_init(|| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        h.finish().max(1)
-    })
+    *ID.get_or_init(random)
+}
+
+/// A random non-zero number (the standard library's per-process random hash keys).
+pub fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish().max(1)
 }
 
 /// What a purge invalidates.

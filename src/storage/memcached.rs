@@ -247,7 +247,13 @@ impl L2 {
         let k = key.as_bytes();
         let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
             self.with_server_at(server, "incr", |c| async move {
-                c.increment(k).delta(1).initial(1, MAX_TTL).send().await
+                // created, and kept, without an expiry: a counter that vanished would read as 0
+                c.increment(k)
+                    .delta(1)
+                    .initial(1, MAX_TTL)
+                    .ttl(Ttl::NEVER)
+                    .send()
+                    .await
             })
             .await
             .and_then(|r| r.value)
@@ -264,7 +270,7 @@ impl L2 {
                 .filter(|(_, value)| value.is_some_and(|v| v < top))
                 .map(|(server, _)| {
                     self.with_server_at(server, "set", |c| async move {
-                        c.set(k, v).ttl(Ttl::secs(MAX_TTL)).send().await
+                        c.set(k, v).ttl(Ttl::NEVER).send().await
                     })
                 }),
         )
@@ -290,6 +296,51 @@ impl L2 {
             }
         }
         (current, current)
+    }
+
+    fn log_epoch_key(&self) -> String {
+        format!("corral/{}/purgelog/epoch", self.inner.namespace)
+    }
+
+    /// The purge log's epoch and last sequence number, read together: the epoch (a random
+    /// number kept without expiry, on every server) is `None` when no server has it (a new
+    /// namespace, or every server restarted or flushed); the sequence number is 0 when none
+    /// has it. `None` if no server answered.
+    pub async fn log_state(&self) -> Option<(Option<u64>, u64)> {
+        let (epoch_key, seq_key) = (self.log_epoch_key(), self.log_seq_key());
+        let (epoch, seq) = tokio::join!(
+            self.get_everywhere(epoch_key.as_bytes()),
+            self.read_counter(&seq_key)
+        );
+        let epoch = epoch
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+            .max();
+        Some((epoch, seq?))
+    }
+
+    /// Make `candidate` the purge log's epoch where no server has one (`add`), so that one of
+    /// the corrals that start or resync at once wins; `replace` also overwrites (a corral that
+    /// found the log gone backwards tells every other one). Returns the epoch now in place.
+    pub async fn set_log_epoch(&self, candidate: u64, replace: bool) -> Option<u64> {
+        let key = self.log_epoch_key();
+        let k = key.as_bytes();
+        let v = candidate.to_string();
+        let v = v.as_bytes();
+        join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "set", |c| async move {
+                let set = c.set(k, v).ttl(Ttl::NEVER);
+                if replace {
+                    set.send().await
+                } else {
+                    set.add().send().await
+                }
+            })
+        }))
+        .await;
+        self.log_state().await.and_then(|(epoch, _)| epoch)
     }
 
     fn log_seq_key(&self) -> String {

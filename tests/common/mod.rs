@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod origin;
+pub mod relay;
 pub mod slow;
 
 use std::io::Read;
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use origin::{Origin, Reply};
+#[allow(unused_imports)]
+pub use relay::Relay;
 #[allow(unused_imports)]
 pub use slow::SlowOrigin;
 
