@@ -395,16 +395,11 @@ impl Tiered {
         key: &CacheKey,
         validated: SystemTime,
     ) -> std::result::Result<Option<(CacheMeta, HitHandler)>, Refresh> {
-        let current = l2.key_at(l2.generation(), &key.combined());
-        let (read, moved, log_complete) = tokio::join!(
-            l2.get(&current, None),
-            self.log.adopt_generation(l2),
-            self.log.pull(l2)
-        );
-        if moved || !log_complete {
-            // a purge of everything dropped the entry, or bans elsewhere are unknown
+        if !self.log.usable(l2).await {
+            // purges elsewhere are unknown
             return Err(Refresh::Local);
         }
+        let read = l2.get(&l2.key(&key.combined()), None).await;
         let Read::Hit(bytes) = read else { return Ok(None) };
         let Ok(rec) = record::decode(bytes) else {
             return Ok(None);
@@ -479,28 +474,17 @@ impl Tiered {
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let mut backoff = Backoff::until(deadline);
         let mut waited = false;
-        // the key is built from one reading of the generation, so the two cannot disagree
-        let mut generation = l2.generation();
-        let mut mk = l2.key_at(generation, &key.combined());
+        if !self.log.usable(l2).await {
+            // a purge elsewhere may cover what memcached holds and we cannot tell (the purge
+            // log unread, or the fence up): do without L2
+            metrics::L2_LOOKUPS.with_label_values(&["unavailable"]).inc();
+            return Ok(None);
+        }
+        // one memcached operation: the generation and the purge log are followed in the
+        // background (purge::log::Follower), every WATCH_INTERVAL
+        let mk = l2.key(&key.combined());
         loop {
-            // the generation is read alongside the value (in parallel, one round trip): a value
-            // found under an older generation was purged by a purge-all elsewhere. Compare with
-            // the generation the key was built from: the watcher may have adopted it first.
-            let (read, _, log_complete) = tokio::join!(
-                l2.get(&mk, Some(self.lock_timeout)),
-                self.log.adopt_generation(l2),
-                self.log.pull(l2)
-            );
-            if !log_complete {
-                // a ban elsewhere may cover this value and we cannot tell: do without L2
-                metrics::L2_LOOKUPS.with_label_values(&["unavailable"]).inc();
-                return Ok(None);
-            }
-            if l2.generation() != generation {
-                generation = l2.generation();
-                mk = l2.key_at(generation, &key.combined());
-                continue;
-            }
+            let read = l2.get(&mk, Some(self.lock_timeout)).await;
             match read {
                 Read::Hit(bytes) => match record::decode(bytes) {
                     Ok(rec) => {

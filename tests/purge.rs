@@ -875,6 +875,11 @@ async fn a_stale_refresh_never_takes_a_peer_copy_that_a_later_purge_covers() {
         stale_marks(&a).await >= 1.0
     })
     .await;
+    // B knows of the purge (it follows memcached's purge log every 250 ms)
+    eventually(Duration::from_secs(5), "B read the purge", || async {
+        metric(&b.metrics().await, "corral_purge_log_applied") >= 1.0
+    })
+    .await;
     // A refreshes again, slowly, holding the cluster's refresh lock; then B's copy is due
     assert_eq!(get(&a, "/p").await.body, "v2");
     eventually(Duration::from_secs(5), "A's refresh under way", || async {

@@ -132,6 +132,13 @@ impl LogRecord {
     }
 }
 
+/// How often the control keys are read ([`Follower::spawn_watch`]): how long, at most, before
+/// a purge another corral accepted reaches this one through memcached.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Purge log records read in one pipelined request.
+const LOG_BATCH: u64 = 200;
+
 /// Follows memcached's purge log and namespace generation into this corral's validity records
 /// and L1, and keeps the fence.
 ///
@@ -174,17 +181,27 @@ impl Follower {
         }
     }
 
-    /// Every second, adopt memcached's namespace generation (when it moved, another corral
-    /// purged everything: drop L1 too) and pull new purge log records (bans and tag purges
-    /// other corrals accepted), so L1 follows them within a second.
+    /// Every [`WATCH_INTERVAL`], read the namespace's control keys ([`Self::sync`]): the
+    /// generation (when it moved, another corral purged everything: drop L1 too) and the purge
+    /// log (records of the purges other corrals accepted), so L1 and what is read from L2
+    /// follow them within that interval, without a memcached read on any request's path.
     pub fn spawn_watch(&'static self, l2: L2) {
         tokio::spawn(async move {
             loop {
-                tokio::join!(self.adopt_generation(&l2), self.pull(&l2));
+                self.sync(&l2).await;
                 self.update_fence();
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(WATCH_INTERVAL).await;
             }
         });
+    }
+
+    /// Whether values read from L2 can be checked against the purge log now: it was read
+    /// completely (once, right now if never before) and the fence is down.
+    pub async fn usable(&self, l2: &L2) -> bool {
+        if self.confirmed_ms.load(Ordering::Acquire) == 0 && !self.sync(l2).await {
+            return false;
+        }
+        self.fence(SystemTime::now()).is_none()
     }
 
     /// The sequence number of the last purge log record applied here.
@@ -222,37 +239,40 @@ impl Follower {
         }
     }
 
-    /// Apply the purge log records this corral has not seen. Returns false if the log could
-    /// not be read completely (memcached trouble): an L2 value must not be trusted then.
+    /// Read the control keys and follow them: adopt the generation, apply the purge log
+    /// records this corral has not seen. Returns false if they could not be read completely
+    /// (memcached trouble): the fence then counts from the last complete read.
     ///
     /// Records that cannot be applied one by one are covered conservatively, by treating
     /// everything validated before now as purged (a floor): a record gone (expired, evicted),
     /// more than [`MAX_RECORDS`] to catch up on (a corral started long after, or one cut off
     /// for long), or a log that was reset ([`Self::resync`]).
-    pub async fn pull(&self, l2: &L2) -> bool {
+    pub async fn sync(&self, l2: &L2) -> bool {
+        let _one_reader = self.reader.lock().await;
         // a complete read covers every record appended before it began
         let began = millis(SystemTime::now());
-        let Some((epoch, seq)) = l2.log_state().await else {
+        let Some(state) = l2.control_state().await else {
             return false;
         };
-        let current = epoch.is_some() && *self.epoch.lock() == epoch;
-        if !(current && seq == self.seen.load(Ordering::Acquire)) {
-            let _one_reader = self.reader.lock().await;
-            // read again under the lock: the reader before may have moved the state (given a
-            // new namespace its epoch, resynced)
-            let Some((epoch, seq)) = l2.log_state().await else {
-                return false;
-            };
-            if !self.follow(l2, epoch, seq).await {
-                return false;
-            }
+        self.adopt_generation(l2, state.generation);
+        if !self.follow(l2, state.epoch, state.log_seq).await {
+            return false;
         }
         self.confirmed_ms.fetch_max(began, Ordering::AcqRel);
         true
     }
 
-    /// The log's state moved (under the reader lock): adopt its epoch, resync after a reset,
-    /// or apply the new records.
+    /// [`Self::sync`], unless one that began at or after `since` has completed meanwhile (so
+    /// that the checks of many writes share one read).
+    pub async fn sync_since(&self, l2: &L2, since: SystemTime) -> bool {
+        if self.confirmed_ms.load(Ordering::Acquire) >= millis(since) {
+            return true;
+        }
+        self.sync(l2).await
+    }
+
+    /// Follow the log to `epoch` / `seq` (under the reader lock): adopt its epoch, resync after
+    /// a reset, or apply the new records.
     async fn follow(&self, l2: &L2, epoch: Option<u64>, seq: u64) -> bool {
         let seen = self.seen.load(Ordering::Acquire);
         let known = *self.epoch.lock();
@@ -298,7 +318,8 @@ impl Follower {
         );
     }
 
-    /// Apply records `seen + 1 ..= seq`; false if one could not be read.
+    /// Apply records `seen + 1 ..= seq`, read [`LOG_BATCH`] at a time; false if they could
+    /// not be read.
     async fn apply(&self, l2: &L2, seen: u64, seq: u64) -> bool {
         if seq - seen > MAX_RECORDS as u64 {
             // too many to read one by one: the floor covers every one of them
@@ -306,28 +327,34 @@ impl Follower {
             self.seen.store(seq, Ordering::Release);
             return true;
         }
-        for n in seen + 1..=seq {
-            match l2.log_record(n).await {
-                None => return false,
-                Some(Some(bytes)) => match LogRecord::decode_with_origin(&bytes) {
+        let mut from = seen + 1;
+        while from <= seq {
+            let to = seq.min(from + LOG_BATCH - 1);
+            let Some(records) = l2.log_records(from, to).await else {
+                return false;
+            };
+            for record in records {
+                match record.as_deref().map(LogRecord::decode_with_origin) {
                     // applied when this corral accepted it
-                    Some((_, _, origin)) if origin == super::corral_id() => {}
+                    Some(Some((_, _, origin))) if origin == super::corral_id() => {}
                     // another corral's clock: compared with a margin where clocks differ
-                    Some((purge, at, origin)) => self.validity.record_by(&purge, at, origin),
-                    None => self.validity.invalidate_all_before(now_stamp()),
-                },
-                Some(None) => self.validity.invalidate_all_before(now_stamp()),
+                    Some(Some((purge, at, origin))) => self.validity.record_by(&purge, at, origin),
+                    // undecodable, or gone (expired, evicted)
+                    Some(None) | None => self.validity.invalidate_all_before(now_stamp()),
+                }
             }
-            self.seen.store(n, Ordering::Release);
+            self.seen.store(to, Ordering::Release);
+            from = to + 1;
         }
         true
     }
 
-    /// Read the generation; if it moved, drop L1 (loudly). Returns whether it moved.
-    pub async fn adopt_generation(&self, l2: &L2) -> bool {
-        let (old, new) = l2.refresh_generation().await;
-        if old == new {
-            return false;
+    /// Adopt the namespace generation read from memcached; if it moved, drop L1 (loudly).
+    /// The first one read is adopted quietly (L1 holds nothing of the cluster's yet).
+    fn adopt_generation(&self, l2: &L2, new: u64) {
+        let old = l2.adopt_generation(new);
+        if old == new || self.confirmed_ms.load(Ordering::Acquire) == 0 {
+            return;
         }
         let dropped = self.l1.stats().entries;
         self.l1.clear();
@@ -350,6 +377,5 @@ impl Follower {
                 "memcached namespace generation changed (purge of everything): local cache dropped"
             );
         }
-        true
     }
 }

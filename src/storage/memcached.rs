@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use md5::{Digest, Md5};
-use memcache::exp::{AsyncMetaClient, MetaClientBuilder, Rendezvous, Router, Ttl};
+use memcache::exp::{AsyncMetaClient, Get, MetaClientBuilder, Rendezvous, Router, Ttl};
 use tracing::{debug, info, warn};
 
 use crate::metrics;
@@ -98,6 +98,14 @@ pub enum Stored {
     NotStored,
     /// memcached could not be reached.
     Unavailable,
+}
+
+/// The namespace's control keys, as [`L2::control_state`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlState {
+    pub epoch: Option<u64>,
+    pub log_seq: u64,
+    pub generation: u64,
 }
 
 /// The L2 tier client. Cheap to share (`Arc` inside).
@@ -213,6 +221,89 @@ impl L2 {
             Some(r.value.filter(|v| hit && !v.is_empty()))
         }))
         .await
+    }
+
+    /// `keys` from every server at once, pipelined (one round trip per server, the servers in
+    /// parallel): per server `None` if it could not be read, otherwise each key's value
+    /// (`None` when it has none).
+    async fn get_many_everywhere(&self, keys: &[String]) -> Vec<Option<Vec<Option<Vec<u8>>>>> {
+        join_all(self.inner.servers.iter().map(|server| async move {
+            let results = self
+                .with_server_at(server, "get", |c| async move {
+                    c.run_many(keys.iter().map(Get::new)).await
+                })
+                .await?;
+            // a key that could not be read makes the server's answer unknown, not "absent"
+            results
+                .into_iter()
+                .map(|r| {
+                    r.ok().map(|r| {
+                        let hit = r.hit();
+                        r.value.filter(|v| hit && !v.is_empty())
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+        }))
+        .await
+    }
+
+    /// The control keys of the namespace in one pipelined read per server: the purge log's
+    /// epoch (`None` when no server has it) and last sequence number, and the generation
+    /// (counters: the highest any server has, absent = 0). `None` if no server answered.
+    pub async fn control_state(&self) -> Option<ControlState> {
+        let keys = [self.log_epoch_key(), self.log_seq_key(), self.generation_key()];
+        let answers: Vec<Vec<Option<Vec<u8>>>> = self
+            .get_many_everywhere(&keys)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.is_empty() {
+            return None;
+        }
+        let number = |v: &Option<Vec<u8>>| {
+            v.as_deref()
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+        };
+        let top = |i: usize| {
+            answers
+                .iter()
+                .map(|a| number(&a[i]).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        };
+        Some(ControlState {
+            epoch: answers.iter().filter_map(|a| number(&a[0])).max(),
+            log_seq: top(1),
+            generation: top(2),
+        })
+    }
+
+    /// Purge log records `from..=to` (at most a few hundred), in one pipelined read per
+    /// server: each from any server that has it (`None`: none has it, expired or evicted).
+    /// `None` if no server answered.
+    pub async fn log_records(&self, from: u64, to: u64) -> Option<Vec<Option<Bytes>>> {
+        let keys: Vec<String> = (from..=to).map(|n| self.log_key(n)).collect();
+        let answers: Vec<Vec<Option<Vec<u8>>>> = self
+            .get_many_everywhere(&keys)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.is_empty() {
+            return None;
+        }
+        Some(
+            (0..keys.len())
+                .map(|i| answers.iter().find_map(|a| a[i].clone()).map(Bytes::from))
+                .collect(),
+        )
+    }
+
+    /// Adopt `generation` as the namespace generation this corral uses. Returns the one it
+    /// used before.
+    pub fn adopt_generation(&self, generation: u64) -> u64 {
+        self.inner.generation.swap(generation, Ordering::AcqRel)
     }
 
     /// Store `value` under `key` on every server at once. Returns whether any took it.

@@ -170,12 +170,15 @@ impl Tiered {
         } else {
             let cas = w.lease.as_ref().map(|l| l.cas);
             let stored = l2.set_if(&w.key, w.value.clone(), w.ttl, cas.flatten()).await;
+            // a read of the purge log that begins after this moment sees every purge whose
+            // delete could have come before the write
+            let landed = SystemTime::now();
             if let Some(lease) = &mut w.lease {
                 // written, or the placeholder is gone: nothing to give back
                 lease.armed = stored == Stored::Unavailable;
             }
             if let (Stored::Stored(new_cas), None) = (stored, &w.lease) {
-                let complete = self.log.pull(l2).await;
+                let complete = self.log.sync_since(l2, landed).await;
                 if !complete || covered(self.validity) {
                     metrics::L2_WRITES_SKIPPED.inc();
                     l2.delete_if(&w.key, new_cas).await;
