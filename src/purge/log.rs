@@ -144,12 +144,13 @@ const LOG_BATCH: u64 = 200;
 ///
 /// # The fence
 /// A corral that cannot read the log cannot know which purges other corrals accepted. Once it
-/// has gone `purge.max_unconfirmed` without a complete read, it is fenced: the L1 copies it
-/// validated before the fence went up are revalidated upstream before use ([`Self::fence`]),
-/// whatever their freshness, and the moment is logged and counted. Copies fetched while fenced
-/// come from the origin after every purge accepted before them, so they are used. When a read
-/// succeeds again, the records it missed are applied (or, past [`MAX_RECORDS`] or with one
-/// gone, everything validated before now is treated as purged) and the fence comes down.
+/// has gone `purge.max_unconfirmed` without a complete read, it is fenced: it serves only the
+/// copies it validated within `max_unconfirmed` and revalidates the others upstream before use
+/// ([`Self::fence`]), whatever their freshness; the moment is logged and counted. So no copy
+/// older than a purge answered more than `max_unconfirmed` ago is served, partition or not.
+/// When a read succeeds again, the records it missed are applied (or, past [`MAX_RECORDS`] or
+/// with one gone, everything validated before now is treated as purged) and the fence comes
+/// down.
 pub struct Follower {
     l1: &'static MemoryStorage,
     validity: &'static Validity,
@@ -209,17 +210,22 @@ impl Follower {
         self.seen.load(Ordering::Acquire)
     }
 
-    /// If the fence is up: L1 copies validated before this time must be revalidated before
-    /// use. `None` while the log is confirmed (or was never read: no memcached, or nothing
-    /// looked up in it yet, so L1 holds nothing of the cluster's).
+    /// If the fence is up: copies validated before this time must be revalidated before use.
+    /// `None` while the log is confirmed (or was never read: no memcached, or nothing looked
+    /// up in it yet, so L1 holds nothing of the cluster's).
+    ///
+    /// The promise is a bound: a purge answered more than `max_unconfirmed` ago is known here.
+    /// A corral that read the log within `max_unconfirmed` knows every such purge. One that
+    /// has not cannot know them, so it serves only copies validated within `max_unconfirmed`
+    /// (no purge answered before the bound can cover them), and revalidates the others.
     #[inline]
     pub fn fence(&self, now: SystemTime) -> Option<SystemTime> {
         let confirmed = self.confirmed_ms.load(Ordering::Acquire);
         if confirmed == 0 {
             return None;
         }
-        let up_at = confirmed + self.max_unconfirmed_ms;
-        (millis(now) > up_at).then(|| from_millis(up_at))
+        let bound = millis(now).saturating_sub(self.max_unconfirmed_ms);
+        (confirmed < bound).then(|| from_millis(bound))
     }
 
     /// Log and count the fence going up or down (called by the watch, once a second).

@@ -55,16 +55,9 @@ impl Storage for MemoryStorage {
         else {
             return self.lookup(key, trace).await;
         };
-        let Some(slots) = self.table.get(&key.primary_bin()) else {
-            return Ok(None);
-        };
-        let variance = key.variance_bin();
-        Ok(slots
-            .iter()
-            .find(|s| s.variance == variance)
-            .and_then(|s| s.fill.as_ref())
-            .filter(|f| f.id == id)
-            .map(partial_hit))
+        // by id, not through the table: a purge may have removed the URL's row (and the
+        // fill's slot with it) since the fill began, and Pingora's writer must still read it
+        Ok(self.fills.get(&id).map(|f| partial_hit(f.value())))
     }
 
     async fn get_miss_handler(
@@ -95,7 +88,7 @@ impl Storage for MemoryStorage {
                 }),
             }
         }
-        self.fills.insert(id, crate::purge::millis(fill.meta.updated));
+        self.fills.insert(id, fill.clone());
         self.note_insert(fill.meta.updated);
         Ok(Box::new(MemoryMiss {
             storage: self,

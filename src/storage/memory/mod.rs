@@ -285,11 +285,12 @@ pub struct MemoryStorage {
     /// The oldest validation time (ms) of an entry or fill inserted since the sweeper last
     /// began a pass: such entries may have escaped that pass ([`MemoryStorage::sweep`]).
     inserted_min_ms: AtomicU64,
-    /// Every fill in progress (fill id → validation time, ms), whether or not its slot is
-    /// still in the table: a purge removes the URL's row, but the fill goes on and commits,
-    /// so the records older than it must stay until the sweeper has seen what it committed.
-    /// Entered when the fill starts, left when it commits or aborts (a drop guard).
-    fills: DashMap<u64, u64>,
+    /// Every fill in progress, by id, whether or not its slot is still in the table: a purge
+    /// removes the URL's row, but the fill goes on and commits, so the records older than it
+    /// must stay until the sweeper has seen what it committed, and its writer must still find
+    /// it ([`Storage::lookup_streaming_write`]). Entered when the fill starts, left when it
+    /// commits or aborts (a drop guard).
+    fills: DashMap<u64, Arc<Fill>>,
 }
 
 impl Default for MemoryStorage {
@@ -359,7 +360,11 @@ impl MemoryStorage {
 
     /// The oldest validation time (ms) of a fill in progress now (`u64::MAX`: none).
     pub fn fills_min_ms(&self) -> u64 {
-        self.fills.iter().map(|f| *f.value()).min().unwrap_or(u64::MAX)
+        self.fills
+            .iter()
+            .map(|f| millis(f.value().meta.updated))
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Fills in progress now.

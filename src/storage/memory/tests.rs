@@ -276,3 +276,25 @@ async fn sweep_removes_banned_marks_soft_and_tracks_what_escaped() {
         "an insert after the pass began is noted"
     );
 }
+
+/// Found by the torture test: a purge that removed the URL's row between Pingora's
+/// `get_miss_handler` and its `lookup_streaming_write` left the writer without a reader, and
+/// pingora-cache panics then ("unable to get body_reader"). The fill is found by its tag.
+#[tokio::test]
+async fn a_fill_whose_row_a_purge_removed_is_still_found_by_its_writer() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/racing", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    S.remove_primary(&key.primary_bin());
+    let tag = miss.streaming_write_tag().map(<[u8]>::to_vec);
+    let (_, mut reader) = S
+        .lookup_streaming_write(&key, tag.as_deref(), &trace)
+        .await
+        .unwrap()
+        .expect("the writer finds its fill");
+    miss.write_body(Bytes::from_static(b"body"), true).await.unwrap();
+    miss.finish().await.unwrap();
+    assert_eq!(read_all(&mut reader).await.unwrap(), b"body");
+    assert_eq!(S.fills_in_progress(), 0, "the fill left the registry");
+}
