@@ -184,8 +184,8 @@ async fn purges_hold_under_restarts_and_a_partition() {
         t.await.unwrap();
     }
 
-    let reads = reads.lock().unwrap();
-    let purges = purges.lock().unwrap();
+    let reads = std::mem::take(&mut *reads.lock().unwrap());
+    let purges = std::mem::take(&mut *purges.lock().unwrap());
     let (mut strict, mut beyond) = (0, 0);
     let mut worst = Duration::ZERO;
     for read in reads.iter() {
