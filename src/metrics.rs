@@ -243,7 +243,7 @@ pub static LOCK_ENTRIES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 pub static L2_WRITES_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "corral_l2_writes_purged_total",
-        "Values kept out of memcached because a purge accepted during their fetch covers them"
+        "Values kept out of memcached (or deleted right after) because a purge accepted during their fetch covers them, or that could not be checked"
     )
     .expect("metric registers once")
 });

@@ -365,7 +365,7 @@ async fn r10_a_purge_during_a_slow_fill_is_not_undone_by_the_fill() {
     let after = get(&proxy, "/slow").await;
     assert!(after.cache.contains("fwd=miss"), "{}", after.cache);
     assert_eq!(after.body, "v2-aabbbbb");
-    eventually(Duration::from_secs(10), "record expired", || async {
+    eventually(Duration::from_secs(20), "record expired", || async {
         records(&proxy).await == 0.0
     })
     .await;

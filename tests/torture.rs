@@ -1,4 +1,5 @@
-//! The purge torture test: three corrals and one memcached under random reads and purges,
+//! The purge torture test: three corrals and one memcached under random reads and purges (of
+//! URLs, tags and bans),
 //! while memcached restarts twice and one corral is cut off from it for a while. The origin
 //! answers each path with its version, which the test moves on before each purge. A checker
 //! then compares every read with every purge answered 2xx before the read was sent.
@@ -65,7 +66,9 @@ async fn purges_hold_under_restarts_and_a_partition() {
         let versions = versions.clone();
         origin.route(&format!("/t/{p}"), move |_| {
             let v = *versions.lock().unwrap().get(&p).unwrap_or(&0);
-            Reply::ok(format!("{v}")).header("cache-control", "max-age=300")
+            Reply::ok(format!("{v}"))
+                .header("cache-control", "max-age=300")
+                .header("xkey", format!("p{p}"))
         });
     }
     let conf = |via: SocketAddrText| {
@@ -134,7 +137,7 @@ async fn purges_hold_under_restarts_and_a_partition() {
             (corrals.clone(), stop.clone(), purges.clone(), versions.clone());
         tasks.push(tokio::spawn(async move {
             let mut dice = Dice(0xD1B5_4A32_D192_ED03);
-            let m = reqwest::Method::from_bytes(b"PURGE").unwrap();
+            let method = |m: &[u8]| reqwest::Method::from_bytes(m).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 let (c, p) = (dice.roll(3), dice.roll(PATHS));
                 // the content changes, then the application purges it
@@ -144,12 +147,18 @@ async fn purges_hold_under_restarts_and_a_partition() {
                     *e += 1;
                     *e
                 };
-                let url = corrals[c].url(&format!("/t/{p}"));
-                let sent = client()
-                    .request(m.clone(), url)
-                    .header(SITE.0, SITE.1)
-                    .send()
-                    .await;
+                // every shape of purge that reaches other corrals through the log: a URL (its
+                // L2 copy deleted too), a tag, a ban
+                let request = match dice.roll(3) {
+                    0 => client().request(method(b"PURGE"), corrals[c].url(&format!("/t/{p}"))),
+                    1 => client()
+                        .request(method(b"PURGEKEYS"), corrals[c].url("/"))
+                        .header("xkey-purge", format!("p{p}")),
+                    _ => client()
+                        .request(method(b"BAN"), corrals[c].url("/"))
+                        .header("x-url", format!("^/t/{p}$")),
+                };
+                let sent = request.header(SITE.0, SITE.1).send().await;
                 if sent.is_ok_and(|r| r.status().is_success()) {
                     let answered = Instant::now();
                     purges.lock().unwrap().push(Purged {

@@ -496,7 +496,7 @@ impl PurgeFile {
             return err(
                 "purge.max_unconfirmed",
                 format!(
-                    "{:?}: at least 500ms (the purge log is read every second)",
+                    "{:?}: at least 500ms (the purge log is read every 250ms)",
                     p.max_unconfirmed
                 ),
             );

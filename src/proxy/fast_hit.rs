@@ -75,8 +75,7 @@ impl Corral {
             .parts
             .storage
             .log
-            .fence(now)
-            .is_some_and(|fence| entry.updated() < fence)
+            .fenced(entry.updated(), entry.validated_by(), now)
         {
             // fenced: the full path revalidates it
             return None;

@@ -324,20 +324,19 @@ impl ProxyHttp for Corral {
             memory::validated(hit_handler).unwrap_or_else(|| (meta.updated(), purge::corral_id()));
         // bans and tag purges newer than this entry, that it was not checked against yet
         let mark = CompleteHit::check_mark(hit_handler);
+        if self.parts.storage.log.fenced(validated, by, SystemTime::now()) {
+            // this corral cannot confirm memcached's purge log: a copy from before it lost
+            // track may have been purged elsewhere (hard, even where a soft purge here would
+            // serve it stale), so the origin decides (a 304 is cheap)
+            metrics::FENCED_HITS.inc();
+            return Ok(Some(ForcedFreshness::ForceExpired));
+        }
         let verdict =
             self.parts
                 .validity
                 .check_marked(&ctx.host, &ctx.path, validated, by, meta.headers(), mark);
         if verdict != Verdict::Valid {
             return Ok(verdict.forced());
-        }
-        if let Some(fence) = self.parts.storage.log.fence(SystemTime::now()) {
-            if validated < fence {
-                // this corral cannot confirm memcached's purge log: a copy from before it lost
-                // track may have been purged elsewhere, so the origin decides (a 304 is cheap)
-                metrics::FENCED_HITS.inc();
-                return Ok(Some(ForcedFreshness::ForceExpired));
-            }
         }
         if self.cfg.cache.honor_client_no_cache
             && ctx

@@ -3,9 +3,9 @@
 //!
 //! A purge accepted anywhere (but purge-all) is appended to the log ([`LogRecord`], JSON) under
 //! a sequence number from a memcached counter; purge-all bumps the namespace generation
-//! instead. Every corral follows both: every second in the background
-//! ([`Follower::spawn_watch`]), and on each L2 lookup, so that no value read from memcached is
-//! used before the records that may cover it are applied.
+//! instead. Every corral follows both in the background, every [`WATCH_INTERVAL`]
+//! ([`Follower::spawn_watch`]), and uses a value from memcached only while it does (the
+//! fence, below).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -160,8 +160,15 @@ pub struct Follower {
     reader: tokio::sync::Mutex<()>,
     /// `purge.max_unconfirmed`, in ms.
     max_unconfirmed_ms: u64,
-    /// When the last complete read of the log began (ms, this corral's clock); 0 = never.
+    /// `purge.clock_skew`: copies validated on another corral's clock are fenced that much
+    /// later.
+    skew: Duration,
+    /// When the last complete read of the log began (ms, this corral's clock); the start of
+    /// the process until the first one (so a corral that never reads it is fenced too); 0
+    /// without memcached (nothing to follow).
     confirmed_ms: AtomicU64,
+    /// Whether the log was ever read completely.
+    synced: std::sync::atomic::AtomicBool,
     /// Whether the fence is up (for the log line and the gauge, once per change).
     fenced: std::sync::atomic::AtomicBool,
     /// The epoch of the log that `seen` counts in ([`L2::log_state`]).
@@ -169,14 +176,23 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new(l1: &'static MemoryStorage, validity: &'static Validity, max_unconfirmed: Duration) -> Self {
+    /// A follower for a corral with memcached (`with_l2`), or one with nothing to follow.
+    pub fn new(
+        l1: &'static MemoryStorage,
+        validity: &'static Validity,
+        purge: &crate::config::PurgeConfig,
+        with_l2: bool,
+    ) -> Self {
+        let start = if with_l2 { millis(SystemTime::now()) } else { 0 };
         Follower {
             l1,
             validity,
             seen: AtomicU64::new(0),
             reader: tokio::sync::Mutex::new(()),
-            max_unconfirmed_ms: max_unconfirmed.as_millis() as u64,
-            confirmed_ms: AtomicU64::new(0),
+            max_unconfirmed_ms: purge.max_unconfirmed.as_millis() as u64,
+            skew: purge.clock_skew,
+            confirmed_ms: AtomicU64::new(start),
+            synced: std::sync::atomic::AtomicBool::new(false),
             fenced: std::sync::atomic::AtomicBool::new(false),
             epoch: parking_lot::Mutex::new(None),
         }
@@ -197,12 +213,35 @@ impl Follower {
     }
 
     /// Whether values read from L2 can be checked against the purge log now: it was read
-    /// completely (once, right now if never before) and the fence is down.
+    /// completely and the fence is down. Never read yet, it is read right now by one lookup;
+    /// the lookups meanwhile (and all of them while memcached does not answer) do without L2
+    /// rather than queue up behind it.
     pub async fn usable(&self, l2: &L2) -> bool {
-        if self.confirmed_ms.load(Ordering::Acquire) == 0 && !self.sync(l2).await {
-            return false;
+        if !self.synced.load(Ordering::Acquire) {
+            let Ok(_one_reader) = self.reader.try_lock() else {
+                return false;
+            };
+            if !self.sync_locked(l2).await {
+                return false;
+            }
         }
         self.fence(SystemTime::now()).is_none()
+    }
+
+    /// Whether a copy validated at `validated` by the corral `by` must be revalidated before
+    /// use because the fence is up ([`Self::fence`]; another corral's clock gets
+    /// `purge.clock_skew` more).
+    #[inline]
+    pub fn fenced(&self, validated: SystemTime, by: u64, now: SystemTime) -> bool {
+        let Some(fence) = self.fence(now) else {
+            return false;
+        };
+        let margin = if by == super::corral_id() {
+            Duration::ZERO
+        } else {
+            self.skew
+        };
+        validated < fence + margin
     }
 
     /// The sequence number of the last purge log record applied here.
@@ -228,7 +267,7 @@ impl Follower {
         (confirmed < bound).then(|| from_millis(bound))
     }
 
-    /// Log and count the fence going up or down (called by the watch, once a second).
+    /// Log and count the fence going up or down (called by the watch, every interval).
     fn update_fence(&self) {
         let fenced = self.fence(SystemTime::now()).is_some();
         if self.fenced.swap(fenced, Ordering::AcqRel) == fenced {
@@ -255,26 +294,51 @@ impl Follower {
     /// for long), or a log that was reset ([`Self::resync`]).
     pub async fn sync(&self, l2: &L2) -> bool {
         let _one_reader = self.reader.lock().await;
+        self.sync_locked(l2).await
+    }
+
+    /// [`Self::sync`], with the reader lock held.
+    async fn sync_locked(&self, l2: &L2) -> bool {
         // a complete read covers every record appended before it began
         let began = millis(SystemTime::now());
+        let generation = l2.generation();
         let Some(state) = l2.control_state().await else {
             return false;
         };
-        self.adopt_generation(l2, state.generation);
+        let first = !self.synced.load(Ordering::Acquire);
+        self.adopt_generation(l2, generation, state.generation, first);
         if !self.follow(l2, state.epoch, state.log_seq).await {
             return false;
+        }
+        if !state.complete {
+            // a record may be on the servers that did not answer only (one took the append
+            // while another was unreachable): applied what was there, but not confirmed
+            return false;
+        }
+        if first {
+            self.synced.store(true, Ordering::Release);
+            if self.l1.stats().entries > 0 {
+                // filled before this corral could read the log (memcached down at start):
+                // purges of everything made meanwhile are nowhere in the log
+                self.validity.invalidate_all_before(now_stamp());
+            }
         }
         self.confirmed_ms.fetch_max(began, Ordering::AcqRel);
         true
     }
 
-    /// [`Self::sync`], unless one that began at or after `since` has completed meanwhile (so
-    /// that the checks of many writes share one read).
+    /// [`Self::sync`], unless one that began after `since` has completed meanwhile (so that
+    /// the checks of many writes share one read).
     pub async fn sync_since(&self, l2: &L2, since: SystemTime) -> bool {
-        if self.confirmed_ms.load(Ordering::Acquire) >= millis(since) {
+        let covered = || {
+            self.synced.load(Ordering::Acquire) && self.confirmed_ms.load(Ordering::Acquire) > millis(since)
+        };
+        if covered() {
             return true;
         }
-        self.sync(l2).await
+        let _one_reader = self.reader.lock().await;
+        // the reader before may have done it
+        covered() || self.sync_locked(l2).await
     }
 
     /// Follow the log to `epoch` / `seq` (under the reader lock): adopt its epoch, resync after
@@ -355,20 +419,22 @@ impl Follower {
         true
     }
 
-    /// Adopt the namespace generation read from memcached; if it moved, drop L1 (loudly).
+    /// Adopt the namespace generation read from memcached (`new`; this corral used `before`
+    /// when the read began); if it moved, drop L1 (loudly). A purge of everything elsewhere
+    /// also covers fills in progress here: everything validated before now counts as purged.
     /// The first one read is adopted quietly (L1 holds nothing of the cluster's yet).
-    fn adopt_generation(&self, l2: &L2, new: u64) {
-        let old = l2.adopt_generation(new);
-        if old == new || self.confirmed_ms.load(Ordering::Acquire) == 0 {
+    fn adopt_generation(&self, l2: &L2, before: u64, new: u64, first: bool) {
+        // a purge-all of this corral's own may have moved it during the read: keep that
+        if new == before || !l2.adopt_generation_from(before, new) || first {
             return;
         }
+        let old = before;
+        self.validity.invalidate_all_before(now_stamp());
         let dropped = self.l1.stats().entries;
         self.l1.clear();
         if new < old {
             // the counter never expires: it vanished with memcached's contents (a restart, a
             // flush) or was evicted. What it stood for may come back under reused keys
-            self.validity.invalidate_all_before(now_stamp());
-            metrics::PURGE_LOG_RESETS.inc();
             warn!(
                 from = old,
                 to = new,

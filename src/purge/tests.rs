@@ -489,12 +489,13 @@ fn the_floor_goes_once_swept_past() {
 fn url_records_cover_every_variant_and_expire_with_l1_when_hard() {
     let v = Validity::default();
     let headers = http::HeaderMap::new();
-    let old = SystemTime::now() - Duration::from_secs(10);
-    v.record(&parse_req("PURGE", "/a?x=1", &[]).unwrap(), now_stamp());
-    v.record(
-        &parse_req("PURGE", "/s", &[("soft-purge", "1")]).unwrap(),
-        now_stamp(),
-    );
+    let old = SystemTime::now() - Duration::from_secs(60);
+    // accepted 11 s ago: the L2 delete that follows a hard one has surely landed
+    let at = SystemTime::now() - Duration::from_secs(11);
+    v.record(&parse_req("PURGE", "/a?x=1", &[]).unwrap(), at);
+    v.record(&parse_req("PURGE", "/s", &[("soft-purge", "1")]).unwrap(), at);
+    // one accepted just now is kept whatever L1 says, for the L2 delete that follows it
+    v.record(&parse_req("PURGE", "/now", &[]).unwrap(), now_stamp());
     assert_eq!(
         v.check("www.example.org", "/a?x=1", old, corral_id(), &headers, 0),
         Verdict::Invalid
@@ -507,14 +508,18 @@ fn url_records_cover_every_variant_and_expire_with_l1_when_hard() {
         v.check("www.example.org", "/s", old, corral_id(), &headers, 0),
         Verdict::Stale(_)
     ));
-    // L1 swept, but memcached may hold values for a day: the hard one (its L2 copy was
-    // deleted) goes, the soft one (its L2 copy stays, stale) is kept
+    // L1 swept, but memcached may hold values for a day: the old hard one (its L2 copy was
+    // deleted) goes, the soft one (its L2 copy stays, stale) and the new hard one are kept
     let now = SystemTime::now() + Duration::from_secs(1);
     assert_eq!(v.expire(v.published(), now, old), 1);
     assert!(matches!(
         v.check("www.example.org", "/s", old, corral_id(), &headers, 0),
         Verdict::Stale(_)
     ));
+    assert_eq!(
+        v.check("www.example.org", "/now", old, corral_id(), &headers, 0),
+        Verdict::Invalid
+    );
 }
 
 #[test]
@@ -596,5 +601,26 @@ fn another_corrals_purge_covers_what_was_validated_within_the_clock_skew() {
     assert_eq!(
         v.check("www.example.org", "/b", just_after, other, &headers, 0),
         Verdict::Valid
+    );
+}
+
+/// Found by the torture test: a tag record read late from the log, older than the one kept
+/// for the same tag, replaced it and shortened what the tag's purges cover.
+#[test]
+fn an_older_record_for_the_same_tag_does_not_shorten_what_it_covers() {
+    let v = Validity::default().with_skew(Duration::from_secs(1));
+    let headers = {
+        let mut h = http::HeaderMap::new();
+        h.insert("xkey", "p3".parse().unwrap());
+        h
+    };
+    let now = SystemTime::now();
+    let tag = parse_req("PURGEKEYS", "/", &[("xkey-purge", "p3")]).unwrap();
+    v.record(&tag, now);
+    v.record_by(&tag, now - Duration::from_secs(5), corral_id() + 1);
+    let copy = now - Duration::from_millis(100);
+    assert_eq!(
+        v.check("h", "/x", copy, corral_id(), &headers, 0),
+        Verdict::Invalid
     );
 }

@@ -21,6 +21,11 @@ pub(super) fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// How long a hard URL purge's record is kept at least, for the L2 delete that follows its
+/// log record (a purge whose delete does not land within `memcached.op_timeout` is answered
+/// 503, and promises nothing).
+const L2_DELETE_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy)]
 struct Stamp {
     at: SystemTime,
@@ -32,6 +37,26 @@ struct Stamp {
     l2: bool,
     /// The corral that accepted the purge ([`super::corral_id`]): `at` is its clock.
     by: u64,
+}
+
+/// Put a record under `key` (a tag, a URL) where one may be already: the two become one that
+/// covers what either covers. A record read late from the log can be older than the one
+/// kept; it must not shorten what is covered.
+fn merge(map: &DashMap<String, Stamp>, key: String, new: Stamp) {
+    map.entry(key)
+        .and_modify(|old| {
+            *old = Stamp {
+                at: old.at.max(new.at),
+                // hard wins; a soft one only where both are
+                soft: old.soft && new.soft,
+                // checked again by every entry, as a new record
+                seq: new.seq,
+                l2: old.l2 || new.l2,
+                // one clock if both are on it; otherwise none, so the margin always applies
+                by: if old.by == new.by { old.by } else { 0 },
+            }
+        })
+        .or_insert(new);
 }
 
 /// A ban or tag record's effect on one entry.
@@ -147,6 +172,15 @@ impl Validity {
         }
     }
 
+    /// The margin for comparing a time of this corral's clock (the floor) with one `by`.
+    fn skew_for(&self, by: u64) -> Duration {
+        if by == super::corral_id() {
+            Duration::ZERO
+        } else {
+            self.skew
+        }
+    }
+
     /// The newest record's sequence number: an entry checked now is checked up to this.
     pub fn published(&self) -> u64 {
         self.published.load(Ordering::Acquire)
@@ -210,12 +244,12 @@ impl Validity {
             }
             Target::Tags(tags) => {
                 for t in tags {
-                    self.tags.insert(t.clone(), stamp);
+                    merge(&self.tags, t.clone(), stamp);
                 }
                 self.fold_map(&self.tags, seq);
             }
             Target::Url { host, path } => {
-                self.urls.insert(crate::key::primary(host, path), stamp);
+                merge(&self.urls, crate::key::primary(host, path), stamp);
                 self.fold_map(&self.urls, seq);
             }
             Target::All => unreachable!("returned above"),
@@ -248,7 +282,8 @@ impl Validity {
         all.sort_by_key(|(_, at)| *at);
         let cut = &all[..all.len() / 2];
         if let Some((_, newest)) = cut.last() {
-            self.raise_floor(*newest, seq);
+            // the folded records may be on other clocks
+            self.raise_floor(*newest + self.skew, seq);
         }
         for (k, _) in cut {
             map.remove(k);
@@ -262,7 +297,8 @@ impl Validity {
         // the list is sorted by time: fold the oldest half into the floor
         let half = list.len() / 2;
         if let Some(newest) = list.get(half - 1).map(&at) {
-            self.raise_floor(newest, seq);
+            // the folded records may be on other clocks
+            self.raise_floor(newest + self.skew, seq);
         }
         list.drain(..half);
     }
@@ -275,7 +311,10 @@ impl Validity {
     pub fn expire(&self, checked: u64, l1_horizon: SystemTime, l2_horizon: SystemTime) -> usize {
         let _writer = self.writer.lock();
         let l2_horizon = l2_horizon.min(l1_horizon);
-        // a record covers what was validated up to `skew` after it (another corral's clock)
+        // a record covers what was validated up to `skew` after it (another corral's clock).
+        // A hard URL purge deletes the L2 copy right after it logs the record, so until that
+        // delete has surely landed its record is needed for what L2 may still hand out
+        let l1_horizon = l1_horizon.min(SystemTime::now() - L2_DELETE_GRACE);
         let gone =
             |s: &Stamp| s.seq <= checked && s.at + self.skew <= if s.l2 { l2_horizon } else { l1_horizon };
         let mut dropped = 0;
@@ -412,7 +451,9 @@ impl Validity {
         if !self.any.load(Ordering::Acquire) {
             return Verdict::Valid;
         }
-        if millis(validated) < self.floor_ms.load(Ordering::Acquire) {
+        // the floor is on this corral's clock
+        let floor = self.floor_ms.load(Ordering::Acquire);
+        if floor > 0 && validated < from_millis(floor) + self.skew_for(by) {
             return Verdict::Invalid;
         }
         if checked >= self.published() {

@@ -106,6 +106,8 @@ pub struct ControlState {
     pub epoch: Option<u64>,
     pub log_seq: u64,
     pub generation: u64,
+    /// A read quorum answered: every record a purge was acknowledged for is counted.
+    pub complete: bool,
 }
 
 /// The L2 tier client. Cheap to share (`Arc` inside).
@@ -207,8 +209,12 @@ impl L2 {
     // === control keys: the generation and the purge log, kept on every server ===
     //
     // A cache entry lives on one server; the keys that say which entries are still valid are
-    // written to every live server and read from all of them (the highest counter wins), so one
-    // server being down neither hides a purge nor stops the others from serving.
+    // written to every live server and read from all of them (the highest counter wins). A
+    // purge is acknowledged once a write quorum took it, and a read counts as complete once a
+    // read quorum answered: the two overlap, so a partition that splits the servers between
+    // corrals cannot hide a purge from a corral that believes it has read everything. With
+    // three servers or more, one down stops nothing; with two, a corral that reaches only one
+    // is fenced (README: The purge invariant).
 
     /// `key` from every server at once: per server `None` if it could not be read, otherwise
     /// its value (`None` when it has none).
@@ -252,12 +258,9 @@ impl L2 {
     /// (counters: the highest any server has, absent = 0). `None` if no server answered.
     pub async fn control_state(&self) -> Option<ControlState> {
         let keys = [self.log_epoch_key(), self.log_seq_key(), self.generation_key()];
-        let answers: Vec<Vec<Option<Vec<u8>>>> = self
-            .get_many_everywhere(&keys)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let all = self.get_many_everywhere(&keys).await;
+        let complete = all.iter().filter(|a| a.is_some()).count() >= self.read_quorum();
+        let answers: Vec<Vec<Option<Vec<u8>>>> = all.into_iter().flatten().collect();
         if answers.is_empty() {
             return None;
         }
@@ -276,6 +279,7 @@ impl L2 {
             epoch: answers.iter().filter_map(|a| number(&a[0])).max(),
             log_seq: top(1),
             generation: top(2),
+            complete,
         })
     }
 
@@ -300,10 +304,13 @@ impl L2 {
         )
     }
 
-    /// Adopt `generation` as the namespace generation this corral uses. Returns the one it
-    /// used before.
-    pub fn adopt_generation(&self, generation: u64) -> u64 {
-        self.inner.generation.swap(generation, Ordering::AcqRel)
+    /// Adopt `generation` as the namespace generation this corral uses, if it still uses
+    /// `before` (a purge-all here may have bumped it since). Returns whether it did.
+    pub fn adopt_generation_from(&self, before: u64, generation: u64) -> bool {
+        self.inner
+            .generation
+            .compare_exchange(before, generation, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Store `value` under `key` on every server at once. Returns whether any took it.
@@ -314,7 +321,21 @@ impl L2 {
             })
         }))
         .await;
-        stored.iter().any(Option::is_some)
+        stored.iter().filter(|s| s.is_some()).count() >= self.write_quorum()
+    }
+
+    /// Servers that must answer a read of the control keys for it to count as complete: a
+    /// majority. With [`Self::write_quorum`] the two always share a server, so a complete read
+    /// sees every record a purge was acknowledged for, whichever servers either side reached
+    /// (1 of 1, 2 of 2, 2 of 3, 3 of 5).
+    fn read_quorum(&self) -> usize {
+        self.inner.servers.len() / 2 + 1
+    }
+
+    /// Servers that must take a purge log record or a counter bump for the purge to be
+    /// acknowledged (1 of 1, 1 of 2, 2 of 3, 3 of 5).
+    fn write_quorum(&self) -> usize {
+        self.inner.servers.len() + 1 - self.read_quorum()
     }
 
     /// A counter's value: the highest any live server reports (absent = 0); `None` if no server
@@ -350,6 +371,9 @@ impl L2 {
             .and_then(|r| r.value)
         }))
         .await;
+        if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
+            return None;
+        }
         let top = results.iter().flatten().copied().max()?;
         let v = top.to_string();
         let v = v.as_bytes();

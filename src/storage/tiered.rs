@@ -65,7 +65,7 @@ impl Tiered {
             l1,
             eviction,
             validity,
-            log: Follower::new(l1, validity, purge.max_unconfirmed),
+            log: Follower::new(l1, validity, purge, l2.is_some()),
             l2,
             lock_timeout,
             // memcached counts a lease in whole seconds (at least one), on a clock that ticks
@@ -177,11 +177,15 @@ impl Tiered {
                 // written, or the placeholder is gone: nothing to give back
                 lease.armed = stored == Stored::Unavailable;
             }
-            if let (Stored::Stored(new_cas), None) = (stored, &w.lease) {
+            // a write that was not conditional on this corral's lease (none, or memcached gave
+            // no CAS with it) is checked after it landed
+            let unconditional = cas.flatten().is_none();
+            if let (Stored::Stored(new_cas), true) = (stored, unconditional) {
                 let complete = self.log.sync_since(l2, landed).await;
                 if !complete || covered(self.validity) {
+                    // covered, or it cannot be told: it must not stay
                     metrics::L2_WRITES_SKIPPED.inc();
-                    l2.delete_if(&w.key, new_cas).await;
+                    delete_until_done(l2.clone(), w.key.clone(), new_cas).await;
                 }
             }
         }
@@ -189,6 +193,24 @@ impl Tiered {
             l2.delete_if(&lock, cas).await;
         }
     }
+}
+
+/// Delete `key` (on its CAS), and if memcached cannot be told now, keep trying in the
+/// background, every second for five minutes: a copy a purge covers must not stay in L2 once
+/// the corrals have let the purge's record go.
+async fn delete_until_done(l2: L2, key: String, cas: Option<u64>) {
+    if l2.delete_if(&key, cas).await {
+        return;
+    }
+    tokio::spawn(async move {
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if l2.delete_if(&key, cas).await {
+                return;
+            }
+        }
+        tracing::warn!(key = %key, "a copy that a purge covers could not be deleted from memcached");
+    });
 }
 
 /// Whether Pingora will make the clients of this L1 hit wait for a revalidation: a complete
@@ -344,6 +366,22 @@ impl Storage for Tiered {
         let l2 = match &self.l2 {
             Some(l2) => {
                 let mk = l2.key(&key.combined());
+                if key.variance_bin().is_some() {
+                    // the lease was won by the lookup of the URL's primary key; the response
+                    // turned out to vary and is written under its variant's key: give the
+                    // primary's back, so that other corrals stop waiting on it
+                    let mut primary = key.clone();
+                    primary.remove_variance_key();
+                    let pk = l2.key(&primary.combined());
+                    if let Some(cas) = self.leases.give_back(&pk) {
+                        drop(Lease {
+                            l2: l2.clone(),
+                            key: pk,
+                            cas,
+                            armed: true,
+                        });
+                    }
+                }
                 let lease = self.leases.give_back(&mk).map(|cas| Lease {
                     l2: l2.clone(),
                     key: mk.clone(),
