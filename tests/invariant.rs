@@ -279,3 +279,67 @@ async fn r10_a_purge_of_everything_elsewhere_covers_a_fill_in_progress() {
     assert!(after.cache.contains("fwd=miss"), "{}", after.cache);
     assert_ne!(after.body, "v1-aabbbbb");
 }
+
+/// See: issue 10, item 8. A corral that joins after 600 purges, one record of which is gone
+/// from memcached, used to cover the gap with a floor (everything validated before now
+/// purged: every L2 value a miss). It reads the checkpoint instead, and only the purges'
+/// targets are misses.
+#[tokio::test]
+async fn r10_a_late_joiner_reads_a_checkpoint_not_a_floor() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    versioned(&origin, &["/keep", "/banned"]);
+    let a = Proxy::start(origin.addr, conf(&[&mc])).await;
+    for p in ["/keep", "/banned"] {
+        assert_eq!(get(&a, p).await.body, "v1");
+    }
+    eventually(Duration::from_secs(5), "both in memcached", || async {
+        metric(
+            &a.metrics().await,
+            "corral_l2_requests_total{op=\"set\",result=\"ok\"}",
+        ) >= 2.0
+    })
+    .await;
+    let ban = |pattern: String| {
+        let url = a.url("/");
+        async move {
+            let m = reqwest::Method::from_bytes(b"BAN").unwrap();
+            send(client().request(m, url), &[SITE, ("x-url", &pattern)])
+                .await
+                .status
+        }
+    };
+    for i in 0..600 {
+        let pattern = if i == 300 {
+            "^/banned$".to_string()
+        } else {
+            format!("^/other/{i}$")
+        };
+        assert_eq!(ban(pattern).await, 200);
+    }
+    // A follows the log past 500 records (its own, skipped) and writes a checkpoint
+    eventually(Duration::from_secs(10), "A read the log", || async {
+        applied(&a).await >= 600.0
+    })
+    .await;
+    assert!(mc
+        .command(b"mg corral/t/purgelog/checkpoint k\r\n", "\r\n")
+        .await
+        .starts_with("HD"));
+    // a record before the checkpoint is gone
+    assert!(mc
+        .command(b"delete corral/t/purgelog/100\r\n", "\r\n")
+        .await
+        .starts_with("DELETED"));
+
+    let c = Proxy::start(origin.addr, conf(&[&mc])).await;
+    let kept = get(&c, "/keep").await;
+    assert!(kept.cache.ends_with("detail=l2"), "not a floor: {}", kept.cache);
+    let banned = get(&c, "/banned").await;
+    assert!(
+        banned.cache.contains("fwd=miss"),
+        "the ban holds: {}",
+        banned.cache
+    );
+    assert_eq!(banned.body, "v2");
+}

@@ -132,9 +132,66 @@ impl LogRecord {
     }
 }
 
+/// A summary of the purge log up to a record, so that a corral that joins late, or finds
+/// records gone, reads one value instead of thousands, and only a real gap costs it a floor.
+/// Written by any corral that has just applied the log past a multiple of
+/// [`CHECKPOINT_EVERY`]: its records (everything it still keeps, which is everything an entry
+/// in L1 or L2 can still need) and its floor.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub version: u32,
+    /// The log's epoch ([`L2::log_state`]): a checkpoint of another epoch is not used.
+    pub epoch: u64,
+    /// It covers records `1..=upto`.
+    pub upto: u64,
+    /// The writer's floor (ms, its clock), 0 if none.
+    pub floor_ms: u64,
+    /// The corral that wrote it.
+    pub by: u64,
+    pub records: Vec<Kept>,
+}
+
+/// One record of a [`Checkpoint`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Kept {
+    pub at_ms: u64,
+    /// The corral whose clock `at_ms` is (0: records of several clocks merged).
+    pub by: u64,
+    pub soft: bool,
+    pub what: KeptWhat,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum KeptWhat {
+    Ban(Ban),
+    TagPattern {
+        header: String,
+        pattern: String,
+    },
+    Tag {
+        tag: String,
+    },
+    /// The URL's primary key text ([`crate::key::primary`]).
+    Url {
+        primary: String,
+    },
+}
+
+/// A checkpoint is written each time the log passes a multiple of this many records.
+pub const CHECKPOINT_EVERY: u64 = 500;
+
+/// Checkpoints larger than this are not written (memcached's default item limit is 1 MiB): a
+/// late joiner then covers what it cannot read with a floor, as without checkpoints.
+const CHECKPOINT_MAX_BYTES: usize = 900 * 1024;
+
 /// How often the control keys are read ([`Follower::spawn_watch`]): how long, at most, before
 /// a purge another corral accepted reaches this one through memcached.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long a lookup waits for a corral's first read of the purge log before it does without
+/// L2.
+const FIRST_READ_WAIT: Duration = Duration::from_millis(500);
 
 /// Purge log records read in one pipelined request.
 const LOG_BATCH: u64 = 200;
@@ -213,15 +270,16 @@ impl Follower {
     }
 
     /// Whether values read from L2 can be checked against the purge log now: it was read
-    /// completely and the fence is down. Never read yet, it is read right now by one lookup;
-    /// the lookups meanwhile (and all of them while memcached does not answer) do without L2
-    /// rather than queue up behind it.
+    /// completely and the fence is down. Never read yet, it is read right now (or the read
+    /// under way is waited for), at most [`FIRST_READ_WAIT`]; past that, or while memcached
+    /// does not answer, lookups do without L2 rather than queue up behind it.
     pub async fn usable(&self, l2: &L2) -> bool {
         if !self.synced.load(Ordering::Acquire) {
-            let Ok(_one_reader) = self.reader.try_lock() else {
+            let Ok(_one_reader) = tokio::time::timeout(FIRST_READ_WAIT, self.reader.lock()).await else {
                 return false;
             };
-            if !self.sync_locked(l2).await {
+            // the read we waited for may have done it
+            if !self.synced.load(Ordering::Acquire) && !self.sync_locked(l2).await {
                 return false;
             }
         }
@@ -389,34 +447,103 @@ impl Follower {
     }
 
     /// Apply records `seen + 1 ..= seq`, read [`LOG_BATCH`] at a time; false if they could
-    /// not be read.
+    /// not be read. Records that cannot be read one by one (more than [`MAX_RECORDS`], a
+    /// corral that starts on a long log, one gone) come from the newest checkpoint when it
+    /// covers them, and are covered by a floor otherwise.
     async fn apply(&self, l2: &L2, seen: u64, seq: u64) -> bool {
-        if seq - seen > MAX_RECORDS as u64 {
+        let mut from = seen + 1;
+        if seq - seen > CHECKPOINT_EVERY {
+            if let Some(upto) = self.catch_up_from_checkpoint(l2, seen + 1, seq).await {
+                from = upto + 1;
+            }
+        }
+        if seq + 1 - from > MAX_RECORDS as u64 {
             // too many to read one by one: the floor covers every one of them
             self.validity.invalidate_all_before(now_stamp());
             self.seen.store(seq, Ordering::Release);
             return true;
         }
-        let mut from = seen + 1;
         while from <= seq {
             let to = seq.min(from + LOG_BATCH - 1);
             let Some(records) = l2.log_records(from, to).await else {
                 return false;
             };
-            for record in records {
+            let mut next = to + 1;
+            for (n, record) in (from..=to).zip(records) {
                 match record.as_deref().map(LogRecord::decode_with_origin) {
                     // applied when this corral accepted it
                     Some(Some((_, _, origin))) if origin == super::corral_id() => {}
                     // another corral's clock: compared with a margin where clocks differ
                     Some(Some((purge, at, origin))) => self.validity.record_by(&purge, at, origin),
-                    // undecodable, or gone (expired, evicted)
-                    Some(None) | None => self.validity.invalidate_all_before(now_stamp()),
+                    // undecodable: cover it
+                    Some(None) => self.validity.invalidate_all_before(now_stamp()),
+                    // gone (expired, evicted): a checkpoint past it covers it, or a floor
+                    None => match self.catch_up_from_checkpoint(l2, n, seq).await {
+                        Some(upto) => {
+                            next = upto + 1;
+                            break;
+                        }
+                        None => self.validity.invalidate_all_before(now_stamp()),
+                    },
                 }
             }
-            self.seen.store(to, Ordering::Release);
-            from = to + 1;
+            self.seen.store(next - 1, Ordering::Release);
+            from = next;
         }
+        self.checkpoint(l2, seen, seq).await;
         true
+    }
+
+    /// Take the newest checkpoint if it covers record `at_least` and no more than `seq`, of
+    /// this epoch. Returns the last record it covers.
+    async fn catch_up_from_checkpoint(&self, l2: &L2, at_least: u64, seq: u64) -> Option<u64> {
+        let cp = l2
+            .log_checkpoints()
+            .await
+            .iter()
+            .filter_map(|bytes| serde_json::from_slice::<Checkpoint>(bytes).ok())
+            .max_by_key(|cp| cp.upto)?;
+        let usable =
+            cp.version == 1 && Some(cp.epoch) == *self.epoch.lock() && cp.upto >= at_least && cp.upto <= seq;
+        if !usable {
+            return None;
+        }
+        let upto = cp.upto;
+        let n = cp.records.len();
+        self.validity.restore(cp.records, cp.floor_ms, cp.by);
+        self.seen.store(upto, Ordering::Release);
+        tracing::info!(upto, records = n, "purge log caught up from a checkpoint");
+        Some(upto)
+    }
+
+    /// Having applied the log from `seen` to `seq`: if that passed a multiple of
+    /// [`CHECKPOINT_EVERY`], write a checkpoint of what this corral keeps now.
+    async fn checkpoint(&self, l2: &L2, seen: u64, seq: u64) {
+        let Some(epoch) = *self.epoch.lock() else { return };
+        if seq / CHECKPOINT_EVERY == seen / CHECKPOINT_EVERY {
+            return;
+        }
+        let (records, floor_ms) = self.validity.snapshot();
+        let cp = Checkpoint {
+            version: 1,
+            epoch,
+            upto: seq,
+            floor_ms,
+            by: super::corral_id(),
+            records,
+        };
+        let Ok(bytes) = serde_json::to_vec(&cp) else {
+            return;
+        };
+        if bytes.len() > CHECKPOINT_MAX_BYTES {
+            warn!(
+                bytes = bytes.len(),
+                records = cp.records.len(),
+                "purge log checkpoint too large for memcached: not written (late joiners fall back to a floor)"
+            );
+            return;
+        }
+        l2.set_log_checkpoint(&bytes).await;
     }
 
     /// Adopt the namespace generation read from memcached (`new`; this corral used `before`

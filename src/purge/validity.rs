@@ -259,6 +259,90 @@ impl Validity {
         self.published.store(seq, Ordering::Release);
     }
 
+    /// What this corral holds, as a [`super::log::Checkpoint`]'s records and floor: every
+    /// record kept (bans, tag patterns, tags, URLs), with the time and clock of each.
+    pub fn snapshot(&self) -> (Vec<super::log::Kept>, u64) {
+        use super::log::{Kept, KeptWhat};
+        let kept = |s: &Stamp, what: KeptWhat| Kept {
+            at_ms: millis(s.at),
+            by: s.by,
+            soft: s.soft,
+            what,
+        };
+        let mut out = Vec::new();
+        for (ban, s) in self.bans.read().iter() {
+            out.push(kept(s, KeptWhat::Ban(ban.clone())));
+        }
+        for (header, pattern, s) in self.patterns.read().iter() {
+            out.push(kept(
+                s,
+                KeptWhat::TagPattern {
+                    header: header.as_str().to_string(),
+                    pattern: pattern.as_str().to_string(),
+                },
+            ));
+        }
+        for e in self.tags.iter() {
+            out.push(kept(e.value(), KeptWhat::Tag { tag: e.key().clone() }));
+        }
+        for e in self.urls.iter() {
+            out.push(kept(
+                e.value(),
+                KeptWhat::Url {
+                    primary: e.key().clone(),
+                },
+            ));
+        }
+        (out, self.floor_ms.load(Ordering::Acquire))
+    }
+
+    /// Take the records of a checkpoint another corral (`by` its clock, for the floor) wrote.
+    /// A record that does not rebuild (a pattern that no longer compiles) is covered by the
+    /// floor instead.
+    pub fn restore(&self, kept: Vec<super::log::Kept>, floor_ms: u64, by: u64) {
+        use super::log::KeptWhat;
+        for k in kept {
+            let at = from_millis(k.at_ms);
+            let target = match k.what {
+                KeptWhat::Ban(ban) => Some(Target::Ban(ban)),
+                KeptWhat::TagPattern { header, pattern } => HeaderName::from_bytes(header.as_bytes())
+                    .ok()
+                    .zip(Pattern::new(&pattern).ok())
+                    .map(|hp| Target::TagPattern { patterns: vec![hp] }),
+                KeptWhat::Tag { tag } => Some(Target::Tags(vec![tag])),
+                KeptWhat::Url { primary } => {
+                    self.record_url(primary, at, k.soft, k.by);
+                    continue;
+                }
+            };
+            match target {
+                Some(target) => self.record_by(&Purge { target, soft: k.soft }, at, k.by),
+                None => self.invalidate_all_before(at + self.skew),
+            }
+        }
+        if floor_ms > 0 {
+            self.invalidate_all_before(from_millis(floor_ms) + self.skew_for(by));
+        }
+    }
+
+    /// A URL record by its primary key text (from a checkpoint).
+    fn record_url(&self, primary: String, at: SystemTime, soft: bool, by: u64) {
+        let mut last = self.writer.lock();
+        let seq = *last + 1;
+        let stamp = Stamp {
+            at,
+            soft,
+            seq,
+            l2: soft,
+            by,
+        };
+        merge(&self.urls, primary, stamp);
+        self.fold_map(&self.urls, seq);
+        *last = seq;
+        self.any.store(true, Ordering::Release);
+        self.published.store(seq, Ordering::Release);
+    }
+
     /// Everything validated before `at` is invalid (hard).
     pub fn invalidate_all_before(&self, at: SystemTime) {
         let mut last = self.writer.lock();

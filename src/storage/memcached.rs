@@ -458,6 +458,28 @@ impl L2 {
         self.log_state().await.and_then(|(epoch, _)| epoch)
     }
 
+    fn log_checkpoint_key(&self) -> String {
+        format!("corral/{}/purgelog/checkpoint", self.inner.namespace)
+    }
+
+    /// The purge log's checkpoint as each server that has one holds it.
+    pub async fn log_checkpoints(&self) -> Vec<Bytes> {
+        let key = self.log_checkpoint_key();
+        self.get_everywhere(key.as_bytes())
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(Bytes::from)
+            .collect()
+    }
+
+    /// Store the purge log's checkpoint on every server.
+    pub async fn set_log_checkpoint(&self, bytes: &[u8]) {
+        let key = self.log_checkpoint_key();
+        self.set_everywhere(key.as_bytes(), bytes).await;
+    }
+
     fn log_seq_key(&self) -> String {
         format!("corral/{}/purgelog/seq", self.inner.namespace)
     }
