@@ -141,6 +141,7 @@ impl Admin {
             });
             return reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body);
         }
+        self.parts.acknowledged().await;
         let body = json::body(&json::BatchPurged {
             purged: &counts,
             accepted: purges.len(),

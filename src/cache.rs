@@ -31,6 +31,9 @@ pub struct CacheParts {
     pub eviction: &'static lru::Manager<SHARDS>,
     pub lock: &'static CacheKeyLockImpl,
     pub predictor: &'static Predictor<SHARDS>,
+    /// With `purge.acknowledge = "cluster"` and memcached: how long an accepted purge waits
+    /// before it is answered ([`Self::acknowledged`]).
+    ack_wait: Option<std::time::Duration>,
 }
 
 impl CacheParts {
@@ -65,6 +68,8 @@ impl CacheParts {
             eviction,
             lock,
             predictor,
+            ack_wait: (cfg.purge.acknowledge_cluster && storage.l2.is_some())
+                .then(|| cfg.purge.max_unconfirmed + std::time::Duration::from_millis(50)),
         }))
     }
 
@@ -160,6 +165,16 @@ impl CacheParts {
         if removed > 0 {
             metrics::INVALIDATIONS.inc_by(removed as u64);
             tracing::debug!(host, path, removed, "invalidated by unsafe method");
+        }
+    }
+
+    /// Return once a purge applied and logged now may be answered 2xx. At once by default; with
+    /// `purge.acknowledge = "cluster"`, after `purge.max_unconfirmed`: by then every corral of
+    /// the namespace has either read the record from memcached's log or gone that long without
+    /// a complete read, and is fenced (it serves only copies validated since the purge).
+    pub async fn acknowledged(&self) {
+        if let Some(wait) = self.ack_wait {
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -126,6 +126,10 @@ pub struct PurgeConfig {
     pub max_unconfirmed: Duration,
     /// For tests: the purge clock of this corral runs this many milliseconds off.
     pub clock_offset_ms: i64,
+    /// `purge.acknowledge = "cluster"`: with memcached, a purge is answered 2xx only once
+    /// every corral of the namespace has it or is fenced (`max_unconfirmed` after it was
+    /// logged), so no request sent after the answer gets a copy from before it, anywhere.
+    pub acknowledge_cluster: bool,
 }
 
 impl PurgeConfig {

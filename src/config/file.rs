@@ -193,6 +193,7 @@ pub(super) struct PurgeFile {
     max_unconfirmed: Duration,
     /// For tests: this corral's purge clock runs this many milliseconds off.
     clock_offset_ms: i64,
+    acknowledge: String,
 }
 
 impl Default for PurgeFile {
@@ -207,6 +208,7 @@ impl Default for PurgeFile {
             clock_skew: Duration::from_secs(1),
             max_unconfirmed: Duration::from_secs(2),
             clock_offset_ms: 0,
+            acknowledge: "local".into(),
         }
     }
 }
@@ -501,6 +503,16 @@ impl PurgeFile {
                 ),
             );
         }
+        let acknowledge_cluster = match p.acknowledge.as_str() {
+            "local" => false,
+            "cluster" => true,
+            other => {
+                return err(
+                    "purge.acknowledge",
+                    format!("{other:?}: \"local\" (answer once applied here and logged) or \"cluster\" (once every corral has it or is fenced)"),
+                )
+            }
+        };
         if p.clock_offset_ms.unsigned_abs() > 3_600_000 {
             return err("purge.clock_offset_ms", "at most an hour either way".into());
         }
@@ -527,6 +539,7 @@ impl PurgeFile {
             clock_skew: p.clock_skew,
             max_unconfirmed: p.max_unconfirmed,
             clock_offset_ms: p.clock_offset_ms,
+            acknowledge_cluster,
             sweep_interval: p.sweep_interval,
         };
         Ok(purge)

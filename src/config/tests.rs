@@ -173,3 +173,26 @@ fn first_matching_rule_wins() {
     // the wildcard needs a real subdomain label
     assert!(c.rule_for("xexample.org", "/admin").is_none());
 }
+
+#[test]
+fn purge_invariant_settings_are_checked() {
+    let c = parse("").unwrap();
+    assert_eq!(c.purge.clock_skew, Duration::from_secs(1));
+    assert_eq!(c.purge.max_unconfirmed, Duration::from_secs(2));
+    assert!(!c.purge.acknowledge_cluster);
+    assert!(
+        parse("[purge]\nacknowledge = \"cluster\"\n")
+            .unwrap()
+            .purge
+            .acknowledge_cluster
+    );
+    for (text, key) in [
+        ("[purge]\nacknowledge = \"everyone\"\n", "purge.acknowledge"),
+        ("[purge]\nmax_unconfirmed = \"100ms\"\n", "purge.max_unconfirmed"),
+        ("[purge]\nclock_skew = \"5m\"\n", "purge.clock_skew"),
+        ("[purge]\nclock_offset_ms = 7200000\n", "purge.clock_offset_ms"),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+}

@@ -56,6 +56,7 @@ impl Corral {
             });
             return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
         }
+        self.parts.acknowledged().await;
         metrics::PURGES.with_label_values(&[purge.kind(), "ok"]).inc();
         info!(kind = purge.kind(), target = %purge.target_text(), soft = purge.soft, %method, site = %site, purged, source = ?ip, "purge accepted");
         let body = json::body(&json::Purged {
