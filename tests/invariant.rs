@@ -333,6 +333,12 @@ async fn r10_a_late_joiner_reads_a_checkpoint_not_a_floor() {
         .starts_with("DELETED"));
 
     let c = Proxy::start(origin.addr, conf(&[&mc])).await;
+    // C's first lookup starts it following the log; it is caught up once it read past 600
+    get(&c, "/warm-up").await;
+    eventually(Duration::from_secs(10), "C caught up", || async {
+        applied(&c).await >= 600.0
+    })
+    .await;
     let kept = get(&c, "/keep").await;
     assert!(kept.cache.ends_with("detail=l2"), "not a floor: {}", kept.cache);
     let banned = get(&c, "/banned").await;
@@ -342,4 +348,48 @@ async fn r10_a_late_joiner_reads_a_checkpoint_not_a_floor() {
         banned.cache
     );
     assert_eq!(banned.body, "v2");
+}
+
+/// See: issue 10 (review). Of two memcached servers, one restarts empty. A purge was
+/// acknowledged once one server took it (the write quorum of two), so records may be lost
+/// with it: every corral treats the log as reset. With three, one restarted loses nothing
+/// (each record is on two): the epoch is put back, and no copy is thrown away.
+#[tokio::test]
+async fn r10_a_restarted_server_is_a_reset_only_when_records_may_be_lost_with_it() {
+    let origin = Origin::start().await;
+    versioned(&origin, &["/two", "/three"]);
+    for (path, servers) in [("/two", 2), ("/three", 3)] {
+        let mut mcs = Vec::new();
+        for _ in 0..servers {
+            mcs.push(Memcached::start().await);
+        }
+        let refs: Vec<&Memcached> = mcs.iter().collect();
+        let a = Proxy::start(origin.addr, conf(&refs)).await;
+        let first = get(&a, path).await.body;
+        // (A read the log at its first lookup, before it answered)
+        assert!(get(&a, path).await.cache.starts_with("corral; hit"));
+        mcs[1].stop();
+        mcs[1].restart().await;
+        if servers == 2 {
+            eventually(Duration::from_secs(10), "A resets", || async {
+                metric(&a.metrics().await, "corral_purge_log_resets_total") >= 1.0
+            })
+            .await;
+            let again = get(&a, path).await;
+            assert!(again.cache.contains("fwd=miss"), "{}", again.cache);
+            assert_ne!(again.body, first);
+        } else {
+            // the epoch back on the restarted server: a quorum again, no reset
+            eventually(Duration::from_secs(10), "epoch put back", || async {
+                mcs[1]
+                    .command(b"mg corral/t/purgelog/epoch v\r\n", "\r\n")
+                    .await
+                    .starts_with("VA")
+            })
+            .await;
+            let m = a.metrics().await;
+            assert_eq!(metric(&m, "corral_purge_log_resets_total"), 0.0);
+            assert!(get(&a, path).await.cache.starts_with("corral; hit"));
+        }
+    }
 }

@@ -324,6 +324,14 @@ impl ProxyHttp for Corral {
             memory::validated(hit_handler).unwrap_or_else(|| (meta.updated(), purge::corral_id()));
         // bans and tag purges newer than this entry, that it was not checked against yet
         let mark = CompleteHit::check_mark(hit_handler);
+        let verdict =
+            self.parts
+                .validity
+                .check_marked(&ctx.host, &ctx.path, validated, by, meta.headers(), mark);
+        if verdict == Verdict::Invalid {
+            // purged: a miss (never a revalidation, which a 304 could answer)
+            return Ok(verdict.forced());
+        }
         if self.parts.storage.log.fenced(validated, by, SystemTime::now()) {
             // this corral cannot confirm memcached's purge log: a copy from before it lost
             // track may have been purged elsewhere (hard, even where a soft purge here would
@@ -331,10 +339,6 @@ impl ProxyHttp for Corral {
             metrics::FENCED_HITS.inc();
             return Ok(Some(ForcedFreshness::ForceExpired));
         }
-        let verdict =
-            self.parts
-                .validity
-                .check_marked(&ctx.host, &ctx.path, validated, by, meta.headers(), mark);
         if verdict != Verdict::Valid {
             return Ok(verdict.forced());
         }

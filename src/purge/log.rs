@@ -148,6 +148,11 @@ pub struct Checkpoint {
     pub floor_ms: u64,
     /// The corral that wrote it.
     pub by: u64,
+    /// Hard URL records older than this (ms, the writer's clock) are not in it: the writer
+    /// let them go once the L2 copies they cover were deleted. A corral with copies of its
+    /// own from before then covers them with a floor.
+    #[serde(default)]
+    pub hard_urls_since_ms: u64,
     pub records: Vec<Kept>,
 }
 
@@ -158,6 +163,9 @@ pub struct Kept {
     /// The corral whose clock `at_ms` is (0: records of several clocks merged).
     pub by: u64,
     pub soft: bool,
+    /// Whether memcached may still hold a copy it covers.
+    #[serde(default)]
+    pub l2: bool,
     pub what: KeptWhat,
 }
 
@@ -226,6 +234,8 @@ pub struct Follower {
     confirmed_ms: AtomicU64,
     /// Whether the log was ever read completely.
     synced: std::sync::atomic::AtomicBool,
+    /// When a lookup's attempt at the first read last failed (ms; 0: never).
+    first_failed_ms: AtomicU64,
     /// Whether the fence is up (for the log line and the gauge, once per change).
     fenced: std::sync::atomic::AtomicBool,
     /// The epoch of the log that `seen` counts in ([`L2::log_state`]).
@@ -250,6 +260,7 @@ impl Follower {
             skew: purge.clock_skew,
             confirmed_ms: AtomicU64::new(start),
             synced: std::sync::atomic::AtomicBool::new(false),
+            first_failed_ms: AtomicU64::new(0),
             fenced: std::sync::atomic::AtomicBool::new(false),
             epoch: parking_lot::Mutex::new(None),
         }
@@ -275,11 +286,18 @@ impl Follower {
     /// does not answer, lookups do without L2 rather than queue up behind it.
     pub async fn usable(&self, l2: &L2) -> bool {
         if !self.synced.load(Ordering::Acquire) {
+            let failed = self.first_failed_ms.load(Ordering::Acquire);
+            if failed > 0 && millis(SystemTime::now()) < failed + WATCH_INTERVAL.as_millis() as u64 {
+                // memcached did not answer just now: the watch retries, lookups do not queue
+                return false;
+            }
             let Ok(_one_reader) = tokio::time::timeout(FIRST_READ_WAIT, self.reader.lock()).await else {
                 return false;
             };
             // the read we waited for may have done it
             if !self.synced.load(Ordering::Acquire) && !self.sync_locked(l2).await {
+                self.first_failed_ms
+                    .store(millis(SystemTime::now()), Ordering::Release);
                 return false;
             }
         }
@@ -363,19 +381,38 @@ impl Follower {
         let Some(state) = l2.control_state().await else {
             return false;
         };
-        let first = !self.synced.load(Ordering::Acquire);
-        self.adopt_generation(l2, generation, state.generation, first);
-        if !self.follow(l2, state.epoch, state.log_seq).await {
+        if let (Some(epoch), true) = (state.epoch, state.lacking > 0) {
+            // some servers lost the log (restarted empty, flushed). A purge is acknowledged
+            // once a write quorum took it: as many lost, and one may be gone for good
+            if state.lacking >= l2.write_quorum() {
+                let now = l2.set_log_epoch(super::random(), true).await;
+                self.resync(
+                    now,
+                    state.log_seq,
+                    "memcached servers lost it (restarted or flushed)",
+                );
+            } else {
+                // every record is still on a server that kept it: put the epoch back
+                l2.set_log_epoch(epoch, false).await;
+            }
             return false;
         }
         if !state.complete {
-            // a record may be on the servers that did not answer only (one took the append
-            // while another was unreachable): applied what was there, but not confirmed
+            // a record may be on the servers that did not answer only: not confirmed, and
+            // nothing decided on a minority of the servers (no reset)
+            return false;
+        }
+        let first = !self.synced.load(Ordering::Acquire);
+        if !self.adopt_generation(l2, generation, state.generation, first) {
+            // this corral moved it meanwhile (a purge-all of its own): read again next time
+            return false;
+        }
+        if !self.follow(l2, state.epoch, state.log_seq).await {
             return false;
         }
         if first {
             self.synced.store(true, Ordering::Release);
-            if self.l1.stats().entries > 0 {
+            if self.l1.stats().entries > 0 || self.l1.fills_in_progress() > 0 {
                 // filled before this corral could read the log (memcached down at start):
                 // purges of everything made meanwhile are nowhere in the log
                 self.validity.invalidate_all_before(now_stamp());
@@ -452,9 +489,14 @@ impl Follower {
     /// covers them, and are covered by a floor otherwise.
     async fn apply(&self, l2: &L2, seen: u64, seq: u64) -> bool {
         let mut from = seen + 1;
-        if seq - seen > CHECKPOINT_EVERY {
-            if let Some(upto) = self.catch_up_from_checkpoint(l2, seen + 1, seq).await {
-                from = upto + 1;
+        // a corral that starts on a long log (nothing of its own to cover), or one too far
+        // behind to read the records one by one
+        let fresh = seen == 0 && self.l1.stats().entries == 0 && self.l1.fills_in_progress() == 0;
+        let mut checkpoint_missed = false;
+        if (fresh && seq > CHECKPOINT_EVERY) || seq - seen > MAX_RECORDS as u64 {
+            match self.catch_up_from_checkpoint(l2, seen + 1, seq).await {
+                Some(upto) => from = upto + 1,
+                None => checkpoint_missed = true,
             }
         }
         if seq + 1 - from > MAX_RECORDS as u64 {
@@ -478,13 +520,24 @@ impl Follower {
                     // undecodable: cover it
                     Some(None) => self.validity.invalidate_all_before(now_stamp()),
                     // gone (expired, evicted): a checkpoint past it covers it, or a floor
-                    None => match self.catch_up_from_checkpoint(l2, n, seq).await {
-                        Some(upto) => {
-                            next = upto + 1;
-                            break;
+                    None => {
+                        let caught_up = if checkpoint_missed {
+                            None
+                        } else {
+                            self.catch_up_from_checkpoint(l2, n, seq).await
+                        };
+                        match caught_up {
+                            Some(upto) => {
+                                next = upto + 1;
+                                break;
+                            }
+                            None => {
+                                // read once per catch-up, not once per gone record
+                                checkpoint_missed = true;
+                                self.validity.invalidate_all_before(now_stamp());
+                            }
                         }
-                        None => self.validity.invalidate_all_before(now_stamp()),
-                    },
+                    }
                 }
             }
             self.seen.store(next - 1, Ordering::Release);
@@ -497,20 +550,26 @@ impl Follower {
     /// Take the newest checkpoint if it covers record `at_least` and no more than `seq`, of
     /// this epoch. Returns the last record it covers.
     async fn catch_up_from_checkpoint(&self, l2: &L2, at_least: u64, seq: u64) -> Option<u64> {
+        let epoch = *self.epoch.lock();
         let cp = l2
             .log_checkpoints()
             .await
             .iter()
             .filter_map(|bytes| serde_json::from_slice::<Checkpoint>(bytes).ok())
+            .filter(|cp| cp.version == 1 && Some(cp.epoch) == epoch && cp.upto <= seq)
             .max_by_key(|cp| cp.upto)?;
-        let usable =
-            cp.version == 1 && Some(cp.epoch) == *self.epoch.lock() && cp.upto >= at_least && cp.upto <= seq;
-        if !usable {
+        if cp.upto < at_least {
             return None;
         }
         let upto = cp.upto;
         let n = cp.records.len();
-        self.validity.restore(cp.records, cp.floor_ms, cp.by);
+        if self.l1.stats().entries > 0 || self.l1.fills_in_progress() > 0 {
+            // copies of this corral's own may be older than the hard URL purges the
+            // checkpoint no longer lists
+            let since = from_millis(cp.hard_urls_since_ms) + self.skew;
+            self.validity.invalidate_all_before(since.min(now_stamp()));
+        }
+        self.validity.restore(cp.records, cp.floor_ms);
         self.seen.store(upto, Ordering::Release);
         tracing::info!(upto, records = n, "purge log caught up from a checkpoint");
         Some(upto)
@@ -523,13 +582,14 @@ impl Follower {
         if seq / CHECKPOINT_EVERY == seen / CHECKPOINT_EVERY {
             return;
         }
-        let (records, floor_ms) = self.validity.snapshot();
+        let (records, floor_ms, hard_urls_since) = self.validity.snapshot();
         let cp = Checkpoint {
             version: 1,
             epoch,
             upto: seq,
             floor_ms,
             by: super::corral_id(),
+            hard_urls_since_ms: millis(hard_urls_since),
             records,
         };
         let Ok(bytes) = serde_json::to_vec(&cp) else {
@@ -550,10 +610,16 @@ impl Follower {
     /// when the read began); if it moved, drop L1 (loudly). A purge of everything elsewhere
     /// also covers fills in progress here: everything validated before now counts as purged.
     /// The first one read is adopted quietly (L1 holds nothing of the cluster's yet).
-    fn adopt_generation(&self, l2: &L2, before: u64, new: u64, first: bool) {
+    fn adopt_generation(&self, l2: &L2, before: u64, new: u64, first: bool) -> bool {
+        if new == before {
+            return true;
+        }
         // a purge-all of this corral's own may have moved it during the read: keep that
-        if new == before || !l2.adopt_generation_from(before, new) || first {
-            return;
+        if !l2.adopt_generation_from(before, new) {
+            return false;
+        }
+        if first {
+            return true;
         }
         let old = before;
         self.validity.invalidate_all_before(now_stamp());
@@ -562,6 +628,7 @@ impl Follower {
         if new < old {
             // the counter never expires: it vanished with memcached's contents (a restart, a
             // flush) or was evicted. What it stood for may come back under reused keys
+            metrics::PURGE_LOG_RESETS.inc();
             warn!(
                 from = old,
                 to = new,
@@ -576,5 +643,6 @@ impl Follower {
                 "memcached namespace generation changed (purge of everything): local cache dropped"
             );
         }
+        true
     }
 }

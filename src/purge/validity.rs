@@ -261,12 +261,15 @@ impl Validity {
 
     /// What this corral holds, as a [`super::log::Checkpoint`]'s records and floor: every
     /// record kept (bans, tag patterns, tags, URLs), with the time and clock of each.
-    pub fn snapshot(&self) -> (Vec<super::log::Kept>, u64) {
+    /// Also returns since when hard URL records are all there (older ones may have been let
+    /// go: [`L2_DELETE_GRACE`]).
+    pub fn snapshot(&self) -> (Vec<super::log::Kept>, u64, SystemTime) {
         use super::log::{Kept, KeptWhat};
         let kept = |s: &Stamp, what: KeptWhat| Kept {
             at_ms: millis(s.at),
             by: s.by,
             soft: s.soft,
+            l2: s.l2,
             what,
         };
         let mut out = Vec::new();
@@ -293,13 +296,14 @@ impl Validity {
                 },
             ));
         }
-        (out, self.floor_ms.load(Ordering::Acquire))
+        let hard_urls_since = SystemTime::now() - L2_DELETE_GRACE - self.skew;
+        (out, self.floor_ms.load(Ordering::Acquire), hard_urls_since)
     }
 
-    /// Take the records of a checkpoint another corral (`by` its clock, for the floor) wrote.
+    /// Take the records of a checkpoint another corral wrote, and its floor.
     /// A record that does not rebuild (a pattern that no longer compiles) is covered by the
     /// floor instead.
-    pub fn restore(&self, kept: Vec<super::log::Kept>, floor_ms: u64, by: u64) {
+    pub fn restore(&self, kept: Vec<super::log::Kept>, floor_ms: u64) {
         use super::log::KeptWhat;
         for k in kept {
             let at = from_millis(k.at_ms);
@@ -311,7 +315,7 @@ impl Validity {
                     .map(|hp| Target::TagPattern { patterns: vec![hp] }),
                 KeptWhat::Tag { tag } => Some(Target::Tags(vec![tag])),
                 KeptWhat::Url { primary } => {
-                    self.record_url(primary, at, k.soft, k.by);
+                    self.record_url(primary, at, k.soft, k.l2, k.by);
                     continue;
                 }
             };
@@ -320,20 +324,22 @@ impl Validity {
                 None => self.invalidate_all_before(at + self.skew),
             }
         }
+        // as the writer had it: a margin added here would be added again by every corral
+        // that checkpoints it in turn
         if floor_ms > 0 {
-            self.invalidate_all_before(from_millis(floor_ms) + self.skew_for(by));
+            self.invalidate_all_before(from_millis(floor_ms));
         }
     }
 
     /// A URL record by its primary key text (from a checkpoint).
-    fn record_url(&self, primary: String, at: SystemTime, soft: bool, by: u64) {
+    fn record_url(&self, primary: String, at: SystemTime, soft: bool, l2: bool, by: u64) {
         let mut last = self.writer.lock();
         let seq = *last + 1;
         let stamp = Stamp {
             at,
             soft,
             seq,
-            l2: soft,
+            l2: l2 || soft,
             by,
         };
         merge(&self.urls, primary, stamp);

@@ -106,8 +106,11 @@ pub struct ControlState {
     pub epoch: Option<u64>,
     pub log_seq: u64,
     pub generation: u64,
-    /// A read quorum answered: every record a purge was acknowledged for is counted.
+    /// A read quorum of servers holding the epoch answered: every record a purge was
+    /// acknowledged for is counted.
     pub complete: bool,
+    /// Servers that answered without the epoch (or with another one): restarted, flushed.
+    pub lacking: usize,
 }
 
 /// The L2 tier client. Cheap to share (`Arc` inside).
@@ -258,9 +261,12 @@ impl L2 {
     /// (counters: the highest any server has, absent = 0). `None` if no server answered.
     pub async fn control_state(&self) -> Option<ControlState> {
         let keys = [self.log_epoch_key(), self.log_seq_key(), self.generation_key()];
-        let all = self.get_many_everywhere(&keys).await;
-        let complete = all.iter().filter(|a| a.is_some()).count() >= self.read_quorum();
-        let answers: Vec<Vec<Option<Vec<u8>>>> = all.into_iter().flatten().collect();
+        let answers: Vec<Vec<Option<Vec<u8>>>> = self
+            .get_many_everywhere(&keys)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         if answers.is_empty() {
             return None;
         }
@@ -275,11 +281,16 @@ impl L2 {
                 .max()
                 .unwrap_or(0)
         };
+        let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
+        // a server counts toward the quorum only if it holds the log's epoch: one restarted
+        // empty has lost the records it took, and must not stand in for them
+        let agreeing = answers.iter().filter(|a| number(&a[0]) == epoch).count();
         Some(ControlState {
-            epoch: answers.iter().filter_map(|a| number(&a[0])).max(),
+            epoch,
             log_seq: top(1),
             generation: top(2),
-            complete,
+            complete: agreeing >= self.read_quorum(),
+            lacking: answers.len() - agreeing,
         })
     }
 
@@ -334,7 +345,7 @@ impl L2 {
 
     /// Servers that must take a purge log record or a counter bump for the purge to be
     /// acknowledged (1 of 1, 1 of 2, 2 of 3, 3 of 5).
-    fn write_quorum(&self) -> usize {
+    pub fn write_quorum(&self) -> usize {
         self.inner.servers.len() + 1 - self.read_quorum()
     }
 
