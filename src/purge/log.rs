@@ -201,6 +201,10 @@ pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// L2.
 const FIRST_READ_WAIT: Duration = Duration::from_millis(500);
 
+/// How long a record found missing may be one a purge is still writing (it bumps the log's
+/// counter, then writes the record) before it is taken for gone.
+const RECORD_WAIT: Duration = Duration::from_secs(1);
+
 /// Purge log records read in one pipelined request.
 const LOG_BATCH: u64 = 200;
 
@@ -240,6 +244,8 @@ pub struct Follower {
     fenced: std::sync::atomic::AtomicBool,
     /// The epoch of the log that `seen` counts in ([`L2::log_state`]).
     epoch: parking_lot::Mutex<Option<u64>>,
+    /// A record found missing, and since when ([`Self::given_up_on`]).
+    missing: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 impl Follower {
@@ -263,6 +269,7 @@ impl Follower {
             first_failed_ms: AtomicU64::new(0),
             fenced: std::sync::atomic::AtomicBool::new(false),
             epoch: parking_lot::Mutex::new(None),
+            missing: parking_lot::Mutex::new(None),
         }
     }
 
@@ -519,6 +526,13 @@ impl Follower {
                     Some(Some((purge, at, origin))) => self.validity.record_by(&purge, at, origin),
                     // undecodable: cover it
                     Some(None) => self.validity.invalidate_all_before(now_stamp()),
+                    // not there: a purge that took its sequence number may still be writing
+                    // it (the counter is bumped first); wait for it a little before taking it
+                    // for gone
+                    None if !self.given_up_on(n) => {
+                        self.seen.store(n - 1, Ordering::Release);
+                        return false;
+                    }
                     // gone (expired, evicted): a checkpoint past it covers it, or a floor
                     None => {
                         let caught_up = if checkpoint_missed {
@@ -545,6 +559,26 @@ impl Follower {
         }
         self.checkpoint(l2, seen, seq).await;
         true
+    }
+
+    /// Whether record `n`, found missing, has been missing for [`RECORD_WAIT`]: until then it
+    /// may be one a purge is still writing, and the read is left incomplete.
+    fn given_up_on(&self, n: u64) -> bool {
+        let mut missing = self.missing.lock();
+        match *missing {
+            Some((m, since)) if m == n => {
+                if since.elapsed() >= RECORD_WAIT {
+                    *missing = None;
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => {
+                *missing = Some((n, std::time::Instant::now()));
+                false
+            }
+        }
     }
 
     /// Take the newest checkpoint if it covers record `at_least` and no more than `seq`, of
