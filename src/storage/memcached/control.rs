@@ -1,0 +1,319 @@
+//! The namespace's control keys in memcached: the generation and the purge log (its epoch,
+//! sequence counter, records and checkpoint). Unlike cache entries, each lives on every server
+//! and is read from all of them, with quorums, so that one server down or restarted neither
+//! hides a purge nor stops the others from serving.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use memcache::exp::{Get, Ttl};
+use tracing::info;
+
+use super::{L2, MAX_TTL};
+
+/// The namespace's control keys, as [`L2::control_state`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlState {
+    pub epoch: Option<u64>,
+    pub log_seq: u64,
+    pub generation: u64,
+    /// A read quorum of servers holding the epoch answered: every record a purge was
+    /// acknowledged for is counted.
+    pub complete: bool,
+    /// Servers that answered without the epoch (or with another one): restarted, flushed.
+    pub lacking: usize,
+}
+
+impl L2 {
+    fn generation_key(&self) -> String {
+        format!("corral/{}/generation", self.inner.namespace)
+    }
+
+    // === control keys: the generation and the purge log, kept on every server ===
+    //
+    // A cache entry lives on one server; the keys that say which entries are still valid are
+    // written to every live server and read from all of them (the highest counter wins). A
+    // purge is acknowledged once a write quorum took it, and a read counts as complete once a
+    // read quorum answered: the two overlap, so a partition that splits the servers between
+    // corrals cannot hide a purge from a corral that believes it has read everything. With
+    // three servers or more, one down stops nothing; with two, a corral that reaches only one
+    // is fenced (README: The purge invariant).
+
+    /// `key` from every server at once: per server `None` if it could not be read, otherwise
+    /// its value (`None` when it has none).
+    async fn get_everywhere(&self, key: &[u8]) -> Vec<Option<Option<Vec<u8>>>> {
+        join_all(self.inner.servers.iter().map(|server| async move {
+            let r = self
+                .with_server_at(server, "get", |c| async move { c.get(key).send().await })
+                .await?;
+            let hit = r.hit();
+            Some(r.value.filter(|v| hit && !v.is_empty()))
+        }))
+        .await
+    }
+
+    /// `keys` from every server at once, pipelined (one round trip per server, the servers in
+    /// parallel): per server `None` if it could not be read, otherwise each key's value
+    /// (`None` when it has none).
+    async fn get_many_everywhere(&self, keys: &[String]) -> Vec<Option<Vec<Option<Vec<u8>>>>> {
+        join_all(self.inner.servers.iter().map(|server| async move {
+            let results = self
+                .with_server_at(server, "get", |c| async move {
+                    c.run_many(keys.iter().map(Get::new)).await
+                })
+                .await?;
+            // a key that could not be read makes the server's answer unknown, not "absent"
+            results
+                .into_iter()
+                .map(|r| {
+                    r.ok().map(|r| {
+                        let hit = r.hit();
+                        r.value.filter(|v| hit && !v.is_empty())
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+        }))
+        .await
+    }
+
+    /// The control keys of the namespace in one pipelined read per server: the purge log's
+    /// epoch (`None` when no server has it) and last sequence number, and the generation
+    /// (counters: the highest any server has, absent = 0). `None` if no server answered.
+    pub async fn control_state(&self) -> Option<ControlState> {
+        let keys = [self.log_epoch_key(), self.log_seq_key(), self.generation_key()];
+        let answers: Vec<Vec<Option<Vec<u8>>>> = self
+            .get_many_everywhere(&keys)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.is_empty() {
+            return None;
+        }
+        let number = |v: &Option<Vec<u8>>| {
+            v.as_deref()
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+        };
+        let top = |i: usize| {
+            answers
+                .iter()
+                .map(|a| number(&a[i]).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        };
+        let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
+        // a server counts toward the quorum only if it holds the log's epoch: one restarted
+        // empty has lost the records it took, and must not stand in for them
+        let agreeing = answers.iter().filter(|a| number(&a[0]) == epoch).count();
+        Some(ControlState {
+            epoch,
+            log_seq: top(1),
+            generation: top(2),
+            complete: agreeing >= self.read_quorum(),
+            lacking: answers.len() - agreeing,
+        })
+    }
+
+    /// Purge log records `from..=to` (at most a few hundred), in one pipelined read per
+    /// server: each from any server that has it (`None`: none has it, expired or evicted).
+    /// `None` if no server answered.
+    pub async fn log_records(&self, from: u64, to: u64) -> Option<Vec<Option<Bytes>>> {
+        let keys: Vec<String> = (from..=to).map(|n| self.log_key(n)).collect();
+        let answers: Vec<Vec<Option<Vec<u8>>>> = self
+            .get_many_everywhere(&keys)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.is_empty() {
+            return None;
+        }
+        Some(
+            (0..keys.len())
+                .map(|i| answers.iter().find_map(|a| a[i].clone()).map(Bytes::from))
+                .collect(),
+        )
+    }
+
+    /// Adopt `generation` as the namespace generation this corral uses, if it still uses
+    /// `before` (a purge-all here may have bumped it since). Returns whether it did.
+    pub fn adopt_generation_from(&self, before: u64, generation: u64) -> bool {
+        self.inner
+            .generation
+            .compare_exchange(before, generation, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Store `value` under `key` on every server at once. Returns whether any took it.
+    async fn set_everywhere(&self, key: &[u8], value: &[u8]) -> bool {
+        let stored = join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "set", |c| async move {
+                c.set(key, value).ttl(Ttl::secs(MAX_TTL)).send().await
+            })
+        }))
+        .await;
+        stored.iter().filter(|s| s.is_some()).count() >= self.write_quorum()
+    }
+
+    /// Servers that must answer a read of the control keys for it to count as complete: a
+    /// majority. With [`Self::write_quorum`] the two always share a server, so a complete read
+    /// sees every record a purge was acknowledged for, whichever servers either side reached
+    /// (1 of 1, 2 of 2, 2 of 3, 3 of 5).
+    fn read_quorum(&self) -> usize {
+        self.inner.servers.len() / 2 + 1
+    }
+
+    /// Servers that must take a purge log record or a counter bump for the purge to be
+    /// acknowledged (1 of 1, 1 of 2, 2 of 3, 3 of 5).
+    pub fn write_quorum(&self) -> usize {
+        self.inner.servers.len() + 1 - self.read_quorum()
+    }
+
+    /// A counter's value: the highest any live server reports (absent = 0); `None` if no server
+    /// answered.
+    async fn read_counter(&self, key: &str) -> Option<u64> {
+        self.get_everywhere(key.as_bytes())
+            .await
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                v.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .max()
+    }
+
+    /// Increment a counter on every live server and bring laggards (a server that was down) up
+    /// to the highest value, so it never goes backwards. Returns that value, `None` if no server
+    /// took it.
+    async fn bump_counter(&self, key: &str) -> Option<u64> {
+        let k = key.as_bytes();
+        let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
+            self.with_server_at(server, "incr", |c| async move {
+                // created, and kept, without an expiry: a counter that vanished would read as 0
+                c.increment(k)
+                    .delta(1)
+                    .initial(1, MAX_TTL)
+                    .ttl(Ttl::NEVER)
+                    .send()
+                    .await
+            })
+            .await
+            .and_then(|r| r.value)
+        }))
+        .await;
+        if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
+            return None;
+        }
+        let top = results.iter().flatten().copied().max()?;
+        let v = top.to_string();
+        let v = v.as_bytes();
+        join_all(
+            self.inner
+                .servers
+                .iter()
+                .zip(&results)
+                .filter(|(_, value)| value.is_some_and(|v| v < top))
+                .map(|(server, _)| {
+                    self.with_server_at(server, "set", |c| async move {
+                        c.set(k, v).ttl(Ttl::NEVER).send().await
+                    })
+                }),
+        )
+        .await;
+        Some(top)
+    }
+
+    fn log_epoch_key(&self) -> String {
+        format!("corral/{}/purgelog/epoch", self.inner.namespace)
+    }
+
+    /// The purge log's epoch and last sequence number, read together: the epoch (a random
+    /// number kept without expiry, on every server) is `None` when no server has it (a new
+    /// namespace, or every server restarted or flushed); the sequence number is 0 when none
+    /// has it. `None` if no server answered.
+    pub async fn log_state(&self) -> Option<(Option<u64>, u64)> {
+        let (epoch_key, seq_key) = (self.log_epoch_key(), self.log_seq_key());
+        let (epoch, seq) = tokio::join!(
+            self.get_everywhere(epoch_key.as_bytes()),
+            self.read_counter(&seq_key)
+        );
+        let epoch = epoch
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+            .max();
+        Some((epoch, seq?))
+    }
+
+    /// Make `candidate` the purge log's epoch where no server has one (`add`), so that one of
+    /// the corrals that start or resync at once wins; `replace` also overwrites (a corral that
+    /// found the log gone backwards tells every other one). Returns the epoch now in place.
+    pub async fn set_log_epoch(&self, candidate: u64, replace: bool) -> Option<u64> {
+        let key = self.log_epoch_key();
+        let k = key.as_bytes();
+        let v = candidate.to_string();
+        let v = v.as_bytes();
+        join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "set", |c| async move {
+                let set = c.set(k, v).ttl(Ttl::NEVER);
+                if replace {
+                    set.send().await
+                } else {
+                    set.add().send().await
+                }
+            })
+        }))
+        .await;
+        self.log_state().await.and_then(|(epoch, _)| epoch)
+    }
+
+    fn log_checkpoint_key(&self) -> String {
+        format!("corral/{}/purgelog/checkpoint", self.inner.namespace)
+    }
+
+    /// The purge log's checkpoint as each server that has one holds it.
+    pub async fn log_checkpoints(&self) -> Vec<Bytes> {
+        let key = self.log_checkpoint_key();
+        self.get_everywhere(key.as_bytes())
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(Bytes::from)
+            .collect()
+    }
+
+    /// Store the purge log's checkpoint on every server.
+    pub async fn set_log_checkpoint(&self, bytes: &[u8]) {
+        let key = self.log_checkpoint_key();
+        self.set_everywhere(key.as_bytes(), bytes).await;
+    }
+
+    fn log_seq_key(&self) -> String {
+        format!("corral/{}/purgelog/seq", self.inner.namespace)
+    }
+
+    fn log_key(&self, seq: u64) -> String {
+        format!("corral/{}/purgelog/{seq}", self.inner.namespace)
+    }
+
+    /// Append a record to the namespace's purge log (on every live server). Returns its
+    /// sequence number, or `None` if memcached could not take it.
+    pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
+        let seq = self.bump_counter(&self.log_seq_key()).await?;
+        let key = self.log_key(seq);
+        self.set_everywhere(key.as_bytes(), record).await.then_some(seq)
+    }
+
+    /// Bump the namespace generation (purge everything): every L2 entry of the namespace
+    /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed.
+    pub async fn bump_generation(&self) -> Option<u64> {
+        let g = self.bump_counter(&self.generation_key()).await?;
+        let old = self.inner.generation.swap(g, Ordering::AcqRel);
+        info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
+        Some(g)
+    }
+}
