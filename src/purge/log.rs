@@ -184,7 +184,7 @@ pub struct Follower {
     first_failed_ms: AtomicU64,
     /// Whether the fence is up (for the log line and the gauge, once per change).
     fenced: std::sync::atomic::AtomicBool,
-    /// The epoch of the log that `seen` counts in ([`L2::log_state`]).
+    /// The epoch of the log that `seen` counts in ([`L2::control_state`]).
     epoch: parking_lot::Mutex<Option<u64>>,
     /// A record found missing, and since when ([`Self::given_up_on`]).
     missing: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,

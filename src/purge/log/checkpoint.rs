@@ -18,7 +18,7 @@ use crate::storage::memcached::L2;
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     pub version: u32,
-    /// The log's epoch ([`L2::log_state`]): a checkpoint of another epoch is not used.
+    /// The log's epoch ([`L2::control_state`]): a checkpoint of another epoch is not used.
     pub epoch: u64,
     /// It covers records `1..=upto`.
     pub upto: u64,

@@ -170,20 +170,6 @@ impl L2 {
         self.inner.servers.len() + 1 - self.read_quorum()
     }
 
-    /// A counter's value: the highest any live server reports (absent = 0); `None` if no server
-    /// answered.
-    async fn read_counter(&self, key: &str) -> Option<u64> {
-        self.get_everywhere(key.as_bytes())
-            .await
-            .into_iter()
-            .flatten()
-            .map(|v| {
-                v.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .max()
-    }
-
     /// Increment a counter on every live server and bring laggards (a server that was down) up
     /// to the highest value, so it never goes backwards. Returns that value, `None` if no server
     /// took it.
@@ -229,25 +215,6 @@ impl L2 {
         format!("corral/{}/purgelog/epoch", self.inner.namespace)
     }
 
-    /// The purge log's epoch and last sequence number, read together: the epoch (a random
-    /// number kept without expiry, on every server) is `None` when no server has it (a new
-    /// namespace, or every server restarted or flushed); the sequence number is 0 when none
-    /// has it. `None` if no server answered.
-    pub async fn log_state(&self) -> Option<(Option<u64>, u64)> {
-        let (epoch_key, seq_key) = (self.log_epoch_key(), self.log_seq_key());
-        let (epoch, seq) = tokio::join!(
-            self.get_everywhere(epoch_key.as_bytes()),
-            self.read_counter(&seq_key)
-        );
-        let epoch = epoch
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
-            .max();
-        Some((epoch, seq?))
-    }
-
     /// Make `candidate` the purge log's epoch where no server has one (`add`), so that one of
     /// the corrals that start or resync at once wins; `replace` also overwrites (a corral that
     /// found the log gone backwards tells every other one). Returns the epoch now in place.
@@ -267,7 +234,7 @@ impl L2 {
             })
         }))
         .await;
-        self.log_state().await.and_then(|(epoch, _)| epoch)
+        self.control_state().await.and_then(|state| state.epoch)
     }
 
     fn log_checkpoint_key(&self) -> String {

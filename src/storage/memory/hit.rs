@@ -62,7 +62,7 @@ impl CompleteHit {
             .is_some_and(|h| h.from_l2)
     }
 
-    /// Up to which purge record the served entry was checked ([`Validity::check_marked`]);
+    /// Up to which purge record the served entry was checked ([`crate::purge::Validity::check_marked`]);
     /// `None` for a body still streaming.
     pub fn check_mark(hit: &HitHandler) -> Option<&AtomicU64> {
         hit.as_any()

@@ -1,4 +1,4 @@
-//! L1: the in-memory tier, a pingora-cache [`Storage`] bounded by bytes.
+//! L1: the in-memory tier, a pingora-cache [`pingora_cache::storage::Storage`] bounded by bytes.
 //!
 //! # Layout
 //! One [`DashMap`] from the primary hash of a URL to its [`Slot`]s, one slot per Vary variant.
@@ -7,7 +7,7 @@
 //!
 //! A slot holds the committed entry and, while a miss is being filled, the in-progress
 //! [`Fill`]. A lookup prefers the fill: lock waiters and requests that arrive during a refresh
-//! stream the new body as it arrives ([`Storage::support_streaming_partial_write`]) instead of
+//! stream the new body as it arrives ([`pingora_cache::storage::Storage::support_streaming_partial_write`]) instead of
 //! waiting for the whole body or getting the old one.
 //!
 //! # Hits never copy
@@ -232,7 +232,7 @@ impl FreshEntry {
         self.0.meta.epoch_override.unwrap_or(self.0.meta.updated)
     }
 
-    /// Up to which purge record this entry was checked ([`Validity::check_marked`]).
+    /// Up to which purge record this entry was checked ([`crate::purge::Validity::check_marked`]).
     pub fn check_mark(&self) -> &AtomicU64 {
         &self.0.checked
     }
@@ -274,7 +274,7 @@ pub struct MemoryStats {
     pub bytes: usize,
 }
 
-/// The L1 tier. Build it once and leak it: Pingora's [`Storage`] takes `&'static self`.
+/// The L1 tier. Build it once and leak it: Pingora's [`pingora_cache::storage::Storage`] takes `&'static self`.
 #[derive(Debug)]
 pub struct MemoryStorage {
     table: DashMap<HashBinary, Vec<Slot>>,
@@ -288,7 +288,7 @@ pub struct MemoryStorage {
     /// Every fill in progress, by id, whether or not its slot is still in the table: a purge
     /// removes the URL's row, but the fill goes on and commits, so the records older than it
     /// must stay until the sweeper has seen what it committed, and its writer must still find
-    /// it ([`Storage::lookup_streaming_write`]). Entered when the fill starts, left when it
+    /// it ([`pingora_cache::storage::Storage::lookup_streaming_write`]). Entered when the fill starts, left when it
     /// commits or aborts (a drop guard).
     fills: DashMap<u64, Arc<Fill>>,
 }
