@@ -186,6 +186,8 @@ pub struct Follower {
     fenced: std::sync::atomic::AtomicBool,
     /// The epoch of the log that `seen` counts in ([`L2::control_state`]).
     epoch: parking_lot::Mutex<Option<u64>>,
+    /// The last record a checkpoint was written (or due) for.
+    checkpointed: AtomicU64,
     /// A record found missing, and since when ([`Self::given_up_on`]).
     missing: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
 }
@@ -211,6 +213,7 @@ impl Follower {
             first_failed_ms: AtomicU64::new(0),
             fenced: std::sync::atomic::AtomicBool::new(false),
             epoch: parking_lot::Mutex::new(None),
+            checkpointed: AtomicU64::new(0),
             missing: parking_lot::Mutex::new(None),
         }
     }
@@ -499,7 +502,7 @@ impl Follower {
             self.seen.store(next - 1, Ordering::Release);
             from = next;
         }
-        self.checkpoint(l2, seen, seq).await;
+        self.checkpoint(l2, seq).await;
         true
     }
 

@@ -100,13 +100,16 @@ impl Follower {
         Some(upto)
     }
 
-    /// Having applied the log from `seen` to `seq`: if that passed a multiple of
+    /// Having applied the log up to `seq`: if that passed a multiple of
     /// [`CHECKPOINT_EVERY`], write a checkpoint of what this corral keeps now.
-    pub(super) async fn checkpoint(&self, l2: &L2, seen: u64, seq: u64) {
+    pub(super) async fn checkpoint(&self, l2: &L2, seq: u64) {
         let Some(epoch) = *self.epoch.lock() else { return };
-        if seq / CHECKPOINT_EVERY == seen / CHECKPOINT_EVERY {
+        // since the last one this corral wrote or passed (a read that stopped short of `seq`
+        // is resumed by the next one, which must still write it)
+        if seq / CHECKPOINT_EVERY <= self.checkpointed.load(Ordering::Acquire) / CHECKPOINT_EVERY {
             return;
         }
+        self.checkpointed.fetch_max(seq, Ordering::AcqRel);
         let (records, floor_ms, hard_urls_since) = self.validity.snapshot();
         let cp = Checkpoint {
             version: 1,
