@@ -556,6 +556,12 @@ impl ProxyHttp for Corral {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         conn::request_done(session);
+        if let Some(sub) = session.subrequest_ctx.as_mut() {
+            // a background revalidation that ended as a hit (a peer's fresh copy found in
+            // memcached) still holds the cache lock Pingora handed it: Pingora releases it on
+            // its miss and error paths only, and a dropped permit is a dangling lock
+            sub.release_write_lock();
+        }
         if let Some(lock) = ctx.refresh_lock.take() {
             self.parts.storage.refresh_done(lock);
         }
