@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/stats` (JSON), and the
-//! purge endpoints `POST /purge` (a batch) and `POST /purge/all`.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/stats` (JSON), `/peers`
+//! (each peer corral's state, JSON), and the purge endpoints `POST /purge` (a batch) and
+//! `POST /purge/all` (both take `?wait=peers`).
 //!
 //! It binds to loopback by default (`server.admin`); the purge endpoints also require the
 //! `[purge]` allow-list and token, like purges on the proxy listener.
@@ -16,6 +17,7 @@ use crate::purge::{Batch, Purge, Target};
 
 pub struct Admin {
     pub parts: &'static CacheParts,
+    pub cluster: &'static crate::transport::Cluster,
     pub memory_bytes: usize,
     pub access: crate::purge::Access,
 }
@@ -45,6 +47,11 @@ impl ServeHttp for Admin {
         match path.as_str() {
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render()),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/peers" => reply(
+                StatusCode::OK,
+                "application/json",
+                json::body(&self.cluster.status()),
+            ),
             "/stats" => {
                 let s = self.parts.storage.l1.stats();
                 let body = json::body(&json::Stats {
@@ -116,10 +123,18 @@ impl Admin {
                 }
             }
         };
+        let wait = session
+            .req_header()
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "wait=peers"));
         let mut counts: std::collections::BTreeMap<&'static str, usize> = Default::default();
         let mut l2_failed = 0;
+        let mut receipts = Vec::new();
         for p in &purges {
-            let (n, l2_ok) = self.parts.apply(p).await;
+            let accepted = self.cluster.accept(p).await;
+            receipts.extend(accepted.receipts);
+            let (n, l2_ok) = (accepted.purged, accepted.l2_ok);
             if !l2_ok {
                 l2_failed += 1;
                 metrics::PURGES.with_label_values(&[p.kind(), "l2-failed"]).inc();
@@ -141,10 +156,16 @@ impl Admin {
             });
             return reply(StatusCode::SERVICE_UNAVAILABLE, "application/json", body);
         }
+        let peers = if wait {
+            Some(self.cluster.outcomes(receipts).await)
+        } else {
+            None
+        };
         self.parts.acknowledged().await;
         let body = json::body(&json::BatchPurged {
             purged: &counts,
             accepted: purges.len(),
+            peers,
         });
         reply(StatusCode::OK, "application/json", body)
     }

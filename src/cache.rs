@@ -10,6 +10,7 @@ use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::predictor::Predictor;
 use pingora_cache::CacheKey;
 use pingora_http::ResponseHeader;
+use std::time::SystemTime;
 
 use crate::config::Config;
 use crate::key;
@@ -95,42 +96,87 @@ impl CacheParts {
     }
 
     /// Apply a purge to this corral's L1, its validity records, and L2. Returns how many L1
-    /// entries it removed or marked stale right away (bans and tag purges act lazily: 0), and
-    /// whether L2 took it (false: memcached could not be reached, the purge must be retried).
-    pub async fn apply(&self, purge: &Purge) -> (usize, bool) {
+    /// entries it removed or marked stale right away (bans and tag purges act lazily: 0),
+    /// whether L2 took it (false: memcached could not be reached, the purge must be retried),
+    /// and the time it was accepted at (what other corrals compare their copies with).
+    pub async fn apply(&self, purge: &Purge) -> (usize, bool, SystemTime) {
+        let at = purge::now_stamp();
         if let Target::All = purge.target {
             let n = self.storage.l1.stats().entries;
-            self.validity.invalidate_all_before(purge::now_stamp());
+            self.validity.invalidate_all_before(at);
             self.storage.l1.clear();
             let l2_ok = match &self.storage.l2 {
                 Some(l2) => l2.bump_generation().await.is_some(),
                 None => true,
             };
-            return (n, l2_ok);
+            return (n, l2_ok, at);
         }
         // every other purge is a record, here and (through the purge log) at every corral of
         // the namespace: for a URL it also covers a fill that began before the purge and ends
         // after it, and other corrals' L1 copies
-        let at = purge::now_stamp();
         self.validity.record(purge, at);
         let logged = self.log(purge, at);
         let Target::Url { host, path } = &purge.target else {
-            return (0, logged.await);
+            return (0, logged.await, at);
         };
         let key = key::for_url(host, path);
         if purge.soft {
             // the L2 copy stays: the record makes it stale for every corral, served stale
             // while one request revalidates
             let n = self.storage.l1.expire_primary(&key.primary_bin());
-            (n, logged.await)
+            (n, logged.await, at)
         } else {
             // logged before the L2 delete: a corral whose fill writes to memcached without a
             // lease checks the log after its write, so either it sees this record or this
             // delete comes after its write (see Tiered::write_l2)
             let logged = logged.await;
             let (n, deleted) = self.remove_url(&key).await;
-            (n, deleted && logged)
+            (n, deleted && logged, at)
         }
+    }
+
+    /// Apply a purge another corral (`origin`) accepted at `at` (its clock) and sent this one
+    /// directly: the same records and L1 changes as [`Self::apply`], without memcached's side,
+    /// which the origin took care of. Returns how many L1 entries it removed or marked stale.
+    pub fn apply_remote(&self, purge: &Purge, at: SystemTime, origin: u64) -> usize {
+        match &purge.target {
+            Target::All => {
+                let n = self.storage.l1.stats().entries;
+                // this corral's clock: at least as late as the origin's answer, give or take
+                // the skew, and everything before it goes
+                self.validity.invalidate_all_before(purge::now_stamp().max(at));
+                self.storage.l1.clear();
+                n
+            }
+            Target::Url { host, path } => {
+                self.validity.record_by(purge, at, origin);
+                let key = key::for_url(host, path);
+                if purge.soft {
+                    self.storage.l1.expire_primary(&key.primary_bin())
+                } else {
+                    let removed = self.storage.l1.remove_primary(&key.primary_bin());
+                    for compact in &removed {
+                        self.eviction
+                            .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+                    }
+                    removed.len()
+                }
+            }
+            _ => {
+                self.validity.record_by(purge, at, origin);
+                0
+            }
+        }
+    }
+
+    /// Empty L1 because this corral can no longer vouch for it, loudly: everything validated
+    /// before now counts as purged (also fills in progress and what L2 holds from before).
+    pub fn drop_cache(&self, reason: &'static str, detail: &str) {
+        let dropped = self.storage.l1.stats().entries;
+        self.validity.invalidate_all_before(purge::now_stamp());
+        self.storage.l1.clear();
+        metrics::CACHE_DROPS.with_label_values(&[reason]).inc();
+        tracing::error!(reason, dropped, "dropping stale cache: {detail}");
     }
 
     /// Append `purge` to memcached's purge log, which every corral of the namespace applies to

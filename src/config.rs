@@ -50,6 +50,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub log: LogConfig,
     pub purge: PurgeConfig,
+    /// `[peers]`: the other corrals of the site, which every accepted purge is sent to.
+    pub peers: PeersConfig,
     /// The L2 tier; `None` = L1 only.
     pub memcached: Option<crate::storage::memcached::L2Config>,
     /// Ordered; the first rule that matches a request decides.
@@ -141,6 +143,73 @@ impl PurgeConfig {
             .or_else(|| self.default_host.clone())
             .map_or_else(|| host.to_string(), |h| crate::key::normalize_host(&h))
     }
+}
+
+/// `[peers]`: the other corrals of the site ([`crate::transport::peers`]).
+#[derive(Debug, Clone, Default)]
+pub struct PeersConfig {
+    /// Every corral listed, this one included (marked [`PeerUrl::is_self`]).
+    pub peers: Vec<PeerUrl>,
+    /// Peers authenticate each other with it (`Authorization: Bearer`); without it, this
+    /// corral neither sends nor accepts peer messages.
+    pub token: Option<String>,
+    /// One delivery attempt.
+    pub timeout: Duration,
+    /// A failed peer gets no attempt for this long, then one probe.
+    pub retry_delay: Duration,
+    /// Messages kept per failed peer; beyond, the queue becomes one "drop your cache".
+    pub backlog: usize,
+}
+
+/// One entry of `peers.urls`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerUrl {
+    /// As written (for logs, metrics, `GET /peers`).
+    pub url: String,
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// The host part (the `Host` header, and the TLS server name).
+    pub host: String,
+    /// This corral's own address: listed so one file serves the fleet, never sent to.
+    pub is_self: bool,
+}
+
+impl PeerUrl {
+    /// Parse `http://host:port` (or `https://`), resolve it, and recognise this corral's own
+    /// address (`listen`, or a local address of this machine when `listen` is unspecified).
+    pub fn parse(url: &str, listen: SocketAddr) -> Result<PeerUrl, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{url:?}: must start with http:// or https://")),
+        };
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return Err(format!("{url:?}: no path: peers are reached at their root"));
+        }
+        let authority = uri.authority().ok_or_else(|| format!("{url:?}: needs a host"))?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("{url:?}: cannot resolve: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url:?}: resolves to nothing"))?;
+        let is_self = addr.port() == listen.port()
+            && (addr.ip() == listen.ip() || (listen.ip().is_unspecified() && is_local(addr.ip())));
+        Ok(PeerUrl {
+            url: url.to_string(),
+            addr,
+            tls,
+            host: host.to_string(),
+            is_self,
+        })
+    }
+}
+
+/// Whether `ip` is an address of this machine: a socket can be bound to it.
+fn is_local(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// Per-route policy (`[[rule]]`), like a dogpile.cache region: first match wins.

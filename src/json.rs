@@ -33,6 +33,9 @@ pub struct Purged<'a> {
     pub purged: usize,
     pub kind: &'a str,
     pub soft: bool,
+    /// With `?wait=peers`: each peer's outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<BTreeMap<String, crate::transport::Outcome>>,
 }
 
 /// The answer to an accepted admin batch: entries purged by kind, and how many purges.
@@ -40,6 +43,9 @@ pub struct Purged<'a> {
 pub struct BatchPurged<'a> {
     pub purged: &'a BTreeMap<&'static str, usize>,
     pub accepted: usize,
+    /// With `?wait=peers`: each peer's outcome (the worst over the batch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<BTreeMap<String, crate::transport::Outcome>>,
 }
 
 /// The admin `/stats` answer.
@@ -61,7 +67,8 @@ mod tests {
             body(&Purged {
                 purged: 2,
                 kind: "url",
-                soft: false
+                soft: false,
+                peers: None,
             }),
             "{\"purged\":2,\"kind\":\"url\",\"soft\":false}\n"
         );

@@ -16,7 +16,9 @@
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
 //! - [`purge`]: purge requests of every client shape → one `Purge`; validity records;
 //!   memcached's purge log and its follower; the ban sweeper
-//! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`, `POST /purge`, `POST /purge/all`)
+//! - [`transport`]: purges carried to the other corrals directly (the message, the transport
+//!   interface, HTTP to the peers with back-off and a backlog, the receiving inbox)
+//! - [`admin`]: admin listener (`/metrics`, `/healthz`, `/stats`, `/peers`, `POST /purge`, `POST /purge/all`)
 //! - [`json`]: the JSON answers corral writes itself
 //! - [`metrics`]: every Prometheus metric
 
@@ -33,6 +35,7 @@ pub mod policy;
 pub mod proxy;
 pub mod purge;
 pub mod storage;
+pub mod transport;
 
 use std::sync::Arc;
 
@@ -75,7 +78,8 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     server.bootstrap();
 
     let parts = CacheParts::leak(&cfg, l2);
-    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(cfg.clone(), parts));
+    let cluster = transport::Cluster::leak(parts, &cfg);
+    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(cfg.clone(), cluster));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     options.h2_idle_timeout = Some(cfg.server.limits.keepalive_timeout);
@@ -93,11 +97,20 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
         purge::sweep::Sweeper::new(parts.storage, cfg.purge.sweep_interval),
     ));
 
+    if cluster.has_transports() {
+        // delivery to peers, on its own runtime: never on a request's path
+        server.add_service(pingora_core::services::background::background_service(
+            "purge transports",
+            transport::Starter(cluster),
+        ));
+    }
+
     if let Some(admin_addr) = cfg.server.admin {
         let mut admin = Service::new(
             "corral admin".to_string(),
             admin::Admin {
                 parts,
+                cluster,
                 memory_bytes: cfg.cache.memory_bytes,
                 access: cfg.purge.access.clone(),
             },

@@ -5,8 +5,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec,
 };
 
 /// Requests answered, by cache outcome (`hit`, `miss`, `stale`, `collapsed`, ...).
@@ -322,6 +323,95 @@ pub static SWEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "corral_sweeper_entries_total",
         "L1 entries the ban sweeper checked, removed (hard purge) or marked stale (soft purge)",
         &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// Whether each peer is up (1) or failed and backing off (0).
+pub static PEER_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "corral_peer_up",
+        "Whether each peer corral is up (1) or failed and left alone until peers.retry_delay (0)",
+        &["peer"]
+    )
+    .expect("metric registers once")
+});
+
+/// Purge messages waiting for each peer.
+pub static PEER_BACKLOG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "corral_peer_backlog",
+        "Purge messages queued for each peer corral, not delivered yet",
+        &["peer"]
+    )
+    .expect("metric registers once")
+});
+
+/// Purge messages each peer took.
+pub static PEER_DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_peer_delivered_total",
+        "Purge messages delivered to each peer corral",
+        &["peer"]
+    )
+    .expect("metric registers once")
+});
+
+/// Failed delivery attempts per peer.
+pub static PEER_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_peer_failures_total",
+        "Delivery attempts to each peer corral that failed (connect error, timeout, non-2xx)",
+        &["peer"]
+    )
+    .expect("metric registers once")
+});
+
+/// Backlogs discarded for a "drop your cache" message.
+pub static PEER_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_peer_backlog_dropped_total",
+        "Times a peer's backlog overflowed peers.backlog and was replaced by one 'drop your cache' message",
+        &["peer"]
+    )
+    .expect("metric registers once")
+});
+
+/// The last delivery's round trip per peer.
+pub static PEER_LAST_DELIVERY: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "corral_peer_last_delivery_seconds",
+        "Round trip of the last successful delivery to each peer corral",
+        &["peer"]
+    )
+    .expect("metric registers once")
+});
+
+/// Messages received from peers, by what became of them.
+pub static PEER_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_peer_received_total",
+        "Purge messages received from peer corrals: applied, duplicate, own (this corral's); refused and invalid count requests",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// Jumps in a peer's sequence numbers.
+pub static PEER_GAPS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_peer_gaps_total",
+        "Times a peer's purge messages were found missing: everything validated before was treated as purged"
+    )
+    .expect("metric registers once")
+});
+
+/// Times the local cache was dropped, by reason.
+pub static CACHE_DROPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_cache_drops_total",
+        "Times this corral emptied its L1 because it could no longer vouch for it, by reason",
+        &["reason"]
     )
     .expect("metric registers once")
 });

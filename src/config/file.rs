@@ -2,8 +2,8 @@
 //! validation into [`Config`], one function per section.
 
 use super::{
-    key_host, resolve, CacheConfig, Config, ConfigError, LogConfig, PurgeConfig, Rule, ServerConfig,
-    UpstreamConfig,
+    key_host, resolve, CacheConfig, Config, ConfigError, LogConfig, PeerUrl, PeersConfig, PurgeConfig, Rule,
+    ServerConfig, UpstreamConfig,
 };
 
 use std::time::Duration;
@@ -26,6 +26,8 @@ pub(super) struct FileConfig {
     memcached: MemcachedFile,
     #[serde(default)]
     purge: PurgeFile,
+    #[serde(default)]
+    peers: PeersFile,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleFile>,
 }
@@ -213,6 +215,30 @@ impl Default for PurgeFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct PeersFile {
+    urls: Vec<String>,
+    token: String,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    retry_delay: Duration,
+    backlog: usize,
+}
+
+impl Default for PeersFile {
+    fn default() -> Self {
+        PeersFile {
+            urls: Vec::new(),
+            token: String::new(),
+            timeout: Duration::from_secs(1),
+            retry_delay: Duration::from_secs(30),
+            backlog: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RuleFile {
@@ -258,9 +284,11 @@ mod size {
 
 impl FileConfig {
     pub(super) fn validate(self, source: &str) -> Result<Config, ConfigError> {
+        let server = self.server.validate(source)?;
         Ok(Config {
             source: source.to_string(),
-            server: self.server.validate(source)?,
+            peers: self.peers.validate(source, server.listen)?,
+            server,
             upstream: self.upstream.validate(source)?,
             cache: self.cache.validate(source)?,
             log: self.log.validate(source)?,
@@ -543,6 +571,50 @@ impl PurgeFile {
             sweep_interval: p.sweep_interval,
         };
         Ok(purge)
+    }
+}
+
+impl PeersFile {
+    fn validate(self, source: &str, listen: std::net::SocketAddr) -> Result<PeersConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        if self.token.contains(char::is_whitespace) {
+            return err("peers.token", "must not contain spaces".into());
+        }
+        if !self.urls.is_empty() && self.token.is_empty() {
+            return err(
+                "peers.token",
+                "required when peers.urls is set: peers authenticate each other with it".into(),
+            );
+        }
+        if self.timeout < Duration::from_millis(10) || self.timeout > Duration::from_secs(60) {
+            return err("peers.timeout", format!("{:?}: not in 10ms..=60s", self.timeout));
+        }
+        if self.retry_delay < Duration::from_millis(100) {
+            return err(
+                "peers.retry_delay",
+                format!("{:?}: at least 100ms", self.retry_delay),
+            );
+        }
+        if self.backlog == 0 || self.backlog > 1_000_000 {
+            return err("peers.backlog", format!("{} is not in 1..=1000000", self.backlog));
+        }
+        let mut peers: Vec<PeerUrl> = Vec::with_capacity(self.urls.len());
+        for (i, url) in self.urls.iter().enumerate() {
+            let key = format!("peers.urls[{i}]");
+            let peer =
+                PeerUrl::parse(url, listen).map_err(|reason| ConfigError::new(source, &key, reason))?;
+            if peers.iter().any(|p| p.addr == peer.addr && p.tls == peer.tls) {
+                return err(&key, format!("{url:?} is listed twice"));
+            }
+            peers.push(peer);
+        }
+        Ok(PeersConfig {
+            peers,
+            token: Some(self.token).filter(|t| !t.is_empty()),
+            timeout: self.timeout,
+            retry_delay: self.retry_delay,
+            backlog: self.backlog,
+        })
     }
 }
 

@@ -196,3 +196,69 @@ fn purge_invariant_settings_are_checked() {
         assert_eq!(e.key, key, "{e}");
     }
 }
+
+#[test]
+fn peers_are_off_by_default_and_the_keys_have_their_documented_defaults() {
+    let c = parse("").unwrap();
+    assert!(c.peers.peers.is_empty());
+    assert_eq!(c.peers.token, None);
+    assert_eq!(c.peers.timeout, Duration::from_secs(1));
+    assert_eq!(c.peers.retry_delay, Duration::from_secs(30));
+    assert_eq!(c.peers.backlog, 10_000);
+}
+
+#[test]
+fn a_corral_recognises_its_own_address_among_its_peers() {
+    let c = parse(
+        "[server]\nlisten = \"127.0.0.1:6081\"\n[peers]\ntoken = \"s\"\n\
+         urls = [\"http://127.0.0.1:6081\", \"http://127.0.0.1:6091\"]\n",
+    )
+    .unwrap();
+    let own: Vec<bool> = c.peers.peers.iter().map(|p| p.is_self).collect();
+    assert_eq!(own, vec![true, false]);
+    // a wildcard listen address: every address of this machine on that port is this corral
+    let c = parse("[server]\nlisten = \"0.0.0.0:6081\"\n[peers]\ntoken = \"s\"\nurls = [\"http://127.0.0.1:6081\", \"http://127.0.0.1:7000\"]\n").unwrap();
+    let own: Vec<bool> = c.peers.peers.iter().map(|p| p.is_self).collect();
+    assert_eq!(own, vec![true, false]);
+}
+
+#[test]
+fn bad_peer_settings_name_the_key() {
+    let bad = [
+        (
+            "[peers]\nurls = [\"http://127.0.0.1:6091\"]\n",
+            "peers.token",
+            "required",
+        ),
+        (
+            "[peers]\ntoken = \"s\"\nurls = [\"ftp://127.0.0.1:6091\"]\n",
+            "peers.urls[0]",
+            "http://",
+        ),
+        (
+            "[peers]\ntoken = \"s\"\nurls = [\"http://127.0.0.1:6091/x\"]\n",
+            "peers.urls[0]",
+            "no path",
+        ),
+        (
+            "[peers]\ntoken = \"s\"\nurls = [\"http://127.0.0.1:6091\", \"http://127.0.0.1:6091/\"]\n",
+            "peers.urls[1]",
+            "twice",
+        ),
+        (
+            "[peers]\ntoken = \"s\"\nurls = [\"http://no-such-host.invalid:6091\"]\n",
+            "peers.urls[0]",
+            "resolve",
+        ),
+        ("[peers]\ntoken = \"a b\"\n", "peers.token", "spaces"),
+        ("[peers]\ntimeout = \"1ms\"\n", "peers.timeout", "10ms"),
+        ("[peers]\nretry_delay = \"1ms\"\n", "peers.retry_delay", "100ms"),
+        ("[peers]\nbacklog = 0\n", "peers.backlog", "1..="),
+        ("[peers]\nurl = []\n", "peers.url", "unknown field"),
+    ];
+    for (text, key, reason) in bad {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.key, key, "{text}: {e}");
+        assert!(e.reason.contains(reason), "{text}: {e}");
+    }
+}

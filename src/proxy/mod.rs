@@ -43,6 +43,7 @@ use crate::metrics;
 use crate::policy::{self, Effective, RequestDirectives};
 use crate::purge::{self, Verdict};
 use crate::storage::memory::{self, CompleteHit};
+use crate::transport::Cluster;
 
 mod answer;
 mod fast_hit;
@@ -63,6 +64,8 @@ const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-stat
 pub struct Corral {
     cfg: Arc<Config>,
     parts: &'static CacheParts,
+    /// Where accepted purges go (applied here, published to the peers), and peers' arrive.
+    cluster: &'static Cluster,
     /// Connection settings for the upstream, cloned per request.
     peer: HttpPeer,
     /// `upstream.max_connections` slots and the queue in front of them.
@@ -124,7 +127,8 @@ pub struct Ctx {
 }
 
 impl Corral {
-    pub fn new(cfg: Arc<Config>, parts: &'static CacheParts) -> Self {
+    pub fn new(cfg: Arc<Config>, cluster: &'static Cluster) -> Self {
+        let parts = cluster.parts;
         let up = &cfg.upstream;
         let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
         peer.options.connection_timeout = Some(up.connect_timeout);
@@ -139,6 +143,7 @@ impl Corral {
         Corral {
             cfg,
             parts,
+            cluster,
             peer,
             upstream,
             keepalive_secs,
@@ -227,6 +232,13 @@ impl ProxyHttp for Corral {
         }
         if purge::is_purge_method(&req.method) {
             self.handle_purge(session, ctx).await?;
+            return Ok(true);
+        }
+        if req.method == Method::POST
+            && req.uri.path() == crate::transport::peers::PATH
+            && self.cfg.peers.token.is_some()
+        {
+            self.handle_peer_message(session, ctx).await?;
             return Ok(true);
         }
         let req = session.req_header();

@@ -1,6 +1,7 @@
 //! The purge verbs on the proxy listener (PURGE, BAN, PURGEKEYS, PURGETAGS, URIBAN): access
-//! check, parse into a [`crate::purge::Purge`], apply through [`crate::cache::CacheParts::apply`],
-//! answer in JSON.
+//! check, parse into a [`crate::purge::Purge`], accept through
+//! [`crate::transport::Cluster::accept`] (applied here, published to the peers), answer in
+//! JSON. And the peers' own endpoint (`POST /_corral/peers`), where their messages arrive.
 
 use http::{header, StatusCode};
 use pingora_error::Result;
@@ -11,6 +12,7 @@ use super::{respond_json, Corral, Ctx};
 use crate::json;
 use crate::metrics;
 use crate::purge;
+use crate::transport::{Envelope, VERSION};
 
 impl Corral {
     /// Answer a purge request (any verb of [`purge::is_purge_method`]).
@@ -34,7 +36,8 @@ impl Corral {
             .await;
         }
         let site = self.cfg.purge.site_for(&ctx.host);
-        let purge = match purge::parse(session.req_header(), &site, &ctx.path) {
+        let (path, wait) = take_wait_peers(&ctx.path);
+        let purge = match purge::parse(session.req_header(), &site, &path) {
             Ok(p) => p,
             Err(e) => {
                 metrics::PURGES.with_label_values(&["-", "invalid"]).inc();
@@ -43,7 +46,13 @@ impl Corral {
                 return respond_json(session, StatusCode::BAD_REQUEST, body).await;
             }
         };
-        let (purged, l2_ok) = self.parts.apply(&purge).await;
+        let accepted = self.cluster.accept(&purge).await;
+        let (purged, l2_ok) = (accepted.purged, accepted.l2_ok);
+        let peers = if wait {
+            Some(self.cluster.outcomes(accepted.receipts).await)
+        } else {
+            None
+        };
         if !l2_ok {
             // never acknowledge a purge that other corrals may not see: the client retries
             metrics::PURGES
@@ -63,7 +72,109 @@ impl Corral {
             purged,
             kind: purge.kind(),
             soft: purge.soft,
+            peers,
         });
         respond_json(session, StatusCode::OK, body).await
+    }
+
+    /// `POST /_corral/peers`: purge messages from a peer corral ([`crate::transport`]),
+    /// authenticated with `peers.token`, applied through the inbox, never forwarded.
+    pub(super) async fn handle_peer_message(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        ctx.purge = true;
+        let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let given = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let access = purge::Access {
+            allow: vec![
+                "0.0.0.0/0".parse().expect("valid"),
+                "::/0".parse().expect("valid"),
+            ],
+            token: self.cfg.peers.token.clone(),
+        };
+        if !access.permits(ip, given.as_deref()) {
+            metrics::PEER_RECEIVED.with_label_values(&["refused"]).inc();
+            tracing::warn!(source = ?ip, token = given.is_some(), "peer message refused: missing or wrong peers.token, nothing applied");
+            session.set_keepalive(None);
+            let status = if given.is_some() {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            return respond_json(session, status, json::error("peer token missing or wrong")).await;
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            body.extend_from_slice(&chunk);
+            if body.len() > crate::transport::peers::MAX_ENVELOPE_BYTES {
+                metrics::PEER_RECEIVED.with_label_values(&["invalid"]).inc();
+                session.set_keepalive(None);
+                let e = json::error("envelope too large");
+                return respond_json(session, StatusCode::PAYLOAD_TOO_LARGE, e).await;
+            }
+        }
+        let env: Envelope = match serde_json::from_slice(&body) {
+            Ok(env) => env,
+            Err(e) => {
+                metrics::PEER_RECEIVED.with_label_values(&["invalid"]).inc();
+                tracing::warn!(source = ?ip, error = %e, "peer message refused: malformed, nothing applied");
+                return respond_json(
+                    session,
+                    StatusCode::BAD_REQUEST,
+                    json::error(&format!("invalid envelope: {e}")),
+                )
+                .await;
+            }
+        };
+        if env.v != VERSION || env.covers.0 > env.covers.1 {
+            metrics::PEER_RECEIVED.with_label_values(&["invalid"]).inc();
+            tracing::warn!(source = ?ip, version = env.v, "peer message refused: unknown version or bad range, nothing applied");
+            let e = json::error(&format!(
+                "envelope version {} (this corral reads {VERSION}) or covers out of order",
+                env.v
+            ));
+            return respond_json(session, StatusCode::BAD_REQUEST, e).await;
+        }
+        let received = self.cluster.inbox.receive(&env);
+        respond_json(session, StatusCode::OK, json::body(&received)).await
+    }
+}
+
+/// Split `?wait=peers` off a purge's path and query: (what is purged, whether to wait).
+fn take_wait_peers(path: &str) -> (std::borrow::Cow<'_, str>, bool) {
+    let Some((p, query)) = path.split_once('?') else {
+        return (path.into(), false);
+    };
+    if !query.split('&').any(|kv| kv == "wait=peers") {
+        return (path.into(), false);
+    }
+    let rest: Vec<&str> = query.split('&').filter(|kv| *kv != "wait=peers").collect();
+    if rest.is_empty() {
+        (p.to_string().into(), true)
+    } else {
+        (format!("{p}?{}", rest.join("&")).into(), true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_wait_peers;
+
+    #[test]
+    fn wait_peers_is_taken_off_the_purged_url_and_nothing_else() {
+        assert_eq!(take_wait_peers("/a?wait=peers"), ("/a".into(), true));
+        assert_eq!(
+            take_wait_peers("/a?x=1&wait=peers&y=2"),
+            ("/a?x=1&y=2".into(), true)
+        );
+        assert_eq!(take_wait_peers("/a?x=1"), ("/a?x=1".into(), false));
+        assert_eq!(
+            take_wait_peers("/a?wait=peersx"),
+            ("/a?wait=peersx".into(), false)
+        );
+        assert_eq!(take_wait_peers("/a"), ("/a".into(), false));
     }
 }

@@ -35,7 +35,7 @@ pub struct LogRecord {
     pub origin: u64,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum LogWhat {
     Ban(Ban),
@@ -54,13 +54,14 @@ pub enum LogWhat {
         host: String,
         path: String,
     },
+    /// Everything (peer messages only: memcached's log carries it as the generation).
+    All,
 }
 
-impl LogRecord {
-    /// The log record of a purge accepted `at`; `None` for purge-all, which reaches every
-    /// corral through the namespace generation.
-    pub fn of(purge: &Purge, at: SystemTime) -> Option<LogRecord> {
-        let what = match &purge.target {
+impl LogWhat {
+    /// The wire form of a purge's target.
+    pub fn of(target: &Target) -> LogWhat {
+        match target {
             Target::Ban(b) => LogWhat::Ban(b.clone()),
             Target::Tags(tags) => LogWhat::Tags { tags: tags.clone() },
             Target::TagPattern { patterns } => match patterns.as_slice() {
@@ -79,30 +80,13 @@ impl LogRecord {
                 host: host.clone(),
                 path: path.clone(),
             },
-            Target::All => return None,
-        };
-        Some(LogRecord {
-            at_ms: millis(at),
-            soft: purge.soft,
-            what,
-            origin: super::corral_id(),
-        })
+            Target::All => LogWhat::All,
+        }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    /// Decode a record and rebuild its purge; `None` if it does not decode.
-    pub fn decode(bytes: &[u8]) -> Option<(Purge, SystemTime)> {
-        Self::decode_with_origin(bytes).map(|(purge, at, _)| (purge, at))
-    }
-
-    /// [`Self::decode`], with the id of the corral that accepted the purge.
-    pub fn decode_with_origin(bytes: &[u8]) -> Option<(Purge, SystemTime, u64)> {
-        let rec: LogRecord = serde_json::from_slice(bytes).ok()?;
-        let origin = rec.origin;
-        let target = match rec.what {
+    /// The target again; `None` if a header name or pattern does not compile.
+    pub fn into_target(self) -> Option<Target> {
+        Some(match self {
             LogWhat::Ban(ban) => Target::Ban(ban),
             LogWhat::Tags { tags } => Target::Tags(tags),
             LogWhat::TagPattern { header, pattern } => Target::TagPattern {
@@ -123,14 +107,50 @@ impl LogRecord {
                     .collect::<Option<Vec<_>>>()?,
             },
             LogWhat::Url { host, path } => Target::Url { host, path },
-        };
+            LogWhat::All => Target::All,
+        })
+    }
+}
+
+impl LogRecord {
+    /// The log record of a purge accepted `at`; `None` for purge-all, which reaches every
+    /// corral through the namespace generation.
+    pub fn of(purge: &Purge, at: SystemTime) -> Option<LogRecord> {
+        if let Target::All = purge.target {
+            return None;
+        }
+        Some(LogRecord {
+            at_ms: millis(at),
+            soft: purge.soft,
+            what: LogWhat::of(&purge.target),
+            origin: super::corral_id(),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decode a record and rebuild its purge; `None` if it does not decode.
+    pub fn decode(bytes: &[u8]) -> Option<(Purge, SystemTime)> {
+        Self::decode_with_origin(bytes).map(|(purge, at, _)| (purge, at))
+    }
+
+    /// [`Self::decode`], with the id of the corral that accepted the purge.
+    pub fn decode_with_origin(bytes: &[u8]) -> Option<(Purge, SystemTime, u64)> {
+        let rec: LogRecord = serde_json::from_slice(bytes).ok()?;
+        if let LogWhat::All = rec.what {
+            // never written there (purge-all moves the generation): not a record to trust
+            return None;
+        }
+        let target = rec.what.into_target()?;
         Some((
             Purge {
                 target,
                 soft: rec.soft,
             },
             from_millis(rec.at_ms),
-            origin,
+            rec.origin,
         ))
     }
 }

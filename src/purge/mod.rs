@@ -240,7 +240,7 @@ pub use log::{LogRecord, LogWhat};
 use parse::regex;
 pub use parse::{is_purge_method, parse};
 pub use pattern::Pattern;
-pub(crate) use validity::millis;
+pub(crate) use validity::{from_millis, millis};
 pub use validity::{has_tag_header, now_stamp, set_clock_offset, Validity, Verdict, TAG_HEADERS};
 
 #[cfg(test)]

@@ -19,13 +19,24 @@ pub use relay::Relay;
 #[allow(unused_imports)]
 pub use slow::SlowOrigin;
 
-/// A free loopback port (bound then released; the proxy binds it right after).
+/// A free loopback port (bound then released; the proxy binds it right after), never one
+/// this process handed out before: tests that pick several ports before starting anything
+/// (corrals that list each other) must not get the same one twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The `[cache]` and `[[rule]]` parts of a test config; server and upstream are filled in.
@@ -40,6 +51,8 @@ pub struct Conf {
     /// More lines inside `[server]` and `[upstream]` (listen, admin, address are set).
     pub server: Vec<String>,
     pub upstream: Vec<String>,
+    /// Lines inside `[peers]`; the section is written only when there are some.
+    pub peers: Vec<String>,
 }
 
 impl Conf {
@@ -63,6 +76,11 @@ impl Conf {
         self.memcached.push(line.to_string());
         self
     }
+    /// A line inside `[peers]`, e.g. `token = "s3cret"`.
+    pub fn peers(mut self, line: &str) -> Self {
+        self.peers.push(line.to_string());
+        self
+    }
     /// Use these memcached servers for L2. The op timeout is raised from the 50 ms default:
     /// debug builds on a loaded 2-core CI machine are slow, and these tests check behaviour,
     /// not latency (a refused connection still opens the circuit at once).
@@ -79,11 +97,29 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     log: PathBuf,
+    /// The config file and the `bash -c` script it was started with, for [`Proxy::restart`].
+    config: PathBuf,
+    script: String,
     _dir: tempfile::TempDir,
 }
 
 pub fn corral_bin() -> &'static str {
     env!("CARGO_BIN_EXE_corral")
+}
+
+/// `bash -c script corral -c config`, stdout and stderr into `out`.
+fn spawn_corral(script: &str, config: &std::path::Path, out: std::fs::File) -> Child {
+    Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .arg(corral_bin())
+        .arg("-c")
+        .arg(config)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn corral")
 }
 
 impl Proxy {
@@ -94,8 +130,18 @@ impl Proxy {
     /// [`Proxy::start`], with corral run by `bash -c script corral -c FILE` (e.g. to set
     /// limits with `ulimit` first; the script ends with `exec "$0" "$@"`).
     pub async fn start_wrapped(upstream: SocketAddr, conf: Conf, script: &str) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Proxy::launch(addr, upstream, conf, script).await
+    }
+
+    /// [`Proxy::start`] with the proxy listener on `addr` (from [`free_port`]), chosen before
+    /// the start: corrals that list each other (`[peers] urls`) need their addresses first.
+    pub async fn start_on(addr: SocketAddr, upstream: SocketAddr, conf: Conf) -> Proxy {
+        Proxy::launch(addr, upstream, conf, "exec \"$0\" \"$@\"").await
+    }
+
+    async fn launch(addr: SocketAddr, upstream: SocketAddr, conf: Conf, script: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nthreads = 2\n{}\n\n\
@@ -121,32 +167,44 @@ impl Proxy {
             } else {
                 format!("[memcached]\n{}\n", conf.memcached.join("\n"))
             },
-            conf.rules
+            if conf.peers.is_empty() {
+                conf.rules
+            } else {
+                format!("[peers]\n{}\n\n{}", conf.peers.join("\n"), conf.rules)
+            }
         );
         let path = dir.path().join("corral.toml");
         std::fs::write(&path, text).unwrap();
         let log = dir.path().join("corral.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("bash")
-            .arg("-c")
-            .arg(script)
-            .arg(corral_bin())
-            .arg("-c")
-            .arg(&path)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn corral");
+        let child = spawn_corral(script, &path, out);
         let mut proxy = Proxy {
             child,
             addr,
             admin,
             log,
+            config: path,
+            script: script.to_string(),
             _dir: dir,
         };
         proxy.wait_ready().await;
         proxy
+    }
+
+    /// Kill the process hard (SIGKILL): nothing is flushed, nothing delivered.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kill it (if it still runs) and start it again on the same addresses with the same
+    /// config file; its log goes on in the same file, after a `---- restarted ----` line.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let mut out = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        std::io::Write::write_all(&mut out, b"---- restarted ----\n").unwrap();
+        self.child = spawn_corral(&self.script, &self.config, out);
+        self.wait_ready().await;
     }
 
     /// Ready = the admin listener answers /healthz and the proxy port accepts.

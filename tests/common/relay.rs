@@ -1,8 +1,8 @@
-//! A TCP relay between a corral and a server (memcached) that the test can cut and restore:
-//! a network partition for one corral only.
+//! A TCP relay between a corral and a server (memcached, or a peer corral) that the test can
+//! cut and restore: a network partition for one link only.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,6 +12,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
+    refused: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -20,11 +21,13 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (o, c) = (open.clone(), conns.clone());
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (o, c, r) = (open.clone(), conns.clone(), refused.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
                     // cut: the connection is closed at once
+                    r.fetch_add(1, Ordering::SeqCst);
                     continue;
                 }
                 let task = tokio::spawn(async move {
@@ -35,7 +38,12 @@ impl Relay {
                 c.lock().unwrap().push(task.abort_handle());
             }
         });
-        Relay { addr, open, conns }
+        Relay {
+            addr,
+            open,
+            conns,
+            refused,
+        }
     }
 
     /// Cut every connection through the relay, and refuse new ones until [`Self::restore`].
@@ -48,5 +56,11 @@ impl Relay {
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// TCP connections accepted (and closed at once) while cut, since the relay started,
+    /// over every cut: the connection attempts made through a dead link.
+    pub fn attempts_while_cut(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 }

@@ -1,0 +1,488 @@
+//! Purge transports: how a purge accepted by one corral reaches the other corrals of the site
+//! directly, beside memcached's purge log.
+//!
+//! # The message
+//! A purge on the wire is one [`Message`]: versioned, self-describing JSON carrying the
+//! origin corral's id ([`crate::purge::corral_id`], random per process), a sequence number
+//! per origin (from 1, no holes: the receiver notices what it missed), the time the origin
+//! accepted the purge (its clock), and the purge itself. Peers (HTTP) send them in an
+//! [`Envelope`] that says which sequence numbers it accounts for, so that coalesced messages
+//! are not gaps.
+//!
+//! # The interface
+//! [`Transport`] is what a message-queue library would define: `publish` hands a message over
+//! (never blocking; delivery is asynchronous and ordered per destination) and returns one
+//! [`Receipt`] per destination, which `?wait=peers` awaits; the receiving side hands what
+//! arrives to the [`Inbox`]. [`peers::Peers`] (HTTP to each peer, with back-off and a
+//! coalescing backlog) is the first implementation; a broker can be the next.
+//!
+//! # Applying what arrives ([`Inbox::receive`])
+//! - through [`CacheParts::apply_remote`]: the same records and L1 changes as a local purge,
+//!   without memcached's side (the origin logged it and deleted from L2 already);
+//! - never forwarded (only purges accepted from clients are published): no loops, no storms;
+//! - once per (origin, sequence number), whichever way it arrives; the same purge read back
+//!   from memcached's log is idempotent (same record, same time);
+//! - a sequence number that jumps (a message lost, a backlog the sender could not keep)
+//!   makes everything validated before it count as purged (a floor): missed purges cost a
+//!   refetch, never a stale copy.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::cache::CacheParts;
+use crate::metrics;
+use crate::purge::{self, LogWhat, Purge};
+
+pub mod backlog;
+pub mod peers;
+
+/// The version of [`Message`] and [`Envelope`] this corral writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Origins remembered for deduplication (each start of a corral is a new origin).
+const MAX_ORIGINS: usize = 4096;
+
+/// One purge (or "drop your cache") on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    pub v: u32,
+    /// The corral that accepted the purge.
+    pub origin: u64,
+    /// Per origin, from 1, without holes.
+    pub seq: u64,
+    /// When the origin accepted it (ms since the epoch, its clock).
+    pub at_ms: u64,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Body {
+    Purge {
+        soft: bool,
+        target: LogWhat,
+    },
+    /// The sender could not keep this corral's backlog: it empties its L1.
+    DropCache {
+        reason: String,
+    },
+}
+
+impl Message {
+    pub fn new(origin: u64, seq: u64, body: Body) -> Self {
+        Message {
+            v: VERSION,
+            origin,
+            seq,
+            at_ms: purge::millis(purge::now_stamp()),
+            body,
+        }
+    }
+}
+
+/// Messages of one origin, in order, as a peer sends them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub origin: u64,
+    /// The origin's sequence numbers this envelope accounts for, first and last (messages in
+    /// the range that are not in it were coalesced into later ones).
+    pub covers: (u64, u64),
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// How a delivery to one destination ended, for `?wait=peers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum Outcome {
+    Delivered,
+    Failed(String),
+    /// The destination is failed and not retried before its delay is over.
+    BackingOff {
+        failed_ms_ago: u64,
+        retry_in_ms: u64,
+    },
+    TimedOut,
+}
+
+impl From<Outcome> for String {
+    fn from(o: Outcome) -> String {
+        match o {
+            Outcome::Delivered => "delivered".into(),
+            Outcome::Failed(why) => format!("failed: {why}"),
+            Outcome::BackingOff {
+                failed_ms_ago,
+                retry_in_ms,
+            } => format!("backing off: failed {failed_ms_ago} ms ago, retry in {retry_in_ms} ms"),
+            Outcome::TimedOut => "timeout".into(),
+        }
+    }
+}
+
+/// The delivery of one message to one destination.
+pub struct Receipt {
+    pub to: String,
+    pub outcome: BoxFuture<'static, Outcome>,
+}
+
+/// A way to carry purges to the other corrals.
+pub trait Transport: Send + Sync {
+    /// Hand `msg` over for delivery, in publication order per destination. Never blocks.
+    fn publish(&self, msg: Arc<Message>) -> Vec<Receipt>;
+    /// Start delivering (and, for a transport that pulls, receiving into `inbox`).
+    fn start(&'static self, inbox: &'static Inbox);
+    /// What `GET /peers` (or the transport's own admin page) shows.
+    fn status(&self) -> serde_json::Value;
+}
+
+/// What [`Inbox::receive`] did with an envelope.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Received {
+    pub corral: u64,
+    pub applied: usize,
+    pub duplicates: usize,
+    pub gap: bool,
+}
+
+/// The receiving side: deduplicates by (origin, sequence number), notices gaps, applies.
+pub struct Inbox {
+    parts: &'static CacheParts,
+    /// Origin → (last sequence number accounted for, when last heard of).
+    origins: parking_lot::Mutex<HashMap<u64, (u64, Instant)>>,
+}
+
+impl Inbox {
+    pub fn new(parts: &'static CacheParts) -> Self {
+        Inbox {
+            parts,
+            origins: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Apply an envelope's messages that were not applied before, in order.
+    pub fn receive(&self, env: &Envelope) -> Received {
+        let me = purge::corral_id();
+        let mut got = Received {
+            corral: me,
+            ..Received::default()
+        };
+        if env.origin == me {
+            // this corral's own purge, sent back to it by a peer list that names it twice
+            metrics::PEER_RECEIVED
+                .with_label_values(&["own"])
+                .inc_by(env.messages.len() as u64);
+            return got;
+        }
+        // one envelope at a time: the order of an origin's messages is kept across transports
+        let mut origins = self.origins.lock();
+        let last = origins.get(&env.origin).map(|(last, _)| *last);
+        if let Some(last) = last {
+            if env.covers.0 > last + 1 {
+                got.gap = true;
+                metrics::PEER_GAPS.inc();
+                warn!(
+                    origin = env.origin,
+                    expected = last + 1,
+                    got = env.covers.0,
+                    "purge messages missing from a peer (lost, or a backlog it could not keep): every copy validated before now is treated as purged"
+                );
+                self.parts.validity.invalidate_all_before(purge::now_stamp());
+            }
+        }
+        let mut upto = last.unwrap_or(0);
+        for msg in &env.messages {
+            if msg.origin != env.origin || msg.v != VERSION {
+                continue;
+            }
+            if msg.seq <= upto {
+                got.duplicates += 1;
+                continue;
+            }
+            self.apply(msg);
+            upto = upto.max(msg.seq);
+            got.applied += 1;
+        }
+        let upto = upto.max(env.covers.1);
+        if origins.len() >= MAX_ORIGINS && !origins.contains_key(&env.origin) {
+            // forget the origin heard of longest ago (a corral long gone)
+            if let Some(oldest) = origins.iter().min_by_key(|(_, (_, at))| *at).map(|(o, _)| *o) {
+                origins.remove(&oldest);
+            }
+        }
+        origins.insert(env.origin, (upto, Instant::now()));
+        drop(origins);
+        metrics::PEER_RECEIVED
+            .with_label_values(&["applied"])
+            .inc_by(got.applied as u64);
+        metrics::PEER_RECEIVED
+            .with_label_values(&["duplicate"])
+            .inc_by(got.duplicates as u64);
+        got
+    }
+
+    fn apply(&self, msg: &Message) {
+        match &msg.body {
+            Body::Purge { soft, target } => {
+                let Some(target) = target.clone().into_target() else {
+                    // a pattern this corral cannot compile: cover it
+                    self.parts.validity.invalidate_all_before(purge::now_stamp());
+                    return;
+                };
+                let purge = Purge { target, soft: *soft };
+                let at = purge::from_millis(msg.at_ms);
+                let n = self.parts.apply_remote(&purge, at, msg.origin);
+                tracing::debug!(kind = purge.kind(), target = %purge.target_text(), origin = msg.origin, seq = msg.seq, purged = n, "purge from a peer applied");
+            }
+            Body::DropCache { reason } => {
+                self.parts.drop_cache("peer-backlog-overflow", reason);
+            }
+        }
+    }
+}
+
+/// The background service that runs the transports' tasks.
+pub struct Starter(pub &'static Cluster);
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for Starter {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        self.0.start();
+        let _ = shutdown.changed().await;
+    }
+}
+
+/// Every accepted purge goes through here: applied locally, then published on every transport.
+pub struct Cluster {
+    pub parts: &'static CacheParts,
+    pub inbox: &'static Inbox,
+    transports: Vec<&'static dyn Transport>,
+    /// This origin's last sequence number, and the lock that keeps publication in its order.
+    seq: parking_lot::Mutex<u64>,
+    /// The longest `?wait=peers` waits.
+    pub wait_limit: Duration,
+    published: AtomicU64,
+}
+
+/// A purge applied here and handed to the transports.
+pub struct Accepted {
+    /// L1 entries removed or marked stale here.
+    pub purged: usize,
+    /// Whether memcached took it (or there is none).
+    pub l2_ok: bool,
+    pub receipts: Vec<Receipt>,
+}
+
+impl Cluster {
+    /// The cluster of `cfg` (its peers, if any), started.
+    pub fn leak(parts: &'static CacheParts, cfg: &crate::config::Config) -> &'static Cluster {
+        let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(parts)));
+        let mut transports: Vec<&'static dyn Transport> = Vec::new();
+        if cfg.peers.token.is_some() && cfg.peers.peers.iter().any(|p| !p.is_self) {
+            let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers)));
+            transports.push(p);
+        }
+        Box::leak(Box::new(Cluster {
+            parts,
+            inbox,
+            transports,
+            seq: parking_lot::Mutex::new(0),
+            wait_limit: cfg.peers.timeout,
+            published: AtomicU64::new(0),
+        }))
+    }
+
+    /// Start the transports (on the runtime of the caller: a background service's).
+    pub fn start(&'static self) {
+        for t in &self.transports {
+            t.start(self.inbox);
+        }
+    }
+
+    /// Apply `purge` here and hand it to every transport.
+    pub async fn accept(&self, purge: &Purge) -> Accepted {
+        let (purged, l2_ok, at) = self.parts.apply(purge).await;
+        let receipts = self.publish(
+            Body::Purge {
+                soft: purge.soft,
+                target: LogWhat::of(&purge.target),
+            },
+            at,
+        );
+        Accepted {
+            purged,
+            l2_ok,
+            receipts,
+        }
+    }
+
+    fn publish(&self, body: Body, at: SystemTime) -> Vec<Receipt> {
+        if self.transports.is_empty() {
+            return Vec::new();
+        }
+        // numbered and queued under one lock: every destination gets them in order
+        let mut seq = self.seq.lock();
+        *seq += 1;
+        let mut msg = Message::new(purge::corral_id(), *seq, body);
+        msg.at_ms = purge::millis(at);
+        let msg = Arc::new(msg);
+        let receipts = self
+            .transports
+            .iter()
+            .flat_map(|t| t.publish(msg.clone()))
+            .collect();
+        drop(seq);
+        self.published.fetch_add(1, Ordering::Relaxed);
+        receipts
+    }
+
+    /// Await `receipts` (`?wait=peers`), at most [`Self::wait_limit`]: each destination's
+    /// outcome, the worst of its receipts (a batch is delivered when all of it is).
+    pub async fn outcomes(&self, receipts: Vec<Receipt>) -> std::collections::BTreeMap<String, Outcome> {
+        let limit = self.wait_limit;
+        let waits = receipts.into_iter().map(|r| async move {
+            let outcome = tokio::time::timeout(limit, r.outcome)
+                .await
+                .unwrap_or(Outcome::TimedOut);
+            (r.to, outcome)
+        });
+        let mut worst: std::collections::BTreeMap<String, Outcome> = Default::default();
+        for (to, outcome) in futures::future::join_all(waits).await {
+            let e = worst.entry(to).or_insert(Outcome::Delivered);
+            if *e == Outcome::Delivered {
+                *e = outcome;
+            }
+        }
+        worst
+    }
+
+    /// Whether any transport is configured.
+    pub fn has_transports(&self) -> bool {
+        !self.transports.is_empty()
+    }
+
+    /// `GET /peers`.
+    pub fn status(&self) -> serde_json::Value {
+        let transports: Vec<serde_json::Value> = self.transports.iter().map(|t| t.status()).collect();
+        let peers = transports
+            .into_iter()
+            .find_map(|s| s.get("peers").cloned())
+            .unwrap_or_else(|| serde_json::Value::Array(Vec::new()));
+        serde_json::json!({
+            "corral": purge::corral_id(),
+            "published": self.published.load(Ordering::Relaxed),
+            "peers": peers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn url_msg(origin: u64, seq: u64, path: &str) -> Arc<Message> {
+        Arc::new(Message::new(
+            origin,
+            seq,
+            Body::Purge {
+                soft: false,
+                target: LogWhat::Url {
+                    host: "h".into(),
+                    path: path.into(),
+                },
+            },
+        ))
+    }
+
+    fn env(origin: u64, covers: (u64, u64), messages: Vec<Arc<Message>>) -> Envelope {
+        Envelope {
+            v: VERSION,
+            origin,
+            covers,
+            messages,
+        }
+    }
+
+    fn inbox() -> Inbox {
+        Inbox::new(CacheParts::leak(&Config::embedded_default(), None))
+    }
+
+    #[test]
+    fn a_message_is_applied_once_per_origin_and_sequence_number() {
+        let inbox = inbox();
+        let first = inbox.receive(&env(9, (1, 2), vec![url_msg(9, 1, "/a"), url_msg(9, 2, "/b")]));
+        assert_eq!((first.applied, first.duplicates, first.gap), (2, 0, false));
+        // sent again (the answer was lost), plus one new
+        let again = inbox.receive(&env(
+            9,
+            (1, 3),
+            vec![url_msg(9, 1, "/a"), url_msg(9, 2, "/b"), url_msg(9, 3, "/c")],
+        ));
+        assert_eq!((again.applied, again.duplicates, again.gap), (1, 2, false));
+        // another origin counts on its own
+        let other = inbox.receive(&env(10, (1, 1), vec![url_msg(10, 1, "/a")]));
+        assert_eq!(other.applied, 1);
+    }
+
+    #[test]
+    fn a_jump_in_sequence_numbers_is_a_gap_that_floors_everything_validated_before() {
+        let inbox = inbox();
+        inbox.receive(&env(9, (1, 1), vec![url_msg(9, 1, "/a")]));
+        let floor_before = inbox.parts.validity.floor_ms();
+        let got = inbox.receive(&env(9, (5, 5), vec![url_msg(9, 5, "/b")]));
+        assert!(got.gap);
+        assert_eq!(got.applied, 1);
+        assert!(inbox.parts.validity.floor_ms() > floor_before);
+        // coalesced messages inside a range are not gaps
+        let got = inbox.receive(&env(9, (6, 9), vec![url_msg(9, 9, "/c")]));
+        assert!(!got.gap);
+        // and a message whose seq fell in a range accounted for is a duplicate
+        let got = inbox.receive(&env(9, (8, 8), vec![url_msg(9, 8, "/d")]));
+        assert_eq!((got.applied, got.duplicates), (0, 1));
+    }
+
+    #[test]
+    fn this_corrals_own_messages_are_skipped_and_foreign_ones_in_an_envelope_ignored() {
+        let inbox = inbox();
+        let me = purge::corral_id();
+        let got = inbox.receive(&env(me, (1, 1), vec![url_msg(me, 1, "/a")]));
+        assert_eq!(got.applied, 0);
+        // a message claiming another origin inside an envelope is not applied under it
+        let got = inbox.receive(&env(9, (1, 2), vec![url_msg(9, 1, "/a"), url_msg(11, 2, "/b")]));
+        assert_eq!(got.applied, 1);
+    }
+
+    #[test]
+    fn the_message_is_versioned_self_describing_json() {
+        let m = url_msg(9, 3, "/p?q=1");
+        let text = serde_json::to_string(&*m).unwrap();
+        assert!(
+            text.starts_with("{\"v\":1,\"origin\":9,\"seq\":3,\"at_ms\":"),
+            "{text}"
+        );
+        assert!(text.contains("\"body\":{\"type\":\"purge\",\"soft\":false,\"target\":{\"kind\":\"url\",\"host\":\"h\",\"path\":\"/p?q=1\"}}"), "{text}");
+        let back: Message = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.seq, 3);
+        let all = Message::new(
+            9,
+            4,
+            Body::Purge {
+                soft: false,
+                target: LogWhat::All,
+            },
+        );
+        assert!(serde_json::to_string(&all)
+            .unwrap()
+            .contains("{\"kind\":\"all\"}"));
+        let drop = Message::new(9, 5, Body::DropCache { reason: "x".into() });
+        assert!(serde_json::to_string(&drop)
+            .unwrap()
+            .contains("\"body\":{\"type\":\"drop-cache\",\"reason\":\"x\"}"));
+    }
+}
