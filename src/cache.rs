@@ -102,9 +102,7 @@ impl CacheParts {
     pub async fn apply(&self, purge: &Purge) -> (usize, bool, SystemTime) {
         let at = purge::now_stamp();
         if let Target::All = purge.target {
-            let n = self.storage.l1.stats().entries;
-            self.validity.invalidate_all_before(at);
-            self.storage.l1.clear();
+            let n = self.clear_all(at);
             let l2_ok = match &self.storage.l2 {
                 Some(l2) => l2.bump_generation().await.is_some(),
                 None => true,
@@ -114,67 +112,65 @@ impl CacheParts {
         // every other purge is a record, here and (through the purge log) at every corral of
         // the namespace: for a URL it also covers a fill that began before the purge and ends
         // after it, and other corrals' L1 copies
-        self.validity.record(purge, at);
-        let logged = self.log(purge, at);
-        let Target::Url { host, path } = &purge.target else {
-            return (0, logged.await, at);
-        };
-        let key = key::for_url(host, path);
-        if purge.soft {
-            // the L2 copy stays: the record makes it stale for every corral, served stale
-            // while one request revalidates
-            let n = self.storage.l1.expire_primary(&key.primary_bin());
-            (n, logged.await, at)
-        } else {
-            // logged before the L2 delete: a corral whose fill writes to memcached without a
-            // lease checks the log after its write, so either it sees this record or this
-            // delete comes after its write (see Tiered::write_l2)
-            let logged = logged.await;
-            let (n, deleted) = self.remove_url(&key).await;
-            (n, deleted && logged, at)
+        let n = self.apply_here(purge, at, purge::corral_id());
+        let logged = self.log(purge, at).await;
+        match (&purge.target, &self.storage.l2) {
+            // the L2 copy of a soft-purged URL stays: the record makes it stale for every
+            // corral, served stale while one request revalidates.
+            // A hard one is deleted after it is logged: a corral whose fill writes to
+            // memcached without a lease checks the log after its write, so either it sees
+            // this record or this delete comes after its write (see Tiered::write_l2)
+            (Target::Url { host, path }, Some(l2)) if !purge.soft => {
+                let deleted = l2.delete(&l2.key(&key::for_url(host, path).combined())).await;
+                (n, deleted && logged, at)
+            }
+            _ => (n, logged, at),
         }
     }
 
     /// Apply a purge another corral (`origin`) accepted at `at` (its clock) and sent this one
-    /// directly: the same records and L1 changes as [`Self::apply`], without memcached's side,
-    /// which the origin took care of. Returns how many L1 entries it removed or marked stale.
+    /// directly: what [`Self::apply`] does here, without memcached's side, which the origin
+    /// took care of. Returns how many L1 entries it removed or marked stale.
     pub fn apply_remote(&self, purge: &Purge, at: SystemTime, origin: u64) -> usize {
-        match &purge.target {
-            Target::All => {
-                let n = self.storage.l1.stats().entries;
-                // this corral's clock: at least as late as the origin's answer, give or take
-                // the skew, and everything before it goes
-                self.validity.invalidate_all_before(purge::now_stamp().max(at));
-                self.storage.l1.clear();
-                n
-            }
-            Target::Url { host, path } => {
-                self.validity.record_by(purge, at, origin);
-                let key = key::for_url(host, path);
-                if purge.soft {
-                    self.storage.l1.expire_primary(&key.primary_bin())
-                } else {
-                    let removed = self.storage.l1.remove_primary(&key.primary_bin());
-                    for compact in &removed {
-                        self.eviction
-                            .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
-                    }
-                    removed.len()
-                }
-            }
-            _ => {
-                self.validity.record_by(purge, at, origin);
-                0
-            }
+        match purge.target {
+            // this corral's clock, at least as late as the origin's accept give or take the
+            // skew (the caller caps `at`): everything validated before goes
+            Target::All => self.clear_all(purge::now_stamp().max(at)),
+            _ => self.apply_here(purge, at, origin),
         }
+    }
+
+    /// The part of a purge (but purge-all) that is this corral's alone: the record, and for a
+    /// URL its L1 copies removed (hard) or made stale (soft).
+    fn apply_here(&self, purge: &Purge, at: SystemTime, by: u64) -> usize {
+        self.validity.record_by(purge, at, by);
+        let Target::Url { host, path } = &purge.target else {
+            return 0;
+        };
+        let primary = key::for_url(host, path).primary_bin();
+        if purge.soft {
+            return self.storage.l1.expire_primary(&primary);
+        }
+        let removed = self.storage.l1.remove_primary(&primary);
+        for compact in &removed {
+            self.eviction
+                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+        }
+        removed.len()
+    }
+
+    /// Everything validated before `at` is invalid, and L1 is emptied: how many entries it held.
+    fn clear_all(&self, at: SystemTime) -> usize {
+        let n = self.storage.l1.stats().entries;
+        self.validity.invalidate_all_before(at);
+        self.storage.l1.clear();
+        n
     }
 
     /// Empty L1 because this corral can no longer vouch for it, loudly: everything validated
     /// before now counts as purged (also fills in progress and what L2 holds from before).
     pub fn drop_cache(&self, reason: &'static str, detail: &str) {
-        let dropped = self.storage.l1.stats().entries;
-        self.validity.invalidate_all_before(purge::now_stamp());
-        self.storage.l1.clear();
+        let dropped = self.clear_all(purge::now_stamp());
         metrics::CACHE_DROPS.with_label_values(&[reason]).inc();
         tracing::error!(reason, dropped, "dropping stale cache: {detail}");
     }

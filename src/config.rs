@@ -188,6 +188,12 @@ impl PeerUrl {
             return Err(format!("{url:?}: no path: peers are reached at their root"));
         }
         let authority = uri.authority().ok_or_else(|| format!("{url:?}: needs a host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "{:?}: no user or password in the URL (peers authenticate with peers.token)",
+                authority.host()
+            ));
+        }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let addr = (host, port)

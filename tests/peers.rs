@@ -308,6 +308,7 @@ async fn every_purge_kind_at_a_reaches_b_and_c_within_100ms_exactly_once() {
     }
     versioned(&origin, "/t", &[("xkey", "tag-t")]);
     versioned(&origin, "/batch-t", &[("xkey", "batch-tag")]);
+    versioned(&origin, "/mag", &[("x-magento-tags", "cat_p_1,cms_b")]);
     // grace: a soft-purged copy is served stale while one request refreshes it
     let f = Fleet::start(&origin, Conf::default().cache("grace = \"30s\""), &[], false).await;
     let (a, b, c) = (&f.a, &f.b, &f.c);
@@ -366,6 +367,18 @@ async fn every_purge_kind_at_a_reaches_b_and_c_within_100ms_exactly_once() {
         assert_miss(p, "/t", "PURGEKEYS").await;
     }
     assert_eq!(origin.hits("/t"), 4);
+
+    // a tag pattern (Magento 2's shape)
+    warm(&peers, &["/mag"]).await;
+    let pattern = [("x-magento-tags-pattern", "((^|,)cat_p_1(,|$))")];
+    let r = purge(a, "PURGE", "/", &pattern).await;
+    let answered = Instant::now();
+    sent += 1.0;
+    propagated(&peers, &r, answered, sent, "tag pattern").await;
+    for p in peers {
+        assert_miss(p, "/mag", "tag pattern").await;
+    }
+    assert_eq!(origin.hits("/mag"), 4);
 
     // an admin batch: a URL and a tag, two purges, two messages
     warm(&peers, &["/batch-u", "/batch-t"]).await;
@@ -858,4 +871,36 @@ async fn admin_peers_lists_every_peer_up_with_its_counts() {
     }
     let listed = v["peers"].as_array().map_or(0, Vec::len);
     assert!((2..=3).contains(&listed), "B, C and maybe A itself: {v}");
+}
+
+/// Without memcached nothing else carries a purge that a corral accepted and died with: the
+/// peers notice its restart (same node, new id) and count everything before as purged.
+#[tokio::test]
+async fn a_restarted_sender_without_memcached_makes_its_peers_drop_what_it_may_have_lost() {
+    let _serial = SERIAL.lock().await;
+    let origin = Origin::start().await;
+    for p in ["/r1", "/r2", "/kept"] {
+        versioned(&origin, p, &[]);
+    }
+    let mut f = Fleet::start(&origin, Conf::default(), &[], false).await;
+    assert_eq!(purge(&f.a, "PURGE", "/r1", &[]).await.status, 200);
+    applied_everywhere(&[&f.b, &f.c], 1.0, Instant::now(), "the first A's purge").await;
+    warm(&[&f.b], &["/kept"]).await;
+    // A dies (with whatever it had not delivered) and comes back as a new process
+    f.a.kill();
+    f.a.restart().await;
+    let r = purge(&f.a, "PURGE", "/r2?wait=peers", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(parse(&r.body)["peers"][&f.b_url()], "delivered", "{}", r.body);
+    // B could not know what the first A lost: /kept, never purged, is fetched again
+    assert_miss(&f.b, "/kept", "after a peer restarted").await;
+    let drops = "corral_cache_drops_total{reason=\"peer-restart\"}";
+    assert_eq!(counter(&f.b, drops).await, 1.0);
+    assert!(
+        f.b.log_text().contains("dropping stale cache: peer"),
+        "the drop is logged"
+    );
+    // once per restart, not once per message
+    assert_eq!(purge(&f.a, "PURGE", "/r1?wait=peers", &[]).await.status, 200);
+    assert_eq!(counter(&f.b, drops).await, 1.0);
 }

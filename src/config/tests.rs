@@ -251,6 +251,11 @@ fn bad_peer_settings_name_the_key() {
             "resolve",
         ),
         ("[peers]\ntoken = \"a b\"\n", "peers.token", "spaces"),
+        (
+            "[peers]\ntoken = \"s\"\nurls = [\"http://u:secret@127.0.0.1:6091\"]\n",
+            "peers.urls[0]",
+            "no user or password",
+        ),
         ("[peers]\ntimeout = \"1ms\"\n", "peers.timeout", "10ms"),
         ("[peers]\nretry_delay = \"1ms\"\n", "peers.retry_delay", "100ms"),
         ("[peers]\nbacklog = 0\n", "peers.backlog", "1..="),

@@ -66,6 +66,8 @@ pub struct Corral {
     parts: &'static CacheParts,
     /// Where accepted purges go (applied here, published to the peers), and peers' arrive.
     cluster: &'static Cluster,
+    /// Who may send peer messages: `peers.token`, from a peer's address or `purge.allow`.
+    peer_access: purge::Access,
     /// Connection settings for the upstream, cloned per request.
     peer: HttpPeer,
     /// `upstream.max_connections` slots and the queue in front of them.
@@ -140,7 +142,14 @@ impl Corral {
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         let upstream = Arc::new(UpstreamSlots::new(up));
         let keepalive_secs = cfg.server.limits.keepalive_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let mut allow = cfg.purge.access.allow.clone();
+        allow.extend(cfg.peers.peers.iter().map(|p| ipnet::IpNet::from(p.addr.ip())));
+        let peer_access = purge::Access {
+            allow,
+            token: cfg.peers.token.clone(),
+        };
         Corral {
+            peer_access,
             cfg,
             parts,
             cluster,

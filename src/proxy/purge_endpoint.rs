@@ -12,7 +12,7 @@ use super::{respond_json, Corral, Ctx};
 use crate::json;
 use crate::metrics;
 use crate::purge;
-use crate::transport::{Envelope, VERSION};
+use crate::transport::{Envelope, Inbox, VERSION};
 
 impl Corral {
     /// Answer a purge request (any verb of [`purge::is_purge_method`]).
@@ -88,16 +88,9 @@ impl Corral {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let access = purge::Access {
-            allow: vec![
-                "0.0.0.0/0".parse().expect("valid"),
-                "::/0".parse().expect("valid"),
-            ],
-            token: self.cfg.peers.token.clone(),
-        };
-        if !access.permits(ip, given.as_deref()) {
+        if !self.peer_access.permits(ip, given.as_deref()) {
             metrics::PEER_RECEIVED.with_label_values(&["refused"]).inc();
-            tracing::warn!(source = ?ip, token = given.is_some(), "peer message refused: missing or wrong peers.token, nothing applied");
+            tracing::warn!(source = ?ip, token = given.is_some(), "peer message refused: missing or wrong peers.token, or a source neither a peer nor in purge.allow; nothing applied");
             session.set_keepalive(None);
             let status = if given.is_some() {
                 StatusCode::FORBIDDEN
@@ -129,14 +122,18 @@ impl Corral {
                 .await;
             }
         };
-        if env.v != VERSION || env.covers.0 > env.covers.1 {
-            metrics::PEER_RECEIVED.with_label_values(&["invalid"]).inc();
-            tracing::warn!(source = ?ip, version = env.v, "peer message refused: unknown version or bad range, nothing applied");
-            let e = json::error(&format!(
-                "envelope version {} (this corral reads {VERSION}) or covers out of order",
+        let checked = if env.v == VERSION {
+            Inbox::check(&env)
+        } else {
+            Err(format!(
+                "envelope version {} (this corral reads {VERSION})",
                 env.v
-            ));
-            return respond_json(session, StatusCode::BAD_REQUEST, e).await;
+            ))
+        };
+        if let Err(why) = checked {
+            metrics::PEER_RECEIVED.with_label_values(&["invalid"]).inc();
+            tracing::warn!(source = ?ip, error = %why, "peer message refused: malformed, nothing applied");
+            return respond_json(session, StatusCode::BAD_REQUEST, json::error(&why)).await;
         }
         let received = self.cluster.inbox.receive(&env);
         respond_json(session, StatusCode::OK, json::body(&received)).await

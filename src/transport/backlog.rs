@@ -18,6 +18,10 @@ use crate::purge::LogWhat;
 /// Messages sent in one request at most.
 pub const MAX_BATCH: usize = 256;
 
+/// Bytes of purge targets sent in one request at most (the receiver takes up to 8 MiB): a
+/// batch of long ban patterns is cut short rather than refused.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// What [`Backlog::push`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -69,8 +73,15 @@ impl Backlog {
         self.live == 0
     }
 
-    /// Queue `msg` (sequence numbers increase from one push to the next).
+    /// Queue `msg` (sequence numbers increase from one push to the next), with the limit
+    /// for a healthy peer raised to `limit` (a failed peer keeps `self.limit`).
     pub fn push(&mut self, msg: Arc<Message>) -> Pushed {
+        let limit = self.limit;
+        self.push_within(msg, limit)
+    }
+
+    /// [`Self::push`], overflowing past `limit` messages.
+    pub fn push_within(&mut self, mut msg: Arc<Message>, limit: usize) -> Pushed {
         if self.slots.is_empty() && self.live == 0 {
             self.pending_from = msg.seq;
         }
@@ -84,36 +95,49 @@ impl Backlog {
             self.live = 0;
         }
         let mut pushed = Pushed::Queued;
-        if let Body::Purge { soft, target } = &msg.body {
-            if !supersedes {
-                let key = serde_json::to_string(target).unwrap_or_default();
-                if let Some((old_seq, old_soft)) = self.index.get(&key).copied() {
-                    // a soft purge leaves an earlier hard one of the same target in place
-                    if !*soft || old_soft {
-                        self.forget(old_seq);
-                        pushed = Pushed::Coalesced;
-                    }
-                }
-                self.index.insert(key, (msg.seq, *soft));
+        let purge_key = match &msg.body {
+            Body::Purge { soft, target } if !supersedes => {
+                Some((serde_json::to_string(target).unwrap_or_default(), *soft))
             }
+            _ => None,
+        };
+        if let Some((key, soft)) = purge_key {
+            if let Some((old_seq, old_soft)) = self.index.get(&key).copied() {
+                // a soft purge leaves an earlier hard one of the same target in place
+                if !soft || old_soft {
+                    if let Some(old_at) = self.forget(old_seq) {
+                        // numbered after it but accepted before it (two purges racing
+                        // through memcached): the one sent keeps the later time
+                        if old_at > msg.at_ms {
+                            Arc::make_mut(&mut msg).at_ms = old_at;
+                        }
+                    }
+                    pushed = Pushed::Coalesced;
+                }
+            }
+            self.index.insert(key, (msg.seq, soft));
         }
         let seq = msg.seq;
         self.slots.push_back((seq, Some(msg)));
         self.live += 1;
-        if self.live > self.limit {
+        if self.live > limit.max(1) {
             self.overflow(seq);
             return Pushed::Overflowed;
+        }
+        if self.slots.len() > 2 * self.live + 64 {
+            // replaced messages leave holes; a hot tag purged all day while the peer is down
+            // must not grow the queue
+            self.slots.retain(|(_, m)| m.is_some());
         }
         pushed
     }
 
-    /// Tombstone the message with sequence number `seq`.
-    fn forget(&mut self, seq: u64) {
-        if let Ok(i) = self.slots.binary_search_by_key(&seq, |(s, _)| *s) {
-            if self.slots[i].1.take().is_some() {
-                self.live -= 1;
-            }
-        }
+    /// Drop the message with sequence number `seq`; its accept time.
+    fn forget(&mut self, seq: u64) -> Option<u64> {
+        let i = self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        let old = self.slots[i].1.take()?;
+        self.live -= 1;
+        Some(old.at_ms)
     }
 
     /// Replace everything queued (up to `seq`) by one "drop your cache" message.
@@ -137,20 +161,29 @@ impl Backlog {
         self.live = 1;
     }
 
-    /// The next messages to send, at most `max`, or `None` if nothing waits.
+    /// The next messages to send, at most `max` (and about [`MAX_BATCH_BYTES`]), or `None` if
+    /// nothing waits. The batch covers up to its last message: holes after it belong to a
+    /// message still queued, and are covered when it is sent.
     pub fn batch(&self, max: usize) -> Option<Batch> {
         if self.live == 0 {
             return None;
         }
         let mut messages = Vec::new();
         let mut last = self.pending_from;
+        let mut bytes = 0;
         for (seq, msg) in &self.slots {
+            let Some(m) = msg else {
+                continue;
+            };
+            let size = m.wire_size();
+            if !messages.is_empty() && bytes + size > MAX_BATCH_BYTES {
+                break;
+            }
+            bytes += size;
             last = *seq;
-            if let Some(m) = msg {
-                messages.push(m.clone());
-                if messages.len() >= max.max(1) {
-                    break;
-                }
+            messages.push(m.clone());
+            if messages.len() >= max.max(1) {
+                break;
             }
         }
         Some(Batch {
@@ -264,6 +297,8 @@ mod tests {
         assert_eq!(batch.covers, (1, 4));
         assert_eq!(batch.messages.len(), 2);
         assert_eq!(batch.messages[0].seq, 3);
+        // a probe carries the oldest message, and covers only up to it
+        assert_eq!(b.batch(1).unwrap().covers, (1, 3));
     }
 
     #[test]
@@ -303,6 +338,64 @@ mod tests {
         // a purge of a URL delivered before is queued again, not coalesced into nothing
         assert_eq!(b.push(url(11, "/3", false)), Pushed::Queued);
         assert_eq!(b.batch(MAX_BATCH).unwrap().covers, (11, 11));
+    }
+
+    #[test]
+    fn a_batch_never_covers_a_replaced_message_whose_replacement_it_does_not_carry() {
+        let mut b = Backlog::new(100);
+        b.push(url(1, "/a", false));
+        b.push(url(2, "/b", false));
+        b.push(url(3, "/a", false));
+        // the probe carries /b (2) only: seq 1 (/a) is replaced by 3, which is not in it
+        let probe = b.batch(1).unwrap();
+        assert_eq!(probe.covers, (1, 2));
+        b.delivered(probe.covers.1);
+        assert_eq!(b.batch(MAX_BATCH).unwrap().covers, (3, 3));
+    }
+
+    #[test]
+    fn the_message_kept_by_coalescing_keeps_the_later_accept_time() {
+        let mut b = Backlog::new(100);
+        let mut first = Message::new(7, 1, url(1, "/a", false).body.clone());
+        first.at_ms = 2_000;
+        let mut second = Message::new(7, 2, url(2, "/a", false).body.clone());
+        second.at_ms = 1_000;
+        b.push(Arc::new(first));
+        assert_eq!(b.push(Arc::new(second)), Pushed::Coalesced);
+        let batch = b.batch(MAX_BATCH).unwrap();
+        assert_eq!((batch.messages[0].seq, batch.messages[0].at_ms), (2, 2_000));
+    }
+
+    #[test]
+    fn replaced_messages_do_not_grow_the_queue() {
+        let mut b = Backlog::new(100);
+        for i in 1..=100_000 {
+            b.push(url(i, "/hot", false));
+        }
+        assert_eq!(b.len(), 1);
+        assert!(b.slots.len() < 200, "{} slots", b.slots.len());
+        assert_eq!(b.batch(MAX_BATCH).unwrap().covers, (1, 100_000));
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes() {
+        let mut b = Backlog::new(1000);
+        let long = "x".repeat(16 * 1024);
+        for i in 1..=200 {
+            b.push(url(i, &format!("/{i}/{long}"), false));
+        }
+        let batch = b.batch(MAX_BATCH).unwrap();
+        let bytes: usize = batch
+            .messages
+            .iter()
+            .map(|m| serde_json::to_vec(&**m).unwrap().len())
+            .sum();
+        assert!(
+            batch.messages.len() < 200 && bytes <= MAX_BATCH_BYTES,
+            "{} messages, {bytes} bytes",
+            batch.messages.len()
+        );
+        assert_eq!(batch.covers, (1, batch.messages.len() as u64));
     }
 
     #[test]

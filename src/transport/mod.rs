@@ -33,7 +33,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
 
 use crate::cache::CacheParts;
 use crate::metrics;
@@ -75,6 +74,29 @@ pub enum Body {
 }
 
 impl Message {
+    /// About how many bytes it takes in an envelope (its target's text, and the rest).
+    pub fn wire_size(&self) -> usize {
+        let target = match &self.body {
+            Body::Purge { target, .. } => match target {
+                LogWhat::Ban(b) => [&b.host, &b.url, &b.content_type]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.as_str().len())
+                    .sum(),
+                LogWhat::Tags { tags } => tags.iter().map(|t| t.len() + 3).sum(),
+                LogWhat::TagPattern { header, pattern } => header.len() + pattern.len(),
+                LogWhat::TagPatterns { patterns } => {
+                    patterns.iter().map(|(h, p)| h.len() + p.len() + 8).sum()
+                }
+                LogWhat::Url { host, path } => host.len() + path.len(),
+                LogWhat::All => 0,
+            },
+            Body::DropCache { reason } => reason.len(),
+        };
+        // JSON escapes at most double a pattern's bytes (backslashes)
+        2 * target + 160
+    }
+
     pub fn new(origin: u64, seq: u64, body: Body) -> Self {
         Message {
             v: VERSION,
@@ -91,6 +113,9 @@ impl Message {
 pub struct Envelope {
     pub v: u32,
     pub origin: u64,
+    /// The sender's host name and port: stable across its restarts, unlike `origin`.
+    #[serde(default)]
+    pub node: String,
     /// The origin's sequence numbers this envelope accounts for, first and last (messages in
     /// the range that are not in it were coalesced into later ones).
     pub covers: (u64, u64),
@@ -153,19 +178,80 @@ pub struct Received {
 /// The receiving side: deduplicates by (origin, sequence number), notices gaps, applies.
 pub struct Inbox {
     parts: &'static CacheParts,
+    /// `purge.clock_skew`: an accept time further ahead of this corral's clock is capped.
+    skew: Duration,
     /// Origin → (last sequence number accounted for, when last heard of).
     origins: parking_lot::Mutex<HashMap<u64, (u64, Instant)>>,
+    /// Sender node (host name and port) → its origin id: a new id for a known node is a
+    /// corral that restarted, and whatever it had not delivered is lost.
+    nodes: parking_lot::Mutex<HashMap<String, u64>>,
+}
+
+/// What is to be done with one message of an envelope, worked out before the inbox is locked
+/// (patterns compiled, times capped).
+enum Prepared {
+    Purge(Purge, SystemTime),
+    Drop(String),
+    /// It cannot be applied here (a newer version, a pattern that does not compile): covered
+    /// by treating everything validated before as purged.
+    Cover(&'static str),
 }
 
 impl Inbox {
-    pub fn new(parts: &'static CacheParts) -> Self {
+    pub fn new(parts: &'static CacheParts, skew: Duration) -> Self {
         Inbox {
             parts,
+            skew,
             origins: parking_lot::Mutex::new(HashMap::new()),
+            nodes: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
-    /// Apply an envelope's messages that were not applied before, in order.
+    /// Check an envelope: its messages are the origin's, in increasing order, and `covers`
+    /// ends with the last of them (so a range can never swallow messages it does not carry).
+    pub fn check(env: &Envelope) -> Result<(), String> {
+        let (Some(first), Some(last)) = (env.messages.first(), env.messages.last()) else {
+            return Err("no messages".into());
+        };
+        if env.messages.iter().any(|m| m.origin != env.origin) {
+            return Err("a message of another origin".into());
+        }
+        if env.messages.windows(2).any(|w| w[0].seq >= w[1].seq) {
+            return Err("messages out of order".into());
+        }
+        if env.covers.0 > first.seq || env.covers.1 != last.seq || env.covers.0 == 0 {
+            return Err(format!(
+                "covers [{}, {}] does not end with its last message ({}) or starts after its first ({})",
+                env.covers.0, env.covers.1, last.seq, first.seq
+            ));
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, msg: &Message) -> Prepared {
+        if msg.v != VERSION {
+            return Prepared::Cover("a message of a newer version");
+        }
+        match &msg.body {
+            Body::Purge { soft, target } => match target.clone().into_target() {
+                Some(target) => {
+                    // an accept time ahead of this clock by more than the skew would keep
+                    // copies validated until then invalid: capped
+                    let latest = purge::now_stamp() + self.skew;
+                    let at = purge::from_millis(msg.at_ms).min(latest);
+                    Prepared::Purge(Purge { target, soft: *soft }, at)
+                }
+                None => Prepared::Cover("a pattern this corral cannot compile"),
+            },
+            Body::DropCache { reason } => Prepared::Drop(
+                // a peer's text, logged at ERROR: one line, bounded
+                reason.chars().filter(|c| !c.is_control()).take(200).collect(),
+            ),
+        }
+    }
+
+    /// Apply an envelope's messages that were not applied before, in order. The envelope must
+    /// have passed [`Self::check`].
     pub fn receive(&self, env: &Envelope) -> Received {
         let me = purge::corral_id();
         let mut got = Received {
@@ -179,36 +265,45 @@ impl Inbox {
                 .inc_by(env.messages.len() as u64);
             return got;
         }
+        let prepared: Vec<(u64, Prepared)> = env.messages.iter().map(|m| (m.seq, self.prepare(m))).collect();
         // one envelope at a time: the order of an origin's messages is kept across transports
         let mut origins = self.origins.lock();
         let last = origins.get(&env.origin).map(|(last, _)| *last);
-        if let Some(last) = last {
-            if env.covers.0 > last + 1 {
+        match last {
+            Some(last) if env.covers.0 > last.saturating_add(1) => {
                 got.gap = true;
                 metrics::PEER_GAPS.inc();
-                warn!(
-                    origin = env.origin,
-                    expected = last + 1,
-                    got = env.covers.0,
-                    "purge messages missing from a peer (lost, or a backlog it could not keep): every copy validated before now is treated as purged"
+                let detail = format!(
+                    "purge messages {}..{} from corral {} never arrived (lost, or a backlog it could not keep)",
+                    last.saturating_add(1),
+                    env.covers.0 - 1,
+                    env.origin
                 );
-                self.parts.validity.invalidate_all_before(purge::now_stamp());
+                self.parts.drop_cache("peer-gap", &detail);
             }
+            Some(_) => {}
+            None => self.new_origin(env),
         }
         let mut upto = last.unwrap_or(0);
-        for msg in &env.messages {
-            if msg.origin != env.origin || msg.v != VERSION {
-                continue;
-            }
-            if msg.seq <= upto {
+        for (seq, what) in prepared {
+            if seq <= upto {
                 got.duplicates += 1;
                 continue;
             }
-            self.apply(msg);
-            upto = upto.max(msg.seq);
+            upto = seq;
             got.applied += 1;
+            match what {
+                Prepared::Purge(purge, at) => {
+                    let n = self.parts.apply_remote(&purge, at, env.origin);
+                    tracing::debug!(kind = purge.kind(), target = %purge.target_text(), origin = env.origin, seq, purged = n, "purge from a peer applied");
+                }
+                Prepared::Drop(reason) => self.parts.drop_cache("peer-backlog-overflow", &reason),
+                Prepared::Cover(why) => {
+                    let detail = format!("{why} from corral {}", env.origin);
+                    self.parts.drop_cache("peer-message-unreadable", &detail);
+                }
+            }
         }
-        let upto = upto.max(env.covers.1);
         if origins.len() >= MAX_ORIGINS && !origins.contains_key(&env.origin) {
             // forget the origin heard of longest ago (a corral long gone)
             if let Some(oldest) = origins.iter().min_by_key(|(_, (_, at))| *at).map(|(o, _)| *o) {
@@ -226,24 +321,43 @@ impl Inbox {
         got
     }
 
-    fn apply(&self, msg: &Message) {
-        match &msg.body {
-            Body::Purge { soft, target } => {
-                let Some(target) = target.clone().into_target() else {
-                    // a pattern this corral cannot compile: cover it
-                    self.parts.validity.invalidate_all_before(purge::now_stamp());
-                    return;
-                };
-                let purge = Purge { target, soft: *soft };
-                let at = purge::from_millis(msg.at_ms);
-                let n = self.parts.apply_remote(&purge, at, msg.origin);
-                tracing::debug!(kind = purge.kind(), target = %purge.target_text(), origin = msg.origin, seq = msg.seq, purged = n, "purge from a peer applied");
+    /// The first envelope of an origin (under the origins lock). If its node was heard of
+    /// under another id, that corral restarted: purges it accepted and had not delivered were
+    /// lost with it. Without memcached, nothing else carries them: everything validated
+    /// before counts as purged. With memcached, its purge log has them.
+    fn new_origin(&self, env: &Envelope) {
+        if env.node.is_empty() {
+            return;
+        }
+        let mut nodes = self.nodes.lock();
+        let before = nodes.insert(env.node.clone(), env.origin);
+        if nodes.len() > MAX_ORIGINS {
+            nodes.clear();
+        }
+        drop(nodes);
+        match before {
+            Some(old) if old != env.origin && self.parts.storage.l2.is_none() => {
+                let detail = format!(
+                    "peer {} restarted (corral {old} is now {}): purges it had not delivered are lost",
+                    env.node, env.origin
+                );
+                self.parts.drop_cache("peer-restart", &detail);
             }
-            Body::DropCache { reason } => {
-                self.parts.drop_cache("peer-backlog-overflow", reason);
+            Some(old) if old != env.origin => {
+                tracing::info!(node = %env.node, old, new = env.origin, "peer restarted: purges it had not delivered are in memcached's purge log");
             }
+            _ => {}
         }
     }
+}
+
+/// This machine's name (for [`Envelope::node`]); `localhost` if it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The background service that runs the transports' tasks.
@@ -281,10 +395,11 @@ pub struct Accepted {
 impl Cluster {
     /// The cluster of `cfg` (its peers, if any), started.
     pub fn leak(parts: &'static CacheParts, cfg: &crate::config::Config) -> &'static Cluster {
-        let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(parts)));
+        let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(parts, cfg.purge.clock_skew)));
         let mut transports: Vec<&'static dyn Transport> = Vec::new();
         if cfg.peers.token.is_some() && cfg.peers.peers.iter().any(|p| !p.is_self) {
-            let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers)));
+            let node = format!("{}:{}", host_name(), cfg.server.listen.port());
+            let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers, node)));
             transports.push(p);
         }
         Box::leak(Box::new(Cluster {
@@ -401,16 +516,22 @@ mod tests {
     }
 
     fn env(origin: u64, covers: (u64, u64), messages: Vec<Arc<Message>>) -> Envelope {
-        Envelope {
+        let env = Envelope {
             v: VERSION,
             origin,
+            node: String::new(),
             covers,
             messages,
-        }
+        };
+        Inbox::check(&env).expect("a valid envelope");
+        env
     }
 
     fn inbox() -> Inbox {
-        Inbox::new(CacheParts::leak(&Config::embedded_default(), None))
+        Inbox::new(
+            CacheParts::leak(&Config::embedded_default(), None),
+            Duration::from_secs(1),
+        )
     }
 
     #[test]
@@ -430,8 +551,8 @@ mod tests {
         assert_eq!(other.applied, 1);
     }
 
-    #[test]
-    fn a_jump_in_sequence_numbers_is_a_gap_that_floors_everything_validated_before() {
+    #[tokio::test]
+    async fn a_jump_in_sequence_numbers_is_a_gap_that_floors_everything_validated_before() {
         let inbox = inbox();
         inbox.receive(&env(9, (1, 1), vec![url_msg(9, 1, "/a")]));
         let floor_before = inbox.parts.validity.floor_ms();
@@ -448,14 +569,70 @@ mod tests {
     }
 
     #[test]
-    fn this_corrals_own_messages_are_skipped_and_foreign_ones_in_an_envelope_ignored() {
+    fn this_corrals_own_messages_are_skipped() {
         let inbox = inbox();
         let me = purge::corral_id();
         let got = inbox.receive(&env(me, (1, 1), vec![url_msg(me, 1, "/a")]));
         assert_eq!(got.applied, 0);
-        // a message claiming another origin inside an envelope is not applied under it
-        let got = inbox.receive(&env(9, (1, 2), vec![url_msg(9, 1, "/a"), url_msg(11, 2, "/b")]));
+    }
+
+    #[test]
+    fn an_envelope_whose_range_could_swallow_messages_is_refused() {
+        let raw = |origin, covers, messages| Envelope {
+            v: VERSION,
+            origin,
+            node: String::new(),
+            covers,
+            messages,
+        };
+        // a range past its last message would make later messages duplicates
+        assert!(Inbox::check(&raw(9, (1, u64::MAX), vec![url_msg(9, 1, "/a")])).is_err());
+        assert!(Inbox::check(&raw(9, (2, 1), vec![url_msg(9, 1, "/a")])).is_err());
+        assert!(Inbox::check(&raw(9, (0, 1), vec![url_msg(9, 1, "/a")])).is_err());
+        assert!(Inbox::check(&raw(9, (1, 1), vec![])).is_err());
+        assert!(Inbox::check(&raw(9, (1, 2), vec![url_msg(9, 1, "/a"), url_msg(11, 2, "/b")])).is_err());
+        assert!(Inbox::check(&raw(9, (1, 2), vec![url_msg(9, 2, "/a"), url_msg(9, 1, "/b")])).is_err());
+        assert!(Inbox::check(&raw(9, (1, 3), vec![url_msg(9, 2, "/a"), url_msg(9, 3, "/b")])).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_accept_time_far_ahead_of_this_clock_is_capped() {
+        let inbox = inbox();
+        let mut m = Message::new(
+            9,
+            1,
+            Body::Purge {
+                soft: false,
+                target: LogWhat::All,
+            },
+        );
+        m.at_ms = purge::millis(SystemTime::now()) + 3_600_000;
+        inbox.receive(&env(9, (1, 1), vec![Arc::new(m)]));
+        let floor = inbox.parts.validity.floor_ms();
+        assert!(
+            floor <= purge::millis(SystemTime::now()) + 1_500,
+            "floor an hour ahead: {floor}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_known_node_under_a_new_id_restarted_and_its_lost_purges_are_covered() {
+        let inbox = inbox();
+        let with_node = |origin, seq| {
+            let mut e = env(origin, (seq, seq), vec![url_msg(origin, seq, "/a")]);
+            e.node = "web1:6081".into();
+            e
+        };
+        inbox.receive(&with_node(20, 1));
+        let floor = inbox.parts.validity.floor_ms();
+        std::thread::sleep(Duration::from_millis(5));
+        // the same node, a new process: its first message, seq 1 again
+        let got = inbox.receive(&with_node(21, 1));
         assert_eq!(got.applied, 1);
+        assert!(
+            inbox.parts.validity.floor_ms() > floor,
+            "a restart without memcached floors"
+        );
     }
 
     #[test]

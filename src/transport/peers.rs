@@ -47,7 +47,15 @@ pub struct Peers {
     token: String,
     timeout: Duration,
     retry_delay: Duration,
+    /// `peers.backlog`: the bound of a failed peer's queue (a healthy one's in-flight queue
+    /// may hold [`HEALTHY_BACKLOG_FACTOR`] times that, e.g. one large admin batch).
+    backlog: usize,
+    /// This corral's host name and port ([`Envelope::node`]).
+    node: String,
 }
+
+/// How much more a healthy peer's queue may hold than a failed one's.
+const HEALTHY_BACKLOG_FACTOR: usize = 4;
 
 /// One peer: its queue and what `GET /peers` shows, and its task's wake-up.
 struct Peer {
@@ -88,7 +96,7 @@ struct PeerStatus<'a> {
 }
 
 impl Peers {
-    pub fn new(cfg: &PeersConfig) -> Self {
+    pub fn new(cfg: &PeersConfig, node: String) -> Self {
         let peers = cfg
             .peers
             .iter()
@@ -121,6 +129,8 @@ impl Peers {
             token: cfg.token.clone().unwrap_or_default(),
             timeout: cfg.timeout,
             retry_delay: cfg.retry_delay,
+            backlog: cfg.backlog,
+            node,
         }
     }
 
@@ -213,6 +223,7 @@ impl Peers {
         let env = Envelope {
             v: VERSION,
             origin: purge::corral_id(),
+            node: self.node.clone(),
             covers: *covers,
             messages: messages.to_vec(),
         };
@@ -279,6 +290,8 @@ impl Peers {
     /// fails meanwhile, backing off at once if the peer is failed and not due for a retry.
     fn receipt(&self, peer: &Arc<Peer>, seq: u64) -> Receipt {
         let mut rx = peer.progress.subscribe();
+        // read before the state: a failure in between is then this receipt's "failed"
+        let failures_before = rx.borrow().1;
         let backing_off = {
             let st = peer.state.lock();
             match (st.failed_since, st.retry_at) {
@@ -289,7 +302,6 @@ impl Peers {
                 _ => None,
             }
         };
-        let failures_before = rx.borrow().1;
         let to = peer_url(peer);
         let peer = peer.clone();
         let outcome = async move {
@@ -331,7 +343,12 @@ impl Transport for Peers {
                     continue;
                 }
                 let labels = [peer.url.url.as_str()];
-                if st.backlog.push(msg.clone()) == Pushed::Overflowed {
+                let limit = if st.failed_since.is_some() {
+                    self.backlog
+                } else {
+                    self.backlog.saturating_mul(HEALTHY_BACKLOG_FACTOR)
+                };
+                if st.backlog.push_within(msg.clone(), limit) == Pushed::Overflowed {
                     st.dropped += 1;
                     metrics::PEER_DROPPED.with_label_values(&labels).inc();
                     warn!(peer = %peer.url.url, "peer backlog overflow: its purges are replaced by one 'drop your cache' message");
