@@ -1,14 +1,18 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/stats` (JSON), `/peers`
-//! (each peer corral's state, JSON), and the purge endpoints `POST /purge` (a batch) and
-//! `POST /purge/all` (both take `?wait=peers`).
+//! (each peer corral's state, JSON), `/events` (server-sent events: each cache drop), and the
+//! purge endpoints `POST /purge` (a batch) and `POST /purge/all` (both take `?wait=peers`).
 //!
 //! It binds to loopback by default (`server.admin`); the purge endpoints also require the
 //! `[purge]` allow-list and token, like purges on the proxy listener.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use http::{Response, StatusCode};
-use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_http::ResponseHeader;
 
 use crate::cache::CacheParts;
 use crate::json;
@@ -36,7 +40,74 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Vec<u
 }
 
 #[async_trait]
-impl ServeHttp for Admin {
+impl HttpServerApp for Admin {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !session.read_request().await.ok()? {
+            return None;
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(60));
+        }
+        if session.req_header().uri.path() == "/events" {
+            self.events(session, shutdown.clone()).await;
+            return None;
+        }
+        let (parts, body) = self.response(&mut session).await.into_parts();
+        let head: ResponseHeader = parts.into();
+        session.write_response_header(Box::new(head)).await.ok()?;
+        session.write_response_body(body.into(), true).await.ok()?;
+        let settings = HttpPersistentSettings::for_session(&session);
+        session
+            .finish()
+            .await
+            .ok()
+            .flatten()
+            .map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
+    }
+}
+
+impl Admin {
+    /// `GET /events`: every cache drop from now on, as server-sent events (`data: <json>`),
+    /// until the client goes or corral stops. A comment line first, and every 15 s.
+    async fn events(&self, mut session: ServerSession, mut shutdown: ShutdownWatch) {
+        let mut events = crate::events::subscribe();
+        let mut head = match ResponseHeader::build(StatusCode::OK, Some(3)) {
+            Ok(h) => h,
+            Err(_) => return,
+        };
+        let _ = head.insert_header(http::header::CONTENT_TYPE, "text/event-stream");
+        let _ = head.insert_header(http::header::CACHE_CONTROL, "no-store");
+        session.set_keepalive(None);
+        if session.write_response_header(Box::new(head)).await.is_err() {
+            return;
+        }
+        let mut line = bytes::Bytes::from_static(b": connected\n\n");
+        loop {
+            if session.write_response_body(line, false).await.is_err() {
+                return;
+            }
+            line = tokio::select! {
+                got = events.recv() => match got {
+                    Ok(event) => bytes::Bytes::from(format!("data: {event}\n\n")),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        bytes::Bytes::from(format!(": {n} events missed\n\n"))
+                    }
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                    bytes::Bytes::from_static(b": keep-alive\n\n")
+                }
+                _ = shutdown.changed() => return,
+            };
+        }
+    }
+
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let post = session.req_header().method == http::Method::POST;
@@ -66,9 +137,7 @@ impl ServeHttp for Admin {
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
     }
-}
 
-impl Admin {
     async fn purge(&self, session: &mut ServerSession, path: &str) -> Response<Vec<u8>> {
         let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let auth = session

@@ -61,7 +61,9 @@ impl CacheParts {
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
         let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(
             cfg.cache.hit_for_miss_keys.div_ceil(SHARDS),
-            None,
+            // a response of an older upstream generation (mid-deploy) says nothing about the
+            // URL: it is not remembered as uncacheable (hit-for-miss)
+            Some(|reason: &'static str| reason == crate::generation::SUPERSEDED),
         )));
         Box::leak(Box::new(CacheParts {
             storage,
@@ -170,9 +172,22 @@ impl CacheParts {
     /// Empty L1 because this corral can no longer vouch for it, loudly: everything validated
     /// before now counts as purged (also fills in progress and what L2 holds from before).
     pub fn drop_cache(&self, reason: &'static str, detail: &str) {
-        let dropped = self.clear_all(purge::now_stamp());
-        metrics::CACHE_DROPS.with_label_values(&[reason]).inc();
-        tracing::error!(reason, dropped, "dropping stale cache: {detail}");
+        self.drop_cache_at(reason, None, None, purge::now_stamp(), detail);
+    }
+
+    /// [`Self::drop_cache`] for a change of generation `old` → `new`, with everything validated
+    /// before `floor` counting as purged. Returns how many entries L1 held.
+    pub fn drop_cache_at(
+        &self,
+        reason: &'static str,
+        old: Option<&str>,
+        new: Option<&str>,
+        floor: SystemTime,
+        detail: &str,
+    ) -> usize {
+        let dropped = self.clear_all(floor);
+        crate::events::dropped(reason, old, new, dropped, detail);
+        dropped
     }
 
     /// Append `purge` to memcached's purge log, which every corral of the namespace applies to

@@ -52,6 +52,8 @@ pub struct Config {
     pub purge: PurgeConfig,
     /// `[peers]`: the other corrals of the site, which every accepted purge is sent to.
     pub peers: PeersConfig,
+    /// `[generation]`: the upstream's generation, and the drops when it changes.
+    pub generation: GenerationConfig,
     /// The L2 tier; `None` = L1 only.
     pub memcached: Option<crate::storage::memcached::L2Config>,
     /// Ordered; the first rule that matches a request decides.
@@ -159,6 +161,56 @@ pub struct PeersConfig {
     pub retry_delay: Duration,
     /// Messages kept per failed peer; beyond, the queue becomes one "drop your cache".
     pub backlog: usize,
+}
+
+/// `[generation]` ([`crate::generation`]).
+#[derive(Debug, Clone, Default)]
+pub struct GenerationConfig {
+    /// The response header that carries the upstream's generation; `None`: off.
+    pub header: Option<http::HeaderName>,
+    /// Polled on the upstream every `interval`: (path and query, Host; "" = the upstream's).
+    pub poll: Option<(String, String)>,
+    pub interval: Duration,
+    /// How long an older generation must be the only one seen to count as a rollback.
+    pub settle: Duration,
+    /// Where each drop event is POSTed.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// One entry of `generation.webhooks`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub host: String,
+    pub path: String,
+}
+
+impl Webhook {
+    pub fn parse(url: &str) -> Result<Webhook, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{url:?}: must start with http:// or https://")),
+        };
+        let authority = uri.authority().ok_or_else(|| format!("{url:?}: needs a host"))?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("{url:?}: cannot resolve: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url:?}: resolves to nothing"))?;
+        Ok(Webhook {
+            url: url.to_string(),
+            addr,
+            tls,
+            host: authority.as_str().rsplit('@').next().unwrap_or(host).to_string(),
+            path: uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+        })
+    }
 }
 
 /// One entry of `peers.urls`.

@@ -25,8 +25,11 @@
 pub mod admin;
 pub mod cache;
 pub mod cache_status;
+pub mod client;
 pub mod config;
 pub mod conn;
+pub mod events;
+pub mod generation;
 pub mod json;
 pub mod key;
 pub mod lock;
@@ -52,18 +55,23 @@ use crate::proxy::Corral;
 /// Nothing is bound until the server runs. Fails only if the memcached client cannot be built
 /// (a server name that does not resolve); a server that is down is not an error.
 pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
+    // the memcached client resolves names here and dials lazily, on the proxy's own runtime
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let l2 = match &cfg.memcached {
-        Some(m) => {
-            // the client resolves names here and dials lazily, on the proxy's own runtime
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            Some(
-                rt.block_on(storage::memcached::L2::connect(m))
-                    .map_err(anyhow::Error::msg)?,
-            )
-        }
+        Some(m) => Some(
+            rt.block_on(storage::memcached::L2::connect(m))
+                .map_err(anyhow::Error::msg)?,
+        ),
         None => None,
+    };
+    let with_generation = cfg.generation.header.is_some() || cfg.generation.poll.is_some();
+    // the namespace's current upstream generation: a restarted corral that sees it again
+    // does not take it for a change (memcached down: the first one seen is adopted)
+    let shared_generation = match (&l2, with_generation) {
+        (Some(l2), true) => rt.block_on(l2.upstream_generation()),
+        _ => None,
     };
     let cfg = Arc::new(cfg);
     let conf = ServerConf {
@@ -79,6 +87,8 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
 
     let parts = CacheParts::leak(&cfg, l2);
     let cluster = transport::Cluster::leak(parts, &cfg);
+    let generations =
+        with_generation.then(|| generation::Generations::leak(&cfg, cluster, shared_generation));
     let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(cfg.clone(), cluster));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -96,6 +106,17 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
         "ban sweeper",
         purge::sweep::Sweeper::new(parts.storage, cfg.purge.sweep_interval),
     ));
+
+    if generations.is_some() || !cfg.generation.webhooks.is_empty() {
+        // the generation poll and the webhooks' deliveries, on their own runtime
+        server.add_service(pingora_core::services::background::background_service(
+            "generation and events",
+            generation::Background {
+                generations,
+                cfg: cfg.clone(),
+            },
+        ));
+    }
 
     if cluster.has_transports() {
         // delivery to peers, on its own runtime: never on a request's path

@@ -416,6 +416,35 @@ pub static CACHE_DROPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// The upstream generation this corral holds as current (1), and those it held (0).
+pub static UPSTREAM_GENERATION: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "corral_upstream_generation_info",
+        "The upstream's generation ([generation] header or url): 1 for the current one",
+        &["generation"]
+    )
+    .expect("metric registers once")
+});
+
+/// Responses of an older upstream generation, served and not stored.
+pub static GENERATION_SUPERSEDED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_generation_superseded_total",
+        "Responses carrying an older upstream generation than the current one (mid-deploy): served, not stored"
+    )
+    .expect("metric registers once")
+});
+
+/// Webhook deliveries of events, by result.
+pub static WEBHOOKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_webhook_deliveries_total",
+        "Events POSTed to generation.webhooks: ok, failed (after every retry), dropped (queue full)",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

@@ -2,8 +2,8 @@
 //! validation into [`Config`], one function per section.
 
 use super::{
-    key_host, resolve, CacheConfig, Config, ConfigError, LogConfig, PeerUrl, PeersConfig, PurgeConfig, Rule,
-    ServerConfig, UpstreamConfig,
+    key_host, resolve, CacheConfig, Config, ConfigError, GenerationConfig, LogConfig, PeerUrl, PeersConfig,
+    PurgeConfig, Rule, ServerConfig, UpstreamConfig,
 };
 
 use std::time::Duration;
@@ -28,6 +28,8 @@ pub(super) struct FileConfig {
     purge: PurgeFile,
     #[serde(default)]
     peers: PeersFile,
+    #[serde(default)]
+    generation: GenerationFile,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleFile>,
 }
@@ -239,6 +241,80 @@ impl Default for PeersFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct GenerationFile {
+    header: String,
+    url: String,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    #[serde(with = "humantime_serde")]
+    settle: Duration,
+    webhooks: Vec<String>,
+}
+
+impl Default for GenerationFile {
+    fn default() -> Self {
+        GenerationFile {
+            header: String::new(),
+            url: String::new(),
+            interval: Duration::from_secs(5),
+            settle: Duration::from_secs(10),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+impl GenerationFile {
+    fn validate(self, source: &str) -> Result<GenerationConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let header = match self.header.as_str() {
+            "" => None,
+            h => match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => return err("generation.header", format!("{h:?} is not a header name")),
+            },
+        };
+        let poll = match self.url.as_str() {
+            "" => None,
+            u if u.starts_with('/') => Some((u.to_string(), String::new())),
+            u => {
+                let uri: http::Uri = match u.parse() {
+                    Ok(uri) => uri,
+                    Err(e) => return err("generation.url", format!("{u:?}: {e}")),
+                };
+                let (Some("http" | "https"), Some(host)) = (uri.scheme_str(), uri.host()) else {
+                    return err(
+                        "generation.url",
+                        format!("{u:?}: a path (\"/_generation\") or an http URL of the site"),
+                    );
+                };
+                let path = uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+                Some((path, host.to_string()))
+            }
+        };
+        if self.interval < Duration::from_millis(100) {
+            return err(
+                "generation.interval",
+                format!("{:?}: at least 100ms", self.interval),
+            );
+        }
+        let mut webhooks = Vec::with_capacity(self.webhooks.len());
+        for (i, url) in self.webhooks.iter().enumerate() {
+            let hook = super::Webhook::parse(url)
+                .map_err(|reason| ConfigError::new(source, format!("generation.webhooks[{i}]"), reason))?;
+            webhooks.push(hook);
+        }
+        Ok(GenerationConfig {
+            header,
+            poll,
+            interval: self.interval,
+            settle: self.settle,
+            webhooks,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RuleFile {
@@ -285,11 +361,13 @@ mod size {
 impl FileConfig {
     pub(super) fn validate(self, source: &str) -> Result<Config, ConfigError> {
         let server = self.server.validate(source)?;
+        let upstream = self.upstream.validate(source)?;
         Ok(Config {
             source: source.to_string(),
             peers: self.peers.validate(source, server.listen)?,
+            generation: self.generation.validate(source)?,
             server,
-            upstream: self.upstream.validate(source)?,
+            upstream,
             cache: self.cache.validate(source)?,
             log: self.log.validate(source)?,
             memcached: self.memcached.validate(source)?,

@@ -267,3 +267,28 @@ fn bad_peer_settings_name_the_key() {
         assert!(e.reason.contains(reason), "{text}: {e}");
     }
 }
+
+#[test]
+fn generation_settings_are_off_by_default_and_checked() {
+    let c = parse("").unwrap();
+    assert!(c.generation.header.is_none() && c.generation.poll.is_none());
+    assert_eq!(c.generation.interval, Duration::from_secs(5));
+    assert_eq!(c.generation.settle, Duration::from_secs(10));
+    let c = parse("[generation]\nheader = \"X-Generation\"\nurl = \"http://www.example.org/_gen?x=1\"\nwebhooks = [\"http://127.0.0.1:9/hook\"]\n").unwrap();
+    assert_eq!(c.generation.header.unwrap().as_str(), "x-generation");
+    assert_eq!(
+        c.generation.poll,
+        Some(("/_gen?x=1".into(), "www.example.org".into()))
+    );
+    assert_eq!(c.generation.webhooks[0].path, "/hook");
+    let bad = [
+        ("[generation]\nheader = \"a b\"\n", "generation.header"),
+        ("[generation]\nurl = \"ftp://x/y\"\n", "generation.url"),
+        ("[generation]\ninterval = \"1ms\"\n", "generation.interval"),
+        ("[generation]\nwebhooks = [\"nope\"]\n", "generation.webhooks[0]"),
+    ];
+    for (text, key) in bad {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.key, key, "{text}: {e}");
+    }
+}

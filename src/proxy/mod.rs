@@ -126,6 +126,8 @@ pub struct Ctx {
     upstream_slot: Option<UpstreamSlot>,
     /// Every upstream slot was taken: answered 503 (or stale).
     upstream_busy: bool,
+    /// The upstream's response carries an older generation than the current one: not stored.
+    superseded: bool,
 }
 
 impl Corral {
@@ -199,6 +201,7 @@ impl ProxyHttp for Corral {
             refused: false,
             upstream_slot: None,
             upstream_busy: false,
+            superseded: false,
         }
     }
 
@@ -448,6 +451,17 @@ impl ProxyHttp for Corral {
         }
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         ctx.upstream_header_time = ctx.upstream_started.map(|t| t.elapsed());
+        if let Some(g) = crate::generation::get() {
+            let value = g
+                .header()
+                .and_then(|h| upstream_response.headers.get(h))
+                .and_then(|v| crate::generation::value_of(v.as_bytes()));
+            if let Some(value) = value {
+                // a new generation drops the cache (this response is stored after the drop);
+                // an older one (mid-deploy) is served and not stored
+                ctx.superseded = !g.observe(value, ctx.arrived);
+            }
+        }
         let no_body = matches!(upstream_response.status.as_u16(), 101 | 204 | 304)
             || session.req_header().method == Method::HEAD
             || upstream_response
@@ -500,7 +514,13 @@ impl ProxyHttp for Corral {
             // Pingora merges only a few fields of a 304; RFC 9111 §3.2 wants all of them
             policy::merge_not_modified(&mut resp, &fields);
         }
-        let decision = policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now());
+        let decision = if ctx.superseded {
+            RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(
+                crate::generation::SUPERSEDED,
+            ))
+        } else {
+            policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now())
+        };
         ctx.storing = decision.is_cacheable();
         if !ctx.storing {
             if let Some(key) = session.cache.maybe_cache_key() {

@@ -210,6 +210,10 @@ pub struct Follower {
     checkpointed: AtomicU64,
     /// A record found missing, and since when ([`Self::given_up_on`]).
     missing: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
+    /// This corral dropped its L1 for a new upstream generation while the namespace
+    /// generation was this; a move from it to the next, until then, is that change's (one
+    /// corral moves it for all), and is adopted without a second drop.
+    expected_move: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 impl Follower {
@@ -235,7 +239,14 @@ impl Follower {
             epoch: parking_lot::Mutex::new(None),
             checkpointed: AtomicU64::new(0),
             missing: parking_lot::Mutex::new(None),
+            expected_move: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// This corral dropped its L1 for a new upstream generation while the namespace generation
+    /// was `from`: the move to `from + 1` in the next few seconds is that change's.
+    pub fn expect_move(&self, from: u64) {
+        *self.expected_move.lock() = Some((from, std::time::Instant::now() + Duration::from_secs(5)));
     }
 
     /// Every [`WATCH_INTERVAL`], read the namespace's control keys ([`Self::sync`]): the
@@ -375,7 +386,13 @@ impl Follower {
             return false;
         }
         let first = !self.synced.load(Ordering::Acquire);
-        if !self.adopt_generation(l2, generation, state.generation, first) {
+        let upstream = if state.generation != generation && !first {
+            // what the move was for, if an upstream generation change (crate::generation)
+            l2.upstream_generation().await
+        } else {
+            None
+        };
+        if !self.adopt_generation(l2, generation, state.generation, first, upstream) {
             // this corral moved it meanwhile (a purge-all of its own): read again next time
             return false;
         }
@@ -446,13 +463,13 @@ impl Follower {
     /// are fetched anew, once each) and follow the log from `seq` on.
     fn resync(&self, epoch: Option<u64>, seq: u64, why: &str) {
         self.validity.invalidate_all_before(now_stamp());
+        let dropped = self.l1.stats().entries;
+        self.l1.clear();
         *self.epoch.lock() = epoch;
         self.seen.store(seq, Ordering::Release);
         metrics::PURGE_LOG_RESETS.inc();
-        warn!(
-            seq,
-            "memcached's purge log was reset ({why}): purges may have been lost, every copy validated before now is treated as purged"
-        );
+        let detail = format!("memcached's purge log was reset ({why}) at {seq}: purges may have been lost, every copy validated before now is treated as purged");
+        crate::events::dropped("purge-log-reset", None, None, dropped, &detail);
     }
 
     /// Apply records `seen + 1 ..= seq`, read [`LOG_BATCH`] at a time; false if they could
@@ -550,7 +567,14 @@ impl Follower {
     /// when the read began); if it moved, drop L1 (loudly). A purge of everything elsewhere
     /// also covers fills in progress here: everything validated before now counts as purged.
     /// The first one read is adopted quietly (L1 holds nothing of the cluster's yet).
-    fn adopt_generation(&self, l2: &L2, before: u64, new: u64, first: bool) -> bool {
+    fn adopt_generation(
+        &self,
+        l2: &L2,
+        before: u64,
+        new: u64,
+        first: bool,
+        upstream: Option<String>,
+    ) -> bool {
         if new == before {
             return true;
         }
@@ -561,6 +585,14 @@ impl Follower {
         if first {
             return true;
         }
+        let expected = self.expected_move.lock().take();
+        if expected.is_some_and(|(from, until)| {
+            from == before && new == before + 1 && std::time::Instant::now() < until
+        }) {
+            // the move this corral's own upstream generation change made (here or at another
+            // corral that saw it too): L1 was dropped for it already
+            return true;
+        }
         let old = before;
         self.validity.invalidate_all_before(now_stamp());
         let dropped = self.l1.stats().entries;
@@ -569,19 +601,32 @@ impl Follower {
             // the counter never expires: it vanished with memcached's contents (a restart, a
             // flush) or was evicted. What it stood for may come back under reused keys
             metrics::PURGE_LOG_RESETS.inc();
-            warn!(
-                from = old,
-                to = new,
-                dropped,
-                "memcached namespace generation went backwards (memcached restarted or flushed): local cache dropped, every copy validated before now is treated as purged"
-            );
-        } else {
-            warn!(
-                from = old,
-                to = new,
-                dropped,
-                "memcached namespace generation changed (purge of everything): local cache dropped"
-            );
+            let detail = format!("memcached namespace generation went backwards ({old} -> {new}: memcached restarted or flushed); every copy validated before now is treated as purged");
+            crate::events::dropped("namespace-generation", None, None, dropped, &detail);
+            return true;
+        }
+        let generations = crate::generation::get();
+        let known = generations.and_then(|g| g.current());
+        match upstream.filter(|u| known.as_ref() != Some(u)) {
+            Some(u) => {
+                // another corral saw a new upstream generation and moved the namespace for it
+                if let Some(g) = generations {
+                    g.adopt(&u);
+                }
+                let detail = format!("another corral saw the upstream's generation change to {u:?} and moved memcached's namespace ({old} -> {new})");
+                crate::events::dropped(
+                    "namespace-generation",
+                    known.as_deref(),
+                    Some(&u),
+                    dropped,
+                    &detail,
+                );
+            }
+            None => {
+                let detail =
+                    format!("memcached namespace generation changed ({old} -> {new}): a purge of everything");
+                crate::events::dropped("namespace-generation", None, None, dropped, &detail);
+            }
         }
         true
     }

@@ -88,6 +88,8 @@ impl Backlog {
         let supersedes = match &msg.body {
             Body::DropCache { .. } => true,
             Body::Purge { target, .. } => matches!(target, LogWhat::All),
+            // dropped at the receiver only if it does not hold that generation already
+            Body::Generation { .. } => false,
         };
         if supersedes {
             self.slots.clear();
@@ -248,6 +250,7 @@ mod tests {
                 } => (m.seq, path.clone()),
                 Body::Purge { target, .. } => (m.seq, format!("{target:?}")),
                 Body::DropCache { .. } => (m.seq, "drop".into()),
+                Body::Generation { new, .. } => (m.seq, new.clone()),
             })
             .collect()
     }

@@ -71,6 +71,12 @@ pub enum Body {
     DropCache {
         reason: String,
     },
+    /// The sender saw the upstream's generation change ([`crate::generation`]): the receiver
+    /// drops its L1 unless it already holds `new` as current.
+    Generation {
+        old: String,
+        new: String,
+    },
 }
 
 impl Message {
@@ -92,6 +98,7 @@ impl Message {
                 LogWhat::All => 0,
             },
             Body::DropCache { reason } => reason.len(),
+            Body::Generation { old, new } => old.len() + new.len(),
         };
         // JSON escapes at most double a pattern's bytes (backslashes)
         2 * target + 160
@@ -192,6 +199,7 @@ pub struct Inbox {
 enum Prepared {
     Purge(Purge, SystemTime),
     Drop(String),
+    Generation(String, String),
     /// It cannot be applied here (a newer version, a pattern that does not compile): covered
     /// by treating everything validated before as purged.
     Cover(&'static str),
@@ -243,10 +251,8 @@ impl Inbox {
                 }
                 None => Prepared::Cover("a pattern this corral cannot compile"),
             },
-            Body::DropCache { reason } => Prepared::Drop(
-                // a peer's text, logged at ERROR: one line, bounded
-                reason.chars().filter(|c| !c.is_control()).take(200).collect(),
-            ),
+            Body::DropCache { reason } => Prepared::Drop(line(reason)),
+            Body::Generation { old, new } => Prepared::Generation(line(old), line(new)),
         }
     }
 
@@ -298,6 +304,25 @@ impl Inbox {
                     tracing::debug!(kind = purge.kind(), target = %purge.target_text(), origin = env.origin, seq, purged = n, "purge from a peer applied");
                 }
                 Prepared::Drop(reason) => self.parts.drop_cache("peer-backlog-overflow", &reason),
+                Prepared::Generation(old, new) => {
+                    let known = crate::generation::get().and_then(|g| g.current());
+                    if known.as_deref() != Some(new.as_str()) {
+                        if let Some(g) = crate::generation::get() {
+                            g.adopt(&new);
+                        }
+                        let detail = format!(
+                            "corral {} saw the upstream's generation change from {old:?} to {new:?}",
+                            env.origin
+                        );
+                        self.parts.drop_cache_at(
+                            "peer-generation",
+                            Some(&old),
+                            Some(&new),
+                            purge::now_stamp(),
+                            &detail,
+                        );
+                    }
+                }
                 Prepared::Cover(why) => {
                     let detail = format!("{why} from corral {}", env.origin);
                     self.parts.drop_cache("peer-message-unreadable", &detail);
@@ -349,6 +374,11 @@ impl Inbox {
             _ => {}
         }
     }
+}
+
+/// A peer's text, logged at ERROR: one line, bounded.
+fn line(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 /// This machine's name (for [`Envelope::node`]); `localhost` if it cannot be read.
@@ -434,6 +464,17 @@ impl Cluster {
             l2_ok,
             receipts,
         }
+    }
+
+    /// Tell the other corrals that the upstream's generation changed (they drop their L1).
+    pub fn publish_generation(&self, old: &str, new: &str) {
+        self.publish(
+            Body::Generation {
+                old: old.to_string(),
+                new: new.to_string(),
+            },
+            purge::now_stamp(),
+        );
     }
 
     fn publish(&self, body: Body, at: SystemTime) -> Vec<Receipt> {

@@ -19,14 +19,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
-use pingora_core::upstreams::peer::HttpPeer;
-use pingora_http::RequestHeader;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use super::backlog::{Backlog, Pushed, MAX_BATCH};
 use super::{Envelope, Inbox, Message, Outcome, Receipt, Received, Transport, VERSION};
+use crate::client;
 use crate::config::{PeerUrl, PeersConfig};
 use crate::metrics;
 use crate::purge;
@@ -36,9 +35,6 @@ pub const PATH: &str = "/_corral/peers";
 
 /// The largest envelope accepted (a batch of [`MAX_BATCH`] bans at the longest pattern).
 pub const MAX_ENVELOPE_BYTES: usize = 8 << 20;
-
-/// The largest answer read from a peer.
-const MAX_ANSWER_BYTES: usize = 64 << 10;
 
 /// Every peer of this corral.
 pub struct Peers {
@@ -228,62 +224,24 @@ impl Peers {
             messages: messages.to_vec(),
         };
         let body = Bytes::from(serde_json::to_vec(&env).map_err(|e| e.to_string())?);
-        match tokio::time::timeout(self.timeout, self.post(peer, body)).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        let to = client::Target {
+            addr: peer.url.addr,
+            tls: peer.url.tls,
+            host: &peer.url.host,
+        };
+        let headers = [
+            (http::header::AUTHORIZATION, format!("Bearer {}", self.token)),
+            (http::header::CONTENT_TYPE, "application/json".to_string()),
+        ];
+        let answer =
+            client::request(&self.connector, &to, "POST", PATH, &headers, body, self.timeout).await?;
+        if !(200..300).contains(&answer.status) {
+            let text = String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)])
+                .trim()
+                .to_string();
+            return Err(format!("HTTP {}: {text}", answer.status));
         }
-    }
-
-    /// POST `body` to `peer`; a pooled connection that turns out closed is retried once on a
-    /// new one (a peer that restarted is not a failed peer).
-    async fn post(&self, peer: &Peer, body: Bytes) -> Result<Received, String> {
-        let mut target = HttpPeer::new(peer.url.addr, peer.url.tls, peer.url.host.clone());
-        target.options.connection_timeout = Some(self.timeout);
-        target.options.idle_timeout = Some(Duration::from_secs(60));
-        for _ in 0..2 {
-            let (mut session, reused) = self
-                .connector
-                .get_http_session(&target)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let mut req = RequestHeader::build("POST", PATH.as_bytes(), None).map_err(|e| e.to_string())?;
-            let _ = req.insert_header(http::header::HOST, peer.url.host.as_str());
-            let _ = req.insert_header(http::header::AUTHORIZATION, format!("Bearer {}", self.token));
-            let _ = req.insert_header(http::header::CONTENT_TYPE, "application/json");
-            let _ = req.insert_header(http::header::CONTENT_LENGTH, body.len());
-            let sent = async {
-                session.write_request_header(Box::new(req)).await?;
-                session.write_request_body(body.clone(), true).await?;
-                session.finish_request_body().await?;
-                session.read_response_header().await
-            }
-            .await;
-            if let Err(e) = sent {
-                if reused {
-                    continue;
-                }
-                return Err(e.to_string());
-            }
-            let status = session.response_header().map_or(0, |h| h.status.as_u16());
-            let mut answer = Vec::new();
-            while let Some(chunk) = session.read_response_body().await.map_err(|e| e.to_string())? {
-                answer.extend_from_slice(&chunk);
-                if answer.len() > MAX_ANSWER_BYTES {
-                    return Err("answer too long".into());
-                }
-            }
-            if !(200..300).contains(&status) {
-                let text = String::from_utf8_lossy(&answer[..answer.len().min(200)])
-                    .trim()
-                    .to_string();
-                return Err(format!("HTTP {status}: {text}"));
-            }
-            self.connector
-                .release_http_session(session, &target, Some(Duration::from_secs(60)))
-                .await;
-            return serde_json::from_slice::<Received>(&answer).map_err(|e| format!("answer: {e}"));
-        }
-        Err("connection closed".into())
+        serde_json::from_slice::<Received>(&answer.body).map_err(|e| format!("answer: {e}"))
     }
 
     /// The receipt of `seq` at `peer`: delivered once the peer took it, failed if an attempt

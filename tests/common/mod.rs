@@ -5,6 +5,7 @@
 pub mod origin;
 pub mod relay;
 pub mod slow;
+pub mod webhook;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -18,6 +19,8 @@ pub use origin::{Origin, Reply};
 pub use relay::Relay;
 #[allow(unused_imports)]
 pub use slow::SlowOrigin;
+#[allow(unused_imports)]
+pub use webhook::Webhook;
 
 /// A free loopback port (bound then released; the proxy binds it right after), never one
 /// this process handed out before: tests that pick several ports before starting anything
@@ -53,6 +56,9 @@ pub struct Conf {
     pub upstream: Vec<String>,
     /// Lines inside `[peers]`; the section is written only when there are some.
     pub peers: Vec<String>,
+    /// Whole TOML sections (e.g. `[generation]` and its lines), written verbatim at the end
+    /// of the file, after the rules.
+    pub extra: Vec<String>,
 }
 
 impl Conf {
@@ -79,6 +85,12 @@ impl Conf {
     /// A line inside `[peers]`, e.g. `token = "s3cret"`.
     pub fn peers(mut self, line: &str) -> Self {
         self.peers.push(line.to_string());
+        self
+    }
+    /// A whole TOML section, header included (e.g. `"[generation]\nheader = \"X-Generation\""`),
+    /// written verbatim at the end of the file.
+    pub fn section(mut self, toml: &str) -> Self {
+        self.extra.push(toml.to_string());
         self
     }
     /// Use these memcached servers for L2. The op timeout is raised from the 50 ms default:
@@ -173,6 +185,11 @@ impl Proxy {
                 format!("[peers]\n{}\n\n{}", conf.peers.join("\n"), conf.rules)
             }
         );
+        let text = if conf.extra.is_empty() {
+            text
+        } else {
+            format!("{text}\n\n{}\n", conf.extra.join("\n\n"))
+        };
         let path = dir.path().join("corral.toml");
         std::fs::write(&path, text).unwrap();
         let log = dir.path().join("corral.log");

@@ -283,4 +283,42 @@ impl L2 {
         info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
         Some(g)
     }
+
+    fn upstream_generation_key(&self) -> String {
+        format!("corral/{}/upstream-generation", self.inner.namespace)
+    }
+
+    /// The upstream generation the corrals of the namespace last agreed on
+    /// ([`crate::generation`]), as any server that has it holds it.
+    pub async fn upstream_generation(&self) -> Option<String> {
+        let key = self.upstream_generation_key();
+        self.get_everywhere(key.as_bytes())
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|v| String::from_utf8(v).ok())
+    }
+
+    /// Record `value` as the namespace's upstream generation, on every server.
+    pub async fn set_upstream_generation(&self, value: &str) {
+        let key = self.upstream_generation_key();
+        self.set_everywhere(key.as_bytes(), value.as_bytes()).await;
+    }
+
+    /// Claim the move of the namespace for the change `change` (its text names the
+    /// generations and the namespace generation it starts from): exactly one of the corrals
+    /// that see the same change at once gets true (memcached `add` on one server).
+    pub async fn claim(&self, change: &str) -> bool {
+        use md5::{Digest, Md5};
+        let digest = Md5::digest(change.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("corral/{}/claim/{hex}", self.inner.namespace);
+        let k = key.as_bytes();
+        self.with_server(k, "add", |c| async move {
+            c.set(k, b"1").ttl(Ttl::secs(24 * 3600)).add().send().await
+        })
+        .await
+        .is_some_and(|r| r.applied())
+    }
 }

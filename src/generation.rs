@@ -1,0 +1,438 @@
+//! The upstream's generation (`[generation]`): when the application behind corral changes
+//! underneath (a deploy, a restored database), corral empties its cache instead of serving
+//! what the old one generated, and says so loudly.
+//!
+//! The generation is any text the upstream puts in a response header (`generation.header`,
+//! e.g. a deploy id), on any response, or the answer to a poll of `generation.url` every
+//! `generation.interval` (so a change is seen even when no request passes).
+//!
+//! # What counts as a change
+//! - The first value seen is adopted, not a change. With memcached, the namespace's current
+//!   value is read at start, so a restarted corral that sees it does not drop.
+//! - A missing header, or the current value again, is no change.
+//! - A value never seen before in this namespace (the last [`HISTORY`] are remembered) is a
+//!   change: L1 is emptied at once (the response that carried it is stored normally), one
+//!   corral of the namespace moves memcached's namespace generation (old L2 entries become
+//!   unreachable; several corrals seeing the change at once make one move: `claim`), and the
+//!   other corrals follow that move within 250 ms, each dropping its own L1 once.
+//! - A value seen before that is not the current one (`g1` after `g2`: two application
+//!   servers mid-deploy) is **not** a change: such a response is served but not stored
+//!   (`corral_generation_superseded_total`), so the cache fills with the new generation only
+//!   and does not flap. If the older value is the only one seen for `generation.settle` (the
+//!   current one not at all meanwhile), it is a rollback: a change back to it.
+//!
+//! Each drop goes through [`crate::events::dropped`]: one ERROR line
+//! (`dropping stale cache: <reason>`), `corral_cache_drops_total{reason}`, and an event to the
+//! webhooks and `GET /events`.
+
+use std::collections::VecDeque;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderName;
+use tracing::info;
+
+use crate::cache::CacheParts;
+use crate::config::Config;
+use crate::metrics;
+
+/// Values remembered per namespace: one of these seen again is not a new generation.
+pub const HISTORY: usize = 32;
+
+/// Why a response of an older generation is not stored (Pingora's custom no-cache reason).
+pub const SUPERSEDED: &str = "older upstream generation";
+
+/// The longest value taken (a header or a poll's body).
+const MAX_VALUE: usize = 256;
+
+/// What one observed value means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    Same,
+    /// The first one: adopted quietly.
+    Adopted,
+    Changed {
+        old: String,
+        new: String,
+    },
+    /// Seen before and not current: served, not stored.
+    Superseded,
+}
+
+/// The generations this corral knows of.
+#[derive(Debug)]
+struct History {
+    current: Option<String>,
+    /// Oldest first, the current one last.
+    seen: VecDeque<String>,
+    /// When the current value was last seen.
+    current_at: Instant,
+    /// An older value seen since the current one was last seen, and since when.
+    older: Option<(String, Instant)>,
+}
+
+impl History {
+    fn new(current: Option<String>, now: Instant) -> Self {
+        History {
+            seen: current.iter().cloned().collect(),
+            current,
+            current_at: now,
+            older: None,
+        }
+    }
+
+    fn remember(&mut self, value: &str, now: Instant) {
+        self.seen.retain(|v| v != value);
+        self.seen.push_back(value.to_string());
+        while self.seen.len() > HISTORY {
+            self.seen.pop_front();
+        }
+        self.current = Some(value.to_string());
+        self.current_at = now;
+        self.older = None;
+    }
+
+    fn see(&mut self, value: &str, now: Instant, settle: Duration) -> Seen {
+        let Some(current) = self.current.clone() else {
+            self.remember(value, now);
+            return Seen::Adopted;
+        };
+        if value == current {
+            self.current_at = now;
+            self.older = None;
+            return Seen::Same;
+        }
+        if !self.seen.iter().any(|v| v == value) {
+            self.remember(value, now);
+            return Seen::Changed {
+                old: current,
+                new: value.to_string(),
+            };
+        }
+        // an older value: a server still on it, or a rollback once it is all there is
+        let since = match &self.older {
+            Some((v, since)) if v == value && *since >= self.current_at => *since,
+            _ => {
+                self.older = Some((value.to_string(), now));
+                now
+            }
+        };
+        if now.duration_since(since) >= settle {
+            self.remember(value, now);
+            return Seen::Changed {
+                old: current,
+                new: value.to_string(),
+            };
+        }
+        Seen::Superseded
+    }
+}
+
+/// The upstream generation of this corral's namespace.
+pub struct Generations {
+    header: Option<HeaderName>,
+    settle: Duration,
+    history: parking_lot::Mutex<History>,
+    parts: &'static CacheParts,
+    /// The peers, told of each change.
+    cluster: &'static crate::transport::Cluster,
+}
+
+static GLOBAL: OnceLock<&'static Generations> = OnceLock::new();
+
+/// The process's generations, once built.
+pub fn get() -> Option<&'static Generations> {
+    GLOBAL.get().copied()
+}
+
+/// A value as taken from a header or a body: trimmed text, at most [`MAX_VALUE`] bytes;
+/// `None` if empty or not text.
+pub fn value_of(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(&bytes[..bytes.len().min(MAX_VALUE)])
+        .ok()?
+        .trim();
+    (!text.is_empty()).then_some(text)
+}
+
+impl Generations {
+    /// Build them for `cfg`, starting from the namespace's current value (`shared`, read from
+    /// memcached at start), and make them the process's.
+    pub fn leak(
+        cfg: &Config,
+        cluster: &'static crate::transport::Cluster,
+        shared: Option<String>,
+    ) -> &'static Generations {
+        let parts = cluster.parts;
+        if let Some(g) = &shared {
+            metrics::UPSTREAM_GENERATION.with_label_values(&[g]).set(1);
+        }
+        let g: &'static Generations = Box::leak(Box::new(Generations {
+            header: cfg.generation.header.clone(),
+            settle: cfg.generation.settle,
+            history: parking_lot::Mutex::new(History::new(shared, Instant::now())),
+            parts,
+            cluster,
+        }));
+        let _ = GLOBAL.set(g);
+        g
+    }
+
+    /// The response header that carries it, if configured.
+    pub fn header(&self) -> Option<&HeaderName> {
+        self.header.as_ref()
+    }
+
+    /// The upstream answered a request that arrived at `arrived` with generation `value`.
+    /// Returns whether that response may be stored (false: an older generation).
+    pub fn observe(&'static self, value: &str, arrived: SystemTime) -> bool {
+        let seen = self.history.lock().see(value, Instant::now(), self.settle);
+        match seen {
+            Seen::Same => true,
+            Seen::Adopted => {
+                info!(generation = value, "upstream generation adopted");
+                metrics::UPSTREAM_GENERATION.with_label_values(&[value]).set(1);
+                if let Some(l2) = self.parts.storage.l2.clone() {
+                    let value = value.to_string();
+                    tokio::spawn(async move {
+                        if l2.upstream_generation().await.is_none() {
+                            l2.set_upstream_generation(&value).await;
+                        }
+                    });
+                }
+                true
+            }
+            Seen::Superseded => {
+                metrics::GENERATION_SUPERSEDED.inc();
+                tracing::debug!(
+                    generation = value,
+                    "response of an older upstream generation: served, not stored"
+                );
+                false
+            }
+            Seen::Changed { old, new } => {
+                self.changed(&old, &new, arrived);
+                true
+            }
+        }
+    }
+
+    /// The upstream moved from `old` to `new`: drop L1 (what was validated before the request
+    /// that brought `new` was sent counts as purged; that response itself is stored), and move
+    /// memcached's namespace once for the cluster.
+    fn changed(&'static self, old: &str, new: &str, arrived: SystemTime) {
+        metrics::UPSTREAM_GENERATION.with_label_values(&[old]).set(0);
+        metrics::UPSTREAM_GENERATION.with_label_values(&[new]).set(1);
+        let floor = arrived.checked_sub(Duration::from_millis(1)).unwrap_or(arrived);
+        let detail = format!("the upstream's generation changed from {old:?} to {new:?}");
+        self.parts
+            .drop_cache_at("upstream-generation", Some(old), Some(new), floor, &detail);
+        self.cluster.publish_generation(old, new);
+        let Some(l2) = self.parts.storage.l2.clone() else {
+            return;
+        };
+        let before = l2.generation();
+        let change = format!("{before}:{old}->{new}");
+        let (new, follower) = (new.to_string(), &self.parts.storage.log);
+        // the follower must not drop L1 a second time for the move this change causes
+        follower.expect_move(before);
+        tokio::spawn(async move {
+            if l2.claim(&change).await {
+                // the value first: a corral that sees the namespace move reads what it was for
+                l2.set_upstream_generation(&new).await;
+                if let Some(moved) = l2.bump_generation().await {
+                    info!(generation = %new, namespace_generation = moved, "memcached namespace moved for the new upstream generation");
+                }
+            }
+        });
+    }
+
+    /// Another corral saw `value` and moved the namespace for it: it is current here too.
+    pub fn adopt(&self, value: &str) {
+        let mut h = self.history.lock();
+        if h.current.as_deref() == Some(value) {
+            return;
+        }
+        if let Some(old) = &h.current {
+            metrics::UPSTREAM_GENERATION.with_label_values(&[old]).set(0);
+        }
+        metrics::UPSTREAM_GENERATION.with_label_values(&[value]).set(1);
+        h.remember(value, Instant::now());
+    }
+
+    /// The current value.
+    pub fn current(&self) -> Option<String> {
+        self.history.lock().current.clone()
+    }
+
+    /// Poll `generation.url` on the upstream every `generation.interval`, forever.
+    pub async fn poll(&'static self, cfg: std::sync::Arc<Config>) {
+        let Some((path, host)) = cfg.generation.poll.clone() else {
+            return;
+        };
+        let up = &cfg.upstream;
+        let host = if host.is_empty() {
+            up.address
+                .rsplit_once(':')
+                .map_or(up.address.as_str(), |(h, _)| h)
+                .to_string()
+        } else {
+            host
+        };
+        let connector = pingora_core::connectors::http::Connector::new(None);
+        let mut failing = false;
+        loop {
+            let arrived = SystemTime::now();
+            let result = match std::net::ToSocketAddrs::to_socket_addrs(up.address.as_str())
+                .ok()
+                .and_then(|mut a| a.next())
+            {
+                None => Err(format!("{} does not resolve", up.address)),
+                Some(addr) => {
+                    let to = crate::client::Target {
+                        addr,
+                        tls: up.tls,
+                        host: &host,
+                    };
+                    crate::client::request(
+                        &connector,
+                        &to,
+                        "GET",
+                        &path,
+                        &[],
+                        bytes::Bytes::new(),
+                        up.connect_timeout + up.first_byte_timeout.min(Duration::from_secs(5)),
+                    )
+                    .await
+                }
+            };
+            match result {
+                Ok(answer) if answer.status == 200 => {
+                    if failing {
+                        info!(path = %path, "generation poll answers again");
+                        failing = false;
+                    }
+                    let from_header = self
+                        .header
+                        .as_ref()
+                        .and_then(|h| answer.head.headers.get(h))
+                        .and_then(|v| value_of(v.as_bytes()));
+                    if let Some(value) = from_header.or_else(|| value_of(&answer.body)) {
+                        self.observe(value, arrived);
+                    }
+                }
+                other => {
+                    if !failing {
+                        let why = match other {
+                            Ok(a) => format!("HTTP {}", a.status),
+                            Err(e) => e,
+                        };
+                        tracing::warn!(path = %path, error = %why, "generation poll failed: no change is assumed until it answers");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::time::sleep(cfg.generation.interval).await;
+        }
+    }
+}
+
+/// The background service: webhook deliveries, and the poll of `generation.url`.
+pub struct Background {
+    pub generations: Option<&'static Generations>,
+    pub cfg: std::sync::Arc<Config>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for Background {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        crate::events::start_webhooks(&self.cfg.generation.webhooks);
+        if let (Some(g), true) = (self.generations, self.cfg.generation.poll.is_some()) {
+            tokio::spawn(g.poll(self.cfg.clone()));
+        }
+        let _ = shutdown.changed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTLE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_first_value_is_adopted_the_same_again_is_nothing_a_new_one_is_a_change() {
+        let t = Instant::now();
+        let mut h = History::new(None, t);
+        assert_eq!(h.see("g1", t, SETTLE), Seen::Adopted);
+        assert_eq!(h.see("g1", t, SETTLE), Seen::Same);
+        assert_eq!(
+            h.see("g2", t, SETTLE),
+            Seen::Changed {
+                old: "g1".into(),
+                new: "g2".into()
+            }
+        );
+        assert_eq!(h.current.as_deref(), Some("g2"));
+    }
+
+    #[test]
+    fn a_restarted_corral_starts_from_the_namespace_value() {
+        let t = Instant::now();
+        let mut h = History::new(Some("g2".into()), t);
+        assert_eq!(h.see("g2", t, SETTLE), Seen::Same);
+    }
+
+    #[test]
+    fn flapping_between_two_servers_mid_deploy_is_one_change() {
+        let t = Instant::now();
+        let mut h = History::new(None, t);
+        h.see("g1", t, SETTLE);
+        assert!(matches!(h.see("g2", t, SETTLE), Seen::Changed { .. }));
+        for i in 0..20 {
+            let now = t + Duration::from_millis(100 * i);
+            assert_eq!(h.see("g1", now, SETTLE), Seen::Superseded);
+            assert_eq!(h.see("g2", now, SETTLE), Seen::Same);
+        }
+        // g1 alone, but g2 was seen meanwhile: still superseded
+        assert_eq!(h.see("g1", t + Duration::from_secs(5), SETTLE), Seen::Superseded);
+    }
+
+    #[test]
+    fn an_older_value_alone_for_settle_is_a_rollback() {
+        let t = Instant::now();
+        let mut h = History::new(None, t);
+        h.see("g1", t, SETTLE);
+        h.see("g2", t, SETTLE);
+        assert_eq!(h.see("g1", t + Duration::from_secs(1), SETTLE), Seen::Superseded);
+        assert_eq!(h.see("g1", t + Duration::from_secs(5), SETTLE), Seen::Superseded);
+        assert_eq!(
+            h.see("g1", t + Duration::from_secs(11), SETTLE),
+            Seen::Changed {
+                old: "g2".into(),
+                new: "g1".into()
+            }
+        );
+        // and g2 after that is an older value in its turn
+        assert_eq!(h.see("g2", t + Duration::from_secs(12), SETTLE), Seen::Superseded);
+    }
+
+    #[test]
+    fn the_history_is_bounded() {
+        let t = Instant::now();
+        let mut h = History::new(None, t);
+        for i in 0..1000 {
+            h.see(&format!("g{i}"), t, SETTLE);
+        }
+        assert_eq!(h.seen.len(), HISTORY);
+        // forgotten long ago: new again
+        assert!(matches!(h.see("g0", t, SETTLE), Seen::Changed { .. }));
+    }
+
+    #[test]
+    fn values_are_trimmed_bounded_text() {
+        assert_eq!(value_of(b"  g7\n"), Some("g7"));
+        assert_eq!(value_of(b"   "), None);
+        assert_eq!(value_of(b"\xff\xfe"), None);
+        assert_eq!(value_of(&[b'a'; 1000]).map(str::len), Some(MAX_VALUE));
+    }
+}
