@@ -54,7 +54,7 @@ impl HttpServerApp for Admin {
         } else {
             session.set_keepalive(Some(60));
         }
-        if session.req_header().uri.path() == "/events" {
+        if session.req_header().uri.path() == "/events" && session.req_header().method == http::Method::GET {
             self.events(session, shutdown.clone()).await;
             return None;
         }
@@ -76,7 +76,19 @@ impl Admin {
     /// `GET /events`: every cache drop from now on, as server-sent events (`data: <json>`),
     /// until the client goes or corral stops. A comment line first, and every 15 s.
     async fn events(&self, mut session: ServerSession, mut shutdown: ShutdownWatch) {
-        let mut events = crate::events::subscribe();
+        let Some(mut events) = crate::events::subscribe() else {
+            let busy = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "too many event streams\n".into(),
+            );
+            let (parts, body) = busy.into_parts();
+            let head: ResponseHeader = parts.into();
+            if session.write_response_header(Box::new(head)).await.is_ok() {
+                let _ = session.write_response_body(body.into(), true).await;
+            }
+            return;
+        };
         let mut head = match ResponseHeader::build(StatusCode::OK, Some(3)) {
             Ok(h) => h,
             Err(_) => return,
@@ -89,7 +101,13 @@ impl Admin {
         }
         let mut line = bytes::Bytes::from_static(b": connected\n\n");
         loop {
-            if session.write_response_body(line, false).await.is_err() {
+            // a client that stops reading is let go, not waited for
+            let written = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                session.write_response_body(line, false),
+            )
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
                 return;
             }
             line = tokio::select! {

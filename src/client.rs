@@ -58,7 +58,13 @@ async fn attempt(
     body: Bytes,
     timeout: Duration,
 ) -> Result<Answer, String> {
-    let mut peer = HttpPeer::new(to.addr, to.tls, to.host.to_string());
+    // the TLS server name is the host without its port
+    let sni = match to.host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => to.host,
+    };
+    let sni = sni.trim_start_matches('[').trim_end_matches(']');
+    let mut peer = HttpPeer::new(to.addr, to.tls, sni.to_string());
     peer.options.connection_timeout = Some(timeout);
     peer.options.idle_timeout = Some(Duration::from_secs(60));
     for _ in 0..2 {

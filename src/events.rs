@@ -84,9 +84,12 @@ fn cache_dropped(reason: &str, old: Option<&str>, new: Option<&str>, dropped: us
     }
 }
 
-/// A receiver of every event from now on (`GET /events`).
-pub fn subscribe() -> broadcast::Receiver<Arc<str>> {
-    STREAM.subscribe()
+/// `GET /events` streams open at once, at most.
+const MAX_STREAMS: usize = 64;
+
+/// A receiver of every event from now on (`GET /events`); `None` past [`MAX_STREAMS`].
+pub fn subscribe() -> Option<broadcast::Receiver<Arc<str>>> {
+    (STREAM.receiver_count() < MAX_STREAMS).then(|| STREAM.subscribe())
 }
 
 /// Start one delivery task per webhook (on the caller's runtime).
@@ -134,7 +137,9 @@ async fn deliver(hook: Webhook, mut rx: mpsc::Receiver<Arc<str>>) {
                 Some(wait) => tokio::time::sleep(*wait).await,
                 None => {
                     metrics::WEBHOOKS.with_label_values(&["failed"]).inc();
-                    tracing::warn!(webhook = %hook.url, error = %why, "webhook failed after 4 attempts: event not delivered there");
+                    // the URL without its query (tokens go there)
+                    let url = hook.url.split('?').next().unwrap_or_default();
+                    tracing::warn!(webhook = %url, error = %why, "webhook failed after 4 attempts: event not delivered there");
                     break;
                 }
             }

@@ -57,7 +57,13 @@ pub enum Seen {
     },
     /// Seen before and not current: served, not stored.
     Superseded,
+    /// Never seen, but within [`MIN_CHANGE_INTERVAL`] of the last change: served, not stored.
+    TooFast,
 }
+
+/// The shortest time between two changes: a header that changes on every response is not a
+/// generation, and must not empty the cache (and move the namespace) on every response.
+pub const MIN_CHANGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The generations this corral knows of.
 #[derive(Debug)]
@@ -67,17 +73,30 @@ struct History {
     seen: VecDeque<String>,
     /// When the current value was last seen.
     current_at: Instant,
-    /// An older value seen since the current one was last seen, and since when.
+    /// The latest older value seen since the current one was last seen, and since when an
+    /// older value (any) is all there is.
     older: Option<(String, Instant)>,
+    /// When the last change was made here.
+    changed_at: Option<Instant>,
 }
 
 impl History {
-    fn new(current: Option<String>, now: Instant) -> Self {
+    /// The history `seen` (oldest first, the current value last), as memcached keeps it for
+    /// the namespace.
+    fn new(seen: Vec<String>, now: Instant) -> Self {
+        let mut seen: VecDeque<String> = seen
+            .into_iter()
+            .filter(|v| value_of(v.as_bytes()) == Some(v.as_str()))
+            .collect();
+        while seen.len() > HISTORY {
+            seen.pop_front();
+        }
         History {
-            seen: current.iter().cloned().collect(),
-            current,
+            current: seen.back().cloned(),
+            seen,
             current_at: now,
             older: None,
+            changed_at: None,
         }
     }
 
@@ -90,11 +109,14 @@ impl History {
         self.current = Some(value.to_string());
         self.current_at = now;
         self.older = None;
+        self.changed_at = Some(now);
     }
 
     fn see(&mut self, value: &str, now: Instant, settle: Duration) -> Seen {
         let Some(current) = self.current.clone() else {
             self.remember(value, now);
+            // adopting is no change: the next one may come at once
+            self.changed_at = None;
             return Seen::Adopted;
         };
         if value == current {
@@ -103,20 +125,27 @@ impl History {
             return Seen::Same;
         }
         if !self.seen.iter().any(|v| v == value) {
+            if self
+                .changed_at
+                .is_some_and(|at| now.duration_since(at) < MIN_CHANGE_INTERVAL)
+            {
+                // a new value on every response (a timestamp, a request id): not a generation.
+                // Served, not stored, not remembered; at most one drop per interval
+                return Seen::TooFast;
+            }
             self.remember(value, now);
             return Seen::Changed {
                 old: current,
                 new: value.to_string(),
             };
         }
-        // an older value: a server still on it, or a rollback once it is all there is
+        // an older value: a server still on it, or a rollback once older values are all
+        // there is (the latest of them wins)
         let since = match &self.older {
-            Some((v, since)) if v == value && *since >= self.current_at => *since,
-            _ => {
-                self.older = Some((value.to_string(), now));
-                now
-            }
+            Some((_, since)) if *since >= self.current_at => *since,
+            _ => now,
         };
+        self.older = Some((value.to_string(), since));
         if now.duration_since(since) >= settle {
             self.remember(value, now);
             return Seen::Changed {
@@ -160,10 +189,10 @@ impl Generations {
     pub fn leak(
         cfg: &Config,
         cluster: &'static crate::transport::Cluster,
-        shared: Option<String>,
+        shared: Vec<String>,
     ) -> &'static Generations {
         let parts = cluster.parts;
-        if let Some(g) = &shared {
+        if let Some(g) = shared.last() {
             metrics::UPSTREAM_GENERATION.with_label_values(&[g]).set(1);
         }
         let g: &'static Generations = Box::leak(Box::new(Generations {
@@ -192,14 +221,24 @@ impl Generations {
                 info!(generation = value, "upstream generation adopted");
                 metrics::UPSTREAM_GENERATION.with_label_values(&[value]).set(1);
                 if let Some(l2) = self.parts.storage.l2.clone() {
-                    let value = value.to_string();
+                    let seen = vec![value.to_string()];
                     tokio::spawn(async move {
-                        if l2.upstream_generation().await.is_none() {
-                            l2.set_upstream_generation(&value).await;
+                        if l2.upstream_generation().await.is_empty() {
+                            l2.set_upstream_generation(&seen).await;
                         }
                     });
                 }
                 true
+            }
+            Seen::TooFast => {
+                metrics::GENERATION_SUPERSEDED.inc();
+                static WARNED: parking_lot::Mutex<Option<Instant>> = parking_lot::Mutex::new(None);
+                let mut warned = WARNED.lock();
+                if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                    *warned = Some(Instant::now());
+                    tracing::warn!(generation = value, header = ?self.header, "the upstream's generation changes faster than once a second: is this header really a generation? Such responses are not stored");
+                }
+                false
             }
             Seen::Superseded => {
                 metrics::GENERATION_SUPERSEDED.inc();
@@ -219,10 +258,13 @@ impl Generations {
     /// The upstream moved from `old` to `new`: drop L1 (what was validated before the request
     /// that brought `new` was sent counts as purged; that response itself is stored), and move
     /// memcached's namespace once for the cluster.
-    fn changed(&'static self, old: &str, new: &str, arrived: SystemTime) {
-        metrics::UPSTREAM_GENERATION.with_label_values(&[old]).set(0);
+    fn changed(&'static self, old: &str, new: &str, _arrived: SystemTime) {
+        let _ = metrics::UPSTREAM_GENERATION.remove_label_values(&[old]);
         metrics::UPSTREAM_GENERATION.with_label_values(&[new]).set(1);
-        let floor = arrived.checked_sub(Duration::from_millis(1)).unwrap_or(arrived);
+        // what was validated before now goes: also fills of the old generation that finish
+        // after this; the response that carried the new one gets its validation time after
+        // this (response_cache_filter), and is stored
+        let floor = SystemTime::now();
         let detail = format!("the upstream's generation changed from {old:?} to {new:?}");
         self.parts
             .drop_cache_at("upstream-generation", Some(old), Some(new), floor, &detail);
@@ -232,15 +274,23 @@ impl Generations {
         };
         let before = l2.generation();
         let change = format!("{before}:{old}->{new}");
-        let (new, follower) = (new.to_string(), &self.parts.storage.log);
+        let new = new.to_string();
+        let seen: Vec<String> = self.history.lock().seen.iter().cloned().collect();
         // the follower must not drop L1 a second time for the move this change causes
-        follower.expect_move(before);
+        self.parts.storage.log.expect_move(before);
         tokio::spawn(async move {
-            if l2.claim(&change).await {
-                // the value first: a corral that sees the namespace move reads what it was for
-                l2.set_upstream_generation(&new).await;
-                if let Some(moved) = l2.bump_generation().await {
-                    info!(generation = %new, namespace_generation = moved, "memcached namespace moved for the new upstream generation");
+            // one corral moves the namespace; if the claim cannot be made (its server down),
+            // this one moves it anyway: two moves cost a refetch, none would cost stale copies
+            if l2.claim(&change).await != Some(false) {
+                // the history first: a corral that sees the namespace move reads what it was for
+                l2.set_upstream_generation(&seen).await;
+                match l2.bump_generation().await {
+                    Some(moved) => {
+                        info!(generation = %new, namespace_generation = moved, "memcached namespace moved for the new upstream generation")
+                    }
+                    None => {
+                        tracing::error!(generation = %new, "memcached namespace could not be moved for the new upstream generation: other corrals keep its old entries until their own drop")
+                    }
                 }
             }
         });
@@ -248,12 +298,15 @@ impl Generations {
 
     /// Another corral saw `value` and moved the namespace for it: it is current here too.
     pub fn adopt(&self, value: &str) {
+        let Some(value) = value_of(value.as_bytes()) else {
+            return;
+        };
         let mut h = self.history.lock();
         if h.current.as_deref() == Some(value) {
             return;
         }
         if let Some(old) = &h.current {
-            metrics::UPSTREAM_GENERATION.with_label_values(&[old]).set(0);
+            let _ = metrics::UPSTREAM_GENERATION.remove_label_values(&[old]);
         }
         metrics::UPSTREAM_GENERATION.with_label_values(&[value]).set(1);
         h.remember(value, Instant::now());
@@ -362,7 +415,7 @@ mod tests {
     #[test]
     fn the_first_value_is_adopted_the_same_again_is_nothing_a_new_one_is_a_change() {
         let t = Instant::now();
-        let mut h = History::new(None, t);
+        let mut h = History::new(vec![], t);
         assert_eq!(h.see("g1", t, SETTLE), Seen::Adopted);
         assert_eq!(h.see("g1", t, SETTLE), Seen::Same);
         assert_eq!(
@@ -378,16 +431,61 @@ mod tests {
     #[test]
     fn a_restarted_corral_starts_from_the_namespace_value() {
         let t = Instant::now();
-        let mut h = History::new(Some("g2".into()), t);
+        let mut h = History::new(vec!["g1".into(), "g2".into()], t);
         assert_eq!(h.see("g2", t, SETTLE), Seen::Same);
+        // mid-deploy: a server still on g1 is known as older, not a change back
+        assert_eq!(h.see("g1", t, SETTLE), Seen::Superseded);
+    }
+
+    #[test]
+    fn a_value_that_changes_on_every_response_is_not_a_generation() {
+        let t = Instant::now();
+        let mut h = History::new(vec![], t);
+        h.see("1", t, SETTLE);
+        assert!(matches!(h.see("2", t, SETTLE), Seen::Changed { .. }));
+        for i in 3..100 {
+            let now = t + Duration::from_millis(i);
+            assert_eq!(h.see(&i.to_string(), now, SETTLE), Seen::TooFast);
+        }
+        assert_eq!(h.seen.len(), 2, "not remembered");
+        assert!(matches!(
+            h.see("x", t + Duration::from_secs(2), SETTLE),
+            Seen::Changed { .. }
+        ));
+    }
+
+    #[test]
+    fn several_older_values_alternating_still_make_a_rollback() {
+        let t = Instant::now();
+        let mut h = History::new(vec![], t);
+        h.see("g1", t, SETTLE);
+        h.see("g2", t + Duration::from_secs(2), SETTLE);
+        h.see("g3", t + Duration::from_secs(4), SETTLE);
+        let mut last = Seen::Same;
+        for i in 0..30 {
+            let v = if i % 2 == 0 { "g1" } else { "g2" };
+            last = h.see(
+                v,
+                t + Duration::from_secs(5) + Duration::from_millis(500 * i),
+                SETTLE,
+            );
+            if last != Seen::Superseded {
+                break;
+            }
+        }
+        assert!(
+            matches!(last, Seen::Changed { ref old, .. } if old == "g3"),
+            "{last:?}"
+        );
     }
 
     #[test]
     fn flapping_between_two_servers_mid_deploy_is_one_change() {
         let t = Instant::now();
-        let mut h = History::new(None, t);
+        let mut h = History::new(vec![], t);
         h.see("g1", t, SETTLE);
         assert!(matches!(h.see("g2", t, SETTLE), Seen::Changed { .. }));
+        let t = t + Duration::from_secs(2);
         for i in 0..20 {
             let now = t + Duration::from_millis(100 * i);
             assert_eq!(h.see("g1", now, SETTLE), Seen::Superseded);
@@ -400,32 +498,35 @@ mod tests {
     #[test]
     fn an_older_value_alone_for_settle_is_a_rollback() {
         let t = Instant::now();
-        let mut h = History::new(None, t);
+        let mut h = History::new(vec![], t);
         h.see("g1", t, SETTLE);
-        h.see("g2", t, SETTLE);
-        assert_eq!(h.see("g1", t + Duration::from_secs(1), SETTLE), Seen::Superseded);
+        h.see("g2", t + Duration::from_secs(2), SETTLE);
+        assert_eq!(h.see("g1", t + Duration::from_secs(2), SETTLE), Seen::Superseded);
         assert_eq!(h.see("g1", t + Duration::from_secs(5), SETTLE), Seen::Superseded);
         assert_eq!(
-            h.see("g1", t + Duration::from_secs(11), SETTLE),
+            h.see("g1", t + Duration::from_secs(13), SETTLE),
             Seen::Changed {
                 old: "g2".into(),
                 new: "g1".into()
             }
         );
         // and g2 after that is an older value in its turn
-        assert_eq!(h.see("g2", t + Duration::from_secs(12), SETTLE), Seen::Superseded);
+        assert_eq!(h.see("g2", t + Duration::from_secs(14), SETTLE), Seen::Superseded);
     }
 
     #[test]
     fn the_history_is_bounded() {
         let t = Instant::now();
-        let mut h = History::new(None, t);
+        let mut h = History::new(vec![], t);
         for i in 0..1000 {
-            h.see(&format!("g{i}"), t, SETTLE);
+            h.see(&format!("g{i}"), t + Duration::from_secs(2 * i), SETTLE);
         }
         assert_eq!(h.seen.len(), HISTORY);
         // forgotten long ago: new again
-        assert!(matches!(h.see("g0", t, SETTLE), Seen::Changed { .. }));
+        assert!(matches!(
+            h.see("g0", t + Duration::from_secs(5000), SETTLE),
+            Seen::Changed { .. }
+        ));
     }
 
     #[test]

@@ -69,9 +69,16 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     let with_generation = cfg.generation.header.is_some() || cfg.generation.poll.is_some();
     // the namespace's current upstream generation: a restarted corral that sees it again
     // does not take it for a change (memcached down: the first one seen is adopted)
-    let shared_generation = match (&l2, with_generation) {
-        (Some(l2), true) => rt.block_on(l2.upstream_generation()),
-        _ => None,
+    let shared_generation = match (&cfg.memcached, with_generation) {
+        // a client of its own, on this runtime that ends with this function: a server found
+        // down here must not leave the proxy's client with a probe that died with it
+        (Some(m), true) => rt.block_on(async {
+            match storage::memcached::L2::connect(m).await {
+                Ok(once) => once.upstream_generation().await,
+                Err(_) => Vec::new(),
+            }
+        }),
+        _ => Vec::new(),
     };
     let cfg = Arc::new(cfg);
     let conf = ServerConf {

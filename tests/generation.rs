@@ -959,3 +959,49 @@ async fn without_memcached_the_peers_are_told_of_a_new_generation() {
         1.0
     );
 }
+
+/// With memcached and peers both, a change reaches the other corral twice (the peer message,
+/// then the namespace move): it drops once.
+#[tokio::test]
+async fn with_memcached_and_peers_a_change_is_one_drop_per_corral() {
+    let _serial = SERIAL.lock().await;
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    let generation = Generation::new("g1");
+    pages(&origin, &generation, &["/a", "/new", "/later"]);
+    let (a_addr, b_addr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let urls = format!("urls = [\"http://{a_addr}\", \"http://{b_addr}\"]");
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .section(HEADER_MODE)
+        .peers(&urls)
+        .peers("token = \"t0ken\"");
+    let a = Proxy::start_on(a_addr, origin.addr, conf.clone()).await;
+    let b = Proxy::start_on(b_addr, origin.addr, conf).await;
+    cached(&a, "/a").await;
+    cached(&b, "/a").await;
+    generation.set("g2");
+    get(&a, "/new").await;
+    eventually(SOON, "B dropped for g2", || async {
+        let m = b.metrics().await;
+        metric(&m, "corral_cache_drops_total{reason=\"peer-generation\"}") + metric(&m, NAMESPACE_DROPS)
+            >= 1.0
+    })
+    .await;
+    // long enough for B's follower to have seen A's namespace move (every 250 ms)
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    get(&b, "/later").await;
+    let m = b.metrics().await;
+    let drops: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("corral_cache_drops_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(drops, 1.0, "one drop at B for one change:\n{m}");
+    let got = miss(&b, "/a", "B after the change").await;
+    assert!(got.body.contains("g2"), "{}", got.body);
+    assert_eq!(counter(&a, UPSTREAM_DROPS).await, 1.0);
+}

@@ -388,7 +388,7 @@ impl Follower {
         let first = !self.synced.load(Ordering::Acquire);
         let upstream = if state.generation != generation && !first {
             // what the move was for, if an upstream generation change (crate::generation)
-            l2.upstream_generation().await
+            l2.upstream_generation().await.pop()
         } else {
             None
         };
@@ -458,6 +458,15 @@ impl Follower {
         }
     }
 
+    /// Purges were missed and cannot be told apart: everything validated before now counts as
+    /// purged, and L1 is emptied, loudly ([`crate::events::dropped`], `purge-log-gap`).
+    fn drop_l1(&self, detail: &str) {
+        self.validity.invalidate_all_before(now_stamp());
+        let dropped = self.l1.stats().entries;
+        self.l1.clear();
+        crate::events::dropped("purge-log-gap", None, None, dropped, detail);
+    }
+
     /// memcached's purge log was reset: records may have been lost, and nobody can tell
     /// which. Treat everything validated before now as purged (L1 and what L2 still holds
     /// are fetched anew, once each) and follow the log from `seq` on.
@@ -490,7 +499,10 @@ impl Follower {
         }
         if seq + 1 - from > MAX_RECORDS as u64 {
             // too many to read one by one: the floor covers every one of them
-            self.validity.invalidate_all_before(now_stamp());
+            self.drop_l1(&format!(
+                "{} purge log records to catch up on, more than {MAX_RECORDS} and no checkpoint covers them",
+                seq + 1 - from
+            ));
             self.seen.store(seq, Ordering::Release);
             return true;
         }
@@ -530,7 +542,9 @@ impl Follower {
                             None => {
                                 // read once per catch-up, not once per gone record
                                 checkpoint_missed = true;
-                                self.validity.invalidate_all_before(now_stamp());
+                                self.drop_l1(&format!(
+                                    "purge log record {n} is gone (expired or evicted) and no checkpoint covers it"
+                                ));
                             }
                         }
                     }

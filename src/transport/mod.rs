@@ -252,7 +252,10 @@ impl Inbox {
                 None => Prepared::Cover("a pattern this corral cannot compile"),
             },
             Body::DropCache { reason } => Prepared::Drop(line(reason)),
-            Body::Generation { old, new } => Prepared::Generation(line(old), line(new)),
+            Body::Generation { old, new } => match crate::generation::value_of(new.as_bytes()) {
+                Some(new) if new == new.trim() => Prepared::Generation(line(old), new.to_string()),
+                _ => Prepared::Cover("a generation that is not one"),
+            },
         }
     }
 
@@ -309,6 +312,10 @@ impl Inbox {
                     if known.as_deref() != Some(new.as_str()) {
                         if let Some(g) = crate::generation::get() {
                             g.adopt(&new);
+                        }
+                        if let Some(l2) = &self.parts.storage.l2 {
+                            // the sender moves memcached's namespace for it: not a second drop
+                            self.parts.storage.log.expect_move(l2.generation());
                         }
                         let detail = format!(
                             "corral {} saw the upstream's generation change from {old:?} to {new:?}",

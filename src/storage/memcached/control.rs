@@ -288,28 +288,31 @@ impl L2 {
         format!("corral/{}/upstream-generation", self.inner.namespace)
     }
 
-    /// The upstream generation the corrals of the namespace last agreed on
-    /// ([`crate::generation`]), as any server that has it holds it.
-    pub async fn upstream_generation(&self) -> Option<String> {
+    /// The upstream generations of the namespace ([`crate::generation`]), oldest first, the
+    /// current one last, as the first server that has them holds them; empty if none does.
+    pub async fn upstream_generation(&self) -> Vec<String> {
         let key = self.upstream_generation_key();
         self.get_everywhere(key.as_bytes())
             .await
             .into_iter()
             .flatten()
             .flatten()
-            .find_map(|v| String::from_utf8(v).ok())
+            .find_map(|v| serde_json::from_slice::<Vec<String>>(&v).ok())
+            .unwrap_or_default()
     }
 
-    /// Record `value` as the namespace's upstream generation, on every server.
-    pub async fn set_upstream_generation(&self, value: &str) {
+    /// Record the namespace's upstream generations (the current one last), on every server.
+    pub async fn set_upstream_generation(&self, seen: &[String]) {
         let key = self.upstream_generation_key();
-        self.set_everywhere(key.as_bytes(), value.as_bytes()).await;
+        let value = serde_json::to_vec(seen).unwrap_or_default();
+        self.set_everywhere(key.as_bytes(), &value).await;
     }
 
     /// Claim the move of the namespace for the change `change` (its text names the
     /// generations and the namespace generation it starts from): exactly one of the corrals
-    /// that see the same change at once gets true (memcached `add` on one server).
-    pub async fn claim(&self, change: &str) -> bool {
+    /// that see the same change at once gets `Some(true)` (memcached `add` on one server);
+    /// `None` if that server could not be asked.
+    pub async fn claim(&self, change: &str) -> Option<bool> {
         use md5::{Digest, Md5};
         let digest = Md5::digest(change.as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -319,6 +322,6 @@ impl L2 {
             c.set(k, b"1").ttl(Ttl::secs(24 * 3600)).add().send().await
         })
         .await
-        .is_some_and(|r| r.applied())
+        .map(|r| r.applied())
     }
 }
