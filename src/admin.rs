@@ -141,6 +141,14 @@ impl Admin {
                 "application/json",
                 json::body(&self.cluster.status()),
             ),
+            "/bus" => match self.cluster.bus_status() {
+                Some(status) => reply(StatusCode::OK, "application/json", json::body(&status)),
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    json::error("no [bus] configured"),
+                ),
+            },
             "/stats" => {
                 let s = self.parts.storage.l1.stats();
                 let body = json::body(&json::Stats {
@@ -221,7 +229,9 @@ impl Admin {
         for p in &purges {
             let accepted = self.cluster.accept(p).await;
             receipts.extend(accepted.receipts);
-            let (n, l2_ok) = (accepted.purged, accepted.l2_ok);
+            // the broker's confirm counts as memcached's log would
+            let carried = accepted.confirmed || (self.parts.storage.l2.is_some() && accepted.l2_ok);
+            let (n, l2_ok) = (accepted.purged, accepted.l2_ok && carried);
             if !l2_ok {
                 l2_failed += 1;
                 metrics::PURGES.with_label_values(&[p.kind(), "l2-failed"]).inc();
@@ -236,7 +246,9 @@ impl Admin {
             tracing::info!(kind = p.kind(), target = %p.target_text(), soft = p.soft, purged = n, source = ?ip, "purge accepted (admin)");
         }
         if l2_failed > 0 {
-            let error = format!("memcached unavailable: {l2_failed} purges applied locally only, retry");
+            let error = format!(
+                "memcached or the message bus unavailable: {l2_failed} purges applied locally only, retry"
+            );
             let body = json::body(&json::Error {
                 error: &error,
                 purged: Some(&counts),

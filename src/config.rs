@@ -54,6 +54,8 @@ pub struct Config {
     pub peers: PeersConfig,
     /// `[generation]`: the upstream's generation, and the drops when it changes.
     pub generation: GenerationConfig,
+    /// `[bus]`: purges over an AMQP broker; `None` = off.
+    pub bus: Option<BusConfig>,
     /// The L2 tier; `None` = L1 only.
     pub memcached: Option<crate::storage::memcached::L2Config>,
     /// Ordered; the first rule that matches a request decides.
@@ -161,6 +163,33 @@ pub struct PeersConfig {
     pub retry_delay: Duration,
     /// Messages kept per failed peer; beyond, the queue becomes one "drop your cache".
     pub backlog: usize,
+}
+
+/// `[bus]` ([`crate::transport::bus`]).
+#[derive(Clone)]
+pub struct BusConfig {
+    /// `amqp://user:pass@host:5672/%2f` (secret: never logged whole).
+    pub amqp_url: String,
+    /// The durable fanout exchange every corral publishes to.
+    pub exchange: String,
+    /// Messages a corral's queue keeps while it is away (`x-max-length`, oldest dropped).
+    pub queue_max: usize,
+    /// How long a publish waits for the broker's confirm.
+    pub confirm_timeout: Duration,
+    /// Purges kept here while the broker cannot be reached.
+    pub outbox: usize,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("amqp_url", &"<redacted>")
+            .field("exchange", &self.exchange)
+            .field("queue_max", &self.queue_max)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("outbox", &self.outbox)
+            .finish()
+    }
 }
 
 /// `[generation]` ([`crate::generation`]).

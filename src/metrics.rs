@@ -445,6 +445,78 @@ pub static WEBHOOKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Whether the message bus is connected.
+pub static BUS_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_bus_connected",
+        "1 while the AMQP message bus ([bus]) is connected"
+    )
+    .expect("metric registers once")
+});
+
+/// Purge messages published to the bus (attempts).
+pub static BUS_PUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_bus_published_total",
+        "Purge messages published to the message bus (attempts)"
+    )
+    .expect("metric registers once")
+});
+
+/// Publishes the broker confirmed.
+pub static BUS_CONFIRMED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_bus_confirmed_total",
+        "Purge messages the broker confirmed"
+    )
+    .expect("metric registers once")
+});
+
+/// Publishes the broker refused.
+pub static BUS_NACKED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_bus_nacked_total",
+        "Purge messages the broker refused (nack); retried"
+    )
+    .expect("metric registers once")
+});
+
+/// Purges waiting in the outbox.
+pub static BUS_OUTBOX: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_bus_outbox",
+        "Purge messages waiting to be published and confirmed"
+    )
+    .expect("metric registers once")
+});
+
+/// Purges the outbox could not keep.
+pub static BUS_OUTBOX_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_bus_outbox_dropped_total",
+        "Purge messages dropped from a full outbox (receivers see the gap and drop their caches)"
+    )
+    .expect("metric registers once")
+});
+
+/// Messages taken from this corral's queue.
+pub static BUS_CONSUMED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_bus_consumed_total",
+        "Messages consumed from this corral's queue"
+    )
+    .expect("metric registers once")
+});
+
+/// Of those, the purges applied (not duplicates or this corral's own).
+pub static BUS_APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_bus_applied_total",
+        "Purges from the message bus applied here (not duplicates, not this corral's own)"
+    )
+    .expect("metric registers once")
+});
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

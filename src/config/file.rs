@@ -2,8 +2,8 @@
 //! validation into [`Config`], one function per section.
 
 use super::{
-    key_host, resolve, CacheConfig, Config, ConfigError, GenerationConfig, LogConfig, PeerUrl, PeersConfig,
-    PurgeConfig, Rule, ServerConfig, UpstreamConfig,
+    key_host, resolve, BusConfig, CacheConfig, Config, ConfigError, GenerationConfig, LogConfig, PeerUrl,
+    PeersConfig, PurgeConfig, Rule, ServerConfig, UpstreamConfig,
 };
 
 use std::time::Duration;
@@ -30,6 +30,8 @@ pub(super) struct FileConfig {
     peers: PeersFile,
     #[serde(default)]
     generation: GenerationFile,
+    #[serde(default)]
+    bus: BusFile,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleFile>,
 }
@@ -315,6 +317,76 @@ impl GenerationFile {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct BusFile {
+    amqp_url: String,
+    exchange: String,
+    queue_max: usize,
+    #[serde(with = "humantime_serde")]
+    confirm_timeout: Duration,
+    outbox: usize,
+}
+
+impl Default for BusFile {
+    fn default() -> Self {
+        BusFile {
+            amqp_url: String::new(),
+            exchange: "corral.purge".into(),
+            queue_max: 100_000,
+            confirm_timeout: Duration::from_secs(2),
+            outbox: 10_000,
+        }
+    }
+}
+
+impl BusFile {
+    fn validate(self, source: &str) -> Result<Option<BusConfig>, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        if self.amqp_url.is_empty() {
+            return Ok(None);
+        }
+        if !self.amqp_url.starts_with("amqp://") {
+            return err(
+                "bus.amqp_url",
+                "must start with amqp:// (amqps:// is not built in: use a TLS sidecar, or a private network)"
+                    .into(),
+            );
+        }
+        if let Err(e) = self.amqp_url.parse::<lapin::uri::AMQPUri>() {
+            return err("bus.amqp_url", format!("not an AMQP URI: {e}"));
+        }
+        if self.exchange.is_empty()
+            || self.exchange.len() > 200
+            || self.exchange.contains(char::is_whitespace)
+        {
+            return err(
+                "bus.exchange",
+                format!("{:?}: 1 to 200 characters, no spaces", self.exchange),
+            );
+        }
+        if self.queue_max == 0 {
+            return err("bus.queue_max", "at least 1".into());
+        }
+        if self.outbox == 0 {
+            return err("bus.outbox", "at least 1".into());
+        }
+        if self.confirm_timeout < Duration::from_millis(10) {
+            return err(
+                "bus.confirm_timeout",
+                format!("{:?}: at least 10ms", self.confirm_timeout),
+            );
+        }
+        Ok(Some(BusConfig {
+            amqp_url: self.amqp_url,
+            exchange: self.exchange,
+            queue_max: self.queue_max,
+            confirm_timeout: self.confirm_timeout,
+            outbox: self.outbox,
+        }))
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RuleFile {
@@ -366,6 +438,7 @@ impl FileConfig {
             source: source.to_string(),
             peers: self.peers.validate(source, server.listen)?,
             generation: self.generation.validate(source)?,
+            bus: self.bus.validate(source)?,
             server,
             upstream,
             cache: self.cache.validate(source)?,

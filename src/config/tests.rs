@@ -292,3 +292,36 @@ fn generation_settings_are_off_by_default_and_checked() {
         assert_eq!(e.key, key, "{text}: {e}");
     }
 }
+
+#[test]
+fn bus_settings_are_off_by_default_checked_and_the_url_never_printed() {
+    assert!(parse("").unwrap().bus.is_none());
+    let c = parse("[bus]\namqp_url = \"amqp://corral:s3cret@127.0.0.1:5672/%2f\"\n").unwrap();
+    let bus = c.bus.clone().unwrap();
+    assert_eq!(bus.exchange, "corral.purge");
+    assert_eq!(bus.queue_max, 100_000);
+    assert_eq!(bus.confirm_timeout, Duration::from_secs(2));
+    assert_eq!(bus.outbox, 10_000);
+    assert!(!format!("{c:?}").contains("s3cret"), "the password is redacted");
+    let bad = [
+        ("[bus]\namqp_url = \"http://x\"\n", "bus.amqp_url"),
+        ("[bus]\namqp_url = \"amqps://x:5671/%2f\"\n", "bus.amqp_url"),
+        (
+            "[bus]\namqp_url = \"amqp://h/\"\nexchange = \"a b\"\n",
+            "bus.exchange",
+        ),
+        (
+            "[bus]\namqp_url = \"amqp://h/\"\nqueue_max = 0\n",
+            "bus.queue_max",
+        ),
+        (
+            "[bus]\namqp_url = \"amqp://h/\"\nconfirm_timeout = \"1ms\"\n",
+            "bus.confirm_timeout",
+        ),
+        ("[bus]\namqp_urll = \"amqp://h/\"\n", "bus.amqp_urll"),
+    ];
+    for (text, key) in bad {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.key, key, "{text}: {e}");
+    }
+}

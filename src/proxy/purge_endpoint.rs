@@ -48,6 +48,8 @@ impl Corral {
         };
         let accepted = self.cluster.accept(&purge).await;
         let (purged, l2_ok) = (accepted.purged, accepted.l2_ok);
+        // the broker's confirm is needed unless memcached's log took the purge too
+        let carried = accepted.confirmed || (self.parts.storage.l2.is_some() && l2_ok);
         let peers = if wait {
             Some(self.cluster.outcomes(accepted.receipts).await)
         } else {
@@ -61,6 +63,17 @@ impl Corral {
             tracing::error!(kind = purge.kind(), site = %site, path = %ctx.path, purged, "purge applied locally but memcached could not be reached: answered 503");
             let body = json::body(&json::Error {
                 error: "memcached unavailable: purged locally only, retry",
+                purged: Some(purged),
+            });
+            return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
+        }
+        if !carried {
+            metrics::PURGES
+                .with_label_values(&[purge.kind(), "bus-failed"])
+                .inc();
+            tracing::error!(kind = purge.kind(), site = %site, path = %ctx.path, purged, "purge applied locally but the message bus did not confirm it: answered 503 (it stays in the outbox)");
+            let body = json::body(&json::Error {
+                error: "message bus unavailable: purged locally only, retry",
                 purged: Some(purged),
             });
             return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;

@@ -39,6 +39,7 @@ use crate::metrics;
 use crate::purge::{self, LogWhat, Purge};
 
 pub mod backlog;
+pub mod bus;
 pub mod peers;
 
 /// The version of [`Message`] and [`Envelope`] this corral writes and reads.
@@ -161,10 +162,15 @@ impl From<Outcome> for String {
 pub struct Receipt {
     pub to: String,
     pub outcome: BoxFuture<'static, Outcome>,
+    /// A purge is acknowledged only once this delivery is (the broker's confirm); peers'
+    /// deliveries are awaited only with `?wait=peers`.
+    pub required: bool,
 }
 
 /// A way to carry purges to the other corrals.
 pub trait Transport: Send + Sync {
+    /// `peers`, `bus`.
+    fn name(&self) -> &'static str;
     /// Hand `msg` over for delivery, in publication order per destination. Never blocks.
     fn publish(&self, msg: Arc<Message>) -> Vec<Receipt>;
     /// Start delivering (and, for a transport that pulls, receiving into `inbox`).
@@ -213,6 +219,12 @@ impl Inbox {
             origins: parking_lot::Mutex::new(HashMap::new()),
             nodes: parking_lot::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A message arrived that cannot be read: what it purged is unknown, so everything
+    /// validated before counts as purged.
+    pub fn unreadable(&self, why: &str) {
+        self.parts.drop_cache("peer-message-unreadable", why);
     }
 
     /// Check an envelope: its messages are the origin's, in increasing order, and `covers`
@@ -417,6 +429,8 @@ pub struct Cluster {
     seq: parking_lot::Mutex<u64>,
     /// The longest `?wait=peers` waits.
     pub wait_limit: Duration,
+    /// How long a purge waits for the deliveries it needs (the broker's confirm).
+    confirm_limit: Duration,
     published: AtomicU64,
 }
 
@@ -426,6 +440,10 @@ pub struct Accepted {
     pub purged: usize,
     /// Whether memcached took it (or there is none).
     pub l2_ok: bool,
+    /// Whether every delivery a purge needs before it is acknowledged (the broker's confirm)
+    /// came, within its timeout; true when there is none.
+    pub confirmed: bool,
+    /// The other deliveries, for `?wait=peers`.
     pub receipts: Vec<Receipt>,
 }
 
@@ -434,10 +452,15 @@ impl Cluster {
     pub fn leak(parts: &'static CacheParts, cfg: &crate::config::Config) -> &'static Cluster {
         let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(parts, cfg.purge.clock_skew)));
         let mut transports: Vec<&'static dyn Transport> = Vec::new();
+        let node = format!("{}:{}", host_name(), cfg.server.listen.port());
         if cfg.peers.token.is_some() && cfg.peers.peers.iter().any(|p| !p.is_self) {
-            let node = format!("{}:{}", host_name(), cfg.server.listen.port());
-            let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers, node)));
+            let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers, node.clone())));
             transports.push(p);
+        }
+        if let Some(bus) = &cfg.bus {
+            let namespace = cfg.memcached.as_ref().map_or("corral", |m| m.namespace.as_str());
+            let b: &'static bus::Bus = Box::leak(Box::new(bus::Bus::new(bus, namespace, &node)));
+            transports.push(b);
         }
         Box::leak(Box::new(Cluster {
             parts,
@@ -445,6 +468,7 @@ impl Cluster {
             transports,
             seq: parking_lot::Mutex::new(0),
             wait_limit: cfg.peers.timeout,
+            confirm_limit: cfg.bus.as_ref().map_or(Duration::ZERO, |b| b.confirm_timeout),
             published: AtomicU64::new(0),
         }))
     }
@@ -459,16 +483,29 @@ impl Cluster {
     /// Apply `purge` here and hand it to every transport.
     pub async fn accept(&self, purge: &Purge) -> Accepted {
         let (purged, l2_ok, at) = self.parts.apply(purge).await;
-        let receipts = self.publish(
+        let all = self.publish(
             Body::Purge {
                 soft: purge.soft,
                 target: LogWhat::of(&purge.target),
             },
             at,
         );
+        let (required, receipts): (Vec<Receipt>, Vec<Receipt>) = all.into_iter().partition(|r| r.required);
+        let mut confirmed = true;
+        if !required.is_empty() {
+            let limit = self.confirm_limit;
+            let outcomes = futures::future::join_all(
+                required
+                    .into_iter()
+                    .map(|r| tokio::time::timeout(limit, r.outcome)),
+            )
+            .await;
+            confirmed = outcomes.iter().all(|o| matches!(o, Ok(Outcome::Delivered)));
+        }
         Accepted {
             purged,
             l2_ok,
+            confirmed,
             receipts,
         }
     }
@@ -529,12 +566,21 @@ impl Cluster {
         !self.transports.is_empty()
     }
 
+    /// `GET /bus`: the message bus's state; `None` without `[bus]`.
+    pub fn bus_status(&self) -> Option<serde_json::Value> {
+        self.transports
+            .iter()
+            .find(|t| t.name() == "bus")
+            .map(|t| t.status())
+    }
+
     /// `GET /peers`.
     pub fn status(&self) -> serde_json::Value {
-        let transports: Vec<serde_json::Value> = self.transports.iter().map(|t| t.status()).collect();
-        let peers = transports
-            .into_iter()
-            .find_map(|s| s.get("peers").cloned())
+        let peers = self
+            .transports
+            .iter()
+            .find(|t| t.name() == "peers")
+            .and_then(|t| t.status().get("peers").cloned())
             .unwrap_or_else(|| serde_json::Value::Array(Vec::new()));
         serde_json::json!({
             "corral": purge::corral_id(),

@@ -282,6 +282,7 @@ impl Peers {
         Receipt {
             to,
             outcome: Box::pin(outcome),
+            required: false,
         }
     }
 }
@@ -291,6 +292,10 @@ fn peer_url(peer: &Peer) -> String {
 }
 
 impl Transport for Peers {
+    fn name(&self) -> &'static str {
+        "peers"
+    }
+
     fn publish(&self, msg: Arc<Message>) -> Vec<Receipt> {
         let seq = msg.seq;
         let mut receipts = Vec::with_capacity(self.peers.len());

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod origin;
+pub mod rabbit;
 pub mod relay;
 pub mod slow;
 pub mod webhook;
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use origin::{Origin, Reply};
+#[allow(unused_imports)]
+pub use rabbit::Rabbit;
 #[allow(unused_imports)]
 pub use relay::Relay;
 #[allow(unused_imports)]

@@ -1,0 +1,241 @@
+//! Issue 13: purges over a real RabbitMQ (`[bus]`): every accepted purge is published to a
+//! durable fanout exchange with publisher confirms; each corral consumes its own durable queue.
+//! Each test starts its own broker (Debian's `rabbitmq-server`, `.ci/run` installs it).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SITE: (&str, &str) = ("host", "www.site.test");
+const APPLIED: &str = "corral_bus_applied_total";
+
+/// One broker test at a time: each runs a broker and three corrals on two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn loopback() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+fn bus(amqp_url: &str, extra: &str) -> Conf {
+    Conf::default().section(&format!(
+        "[bus]\namqp_url = \"{amqp_url}\"\nexchange = \"corral.test\"\nconfirm_timeout = \"500ms\"\n{extra}"
+    ))
+}
+
+/// Every path answers `<path> #<n>`, fresh for 300 s.
+fn pages(origin: &Origin, paths: &[String]) {
+    for p in paths {
+        let p2 = p.clone();
+        origin.route(p, move |s| {
+            Reply::ok(format!("{p2} #{}", s.n)).header("cache-control", "max-age=300")
+        });
+    }
+}
+
+async fn get(proxy: &Proxy, path: &str) -> Got {
+    get_with(&proxy.url(path), &[SITE]).await
+}
+
+async fn warm(proxy: &Proxy, paths: &[String]) {
+    for p in paths {
+        get(proxy, p).await;
+        let again = get(proxy, p).await;
+        assert!(again.cache.starts_with("corral; hit"), "{p}: {}", again.cache);
+    }
+}
+
+async fn purge(proxy: &Proxy, path: &str) -> Got {
+    send(
+        client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), proxy.url(path)),
+        &[SITE],
+    )
+    .await
+}
+
+async fn counter(proxy: &Proxy, series: &str) -> f64 {
+    metric(&proxy.metrics().await, series)
+}
+
+/// Wait until the bus of `proxy` is connected (its queue declared and consumed).
+async fn connected(proxy: &Proxy) {
+    eventually(Duration::from_secs(20), "bus connected", || async {
+        counter(proxy, "corral_bus_connected").await == 1.0
+    })
+    .await;
+}
+
+async fn fleet(origin: &Origin, conf: Conf) -> (Proxy, Proxy, Proxy) {
+    let a = Proxy::start_on(loopback(), origin.addr, conf.clone()).await;
+    let b = Proxy::start_on(loopback(), origin.addr, conf.clone()).await;
+    let c = Proxy::start_on(loopback(), origin.addr, conf).await;
+    for p in [&a, &b, &c] {
+        connected(p).await;
+    }
+    (a, b, c)
+}
+
+#[tokio::test]
+async fn a_purge_at_a_reaches_b_and_c_through_the_broker() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let paths: Vec<String> = vec!["/p".into(), "/q".into()];
+    pages(&origin, &paths);
+    let (a, b, c) = fleet(&origin, bus(&rabbit.url(), "")).await;
+    warm(&b, &paths).await;
+    warm(&c, &paths).await;
+    let r = purge(&a, "/p").await;
+    assert_eq!(r.status, 200, "confirmed by the broker: {}", r.body);
+    let answered = Instant::now();
+    for p in [&b, &c] {
+        eventually(Duration::from_secs(2), "applied from the bus", || async {
+            counter(p, APPLIED).await == 1.0
+        })
+        .await;
+    }
+    let took = answered.elapsed();
+    for p in [&b, &c] {
+        let got = get(p, "/p").await;
+        assert!(got.cache.contains("fwd=miss"), "{}", got.cache);
+        assert!(
+            get(p, "/q").await.cache.starts_with("corral; hit"),
+            "/q not purged"
+        );
+    }
+    // A's own message comes back on its own queue, and is not applied twice
+    assert_eq!(counter(&a, APPLIED).await, 0.0);
+    let bus_status = client()
+        .get(format!("http://{}/bus", a.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&bus_status).unwrap();
+    assert_eq!(v["connected"], true, "{bus_status}");
+    assert!(v["confirmed"].as_u64().unwrap() >= 1, "{bus_status}");
+    eprintln!("purge applied at B and C {took:?} after A's answer");
+}
+
+#[tokio::test]
+async fn purges_made_while_the_broker_is_down_reach_every_corral_when_it_is_back() {
+    let _serial = SERIAL.lock().await;
+    let mut rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let paths: Vec<String> = (0..20).map(|i| format!("/down/{i}")).collect();
+    pages(&origin, &paths);
+    let (a, b, c) = fleet(&origin, bus(&rabbit.url(), "")).await;
+    warm(&b, &paths).await;
+    warm(&c, &paths).await;
+    rabbit.stop();
+    for p in &paths {
+        let started = Instant::now();
+        let r = purge(&a, p).await;
+        // no memcached: nothing else carries it; applied here, kept in the outbox
+        assert_eq!(r.status, 503, "{p}: {}", r.body);
+        assert!(r.body.contains("retry"), "{}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "fails fast: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(counter(&a, "corral_bus_outbox").await, 20.0);
+    rabbit.restart().await;
+    for p in [&b, &c] {
+        eventually(
+            Duration::from_secs(30),
+            "every purge applied after the broker is back",
+            || async { counter(p, APPLIED).await == 20.0 },
+        )
+        .await;
+        for path in &paths {
+            let got = get(p, path).await;
+            assert!(
+                got.cache.contains("fwd=miss"),
+                "{path} at {}: {}",
+                p.addr,
+                got.cache
+            );
+        }
+    }
+    assert!(a.log_text().contains("message bus unreachable"));
+    assert!(a.log_text().contains("message bus connected"));
+}
+
+#[tokio::test]
+async fn a_corral_stopped_while_purges_are_published_applies_them_from_its_queue() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let paths: Vec<String> = (0..20).map(|i| format!("/away/{i}")).collect();
+    pages(&origin, &paths);
+    let (a, _b, mut c) = fleet(&origin, bus(&rabbit.url(), "")).await;
+    c.kill();
+    for p in &paths {
+        assert_eq!(purge(&a, p).await.status, 200);
+    }
+    // back on the same address: the same node, the same durable queue
+    c.restart().await;
+    connected(&c).await;
+    eventually(
+        Duration::from_secs(10),
+        "C applies its queue's backlog",
+        || async { counter(&c, APPLIED).await == 20.0 },
+    )
+    .await;
+    for p in &paths {
+        assert!(get(&c, p).await.cache.contains("fwd=miss"));
+    }
+}
+
+#[tokio::test]
+async fn a_queue_that_overflowed_makes_its_consumer_drop_its_cache() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let paths: Vec<String> = (0..21)
+        .map(|i| format!("/ovf/{i}"))
+        .chain(["/kept".to_string()])
+        .collect();
+    pages(&origin, &paths);
+    // C reaches the broker through a relay the test cuts
+    let relay = Relay::start(rabbit.addr).await;
+    let conf = bus(&rabbit.url(), "queue_max = 5");
+    let a = Proxy::start_on(loopback(), origin.addr, conf.clone()).await;
+    let c_url = format!("amqp://guest:guest@{}/%2f", relay.addr);
+    let c = Proxy::start_on(loopback(), origin.addr, bus(&c_url, "queue_max = 5")).await;
+    connected(&a).await;
+    connected(&c).await;
+    // C learns A's sequence numbers
+    assert_eq!(purge(&a, &paths[0]).await.status, 200);
+    eventually(Duration::from_secs(5), "C applied the first", || async {
+        counter(&c, APPLIED).await == 1.0
+    })
+    .await;
+    warm(&c, &["/kept".to_string()]).await;
+    relay.cut();
+    eventually(Duration::from_secs(10), "C sees the bus down", || async {
+        counter(&c, "corral_bus_connected").await == 0.0
+    })
+    .await;
+    for p in &paths[1..21] {
+        assert_eq!(purge(&a, p).await.status, 200);
+    }
+    relay.restore();
+    eventually(Duration::from_secs(20), "C drops its cache", || async {
+        counter(&c, "corral_cache_drops_total{reason=\"peer-gap\"}").await == 1.0
+    })
+    .await;
+    assert!(c.log_text().contains("dropping stale cache: peer-gap"));
+    assert!(
+        get(&c, "/kept").await.cache.contains("fwd=miss"),
+        "never purged, dropped with the cache"
+    );
+}
