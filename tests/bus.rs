@@ -108,6 +108,10 @@ async fn a_purge_at_a_reaches_b_and_c_through_the_broker() {
         );
     }
     // A's own message comes back on its own queue, and is not applied twice
+    eventually(Duration::from_secs(5), "A consumed its own message", || async {
+        counter(&a, "corral_bus_consumed_total").await >= 1.0
+    })
+    .await;
     assert_eq!(counter(&a, APPLIED).await, 0.0);
     let bus_status = client()
         .get(format!("http://{}/bus", a.admin))

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use lapin::options::{
@@ -36,6 +36,9 @@ use super::{Envelope, Inbox, Message, Outcome, Receipt, Transport, VERSION};
 use crate::config::BusConfig;
 use crate::metrics;
 use crate::purge;
+
+/// A queue not consumed for this long is deleted by the broker (`x-expires`).
+const QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -72,7 +75,7 @@ impl Bus {
         metrics::BUS_CONNECTED.set(0);
         Bus {
             cfg: cfg.clone(),
-            queue: format!("corral.{namespace}.{node}"),
+            queue: format!("{}.{namespace}.{node}", cfg.exchange),
             outbox: parking_lot::Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             progress: watch::channel((0, 0)).0,
@@ -84,7 +87,12 @@ impl Bus {
     async fn run(&'static self, inbox: &'static Inbox) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            let since = self.status.lock().since_ms;
             let result = self.session(inbox).await;
+            if self.status.lock().since_ms != since {
+                // it connected this time: the next failure starts the back-off over
+                backoff = Duration::from_millis(100);
+            }
             let why = match result {
                 Ok(()) => "connection closed".to_string(),
                 Err(e) => e,
@@ -94,16 +102,17 @@ impl Bus {
             self.progress.send_modify(|p| p.1 += 1);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            if self.status.lock().connected {
-                backoff = Duration::from_millis(100);
-            }
         }
     }
 
     fn set_connected(&self, connected: bool, error: Option<String>) {
+        // never both locks at once (publish takes the outbox's, then counts)
+        let outbox = self.outbox.lock().len();
         let mut st = self.status.lock();
         if st.connected == connected && st.since_ms != 0 {
-            if error.is_some() {
+            if error.is_some() && error != st.last_error {
+                // still down, for another reason (a setting the broker refuses): say so
+                warn!(error = %error.clone().unwrap_or_default(), outbox, "message bus still unreachable");
                 st.last_error = error;
             }
             return;
@@ -112,10 +121,10 @@ impl Bus {
         st.since_ms = purge::millis(SystemTime::now());
         metrics::BUS_CONNECTED.set(connected as i64);
         if connected {
-            info!(queue = %self.queue, exchange = %self.cfg.exchange, outbox = self.outbox.lock().len(), "message bus connected: purges published and consumed");
+            info!(queue = %self.queue, exchange = %self.cfg.exchange, outbox, "message bus connected: purges published and consumed");
         } else {
             let e = error.clone().unwrap_or_default();
-            warn!(error = %e, outbox = self.outbox.lock().len(), "message bus unreachable: purges kept in the outbox, retried with back-off");
+            warn!(error = %e, outbox, "message bus unreachable: purges kept in the outbox, retried with back-off");
         }
         if error.is_some() {
             st.last_error = error;
@@ -155,6 +164,9 @@ impl Bus {
             AMQPValue::LongLongInt(self.cfg.queue_max as i64),
         );
         args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+        // a queue nobody consumed for a week goes (corrals of the past: pods, hosts renamed);
+        // a corral that comes back after that finds a gap, and drops its cache
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(QUEUE_EXPIRES_MS));
         consume
             .queue_declare(
                 &self.queue,
@@ -195,7 +207,7 @@ impl Bus {
             r = self.publish_loop(&publish) => r,
             r = self.consume_loop(consumer, inbox) => r,
         };
-        let _ = conn.close(0, "corral reconnects").await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "corral reconnects")).await;
         result
     }
 
@@ -260,11 +272,13 @@ impl Bus {
                     let env = Envelope {
                         v: VERSION,
                         origin: msg.origin,
-                        node: String::new(),
+                        node: msg.node.clone(),
                         covers: (msg.seq, msg.seq),
                         messages: vec![Arc::new(msg)],
                     };
-                    let got = inbox.receive(&env);
+                    // the bus may join sites that do not share memcached: a sender that
+                    // restarted may have lost purges nobody else carries
+                    let got = inbox.receive_from(&env, false);
                     let mut st = self.status.lock();
                     st.consumed += 1;
                     st.applied += got.applied as u64;
@@ -296,19 +310,28 @@ impl Transport for Bus {
         let seq = msg.seq;
         let mut rx = self.progress.subscribe();
         let failures_before = rx.borrow().1;
-        {
+        let dropped = {
             let mut outbox = self.outbox.lock();
             outbox.push_back(msg);
-            if outbox.len() > self.cfg.outbox {
-                // the oldest goes; receivers see the jump in sequence numbers and drop
-                outbox.pop_front();
-                self.status.lock().outbox_dropped += 1;
-                metrics::BUS_OUTBOX_DROPPED.inc();
-            }
+            // past its bound the oldest goes; receivers see the jump and drop their caches
+            let dropped = outbox.len() > self.cfg.outbox && outbox.pop_front().is_some();
             metrics::BUS_OUTBOX.set(outbox.len() as i64);
+            dropped
+        };
+        let connected = {
+            let mut st = self.status.lock();
+            st.outbox_dropped += dropped as u64;
+            st.connected
+        };
+        if dropped {
+            metrics::BUS_OUTBOX_DROPPED.inc();
         }
         self.wake.notify_one();
         let outcome = async move {
+            if !connected {
+                // the broker is away: the purge is answered now, not after confirm_timeout
+                return Outcome::Failed("the message bus is unreachable (kept in the outbox)".into());
+            }
             loop {
                 let (confirmed, failures) = *rx.borrow_and_update();
                 if confirmed >= seq {
@@ -334,18 +357,18 @@ impl Transport for Bus {
     }
 
     fn status(&self) -> serde_json::Value {
+        let outbox = self.outbox.lock().len();
         let st = self.status.lock();
         let mut v = serde_json::to_value(&*st).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
             o.insert("queue".into(), self.queue.clone().into());
             o.insert("exchange".into(), self.cfg.exchange.clone().into());
-            o.insert("outbox".into(), self.outbox.lock().len().into());
+            o.insert("outbox".into(), outbox.into());
             o.insert(
                 "since_s".into(),
                 (purge::millis(SystemTime::now()).saturating_sub(st.since_ms) / 1000).into(),
             );
         }
-        let _ = Instant::now();
         v
     }
 }

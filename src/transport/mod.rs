@@ -59,6 +59,9 @@ pub struct Message {
     /// When the origin accepted it (ms since the epoch, its clock).
     pub at_ms: u64,
     pub body: Body,
+    /// The origin's host name and port (stable across its restarts, unlike `origin`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +115,7 @@ impl Message {
             seq,
             at_ms: purge::millis(purge::now_stamp()),
             body,
+            node: String::new(),
         }
     }
 }
@@ -274,6 +278,13 @@ impl Inbox {
     /// Apply an envelope's messages that were not applied before, in order. The envelope must
     /// have passed [`Self::check`].
     pub fn receive(&self, env: &Envelope) -> Received {
+        self.receive_from(env, true)
+    }
+
+    /// [`Self::receive`]; `shared_log`: the sender shares this corral's memcached (if any), so
+    /// what a restarted sender lost is in its purge log (peers within a site: yes; a bus that
+    /// may join sites: no).
+    pub fn receive_from(&self, env: &Envelope, shared_log: bool) -> Received {
         let me = purge::corral_id();
         let mut got = Received {
             corral: me,
@@ -303,7 +314,7 @@ impl Inbox {
                 self.parts.drop_cache("peer-gap", &detail);
             }
             Some(_) => {}
-            None => self.new_origin(env),
+            None => self.new_origin(env, shared_log),
         }
         let mut upto = last.unwrap_or(0);
         for (seq, what) in prepared {
@@ -321,7 +332,9 @@ impl Inbox {
                 Prepared::Drop(reason) => self.parts.drop_cache("peer-backlog-overflow", &reason),
                 Prepared::Generation(old, new) => {
                     let known = crate::generation::get().and_then(|g| g.current());
-                    if known.as_deref() != Some(new.as_str()) {
+                    // a change from what this corral holds (or it holds none): an old message
+                    // replayed from a queue (g1 -> g2 to a corral at g3) is not a step back
+                    if known.as_deref() != Some(new.as_str()) && known.as_ref().is_none_or(|k| *k == old) {
                         if let Some(g) = crate::generation::get() {
                             g.adopt(&new);
                         }
@@ -369,7 +382,7 @@ impl Inbox {
     /// under another id, that corral restarted: purges it accepted and had not delivered were
     /// lost with it. Without memcached, nothing else carries them: everything validated
     /// before counts as purged. With memcached, its purge log has them.
-    fn new_origin(&self, env: &Envelope) {
+    fn new_origin(&self, env: &Envelope, shared_log: bool) {
         if env.node.is_empty() {
             return;
         }
@@ -380,7 +393,7 @@ impl Inbox {
         }
         drop(nodes);
         match before {
-            Some(old) if old != env.origin && self.parts.storage.l2.is_none() => {
+            Some(old) if old != env.origin && (self.parts.storage.l2.is_none() || !shared_log) => {
                 let detail = format!(
                     "peer {} restarted (corral {old} is now {}): purges it had not delivered are lost",
                     env.node, env.origin
@@ -431,6 +444,8 @@ pub struct Cluster {
     pub wait_limit: Duration,
     /// How long a purge waits for the deliveries it needs (the broker's confirm).
     confirm_limit: Duration,
+    /// This corral's host name and port ([`Message::node`]).
+    node: String,
     published: AtomicU64,
 }
 
@@ -469,6 +484,7 @@ impl Cluster {
             seq: parking_lot::Mutex::new(0),
             wait_limit: cfg.peers.timeout,
             confirm_limit: cfg.bus.as_ref().map_or(Duration::ZERO, |b| b.confirm_timeout),
+            node,
             published: AtomicU64::new(0),
         }))
     }
@@ -530,6 +546,7 @@ impl Cluster {
         *seq += 1;
         let mut msg = Message::new(purge::corral_id(), *seq, body);
         msg.at_ms = purge::millis(at);
+        msg.node = self.node.clone();
         let msg = Arc::new(msg);
         let receipts = self
             .transports

@@ -1,5 +1,7 @@
 //! A real RabbitMQ (Debian's `rabbitmq-server`) on a free loopback port, with its own data
-//! directory, node name and cookie; stopped on drop.
+//! directory and node name; stopped on drop. (Debian's wrapper runs the broker with `su`,
+//! which resets `HOME`: the Erlang cookie is the rabbitmq user's, shared with a system broker
+//! if there is one; the node names keep them apart.)
 //!
 //! As root, Debian's `rabbitmq-server` drops to the `rabbitmq` user: its data, log,
 //! feature-flags and plugins paths are set by environment to a directory that user owns.
@@ -65,7 +67,6 @@ impl Rabbit {
             .env("RABBITMQ_CONFIG_FILE", d("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config"))
             .env("RABBITMQ_PID_FILE", d("pid"))
-            // the Erlang cookie lives in HOME
             .env("HOME", &self.dir)
             .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap())
@@ -126,6 +127,8 @@ fn node_processes(marker: &str) -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/environ"))
                 .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
         })
+        // epmd, started by the first broker, inherits its environment and serves every node
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "epmd"))
         .collect()
 }
 
