@@ -63,7 +63,10 @@ impl CacheParts {
             cfg.cache.hit_for_miss_keys.div_ceil(SHARDS),
             // a response of an older upstream generation (mid-deploy) says nothing about the
             // URL: it is not remembered as uncacheable (hit-for-miss)
-            Some(|reason: &'static str| reason == crate::generation::SUPERSEDED),
+            // ... nor does one that varies on a header a client named in Connection
+            Some(|reason: &'static str| {
+                reason == crate::generation::SUPERSEDED || reason == crate::proxy::STRIPPED_VARY
+            }),
         )));
         Box::leak(Box::new(CacheParts {
             storage,

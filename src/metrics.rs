@@ -517,6 +517,15 @@ pub static BUS_APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Purge log records dated ahead of this clock by more than `purge.clock_skew`.
+pub static PURGE_RECORDS_AHEAD: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_purge_records_ahead_total",
+        "Purge log records dated further ahead than purge.clock_skew (counted from now + the skew instead)"
+    )
+    .expect("metric registers once")
+});
+
 /// Render every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

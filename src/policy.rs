@@ -52,17 +52,63 @@ fn heuristically_cacheable(status: StatusCode) -> bool {
 }
 
 fn http_date(value: Option<&http::HeaderValue>) -> Option<SystemTime> {
-    let v = value?.to_str().ok()?;
-    httpdate::parse_http_date(v.trim()).ok()
+    let v = value?.to_str().ok()?.trim();
+    // IMF-fixdate, and the obsolete RFC 850 and asctime formats (RFC 9110 §5.6.7: recipients
+    // MUST accept all three), with names in any case
+    httpdate::parse_http_date(v)
+        .or_else(|_| httpdate::parse_http_date(&canonical_case(v)))
+        .ok()
 }
 
-/// The upstream's `Age` in seconds (§5.1: a non-negative integer; anything else is ignored).
+/// Day and month names as the date formats spell them (`Sunday`, `Nov`, `GMT`).
+fn canonical_case(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            let mut chars = word.chars();
+            if let Some(first) = chars.next() {
+                out.push(first.to_ascii_uppercase());
+                out.extend(chars.map(|c| c.to_ascii_lowercase()));
+            }
+        }
+        word.clear();
+    };
+    for c in v.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// The largest delta-seconds value (RFC 9111 §1.2.2: anything larger counts as 2^31).
+const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// The upstream's `Age` in seconds (§5.1: a non-negative integer). Of a list (`Age: 7200, 0`,
+/// or several lines) the first value counts; one too large for a number counts as 2^31 (the
+/// entry is stale, not dropped); anything else is ignored.
 fn age_value(resp: &ResponseHeader) -> Duration {
-    resp.headers
+    let Some(first) = resp
+        .headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+    else {
+        return Duration::ZERO;
+    };
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return Duration::ZERO;
+    }
+    let secs = first.parse::<u64>().unwrap_or(u64::MAX).min(MAX_DELTA_SECONDS);
+    Duration::from_secs(secs)
 }
 
 /// The lifetime given by `Expires` (relative to `Date`, to be immune to clock skew), or `None`
@@ -164,7 +210,7 @@ pub fn response_cacheable(
     }
 
     let age = age_value(&resp);
-    let epoch = now.checked_sub(age).unwrap_or(now);
+    let epoch = now.checked_sub(age).unwrap_or(std::time::UNIX_EPOCH);
     let fresh_until = if lifetime.is_zero() {
         // already stale: it is revalidated before any use
         now - Duration::from_secs(1)
@@ -440,6 +486,22 @@ mod tests {
     }
 
     #[test]
+    fn expires_is_read_in_every_format_and_case() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        for expires in [
+            "Sun, 06 Nov 1994 08:51:17 GMT",
+            "Sunday, 06-Nov-94 08:51:17 GMT",
+            "Sun Nov  6 08:51:17 1994",
+            "SUN, 06 NOV 1994 08:51:17 GMT",
+            "sunday, 06-nov-94 08:51:17 gmt",
+        ] {
+            let m = decide(200, &[("date", date), ("expires", expires)], &EFF)
+                .unwrap_or_else(|| panic!("{expires}: not stored"));
+            assert_eq!(ttl(&m), 100, "{expires}");
+        }
+    }
+
+    #[test]
     fn partial_and_interim_are_never_stored() {
         assert!(decide(206, &[("cache-control", "max-age=60")], &EFF).is_none());
         assert!(decide(304, &[("cache-control", "max-age=60")], &EFF).is_none());
@@ -454,6 +516,13 @@ mod tests {
         assert!(!m.is_fresh(SystemTime::now()));
         let m = decide(200, &[("cache-control", "max-age=100"), ("age", "-5")], &EFF).unwrap();
         assert_eq!(m.age().as_secs(), 0, "a malformed Age is ignored");
+        // a list: the first value
+        let m = decide(200, &[("cache-control", "max-age=100"), ("age", "7200, 0")], &EFF).unwrap();
+        assert!(!m.is_fresh(SystemTime::now()), "Age: 7200, 0 is 7200");
+        // too large for a number: stale, not dropped
+        let huge = "99999999999999999999999999";
+        let m = decide(200, &[("cache-control", "max-age=100"), ("age", huge)], &EFF).unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
     }
 
     #[test]

@@ -194,10 +194,14 @@ async fn accept_encoding_is_normalised_so_browsers_share_variants() {
     }
     let gzip = get_with(&url, &[("accept-encoding", "gzip, deflate")]).await;
     assert_eq!(gzip.body, "variant gzip");
-    let none = get_with(&url, &[("accept-encoding", "identity")]).await;
-    assert_eq!(none.body, "variant none");
+    // a client that takes neither says so to the origin (an absent field means "anything")
+    let identity = get_with(&url, &[("accept-encoding", "identity")]).await;
+    assert_eq!(identity.body, "variant identity");
+    let deflate = get_with(&url, &[("accept-encoding", "deflate")]).await;
+    assert_eq!(deflate.body, "variant identity");
+    assert!(deflate.cache.contains("hit"), "{}", deflate.cache);
     assert_eq!(get(&url).await.body, "variant none");
-    assert_eq!(origin.hits("/v"), 3);
+    assert_eq!(origin.hits("/v"), 4);
     // a bypassed request goes as the client sent it
     let post = send(client().post(&url).header("accept-encoding", "zstd"), &[]).await;
     assert_eq!(post.body, "variant zstd");
@@ -789,4 +793,183 @@ async fn metrics_count_outcomes() {
     assert!(text.contains("corral_requests_total{cache=\"hit\"} 1"), "{text}");
     assert!(text.contains("corral_requests_total{cache=\"miss\"} 1"), "{text}");
     assert!(text.contains("corral_l1_entries 1"), "{text}");
+}
+
+/// RFC 9110 §12.5.3: without Accept-Encoding any coding is acceptable. A client that accepts
+/// neither gzip nor br must not be sent gzip because corral dropped its field.
+#[tokio::test]
+async fn a_client_that_takes_no_compression_never_gets_gzip() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/z", |s| {
+        // a gzip-capable origin: compresses unless told the client cannot take it
+        let ae = s
+            .headers
+            .get("accept-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        let gzip = ae.as_deref().is_none_or(|v| v.contains("gzip"));
+        let r = cacheable(if gzip { "GZIPPED" } else { "plain" }).header("vary", "Accept-Encoding");
+        if gzip {
+            r.header("content-encoding", "gzip")
+        } else {
+            r
+        }
+    });
+    let got = get_with(&proxy.url("/z"), &[("accept-encoding", "deflate")]).await;
+    assert_eq!(got.body, "plain");
+    assert!(got.headers.get("content-encoding").is_none());
+}
+
+/// RFC 9111 §5.1: `Age: 7200, 0` is 7200 (the first value), and an Age too large for a
+/// number makes the entry stale, not fresh.
+#[tokio::test]
+async fn an_age_list_and_a_huge_age_make_the_entry_stale() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+    origin.route("/age-list", |s| {
+        cacheable(&format!("v{}", s.n)).header("age", "7200, 0")
+    });
+    origin.route("/age-huge", |s| {
+        cacheable(&format!("v{}", s.n)).header("age", "99999999999999999999999")
+    });
+    for path in ["/age-list", "/age-huge"] {
+        let first = get(&proxy.url(path)).await;
+        assert_eq!(first.body, "v1");
+        // max-age=60 minus an age of hours: stale at once, so the next request goes upstream
+        let again = get(&proxy.url(path)).await;
+        assert!(!again.cache.starts_with("corral; hit"), "{path}: {}", again.cache);
+        assert_eq!(origin.hits(path), 2, "{path}");
+    }
+}
+
+/// RFC 9110 §5.6.7: recipients MUST accept the obsolete RFC 850 and asctime date formats.
+#[tokio::test]
+async fn expires_in_every_date_format_and_case_gives_freshness() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    let now = std::time::SystemTime::now();
+    let in_an_hour = now + Duration::from_secs(3600);
+    let date = httpdate::fmt_http_date(now);
+    let imf = httpdate::fmt_http_date(in_an_hour);
+    // the same instant in the two obsolete formats, built from the IMF one:
+    // "Sun, 06 Nov 1994 08:49:37 GMT"
+    let parts: Vec<&str> = imf.split(' ').collect();
+    let (wd, day, mon, year, time) = (
+        parts[0].trim_end_matches(','),
+        parts[1],
+        parts[2],
+        parts[3],
+        parts[4],
+    );
+    let full = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ]
+    .into_iter()
+    .find(|d| d.starts_with(wd))
+    .unwrap();
+    let rfc850 = format!("{full}, {day}-{mon}-{} {time} GMT", &year[2..]);
+    let asctime = format!("{wd} {mon} {:>2} {time} {year}", day.trim_start_matches('0'));
+    for (i, expires) in [imf.to_uppercase(), rfc850, asctime].into_iter().enumerate() {
+        let path = format!("/exp{i}");
+        let (d, e) = (date.clone(), expires.clone());
+        origin.route(&path, move |_| {
+            Reply::ok("x")
+                .header("date", d.clone())
+                .header("expires", e.clone())
+        });
+        get(&proxy.url(&path)).await;
+        let again = get(&proxy.url(&path)).await;
+        assert!(
+            again.cache.starts_with("corral; hit"),
+            "{expires}: {}",
+            again.cache
+        );
+    }
+}
+
+/// A client can name any header in `Connection`; corral then removes it from the upstream
+/// request. A response that varies on it must not be stored as the variant of the value the
+/// client sent (cache poisoning).
+#[tokio::test]
+async fn connection_cannot_make_corral_store_a_variant_the_upstream_never_saw() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/lang", |s| {
+        let lang = s
+            .headers
+            .get("accept-language")
+            .map_or("none", |v| v.to_str().unwrap());
+        cacheable(&format!("lang={lang}")).header("vary", "Accept-Language")
+    });
+    let url = proxy.url("/lang");
+    let attack = get_with(
+        &url,
+        &[("accept-language", "de"), ("connection", "accept-language")],
+    )
+    .await;
+    assert_eq!(attack.body, "lang=none", "the upstream did not see the header");
+    assert!(!attack.cache.contains("stored"), "{}", attack.cache);
+    let victim = get_with(&url, &[("accept-language", "de")]).await;
+    assert_eq!(victim.body, "lang=de");
+    // and the URL itself is still cached normally (not remembered as uncacheable)
+    let again = get_with(&url, &[("accept-language", "de")]).await;
+    assert!(again.cache.starts_with("corral; hit"), "{}", again.cache);
+}
+
+/// RFC 9111 §4.2.4: a cache MUST NOT serve stale unless allowed. With the default config an
+/// expired entry is revalidated before it is served (no grace), and its waiting clients share
+/// that one revalidation.
+#[tokio::test]
+async fn by_default_an_expired_entry_is_never_served_stale() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/exp", |s| {
+        Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=1")
+    });
+    assert_eq!(get(&proxy.url("/exp")).await.body, "v1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = get(&proxy.url("/exp")).await;
+    assert_eq!(after.body, "v2", "not the stale v1: {}", after.cache);
+    assert!(!after.cache.contains("ttl=-"), "{}", after.cache);
+}
+
+/// RFC 9111 §4.3.4: a 304 updates the stored header fields before the next client sees them,
+/// with grace off (the client waits for the revalidation) and on (the next one after it).
+#[tokio::test]
+async fn a_304_updates_the_stored_headers_before_the_next_client_with_or_without_grace() {
+    for grace in ["0s", "30s"] {
+        let (origin, proxy) = setup(Conf::default().cache(&format!("grace = \"{grace}\""))).await;
+        origin.route("/r", |s| {
+            if s.n == 1 {
+                Reply::ok("body")
+                    .header("cache-control", "max-age=1")
+                    .header("etag", "\"e1\"")
+                    .header("x-version", "1")
+            } else {
+                Reply::ok("")
+                    .status(304)
+                    .header("cache-control", "max-age=60")
+                    .header("etag", "\"e1\"")
+                    .header("x-version", "2")
+            }
+        });
+        let url = proxy.url("/r");
+        assert_eq!(get(&url).await.headers["x-version"], "1");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let first = get(&url).await;
+        assert_eq!(first.body, "body", "grace {grace}");
+        if grace == "0s" {
+            assert_eq!(
+                first.headers["x-version"], "2",
+                "grace 0: the revalidated headers"
+            );
+        }
+        eventually(Duration::from_secs(5), "the 304 merged", || async {
+            let got = get(&url).await;
+            got.headers["x-version"] == "2" && got.cache.starts_with("corral; hit") && got.body == "body"
+        })
+        .await;
+        assert_eq!(origin.hits("/r"), 2, "grace {grace}: one revalidation");
+    }
 }

@@ -658,3 +658,82 @@ async fn r10_a_purged_url_does_not_come_back_from_l2() {
     assert_eq!(at_a.body, "v3-aabbbbb", "{}", at_a.cache);
     assert!(at_a.cache.contains("fwd=miss"), "{}", at_a.cache);
 }
+
+/// Whoever can write to memcached must not be able to plant a copy that passes every purge:
+/// a value validated in the future is refused (a miss), and so is the planted body.
+#[tokio::test]
+async fn a_value_planted_in_memcached_with_a_future_date_is_never_served() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/planted", |_| cacheable("the real body".into()));
+    let a = Proxy::start(
+        origin.addr,
+        Conf::default().servers(&[&mc]).memcached("namespace = \"t\""),
+    )
+    .await;
+    let combined = corral::key::for_url(SITE.1, "/planted").combined();
+    let mk = corral::storage::memcached::key_for("t", 0, &combined);
+    let later = std::time::SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut head = pingora_http::ResponseHeader::build(200, None).unwrap();
+    head.append_header("cache-control", "max-age=60").unwrap();
+    head.append_header("content-length", "6").unwrap();
+    let meta = pingora_cache::CacheMeta::new(later + Duration::from_secs(60), later, 0, 0, head);
+    let value = corral::storage::record::encode(&meta, 1, b"POISON").unwrap();
+    let mut cmd = format!("set {mk} 0 60 {}\r\n", value.len()).into_bytes();
+    cmd.extend_from_slice(&value);
+    cmd.extend_from_slice(b"\r\n");
+    assert!(mc.command(&cmd, "\r\n").await.contains("STORED"));
+    let g = get(&a.url("/planted")).await;
+    assert_eq!(g.body, "the real body");
+    assert!(g.cache.contains("fwd=miss"), "{}", g.cache);
+}
+
+/// A purge log record dated far ahead (planted, or a clock far off) counts from now plus
+/// `purge.clock_skew`, not from its date: the cache works again a moment later, not in a year.
+#[tokio::test]
+async fn a_purge_record_dated_far_ahead_does_not_switch_the_cache_off() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    origin.route("/after", |s| cacheable(format!("v{}", s.n)));
+    let a = Proxy::start(
+        origin.addr,
+        Conf::default().servers(&[&mc]).memcached("namespace = \"t\""),
+    )
+    .await;
+    // the corral has read the log once (it creates its epoch), then a ban of everything,
+    // dated a year ahead, is appended to it
+    get(&a.url("/after")).await;
+    // a purge of something else makes the log's counter
+    let purge = send(
+        client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), a.url("/other")),
+        &[SITE],
+    )
+    .await;
+    assert_eq!(purge.status, 200, "{}", purge.body);
+    let seq = mc.command(b"incr corral/t/purgelog/seq 1\r\n", "\r\n").await;
+    let seq: u64 = seq.trim().parse().unwrap_or_else(|_| panic!("incr: {seq}"));
+    let at = std::time::SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+    let at_ms = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let record = format!(
+        "{{\"at_ms\":{at_ms},\"soft\":false,\"what\":{{\"kind\":\"ban\",\"host\":null,\"url\":\".*\",\"content_type\":null}},\"origin\":12345}}"
+    );
+    let mut cmd = format!("set corral/t/purgelog/{seq} 0 0 {}\r\n", record.len()).into_bytes();
+    cmd.extend_from_slice(record.as_bytes());
+    cmd.extend_from_slice(b"\r\n");
+    assert!(mc.command(&cmd, "\r\n").await.contains("STORED"));
+    eventually(Duration::from_secs(5), "the record applied", || async {
+        metric(&a.metrics().await, "corral_purge_records_ahead_total") >= 1.0
+    })
+    .await;
+    // past now + the skew (1 s), plus the skew margin every record of another corral's clock
+    // gets (1 s), what is fetched is cached again
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let first = get(&a.url("/after")).await;
+    let again = get(&a.url("/after")).await;
+    assert!(
+        again.cache.starts_with("corral; hit"),
+        "{} then {}",
+        first.cache,
+        again.cache
+    );
+}

@@ -486,6 +486,29 @@ async fn host_map_applies_a_purge_sent_to_the_proxy_address_to_the_site() {
     assert!(is_miss(&proxy, "/plone/doc").await);
 }
 
+/// A `host_map` key written with the default port (`cache1:80`) matches a purge sent to
+/// `cache1`, whose Host corral normalises (no `:80`) like every Host.
+#[tokio::test]
+async fn host_map_keys_are_normalised_like_the_purge_host() {
+    let origin = Origin::start().await;
+    tagged(&origin, "/plone/doc", &[]);
+    let mut conf = Conf::default();
+    conf.rules
+        .push_str(&format!("[purge]\nhost_map = {{ \"Cache1:80\" = \"{SITE}\" }}\n"));
+    let proxy = Proxy::start(origin.addr, conf).await;
+    warm(&proxy, &["/plone/doc"]).await;
+    let r = send(
+        client().request(
+            reqwest::Method::from_bytes(b"PURGE").unwrap(),
+            proxy.url("/plone/doc"),
+        ),
+        &[("host", "cache1")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(is_miss(&proxy, "/plone/doc").await);
+}
+
 #[tokio::test]
 async fn refused_purges_purge_nothing() {
     let origin = Origin::start().await;

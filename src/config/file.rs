@@ -126,7 +126,9 @@ impl Default for CacheFile {
             memory_bytes: ByteSize::mib(256),
             max_object_bytes: ByteSize::mib(8),
             default_ttl: Duration::ZERO,
-            grace: Duration::from_secs(10),
+            // RFC 9111 §4.2.4: no stale response unless the origin or the client allows it
+            // (stale-while-revalidate, max-stale); grace is Varnish's opt-in
+            grace: Duration::ZERO,
             stale_if_error: Duration::from_secs(300),
             lock_timeout: Duration::from_secs(5),
             hit_for_miss_keys: 16384,
@@ -701,16 +703,24 @@ impl PurgeFile {
                 format!("{:?}: must be at least 10ms", p.sweep_interval),
             );
         }
+        // keys as a purge's Host is normalised (lower case, no ":80", no trailing dot): a key
+        // written "cache:80" must match a purge sent to "cache"
+        let mut host_map = std::collections::BTreeMap::new();
+        for (k, v) in p.host_map {
+            let key = key_host(&k);
+            if host_map.insert(key.clone(), key_host(&v)).is_some() {
+                return err(
+                    &format!("purge.host_map.{k}"),
+                    format!("{k:?} is the same host as another key ({key:?})"),
+                );
+            }
+        }
         let purge = PurgeConfig {
             access: crate::purge::Access {
                 allow,
                 token: Some(p.token).filter(|t| !t.is_empty()),
             },
-            host_map: p
-                .host_map
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), key_host(&v)))
-                .collect(),
+            host_map,
             default_host: Some(p.default_host)
                 .filter(|h| !h.is_empty())
                 .map(|h| key_host(&h)),

@@ -325,3 +325,12 @@ fn bus_settings_are_off_by_default_checked_and_the_url_never_printed() {
         assert_eq!(e.key, key, "{text}: {e}");
     }
 }
+
+#[test]
+fn host_map_keys_are_normalised_and_duplicates_refused() {
+    let c = parse("[purge]\nhost_map = { \"Cache:80\" = \"www.example.org\" }\n").unwrap();
+    assert_eq!(c.purge.site_for("cache"), "www.example.org");
+    let e = parse("[purge]\nhost_map = { \"cache:80\" = \"a.org\", \"CACHE\" = \"b.org\" }\n").unwrap_err();
+    assert!(e.key.starts_with("purge.host_map."), "{e}");
+    assert!(e.reason.contains("same host"), "{e}");
+}

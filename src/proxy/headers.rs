@@ -39,7 +39,9 @@ pub(super) fn normalize_accept_encoding(req: &mut RequestHeader) {
             let _ = req.insert_header(header::ACCEPT_ENCODING, HeaderValue::from_static(n));
         }
         None => {
-            req.remove_header(&header::ACCEPT_ENCODING);
+            // neither: say so. Without the field any coding is acceptable (RFC 9110 §12.5.3),
+            // and the origin could answer gzip to a client that cannot read it
+            let _ = req.insert_header(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         }
     }
 }

@@ -516,8 +516,16 @@ impl Follower {
                 match record.as_deref().map(LogRecord::decode_with_origin) {
                     // applied when this corral accepted it
                     Some(Some((_, _, origin))) if origin == super::corral_id() => {}
-                    // another corral's clock: compared with a margin where clocks differ
-                    Some(Some((purge, at, origin))) => self.validity.record_by(&purge, at, origin),
+                    // another corral's clock: compared with a margin where clocks differ; a
+                    // record dated further ahead than that (planted in memcached, or a clock
+                    // far off) counts from now + the margin, not from its date
+                    Some(Some((purge, at, origin))) => {
+                        let latest = now_stamp() + self.skew;
+                        if at > latest {
+                            metrics::PURGE_RECORDS_AHEAD.inc();
+                        }
+                        self.validity.record_by(&purge, at.min(latest), origin)
+                    }
                     // undecodable: cover it
                     Some(None) => self.validity.invalidate_all_before(now_stamp()),
                     // not there: a purge that took its sequence number may still be writing

@@ -19,6 +19,10 @@ use pingora_cache::CacheMeta;
 const MAGIC: &[u8; 4] = b"CRRL";
 const VERSION: u8 = 2;
 
+/// How far ahead of this clock a value's validation time may be (the largest
+/// `purge.clock_skew`).
+const MAX_AHEAD: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A decoded record.
 pub struct Record {
     pub meta: CacheMeta,
@@ -38,6 +42,8 @@ pub enum DecodeError {
     Truncated,
     #[error("{0} trailing bytes")]
     Trailing(usize),
+    #[error("validated {0} s ahead of this clock: planted, or a clock far off")]
+    Future(u64),
     #[error("bad metadata: {0}")]
     Meta(String),
 }
@@ -96,6 +102,13 @@ pub fn decode(mut buf: Bytes) -> Result<Record, DecodeError> {
         return Err(DecodeError::Trailing(buf.remaining()));
     }
     let meta = CacheMeta::deserialize(&internal, &header).map_err(|e| DecodeError::Meta(e.to_string()))?;
+    // a copy validated in the future would pass every purge record: whoever can write to
+    // memcached could plant one. Clocks may differ by `purge.clock_skew`, at most a minute
+    if let Ok(ahead) = meta.updated().duration_since(std::time::SystemTime::now()) {
+        if ahead > MAX_AHEAD {
+            return Err(DecodeError::Future(ahead.as_secs()));
+        }
+    }
     Ok(Record { meta, filler, body })
 }
 
@@ -126,6 +139,16 @@ mod tests {
         assert_eq!(r.meta.stale_while_revalidate_sec(), 10);
         assert_eq!(r.meta.stale_if_error_sec(), 300);
         assert!(r.meta.is_fresh(SystemTime::now()));
+    }
+
+    #[test]
+    fn a_value_validated_in_the_future_is_refused() {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.append_header("etag", "\"x\"").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(3600 * 24 * 365);
+        let planted = CacheMeta::new(later + Duration::from_secs(60), later, 0, 0, h);
+        let bytes = encode(&planted, 42, b"poison").unwrap();
+        assert!(matches!(decode(bytes), Err(DecodeError::Future(_))));
     }
 
     #[test]
