@@ -69,6 +69,20 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Client connections: head and idle deadlines, and the cap ([`crate::conn`]).
     pub limits: crate::conn::Limits,
+    /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`) are believed: a TLS
+    /// terminator or load balancer in front of corral. From anyone else they are removed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ServerConfig {
+    /// Whether `ip` is a trusted proxy.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -80,6 +80,14 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
         }),
         _ => Vec::new(),
     };
+    if !cfg.server.listen.ip().is_loopback()
+        && cfg.purge.access.token.is_none()
+        && !cfg.purge.access.allow.is_empty()
+    {
+        // behind a TLS terminator or load balancer on an allowed address, every client looks
+        // like it: purges would be open to all
+        tracing::warn!(listen = %cfg.server.listen, allow = ?cfg.purge.access.allow, trusted_proxies = ?cfg.server.trusted_proxies, "purges are allowed by source address alone on a listener that is not loopback-only: set purge.token, and list a TLS terminator or load balancer in server.trusted_proxies so that its clients' addresses are checked instead of its own");
+    }
     let cfg = Arc::new(cfg);
     let conf = ServerConf {
         threads: cfg.server.threads,

@@ -691,3 +691,107 @@ async fn purge_records_are_small() {
     assert!(bytes / records < 1000.0, "{bytes} bytes for {records} records");
     assert!(grown < 4 << 20, "RSS grew by {grown} bytes for 2,000 records");
 }
+
+/// Forwarding headers are not part of the key: from a client they would let one request store
+/// a redirect to `http://` (or another host's links, another path, another method) that every
+/// other client then gets. They reach the origin only from `server.trusted_proxies`; corral
+/// sends its own `X-Forwarded-For`, `-Proto` and `-Host`.
+#[tokio::test]
+async fn forwarding_headers_from_a_client_never_reach_the_origin() {
+    const FORWARDING: [(&str, &str); 9] = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "gopher"),
+        ("x-forwarded-port", "1234"),
+        ("x-forwarded-prefix", "/evil"),
+        ("forwarded", "for=203.0.113.9;proto=gopher;host=evil.example"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x-http-method-override", "DELETE"),
+    ];
+    for trusted in [false, true] {
+        let conf = if trusted {
+            Conf::default().server("trusted_proxies = [\"127.0.0.1/32\"]")
+        } else {
+            Conf::default()
+        };
+        let (origin, proxy) = setup(conf).await;
+        origin.route("/fw", |s| {
+            let seen: Vec<String> = FORWARDING
+                .iter()
+                .map(|(name, _)| {
+                    format!(
+                        "{name}={}",
+                        s.headers.get(*name).map_or("-", |v| v.to_str().unwrap())
+                    )
+                })
+                .collect();
+            Reply::ok(seen.join("\n")).header("cache-control", "no-store")
+        });
+        let got = get_with(&proxy.url("/fw"), &FORWARDING).await;
+        for (name, value) in FORWARDING {
+            let line = got
+                .body
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}=")))
+                .unwrap();
+            match (trusted, name) {
+                // a trusted proxy's list, with this hop appended
+                (true, "x-forwarded-for") => assert_eq!(line, "x-forwarded-for=203.0.113.9, 127.0.0.1"),
+                (true, _) => assert_eq!(line, format!("{name}={value}"), "believed from a trusted proxy"),
+                (false, "x-forwarded-for") => assert_eq!(line, "x-forwarded-for=127.0.0.1", "the peer only"),
+                (false, "x-forwarded-proto") => assert_eq!(line, "x-forwarded-proto=http"),
+                (false, "x-forwarded-host") => {
+                    assert!(line.starts_with("x-forwarded-host=127.0.0.1"), "{line}")
+                }
+                (false, _) => assert_eq!(
+                    line,
+                    format!("{name}=-"),
+                    "{name} from a client reached the origin"
+                ),
+            }
+        }
+    }
+}
+
+/// Behind a TLS terminator on the same host every peer is 127.0.0.1, inside the default purge
+/// allow-list. With the terminator in `server.trusted_proxies`, the allow-list looks at the
+/// client it saw (the last untrusted address of `X-Forwarded-For`), not at the terminator.
+#[tokio::test]
+async fn purges_behind_a_trusted_tls_terminator_are_checked_against_the_real_client() {
+    let (origin, proxy) = setup(Conf::default().server("trusted_proxies = [\"127.0.0.1/32\"]")).await;
+    origin.route("/p", |s| cacheable(&format!("v{}", s.n)));
+    get(&proxy.url("/p")).await;
+    let url = proxy.url("/p");
+    let purge = |xff: &'static str| {
+        let req = client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), url.clone());
+        async move { send(req, &[("x-forwarded-for", xff)]).await }
+    };
+    // an internet client through the terminator: refused, nothing purged
+    let outsider = purge("203.0.113.9").await;
+    assert_eq!(outsider.status, 405, "{}", outsider.body);
+    assert!(get(&proxy.url("/p")).await.cache.starts_with("corral; hit"));
+    // a client that claims loopback in front of its real address is still the real address
+    assert_eq!(purge("127.0.0.1, 203.0.113.9").await.status, 405);
+    // the CMS on the same host, through the terminator: allowed
+    assert_eq!(purge("127.0.0.1").await.status, 200);
+}
+
+/// A listener that is not loopback-only, with purges allowed by address alone: said at start.
+#[tokio::test]
+async fn purges_open_by_address_on_a_public_listener_are_warned_about() {
+    let origin = Origin::start().await;
+    let addr: std::net::SocketAddr = format!("0.0.0.0:{}", free_port()).parse().unwrap();
+    let proxy = Proxy::start_on(addr, origin.addr, Conf::default()).await;
+    assert!(
+        proxy
+            .log_text()
+            .contains("purges are allowed by source address alone"),
+        "{}",
+        proxy.log_text()
+    );
+    let quiet = Proxy::start(origin.addr, Conf::default()).await;
+    assert!(!quiet
+        .log_text()
+        .contains("purges are allowed by source address alone"));
+}

@@ -48,6 +48,7 @@ pub(super) struct ServerFile {
     #[serde(with = "humantime_serde")]
     keepalive_timeout: Duration,
     max_connections: usize,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerFile {
@@ -59,6 +60,7 @@ impl Default for ServerFile {
             header_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -482,9 +484,24 @@ impl ServerFile {
         if self.max_connections == 0 {
             return err("server.max_connections", "must be greater than 0".into());
         }
+        let mut trusted_proxies = Vec::with_capacity(self.trusted_proxies.len());
+        for (i, net) in self.trusted_proxies.iter().enumerate() {
+            let parsed = net
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(
+                        source,
+                        format!("server.trusted_proxies[{i}]"),
+                        format!("{net:?} is not a CIDR like 10.0.0.0/8"),
+                    )
+                })?;
+            trusted_proxies.push(parsed);
+        }
         Ok(ServerConfig {
             listen,
             admin,
+            trusted_proxies,
             threads: self.threads,
             limits: crate::conn::Limits {
                 header_timeout: self.header_timeout,

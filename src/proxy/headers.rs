@@ -183,6 +183,68 @@ pub(super) fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// Request headers that tell an origin about the request as some proxy saw it. The key does
+/// not contain them: from a client they could make the origin answer differently (a redirect
+/// to `http://`, another host's links, another path or method) and have that stored for
+/// everyone. They are believed only from `server.trusted_proxies`.
+pub(super) const FORWARDING: [&str; 9] = [
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "forwarded",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+];
+
+/// The forwarding headers for the upstream: from a trusted proxy, its own plus this hop's
+/// address in `X-Forwarded-For`; from anyone else, none of the client's, and corral's own
+/// `X-Forwarded-For` (the peer), `X-Forwarded-Proto` (`http`) and `X-Forwarded-Host`.
+pub(super) fn forwarding_headers(
+    req: &mut RequestHeader,
+    peer: Option<std::net::IpAddr>,
+    trusted: bool,
+    host: &str,
+) -> Result<()> {
+    if !trusted {
+        for name in FORWARDING {
+            req.remove_header(name);
+        }
+        req.insert_header("x-forwarded-proto", "http")?;
+        if !host.is_empty() {
+            req.insert_header("x-forwarded-host", host)?;
+        }
+    }
+    if let Some(ip) = peer {
+        append_forwarded_for(req, ip)?;
+    }
+    Ok(())
+}
+
+/// The client's address: the peer's, or, when the peer is a trusted proxy, the last address in
+/// `X-Forwarded-For` that is not one (walking from the right: every hop appends).
+pub(super) fn client_ip(
+    req: &RequestHeader,
+    peer: Option<std::net::IpAddr>,
+    trusts: impl Fn(std::net::IpAddr) -> bool,
+) -> Option<std::net::IpAddr> {
+    let peer = peer?;
+    if !trusts(peer) {
+        return Some(peer);
+    }
+    let listed: Vec<std::net::IpAddr> = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|a| a.trim().parse().ok())
+        .collect();
+    Some(listed.into_iter().rev().find(|ip| !trusts(*ip)).unwrap_or(peer))
+}
+
 /// Append the client's address to `X-Forwarded-For` (the list the client sent, if any, is
 /// kept in front: the origin decides how many hops it trusts).
 pub(super) fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr) -> Result<()> {

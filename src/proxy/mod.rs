@@ -53,7 +53,8 @@ mod upstream;
 
 use answer::{cache_status_value, respond_json};
 use headers::{
-    append_forwarded_for, hop_by_hop, normalize_accept_encoding, single_content_length, RequestFields,
+    client_ip, forwarding_headers, hop_by_hop, normalize_accept_encoding, single_content_length,
+    RequestFields,
 };
 use upstream::{UpstreamSlot, UpstreamSlots};
 
@@ -164,6 +165,12 @@ fn varies_on_any(resp: &ResponseHeader, names: &[String]) -> bool {
 }
 
 impl Corral {
+    /// The client's address ([`headers::client_ip`]): behind a trusted proxy, the one it saw.
+    pub(super) fn client_ip(&self, session: &Session) -> Option<std::net::IpAddr> {
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        client_ip(session.req_header(), peer, |ip| self.cfg.server.trusts(ip))
+    }
+
     pub fn new(cfg: Arc<Config>, cluster: &'static Cluster) -> Self {
         let parts = cluster.parts;
         let up = &cfg.upstream;
@@ -471,9 +478,9 @@ impl ProxyHttp for Corral {
             // answers for the site the entry is stored under, never for a spelling of it
             upstream_request.insert_header(header::HOST, ctx.host.as_str())?;
         }
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            append_forwarded_for(upstream_request, addr.ip())?;
-        }
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let trusted = peer.is_some_and(|ip| self.cfg.server.trusts(ip));
+        forwarding_headers(upstream_request, peer, trusted, &ctx.host)?;
         Ok(())
     }
 

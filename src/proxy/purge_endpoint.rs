@@ -17,8 +17,10 @@ use crate::transport::{Envelope, Inbox, VERSION};
 impl Corral {
     /// Answer a purge request (any verb of [`purge::is_purge_method`]).
     pub(super) async fn handle_purge(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        // behind a TLS terminator on the same host every peer is 127.0.0.1: the allow-list
+        // looks at the client the trusted proxy saw
+        let ip = self.client_ip(session);
         let req = session.req_header();
-        let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let auth = req
             .headers
             .get(header::AUTHORIZATION)
