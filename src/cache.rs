@@ -57,6 +57,7 @@ impl CacheParts {
             &cfg.purge,
         )));
         purge::set_clock_offset(cfg.purge.clock_offset_ms);
+        crate::policy::set_targeted_header(cfg.cache.targeted_header.as_ref().map(|h| h.as_str()));
         // age timeout: a writer that holds the lock this long lets the waiters compete again
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(cfg.cache.lock_timeout));
         let predictor = Box::leak(Box::new(Predictor::<SHARDS>::new(

@@ -117,6 +117,11 @@ pub struct CacheConfig {
     /// Forward cacheable requests with a normalised `Accept-Encoding`
     /// ([`crate::key::normalize_accept_encoding`]).
     pub normalize_accept_encoding: bool,
+    /// corral's own targeted cache-control field (RFC 9213), before `CDN-Cache-Control`.
+    pub targeted_header: Option<http::HeaderName>,
+    /// Remove the targeted fields (corral's own, `CDN-Cache-Control`, `Surrogate-Control`)
+    /// from client responses: they are meant for this cache.
+    pub strip_targeted: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -29,6 +29,42 @@ use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+/// The targeted cache-control fields corral obeys (RFC 9213), in order: `cache.targeted_header`
+/// if set, then `CDN-Cache-Control`, then `Surrogate-Control` (Fastly's and Akamai's). The first
+/// with a valid, non-empty value decides instead of `Cache-Control` and `Expires`.
+static TARGETED: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+
+/// The standard targets, after the configured one.
+const STANDARD_TARGETS: [&str; 2] = ["cdn-cache-control", "surrogate-control"];
+
+/// Set the process's targeted field (`cache.targeted_header`, lower case); once, at start.
+pub fn set_targeted_header(own: Option<&str>) {
+    let mut list: Vec<&'static str> = Vec::new();
+    if let Some(own) = own.filter(|h| !h.is_empty()) {
+        list.push(Box::leak(own.to_ascii_lowercase().into_boxed_str()));
+    }
+    list.extend(STANDARD_TARGETS);
+    let _ = TARGETED.set(list);
+}
+
+/// The targeted fields, in order.
+pub fn targeted_headers() -> &'static [&'static str] {
+    TARGETED.get().map_or(&STANDARD_TARGETS[..], |v| &v[..])
+}
+
+/// The cache-control that decides for corral: the first targeted field with a valid,
+/// non-empty value (RFC 9213 §2.2), and whether it was one; else `Cache-Control`.
+fn deciding_cache_control(resp: &ResponseHeader) -> (Option<CacheControl>, bool) {
+    for name in targeted_headers() {
+        if let Some(cc) = CacheControl::from_resp_headers_named(name, resp) {
+            if !cc.directives.is_empty() {
+                return (Some(cc), true);
+            }
+        }
+    }
+    (CacheControl::from_resp_headers(resp), false)
+}
+
 /// Upper bound of a heuristic lifetime (RFC 9111 §4.2.2 leaves it to the cache).
 pub const HEURISTIC_MAX: Duration = Duration::from_secs(24 * 3600);
 
@@ -151,7 +187,8 @@ pub fn response_cacheable(
     {
         return Uncacheable(NoCacheReason::Custom("status"));
     }
-    let cc = CacheControl::from_resp_headers(&resp);
+    // RFC 9213: a targeted field replaces Cache-Control and Expires for this cache
+    let (cc, targeted) = deciding_cache_control(&resp);
     if cc.as_ref().is_some_and(|cc| cc.no_store()) {
         return Uncacheable(NoCacheReason::OriginNotCache);
     }
@@ -174,10 +211,13 @@ pub fn response_cacheable(
         return Uncacheable(NoCacheReason::Custom("vary-star"));
     }
 
-    let explicit = cc
-        .as_ref()
-        .and_then(|cc| cc.fresh_duration())
-        .or_else(|| expires_lifetime(&resp, now));
+    let explicit = cc.as_ref().and_then(|cc| cc.fresh_duration()).or_else(|| {
+        if targeted {
+            None
+        } else {
+            expires_lifetime(&resp, now)
+        }
+    });
     let lifetime = match explicit {
         Some(l) => l,
         None if !heuristically_cacheable(status) => return Uncacheable(NoCacheReason::OriginNotCache),
@@ -499,6 +539,66 @@ mod tests {
                 .unwrap_or_else(|| panic!("{expires}: not stored"));
             assert_eq!(ttl(&m), 100, "{expires}");
         }
+    }
+
+    #[test]
+    fn a_targeted_field_decides_instead_of_cache_control() {
+        // a fresh CDN-Cache-Control beats Cache-Control: no-store
+        let m = decide(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=120"),
+            ],
+            &EFF,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m), 120);
+        // and private / no-store in it keep the response out
+        assert!(decide(
+            200,
+            &[("cache-control", "max-age=60"), ("cdn-cache-control", "private")],
+            &EFF
+        )
+        .is_none());
+        assert!(decide(
+            200,
+            &[("cache-control", "max-age=60"), ("cdn-cache-control", "no-store")],
+            &EFF
+        )
+        .is_none());
+        // Surrogate-Control's max-age, as Fastly and Akamai users send it
+        let m = decide(
+            200,
+            &[
+                ("cache-control", "max-age=5"),
+                ("surrogate-control", "max-age=300"),
+            ],
+            &EFF,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m), 300);
+        // CDN-Cache-Control comes before Surrogate-Control
+        let m = decide(
+            200,
+            &[
+                ("cdn-cache-control", "max-age=50"),
+                ("surrogate-control", "max-age=300"),
+            ],
+            &EFF,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m), 50);
+        // Expires is ignored when a targeted field decides
+        let d = httpdate::fmt_http_date(SystemTime::now());
+        let e = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(900));
+        let m = decide(
+            200,
+            &[("date", &d), ("expires", &e), ("cdn-cache-control", "max-age=30")],
+            &EFF,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m), 30);
     }
 
     #[test]

@@ -973,3 +973,80 @@ async fn a_304_updates_the_stored_headers_before_the_next_client_with_or_without
         assert_eq!(origin.hits("/r"), 2, "grace {grace}: one revalidation");
     }
 }
+
+/// RFC 9213: a targeted field (corral's own, then CDN-Cache-Control, then Surrogate-Control)
+/// decides for corral instead of Cache-Control, and is not passed on to clients.
+#[tokio::test]
+async fn targeted_cache_control_decides_for_corral_and_is_stripped() {
+    let (origin, proxy) = setup(Conf::default().cache("targeted_header = \"Corral-Cache-Control\"")).await;
+    /// A path, the fields its response carries, whether corral stores it.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
+    let routes: [Case; 5] = [
+        // a fresh CDN-Cache-Control beats Cache-Control: no-store
+        (
+            "/cdn",
+            &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=60")],
+            true,
+        ),
+        // private there keeps it out, whatever Cache-Control says
+        (
+            "/cdn-private",
+            &[("cache-control", "max-age=60"), ("cdn-cache-control", "private")],
+            false,
+        ),
+        // corral's own field first
+        (
+            "/own",
+            &[
+                ("cache-control", "private"),
+                ("cdn-cache-control", "no-store"),
+                ("corral-cache-control", "max-age=60"),
+            ],
+            true,
+        ),
+        // Surrogate-Control: max-age, as Fastly and Akamai users send it
+        (
+            "/surrogate",
+            &[
+                ("cache-control", "no-cache, no-store"),
+                ("surrogate-control", "max-age=60"),
+            ],
+            true,
+        ),
+        // no targeted field: Cache-Control as always
+        ("/plain", &[("cache-control", "no-store")], false),
+    ];
+    for (path, headers, stored) in routes {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        origin.route(path, move |s| {
+            let mut r = Reply::ok(format!("v{}", s.n));
+            for (k, v) in &headers {
+                r = r.header(k, v.clone());
+            }
+            r
+        });
+        let first = get(&proxy.url(path)).await;
+        for name in ["cdn-cache-control", "surrogate-control", "corral-cache-control"] {
+            assert!(
+                first.headers.get(name).is_none(),
+                "{path}: {name} passed to the client"
+            );
+        }
+        let again = get(&proxy.url(path)).await;
+        assert_eq!(
+            again.cache.starts_with("corral; hit"),
+            stored,
+            "{path}: {}",
+            again.cache
+        );
+        for name in ["cdn-cache-control", "surrogate-control", "corral-cache-control"] {
+            assert!(
+                again.headers.get(name).is_none(),
+                "{path}: {name} passed on a hit"
+            );
+        }
+    }
+}

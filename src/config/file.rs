@@ -120,6 +120,8 @@ pub(super) struct CacheFile {
     hit_for_miss_keys: usize,
     honor_client_no_cache: bool,
     normalize_accept_encoding: bool,
+    targeted_header: String,
+    strip_targeted: bool,
 }
 
 impl Default for CacheFile {
@@ -136,6 +138,8 @@ impl Default for CacheFile {
             hit_for_miss_keys: 16384,
             honor_client_no_cache: true,
             normalize_accept_encoding: true,
+            targeted_header: String::new(),
+            strip_targeted: true,
         }
     }
 }
@@ -583,7 +587,16 @@ impl CacheFile {
         if c.hit_for_miss_keys == 0 {
             return err("cache.hit_for_miss_keys", "must be greater than 0".into());
         }
+        let targeted_header = match c.targeted_header.as_str() {
+            "" => None,
+            h => match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => return err("cache.targeted_header", format!("{h:?} is not a header name")),
+            },
+        };
         Ok(CacheConfig {
+            targeted_header,
+            strip_targeted: c.strip_targeted,
             memory_bytes,
             max_object_bytes,
             default_ttl: c.default_ttl,

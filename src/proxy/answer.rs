@@ -42,6 +42,9 @@ impl Corral {
         if self.cfg.purge.strip_tag_headers {
             strip_tags(resp);
         }
+        if self.cfg.cache.strip_targeted {
+            super::headers::strip_targeted_fields(resp);
+        }
         Ok(())
     }
 

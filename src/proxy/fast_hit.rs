@@ -41,8 +41,8 @@ impl Corral {
             .eviction
             .access(&lru_key, entry.weight(), entry.fresh_until());
 
-        let strip = self.cfg.purge.strip_tag_headers;
-        let mut resp = entry.wire(|stored| wire_header(stored, strip)).clone();
+        let (strip, targeted) = (self.cfg.purge.strip_tag_headers, self.cfg.cache.strip_targeted);
+        let mut resp = entry.wire(|stored| wire_header(stored, strip, targeted)).clone();
         let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
         resp.insert_header(header::AGE, age)?;
         let mut status = CacheStatus::new(Outcome::Hit);

@@ -88,7 +88,7 @@ impl RequestFields {
 /// names go out lower-case, as in HTTP/2), tags stripped if configured, and every field a hit
 /// (or Pingora's writer: `Date`, `Connection`) sets already present, so that a hit replaces
 /// values and never grows the map.
-pub(super) fn wire_header(stored: &ResponseHeader, strip: bool) -> ResponseHeader {
+pub(super) fn wire_header(stored: &ResponseHeader, strip: bool, strip_targeted: bool) -> ResponseHeader {
     let mut h = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 4)) {
         Ok(mut h) => {
             for (name, value) in &stored.headers {
@@ -102,6 +102,9 @@ pub(super) fn wire_header(stored: &ResponseHeader, strip: bool) -> ResponseHeade
     h.set_version(http::Version::HTTP_11);
     if strip {
         strip_tags(&mut h);
+    }
+    if strip_targeted {
+        strip_targeted_fields(&mut h);
     }
     for (name, placeholder) in [
         (header::AGE, http::HeaderValue::from_static("0")),
@@ -117,6 +120,14 @@ pub(super) fn wire_header(stored: &ResponseHeader, strip: bool) -> ResponseHeade
         }
     }
     h
+}
+
+/// Remove the targeted cache-control fields (RFC 9213: meant for this cache) from a client
+/// response.
+pub(super) fn strip_targeted_fields(resp: &mut ResponseHeader) {
+    for name in crate::policy::targeted_headers() {
+        resp.remove_header(*name);
+    }
 }
 
 /// Remove the tag headers (xkey, Surrogate-Key, ...) from a client response.
