@@ -308,7 +308,7 @@ fn normalized_values<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Strin
 /// Accept-Encoding` makes at most three variants instead of one per browser's spelling
 /// (`gzip, deflate, br, zstd`, `gzip, deflate, br`, `br, gzip`...), as Varnish and Fastly
 /// normalise it: `br, gzip` if the client takes Brotli and gzip, `br` or `gzip` if only one,
-/// `None` (drop the field) if neither. Other codings (deflate, zstd, compress) are dropped: few
+/// `None` if neither (the caller then sends `identity`: an absent field would mean any coding). Other codings (deflate, zstd, compress) are dropped: few
 /// origins send them and a client that lists them also takes gzip. A `q=0` refuses a coding;
 /// `*` stands for the codings not named.
 pub fn normalize_accept_encoding<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<&'static str> {

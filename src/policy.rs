@@ -57,7 +57,14 @@ pub fn targeted_headers() -> &'static [&'static str] {
 fn deciding_cache_control(resp: &ResponseHeader) -> (Option<CacheControl>, bool) {
     for name in targeted_headers() {
         if let Some(cc) = CacheControl::from_resp_headers_named(name, resp) {
-            if !cc.directives.is_empty() {
+            // Surrogate-Control also carries other things (content="ESI/1.0"): it decides
+            // only when it says how long, or not at all
+            let decides = if *name == "surrogate-control" {
+                cc.has_key("max-age") || cc.no_store()
+            } else {
+                !cc.directives.is_empty()
+            };
+            if decides {
                 return (Some(cc), true);
             }
         }
@@ -248,9 +255,20 @@ pub fn response_cacheable(
     if let Some(cc) = &cc {
         cc.strip_private_headers(&mut resp);
     }
+    if targeted {
+        // the fields Cache-Control says are one user's (private="X-User", no-cache="...") stay
+        // out of the stored copy whichever field decided
+        if let Some(cc) = CacheControl::from_resp_headers(&resp) {
+            cc.strip_private_headers(&mut resp);
+        }
+    }
 
     let age = age_value(&resp);
-    let epoch = now.checked_sub(age).unwrap_or(std::time::UNIX_EPOCH);
+    // never before 1970: the meta is serialised for L2, and such a time does not serialise
+    let epoch = now
+        .checked_sub(age)
+        .filter(|e| *e >= std::time::UNIX_EPOCH)
+        .unwrap_or(std::time::UNIX_EPOCH);
     let fresh_until = if lifetime.is_zero() {
         // already stale: it is revalidated before any use
         now - Duration::from_secs(1)
@@ -567,6 +585,17 @@ mod tests {
             &EFF
         )
         .is_none());
+        // Surrogate-Control without a lifetime (ESI) leaves Cache-Control in charge
+        let m = decide(
+            200,
+            &[
+                ("cache-control", "max-age=40"),
+                ("surrogate-control", "content=\"ESI/1.0\""),
+            ],
+            &EFF,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m), 40);
         // Surrogate-Control's max-age, as Fastly and Akamai users send it
         let m = decide(
             200,

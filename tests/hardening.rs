@@ -738,6 +738,10 @@ async fn forwarding_headers_from_a_client_never_reach_the_origin() {
             match (trusted, name) {
                 // a trusted proxy's list, with this hop appended
                 (true, "x-forwarded-for") => assert_eq!(line, "x-forwarded-for=203.0.113.9, 127.0.0.1"),
+                // path and method overrides: no proxy sets them, from nobody
+                (true, "x-original-url" | "x-rewrite-url" | "x-http-method-override") => {
+                    assert_eq!(line, format!("{name}=-"), "{name} passed from a trusted proxy")
+                }
                 (true, _) => assert_eq!(line, format!("{name}={value}"), "believed from a trusted proxy"),
                 (false, "x-forwarded-for") => assert_eq!(line, "x-forwarded-for=127.0.0.1", "the peer only"),
                 (false, "x-forwarded-proto") => assert_eq!(line, "x-forwarded-proto=http"),
@@ -773,6 +777,9 @@ async fn purges_behind_a_trusted_tls_terminator_are_checked_against_the_real_cli
     assert!(get(&proxy.url("/p")).await.cache.starts_with("corral; hit"));
     // a client that claims loopback in front of its real address is still the real address
     assert_eq!(purge("127.0.0.1, 203.0.113.9").await.status, 405);
+    // garbage the terminator passed on is an unknown client, never the terminator itself
+    assert_eq!(purge("127.0.0.1, x").await.status, 405);
+    assert_eq!(purge("unknown").await.status, 405);
     // the CMS on the same host, through the terminator: allowed
     assert_eq!(purge("127.0.0.1").await.status, 200);
 }
@@ -794,4 +801,30 @@ async fn purges_open_by_address_on_a_public_listener_are_warned_about() {
     assert!(!quiet
         .log_text()
         .contains("purges are allowed by source address alone"));
+}
+
+/// A response that varies on a forwarding header corral rewrites is keyed by what the origin
+/// was sent: a client that sends `X-Forwarded-Proto: https` directly cannot store the answer to
+/// corral's own `http` under the `https` variant.
+#[tokio::test]
+async fn a_variant_keyed_by_a_forwarding_header_is_what_the_origin_was_sent() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/proto", |s| {
+        let proto = s
+            .headers
+            .get("x-forwarded-proto")
+            .map_or("-", |v| v.to_str().unwrap());
+        cacheable(&format!("proto={proto}")).header("vary", "X-Forwarded-Proto")
+    });
+    let url = proxy.url("/proto");
+    let attack = get_with(&url, &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(attack.body, "proto=http");
+    let plain = get(&url).await;
+    assert_eq!(plain.body, "proto=http");
+    assert!(
+        plain.cache.starts_with("corral; hit"),
+        "one variant for every untrusted client: {}",
+        plain.cache
+    );
+    assert_eq!(origin.hits("/proto"), 1);
 }

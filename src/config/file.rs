@@ -590,6 +590,26 @@ impl CacheFile {
         let targeted_header = match c.targeted_header.as_str() {
             "" => None,
             h => match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name)
+                    if matches!(
+                        name.as_str(),
+                        "cache-control"
+                            | "expires"
+                            | "pragma"
+                            | "age"
+                            | "vary"
+                            | "date"
+                            | "cdn-cache-control"
+                            | "surrogate-control"
+                    ) =>
+                {
+                    return err(
+                        "cache.targeted_header",
+                        format!(
+                            "{h:?} is a standard field: name corral's own, e.g. \"Corral-Cache-Control\""
+                        ),
+                    )
+                }
                 Ok(name) => Some(name),
                 Err(_) => return err("cache.targeted_header", format!("{h:?} is not a header name")),
             },

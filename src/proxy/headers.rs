@@ -198,31 +198,70 @@ pub(super) fn hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
 /// not contain them: from a client they could make the origin answer differently (a redirect
 /// to `http://`, another host's links, another path or method) and have that stored for
 /// everyone. They are believed only from `server.trusted_proxies`.
-pub(super) const FORWARDING: [&str; 9] = [
+pub(super) const FORWARDING: [&str; 13] = [
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "front-end-https",
     "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-original-host",
+    "x-forwarded-server",
+];
+
+/// Request headers no proxy in front of corral sets (a terminator passes them from the
+/// client): they rewrite the path or the method at the origin. Removed from everyone.
+pub(super) const NEVER_FORWARDED: [&str; 4] = [
     "x-original-url",
     "x-rewrite-url",
     "x-http-method-override",
+    "x-method-override",
 ];
 
-/// The forwarding headers for the upstream: from a trusted proxy, its own plus this hop's
-/// address in `X-Forwarded-For`; from anyone else, none of the client's, and corral's own
-/// `X-Forwarded-For` (the peer), `X-Forwarded-Proto` (`http`) and `X-Forwarded-Host`.
+/// Whether `name` is one of `list`, also spelled with underscores (a CGI origin maps
+/// `X_Forwarded_Host` to the same variable as `X-Forwarded-Host`).
+fn listed(name: &str, list: &[&str]) -> bool {
+    list.iter().any(|l| {
+        l.len() == name.len()
+            && l.bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+    })
+}
+
+/// Remove from a client's request the forwarding headers it may not set: all of them from a
+/// peer that is not a trusted proxy, the path and method overrides from anyone. Done on the
+/// request as received, so that a response varying on one of them is keyed by what the
+/// origin was sent.
+pub(super) fn strip_forwarding(req: &mut RequestHeader, trusted: bool) {
+    let names: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| listed(n.as_str(), &NEVER_FORWARDED) || (!trusted && listed(n.as_str(), &FORWARDING)))
+        .cloned()
+        .collect();
+    for name in names {
+        req.remove_header(&name);
+    }
+}
+
+/// The forwarding headers for the upstream (the client's were stripped by
+/// [`strip_forwarding`]): from a trusted proxy, its own plus this hop's address in
+/// `X-Forwarded-For`; from anyone else, corral's own `X-Forwarded-For` (the peer),
+/// `X-Forwarded-Proto` (`http`) and `X-Forwarded-Host`.
 pub(super) fn forwarding_headers(
     req: &mut RequestHeader,
     peer: Option<std::net::IpAddr>,
     trusted: bool,
     host: &str,
 ) -> Result<()> {
+    strip_forwarding(req, trusted);
     if !trusted {
-        for name in FORWARDING {
-            req.remove_header(name);
-        }
         req.insert_header("x-forwarded-proto", "http")?;
         if !host.is_empty() {
             req.insert_header("x-forwarded-host", host)?;
@@ -234,8 +273,25 @@ pub(super) fn forwarding_headers(
     Ok(())
 }
 
+/// One `X-Forwarded-For` entry: an address, maybe with a port, IPv6 maybe in brackets.
+fn forwarded_addr(entry: &str) -> Option<std::net::IpAddr> {
+    let e = entry.trim().trim_matches('"');
+    if let Ok(ip) = e.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = e.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    // a.b.c.d:port
+    let (host, port) = e.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(std::net::IpAddr::V4)
+}
+
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the last address in
-/// `X-Forwarded-For` that is not one (walking from the right: every hop appends).
+/// `X-Forwarded-For` that is not one (walking from the right: every hop appends). `None` when
+/// that list has an entry that is not an address (`unknown`, garbage): the client is unknown,
+/// and no allow-list admits it.
 pub(super) fn client_ip(
     req: &RequestHeader,
     peer: Option<std::net::IpAddr>,
@@ -245,24 +301,38 @@ pub(super) fn client_ip(
     if !trusts(peer) {
         return Some(peer);
     }
-    let listed: Vec<std::net::IpAddr> = req
+    let entries: Vec<&str> = req
         .headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map_while(|a| a.trim().parse().ok())
+        .filter(|e| !e.trim().is_empty())
         .collect();
-    Some(listed.into_iter().rev().find(|ip| !trusts(*ip)).unwrap_or(peer))
+    for entry in entries.iter().rev() {
+        let ip = forwarded_addr(entry)?;
+        if !trusts(ip) {
+            return Some(ip);
+        }
+    }
+    Some(peer)
 }
 
 /// Append the client's address to `X-Forwarded-For` (the list the client sent, if any, is
 /// kept in front: the origin decides how many hops it trusts).
 pub(super) fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr) -> Result<()> {
     let ip = ip.to_string();
-    let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    // every line, in order (a proxy may have added its own line instead of appending)
+    let prev: Vec<&str> = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if prev.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", prev.join(", "))
     };
     req.insert_header("x-forwarded-for", xff)?;
     Ok(())
@@ -271,6 +341,60 @@ pub(super) fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy_is_the_last_untrusted_address_or_unknown() {
+        let trusts = |ip: std::net::IpAddr| ip.is_loopback();
+        let peer = Some("127.0.0.1".parse().unwrap());
+        let with = |xff: &[&str]| {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            for line in xff {
+                req.append_header("x-forwarded-for", *line).unwrap();
+            }
+            client_ip(&req, peer, trusts).map(|ip| ip.to_string())
+        };
+        assert_eq!(with(&["203.0.113.9"]).as_deref(), Some("203.0.113.9"));
+        assert_eq!(with(&["127.0.0.1, 203.0.113.9"]).as_deref(), Some("203.0.113.9"));
+        assert_eq!(with(&["203.0.113.9:5678"]).as_deref(), Some("203.0.113.9"));
+        assert_eq!(with(&["[2001:db8::1]:443"]).as_deref(), Some("2001:db8::1"));
+        assert_eq!(with(&["10.0.0.5", "203.0.113.9"]).as_deref(), Some("203.0.113.9"));
+        // garbage anywhere on the walk: unknown, never the proxy's own address
+        assert_eq!(with(&["x, 203.0.113.9"]).as_deref(), Some("203.0.113.9"));
+        assert_eq!(with(&["203.0.113.9, x"]), None);
+        assert_eq!(with(&["unknown"]), None);
+        // nothing listed: the proxy itself made the request
+        assert_eq!(with(&[]).as_deref(), Some("127.0.0.1"));
+    }
+
+    #[test]
+    fn forwarding_headers_are_stripped_in_every_spelling() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for name in [
+            "X-Forwarded-Host",
+            "x_forwarded_host",
+            "X-Original-URL",
+            "x-real-ip",
+            "accept",
+        ] {
+            // (X-Host stays: FOSHttpCache's BAN sends it, and purges are not forwarded)
+            req.append_header(name, "v").unwrap();
+        }
+        let mut trusted = req.clone();
+        strip_forwarding(&mut req, false);
+        assert_eq!(
+            req.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["accept"]
+        );
+        strip_forwarding(&mut trusted, true);
+        assert!(
+            trusted.headers.get("x-original-url").is_none(),
+            "never from anyone"
+        );
+        assert!(
+            trusted.headers.get("x-forwarded-host").is_some(),
+            "believed from a trusted proxy"
+        );
+    }
 
     #[test]
     fn connection_named_headers_are_stripped() {

@@ -54,7 +54,7 @@ mod upstream;
 use answer::{cache_status_value, respond_json};
 use headers::{
     client_ip, forwarding_headers, hop_by_hop, normalize_accept_encoding, single_content_length,
-    RequestFields,
+    strip_forwarding, RequestFields,
 };
 use upstream::{UpstreamSlot, UpstreamSlots};
 
@@ -276,6 +276,7 @@ impl ProxyHttp for Corral {
             }
         };
         ctx.path = key::request_path_and_query(req).to_string();
+
         let (policy, rule) = self.cfg.effective(&ctx.host, &ctx.path);
         ctx.policy = policy;
         let fields = RequestFields::of(req);
@@ -287,6 +288,12 @@ impl ProxyHttp for Corral {
             self.handle_purge(session, ctx).await?;
             return Ok(true);
         }
+        // forwarding headers a client may not set go before anything is keyed by them (Vary);
+        // purges read theirs above and are never forwarded
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let trusted = peer.is_some_and(|ip| self.cfg.server.trusts(ip));
+        strip_forwarding(session.req_header_mut(), trusted);
+        let req = session.req_header();
         if req.method == Method::POST
             && req.uri.path() == crate::transport::peers::PATH
             && self.cfg.peers.token.is_some()

@@ -55,8 +55,12 @@ impl Validity {
     /// floor instead.
     pub fn restore(&self, kept: Vec<crate::purge::log::Kept>, floor_ms: u64) {
         use crate::purge::log::KeptWhat;
+        // a checkpoint is read from memcached: dates further ahead than the skew (planted, or
+        // a clock far off) count from now + the skew, so it cannot switch the cache off
+        let latest = crate::purge::millis(crate::purge::now_stamp() + self.skew);
+        let floor_ms = floor_ms.min(latest);
         for k in kept {
-            let at = from_millis(k.at_ms);
+            let at = from_millis(k.at_ms.min(latest));
             let target = match k.what {
                 KeptWhat::Ban(ban) => Some(Target::Ban(ban)),
                 KeptWhat::TagPattern { header, pattern } => HeaderName::from_bytes(header.as_bytes())
