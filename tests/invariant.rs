@@ -322,10 +322,13 @@ async fn r10_a_late_joiner_reads_a_checkpoint_not_a_floor() {
         applied(&a).await >= 600.0
     })
     .await;
-    assert!(mc
-        .command(b"mg corral/t/purgelog/checkpoint k\r\n", "\r\n")
-        .await
-        .starts_with("HD"));
+    // the checkpoint is written after the records are applied (and counted)
+    eventually(Duration::from_secs(5), "A wrote a checkpoint", || async {
+        mc.command(b"mg corral/t/purgelog/checkpoint k\r\n", "\r\n")
+            .await
+            .starts_with("HD")
+    })
+    .await;
     // a record before the checkpoint is gone
     assert!(mc
         .command(b"delete corral/t/purgelog/100\r\n", "\r\n")
