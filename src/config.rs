@@ -77,11 +77,7 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Whether `ip` is a trusted proxy.
     pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-            v4 => v4,
-        };
-        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+        crate::purge::in_networks(&self.trusted_proxies, ip)
     }
 }
 

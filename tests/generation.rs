@@ -1005,3 +1005,52 @@ async fn with_memcached_and_peers_a_change_is_one_drop_per_corral() {
     assert!(got.body.contains("g2"), "{}", got.body);
     assert_eq!(counter(&a, UPSTREAM_DROPS).await, 1.0);
 }
+
+/// A poll endpoint that fails (500) is no change: nothing is dropped, the failure is said once,
+/// and the recovery once; a generation read after it is compared with the one before.
+#[tokio::test]
+async fn a_failing_generation_poll_drops_nothing_and_is_logged_once() {
+    let _serial = SERIAL.lock().await;
+    let origin = Origin::start().await;
+    let generation = Generation::new("g1");
+    let failing = Arc::new(Mutex::new(false));
+    let (g, f) = (generation.clone(), failing.clone());
+    origin.route("/_generation", move |_| {
+        if *f.lock().unwrap() {
+            Reply::ok("upstream trouble").status(500)
+        } else {
+            Reply::ok(format!("{}\n", g.get())).header("cache-control", "no-store")
+        }
+    });
+    plain_page(&origin, "/a");
+    let conf = Conf::default()
+        .section("[generation]\nheader = \"X-Generation\"\nurl = \"/_generation\"\ninterval = \"100ms\"");
+    let corral = Proxy::start(origin.addr, conf).await;
+    eventually(SOON, "the first poll adopted g1", || async {
+        counter(&corral, &info("g1")).await == 1.0
+    })
+    .await;
+    cached(&corral, "/a").await;
+    *failing.lock().unwrap() = true;
+    let polls = origin.hits("/_generation");
+    eventually(SOON, "several failed polls", || async {
+        origin.hits("/_generation") >= polls + 5
+    })
+    .await;
+    *failing.lock().unwrap() = false;
+    eventually(SOON, "the poll answers again", || async {
+        corral.log_text().contains("generation poll answers again")
+    })
+    .await;
+    assert_eq!(all_drops(&corral.metrics().await), 0.0);
+    assert!(
+        get(&corral, "/a").await.cache.starts_with("corral; hit"),
+        "the cache kept"
+    );
+    let log = corral.log_text();
+    assert_eq!(
+        log.matches("generation poll failed").count(),
+        1,
+        "once per state change"
+    );
+}

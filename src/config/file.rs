@@ -488,20 +488,7 @@ impl ServerFile {
         if self.max_connections == 0 {
             return err("server.max_connections", "must be greater than 0".into());
         }
-        let mut trusted_proxies = Vec::with_capacity(self.trusted_proxies.len());
-        for (i, net) in self.trusted_proxies.iter().enumerate() {
-            let parsed = net
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    ConfigError::new(
-                        source,
-                        format!("server.trusted_proxies[{i}]"),
-                        format!("{net:?} is not a CIDR like 10.0.0.0/8"),
-                    )
-                })?;
-            trusted_proxies.push(parsed);
-        }
+        let trusted_proxies = cidrs(source, "server.trusted_proxies", &self.trusted_proxies)?;
         Ok(ServerConfig {
             listen,
             admin,
@@ -698,24 +685,29 @@ impl MemcachedFile {
     }
 }
 
-impl PurgeFile {
-    fn validate(self, source: &str) -> Result<PurgeConfig, ConfigError> {
-        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
-        let p = self;
-        let mut allow = Vec::with_capacity(p.allow.len());
-        for (i, net) in p.allow.iter().enumerate() {
-            let parsed = net
-                .parse::<ipnet::IpNet>()
+/// Networks as written in `key` (CIDRs, or single addresses); the error names the entry.
+fn cidrs(source: &str, key: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<ipnet::IpNet>()
                 .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
                 .map_err(|_| {
                     ConfigError::new(
                         source,
-                        format!("purge.allow[{i}]"),
+                        format!("{key}[{i}]"),
                         format!("{net:?} is not a CIDR like 10.0.0.0/8"),
                     )
-                })?;
-            allow.push(parsed);
-        }
+                })
+        })
+        .collect()
+}
+
+impl PurgeFile {
+    fn validate(self, source: &str) -> Result<PurgeConfig, ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError::new(source, key, reason));
+        let p = self;
+        let allow = cidrs(source, "purge.allow", &p.allow)?;
         if p.token.contains(char::is_whitespace) {
             return err("purge.token", "must not contain spaces".into());
         }

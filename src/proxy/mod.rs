@@ -129,27 +129,23 @@ pub struct Ctx {
     upstream_busy: bool,
     /// The upstream's response carries an older generation than the current one: not stored.
     superseded: bool,
-    /// Headers taken out of the upstream request as hop-by-hop (named in `Connection`).
-    stripped: Vec<String>,
 }
 
 /// Why a response that varies on a header the client had removed (`Connection`) is not stored.
 pub const STRIPPED_VARY: &str = "varies on a header the client named in Connection";
 
-/// The header names the client's `Connection` lists (removed before the request goes
-/// upstream, by corral or by Pingora), with `also`.
-fn connection_tokens(req: &RequestHeader, also: &[String]) -> Vec<String> {
-    let mut names: Vec<String> = req
-        .headers
+/// The header names the client's `Connection` lists: removed before the request goes upstream
+/// (by corral or by Pingora), so a response that varies on one is not what the variant's key
+/// says.
+fn connection_tokens(req: &RequestHeader) -> Vec<String> {
+    req.headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-        .collect();
-    names.extend(also.iter().cloned());
-    names
+        .collect()
 }
 
 /// Whether `resp` varies on one of `names` (lower case).
@@ -242,7 +238,6 @@ impl ProxyHttp for Corral {
             upstream_slot: None,
             upstream_busy: false,
             superseded: false,
-            stripped: Vec::new(),
         }
     }
 
@@ -474,9 +469,6 @@ impl ProxyHttp for Corral {
     ) -> Result<()> {
         for name in hop_by_hop(&upstream_request.headers) {
             upstream_request.remove_header(&name);
-            // the client can name any header in `Connection`: one a response varies on is
-            // then not what the variant's key says (checked in response_cache_filter)
-            ctx.stripped.push(name);
         }
         single_content_length(upstream_request)?;
         let sent = upstream_request.headers.get(header::HOST);
@@ -569,7 +561,7 @@ impl ProxyHttp for Corral {
             RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(
                 crate::generation::SUPERSEDED,
             ))
-        } else if varies_on_any(&resp, &connection_tokens(session.req_header(), &ctx.stripped)) {
+        } else if varies_on_any(&resp, &connection_tokens(session.req_header())) {
             // the upstream never saw the header this variant is keyed by: storing it would give
             // every client that sends it the answer to a request without it
             RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(STRIPPED_VARY))

@@ -5,6 +5,16 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 
+/// Whether `ip` is in one of `nets` (an IPv4 client seen on a dual-stack socket as
+/// `::ffff:a.b.c.d` counts as `a.b.c.d`).
+pub fn in_networks(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    nets.iter().any(|net| net.contains(&ip))
+}
+
 /// Who may purge: source networks and, optionally, a bearer token.
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -15,13 +25,7 @@ pub struct Access {
 impl Access {
     /// May a request from `ip` with this `Authorization` header purge?
     pub fn permits(&self, ip: Option<IpAddr>, authorization: Option<&str>) -> bool {
-        let from_allowed = ip.is_some_and(|ip| {
-            let ip = match ip {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-                v4 => v4,
-            };
-            self.allow.iter().any(|net| net.contains(&ip))
-        });
+        let from_allowed = ip.is_some_and(|ip| in_networks(&self.allow, ip));
         let token_ok = match &self.token {
             None => true,
             Some(t) => authorization

@@ -234,7 +234,7 @@ mod pattern;
 pub mod sweep;
 mod validity;
 
-pub use access::Access;
+pub use access::{in_networks, Access};
 pub use batch::Batch;
 pub use log::{LogRecord, LogWhat};
 use parse::regex;
