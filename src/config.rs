@@ -330,6 +330,9 @@ pub struct Rule {
     pub cache_private: bool,
     /// Store responses that carry `Set-Cookie`; the cookie is stripped from the stored copy.
     pub cache_set_cookie: bool,
+    /// Request headers added to the key, as if every response varied on them (`Vary`): e.g.
+    /// `X-Forwarded-Proto` behind a TLS terminator that serves both schemes.
+    pub key_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
 impl Rule {

@@ -264,16 +264,18 @@ fn vary_names(headers: &http::HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// Values are compared after trimming and collapsing each comma-separated list, so
 /// `gzip,br` and `gzip, br` select the same variant (§4.1 allows such normalisation).
 pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
-    variance_for(meta.headers(), req)
+    variance_for(meta.headers(), req, &[])
 }
 
-/// [`variance`] against a stored response's header fields.
-pub fn variance_for(resp: &http::HeaderMap, req: &RequestHeader) -> Option<HashBinary> {
-    let names: Vec<String> = vary_names(resp).collect();
+/// [`variance`] against a stored response's header fields, plus `extra` request headers (a
+/// rule's `key_headers`) as if the response listed them in `Vary`.
+pub fn variance_for(resp: &http::HeaderMap, req: &RequestHeader, extra: &[HeaderName]) -> Option<HashBinary> {
+    let mut names: Vec<String> = vary_names(resp)
+        .chain(extra.iter().map(|h| h.as_str().to_string()))
+        .collect();
     if names.is_empty() {
         return None;
     }
-    let mut names = names;
     names.sort_unstable();
     names.dedup();
     let mut builder = VarianceBuilder::new();

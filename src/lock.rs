@@ -255,7 +255,12 @@ impl Tiered {
     /// to land in memcached and puts it in L1: its revalidation then finds a fresh entry and
     /// makes no upstream request ([`Refresh::Peer`]). Clients are never delayed: they are
     /// served the stale copy meanwhile.
-    pub async fn refresh_once(&'static self, primary: &CacheKey, req: &RequestHeader) -> Refresh {
+    pub async fn refresh_once(
+        &'static self,
+        primary: &CacheKey,
+        req: &RequestHeader,
+        key_headers: &[http::HeaderName],
+    ) -> Refresh {
         let local = || {
             metrics::STALE_REFRESHES.with_label_values(&["local"]).inc();
             Refresh::Local
@@ -263,7 +268,10 @@ impl Tiered {
         let Some(l2) = &self.l2 else {
             return local();
         };
-        let Some((validated, variance)) = self.l1.stale_validated(primary, req, SystemTime::now()) else {
+        let Some((validated, variance)) =
+            self.l1
+                .stale_validated(primary, req, key_headers, SystemTime::now())
+        else {
             return local();
         };
         // the variant's own slot, in L1 and in L2, as Pingora stored it

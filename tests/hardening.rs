@@ -784,6 +784,69 @@ async fn purges_behind_a_trusted_tls_terminator_are_checked_against_the_real_cli
     assert_eq!(purge("127.0.0.1").await.status, 200);
 }
 
+/// A `[[rule]]`'s `key_headers` key the cache by request headers the origin answers by without
+/// saying `Vary`: behind a TLS terminator that serves both schemes, the `https` page and the
+/// `http` redirect are two variants, each stored once, each served to its own scheme. A
+/// client naming the keyed header in `Connection` (so that it never reaches the origin) gets
+/// nothing stored. A purge of the URL removes every variant.
+#[tokio::test]
+async fn a_rules_key_headers_store_one_variant_per_value() {
+    let conf = Conf::default()
+        .server("trusted_proxies = [\"127.0.0.1/32\"]")
+        .rules("[[rule]]\npath_prefix = \"/k\"\nkey_headers = [\"X-Forwarded-Proto\"]\n")
+        .rules("[[rule]]\npath_prefix = \"/d\"\nkey_headers = [\"x-device\"]\n");
+    let (origin, proxy) = setup(conf).await;
+    for (path, keyed) in [("/k", "x-forwarded-proto"), ("/d", "x-device")] {
+        origin.route(path, move |s| {
+            let value = s.headers.get(keyed).map_or("-", |v| v.to_str().unwrap());
+            cacheable(&format!("{value} #{}", s.n))
+        });
+    }
+    let url = proxy.url("/k");
+    let https = get_with(&url, &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(https.body, "https #1");
+    let http = get_with(&url, &[("x-forwarded-proto", "http")]).await;
+    assert_eq!(http.body, "http #2", "the https variant answered an http request");
+    for _ in 0..2 {
+        let again = get_with(&url, &[("x-forwarded-proto", "https")]).await;
+        assert_eq!(
+            (again.body.as_str(), again.cache.starts_with("corral; hit")),
+            ("https #1", true)
+        );
+        let again = get_with(&url, &[("x-forwarded-proto", "http")]).await;
+        assert_eq!(
+            (again.body.as_str(), again.cache.starts_with("corral; hit")),
+            ("http #2", true)
+        );
+    }
+    assert_eq!(origin.hits("/k"), 2);
+    // a keyed header stripped by the client's Connection: answered, not stored
+    let stripped = get_with(
+        &proxy.url("/d"),
+        &[("x-device", "mobile"), ("connection", "x-device")],
+    )
+    .await;
+    assert_eq!(stripped.body, "- #1");
+    let plain = get_with(&proxy.url("/d"), &[("x-device", "mobile")]).await;
+    assert_eq!(
+        plain.body, "mobile #2",
+        "the mobile variant was stored from a request without it"
+    );
+    let plain = get_with(&proxy.url("/d"), &[("x-device", "mobile")]).await;
+    assert_eq!(plain.body, "mobile #2");
+    // one purge of the URL takes both variants
+    let purge = client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), url.clone());
+    assert_eq!(send(purge, &[]).await.status, 200);
+    assert_eq!(
+        get_with(&url, &[("x-forwarded-proto", "https")]).await.body,
+        "https #3"
+    );
+    assert_eq!(
+        get_with(&url, &[("x-forwarded-proto", "http")]).await.body,
+        "http #4"
+    );
+}
+
 /// A listener that is not loopback-only, with purges allowed by address alone: said at start.
 #[tokio::test]
 async fn purges_open_by_address_on_a_public_listener_are_warned_about() {

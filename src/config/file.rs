@@ -409,6 +409,7 @@ pub(super) struct RuleFile {
     bypass: bool,
     cache_private: bool,
     cache_set_cookie: bool,
+    key_headers: Vec<String>,
 }
 
 /// Sizes: `"256MiB"`, `"1 GiB"`, `"64KB"` or a plain number of bytes, with a message that
@@ -839,12 +840,44 @@ impl RuleFile {
                 return err(&at("path_prefix"), format!("{p:?} must start with '/'"));
             }
         }
+        let mut key_headers: Vec<http::HeaderName> = Vec::new();
+        for (j, name) in self.key_headers.iter().enumerate() {
+            let key = at(&format!("key_headers[{j}]"));
+            let Ok(h) = http::HeaderName::from_bytes(name.trim().as_bytes()) else {
+                return err(&key, format!("{name:?} is not a header name"));
+            };
+            let hop = [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "transfer-encoding",
+                "upgrade",
+                "host",
+            ];
+            if hop.contains(&h.as_str()) {
+                return err(
+                    &key,
+                    format!("{name:?} is hop-by-hop or already in the key: it cannot key a variant"),
+                );
+            }
+            if key_headers.contains(&h) {
+                return err(&key, format!("{name:?} is listed twice"));
+            }
+            key_headers.push(h);
+        }
         if self.bypass
-            && (self.ttl.is_some() || self.grace.is_some() || self.cache_private || self.cache_set_cookie)
+            && (self.ttl.is_some()
+                || self.grace.is_some()
+                || self.cache_private
+                || self.cache_set_cookie
+                || !key_headers.is_empty())
         {
             return err(
                 &at("bypass"),
-                "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie".into(),
+                "a bypass rule stores nothing: drop ttl, grace, cache_private, cache_set_cookie, key_headers"
+                    .into(),
             );
         }
         Ok(Rule {
@@ -856,6 +889,7 @@ impl RuleFile {
             bypass: self.bypass,
             cache_private: self.cache_private,
             cache_set_cookie: self.cache_set_cookie,
+            key_headers: key_headers.into(),
         })
     }
 }

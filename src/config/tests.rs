@@ -143,6 +143,14 @@ fn bad_rules_are_refused() {
     assert_eq!(e.key, "rule[0].host");
     let e = parse("[[rule]]\nbypass = true\nttl = \"1m\"\n").unwrap_err();
     assert_eq!(e.key, "rule[0].bypass");
+    let e = parse("[[rule]]\nkey_headers = [\"X-Ok\", \"bad name\"]\n").unwrap_err();
+    assert_eq!(e.key, "rule[0].key_headers[1]");
+    let e = parse("[[rule]]\nkey_headers = [\"Connection\"]\n").unwrap_err();
+    assert_eq!(e.key, "rule[0].key_headers[0]");
+    let e = parse("[[rule]]\nkey_headers = [\"X-A\", \"x-a\"]\n").unwrap_err();
+    assert!(e.reason.contains("twice"), "{e}");
+    let c = parse("[[rule]]\nkey_headers = [\"X-Forwarded-Proto\"]\n").unwrap();
+    assert_eq!(c.rules[0].key_headers[0].as_str(), "x-forwarded-proto");
 }
 
 #[test]

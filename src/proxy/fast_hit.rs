@@ -25,7 +25,7 @@ impl Corral {
     /// every doubt, returns `false` and takes the full path, which decides the same way.
     /// Returns whether the response was sent.
     pub(super) async fn fast_hit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if ctx.conditional || !ctx.directives.is_plain() {
+        if ctx.conditional || !ctx.directives.is_plain() || ctx.key_headers.is_some() {
             return Ok(false);
         }
         let head = session.req_header().method == Method::HEAD;

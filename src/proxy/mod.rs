@@ -98,6 +98,8 @@ pub struct Ctx {
     host: String,
     path: String,
     policy: Effective,
+    /// The matching rule's `key_headers`: request headers every variant is keyed by.
+    key_headers: Option<Arc<[http::HeaderName]>>,
     directives: RequestDirectives,
     /// Why the cache is not used for this request, if it is not.
     bypass: Option<Bypass>,
@@ -131,6 +133,13 @@ pub struct Ctx {
     superseded: bool,
 }
 
+impl Ctx {
+    /// The matching rule's `key_headers` (empty without one).
+    fn key_headers(&self) -> &[http::HeaderName] {
+        self.key_headers.as_deref().unwrap_or(&[])
+    }
+}
+
 /// Why a response that varies on a header the client had removed (`Connection`) is not stored.
 pub const STRIPPED_VARY: &str = "varies on a header the client named in Connection";
 
@@ -148,16 +157,17 @@ fn connection_tokens(req: &RequestHeader) -> Vec<String> {
         .collect()
 }
 
-/// Whether `resp` varies on one of `names` (lower case).
-fn varies_on_any(resp: &ResponseHeader, names: &[String]) -> bool {
+/// Whether `resp` (or the rule's `key_headers`) varies on one of `names` (lower case).
+fn varies_on_any(resp: &ResponseHeader, key_headers: &[http::HeaderName], names: &[String]) -> bool {
     !names.is_empty()
-        && resp
+        && (resp
             .headers
             .get_all(header::VARY)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|v| names.iter().any(|n| v.trim().eq_ignore_ascii_case(n)))
+            || key_headers.iter().any(|h| names.iter().any(|n| n == h.as_str())))
 }
 
 impl Corral {
@@ -220,6 +230,7 @@ impl ProxyHttp for Corral {
                 cache_private: false,
                 cache_set_cookie: false,
             },
+            key_headers: None,
             directives: RequestDirectives::default(),
             bypass: None,
             by_request: false,
@@ -274,6 +285,9 @@ impl ProxyHttp for Corral {
 
         let (policy, rule) = self.cfg.effective(&ctx.host, &ctx.path);
         ctx.policy = policy;
+        ctx.key_headers = rule
+            .filter(|r| !r.key_headers.is_empty())
+            .map(|r| r.key_headers.clone());
         let fields = RequestFields::of(req);
         ctx.conditional = fields.conditional;
         if fields.directives {
@@ -326,7 +340,12 @@ impl ProxyHttp for Corral {
             // Pingora's background revalidation of a stale entry (grace): one corral of the
             // cluster goes upstream, the others take its copy from memcached
             let key = key::for_parts(&ctx.host, &ctx.path);
-            match self.parts.storage.refresh_once(&key, session.req_header()).await {
+            match self
+                .parts
+                .storage
+                .refresh_once(&key, session.req_header(), ctx.key_headers())
+                .await
+            {
                 Refresh::Mine(lock) => ctx.refresh_lock = Some(lock),
                 Refresh::Peer => {
                     // the lookup now finds the fresh copy; the cache lock handed to this
@@ -561,7 +580,7 @@ impl ProxyHttp for Corral {
             RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(
                 crate::generation::SUPERSEDED,
             ))
-        } else if varies_on_any(&resp, &connection_tokens(session.req_header())) {
+        } else if varies_on_any(&resp, ctx.key_headers(), &connection_tokens(session.req_header())) {
             // the upstream never saw the header this variant is keyed by: storing it would give
             // every client that sends it the answer to a request without it
             RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(STRIPPED_VARY))
@@ -579,8 +598,8 @@ impl ProxyHttp for Corral {
         Ok(decision)
     }
 
-    fn cache_vary_filter(&self, meta: &CacheMeta, _ctx: &mut Ctx, req: &RequestHeader) -> Option<HashBinary> {
-        key::variance(meta, req)
+    fn cache_vary_filter(&self, meta: &CacheMeta, ctx: &mut Ctx, req: &RequestHeader) -> Option<HashBinary> {
+        key::variance_for(meta.headers(), req, ctx.key_headers())
     }
 
     fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut Ctx, error: Option<&Error>) -> bool {

@@ -344,6 +344,7 @@ impl MemoryStorage {
         let entry = slot.entry.as_ref()?;
         let usable = self.current(entry)
             && now < entry.meta.fresh_until
+            && entry.meta.variance.is_none()
             && !entry.meta.header.headers.contains_key(http::header::VARY);
         usable.then(|| FreshEntry(entry.clone()))
     }
@@ -437,13 +438,14 @@ impl MemoryStorage {
         &self,
         key: &CacheKey,
         req: &RequestHeader,
+        key_headers: &[http::HeaderName],
         now: SystemTime,
     ) -> Option<(SystemTime, Option<HashBinary>)> {
         let slots = self.table.get(&key.primary_bin())?;
         let primary = slots.iter().find(|s| s.variance.is_none())?;
         let mut slot = primary;
         if let Some(entry) = &primary.entry {
-            let wanted = crate::key::variance_for(&entry.meta.header.headers, req);
+            let wanted = crate::key::variance_for(&entry.meta.header.headers, req, key_headers);
             if wanted != entry.meta.variance {
                 // another variant: its own (secondary) slot
                 slot = slots
