@@ -891,3 +891,107 @@ async fn a_variant_keyed_by_a_forwarding_header_is_what_the_origin_was_sent() {
     );
     assert_eq!(origin.hits("/proto"), 1);
 }
+
+/// An origin that answers every request on a connection with a `103 Early Hints` and the final
+/// response in one write, so that both arrive in one read (what exposed the loss).
+async fn early_hints_origin(cache_control: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    let answer = format!(
+                        "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+                         HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: {cache_control}\r\n\r\nok"
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A `103 Early Hints` reaches the client on every miss, also when it arrives with the final
+/// response in one read and that response is stored (Pingora dropped it there: about half of
+/// the attempts), exactly once, before the final response. A hit has none: interim responses
+/// are never stored.
+#[tokio::test]
+async fn early_hints_reach_the_client_every_time_and_are_never_stored() {
+    for cache_control in ["max-age=60", "no-store"] {
+        let origin = early_hints_origin(cache_control).await;
+        let proxy = Proxy::start(origin, Conf::default()).await;
+        for i in 0..20 {
+            let request = format!("GET /eh{i} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+            let got = raw(&proxy, request.as_bytes()).await;
+            assert_eq!(
+                got.matches("HTTP/1.1 103 Early Hints").count(),
+                1,
+                "{cache_control}, /eh{i}: {got}"
+            );
+            assert!(got.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{got}");
+            let final_at = got.find("HTTP/1.1 200 OK").expect(&got);
+            assert!(
+                got[..final_at].contains("link: </style.css>")
+                    || got[..final_at].contains("Link: </style.css>"),
+                "{got}"
+            );
+            assert!(got.ends_with("ok"), "{got}");
+            if cache_control == "max-age=60" {
+                let hit = raw(&proxy, request.as_bytes()).await;
+                assert!(hit.starts_with("HTTP/1.1 200 OK\r\n"), "a stored 103: {hit}");
+                assert!(
+                    hit.to_ascii_lowercase().contains("cache-status: corral; hit"),
+                    "{hit}"
+                );
+            }
+        }
+        // two misses on one keep-alive connection: the second gets its 103 too, once
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /ka1 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !first.ends_with(b"ok") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed after {}", String::from_utf8_lossy(&first));
+            first.extend_from_slice(&chunk[..n]);
+        }
+        s.write_all(b"GET /ka2 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut second = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut second))
+            .await
+            .unwrap()
+            .unwrap();
+        for got in [first, second] {
+            let got = String::from_utf8_lossy(&got).to_string();
+            assert_eq!(
+                got.matches("HTTP/1.1 103 Early Hints").count(),
+                1,
+                "{cache_control}: {got}"
+            );
+        }
+    }
+}

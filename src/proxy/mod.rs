@@ -140,6 +140,28 @@ impl Ctx {
     }
 }
 
+/// An interim response (`103 Early Hints`, `102 Processing`) from the upstream goes to an
+/// HTTP/1 client at once, written here. Pingora's own writer would drop it when the final
+/// header arrives in the same read and starts a cache fill: it discards the whole batch of
+/// upstream events once the response is served from the cache's miss handler (about half of
+/// the 103s were lost). Its copy of the event is then ignored (`set_ignore_info_resp`: for
+/// interim responses only, and for this request only, since a keep-alive connection's next
+/// request gets a new session). `100 Continue` and `101` stay Pingora's: they belong to its
+/// `Expect` and upgrade handling. Interim responses are never stored.
+async fn forward_interim(session: &mut Session, interim: &ResponseHeader) -> Result<()> {
+    let code = interim.status.as_u16();
+    if code == 100 || code == 101 || session.as_downstream().is_http2() {
+        return Ok(());
+    }
+    let downstream = session.as_downstream_mut();
+    downstream.set_ignore_info_resp(false);
+    downstream
+        .write_response_header(Box::new(interim.clone()))
+        .await?;
+    downstream.set_ignore_info_resp(true);
+    Ok(())
+}
+
 /// Why a response that varies on a header the client had removed (`Connection`) is not stored.
 pub const STRIPPED_VARY: &str = "varies on a header the client named in Connection";
 
@@ -509,7 +531,7 @@ impl ProxyHttp for Corral {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if upstream_response.status.is_informational() {
-            return Ok(());
+            return forward_interim(session, upstream_response).await;
         }
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         ctx.upstream_header_time = ctx.upstream_started.map(|t| t.elapsed());
