@@ -1,9 +1,15 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/stats` (JSON), `/peers`
-//! (each peer corral's state, JSON), `/events` (server-sent events: each cache drop), and the
-//! purge endpoints `POST /purge` (a batch) and `POST /purge/all` (both take `?wait=peers`).
+//! The admin listener.
 //!
-//! It binds to loopback by default (`server.admin`); the purge endpoints also require the
-//! `[purge]` allow-list and token, like purges on the proxy listener.
+//! Open to whoever reaches it (it binds to loopback by default, `server.admin`): `/` (the
+//! status page, [`status`]), `/metrics` (Prometheus text), `/healthz`, `/readyz`, `/stats`.
+//! Checked against the `[purge]` allow-list and token like purges on the proxy listener
+//! (403 otherwise): `/keys`, `/stats/memcached`, `/config`, `/peers`, `/bus`, `/recent`,
+//! `/events` (server-sent events: each cache drop), `POST /reload`, and the purge endpoints
+//! `POST /purge` (a batch) and `POST /purge/all` (both take `?wait=peers`; refused with 405,
+//! as on the proxy listener).
+
+mod ops;
+mod status;
 
 use std::sync::Arc;
 
@@ -20,11 +26,46 @@ use crate::metrics;
 use crate::purge::{Batch, Purge, Target};
 
 pub struct Admin {
-    pub parts: &'static CacheParts,
-    pub cluster: &'static crate::transport::Cluster,
-    pub memory_bytes: usize,
-    pub access: crate::purge::Access,
+    parts: &'static CacheParts,
+    cluster: &'static crate::transport::Cluster,
+    live: &'static crate::live::Reloader,
+    /// `cache.memory_bytes` as corral started (it needs a restart to change).
+    memory_bytes: usize,
+    started: std::time::Instant,
+    /// The last upstream check of `/readyz`: when, and its outcome.
+    upstream_check: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
+
+impl Admin {
+    pub fn new(
+        parts: &'static CacheParts,
+        cluster: &'static crate::transport::Cluster,
+        live: &'static crate::live::Reloader,
+    ) -> Admin {
+        Admin {
+            parts,
+            cluster,
+            memory_bytes: live.load().cfg.cache.memory_bytes,
+            live,
+            started: std::time::Instant::now(),
+            upstream_check: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the request's source and token pass `[purge]`'s allow-list (the config now).
+    fn permitted(&self, session: &ServerSession) -> bool {
+        let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let auth = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        self.live.load().cfg.purge.access.permits(ip, auth)
+    }
+}
+
+/// The endpoints anyone who reaches the listener may read.
+const OPEN: [&str; 5] = ["/", "/metrics", "/healthz", "/readyz", "/stats"];
 
 /// The largest batch body accepted.
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -54,7 +95,10 @@ impl HttpServerApp for Admin {
         } else {
             session.set_keepalive(Some(60));
         }
-        if session.req_header().uri.path() == "/events" && session.req_header().method == http::Method::GET {
+        if session.req_header().uri.path() == "/events"
+            && session.req_header().method == http::Method::GET
+            && self.permitted(&session)
+        {
             self.events(session, shutdown.clone()).await;
             return None;
         }
@@ -133,9 +177,38 @@ impl Admin {
         if post && (path == "/purge" || path == "/purge/all") {
             return self.purge(session, &path).await;
         }
+        if !OPEN.contains(&path.as_str()) && !self.permitted(session) {
+            let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            tracing::warn!(source = ?ip, path, "admin request refused: source or token not allowed");
+            return reply(
+                StatusCode::FORBIDDEN,
+                "application/json",
+                json::error("not allowed"),
+            );
+        }
+        if post && path == "/reload" {
+            let done = self.live.reload("admin").await;
+            let status = if done.result == "invalid" {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::OK
+            };
+            return reply(status, "application/json", json::body(&done));
+        }
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
         match path.as_str() {
+            "/" => status::page(),
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render()),
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => self.readyz().await,
+            "/keys" => self.keys(&query),
+            "/stats/memcached" => self.stats_memcached().await,
+            "/config" => self.config(),
+            "/recent" => reply(
+                StatusCode::OK,
+                "application/json",
+                json::body(&serde_json::json!({ "events": crate::events::recent() })),
+            ),
             "/peers" => reply(
                 StatusCode::OK,
                 "application/json",
@@ -149,17 +222,7 @@ impl Admin {
                     json::error("no [bus] configured"),
                 ),
             },
-            "/stats" => {
-                let s = self.parts.storage.l1.stats();
-                let body = json::body(&json::Stats {
-                    l1_entries: s.entries,
-                    l1_bytes: s.bytes,
-                    memory_bytes: self.memory_bytes,
-                    l1_evicted: pingora_cache::eviction::EvictionManager::evicted_items(self.parts.eviction)
-                        as u64,
-                });
-                reply(StatusCode::OK, "application/json", body)
-            }
+            "/stats" => self.stats(),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
     }
@@ -171,7 +234,7 @@ impl Admin {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        if !self.access.permits(ip, auth) {
+        if !self.live.load().cfg.purge.access.permits(ip, auth) {
             metrics::PURGES.with_label_values(&["-", "refused"]).inc();
             tracing::warn!(source = ?ip, path, "admin purge refused: source or token not allowed");
             return reply(

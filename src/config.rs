@@ -38,6 +38,19 @@ impl ConfigError {
 mod file;
 use file::FileConfig;
 
+/// `scheme://user:password@host/...` with the password replaced by [`REDACTED`].
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let user = rest[..at].split(':').next().unwrap_or("");
+    format!("{scheme}://{user}:{REDACTED}{}", &rest[at..])
+}
+
 // === validated config: what the rest of the code uses ===
 
 /// The validated configuration.
@@ -45,6 +58,12 @@ use file::FileConfig;
 pub struct Config {
     /// Where it was read from (a path, or `<embedded default>`), for messages.
     pub source: String,
+    /// The file as read, every default filled in, secrets included (see [`Config::redacted`]):
+    /// the same sections and keys as the TOML.
+    pub effective: std::sync::Arc<serde_json::Value>,
+    /// 16 hex digits of the MD5 of `effective`: the same for the same settings, whatever the
+    /// comments and layout of the file.
+    pub hash: String,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
@@ -355,7 +374,108 @@ impl Rule {
     }
 }
 
+/// 16 hex digits of the MD5 of `value`'s JSON (object keys are sorted: serde_json's map).
+pub(crate) fn hash_of(value: &serde_json::Value) -> String {
+    use md5::{Digest, Md5};
+    let digest = Md5::digest(value.to_string().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What replaces a secret in [`Config::redacted`].
+pub const REDACTED: &str = "<redacted>";
+
+/// The dotted keys whose values differ between two [`Config::effective`] values: a section's
+/// key (`cache.grace`), or `rule` when the rules differ.
+pub fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let (Some(old), Some(new)) = (old.as_object(), new.as_object()) else {
+        return out;
+    };
+    let sections: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for section in sections {
+        let (a, b) = (old.get(section), new.get(section));
+        if a == b {
+            continue;
+        }
+        match (a.and_then(|v| v.as_object()), b.and_then(|v| v.as_object())) {
+            (Some(a), Some(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    if a.get(key) != b.get(key) {
+                        out.push(format!("{section}.{key}"));
+                    }
+                }
+            }
+            _ => out.push(section.clone()),
+        }
+    }
+    out
+}
+
+/// Settings a reload applies at once; any other change needs a restart. Per request, the
+/// proxy reads its config once (at the start), so a request sees one config throughout.
+pub const LIVE_KEYS: &[&str] = &[
+    "upstream.address",
+    "upstream.tls",
+    "upstream.sni",
+    "upstream.connect_timeout",
+    "upstream.first_byte_timeout",
+    "upstream.read_timeout",
+    "upstream.write_timeout",
+    "cache.default_ttl",
+    "cache.grace",
+    "cache.stale_if_error",
+    "cache.max_object_bytes",
+    "cache.honor_client_no_cache",
+    "cache.normalize_accept_encoding",
+    "cache.strip_targeted",
+    "rule",
+    "purge.allow",
+    "purge.token",
+    "purge.host_map",
+    "purge.default_host",
+    "purge.strip_tag_headers",
+    "server.trusted_proxies",
+    "log.access_log",
+];
+
 impl Config {
+    /// [`Config::effective`] with secrets replaced by [`REDACTED`]: `purge.token`,
+    /// `peers.token`, the password in `bus.amqp_url`. An empty secret stays empty.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut v = (*self.effective).clone();
+        for (section, key) in [("purge", "token"), ("peers", "token")] {
+            if let Some(slot) = v.get_mut(section).and_then(|s| s.get_mut(key)) {
+                if slot.as_str().is_some_and(|t| !t.is_empty()) {
+                    *slot = serde_json::Value::from(REDACTED);
+                }
+            }
+        }
+        if let Some(slot) = v.get_mut("bus").and_then(|s| s.get_mut("amqp_url")) {
+            if let Some(url) = slot.as_str() {
+                *slot = serde_json::Value::from(redact_url_password(url));
+            }
+        }
+        v
+    }
+
+    /// [`Config::redacted`] as TOML (`corral --check`): the file with every default filled in.
+    pub fn effective_toml(&self) -> String {
+        fn no_nulls(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.retain(|_, x| !x.is_null());
+                    m.values_mut().for_each(no_nulls);
+                }
+                serde_json::Value::Array(a) => a.iter_mut().for_each(no_nulls),
+                _ => {}
+            }
+        }
+        let mut v = self.redacted();
+        no_nulls(&mut v);
+        toml::to_string(&v).unwrap_or_else(|e| format!("# cannot be written as TOML: {e}\n"))
+    }
+
     /// Parse and validate `text`; `source` names it in errors. Touches no socket.
     pub fn from_str(text: &str, source: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);

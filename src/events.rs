@@ -76,12 +76,64 @@ fn cache_dropped(reason: &str, old: Option<&str>, new: Option<&str>, dropped: us
         dropped,
     };
     let text: Arc<str> = serde_json::to_string(&event).unwrap_or_default().into();
+    remember(text.clone());
     let _ = STREAM.send(text.clone());
     for hook in HOOKS.get().into_iter().flatten() {
         if hook.try_send(text.clone()).is_err() {
             metrics::WEBHOOKS.with_label_values(&["dropped"]).inc();
         }
     }
+}
+
+/// Events kept for `GET /recent` (the status page).
+const RECENT: usize = 100;
+
+/// The last [`RECENT`] events (cache drops and accepted purges), oldest first.
+static RECENT_EVENTS: LazyLock<parking_lot::Mutex<std::collections::VecDeque<Arc<str>>>> =
+    LazyLock::new(Default::default);
+
+fn remember(text: Arc<str>) {
+    let mut recent = RECENT_EVENTS.lock();
+    if recent.len() == RECENT {
+        recent.pop_front();
+    }
+    recent.push_back(text);
+}
+
+#[derive(Serialize)]
+struct PurgeAccepted<'a> {
+    event: &'static str,
+    at_ms: u64,
+    kind: &'a str,
+    target: &'a str,
+    soft: bool,
+    purged: usize,
+    source: &'a str,
+}
+
+/// A purge was applied here (`source`: `local` when this corral accepted it, `remote` when
+/// another corral's came in), for `GET /recent`. Not streamed, not sent to webhooks.
+pub fn purge_applied(purge: &crate::purge::Purge, purged: usize, source: &str) {
+    let event = PurgeAccepted {
+        event: "purge",
+        at_ms: crate::purge::millis(SystemTime::now()),
+        kind: purge.kind(),
+        target: &purge.target_text(),
+        soft: purge.soft,
+        purged,
+        source,
+    };
+    remember(serde_json::to_string(&event).unwrap_or_default().into());
+}
+
+/// The last events (cache drops, purges), newest first.
+pub fn recent() -> Vec<serde_json::Value> {
+    RECENT_EVENTS
+        .lock()
+        .iter()
+        .rev()
+        .filter_map(|t| serde_json::from_str(t).ok())
+        .collect()
 }
 
 /// `GET /events` streams open at once, at most.

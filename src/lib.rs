@@ -32,6 +32,7 @@ pub mod events;
 pub mod generation;
 pub mod json;
 pub mod key;
+pub mod live;
 pub mod lock;
 pub mod metrics;
 pub mod policy;
@@ -54,7 +55,8 @@ use crate::proxy::Corral;
 /// Build the Pingora server for `cfg`: the proxy service and, if configured, the admin one.
 /// Nothing is bound until the server runs. Fails only if the memcached client cannot be built
 /// (a server name that does not resolve); a server that is down is not an error.
-pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
+pub fn build_server(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<Server> {
+    metrics::register_process();
     // the memcached client resolves names here and dials lazily, on the proxy's own runtime
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -104,7 +106,8 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     let cluster = transport::Cluster::leak(parts, &cfg);
     let generations =
         with_generation.then(|| generation::Generations::leak(&cfg, cluster, shared_generation));
-    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(cfg.clone(), cluster));
+    let reloader = live::Reloader::leak(cfg.clone(), path);
+    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(reloader, cluster));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     options.h2_idle_timeout = Some(cfg.server.limits.keepalive_timeout);
@@ -115,6 +118,12 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
     server.add_service(proxy);
+
+    // config reloads on SIGHUP (POST /reload is the admin listener's)
+    server.add_service(pingora_core::services::background::background_service(
+        "config reload",
+        live::OnSighup(reloader),
+    ));
 
     // the ban sweeper, on its own runtime: never on a request's path
     server.add_service(pingora_core::services::background::background_service(
@@ -144,12 +153,7 @@ pub fn build_server(cfg: Config) -> anyhow::Result<Server> {
     if let Some(admin_addr) = cfg.server.admin {
         let mut admin = Service::new(
             "corral admin".to_string(),
-            admin::Admin {
-                parts,
-                cluster,
-                memory_bytes: cfg.cache.memory_bytes,
-                access: cfg.purge.access.clone(),
-            },
+            admin::Admin::new(parts, cluster, reloader),
         );
         admin.add_tcp(&admin_addr.to_string());
         server.add_service(admin);

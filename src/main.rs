@@ -41,7 +41,8 @@ fn main() -> ExitCode {
         }
     };
     if opt.check {
-        println!("corral: {} is valid", cfg.source);
+        print!("{}", cfg.effective_toml());
+        eprintln!("corral: {} is valid", cfg.source);
         return ExitCode::SUCCESS;
     }
     init_tracing(&cfg.log.level);
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
         memory_bytes = cfg.cache.memory_bytes,
         "corral starting"
     );
-    match corral::build_server(cfg) {
+    match corral::build_server(cfg, opt.config.clone()) {
         Ok(server) => server.run_forever(),
         Err(e) => {
             eprintln!("corral: cannot start: {e:#}");

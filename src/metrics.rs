@@ -527,6 +527,71 @@ pub static PURGE_RECORDS_AHEAD: LazyLock<IntCounter> = LazyLock::new(|| {
 });
 
 /// Render every registered metric in the Prometheus text format.
+/// Config reloads (`SIGHUP`, `POST /reload`), by result (`ok`, `unchanged`, `invalid`).
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_config_reloads_total",
+        "Config reloads (SIGHUP, POST /reload), by result",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// `corral_config_info{hash} 1`: the config in use (its hash, as `/config` and `/stats` show).
+static CONFIG_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "corral_config_info",
+        "The config in use: its hash (as /config shows it)",
+        &["hash"]
+    )
+    .expect("metric registers once")
+});
+
+/// `corral_build_info{version} 1`.
+static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("corral_build_info", "corral's version", &["version"])
+        .expect("metric registers once")
+});
+
+/// The config in use is `new` (replacing `old`'s series).
+pub fn set_config_hash(old: Option<&str>, new: &str) {
+    if let Some(old) = old.filter(|o| *o != new) {
+        let _ = CONFIG_INFO.remove_label_values(&[old]);
+    }
+    CONFIG_INFO.with_label_values(&[new]).set(1);
+}
+
+/// Register what is not a corral counter: `corral_build_info`, and the process collector
+/// (`process_resident_memory_bytes`, `process_open_fds`, `process_cpu_seconds_total`, ...).
+pub fn register_process() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let collector = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = prometheus::register(Box::new(collector)) {
+            tracing::warn!(error = %e, "the process metrics are not available");
+        }
+    });
+}
+
+/// A counter family's values by label values (joined with `:` when there are several),
+/// summed over the labels not in `keep` (indices into the label list).
+pub fn counts(family: &IntCounterVec, keep: &[usize]) -> std::collections::BTreeMap<String, u64> {
+    use prometheus::core::Collector;
+    let mut out = std::collections::BTreeMap::new();
+    for mf in family.collect() {
+        for m in mf.get_metric() {
+            let labels = m.get_label();
+            let key: Vec<&str> = keep
+                .iter()
+                .filter_map(|&i| labels.get(i).map(|l| l.get_value()))
+                .collect();
+            *out.entry(key.join(":")).or_insert(0) += m.get_counter().get_value() as u64;
+        }
+    }
+    out
+}
+
 pub fn render() -> String {
     use prometheus::Encoder;
     let mut buf = Vec::new();

@@ -36,7 +36,30 @@ fn shipped_config_checks_ok() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/corral.toml");
     let out = run(&["--check", "-c", path]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));
+    assert!(stderr(&out).contains("is valid"), "{}", stderr(&out));
+}
+
+/// `--check` prints the effective config: the file with every default filled in, as TOML that
+/// reads back as the same config, secrets redacted.
+#[test]
+fn check_prints_the_effective_config_with_defaults_and_no_secret() {
+    let (out, _) = with_file(
+        "[purge]\ntoken = \"s3cret\"\n[cache]\ngrace = \"3s\"\n",
+        &["--check"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(printed.contains("grace = \"3s\""), "{printed}");
+    // a default the file did not set
+    assert!(printed.contains("memory_bytes = 268435456"), "{printed}");
+    assert!(
+        !printed.contains("s3cret") && printed.contains("token = \"<redacted>\""),
+        "{printed}"
+    );
+    // what it prints is a config corral reads (the redacted token is a token too)
+    let (again, _) = with_file(&printed, &["--check"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(String::from_utf8_lossy(&again.stdout), printed);
 }
 
 #[test]

@@ -9,9 +9,9 @@ use super::{
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     #[serde(default)]
@@ -36,7 +36,7 @@ pub(super) struct FileConfig {
     rules: Vec<RuleFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct ServerFile {
     listen: String,
@@ -65,7 +65,7 @@ impl Default for ServerFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct UpstreamFile {
     address: String,
@@ -102,7 +102,7 @@ impl Default for UpstreamFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct CacheFile {
     #[serde(with = "size")]
@@ -144,7 +144,7 @@ impl Default for CacheFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct LogFile {
     level: String,
@@ -160,7 +160,7 @@ impl Default for LogFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct MemcachedFile {
     servers: Vec<String>,
@@ -191,7 +191,7 @@ impl Default for MemcachedFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct PurgeFile {
     allow: Vec<String>,
@@ -227,7 +227,7 @@ impl Default for PurgeFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct PeersFile {
     urls: Vec<String>,
@@ -251,7 +251,7 @@ impl Default for PeersFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct GenerationFile {
     header: String,
@@ -325,7 +325,7 @@ impl GenerationFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct BusFile {
     amqp_url: String,
@@ -395,7 +395,7 @@ impl BusFile {
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RuleFile {
     host: Option<String>,
@@ -416,7 +416,12 @@ pub(super) struct RuleFile {
 /// says so when the value is neither.
 mod size {
     use bytesize::ByteSize;
-    use serde::{de, Deserialize, Deserializer};
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    /// Written back as a number of bytes (`/config`, `--check`).
+    pub fn serialize<S: Serializer>(v: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.as_u64())
+    }
 
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -441,10 +446,15 @@ mod size {
 
 impl FileConfig {
     pub(super) fn validate(self, source: &str) -> Result<Config, ConfigError> {
+        let effective = serde_json::to_value(&self)
+            .map_err(|e| ConfigError::new(source, "-", format!("cannot be written back: {e}")))?;
+        let hash = super::hash_of(&effective);
         let server = self.server.validate(source)?;
         let upstream = self.upstream.validate(source)?;
         Ok(Config {
             source: source.to_string(),
+            effective: std::sync::Arc::new(effective),
+            hash,
             peers: self.peers.validate(source, server.listen)?,
             generation: self.generation.validate(source)?,
             bus: self.bus.validate(source)?,

@@ -37,12 +37,17 @@ impl Corral {
     }
 
     /// The last touches of every response header: `Cache-Status`, tag headers stripped.
-    pub(super) fn finish_header(&self, resp: &mut ResponseHeader, status: CacheStatus) -> Result<()> {
+    pub(super) fn finish_header(
+        &self,
+        resp: &mut ResponseHeader,
+        status: CacheStatus,
+        ctx: &Ctx,
+    ) -> Result<()> {
         resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
-        if self.cfg.purge.strip_tag_headers {
+        if ctx.live.cfg.purge.strip_tag_headers {
             strip_tags(resp);
         }
-        if self.cfg.cache.strip_targeted {
+        if ctx.live.cfg.cache.strip_targeted {
             super::headers::strip_targeted_fields(resp);
         }
         Ok(())

@@ -41,7 +41,10 @@ impl Corral {
             .eviction
             .access(&lru_key, entry.weight(), entry.fresh_until());
 
-        let (strip, targeted) = (self.cfg.purge.strip_tag_headers, self.cfg.cache.strip_targeted);
+        let (strip, targeted) = (
+            ctx.live.cfg.purge.strip_tag_headers,
+            ctx.live.cfg.cache.strip_targeted,
+        );
         let mut resp = entry.wire(|stored| wire_header(stored, strip, targeted)).clone();
         let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
         resp.insert_header(header::AGE, age)?;

@@ -34,7 +34,6 @@ use tracing::{debug, info};
 
 use crate::cache::CacheParts;
 use crate::cache_status::{CacheStatus, Outcome};
-use crate::config::Config;
 use crate::conn;
 use crate::json;
 use crate::key;
@@ -63,14 +62,11 @@ const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-stat
 
 /// The proxy.
 pub struct Corral {
-    cfg: Arc<Config>,
+    /// The running config ([`crate::live`]): each request reads it once, into its `Ctx`.
+    live: &'static crate::live::Reloader,
     parts: &'static CacheParts,
     /// Where accepted purges go (applied here, published to the peers), and peers' arrive.
     cluster: &'static Cluster,
-    /// Who may send peer messages: `peers.token`, from a peer's address or `purge.allow`.
-    peer_access: purge::Access,
-    /// Connection settings for the upstream, cloned per request.
-    peer: HttpPeer,
     /// `upstream.max_connections` slots and the queue in front of them.
     upstream: Arc<UpstreamSlots>,
     /// `server.keepalive_timeout` in whole seconds, as Pingora takes it.
@@ -98,6 +94,8 @@ pub struct Ctx {
     host: String,
     path: String,
     policy: Effective,
+    /// The config this request runs on, read once at its start.
+    live: Arc<crate::live::Live>,
     /// The matching rule's `key_headers`: request headers every variant is keyed by.
     key_headers: Option<Arc<[http::HeaderName]>>,
     directives: RequestDirectives,
@@ -194,36 +192,21 @@ fn varies_on_any(resp: &ResponseHeader, key_headers: &[http::HeaderName], names:
 
 impl Corral {
     /// The client's address ([`headers::client_ip`]): behind a trusted proxy, the one it saw.
-    pub(super) fn client_ip(&self, session: &Session) -> Option<std::net::IpAddr> {
+    pub(super) fn client_ip(&self, session: &Session, ctx: &Ctx) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        client_ip(session.req_header(), peer, |ip| self.cfg.server.trusts(ip))
+        client_ip(session.req_header(), peer, |ip| ctx.live.cfg.server.trusts(ip))
     }
 
-    pub fn new(cfg: Arc<Config>, cluster: &'static Cluster) -> Self {
+    pub fn new(live: &'static crate::live::Reloader, cluster: &'static Cluster) -> Self {
         let parts = cluster.parts;
-        let up = &cfg.upstream;
-        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
-        peer.options.connection_timeout = Some(up.connect_timeout);
-        // Pingora 0.9.1 times every read of an upstream response with one value, the head's
-        // and the body's alike: the smaller of the two settings, so that a hung origin is
-        // given up on after first_byte_timeout (README: Limits and timeouts)
-        peer.options.read_timeout = Some(up.first_byte_timeout.min(up.read_timeout));
-        peer.options.write_timeout = Some(up.write_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
-        let upstream = Arc::new(UpstreamSlots::new(up));
+        let cfg = live.load().cfg.clone();
+        // these need a restart to change
+        let upstream = Arc::new(UpstreamSlots::new(&cfg.upstream));
         let keepalive_secs = cfg.server.limits.keepalive_timeout.as_secs_f64().ceil().max(1.0) as u64;
-        let mut allow = cfg.purge.access.allow.clone();
-        allow.extend(cfg.peers.peers.iter().map(|p| ipnet::IpNet::from(p.addr.ip())));
-        let peer_access = purge::Access {
-            allow,
-            token: cfg.peers.token.clone(),
-        };
         Corral {
-            peer_access,
-            cfg,
+            live,
             parts,
             cluster,
-            peer,
             upstream,
             keepalive_secs,
         }
@@ -241,6 +224,7 @@ impl ProxyHttp for Corral {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            live: self.live.load(),
             started: Instant::now(),
             arrived: SystemTime::now(),
             host: String::new(),
@@ -305,7 +289,7 @@ impl ProxyHttp for Corral {
         };
         ctx.path = key::request_path_and_query(req).to_string();
 
-        let (policy, rule) = self.cfg.effective(&ctx.host, &ctx.path);
+        let (policy, rule) = ctx.live.cfg.effective(&ctx.host, &ctx.path);
         ctx.policy = policy;
         ctx.key_headers = rule
             .filter(|r| !r.key_headers.is_empty())
@@ -322,12 +306,12 @@ impl ProxyHttp for Corral {
         // forwarding headers a client may not set go before anything is keyed by them (Vary);
         // purges read theirs above and are never forwarded
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let trusted = peer.is_some_and(|ip| self.cfg.server.trusts(ip));
+        let trusted = peer.is_some_and(|ip| ctx.live.cfg.server.trusts(ip));
         strip_forwarding(session.req_header_mut(), trusted);
         let req = session.req_header();
         if req.method == Method::POST
             && req.uri.path() == crate::transport::peers::PATH
-            && self.cfg.peers.token.is_some()
+            && ctx.live.cfg.peers.token.is_some()
         {
             self.handle_peer_message(session, ctx).await?;
             return Ok(true);
@@ -355,7 +339,7 @@ impl ProxyHttp for Corral {
             return Ok(true);
         }
         // only what goes on to Pingora's cache needs it (a fast hit has no Vary)
-        if fields.accept_encoding && self.cfg.cache.normalize_accept_encoding {
+        if fields.accept_encoding && ctx.live.cfg.cache.normalize_accept_encoding {
             normalize_accept_encoding(session.req_header_mut());
         }
         if session.subrequest_ctx.is_some() {
@@ -388,7 +372,7 @@ impl ProxyHttp for Corral {
             return Ok(());
         }
         let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.cfg.cache.lock_timeout);
+        overrides.wait_timeout = Some(ctx.live.cfg.cache.lock_timeout);
         session.cache.enable(
             self.parts.storage,
             Some(self.parts.eviction),
@@ -398,7 +382,7 @@ impl ProxyHttp for Corral {
         );
         session
             .cache
-            .set_max_file_size_bytes(self.cfg.cache.max_object_bytes);
+            .set_max_file_size_bytes(ctx.live.cfg.cache.max_object_bytes);
         Ok(())
     }
 
@@ -450,7 +434,7 @@ impl ProxyHttp for Corral {
         if verdict != Verdict::Valid {
             return Ok(verdict.forced());
         }
-        if self.cfg.cache.honor_client_no_cache
+        if ctx.live.cfg.cache.honor_client_no_cache
             && ctx
                 .directives
                 .requires_validation(validated, meta.age(), ctx.arrived)
@@ -477,11 +461,11 @@ impl ProxyHttp for Corral {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let mut peer = Box::new(self.peer.clone());
+        let mut peer = Box::new(ctx.live.peer.clone());
         if matches!(ctx.bypass, Some(Bypass::Upgrade | Bypass::Rule)) {
             // WebSockets, and server-sent events and long polls behind a bypass rule, go
             // quiet for longer than first_byte_timeout: read_timeout between reads
-            peer.options.read_timeout = Some(self.cfg.upstream.read_timeout);
+            peer.options.read_timeout = Some(ctx.live.cfg.upstream.read_timeout);
         }
         if ctx.upstream_slot.is_none() {
             // a retry keeps the slot it has
@@ -519,7 +503,7 @@ impl ProxyHttp for Corral {
             upstream_request.insert_header(header::HOST, ctx.host.as_str())?;
         }
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let trusted = peer.is_some_and(|ip| self.cfg.server.trusts(ip));
+        let trusted = peer.is_some_and(|ip| ctx.live.cfg.server.trusts(ip));
         forwarding_headers(upstream_request, peer, trusted, &ctx.host)?;
         Ok(())
     }
@@ -648,7 +632,7 @@ impl ProxyHttp for Corral {
             return Ok(());
         }
         let status = self.cache_status(session, ctx);
-        self.finish_header(resp, status)?;
+        self.finish_header(resp, status, ctx)?;
         ctx.status = Some(status);
         Ok(())
     }
@@ -720,7 +704,7 @@ impl ProxyHttp for Corral {
             };
             metrics::UPSTREAM_REQUESTS.with_label_values(&[result]).inc();
         }
-        if !self.cfg.log.access_log {
+        if !ctx.live.cfg.log.access_log {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());

@@ -19,7 +19,7 @@ impl Corral {
     pub(super) async fn handle_purge(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         // behind a TLS terminator on the same host every peer is 127.0.0.1: the allow-list
         // looks at the client the trusted proxy saw
-        let ip = self.client_ip(session);
+        let ip = self.client_ip(session, ctx);
         let req = session.req_header();
         let auth = req
             .headers
@@ -27,7 +27,7 @@ impl Corral {
             .and_then(|v| v.to_str().ok());
         let method = req.method.to_string();
         ctx.purge = true;
-        if !self.cfg.purge.access.permits(ip, auth) {
+        if !ctx.live.cfg.purge.access.permits(ip, auth) {
             metrics::PURGES.with_label_values(&["-", "refused"]).inc();
             tracing::warn!(source = ?ip, %method, host = %ctx.host, path = %ctx.path, "purge refused: source or token not allowed");
             return respond_json(
@@ -37,7 +37,7 @@ impl Corral {
             )
             .await;
         }
-        let site = self.cfg.purge.site_for(&ctx.host);
+        let site = ctx.live.cfg.purge.site_for(&ctx.host);
         let (path, wait) = take_wait_peers(&ctx.path);
         let purge = match purge::parse(session.req_header(), &site, &path) {
             Ok(p) => p,
@@ -103,7 +103,7 @@ impl Corral {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        if !self.peer_access.permits(ip, given.as_deref()) {
+        if !ctx.live.peer_access.permits(ip, given.as_deref()) {
             metrics::PEER_RECEIVED.with_label_values(&["refused"]).inc();
             tracing::warn!(source = ?ip, token = given.is_some(), "peer message refused: missing or wrong peers.token, or a source neither a peer nor in purge.allow; nothing applied");
             session.set_keepalive(None);

@@ -238,6 +238,7 @@ pub use access::{in_networks, Access};
 pub use batch::Batch;
 pub use log::{LogRecord, LogWhat};
 use parse::regex;
+pub(crate) use parse::split_tags;
 pub use parse::{is_purge_method, parse};
 pub use pattern::Pattern;
 pub(crate) use validity::{from_millis, millis};

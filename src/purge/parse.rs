@@ -40,7 +40,7 @@ pub(super) fn regex(name: &str, pattern: &str) -> Result<Pattern, PurgeError> {
     })
 }
 
-pub(super) fn split_tags(value: &str, sep: char) -> Vec<String> {
+pub(crate) fn split_tags(value: &str, sep: char) -> Vec<String> {
     let mut tags: Vec<String> = value
         .split(|c: char| c == sep || (sep == ' ' && c.is_whitespace()))
         .map(str::trim)

@@ -180,6 +180,15 @@ impl L2 {
         Ok(l2)
     }
 
+    /// Each server (as configured) and whether its circuit is closed (it is used).
+    pub fn server_states(&self) -> Vec<(String, bool)> {
+        self.inner
+            .servers
+            .iter()
+            .map(|s| (s.id.clone(), s.up.load(Ordering::Acquire)))
+            .collect()
+    }
+
     /// The namespace generation this corral currently uses.
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)

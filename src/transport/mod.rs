@@ -327,6 +327,7 @@ impl Inbox {
             match what {
                 Prepared::Purge(purge, at) => {
                     let n = self.parts.apply_remote(&purge, at, env.origin);
+                    crate::events::purge_applied(&purge, n, "remote");
                     tracing::debug!(kind = purge.kind(), target = %purge.target_text(), origin = env.origin, seq, purged = n, "purge from a peer applied");
                 }
                 Prepared::Drop(reason) => self.parts.drop_cache("peer-backlog-overflow", &reason),
@@ -499,6 +500,7 @@ impl Cluster {
     /// Apply `purge` here and hand it to every transport.
     pub async fn accept(&self, purge: &Purge) -> Accepted {
         let (purged, l2_ok, at) = self.parts.apply(purge).await;
+        crate::events::purge_applied(purge, purged, "local");
         let all = self.publish(
             Body::Purge {
                 soft: purge.soft,

@@ -267,6 +267,17 @@ impl Proxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The config file it was started with (tests of `POST /reload` and SIGHUP rewrite it).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
+    /// The process id of what the `bash -c` script runs: corral itself when the script ends
+    /// with `exec` (as [`Proxy::start`]'s does), e.g. to send it SIGHUP.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.log) {

@@ -39,6 +39,7 @@ impl Storage for MemoryStorage {
         let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {
             return Ok(None);
         };
+        entry.hit();
         let hit = CompleteHit::of(entry, false);
         Ok(Some((entry.meta.to_meta(), Box::new(hit))))
     }

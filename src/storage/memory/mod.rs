@@ -147,6 +147,8 @@ struct Stored {
     checked: AtomicU64,
     /// The header as the fast hit path sends it, built on its first hit (charged in `weight`).
     wire: std::sync::OnceLock<Box<ResponseHeader>>,
+    /// Lookups that found this entry (its lineage's, across refreshes): admin `/keys`.
+    hits: std::sync::atomic::AtomicU32,
 }
 
 impl Stored {
@@ -161,7 +163,13 @@ impl Stored {
             generation,
             checked: AtomicU64::new(0),
             wire: std::sync::OnceLock::new(),
+            hits: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Count a lookup that found this entry.
+    fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The same body under new metadata. The weight stays what the eviction manager was told:
@@ -175,6 +183,7 @@ impl Stored {
             generation: self.generation,
             checked: AtomicU64::new(0),
             wire: std::sync::OnceLock::new(),
+            hits: std::sync::atomic::AtomicU32::new(self.hits.load(Ordering::Relaxed)),
         })
     }
 
@@ -346,7 +355,10 @@ impl MemoryStorage {
             && now < entry.meta.fresh_until
             && entry.meta.variance.is_none()
             && !entry.meta.header.headers.contains_key(http::header::VARY);
-        usable.then(|| FreshEntry(entry.clone()))
+        usable.then(|| {
+            entry.hit();
+            FreshEntry(entry.clone())
+        })
     }
 
     /// Store a complete entry directly (promotion from L2). Returns its hit handler and weight.
@@ -551,7 +563,9 @@ fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey
 mod backend;
 mod fill;
 mod hit;
+mod listing;
 mod sweep;
+pub use listing::{Cursor, KeyInfo, Listed};
 
 pub use hit::{validated, CompleteHit};
 pub use sweep::{split_url, SweepReport};
