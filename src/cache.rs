@@ -241,6 +241,13 @@ impl CacheParts {
 
     /// Refresh the L1 gauges from storage and the eviction manager.
     pub fn publish_gauges(&self) {
+        if let Some(l2) = &self.storage.l2 {
+            for (server, up) in l2.server_states() {
+                metrics::L2_SERVER_UP
+                    .with_label_values(&[&server])
+                    .set(i64::from(up));
+            }
+        }
         let stats = self.storage.l1.stats();
         metrics::L1_BYTES.set(stats.bytes as i64);
         metrics::L1_ENTRIES.set(stats.entries as i64);

@@ -61,8 +61,9 @@ pub struct Config {
     /// The file as read, every default filled in, secrets included (see [`Config::redacted`]):
     /// the same sections and keys as the TOML.
     pub effective: std::sync::Arc<serde_json::Value>,
-    /// 16 hex digits of the MD5 of `effective`: the same for the same settings, whatever the
-    /// comments and layout of the file.
+    /// 16 hex digits of the MD5 of [`Config::redacted`]: the same for the same settings,
+    /// whatever the comments and layout of the file. Secrets are not part of it (it is shown
+    /// to anyone who reaches the admin listener).
     pub hash: String,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
@@ -143,6 +144,8 @@ pub struct CacheConfig {
 pub struct LogConfig {
     pub level: String,
     pub access_log: bool,
+    /// `log.format = "json"`: one JSON object per line (fields at the top level).
+    pub json: bool,
 }
 
 /// `[purge]`: who may purge and which site a purge applies to.

@@ -39,6 +39,7 @@ pub mod policy;
 pub mod proxy;
 pub mod purge;
 pub mod storage;
+pub mod throttle;
 pub mod transport;
 
 use std::sync::Arc;

@@ -74,6 +74,8 @@ pub struct Reloaded {
 pub struct Reloader {
     /// The file given with `-c`; `None` for the embedded default, which cannot change.
     path: Option<PathBuf>,
+    /// The config corral started with: what the settings that need a restart still are.
+    started: Arc<Config>,
     live: ArcSwap<Live>,
     /// The settings read from the file that wait for a restart.
     pending: parking_lot::Mutex<Vec<String>>,
@@ -87,6 +89,7 @@ impl Reloader {
         metrics::set_config_hash(None, &cfg.hash);
         Box::leak(Box::new(Reloader {
             path,
+            started: cfg.clone(),
             live: ArcSwap::from_pointee(Live::new(cfg)),
             pending: parking_lot::Mutex::new(Vec::new()),
             busy: tokio::sync::Mutex::new(()),
@@ -132,18 +135,18 @@ impl Reloader {
                     result: "invalid",
                     hash: old.cfg.hash.clone(),
                     changed: Vec::new(),
-                    needs_restart: Vec::new(),
+                    needs_restart: self.pending_restart(),
                     error: Some(e.to_string()),
                 };
             }
         };
         let changed = changed_keys(&old.cfg.effective, &new.effective);
-        let needs_restart: Vec<String> = changed
-            .iter()
+        // against what runs, not the last file read: a later reload does not forget them
+        let needs_restart: Vec<String> = changed_keys(&self.started.effective, &new.effective)
+            .into_iter()
             .filter(|k| !LIVE_KEYS.contains(&k.as_str()))
-            .cloned()
             .collect();
-        let live_changes = changed.len() - needs_restart.len();
+        let live_changes = changed.iter().filter(|k| LIVE_KEYS.contains(&k.as_str())).count();
         if changed.is_empty() {
             metrics::CONFIG_RELOADS.with_label_values(&["unchanged"]).inc();
             tracing::info!(trigger = why, hash = %old.cfg.hash, "config reload: unchanged");
@@ -288,5 +291,16 @@ mod tests {
         );
         let plain = Config::embedded_default().redacted();
         assert_eq!(plain["purge"]["token"], "");
+        // the hash is shown to anyone: a token cannot be guessed from it
+        let other = Config::from_str(
+            "[purge]\ntoken = \"other\"\n[bus]\namqp_url = \"amqp://user:pw2@127.0.0.1:5672/%2f\"\n",
+            "d",
+        )
+        .unwrap();
+        assert_eq!(c.hash, other.hash);
+        assert!(
+            !changed_keys(&c.effective, &other.effective).is_empty(),
+            "a token change is a change"
+        );
     }
 }

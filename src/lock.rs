@@ -93,9 +93,18 @@ impl Gates {
             guard: None,
             gate: Some(gate.clone()),
         };
-        let guard = match deadline {
-            Some(at) => tokio::time::timeout_at(at, gate.lock_owned()).await.ok()?,
-            None => gate.lock_owned().await,
+        let guard = match gate.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                // another request of this corral reads the key: wait for it (a lock wait)
+                let started = std::time::Instant::now();
+                let got = match deadline {
+                    Some(at) => tokio::time::timeout_at(at, gate.lock_owned()).await.ok(),
+                    None => Some(gate.lock_owned().await),
+                };
+                metrics::lock_waited(started.elapsed(), got.is_some());
+                got?
+            }
         };
         pass.guard = Some(guard);
         Some(pass)
@@ -481,7 +490,13 @@ impl Tiered {
         deadline: tokio::time::Instant,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let mut backoff = Backoff::until(deadline);
-        let mut waited = false;
+        // since when this request waits for another corral's fetch (a lock wait)
+        let mut waiting: Option<std::time::Instant> = None;
+        let waited = |waiting: Option<std::time::Instant>, had_it: bool| {
+            if let Some(since) = waiting {
+                metrics::lock_waited(since.elapsed(), had_it);
+            }
+        };
         if !self.log.usable(l2).await {
             // a purge elsewhere may cover what memcached holds and we cannot tell (the purge
             // log unread, or the fence up): do without L2
@@ -497,26 +512,31 @@ impl Tiered {
                 Read::Hit(bytes) => match record::decode(bytes) {
                     Ok(rec) => {
                         metrics::L2_LOOKUPS.with_label_values(&["hit"]).inc();
+                        waited(waiting, true);
                         return Ok(self.promote(key, rec));
                     }
                     Err(e) => {
                         metrics::L2_LOOKUPS.with_label_values(&["corrupt"]).inc();
                         warn!(key = %mk, error = %e, "undecodable value in memcached: treated as a miss");
+                        waited(waiting, false);
                         return Ok(None);
                     }
                 },
                 Read::Won(cas) => {
                     self.leases.take(mk, cas);
                     metrics::L2_LOOKUPS
-                        .with_label_values(&[if waited { "waited" } else { "miss" }])
+                        .with_label_values(&[if waiting.is_some() { "waited" } else { "miss" }])
                         .inc();
+                    // the other fetch gave up its lease: this one fills
+                    waited(waiting, false);
                     return Ok(None);
                 }
                 Read::Busy => {
                     // another corral is fetching it: wait for its value, bounded
-                    waited = true;
+                    waiting.get_or_insert_with(std::time::Instant::now);
                     if !backoff.wait().await {
                         metrics::L2_LOOKUPS.with_label_values(&["waited"]).inc();
+                        waited(waiting, false);
                         return Ok(None);
                     }
                     // this corral may be filling it too (a request that arrived first)
@@ -525,15 +545,18 @@ impl Tiered {
                         .lookup(key, &pingora_cache::trace::Span::inactive().handle())
                         .await?
                     {
+                        waited(waiting, true);
                         return Ok(Some(hit));
                     }
                 }
                 Read::Miss => {
                     metrics::L2_LOOKUPS.with_label_values(&["miss"]).inc();
+                    waited(waiting, false);
                     return Ok(None);
                 }
                 Read::Unavailable => {
                     metrics::L2_LOOKUPS.with_label_values(&["unavailable"]).inc();
+                    waited(waiting, false);
                     return Ok(None);
                 }
             }

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         eprintln!("corral: {} is valid", cfg.source);
         return ExitCode::SUCCESS;
     }
-    init_tracing(&cfg.log.level);
+    init_tracing(&cfg.log.level, cfg.log.json);
     fit_connections_to_nofile(&mut cfg);
     tracing::info!(
         config = %cfg.source,
@@ -98,12 +98,16 @@ fn fit_connections_to_nofile(cfg: &mut Config) {
     );
 }
 
-fn init_tracing(level: &str) {
+fn init_tracing(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        // one object a line, the event's fields at the top level (method, host, path, status,
+        // cache, duration_ms, upstream_ms, client for an access line), as log shippers expect
+        fmt.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        fmt.with_ansi(std::io::stdout().is_terminal()).init();
+    }
 }

@@ -527,6 +527,77 @@ pub static PURGE_RECORDS_AHEAD: LazyLock<IntCounter> = LazyLock::new(|| {
 });
 
 /// Render every registered metric in the Prometheus text format.
+/// Time from the request sent upstream to the response header (time to first byte).
+pub static UPSTREAM_FIRST_BYTE_SECONDS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    prometheus::register_histogram!(
+        "corral_upstream_first_byte_seconds",
+        "Time from the request sent to the upstream to its response header (time to first byte)",
+        vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .expect("metric registers once")
+});
+
+/// Requests that waited for another request's fetch of the same key (the cache lock), by
+/// result: `collapsed` (served what it stored), `timeout` (waited `lock_timeout`, then went).
+pub static LOCK_WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_lock_waits_total",
+        "Requests that waited for another request's fetch of the same key, by result",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// How long those requests waited.
+pub static LOCK_WAIT_SECONDS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    prometheus::register_histogram!(
+        "corral_lock_wait_seconds",
+        "How long a request waited for another request's fetch of the same key",
+        vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    )
+    .expect("metric registers once")
+});
+
+/// A request waited `waited` for another request's fetch of the same key, and then had it
+/// (`collapsed`) or gave up (`timeout`).
+pub fn lock_waited(waited: std::time::Duration, had_it: bool) {
+    LOCK_WAITS
+        .with_label_values(&[if had_it { "collapsed" } else { "timeout" }])
+        .inc();
+    LOCK_WAIT_SECONDS.observe(waited.as_secs_f64());
+}
+
+/// memcached operations by server and result (`ok`, `error`, `skipped`).
+pub static L2_SERVER_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_l2_server_requests_total",
+        "memcached operations, by server and result (skipped = the server's circuit is open)",
+        &["server", "result"]
+    )
+    .expect("metric registers once")
+});
+
+/// memcached operation latency by op, answered or failed (skipped ones are not timed).
+pub static L2_OP_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "corral_l2_op_duration_seconds",
+        "memcached operation time, by op (answered or failed; skipped ones are not timed)",
+        &["op"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]
+    )
+    .expect("metric registers once")
+});
+
+/// 1 while corral uses a memcached server (circuit closed), 0 while it skips it.
+pub static L2_SERVER_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "corral_l2_server_up",
+        "1 while corral uses the memcached server (circuit closed), 0 while it skips it",
+        &["server"]
+    )
+    .expect("metric registers once")
+});
+
 /// Config reloads (`SIGHUP`, `POST /reload`), by result (`ok`, `unchanged`, `invalid`).
 pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -561,17 +632,11 @@ pub fn set_config_hash(old: Option<&str>, new: &str) {
     CONFIG_INFO.with_label_values(&[new]).set(1);
 }
 
-/// Register what is not a corral counter: `corral_build_info`, and the process collector
-/// (`process_resident_memory_bytes`, `process_open_fds`, `process_cpu_seconds_total`, ...).
+/// Set `corral_build_info`. The process metrics (`process_resident_memory_bytes`,
+/// `process_open_fds`, `process_cpu_seconds_total`, ...) come with the default registry: the
+/// prometheus crate registers its process collector there (feature `process`).
 pub fn register_process() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let collector = prometheus::process_collector::ProcessCollector::for_self();
-        if let Err(e) = prometheus::register(Box::new(collector)) {
-            tracing::warn!(error = %e, "the process metrics are not available");
-        }
-    });
+    BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 }
 
 /// A counter family's values by label values (joined with `:` when there are several),

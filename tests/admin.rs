@@ -321,7 +321,7 @@ async fn keys_lists_every_entry_once_across_pages_with_its_details() {
 }
 
 /// `/keys?host=` (case-insensitive) and `?prefix=` (of the path) filter, together too; a bad
-/// limit or cursor, and `tier=l2` without `memcached.track_keys`, are 400.
+/// limit or cursor, and `tier=l2` (not built: corral does not track its memcached keys), are 400.
 #[tokio::test]
 async fn keys_filters_by_host_and_prefix_and_refuses_bad_parameters() {
     let origin = Origin::start().await;
@@ -370,7 +370,7 @@ async fn keys_filters_by_host_and_prefix_and_refuses_bad_parameters() {
         assert!(parse(&got)["error"].is_string(), "{what}: {}", got.body);
     }
     let l2 = keys(&proxy, &[("tier", "l2")]).await;
-    assert!(l2.body.contains("memcached.track_keys is off"), "{}", l2.body);
+    assert!(l2.body.contains("tier=l2 is not available"), "{}", l2.body);
 }
 
 /// The checked admin endpoints and where they are answered.
@@ -876,6 +876,30 @@ async fn a_changed_listen_address_needs_a_restart_and_the_old_one_keeps_serving(
         tokio::net::TcpStream::connect(elsewhere).await.is_err(),
         "nothing listens on the new address before a restart"
     );
+    // a later reload of something else does not forget what waits for the restart
+    rewrite(&proxy, "grace = \"4s\"", "grace = \"5s\"");
+    let v = parse(&reload(&proxy).await);
+    assert_eq!(strings(&v["changed"]), vec!["cache.grace".to_string()], "{v}");
+    assert_eq!(
+        strings(&v["needs_restart"]),
+        vec!["server.listen".to_string()],
+        "{v}"
+    );
+    let c = admin_json(&proxy, "/config").await;
+    assert_eq!(
+        strings(&c["needs_restart"]),
+        vec!["server.listen".to_string()],
+        "{c}"
+    );
+    // nor does a file that does not validate
+    rewrite(&proxy, "grace = \"5s\"", "grace = \"5x\"");
+    let v = parse(&reload(&proxy).await);
+    assert_eq!(v["result"].as_str(), Some("invalid"), "{v}");
+    assert_eq!(
+        strings(&v["needs_restart"]),
+        vec!["server.listen".to_string()],
+        "{v}"
+    );
 }
 
 /// An admin JSON answer, or None while it cannot be had (for `eventually`).
@@ -989,4 +1013,136 @@ async fn metrics_name_the_config_the_build_and_count_reloads() {
     );
     assert_eq!(metric(&m, &info(&new_hash)), 1.0, "{m}");
     assert_eq!(metric(&m, &info(&hash)), 0.0, "the old hash is gone: {m}");
+}
+
+/// The series an operator reaches for first in an incident: upstream time to first byte,
+/// lock waits (a slow fill that ten clients wait for: one fetch, nine collapsed waits),
+/// memcached per server (requests, op latency, whether it is used: 0 once it is stopped).
+#[tokio::test]
+async fn metrics_show_upstream_latency_lock_waits_and_each_memcached_server() {
+    let origin = Origin::start().await;
+    origin.route("/slow", |_| {
+        cacheable("slow".into()).delay(Duration::from_millis(300))
+    });
+    let mut mc = Memcached::start().await;
+    let proxy = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    let url = proxy.url("/slow");
+    let clients: Vec<_> = (0..10).map(|_| get(&url)).collect();
+    for got in futures::future::join_all(clients).await {
+        assert_eq!(got.body, "slow");
+    }
+    assert_eq!(origin.hits("/slow"), 1);
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "corral_upstream_first_byte_seconds_count"), 1.0, "{m}");
+    assert!(metric(&m, "corral_upstream_first_byte_seconds_sum") >= 0.3, "{m}");
+    // each of the nine waited at least once (in this corral's gate, then perhaps for the
+    // lease the first one holds in memcached), and every wait ended with the value
+    let waits = metric(&m, "corral_lock_waits_total{result=\"collapsed\"}");
+    assert!((9.0..=18.0).contains(&waits), "{m}");
+    assert_eq!(
+        metric(&m, "corral_lock_waits_total{result=\"timeout\"}"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "corral_lock_wait_seconds_count"), waits, "{m}");
+    assert!(metric(&m, "corral_lock_wait_seconds_sum") > 0.0, "{m}");
+    let server = format!("server=\"{}\"", mc.addr);
+    let series = |name: &str, extra: &str| format!("{name}{{{extra}{server}}}");
+    assert!(
+        metric(&m, &series("corral_l2_server_requests_total", "result=\"ok\",")) > 0.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "corral_l2_op_duration_seconds_count{op=\"get\"}") > 0.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, &series("corral_l2_server_up", "")), 1.0, "{m}");
+    mc.stop();
+    eventually(
+        Duration::from_secs(10),
+        "the stopped server is marked down",
+        || async {
+            get(&proxy.url(&format!("/down/{}", rand_suffix()))).await;
+            metric(&proxy.metrics().await, &series("corral_l2_server_up", "")) == 0.0
+        },
+    )
+    .await;
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// `log.format = "json"`: one object a line; an access line has the fields log shippers
+/// expect at the top level.
+#[tokio::test]
+async fn json_logs_carry_the_access_fields_at_the_top_level() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(origin.addr, Conf::default().log("format = \"json\"")).await;
+    get(&proxy.url("/j")).await;
+    eventually(Duration::from_secs(5), "the access line", || async {
+        proxy.log_text().contains("corral::access")
+    })
+    .await;
+    let log = proxy.log_text();
+    let line = log.lines().find(|l| l.contains("corral::access")).unwrap();
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["method"], "GET", "{line}");
+    assert_eq!(v["path"], "/j", "{line}");
+    assert_eq!(v["status"], 200, "{line}");
+    assert_eq!(v["cache"], "miss", "{line}");
+    assert_eq!(v["client"], "127.0.0.1", "{line}");
+    assert!(
+        v["duration_ms"].as_f64().is_some() && v["upstream_ms"].as_f64().is_some(),
+        "{line}"
+    );
+    assert!(
+        v["host"].as_str().is_some_and(|h| h.starts_with("127.0.0.1")),
+        "{line}"
+    );
+    // every line of the log is JSON, the start-up lines too
+    for l in log.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+    }
+}
+
+/// A live scrape, with every family carrying series (a miss, hits, a purge, memcached, a
+/// reload), passes `promtool check metrics` (Debian's `prometheus` package; `./x test`
+/// installs it): names, types, HELP, units and counter suffixes as Prometheus lints them.
+#[tokio::test]
+async fn a_live_scrape_passes_promtool() {
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("promtool is missing: install Debian's prometheus package, or run ./x test");
+    let origin = Origin::start().await;
+    let mc = Memcached::start().await;
+    let proxy = Proxy::start(origin.addr, Conf::default().servers(&[&mc])).await;
+    for _ in 0..3 {
+        get(&proxy.url("/scrape")).await;
+    }
+    let m = reqwest::Method::from_bytes(b"PURGE").unwrap();
+    send(client().request(m, proxy.url("/scrape")), &[]).await;
+    assert_eq!(reload(&proxy).await.status, 200);
+    let scrape = proxy.metrics().await;
+    assert!(scrape.contains("corral_l2_server_up{"), "{scrape}");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}");
 }

@@ -924,3 +924,72 @@ async fn a_stale_refresh_never_takes_a_peer_copy_that_a_later_purge_covers() {
     let peer = metric(&b.metrics().await, "corral_stale_refreshes_total{how=\"peer\"}");
     assert_eq!(peer, 1.0);
 }
+
+/// A CMS that purges through the proxy's own address (Plone without `purge.host_map`) is
+/// answered 200 `purged:0` and believes it worked: the purge is counted as
+/// `result="no_match"` and logged at INFO with the `host_map` hint, once a minute per site. A
+/// purge of an uncached URL of a cached site is an ordinary `ok`.
+#[tokio::test]
+async fn a_purge_for_a_site_never_cached_is_counted_and_hinted_once() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    tagged(&origin, "/doc", &[]);
+    warm(&proxy, &["/doc"]).await;
+    let own = proxy.addr.to_string();
+    for _ in 0..3 {
+        let m = reqwest::Method::from_bytes(b"PURGE").unwrap();
+        let got = send(client().request(m, proxy.url("/doc")), &[("host", own.as_str())]).await;
+        assert_eq!(
+            (got.status, got.body.contains("\"purged\":0")),
+            (200, true),
+            "{}",
+            got.body
+        );
+    }
+    assert!(
+        get(&proxy, "/doc").await.cache.starts_with("corral; hit"),
+        "the site's copy stays"
+    );
+    let plain = purge(&proxy, "PURGE", "/never-cached", &[]).await;
+    assert_eq!(plain.status, 200);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "corral_purges_total{kind=\"url\",result=\"no_match\"}"),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "corral_purges_total{kind=\"url\",result=\"ok\"}"),
+        1.0,
+        "{m}"
+    );
+    let log = proxy.log_text();
+    assert_eq!(log.matches("purge matched no cached site").count(), 1, "{log}");
+    assert!(log.contains("host_map"), "{log}");
+}
+
+/// A purge from outside the allow-list is logged at WARN with its source once a minute (a CMS
+/// retries five times, then drops the purge silently), and counted every time.
+#[tokio::test]
+async fn refused_purges_are_warned_about_once_a_minute_per_source() {
+    let (_origin, proxy) = setup(Conf::default().section("[purge]\nallow = [\"10.0.0.0/8\"]")).await;
+    for _ in 0..5 {
+        assert_eq!(purge(&proxy, "PURGE", "/x", &[]).await.status, 405);
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "corral_purges_total{kind=\"-\",result=\"refused\"}"),
+        5.0,
+        "{m}"
+    );
+    let log = proxy.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("purge refused (405)"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("source=127.0.0.1"),
+        "{}",
+        lines[0]
+    );
+}

@@ -72,6 +72,8 @@ struct ServerStats {
     reachable: bool,
     /// corral's view: `closed` (used) or `open` (skipped until a probe answers).
     circuit: &'static str,
+    /// corral's operations on this server, by result (`ok`, `error`, `skipped`).
+    corral: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     stats: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,7 +151,11 @@ impl Admin {
         }
         match q.get("tier").map(String::as_str) {
             None | Some("l1") => {}
-            Some("l2") => return bad_request("memcached.track_keys is off"),
+            Some("l2") => {
+                return bad_request(
+                    "tier=l2 is not available: corral does not track the keys it writes to memcached (memcached cannot list them)",
+                )
+            }
             Some(other) => return bad_request(&format!("tier {other:?}: l1 or l2")),
         }
         let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
@@ -164,11 +170,19 @@ impl Admin {
                 None => return bad_request("cursor: not one this endpoint gave"),
             },
         };
+        // `host=www.example.org` also matches the Host sent with a port (`:8080`)
         let host = q.get("host").map(|h| h.to_ascii_lowercase());
+        let host_matches = |h: &str, want: &str| {
+            h.eq_ignore_ascii_case(want)
+                || (!want.contains(':')
+                    && h.rsplit_once(':').is_some_and(|(name, port)| {
+                        name.eq_ignore_ascii_case(want) && port.parse::<u16>().is_ok()
+                    }))
+        };
         let prefix = q.get("prefix").cloned().unwrap_or_default();
         let page = self.parts.storage.l1.list(after, limit, |url| {
             let (h, p) = split_url(url);
-            host.as_deref().is_none_or(|want| h.eq_ignore_ascii_case(want)) && p.starts_with(&prefix)
+            host.as_deref().is_none_or(|want| host_matches(h, want)) && p.starts_with(&prefix)
         });
         let now = SystemTime::now();
         let keys = page
@@ -210,6 +224,8 @@ impl Admin {
         let Some(l2) = &self.parts.storage.l2 else {
             return ok_json(&serde_json::json!({ "configured": false, "servers": [], "corral": corral }));
         };
+        let per_server = metrics::counts(&metrics::L2_SERVER_REQUESTS, &[0, 1]);
+        let per_server = &per_server;
         let asks = l2.server_states().into_iter().map(|(server, up)| async move {
             let addr = server.clone();
             let got = tokio::time::timeout(
@@ -223,8 +239,15 @@ impl Admin {
                 Ok(Err(e)) => (None, Some(e.to_string())),
                 Err(_) => (None, Some("no answer in time".to_string())),
             };
+            // corral's own counts for this server, by result
+            let prefix = format!("{server}:");
+            let requests: BTreeMap<&str, u64> = per_server
+                .iter()
+                .filter_map(|(k, n)| k.strip_prefix(prefix.as_str()).map(|result| (result, *n)))
+                .collect();
             ServerStats {
                 reachable: stats.is_some(),
+                corral: serde_json::json!({ "requests": requests }),
                 server,
                 circuit: if up { "closed" } else { "open" },
                 stats,
@@ -280,6 +303,27 @@ impl Admin {
                 },
             );
         }
+        // a corral that cannot confirm memcached's purge log serves, but revalidates its L1
+        // copies first (the fence): degraded, reported, not a reason to take it out
+        let mut degraded: Vec<String> = Vec::new();
+        if self.parts.storage.l2.is_some() {
+            let fenced = self.parts.storage.log.fence(SystemTime::now()).is_some();
+            let detail = if fenced {
+                "unconfirmed: L1 copies are revalidated before use (the fence)"
+            } else {
+                "confirmed"
+            };
+            if fenced {
+                degraded.push(format!("purge_log: {detail}"));
+            }
+            checks.insert(
+                "purge_log",
+                Check {
+                    ok: !fenced,
+                    detail: Some(detail.into()),
+                },
+            );
+        }
         let peers = self.cluster.status();
         if let Some(list) = peers
             .get("peers")
@@ -312,6 +356,9 @@ impl Admin {
         let mut body = serde_json::json!({ "ready": ready, "checks": checks });
         if !ready {
             body["reason"] = reasons.join("; ").into();
+        }
+        if !degraded.is_empty() {
+            body["degraded"] = degraded.into();
         }
         let status = if ready {
             StatusCode::OK

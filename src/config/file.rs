@@ -149,6 +149,7 @@ impl Default for CacheFile {
 pub(super) struct LogFile {
     level: String,
     access_log: bool,
+    format: String,
 }
 
 impl Default for LogFile {
@@ -156,6 +157,7 @@ impl Default for LogFile {
         LogFile {
             level: "info".into(),
             access_log: true,
+            format: "text".into(),
         }
     }
 }
@@ -448,13 +450,12 @@ impl FileConfig {
     pub(super) fn validate(self, source: &str) -> Result<Config, ConfigError> {
         let effective = serde_json::to_value(&self)
             .map_err(|e| ConfigError::new(source, "-", format!("cannot be written back: {e}")))?;
-        let hash = super::hash_of(&effective);
         let server = self.server.validate(source)?;
         let upstream = self.upstream.validate(source)?;
         Ok(Config {
             source: source.to_string(),
             effective: std::sync::Arc::new(effective),
-            hash,
+            hash: String::new(),
             peers: self.peers.validate(source, server.listen)?,
             generation: self.generation.validate(source)?,
             bus: self.bus.validate(source)?,
@@ -470,6 +471,12 @@ impl FileConfig {
                 .enumerate()
                 .map(|(i, r)| r.validate(source, i))
                 .collect::<Result<_, _>>()?,
+        })
+        .map(|mut cfg| {
+            // of the redacted view: the hash is shown to anyone (/stats, /metrics) and must
+            // not let a token be guessed offline
+            cfg.hash = super::hash_of(&cfg.redacted());
+            cfg
         })
     }
 }
@@ -634,9 +641,15 @@ impl LogFile {
         if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
             return err("log.level", format!("{:?} is not a level or filter", self.level));
         }
+        let json = match self.format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => return err("log.format", format!("{other:?}: \"text\" or \"json\"")),
+        };
         Ok(LogConfig {
             level: self.level,
             access_log: self.access_log,
+            json,
         })
     }
 }

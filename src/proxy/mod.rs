@@ -71,7 +71,16 @@ pub struct Corral {
     upstream: Arc<UpstreamSlots>,
     /// `server.keepalive_timeout` in whole seconds, as Pingora takes it.
     keepalive_secs: u64,
+    /// The hosts of responses this corral stored (at most [`MAX_SITES`]): a purge for any
+    /// other host matched nothing because its Host is not the site's (`purge.host_map`).
+    sites: dashmap::DashSet<String>,
+    /// Repeated purge log lines (refusals, purges for unknown sites), once a minute each.
+    purge_logs: crate::throttle::Throttle,
 }
+
+/// Hosts remembered in [`Corral::sites`]; past it, no new one is added (a hint may then be
+/// logged for a site that is cached: it is only a hint).
+const MAX_SITES: usize = 10_000;
 
 /// Why a request does not use the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +218,8 @@ impl Corral {
             cluster,
             upstream,
             keepalive_secs,
+            sites: Default::default(),
+            purge_logs: Default::default(),
         }
     }
 }
@@ -594,6 +605,9 @@ impl ProxyHttp for Corral {
             policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now())
         };
         ctx.storing = decision.is_cacheable();
+        if ctx.storing && self.sites.len() < MAX_SITES && !self.sites.contains(&ctx.host) {
+            self.sites.insert(ctx.host.clone());
+        }
         if !ctx.storing {
             if let Some(key) = session.cache.maybe_cache_key() {
                 // other corrals may be waiting for this fill: tell them now that it will not
@@ -704,10 +718,18 @@ impl ProxyHttp for Corral {
             };
             metrics::UPSTREAM_REQUESTS.with_label_values(&[result]).inc();
         }
+        if let Some(ttfb) = ctx.upstream_header_time {
+            metrics::UPSTREAM_FIRST_BYTE_SECONDS.observe(ttfb.as_secs_f64());
+        }
+        if let Some(waited) = session.cache.lock_duration() {
+            // Pingora's cache lock (the waits in corral's own gates are counted there)
+            metrics::lock_waited(waited, outcome != "lock-timeout");
+        }
         if !ctx.live.cfg.log.access_log {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let client = self.client_ip(session, ctx);
         let req = session.req_header();
         info!(
             target: "corral::access",
@@ -716,8 +738,9 @@ impl ProxyHttp for Corral {
             path = %ctx.path,
             status,
             cache = outcome,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             upstream_ms = ctx.upstream_header_time.map(|d| d.as_secs_f64() * 1000.0),
-            total_ms = elapsed.as_secs_f64() * 1000.0,
+            client = client.map(|ip| ip.to_string()),
             subrequest = session.subrequest_ctx.is_some(),
             error = error.map(|e| e.to_string()),
         );

@@ -14,6 +14,9 @@ use crate::metrics;
 use crate::purge;
 use crate::transport::{Envelope, Inbox, VERSION};
 
+/// Repeated purge log lines are written once a minute per source or site.
+const THROTTLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Corral {
     /// Answer a purge request (any verb of [`purge::is_purge_method`]).
     pub(super) async fn handle_purge(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
@@ -29,7 +32,12 @@ impl Corral {
         ctx.purge = true;
         if !ctx.live.cfg.purge.access.permits(ip, auth) {
             metrics::PURGES.with_label_values(&["-", "refused"]).inc();
-            tracing::warn!(source = ?ip, %method, host = %ctx.host, path = %ctx.path, "purge refused: source or token not allowed");
+            // a CMS retries (Plone five times) and then gives up silently: one line per
+            // source a minute, with the count of those left out
+            let source = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+            if let Some(left_out) = self.purge_logs.check(&format!("refused {source}"), THROTTLE) {
+                tracing::warn!(%source, %method, host = %ctx.host, path = %ctx.path, left_out, "purge refused (405): source or token not allowed (purge.allow, purge.token)");
+            }
             return respond_json(
                 session,
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -81,7 +89,22 @@ impl Corral {
             return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
         }
         self.parts.acknowledged().await;
-        metrics::PURGES.with_label_values(&[purge.kind(), "ok"]).inc();
+        let unknown_site = match &purge.target {
+            purge::Target::Url { host, .. } => purged == 0 && !self.sites.contains(host.as_str()),
+            _ => false,
+        };
+        if unknown_site {
+            // 200 all the same (the purge is recorded: a later fill is covered), but say why
+            // nothing went: the CMS purges through an address that is not the site's
+            metrics::PURGES
+                .with_label_values(&[purge.kind(), "no_match"])
+                .inc();
+            if let Some(left_out) = self.purge_logs.check(&format!("site {site}"), THROTTLE) {
+                info!(host = %ctx.host, site = %site, path = %ctx.path, left_out, "purge matched no cached site: nothing was ever stored for {site}; if the CMS purges through another address than the site's, map it in [purge] host_map: \"{}\" = \"<the site's host>\"", ctx.host);
+            }
+        } else {
+            metrics::PURGES.with_label_values(&[purge.kind(), "ok"]).inc();
+        }
         info!(kind = purge.kind(), target = %purge.target_text(), soft = purge.soft, %method, site = %site, purged, source = ?ip, "purge accepted");
         let body = json::body(&json::Purged {
             purged,

@@ -276,9 +276,25 @@ impl L2 {
     {
         if !server.up.load(Ordering::Acquire) {
             metrics::L2_REQUESTS.with_label_values(&[op, "skipped"]).inc();
+            metrics::L2_SERVER_REQUESTS
+                .with_label_values(&[&server.id, "skipped"])
+                .inc();
             return None;
         }
-        match tokio::time::timeout(self.inner.op_timeout, f(server.client.clone())).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(self.inner.op_timeout, f(server.client.clone())).await;
+        metrics::L2_OP_SECONDS
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        let result = if matches!(outcome, Ok(Ok(_))) {
+            "ok"
+        } else {
+            "error"
+        };
+        metrics::L2_SERVER_REQUESTS
+            .with_label_values(&[&server.id, result])
+            .inc();
+        match outcome {
             Ok(Ok(v)) => {
                 server.timeouts.store(0, Ordering::Release);
                 metrics::L2_REQUESTS.with_label_values(&[op, "ok"]).inc();

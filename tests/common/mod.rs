@@ -62,6 +62,8 @@ pub struct Conf {
     /// Whole TOML sections (e.g. `[generation]` and its lines), written verbatim at the end
     /// of the file, after the rules.
     pub extra: Vec<String>,
+    /// More lines inside `[log]` (its `level` is set).
+    pub log: Vec<String>,
 }
 
 impl Conf {
@@ -79,6 +81,11 @@ impl Conf {
     }
     pub fn upstream(mut self, line: &str) -> Self {
         self.upstream.push(line.to_string());
+        self
+    }
+    /// A line inside `[log]`, e.g. `format = "json"`.
+    pub fn log(mut self, line: &str) -> Self {
+        self.log.push(line.to_string());
         self
     }
     pub fn memcached(mut self, line: &str) -> Self {
@@ -161,7 +168,7 @@ impl Proxy {
         let text = format!(
             "[server]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nthreads = 2\n{}\n\n\
              [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\n{}\n\n\
-             [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n\n{}\n{}",
+             [cache]\n{}\n\n[log]\nlevel = \"info,pingora_core=warn,pingora_proxy=warn\"\n{}\n\n{}\n{}",
             conf.server.join("\n"),
             if conf
                 .upstream
@@ -177,6 +184,7 @@ impl Proxy {
                 )
             },
             conf.cache.join("\n"),
+            conf.log.join("\n"),
             if conf.memcached.is_empty() {
                 String::new()
             } else {
