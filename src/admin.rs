@@ -34,6 +34,8 @@ pub struct Admin {
     started: std::time::Instant,
     /// The last upstream check of `/readyz`: when, and its outcome.
     upstream_check: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// The last `/stats/memcached` answer: when, and its body.
+    memcached_stats: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Admin {
@@ -49,7 +51,42 @@ impl Admin {
             live,
             started: std::time::Instant::now(),
             upstream_check: tokio::sync::Mutex::new(None),
+            memcached_stats: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The DNS rebinding and cross-site guard: the `Host` must be an address, `localhost` or
+    /// one of `server.admin_hosts` (a page that rebinds its own name to this listener sends
+    /// that name), and a request a browser marks with `Origin` must come from this listener
+    /// itself (a form on another site cannot post to `/reload` or `/purge/all`).
+    fn host_ok(&self, session: &ServerSession) -> bool {
+        let headers = &session.req_header().headers;
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(|h| h.trim().to_ascii_lowercase());
+        let Some(host) = host else {
+            // HTTP/1.0 without Host: a script, not a browser
+            return true;
+        };
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or("").to_string(),
+            None => host
+                .rsplit_once(':')
+                .map_or(host.as_str(), |(n, _)| n)
+                .to_string(),
+        };
+        let named_ok = name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || self.live.load().cfg.server.admin_hosts.contains(&name);
+        let origin_ok = headers
+            .get(http::header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|o| {
+                o.split_once("://")
+                    .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&host))
+            });
+        named_ok && origin_ok
     }
 
     /// Whether the request's source and token pass `[purge]`'s allow-list (the config now).
@@ -98,6 +135,7 @@ impl HttpServerApp for Admin {
         if session.req_header().uri.path() == "/events"
             && session.req_header().method == http::Method::GET
             && self.permitted(&session)
+            && self.host_ok(&session)
         {
             self.events(session, shutdown.clone()).await;
             return None;
@@ -173,6 +211,15 @@ impl Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let post = session.req_header().method == http::Method::POST;
+        if !self.host_ok(session) {
+            let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            tracing::warn!(source = ?ip, path, "admin request refused: Host or Origin not this listener's (server.admin_hosts)");
+            return reply(
+                StatusCode::FORBIDDEN,
+                "application/json",
+                json::error("Host or Origin not allowed: list the admin's host name in server.admin_hosts"),
+            );
+        }
         self.parts.publish_gauges();
         if post && (path == "/purge" || path == "/purge/all") {
             return self.purge(session, &path).await;

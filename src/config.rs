@@ -38,17 +38,27 @@ impl ConfigError {
 mod file;
 use file::FileConfig;
 
-/// `scheme://user:password@host/...` with the password replaced by [`REDACTED`].
-fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+/// `url` with what may be a secret replaced by [`REDACTED`]: the password of
+/// `scheme://user:password@host/...` (the last `@` ends it: a password may hold a `/`), and,
+/// with `query`, the query string (webhook URLs often carry a token there).
+fn redact_url(url: &str, query: bool) -> String {
+    let mut out = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) if rest[..at].contains(':') => {
+                let user = rest[..at].split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:{REDACTED}{}", &rest[at..])
+            }
+            _ => url.to_string(),
+        },
+        None => url.to_string(),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    let user = rest[..at].split(':').next().unwrap_or("");
-    format!("{scheme}://{user}:{REDACTED}{}", &rest[at..])
+    if query {
+        if let Some(q) = out.find('?') {
+            out.truncate(q + 1);
+            out.push_str(REDACTED);
+        }
+    }
+    out
 }
 
 // === validated config: what the rest of the code uses ===
@@ -60,7 +70,7 @@ pub struct Config {
     pub source: String,
     /// The file as read, every default filled in, secrets included (see [`Config::redacted`]):
     /// the same sections and keys as the TOML.
-    pub effective: std::sync::Arc<serde_json::Value>,
+    pub effective: FileView,
     /// 16 hex digits of the MD5 of [`Config::redacted`]: the same for the same settings,
     /// whatever the comments and layout of the file. Secrets are not part of it (it is shown
     /// to anyone who reaches the admin listener).
@@ -92,6 +102,9 @@ pub struct ServerConfig {
     /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`) are believed: a TLS
     /// terminator or load balancer in front of corral. From anyone else they are removed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Host names the admin listener answers to, besides addresses and `localhost` (a DNS
+    /// rebinding guard: a web page cannot reach it under its own name).
+    pub admin_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -384,6 +397,23 @@ pub(crate) fn hash_of(value: &serde_json::Value) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// [`Config::effective`]: a JSON value that never prints (it holds the secrets).
+#[derive(Clone)]
+pub struct FileView(pub std::sync::Arc<serde_json::Value>);
+
+impl std::ops::Deref for FileView {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for FileView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileView(<secrets included: see Config::redacted>)")
+    }
+}
+
 /// What replaces a secret in [`Config::redacted`].
 pub const REDACTED: &str = "<redacted>";
 
@@ -439,12 +469,16 @@ pub const LIVE_KEYS: &[&str] = &[
     "purge.default_host",
     "purge.strip_tag_headers",
     "server.trusted_proxies",
+    "server.admin_hosts",
     "log.access_log",
+    "peers.urls",
+    "peers.token",
 ];
 
 impl Config {
     /// [`Config::effective`] with secrets replaced by [`REDACTED`]: `purge.token`,
-    /// `peers.token`, the password in `bus.amqp_url`. An empty secret stays empty.
+    /// `peers.token`, the password in `bus.amqp_url`, and the passwords and query strings
+    /// of `generation.url` and `generation.webhooks`. An empty secret stays empty.
     pub fn redacted(&self) -> serde_json::Value {
         let mut v = (*self.effective).clone();
         for (section, key) in [("purge", "token"), ("peers", "token")] {
@@ -456,7 +490,21 @@ impl Config {
         }
         if let Some(slot) = v.get_mut("bus").and_then(|s| s.get_mut("amqp_url")) {
             if let Some(url) = slot.as_str() {
-                *slot = serde_json::Value::from(redact_url_password(url));
+                *slot = serde_json::Value::from(redact_url(url, false));
+            }
+        }
+        if let Some(generation) = v.get_mut("generation") {
+            if let Some(slot) = generation.get_mut("url") {
+                if let Some(url) = slot.as_str() {
+                    *slot = serde_json::Value::from(redact_url(url, true));
+                }
+            }
+            if let Some(hooks) = generation.get_mut("webhooks").and_then(|h| h.as_array_mut()) {
+                for slot in hooks {
+                    if let Some(url) = slot.as_str() {
+                        *slot = serde_json::Value::from(redact_url(url, true));
+                    }
+                }
             }
         }
         v

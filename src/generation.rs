@@ -317,47 +317,42 @@ impl Generations {
         self.history.lock().current.clone()
     }
 
-    /// Poll `generation.url` on the upstream every `generation.interval`, forever.
-    pub async fn poll(&'static self, cfg: std::sync::Arc<Config>) {
+    /// Poll `generation.url` on the upstream every `generation.interval`, forever. The
+    /// upstream (address, TLS, timeouts) is the running config's: a reload that moves it moves
+    /// the poll too.
+    pub async fn poll(&'static self, cfg: std::sync::Arc<Config>, live: &'static crate::live::Reloader) {
         let Some((path, host)) = cfg.generation.poll.clone() else {
             return;
-        };
-        let up = &cfg.upstream;
-        let host = if host.is_empty() {
-            up.address
-                .rsplit_once(':')
-                .map_or(up.address.as_str(), |(h, _)| h)
-                .to_string()
-        } else {
-            host
         };
         let connector = pingora_core::connectors::http::Connector::new(None);
         let mut failing = false;
         loop {
             let arrived = SystemTime::now();
-            let result = match std::net::ToSocketAddrs::to_socket_addrs(up.address.as_str())
-                .ok()
-                .and_then(|mut a| a.next())
-            {
-                None => Err(format!("{} does not resolve", up.address)),
-                Some(addr) => {
-                    let to = crate::client::Target {
-                        addr,
-                        tls: up.tls,
-                        host: &host,
-                    };
-                    crate::client::request(
-                        &connector,
-                        &to,
-                        "GET",
-                        &path,
-                        &[],
-                        bytes::Bytes::new(),
-                        up.connect_timeout + up.first_byte_timeout.min(Duration::from_secs(5)),
-                    )
-                    .await
-                }
+            let now = live.load();
+            let up = &now.cfg.upstream;
+            let host = if host.is_empty() {
+                up.address
+                    .rsplit_once(':')
+                    .map_or(up.address.as_str(), |(h, _)| h)
+                    .to_string()
+            } else {
+                host.clone()
             };
+            let to = crate::client::Target {
+                addr: now.upstream,
+                tls: up.tls,
+                host: &host,
+            };
+            let result = crate::client::request(
+                &connector,
+                &to,
+                "GET",
+                &path,
+                &[],
+                bytes::Bytes::new(),
+                up.connect_timeout + up.first_byte_timeout.min(Duration::from_secs(5)),
+            )
+            .await;
             match result {
                 Ok(answer) if answer.status == 200 => {
                     if failing {
@@ -393,6 +388,7 @@ impl Generations {
 pub struct Background {
     pub generations: Option<&'static Generations>,
     pub cfg: std::sync::Arc<Config>,
+    pub live: &'static crate::live::Reloader,
 }
 
 #[async_trait::async_trait]
@@ -400,7 +396,7 @@ impl pingora_core::services::background::BackgroundService for Background {
     async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
         crate::events::start_webhooks(&self.cfg.generation.webhooks);
         if let (Some(g), true) = (self.generations, self.cfg.generation.poll.is_some()) {
-            tokio::spawn(g.poll(self.cfg.clone()));
+            tokio::spawn(g.poll(self.cfg.clone(), self.live));
         }
         let _ = shutdown.changed().await;
     }

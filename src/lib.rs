@@ -107,7 +107,8 @@ pub fn build_server(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Re
     let cluster = transport::Cluster::leak(parts, &cfg);
     let generations =
         with_generation.then(|| generation::Generations::leak(&cfg, cluster, shared_generation));
-    let reloader = live::Reloader::leak(cfg.clone(), path);
+    let reloader = live::Reloader::leak(cfg.clone(), path).map_err(anyhow::Error::msg)?;
+    reloader.attach(cluster);
     let mut proxy = pingora_proxy::http_proxy(&server.configuration, Corral::new(reloader, cluster));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -139,6 +140,7 @@ pub fn build_server(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Re
             generation::Background {
                 generations,
                 cfg: cfg.clone(),
+                live: reloader,
             },
         ));
     }

@@ -26,14 +26,28 @@ pub struct Live {
     pub cfg: Arc<Config>,
     /// Connection settings for the upstream, cloned per request.
     pub peer: HttpPeer,
+    /// `upstream.address`, resolved when this config was loaded.
+    pub upstream: std::net::SocketAddr,
     /// Who may send peer messages: `peers.token`, from a peer's address or `purge.allow`.
     pub peer_access: Access,
 }
 
+/// `upstream.address` resolved (blocking: at start, or off the runtime on a reload), as
+/// Pingora's `HttpPeer` would, but with an error instead of a panic.
+pub fn resolve_upstream(address: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .map_err(|e| format!("upstream.address: {address:?} does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("upstream.address: {address:?} resolves to no address"))
+}
+
 impl Live {
-    pub fn new(cfg: Arc<Config>) -> Live {
+    /// The live parts of `cfg`, its upstream at `upstream` ([`resolve_upstream`]).
+    pub fn new(cfg: Arc<Config>, upstream: std::net::SocketAddr) -> Live {
         let up = &cfg.upstream;
-        let mut peer = HttpPeer::new(up.address.as_str(), up.tls, up.sni.clone());
+        let mut peer = HttpPeer::new(upstream, up.tls, up.sni.clone());
         peer.options.connection_timeout = Some(up.connect_timeout);
         // Pingora 0.9.1 times every read of an upstream response with one value, the head's
         // and the body's alike: the smaller of the two settings, so that a hung origin is
@@ -50,6 +64,7 @@ impl Live {
         Live {
             cfg,
             peer,
+            upstream,
             peer_access,
         }
     }
@@ -81,19 +96,29 @@ pub struct Reloader {
     pending: parking_lot::Mutex<Vec<String>>,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
+    /// Where a change of `[peers] urls` or `token` goes ([`Reloader::attach`]).
+    cluster: std::sync::OnceLock<&'static crate::transport::Cluster>,
 }
 
 impl Reloader {
-    /// Build and leak the reloader for `cfg` (read from `path`).
-    pub fn leak(cfg: Arc<Config>, path: Option<PathBuf>) -> &'static Reloader {
+    /// Build and leak the reloader for `cfg` (read from `path`). Fails when the upstream's
+    /// address does not resolve.
+    pub fn leak(cfg: Arc<Config>, path: Option<PathBuf>) -> Result<&'static Reloader, String> {
+        let upstream = resolve_upstream(&cfg.upstream.address)?;
         metrics::set_config_hash(None, &cfg.hash);
-        Box::leak(Box::new(Reloader {
+        Ok(Box::leak(Box::new(Reloader {
             path,
             started: cfg.clone(),
-            live: ArcSwap::from_pointee(Live::new(cfg)),
+            live: ArcSwap::from_pointee(Live::new(cfg, upstream)),
             pending: parking_lot::Mutex::new(Vec::new()),
             busy: tokio::sync::Mutex::new(()),
-        }))
+            cluster: std::sync::OnceLock::new(),
+        })))
+    }
+
+    /// The cluster whose peers a reload may change.
+    pub fn attach(&self, cluster: &'static crate::transport::Cluster) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// The config in use now.
@@ -141,12 +166,12 @@ impl Reloader {
             }
         };
         let changed = changed_keys(&old.cfg.effective, &new.effective);
-        // against what runs, not the last file read: a later reload does not forget them
+        // against what runs, not the last file read: later reloads keep reporting them
         let needs_restart: Vec<String> = changed_keys(&self.started.effective, &new.effective)
             .into_iter()
             .filter(|k| !LIVE_KEYS.contains(&k.as_str()))
             .collect();
-        let live_changes = changed.iter().filter(|k| LIVE_KEYS.contains(&k.as_str())).count();
+        *self.pending.lock() = needs_restart.clone();
         if changed.is_empty() {
             metrics::CONFIG_RELOADS.with_label_values(&["unchanged"]).inc();
             tracing::info!(trigger = why, hash = %old.cfg.hash, "config reload: unchanged");
@@ -154,16 +179,45 @@ impl Reloader {
                 result: "unchanged",
                 hash: old.cfg.hash.clone(),
                 changed,
-                needs_restart: self.pending_restart(),
+                needs_restart,
                 error: None,
             };
         }
+        // the upstream's address is resolved before anything changes: a name that does not
+        // resolve refuses the reload (it would have made Pingora's peer panic)
+        let upstream = if new.upstream.address == old.cfg.upstream.address {
+            Ok(old.upstream)
+        } else {
+            let address = new.upstream.address.clone();
+            tokio::task::spawn_blocking(move || resolve_upstream(&address))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+        };
+        let upstream = match upstream {
+            Ok(a) => a,
+            Err(e) => {
+                metrics::CONFIG_RELOADS.with_label_values(&["invalid"]).inc();
+                let error = format!("{}: {e}", new.source);
+                tracing::error!(trigger = why, error = %error, "config reload refused: the running config stays");
+                return Reloaded {
+                    result: "invalid",
+                    hash: old.cfg.hash.clone(),
+                    changed: Vec::new(),
+                    needs_restart,
+                    error: Some(error),
+                };
+            }
+        };
+        // stored whatever changed: the file's view and hash (/config, /stats, the metric) are
+        // the new file's, the settings that need a restart keep their running values
         let merged = Arc::new(merge_live(&old.cfg, new));
-        if live_changes > 0 {
-            self.live.store(Arc::new(Live::new(merged.clone())));
+        self.live.store(Arc::new(Live::new(merged.clone(), upstream)));
+        if changed.iter().any(|k| k == "peers.urls" || k == "peers.token") {
+            if let Some(cluster) = self.cluster.get() {
+                cluster.reconfigure_peers(&merged.peers);
+            }
         }
         metrics::set_config_hash(Some(&old.cfg.hash), &merged.hash);
-        *self.pending.lock() = needs_restart.clone();
         metrics::CONFIG_RELOADS.with_label_values(&["ok"]).inc();
         tracing::info!(trigger = why, hash = %merged.hash, changed = ?changed, "config reloaded");
         if !needs_restart.is_empty() {
@@ -206,6 +260,9 @@ fn merge_live(old: &Config, new: Config) -> Config {
     purge.default_host = new.purge.default_host;
     purge.strip_tag_headers = new.purge.strip_tag_headers;
     merged.server.trusted_proxies = new.server.trusted_proxies;
+    merged.server.admin_hosts = new.server.admin_hosts;
+    merged.peers.peers = new.peers.peers;
+    merged.peers.token = new.peers.token;
     merged.log.access_log = new.log.access_log;
     merged.effective = new.effective;
     merged.hash = new.hash;
@@ -288,6 +345,20 @@ mod tests {
         assert!(
             text.contains("amqp://user:<redacted>@127.0.0.1:5672/%2f"),
             "{text}"
+        );
+        let hooks = Config::from_str(
+            "[generation]\nurl = \"/gen?key=k3y\"\nwebhooks = [\"https://u:p4ss@127.0.0.1/x?token=t0k\"]\n",
+            "h",
+        )
+        .unwrap()
+        .redacted()
+        .to_string();
+        for secret in ["k3y", "p4ss", "t0k"] {
+            assert!(!hooks.contains(secret), "{secret} in {hooks}");
+        }
+        assert!(
+            hooks.contains("https://u:<redacted>@127.0.0.1/x?<redacted>"),
+            "{hooks}"
         );
         let plain = Config::embedded_default().redacted();
         assert_eq!(plain["purge"]["token"], "");

@@ -20,6 +20,7 @@ struct Opt {
 }
 
 fn main() -> ExitCode {
+    hold_sighup();
     let opt = Opt::parse();
     let read = match &opt.config {
         Some(path) => Config::read(path),
@@ -61,6 +62,19 @@ fn main() -> ExitCode {
             eprintln!("corral: cannot start: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Install a handler for SIGHUP at once: its default action ends the process, and the
+/// reload service ([`corral::live::OnSighup`]) only listens once the server runs. A SIGHUP
+/// before that (a reload sent right after a restart) is then ignored instead of fatal. The
+/// handler stays for the life of the process (tokio never removes it).
+fn hold_sighup() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build();
+    if let Ok(rt) = rt {
+        rt.block_on(async {
+            let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        });
     }
 }
 

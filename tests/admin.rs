@@ -1146,3 +1146,169 @@ async fn a_live_scrape_passes_promtool() {
     );
     assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}");
 }
+
+/// A SIGHUP that arrives before the reload service listens (right after a start) does not
+/// end the process: its default action would.
+#[tokio::test]
+async fn a_sighup_right_after_the_start_is_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin = \"127.0.0.1:{admin}\"\n"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(corral_bin())
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hup = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let url = format!("http://127.0.0.1:{admin}/healthz");
+    eventually(Duration::from_secs(10), "corral up after the SIGHUP", || async {
+        client().get(&url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "corral ended");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// An upstream address that does not resolve refuses the reload (Pingora's peer would panic on
+/// it), by POST and by SIGHUP alike; the old config keeps serving, and a later reload works.
+#[tokio::test]
+async fn a_reload_to_an_upstream_that_does_not_resolve_is_refused() {
+    let origin = Origin::start().await;
+    origin.route("/u", |_| cacheable("u".into()));
+    let proxy = Proxy::start(origin.addr, Conf::default().cache("grace = \"3s\"")).await;
+    let before = admin_json(&proxy, "/config").await["hash"].clone();
+    let address = format!("address = \"{}\"", origin.addr);
+    rewrite(&proxy, &address, "address = \"nope.invalid:80\"");
+    let r = reload(&proxy).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("upstream.address"), "{}", r.body);
+    for _ in 0..2 {
+        let sent = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(proxy.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    let m = proxy.metrics().await;
+    eventually(Duration::from_secs(10), "the SIGHUP reloads refused", || async {
+        metric(
+            &proxy.metrics().await,
+            "corral_config_reloads_total{result=\"invalid\"}",
+        ) >= 3.0
+    })
+    .await;
+    assert!(m.contains("corral_config_reloads_total"), "{m}");
+    assert_eq!(admin_json(&proxy, "/config").await["hash"], before);
+    assert_eq!(get(&proxy.url("/u")).await.body, "u");
+    // the SIGHUP listener is still there
+    rewrite(&proxy, "address = \"nope.invalid:80\"", &address);
+    rewrite(&proxy, "grace = \"3s\"", "grace = \"6s\"");
+    let sent = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(proxy.pid().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let url = admin_url(&proxy, "/config");
+    eventually(Duration::from_secs(10), "a later SIGHUP reload", || async {
+        try_json(url.clone())
+            .await
+            .is_some_and(|c| c["cache"]["grace"] == "6s")
+    })
+    .await;
+}
+
+/// A reload that changes only settings that need a restart still shows the file it read
+/// (`/config`, `/stats` and `corral_config_info` agree, one series), and putting the old file
+/// back clears `needs_restart`.
+#[tokio::test]
+async fn a_restart_only_change_is_shown_consistently_and_undone_by_the_old_file() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(origin.addr, Conf::default()).await;
+    let hashes = |m: &str| -> Vec<String> {
+        m.lines()
+            .filter(|l| l.starts_with("corral_config_info{") && l.ends_with(" 1"))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    for threads in ["3", "4"] {
+        let from = if threads == "3" {
+            "threads = 2"
+        } else {
+            "threads = 3"
+        };
+        rewrite(&proxy, from, &format!("threads = {threads}"));
+        let v = parse(&reload(&proxy).await);
+        assert_eq!(v["result"].as_str(), Some("ok"), "{v}");
+        assert_eq!(
+            strings(&v["needs_restart"]),
+            vec!["server.threads".to_string()],
+            "{v}"
+        );
+        let hash = v["hash"].as_str().unwrap().to_string();
+        assert_eq!(
+            admin_json(&proxy, "/config").await["hash"].as_str(),
+            Some(hash.as_str())
+        );
+        assert_eq!(
+            admin_json(&proxy, "/stats").await["config_hash"].as_str(),
+            Some(hash.as_str())
+        );
+        let m = proxy.metrics().await;
+        assert_eq!(
+            hashes(&m),
+            vec![format!("corral_config_info{{hash=\"{hash}\"}} 1")],
+            "{m}"
+        );
+    }
+    rewrite(&proxy, "threads = 4", "threads = 2");
+    let v = parse(&reload(&proxy).await);
+    assert_eq!(v["result"].as_str(), Some("ok"), "{v}");
+    assert!(strings(&v["needs_restart"]).is_empty(), "{v}");
+    assert!(strings(&admin_json(&proxy, "/config").await["needs_restart"]).is_empty());
+}
+
+/// The admin listener answers only under an address, `localhost` or a name in
+/// `server.admin_hosts` (a page that rebinds its own name to 127.0.0.1 is refused), and a
+/// request a browser marks with a foreign `Origin` is refused (no cross-site POST /reload).
+#[tokio::test]
+async fn the_admin_listener_refuses_foreign_hosts_and_origins() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        origin.addr,
+        Conf::default().server("admin_hosts = [\"corral-admin.internal\"]"),
+    )
+    .await;
+    let port = proxy.admin.port();
+    for (host, status) in [
+        (format!("evil.example:{port}"), 403),
+        ("evil.example".to_string(), 403),
+        (format!("corral-admin.internal:{port}"), 200),
+        (format!("localhost:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+    ] {
+        let got = admin_get(&proxy, "/config", &[("host", host.as_str())]).await;
+        assert_eq!(got.status, status, "Host {host}: {}", got.body);
+    }
+    let own = format!("http://127.0.0.1:{port}");
+    for (from, status) in [("http://evil.example", 403), (own.as_str(), 200)] {
+        let got = admin_post(&proxy, "/reload", "", &[("origin", from)]).await;
+        assert_eq!(got.status, status, "Origin {from}: {}", got.body);
+    }
+    let refused = admin_post(&proxy, "/purge/all", "", &[("origin", "http://evil.example")]).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+}

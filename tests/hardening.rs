@@ -993,5 +993,11 @@ async fn early_hints_reach_the_client_every_time_and_are_never_stored() {
                 "{cache_control}: {got}"
             );
         }
+        // never to an HTTP/1.0 client (RFC 9110 §15.2)
+        let old = raw(&proxy, b"GET /h10 HTTP/1.0\r\nHost: a.test\r\n\r\n").await;
+        assert!(
+            old.starts_with("HTTP/1.1 200 OK\r\n") && old.ends_with("ok"),
+            "{old}"
+        );
     }
 }

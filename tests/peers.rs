@@ -904,3 +904,68 @@ async fn a_restarted_sender_without_memcached_makes_its_peers_drop_what_it_may_h
     assert_eq!(purge(&f.a, "PURGE", "/r1?wait=peers", &[]).await.status, 200);
     assert_eq!(counter(&f.b, drops).await, 1.0);
 }
+
+/// `[peers] urls` and `token` change on a config reload, without a restart: a corral that had
+/// no peers is given one (its purges reach it from then on, with `?wait=peers` saying so), a
+/// removed peer gets nothing more, and the cache of both stays.
+#[tokio::test]
+async fn a_reload_adds_and_removes_peers() {
+    let _serial = SERIAL.lock().await;
+    let origin = Origin::start().await;
+    for p in ["/r1", "/r2", "/kept"] {
+        versioned(&origin, p, &[]);
+    }
+    let (a_addr, b_addr) = (loopback(), loopback());
+    // B accepts peer messages (its token); A starts alone
+    let b = Proxy::start_on(
+        b_addr,
+        origin.addr,
+        with_peers(Conf::default(), &[url_of(a_addr)], &[]),
+    )
+    .await;
+    let a = Proxy::start_on(a_addr, origin.addr, Conf::default()).await;
+    warm(&[&a, &b], &["/r1", "/r2", "/kept"]).await;
+    assert!(purge(&a, "PURGE", "/kept?wait=peers", &[])
+        .await
+        .body
+        .contains("\"purged\":1"));
+    assert!(fresh_hit(&get(&b, "/kept").await.cache), "A has no peers yet");
+
+    // A is given B
+    let path = a.config_path().to_path_buf();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with_b = format!(
+        "{text}\n[peers]\nurls = [\"{}\"]\ntoken = \"{TOKEN}\"\n",
+        url_of(b_addr)
+    );
+    std::fs::write(&path, &with_b).unwrap();
+    let r = admin_post(&a, "/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("peers.urls") && r.body.contains("\"needs_restart\":[]"),
+        "{}",
+        r.body
+    );
+    let got = purge(&a, "PURGE", "/r1?wait=peers", &[]).await;
+    assert!(
+        got.body
+            .contains(&format!("\"{}\":\"delivered\"", url_of(b_addr))),
+        "{}",
+        got.body
+    );
+    assert_miss(&b, "/r1", "a purge through the peer added by the reload").await;
+    assert!(fresh_hit(&get(&a, "/r2").await.cache), "A's cache stayed");
+
+    // and B is taken away again
+    std::fs::write(&path, &text).unwrap();
+    let r = admin_post(&a, "/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got = purge(&a, "PURGE", "/r2?wait=peers", &[]).await;
+    assert!(!got.body.contains(&url_of(b_addr)), "{}", got.body);
+    assert!(
+        fresh_hit(&get(&b, "/r2").await.cache),
+        "a removed peer is not sent to"
+    );
+    let status = get_with(&format!("http://{}/peers", a.admin), &[]).await;
+    assert!(!status.body.contains(&url_of(b_addr)), "{}", status.body);
+}

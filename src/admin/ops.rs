@@ -224,20 +224,37 @@ impl Admin {
         let Some(l2) = &self.parts.storage.l2 else {
             return ok_json(&serde_json::json!({ "configured": false, "servers": [], "corral": corral }));
         };
+        // one at a time, and a second's answer reused: each asks every server on a thread of
+        // its own (the memcache crate's client blocks), and pages poll it
+        let mut last = self.memcached_stats.lock().await;
+        if let Some((at, body)) = &*last {
+            if at.elapsed() < READY_CACHE {
+                return reply(StatusCode::OK, "application/json", body.clone());
+            }
+        }
         let per_server = metrics::counts(&metrics::L2_SERVER_REQUESTS, &[0, 1]);
         let per_server = &per_server;
         let asks = l2.server_states().into_iter().map(|(server, up)| async move {
             let addr = server.clone();
-            let got = tokio::time::timeout(
-                STATS_TIMEOUT * 2,
-                tokio::task::spawn_blocking(move || server_stats(&addr)),
-            )
-            .await;
+            // the crate's connect has no timeout: a server that drops packets would hold a
+            // thread for minutes, so a connection is tried here first, bounded
+            let reachable =
+                tokio::time::timeout(STATS_TIMEOUT, tokio::net::TcpStream::connect(server.as_str())).await;
+            let got = match reachable {
+                Ok(Ok(_)) => tokio::time::timeout(
+                    STATS_TIMEOUT * 2,
+                    tokio::task::spawn_blocking(move || server_stats(&addr)),
+                )
+                .await
+                .map_err(|_| "no answer in time".to_string())
+                .and_then(|joined| joined.map_err(|e| e.to_string()))
+                .and_then(|r| r),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no connection within {STATS_TIMEOUT:?}")),
+            };
             let (stats, error) = match got {
-                Ok(Ok(Ok(stats))) => (Some(stats), None),
-                Ok(Ok(Err(e))) => (None, Some(e)),
-                Ok(Err(e)) => (None, Some(e.to_string())),
-                Err(_) => (None, Some("no answer in time".to_string())),
+                Ok(stats) => (Some(stats), None),
+                Err(e) => (None, Some(e)),
             };
             // corral's own counts for this server, by result
             let prefix = format!("{server}:");
@@ -255,7 +272,10 @@ impl Admin {
             }
         });
         let servers = futures::future::join_all(asks).await;
-        ok_json(&serde_json::json!({ "configured": true, "servers": servers, "corral": corral }))
+        let body =
+            json::body(&serde_json::json!({ "configured": true, "servers": servers, "corral": corral }));
+        *last = Some((Instant::now(), body.clone()));
+        reply(StatusCode::OK, "application/json", body)
     }
 
     /// `GET /config`: the effective config (every default filled in), secrets redacted.

@@ -49,6 +49,7 @@ pub(super) struct ServerFile {
     keepalive_timeout: Duration,
     max_connections: usize,
     trusted_proxies: Vec<String>,
+    admin_hosts: Vec<String>,
 }
 
 impl Default for ServerFile {
@@ -61,6 +62,7 @@ impl Default for ServerFile {
             keepalive_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            admin_hosts: Vec::new(),
         }
     }
 }
@@ -454,7 +456,7 @@ impl FileConfig {
         let upstream = self.upstream.validate(source)?;
         Ok(Config {
             source: source.to_string(),
-            effective: std::sync::Arc::new(effective),
+            effective: super::FileView(std::sync::Arc::new(effective)),
             hash: String::new(),
             peers: self.peers.validate(source, server.listen)?,
             generation: self.generation.validate(source)?,
@@ -507,10 +509,22 @@ impl ServerFile {
             return err("server.max_connections", "must be greater than 0".into());
         }
         let trusted_proxies = cidrs(source, "server.trusted_proxies", &self.trusted_proxies)?;
+        let mut admin_hosts = Vec::new();
+        for (i, h) in self.admin_hosts.iter().enumerate() {
+            let name = h.trim().to_ascii_lowercase();
+            if name.is_empty() || name.contains(['/', ' ', ':', '*']) {
+                return err(
+                    &format!("server.admin_hosts[{i}]"),
+                    format!("{h:?} is not a host name (no port, no scheme)"),
+                );
+            }
+            admin_hosts.push(name);
+        }
         Ok(ServerConfig {
             listen,
             admin,
             trusted_proxies,
+            admin_hosts,
             threads: self.threads,
             limits: crate::conn::Limits {
                 header_timeout: self.header_timeout,

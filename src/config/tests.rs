@@ -342,3 +342,17 @@ fn host_map_keys_are_normalised_and_duplicates_refused() {
     assert!(e.key.starts_with("purge.host_map."), "{e}");
     assert!(e.reason.contains("same host"), "{e}");
 }
+
+#[test]
+fn url_secrets_are_redacted_whatever_the_password_holds() {
+    assert_eq!(
+        super::redact_url("amqp://u:p/w@h:5672/%2f", false),
+        "amqp://u:<redacted>@h:5672/%2f"
+    );
+    assert_eq!(
+        super::redact_url("http://h/x?token=t", true),
+        "http://h/x?<redacted>"
+    );
+    assert_eq!(super::redact_url("http://h/x", true), "http://h/x");
+    assert_eq!(super::redact_url("/path?k=v", true), "/path?<redacted>");
+}

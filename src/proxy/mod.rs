@@ -157,14 +157,17 @@ impl Ctx {
 /// `Expect` and upgrade handling. Interim responses are never stored.
 async fn forward_interim(session: &mut Session, interim: &ResponseHeader) -> Result<()> {
     let code = interim.status.as_u16();
+    let http10 = session.req_header().version == http::Version::HTTP_10;
     if code == 100 || code == 101 || session.as_downstream().is_http2() {
         return Ok(());
     }
     let downstream = session.as_downstream_mut();
-    downstream.set_ignore_info_resp(false);
-    downstream
-        .write_response_header(Box::new(interim.clone()))
-        .await?;
+    if !http10 {
+        // RFC 9110 §15.2: never to an HTTP/1.0 client. A client that is gone fails its own
+        // write later; the fetch (and a cache fill) goes on, as Pingora lets it
+        downstream.set_ignore_info_resp(false);
+        let _ = downstream.write_response_header(Box::new(interim.clone())).await;
+    }
     downstream.set_ignore_info_resp(true);
     Ok(())
 }
@@ -605,7 +608,7 @@ impl ProxyHttp for Corral {
             policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now())
         };
         ctx.storing = decision.is_cacheable();
-        if ctx.storing && self.sites.len() < MAX_SITES && !self.sites.contains(&ctx.host) {
+        if ctx.storing && !self.sites.contains(&ctx.host) && self.sites.len() < MAX_SITES {
             self.sites.insert(ctx.host.clone());
         }
         if !ctx.storing {

@@ -89,8 +89,11 @@ impl Corral {
             return respond_json(session, StatusCode::SERVICE_UNAVAILABLE, body).await;
         }
         self.parts.acknowledged().await;
+        // a single corral only: in a fleet the site may be cached in memcached or at a peer
+        // that this corral, which only passes the purge on, never served
+        let alone = self.parts.storage.l2.is_none() && self.cluster.alone();
         let unknown_site = match &purge.target {
-            purge::Target::Url { host, .. } => purged == 0 && !self.sites.contains(host.as_str()),
+            purge::Target::Url { host, .. } => alone && purged == 0 && !self.sites.contains(host.as_str()),
             _ => false,
         };
         if unknown_site {

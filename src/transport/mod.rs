@@ -439,6 +439,9 @@ pub struct Cluster {
     pub parts: &'static CacheParts,
     pub inbox: &'static Inbox,
     transports: Vec<&'static dyn Transport>,
+    /// The HTTP peers transport (one of `transports`, with or without peers: a config reload
+    /// may add some).
+    peers: &'static peers::Peers,
     /// This origin's last sequence number, and the lock that keeps publication in its order.
     seq: parking_lot::Mutex<u64>,
     /// The longest `?wait=peers` waits.
@@ -469,10 +472,9 @@ impl Cluster {
         let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(parts, cfg.purge.clock_skew)));
         let mut transports: Vec<&'static dyn Transport> = Vec::new();
         let node = format!("{}:{}", host_name(), cfg.server.listen.port());
-        if cfg.peers.token.is_some() && cfg.peers.peers.iter().any(|p| !p.is_self) {
-            let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers, node.clone())));
-            transports.push(p);
-        }
+        // always there, so that a reload can add peers; without any it publishes nothing
+        let p: &'static peers::Peers = Box::leak(Box::new(peers::Peers::new(&cfg.peers, node.clone())));
+        transports.push(p);
         if let Some(bus) = &cfg.bus {
             let namespace = cfg.memcached.as_ref().map_or("corral", |m| m.namespace.as_str());
             let b: &'static bus::Bus = Box::leak(Box::new(bus::Bus::new(bus, namespace, &node)));
@@ -482,6 +484,7 @@ impl Cluster {
             parts,
             inbox,
             transports,
+            peers: p,
             seq: parking_lot::Mutex::new(0),
             wait_limit: cfg.peers.timeout,
             confirm_limit: cfg.bus.as_ref().map_or(Duration::ZERO, |b| b.confirm_timeout),
@@ -539,8 +542,14 @@ impl Cluster {
         );
     }
 
+    /// A config reload changed `[peers] urls` or `token` ([`peers::Peers::reconfigure`]).
+    pub fn reconfigure_peers(&'static self, cfg: &crate::config::PeersConfig) {
+        self.peers.reconfigure(cfg);
+    }
+
     fn publish(&self, body: Body, at: SystemTime) -> Vec<Receipt> {
-        if self.transports.is_empty() {
+        if self.alone() {
+            // nobody to tell (yet)
             return Vec::new();
         }
         // numbered and queued under one lock: every destination gets them in order
@@ -583,6 +592,11 @@ impl Cluster {
     /// Whether any transport is configured.
     pub fn has_transports(&self) -> bool {
         !self.transports.is_empty()
+    }
+
+    /// No peer and no bus: purges stay in this corral.
+    pub fn alone(&self) -> bool {
+        self.transports.len() == 1 && self.peers.is_empty()
     }
 
     /// `GET /bus`: the message bus's state; `None` without `[bus]`.

@@ -38,9 +38,13 @@ pub const MAX_ENVELOPE_BYTES: usize = 8 << 20;
 
 /// Every peer of this corral.
 pub struct Peers {
-    peers: Vec<Arc<Peer>>,
+    /// The peers now: replaced whole by [`Peers::reconfigure`] (a config reload).
+    peers: arc_swap::ArcSwap<Vec<Arc<Peer>>>,
     connector: Connector,
-    token: String,
+    token: arc_swap::ArcSwap<String>,
+    /// The runtime the delivery tasks run on (the background service's), for peers added
+    /// by a reload.
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
     timeout: Duration,
     retry_delay: Duration,
     /// `peers.backlog`: the bound of a failed peer's queue (a healthy one's in-flight queue
@@ -60,6 +64,33 @@ struct Peer {
     wake: Notify,
     /// (last sequence number delivered, failed attempts so far): what receipts wait on.
     progress: watch::Sender<(u64, u64)>,
+    /// Taken out of `[peers] urls` by a reload: its task ends, its backlog goes.
+    removed: std::sync::atomic::AtomicBool,
+}
+
+impl Peer {
+    fn new(url: &PeerUrl, backlog: usize) -> Arc<Peer> {
+        let labels = [url.url.as_str()];
+        metrics::PEER_UP.with_label_values(&labels).set(1);
+        metrics::PEER_BACKLOG.with_label_values(&labels).set(0);
+        Arc::new(Peer {
+            url: url.clone(),
+            state: parking_lot::Mutex::new(State {
+                backlog: Backlog::new(backlog),
+                is_self: false,
+                failed_since: None,
+                retry_at: None,
+                last_error: String::new(),
+                delivered: 0,
+                failures: 0,
+                dropped: 0,
+                last_latency: None,
+            }),
+            wake: Notify::new(),
+            progress: watch::channel((0, 0)).0,
+            removed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
 }
 
 struct State {
@@ -97,32 +128,13 @@ impl Peers {
             .peers
             .iter()
             .filter(|p| !p.is_self)
-            .map(|url| {
-                let labels = [url.url.as_str()];
-                metrics::PEER_UP.with_label_values(&labels).set(1);
-                metrics::PEER_BACKLOG.with_label_values(&labels).set(0);
-                Arc::new(Peer {
-                    url: url.clone(),
-                    state: parking_lot::Mutex::new(State {
-                        backlog: Backlog::new(cfg.backlog),
-                        is_self: false,
-                        failed_since: None,
-                        retry_at: None,
-                        last_error: String::new(),
-                        delivered: 0,
-                        failures: 0,
-                        dropped: 0,
-                        last_latency: None,
-                    }),
-                    wake: Notify::new(),
-                    progress: watch::channel((0, 0)).0,
-                })
-            })
+            .map(|url| Peer::new(url, cfg.backlog))
             .collect();
         Peers {
-            peers,
+            peers: arc_swap::ArcSwap::from_pointee(peers),
             connector: Connector::new(None),
-            token: cfg.token.clone().unwrap_or_default(),
+            token: arc_swap::ArcSwap::from_pointee(cfg.token.clone().unwrap_or_default()),
+            runtime: std::sync::OnceLock::new(),
             timeout: cfg.timeout,
             retry_delay: cfg.retry_delay,
             backlog: cfg.backlog,
@@ -130,7 +142,45 @@ impl Peers {
         }
     }
 
-    /// Deliver to `peer` forever: wait for work, respect the back-off, send, record.
+    /// No peer is listed.
+    pub fn is_empty(&self) -> bool {
+        self.peers.load().is_empty()
+    }
+
+    /// A config reload changed `[peers] urls` or `token`: peers still listed keep their
+    /// state and backlog, new ones start (empty: they get what is accepted from now on; the
+    /// receiver sees this corral as a new origin), removed ones stop and lose their backlog.
+    pub fn reconfigure(&'static self, cfg: &PeersConfig) {
+        self.token.store(Arc::new(cfg.token.clone().unwrap_or_default()));
+        let old = self.peers.load_full();
+        let mut next = Vec::new();
+        for url in cfg.peers.iter().filter(|p| !p.is_self) {
+            match old.iter().find(|p| p.url.url == url.url) {
+                Some(kept) => next.push(kept.clone()),
+                None => {
+                    let peer = Peer::new(url, self.backlog);
+                    info!(peer = %url.url, "peer added by a config reload");
+                    if let Some(rt) = self.runtime.get() {
+                        rt.spawn(self.run(peer.clone()));
+                    }
+                    next.push(peer);
+                }
+            }
+        }
+        for gone in old.iter().filter(|p| !next.iter().any(|n| Arc::ptr_eq(n, p))) {
+            gone.removed.store(true, std::sync::atomic::Ordering::Release);
+            gone.wake.notify_one();
+            let labels = [gone.url.url.as_str()];
+            for gauge in [&metrics::PEER_UP, &metrics::PEER_BACKLOG] {
+                let _ = gauge.remove_label_values(&labels);
+            }
+            info!(peer = %gone.url.url, backlog = gone.state.lock().backlog.len(), "peer removed by a config reload: its backlog is dropped");
+        }
+        self.peers.store(Arc::new(next));
+    }
+
+    /// Deliver to `peer` until it is removed: wait for work, respect the back-off, send,
+    /// record.
     async fn run(&'static self, peer: Arc<Peer>) {
         let labels = [peer.url.url.as_str()];
         loop {
@@ -138,7 +188,8 @@ impl Peers {
                 let woken = peer.wake.notified();
                 let wait_until = {
                     let st = peer.state.lock();
-                    if st.is_self {
+                    if st.is_self || peer.removed.load(std::sync::atomic::Ordering::Acquire) {
+                        peer.progress.send_modify(|p| p.1 += 1);
                         return;
                     }
                     match st.retry_at {
@@ -230,7 +281,10 @@ impl Peers {
             host: &peer.url.host,
         };
         let headers = [
-            (http::header::AUTHORIZATION, format!("Bearer {}", self.token)),
+            (
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token.load()),
+            ),
             (http::header::CONTENT_TYPE, "application/json".to_string()),
         ];
         let answer =
@@ -298,8 +352,9 @@ impl Transport for Peers {
 
     fn publish(&self, msg: Arc<Message>) -> Vec<Receipt> {
         let seq = msg.seq;
-        let mut receipts = Vec::with_capacity(self.peers.len());
-        for peer in &self.peers {
+        let peers = self.peers.load();
+        let mut receipts = Vec::with_capacity(peers.len());
+        for peer in peers.iter() {
             {
                 let mut st = peer.state.lock();
                 if st.is_self {
@@ -328,7 +383,8 @@ impl Transport for Peers {
 
     fn start(&'static self, _inbox: &'static Inbox) {
         // peers push to this corral's listener (`POST /_corral/peers`): nothing to pull
-        for peer in &self.peers {
+        let _ = self.runtime.set(tokio::runtime::Handle::current());
+        for peer in self.peers.load().iter() {
             tokio::spawn(self.run(peer.clone()));
         }
     }
@@ -337,6 +393,7 @@ impl Transport for Peers {
         let now = Instant::now();
         let peers: Vec<serde_json::Value> = self
             .peers
+            .load()
             .iter()
             .map(|peer| {
                 let st = peer.state.lock();
