@@ -1148,7 +1148,10 @@ async fn a_live_scrape_passes_promtool() {
 }
 
 /// A SIGHUP that arrives before the reload service listens (right after a start) does not
-/// end the process: its default action would.
+/// end the process: its default action would. `main` installs the handler first thing; the
+/// signal is sent as soon as the process shows a SIGHUP handler (`SigCgt` in
+/// /proc/PID/status), which is normally long before the server runs. (Sent right after the
+/// spawn, it could land before `main` starts at all: no process can catch that.)
 #[tokio::test]
 async fn a_sighup_right_after_the_start_is_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
@@ -1166,6 +1169,22 @@ async fn a_sighup_right_after_the_start_is_not_fatal() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let catches_hup = || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            })
+            .is_some_and(|mask| mask & 1 == 1)
+    };
+    let started = std::time::Instant::now();
+    while !catches_hup() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no SIGHUP handler");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let hup = std::process::Command::new("kill")
         .arg("-HUP")
         .arg(child.id().to_string())
