@@ -18,6 +18,9 @@
 #   SYSTEMS="corral nginx varnish"; EVICTION=lru|tinyufo sets corral's cache.eviction (unset:
 #   corral's default, and the key is not written); SEED=16; JSON_OUT=file appends one JSON
 #   line per run (the load generator's figures and the memory ones)
+#   NGINX_MANAGER_FILES=100 NGINX_MANAGER_SLEEP=50ms NGINX_MANAGER_THRESHOLD=200ms: nginx's
+#   cache manager (its defaults); it evicts in the background and falls far behind max_size
+#   under this load (README, Benchmarks)
 #   SYSTEM_CPUS=0 CLIENT_CPUS=1: the system under test is pinned to SYSTEM_CPUS, the origin and
 #   the load generator to CLIENT_CPUS (no pinning on a machine with one CPU)
 #   VARNISH_PARAMS="-p nuke_limit=100000": Varnish's default nuke_limit (50 objects evicted to
@@ -194,7 +197,7 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  proxy_cache_path $shm/nginx-cache levels=1:2 keys_zone=c:${zone_mib}m max_size=$mem_bytes use_temp_path=off;
+  proxy_cache_path $shm/nginx-cache levels=1:2 keys_zone=c:${zone_mib}m max_size=$mem_bytes use_temp_path=off manager_files=${NGINX_MANAGER_FILES:-100} manager_sleep=${NGINX_MANAGER_SLEEP:-50ms} manager_threshold=${NGINX_MANAGER_THRESHOLD:-200ms};
   upstream origin {
     server 127.0.0.1:$origin_port;
     keepalive 64;
