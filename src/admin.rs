@@ -276,12 +276,7 @@ impl Admin {
 
     async fn purge(&self, session: &mut ServerSession, path: &str) -> Response<Vec<u8>> {
         let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let auth = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if !self.live.load().cfg.purge.access.permits(ip, auth) {
+        if !self.permitted(session) {
             metrics::PURGES.with_label_values(&["-", "refused"]).inc();
             tracing::warn!(source = ?ip, path, "admin purge refused: source or token not allowed");
             return reply(

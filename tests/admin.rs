@@ -902,6 +902,16 @@ async fn a_changed_listen_address_needs_a_restart_and_the_old_one_keeps_serving(
     );
 }
 
+/// Send SIGHUP to `pid`.
+fn sighup(pid: u32) {
+    let sent = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -HUP {pid}");
+}
+
 /// An admin JSON answer, or None while it cannot be had (for `eventually`).
 async fn try_json(url: String) -> Option<Value> {
     let resp = client().get(url).send().await.ok()?;
@@ -916,12 +926,7 @@ async fn sighup_reloads_like_post_reload() {
     let proxy = Proxy::start(origin.addr, Conf::default().cache("grace = \"3s\"")).await;
     let before = admin_json(&proxy, "/config").await;
     rewrite(&proxy, "grace = \"3s\"", "grace = \"7s\"");
-    let sent = std::process::Command::new("kill")
-        .arg("-HUP")
-        .arg(proxy.pid().to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    sighup(proxy.pid());
     let url = admin_url(&proxy, "/config");
     eventually(Duration::from_secs(10), "the SIGHUP reload", || async {
         try_json(url.clone())
@@ -1185,12 +1190,7 @@ async fn a_sighup_right_after_the_start_is_not_fatal() {
         assert!(started.elapsed() < Duration::from_secs(10), "no SIGHUP handler");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let hup = std::process::Command::new("kill")
-        .arg("-HUP")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    sighup(child.id());
     let url = format!("http://127.0.0.1:{admin}/healthz");
     eventually(Duration::from_secs(10), "corral up after the SIGHUP", || async {
         client().get(&url).send().await.is_ok_and(|r| r.status() == 200)
@@ -1215,12 +1215,7 @@ async fn a_reload_to_an_upstream_that_does_not_resolve_is_refused() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("upstream.address"), "{}", r.body);
     for _ in 0..2 {
-        let sent = std::process::Command::new("kill")
-            .arg("-HUP")
-            .arg(proxy.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        sighup(proxy.pid());
     }
     let m = proxy.metrics().await;
     eventually(Duration::from_secs(10), "the SIGHUP reloads refused", || async {
@@ -1236,12 +1231,7 @@ async fn a_reload_to_an_upstream_that_does_not_resolve_is_refused() {
     // the SIGHUP listener is still there
     rewrite(&proxy, "address = \"nope.invalid:80\"", &address);
     rewrite(&proxy, "grace = \"3s\"", "grace = \"6s\"");
-    let sent = std::process::Command::new("kill")
-        .arg("-HUP")
-        .arg(proxy.pid().to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    sighup(proxy.pid());
     let url = admin_url(&proxy, "/config");
     eventually(Duration::from_secs(10), "a later SIGHUP reload", || async {
         try_json(url.clone())
