@@ -15,6 +15,7 @@
 #   SCAN="0 1"        0: no scan, 1: a crawler asks for every object once over the middle third
 #   MEM=64MiB         the memory budget of each system (KiB/MiB/GiB, k/m/g, or bytes)
 #   CONNECTIONS=32    keep-alive connections of the load generator
+#   CORRAL_ENV="NAME=value ..." runs corral with these in its environment (allocator tunables)
 #   SYSTEMS="corral nginx varnish"; EVICTION=lru|tinyufo sets corral's cache.eviction (unset:
 #   corral's default, and the key is not written); SEED=16; JSON_OUT=file appends one JSON
 #   line per run (the load generator's figures and the memory ones)
@@ -176,7 +177,7 @@ level = "warn"
 access_log = false
 TOML
       sys_log=$dir/corral.log
-      "${pin_sys[@]}" target/release/corral -c "$dir/corral.toml" >"$sys_log" 2>&1 &
+      env ${CORRAL_ENV:-} "${pin_sys[@]}" target/release/corral -c "$dir/corral.toml" >"$sys_log" 2>&1 &
       ;;
     nginx)
       if ! command -v nginx >/dev/null; then

@@ -4,7 +4,7 @@
 //! listener.
 
 use http::header;
-use pingora_cache::eviction::{lru, EvictionManager};
+use pingora_cache::eviction::EvictionManager;
 use pingora_cache::key::CacheHashKey;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::predictor::Predictor;
@@ -16,11 +16,12 @@ use crate::config::Config;
 use crate::key;
 use crate::metrics;
 use crate::purge::{self, Purge, Target, Validity};
+use crate::storage::eviction::Eviction;
 use crate::storage::memcached::L2;
 use crate::storage::memory::MemoryStorage;
 use crate::storage::Tiered;
 
-/// Shards of the eviction LRU and of the predictor.
+/// Shards of the LRU (`cache.eviction = "lru"`) and of the predictor.
 pub const SHARDS: usize = 16;
 
 /// The cache machinery shared by every request, built once per process (Pingora wants
@@ -29,7 +30,7 @@ pub struct CacheParts {
     pub storage: &'static Tiered,
     /// Bans and tag purges, checked on every hit.
     pub validity: &'static Validity,
-    pub eviction: &'static lru::Manager<SHARDS>,
+    pub eviction: &'static Eviction,
     pub lock: &'static CacheKeyLockImpl,
     pub predictor: &'static Predictor<SHARDS>,
     /// With `purge.acknowledge = "cluster"` and memcached: how long an accepted purge waits
@@ -41,11 +42,12 @@ impl CacheParts {
     /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
     pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
         let l1: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
-        // capacity hint: entries of ~8 KiB on average, per shard
-        let per_shard = (cfg.cache.memory_bytes / 8192 / SHARDS).clamp(64, 1 << 16);
-        let eviction: &'static lru::Manager<SHARDS> = Box::leak(Box::new(
-            lru::Manager::<SHARDS>::with_capacity(cfg.cache.memory_bytes, per_shard),
-        ));
+        // sized for entries of ~8 KiB on average
+        let eviction: &'static Eviction = Box::leak(Box::new(Eviction::new(
+            cfg.cache.eviction,
+            cfg.cache.memory_bytes,
+            8192,
+        )));
         let validity: &'static Validity =
             Box::leak(Box::new(Validity::default().with_skew(cfg.purge.clock_skew)));
         let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(

@@ -151,6 +151,8 @@ pub struct CacheConfig {
     /// Remove the targeted fields (corral's own, `CDN-Cache-Control`, `Surrogate-Control`)
     /// from client responses: they are meant for this cache.
     pub strip_targeted: bool,
+    /// What L1 keeps when it is full ([`crate::storage::eviction`]).
+    pub eviction: crate::storage::eviction::Policy,
 }
 
 #[derive(Debug, Clone)]

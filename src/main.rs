@@ -19,7 +19,35 @@ struct Opt {
     check: bool,
 }
 
+/// glibc's malloc, set for a cache whose bodies of every size come and go. By default glibc
+/// raises its mmap threshold each time it frees a large block, up to 32 MiB, so that bodies
+/// from 32 KiB to megabytes end up in its heaps, where evicting them leaves holes that stay
+/// resident. A fixed threshold of 32 KiB keeps them in their own mappings, returned to the
+/// system when evicted, and a 1 MiB trim threshold gives back the top of the heap sooner.
+/// Measured (tests/cache.rs, a heavy-tailed workload through a 16 MiB L1): RSS grew by 1.49x
+/// to 1.65x `memory_bytes` without this, 1.21x to 1.25x with it. glibc's own variables
+/// (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`) win when set.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    let set = |var: &str| std::env::var_os(var).is_some() || std::env::var_os("GLIBC_TUNABLES").is_some();
+    // SAFETY: mallopt takes two integers and only sets malloc's parameters; it is called
+    // first in main, before any other thread exists.
+    unsafe {
+        if !set("MALLOC_MMAP_THRESHOLD_") {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024);
+        }
+        if !set("MALLOC_TRIM_THRESHOLD_") {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     hold_sighup();
     let opt = Opt::parse();
     let read = match &opt.config {

@@ -124,6 +124,7 @@ pub(super) struct CacheFile {
     normalize_accept_encoding: bool,
     targeted_header: String,
     strip_targeted: bool,
+    eviction: crate::storage::eviction::Policy,
 }
 
 impl Default for CacheFile {
@@ -138,6 +139,7 @@ impl Default for CacheFile {
             stale_if_error: Duration::from_secs(300),
             lock_timeout: Duration::from_secs(5),
             hit_for_miss_keys: 16384,
+            eviction: crate::storage::eviction::Policy::Tinyufo,
             honor_client_no_cache: true,
             normalize_accept_encoding: true,
             targeted_header: String::new(),
@@ -645,6 +647,7 @@ impl CacheFile {
             hit_for_miss_keys: c.hit_for_miss_keys,
             honor_client_no_cache: c.honor_client_no_cache,
             normalize_accept_encoding: c.normalize_accept_encoding,
+            eviction: c.eviction,
         })
     }
 }

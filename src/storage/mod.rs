@@ -14,6 +14,7 @@
 //! (fill leases, refresh locks, the L2 read gate) is [`crate::lock`]. How purges recorded in
 //! memcached's log reach L1 is [`crate::purge::log`] and [`crate::purge::sweep`].
 
+pub mod eviction;
 pub mod memcached;
 pub mod memory;
 pub mod record;

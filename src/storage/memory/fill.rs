@@ -66,10 +66,13 @@ impl HandleMiss for MemoryMiss {
     }
 }
 
+/// The body as one buffer of exactly its length. Always a copy, one chunk too: a chunk is a
+/// slice of the connection's read buffer, and keeping it would keep the whole buffer (and
+/// whatever else was read into it) alive, unseen by `memory_bytes`.
 fn join(chunks: Vec<Bytes>, len: usize) -> Bytes {
     match chunks.len() {
         0 => Bytes::new(),
-        1 => chunks.into_iter().next().expect("one chunk"),
+        1 => Bytes::copy_from_slice(&chunks[0]),
         _ => {
             let mut buf = BytesMut::with_capacity(len);
             for c in chunks {

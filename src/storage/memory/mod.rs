@@ -17,8 +17,8 @@
 //!
 //! # Memory bound
 //! Each entry weighs its body + its headers + a fixed overhead ([`ENTRY_OVERHEAD`]); the weight
-//! is reported to Pingora's eviction manager (a sharded LRU with `memory_bytes` as its limit),
-//! which asks this storage to purge the least recently used entries when the total goes over.
+//! is reported to the eviction manager ([`crate::storage::eviction`], `memory_bytes` its limit),
+//! which asks this storage to purge the entries it chose when the total goes over.
 //! [`MemoryStorage::stats`] reports what is actually held.
 //!
 //! # Emptying in O(1)

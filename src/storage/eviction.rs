@@ -1,0 +1,415 @@
+//! What L1 keeps when it is full: `cache.eviction`.
+//!
+//! - `lru`: Pingora's sharded LRU (`pingora_cache::eviction::lru`). Every fill is admitted and
+//!   pushes out the least recently used entries. A crawler walking every URL once flushes it.
+//! - `tinyufo`: Pingora's TinyUFO (the `TinyUFO` crate): S3-FIFO eviction (a new entry waits in
+//!   a small FIFO, a tenth of the budget, and moves to the main FIFO only if it is hit again
+//!   there) with TinyLFU admission (a new entry that would push out one entry is admitted only
+//!   if it was filled at least as often as that one, by a frequency sketch). A scan's entries
+//!   pass through the small FIFO and leave without touching the main one.
+//!
+//! Both are behind Pingora's [`EvictionManager`], so the storage, the hit path and purges use
+//! one type. A refused admission is an eviction of the new entry itself: the caller removes it
+//! from L1 as it removes any evicted entry (the request that filled it was answered already).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora_cache::eviction::{lru, CacheEntryKey, CacheEntryKeyRef, EvictionManager};
+use pingora_error::Result;
+use tinyufo::TinyUfo;
+
+use crate::cache::SHARDS;
+
+/// `cache.eviction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Lru,
+    Tinyufo,
+}
+
+/// L1's eviction manager, as `cache.eviction` chose it. Built once per process and leaked:
+/// the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Eviction {
+    Lru(lru::Manager<SHARDS>),
+    TinyUfo(Ufo),
+}
+
+impl Eviction {
+    /// A manager that keeps at most `limit` bytes; `typical` is the expected size of an entry
+    /// (it sizes the tables and the frequency sketch).
+    pub fn new(policy: Policy, limit: usize, typical: usize) -> Self {
+        let items = (limit / typical.max(1)).max(64);
+        match policy {
+            Policy::Lru => Eviction::Lru(lru::Manager::with_capacity(
+                limit,
+                (items / SHARDS).clamp(64, 1 << 16),
+            )),
+            Policy::Tinyufo => Eviction::TinyUfo(Ufo::new(limit, items)),
+        }
+    }
+
+    fn inner(&self) -> &dyn EvictionManager {
+        match self {
+            Eviction::Lru(m) => m,
+            Eviction::TinyUfo(m) => m,
+        }
+    }
+}
+
+#[async_trait]
+impl EvictionManager for Eviction {
+    fn total_size(&self) -> usize {
+        self.inner().total_size()
+    }
+    fn total_items(&self) -> usize {
+        self.inner().total_items()
+    }
+    fn evicted_size(&self) -> usize {
+        self.inner().evicted_size()
+    }
+    fn evicted_items(&self) -> usize {
+        self.inner().evicted_items()
+    }
+    fn admit(&self, item: CacheEntryKey, size: usize, fresh_until: SystemTime) -> Vec<CacheEntryKey> {
+        self.inner().admit(item, size, fresh_until)
+    }
+    fn increment_weight(
+        &self,
+        item: &CacheEntryKey,
+        delta: usize,
+        max_weight: Option<usize>,
+    ) -> Vec<CacheEntryKey> {
+        self.inner().increment_weight(item, delta, max_weight)
+    }
+    fn remove(&self, item: CacheEntryKeyRef<'_>) {
+        self.inner().remove(item)
+    }
+    fn access(&self, item: &CacheEntryKey, size: usize, fresh_until: SystemTime) -> bool {
+        self.inner().access(item, size, fresh_until)
+    }
+    fn peek(&self, item: &CacheEntryKey) -> bool {
+        self.inner().peek(item)
+    }
+    async fn save(&self, dir_path: &str) -> Result<()> {
+        self.inner().save(dir_path).await
+    }
+    async fn load(&self, dir_path: &str) -> Result<()> {
+        self.inner().load(dir_path).await
+    }
+}
+
+/// TinyUFO weighs entries in `u16`: corral gives it units of this many bytes, rounded up, so
+/// its total never falls below the bytes held. An entry of more than `u16::MAX` units (16 MiB)
+/// is refused.
+const UNIT: usize = 256;
+
+/// What TinyUFO holds per entry: the key to hand back on eviction, and the bytes it was
+/// admitted with (TinyUFO hands back its own weight in units only). `bytes == 0`: a purged
+/// entry's place holder ([`Ufo::remove`]).
+#[derive(Clone)]
+struct Tracked {
+    key: CacheEntryKey,
+    bytes: usize,
+}
+
+/// [`TinyUfo`] behind [`EvictionManager`], with the byte and item counts that TinyUFO does not
+/// expose.
+///
+/// A purged entry is not taken out of TinyUFO: its weight drops to one unit and it stays as a
+/// place holder until the FIFOs push it out. `TinyUfo::remove` leaves the key's slot in its
+/// FIFO; when the same URL is filled again (the usual sequel of a purge) and the new entry
+/// lands in the other FIFO, that stale slot later counts the new entry's weight out of the
+/// wrong FIFO's total. The totals drift with every such purge (the main one toward wrapping
+/// below zero, the small one toward a cache that holds less than its budget). A place holder
+/// keeps one slot per key. Evictions that TinyUFO makes outside an admission are handed back
+/// by the next admission.
+pub struct Ufo {
+    ufo: TinyUfo<u64, Tracked>,
+    bytes: AtomicUsize,
+    items: AtomicUsize,
+    evicted_bytes: AtomicUsize,
+    evicted_items: AtomicUsize,
+    deferred: Mutex<Vec<CacheEntryKey>>,
+}
+
+/// The key's identity as TinyUFO's key (TinyUFO hashes it again with its own seed).
+fn id(item: CacheEntryKeyRef<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    item.hash(&mut h);
+    h.finish()
+}
+
+impl Ufo {
+    fn new(limit: usize, items: usize) -> Self {
+        Ufo {
+            ufo: TinyUfo::new(limit.div_ceil(UNIT), items),
+            bytes: AtomicUsize::new(0),
+            items: AtomicUsize::new(0),
+            evicted_bytes: AtomicUsize::new(0),
+            evicted_items: AtomicUsize::new(0),
+            deferred: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn sub(counter: &AtomicUsize, n: usize) {
+        // counts are kept beside TinyUFO and can race (two admissions of one key): never wrap
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
+    }
+
+    /// Count `t` out: TinyUFO no longer holds it, or holds it under new bytes.
+    fn gone(&self, t: &Tracked, evicted: bool) {
+        if t.bytes == 0 {
+            return; // a place holder
+        }
+        Self::sub(&self.bytes, t.bytes);
+        Self::sub(&self.items, 1);
+        if evicted {
+            self.evicted_bytes.fetch_add(t.bytes, Ordering::Relaxed);
+            self.evicted_items.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Put `item` with `bytes` (0: a place holder) and return what TinyUFO pushed out, the
+    /// item itself if it was not admitted.
+    fn put(&self, item: CacheEntryKey, bytes: usize) -> Vec<CacheEntryKey> {
+        let k = id(CacheEntryKeyRef::from(&item));
+        // a refill of a held entry replaces it: count the old bytes out first (`get` counts
+        // as a use, as the refill is one)
+        if let Some(old) = self.ufo.get(&k) {
+            self.gone(&old, false);
+        }
+        let Ok(units) = u16::try_from(bytes.div_ceil(UNIT).max(1)) else {
+            // too large for TinyUFO's weights: never kept, and a smaller copy it held before
+            // becomes a place holder
+            self.evicted_items.fetch_add(1, Ordering::Relaxed);
+            self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let mut out = self.put(item.clone(), 0);
+            out.push(item);
+            return out;
+        };
+        if bytes > 0 {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.items.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ufo
+            .put(k, Tracked { key: item, bytes }, units)
+            .into_iter()
+            .map(|kv| {
+                self.gone(&kv.data, true);
+                kv.data.key
+            })
+            .collect()
+    }
+
+    fn admitted(&self, mut out: Vec<CacheEntryKey>) -> Vec<CacheEntryKey> {
+        let mut deferred = self.deferred.lock();
+        if !deferred.is_empty() {
+            out.append(&mut deferred);
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl EvictionManager for Ufo {
+    fn total_size(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+    fn total_items(&self) -> usize {
+        self.items.load(Ordering::Relaxed)
+    }
+    fn evicted_size(&self) -> usize {
+        self.evicted_bytes.load(Ordering::Relaxed)
+    }
+    fn evicted_items(&self) -> usize {
+        self.evicted_items.load(Ordering::Relaxed)
+    }
+
+    fn admit(&self, item: CacheEntryKey, size: usize, _fresh_until: SystemTime) -> Vec<CacheEntryKey> {
+        self.admitted(self.put(item, size.max(1)))
+    }
+
+    fn increment_weight(
+        &self,
+        item: &CacheEntryKey,
+        delta: usize,
+        max_weight: Option<usize>,
+    ) -> Vec<CacheEntryKey> {
+        let k = id(CacheEntryKeyRef::from(item));
+        let old = self.ufo.get(&k).map_or(0, |t| t.bytes);
+        let mut bytes = old + delta;
+        if let Some(max) = max_weight {
+            bytes = bytes.min(max);
+        }
+        self.admitted(self.put(item.clone(), bytes.max(1)))
+    }
+
+    fn remove(&self, item: CacheEntryKeyRef<'_>) {
+        let k = id(item);
+        let Some(old) = self.ufo.get(&k) else { return };
+        if old.bytes == 0 {
+            return;
+        }
+        // the place holder weighs one unit: nothing is pushed out unless another thread
+        // overfilled the cache meanwhile, and those evictions go out with the next admission
+        let out = self.put(old.key, 0);
+        if !out.is_empty() {
+            self.deferred.lock().extend(out);
+        }
+    }
+
+    fn access(&self, item: &CacheEntryKey, _size: usize, _fresh_until: SystemTime) -> bool {
+        // a hit is a use (it keeps the entry in the main FIFO). An entry TinyUFO does not hold
+        // is not added here: an admission may evict, and a hit cannot hand evictions back
+        self.ufo
+            .get(&id(CacheEntryKeyRef::from(item)))
+            .is_some_and(|t| t.bytes > 0)
+    }
+
+    fn peek(&self, _item: &CacheEntryKey) -> bool {
+        // TinyUFO has no read without a use, and corral never peeks
+        false
+    }
+
+    async fn save(&self, _dir_path: &str) -> Result<()> {
+        // L1 is not persisted: nothing to save
+        Ok(())
+    }
+
+    async fn load(&self, _dir_path: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_cache::CacheKey;
+
+    fn key(i: usize) -> CacheEntryKey {
+        CacheEntryKey::from_entry_id(CacheKey::new("", format!("/o{i}")).to_compact(), None)
+    }
+
+    fn fill(m: &Eviction, i: usize, bytes: usize, held: &mut std::collections::HashSet<usize>) {
+        thread_local! {
+            static INDEX: std::collections::HashMap<CacheEntryKey, usize> =
+                (0..7000).map(|n| (key(n), n)).collect();
+        }
+        held.insert(i);
+        for gone in m.admit(key(i), bytes, SystemTime::now()) {
+            held.remove(&INDEX.with(|index| index[&gone]));
+        }
+    }
+
+    /// The byte bound holds under both policies: what the manager says it holds never exceeds
+    /// the limit once admissions return, and matches the entries it did not hand back.
+    #[test]
+    fn both_policies_hold_the_byte_limit_and_count_what_they_hold() {
+        for policy in [Policy::Lru, Policy::Tinyufo] {
+            let m = Eviction::new(policy, 100 * 1024, 1024);
+            let mut held = std::collections::HashSet::new();
+            for i in 0..2000 {
+                fill(&m, i % 700, 1000 + (i * 37) % 900, &mut held);
+                assert!(
+                    m.total_size() <= 100 * 1024 + 2048,
+                    "{policy:?}: {}",
+                    m.total_size()
+                );
+            }
+            assert_eq!(m.total_items(), held.len(), "{policy:?}");
+            assert!(m.evicted_items() > 0, "{policy:?}");
+        }
+    }
+
+    /// TinyUFO keeps a popular set through a scan that flushes the LRU.
+    #[test]
+    fn tinyufo_keeps_the_hot_set_through_a_scan() {
+        let mut kept = vec![];
+        for policy in [Policy::Lru, Policy::Tinyufo] {
+            let m = Eviction::new(policy, 64 * 1024, 1024);
+            let mut held = std::collections::HashSet::new();
+            // 40 hot objects, filled and read often
+            for _ in 0..20 {
+                for i in 0..40 {
+                    if held.contains(&i) {
+                        m.access(&key(i), 1024, SystemTime::now());
+                    } else {
+                        fill(&m, i, 1024, &mut held);
+                    }
+                }
+            }
+            // a scan of 5,000 objects read once each
+            for i in 1000..6000 {
+                fill(&m, i, 1024, &mut held);
+            }
+            kept.push((0..40).filter(|i| held.contains(i)).count());
+        }
+        assert_eq!(kept[0], 0, "the scan flushes the LRU");
+        assert!(kept[1] >= 30, "TinyUFO kept {} of 40", kept[1]);
+    }
+
+    /// Purges and refills of the same keys under eviction pressure, with hits between: the
+    /// counts stay those of the entries not handed back, and the bound holds (TinyUFO's own
+    /// `remove` would leave a second FIFO slot per refilled key and wrap its queue totals).
+    #[test]
+    fn purge_and_refill_churn_keeps_the_bound_and_the_counts() {
+        for policy in [Policy::Lru, Policy::Tinyufo] {
+            let m = Eviction::new(policy, 64 * 1024, 1024);
+            let mut held = std::collections::HashSet::new();
+            let mut x: u64 = 7;
+            for _ in 0..50_000 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let i = (x >> 33) as usize % 300;
+                match (x >> 20) % 4 {
+                    0 => {
+                        m.remove(CacheEntryKeyRef::from(&key(i)));
+                        held.remove(&i);
+                    }
+                    1 if held.contains(&i) => {
+                        m.access(&key(i), 1024, SystemTime::now());
+                    }
+                    _ => fill(&m, i, 500 + (x as usize >> 40) % 2000, &mut held),
+                }
+                assert!(m.total_size() <= 64 * 1024, "{policy:?}: {}", m.total_size());
+            }
+            assert_eq!(m.total_items(), held.len(), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn an_entry_too_large_for_tinyufo_is_refused_and_not_counted() {
+        let m = Eviction::new(Policy::Tinyufo, 64 << 20, 4096);
+        let gone = m.admit(key(1), 20 << 20, SystemTime::now());
+        assert_eq!(gone, vec![key(1)]);
+        assert_eq!(m.total_size(), 0);
+        assert_eq!(m.total_items(), 0);
+    }
+
+    #[test]
+    fn removal_and_refill_keep_the_counts_right() {
+        let m = Eviction::new(Policy::Tinyufo, 1 << 20, 1024);
+        assert!(m.admit(key(1), 1000, SystemTime::now()).is_empty());
+        assert!(m.admit(key(1), 3000, SystemTime::now()).is_empty());
+        assert_eq!((m.total_size(), m.total_items()), (3000, 1));
+        m.remove(CacheEntryKeyRef::from(&key(1)));
+        m.remove(CacheEntryKeyRef::from(&key(1)));
+        assert_eq!((m.total_size(), m.total_items()), (0, 0));
+        assert!(
+            !m.access(&key(1), 3000, SystemTime::now()),
+            "a place holder is not a hit"
+        );
+        // filled again after the purge: one entry, counted once
+        assert!(m.admit(key(1), 2000, SystemTime::now()).is_empty());
+        assert_eq!((m.total_size(), m.total_items()), (2000, 1));
+    }
+}
