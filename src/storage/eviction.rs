@@ -135,6 +135,11 @@ pub struct Ufo {
     evicted_bytes: AtomicUsize,
     evicted_items: AtomicUsize,
     deferred: Mutex<Vec<CacheEntryKey>>,
+    /// TinyUFO's own admissions race: an update reweighs an entry and writes it back in two
+    /// steps, and an eviction between them leaves the entry with no FIFO slot (never evicted
+    /// again). Admissions, updates and place holders go one at a time; hits (`get`) do not
+    /// take it.
+    puts: Mutex<()>,
 }
 
 /// The key's identity as TinyUFO's key (TinyUFO hashes it again with its own seed).
@@ -154,6 +159,7 @@ impl Ufo {
             evicted_bytes: AtomicUsize::new(0),
             evicted_items: AtomicUsize::new(0),
             deferred: Mutex::new(Vec::new()),
+            puts: Mutex::new(()),
         }
     }
 
@@ -180,12 +186,6 @@ impl Ufo {
     /// Put `item` with `bytes` (0: a place holder) and return what TinyUFO pushed out, the
     /// item itself if it was not admitted.
     fn put(&self, item: CacheEntryKey, bytes: usize) -> Vec<CacheEntryKey> {
-        let k = id(CacheEntryKeyRef::from(&item));
-        // a refill of a held entry replaces it: count the old bytes out first (`get` counts
-        // as a use, as the refill is one)
-        if let Some(old) = self.ufo.get(&k) {
-            self.gone(&old, false);
-        }
         let Ok(units) = u16::try_from(bytes.div_ceil(UNIT).max(1)) else {
             // too large for TinyUFO's weights: never kept, and a smaller copy it held before
             // becomes a place holder
@@ -195,6 +195,13 @@ impl Ufo {
             out.push(item);
             return out;
         };
+        let k = id(CacheEntryKeyRef::from(&item));
+        let _one = self.puts.lock();
+        // a refill of a held entry replaces it: count the old bytes out first (`get` counts
+        // as a use, as the refill is one)
+        if let Some(old) = self.ufo.get(&k) {
+            self.gone(&old, false);
+        }
         if bytes > 0 {
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
             self.items.fetch_add(1, Ordering::Relaxed);
@@ -266,12 +273,24 @@ impl EvictionManager for Ufo {
         }
     }
 
-    fn access(&self, item: &CacheEntryKey, _size: usize, _fresh_until: SystemTime) -> bool {
-        // a hit is a use (it keeps the entry in the main FIFO). An entry TinyUFO does not hold
-        // is not added here: an admission may evict, and a hit cannot hand evictions back
-        self.ufo
+    fn access(&self, item: &CacheEntryKey, size: usize, _fresh_until: SystemTime) -> bool {
+        // a hit is a use (it keeps the entry in the main FIFO)
+        if self
+            .ufo
             .get(&id(CacheEntryKeyRef::from(item)))
             .is_some_and(|t| t.bytes > 0)
+        {
+            return true;
+        }
+        // L1 holds it and TinyUFO does not, or only as a place holder: a purge's `remove`
+        // that came after a refill of the same key (the sweeper reports its removals after
+        // its pass). Track it again, as Pingora's LRU does, or it would never be evicted;
+        // what that pushes out goes with the next admission
+        let out = self.put(item.clone(), size.max(1));
+        if !out.is_empty() {
+            self.deferred.lock().extend(out);
+        }
+        false
     }
 
     fn peek(&self, _item: &CacheEntryKey) -> bool {
@@ -383,6 +402,22 @@ mod tests {
                 assert!(m.total_size() <= 64 * 1024, "{policy:?}: {}", m.total_size());
             }
             assert_eq!(m.total_items(), held.len(), "{policy:?}");
+        }
+    }
+
+    /// A purge's removal that arrives after the key was filled again (the sweeper reports its
+    /// removals after its pass) leaves L1 holding an entry the manager does not count: the
+    /// next hit tracks it again, so it can still be evicted.
+    #[test]
+    fn a_hit_tracks_again_what_a_late_removal_left_uncounted() {
+        for policy in [Policy::Lru, Policy::Tinyufo] {
+            let m = Eviction::new(policy, 1 << 20, 1024);
+            assert!(m.admit(key(1), 1000, SystemTime::now()).is_empty());
+            assert!(m.admit(key(1), 2000, SystemTime::now()).is_empty());
+            m.remove(CacheEntryKeyRef::from(&key(1)));
+            assert_eq!(m.total_size(), 0, "{policy:?}");
+            m.access(&key(1), 2000, SystemTime::now());
+            assert_eq!((m.total_size(), m.total_items()), (2000, 1), "{policy:?}");
         }
     }
 
