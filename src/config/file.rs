@@ -602,6 +602,17 @@ impl CacheFile {
                 ),
             );
         }
+        let largest = crate::storage::eviction::TINYUFO_MAX_OBJECT;
+        if c.eviction == crate::storage::eviction::Policy::Tinyufo && max_object_bytes > largest {
+            return err(
+                "cache.max_object_bytes",
+                format!(
+                    "{} is more than cache.eviction = \"tinyufo\" can keep ({largest} bytes with \
+                     headers and bookkeeping below 16 MiB): lower it, or set cache.eviction = \"lru\"",
+                    c.max_object_bytes
+                ),
+            );
+        }
         if c.lock_timeout.is_zero() {
             return err("cache.lock_timeout", "must be greater than 0".into());
         }

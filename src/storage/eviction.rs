@@ -108,6 +108,10 @@ impl EvictionManager for Eviction {
 /// is refused.
 const UNIT: usize = 256;
 
+/// The largest `cache.max_object_bytes` that TinyUFO can keep: 16 MiB of weight, less 64 KiB
+/// for the headers and the bookkeeping an entry is charged besides its body.
+pub const TINYUFO_MAX_OBJECT: usize = u16::MAX as usize * UNIT - 64 * 1024;
+
 /// What TinyUFO holds per entry: the key to hand back on eviction, and the bytes it was
 /// admitted with (TinyUFO hands back its own weight in units only). `bytes == 0`: a purged
 /// entry's place holder ([`Ufo::remove`]).
@@ -142,12 +146,13 @@ pub struct Ufo {
     puts: Mutex<()>,
 }
 
-/// The key's identity as TinyUFO's key (TinyUFO hashes it again with its own seed).
+/// The key's identity as TinyUFO's key, hashed with a key chosen at random per process:
+/// TinyUFO holds only this hash, so two URLs with the same one would share an entry, and a
+/// fixed hash would let them be searched for offline.
 fn id(item: CacheEntryKeyRef<'_>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    item.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    SEED.get_or_init(Default::default).hash_one(item)
 }
 
 impl Ufo {
