@@ -60,6 +60,7 @@ count() {
   curl -sf -o /dev/null "http://127.0.0.1:$port/bench?size=1024"   # stored; the rest are hits
   hits "$port" "$n"
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  [ -n "${KEEP_CALLGRIND:-}" ] && cp "$out" "$KEEP_CALLGRIND.$who.$n"
   callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
 }
 

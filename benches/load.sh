@@ -60,6 +60,8 @@ admin = "127.0.0.1:$admin_port"
 threads = 1
 [upstream]
 address = "127.0.0.1:$origin_port"
+[cache]
+eviction = "${EVICTION:-tinyufo}"
 [log]
 level = "warn"
 access_log = false
