@@ -165,6 +165,28 @@ impl Reloader {
                 };
             }
         };
+        // `cache.eviction` changes only at a restart, `max_object_bytes` at once: the file is
+        // checked against the policy that runs (a file that switches to lru would otherwise
+        // let tinyufo be handed objects it can only fetch and throw away)
+        let largest = crate::storage::eviction::TINYUFO_MAX_OBJECT;
+        if self.started.cache.eviction == crate::storage::eviction::Policy::Tinyufo
+            && new.cache.max_object_bytes > largest
+        {
+            metrics::CONFIG_RELOADS.with_label_values(&["invalid"]).inc();
+            let error = format!(
+                "{}: cache.max_object_bytes: {} bytes is more than the running cache.eviction = \"tinyufo\" \
+                 can keep ({largest}); a change of cache.eviction needs a restart",
+                new.source, new.cache.max_object_bytes
+            );
+            tracing::error!(trigger = why, error = %error, "config reload refused: the running config stays");
+            return Reloaded {
+                result: "invalid",
+                hash: old.cfg.hash.clone(),
+                changed: Vec::new(),
+                needs_restart: self.pending_restart(),
+                error: Some(error),
+            };
+        }
         let changed = changed_keys(&old.cfg.effective, &new.effective);
         // against what runs, not the last file read: later reloads keep reporting them
         let needs_restart: Vec<String> = changed_keys(&self.started.effective, &new.effective)

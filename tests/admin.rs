@@ -847,6 +847,37 @@ async fn an_invalid_file_is_refused_and_the_old_config_keeps_serving() {
     );
 }
 
+/// `cache.eviction` changes only at a restart and `max_object_bytes` at once: a file that
+/// switches to lru cannot lift `max_object_bytes` past what the running TinyUFO can keep.
+#[tokio::test]
+async fn a_reload_cannot_lift_max_object_bytes_past_the_running_tinyufo() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        origin.addr,
+        Conf::default()
+            .cache("memory_bytes = \"1GiB\"")
+            .cache("max_object_bytes = \"8MiB\""),
+    )
+    .await;
+    rewrite(
+        &proxy,
+        "max_object_bytes = \"8MiB\"",
+        "max_object_bytes = \"20MiB\"\neviction = \"lru\"",
+    );
+    let r = reload(&proxy).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let v = parse(&r);
+    let error = v["error"].as_str().unwrap_or_else(|| panic!("error in {v}"));
+    assert!(
+        error.contains("cache.max_object_bytes") && error.contains("tinyufo"),
+        "{error}"
+    );
+    assert_eq!(
+        admin_json(&proxy, "/config").await["cache"]["max_object_bytes"],
+        8 << 20
+    );
+}
+
 /// A new `server.listen` cannot be taken without a restart: the reload applies the rest,
 /// says so in `needs_restart`, and the proxy keeps answering on the old address only.
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! - `lru`: Pingora's sharded LRU (`pingora_cache::eviction::lru`). Every fill is admitted and
 //!   pushes out the least recently used entries. A crawler walking every URL once flushes it.
 //! - `tinyufo`: Pingora's TinyUFO (the `TinyUFO` crate): S3-FIFO eviction (a new entry waits in
-//!   a small FIFO, a tenth of the budget, and moves to the main FIFO only if it is hit again
+//!   a small FIFO, a tenth of the budget, and moves to the main FIFO only if it is hit twice
 //!   there) with TinyLFU admission (a new entry that would push out one entry is admitted only
 //!   if it was filled at least as often as that one, by a frequency sketch). A scan's entries
 //!   pass through the small FIFO and leave without touching the main one.
@@ -108,8 +108,10 @@ impl EvictionManager for Eviction {
 /// is refused.
 const UNIT: usize = 256;
 
-/// The largest `cache.max_object_bytes` that TinyUFO can keep: 16 MiB of weight, less 64 KiB
-/// for the headers and the bookkeeping an entry is charged besides its body.
+/// The largest `cache.max_object_bytes` that TinyUFO can keep: `u16::MAX` units of weight
+/// (16 MiB less 256 bytes), less 64 KiB for the headers and the bookkeeping an entry is
+/// charged besides its body. An entry whose headers pass that margin is refused like any
+/// other too heavy for TinyUFO (fetched, served, not kept).
 pub const TINYUFO_MAX_OBJECT: usize = u16::MAX as usize * UNIT - 64 * 1024;
 
 /// What TinyUFO holds per entry: the key to hand back on eviction, and the bytes it was
@@ -221,10 +223,21 @@ impl Ufo {
             .collect()
     }
 
+    /// `out` and the evictions deferred since the last admission, less those tracked again
+    /// meanwhile (a refill): handing those back would purge an entry TinyUFO counts.
     fn admitted(&self, mut out: Vec<CacheEntryKey>) -> Vec<CacheEntryKey> {
-        let mut deferred = self.deferred.lock();
+        let deferred = std::mem::take(&mut *self.deferred.lock());
         if !deferred.is_empty() {
-            out.append(&mut deferred);
+            let _one = self.puts.lock();
+            for k in deferred {
+                let held = self
+                    .ufo
+                    .get(&id(CacheEntryKeyRef::from(&k)))
+                    .is_some_and(|t| t.bytes > 0);
+                if !held {
+                    out.push(k);
+                }
+            }
         }
         out
     }
@@ -280,17 +293,18 @@ impl EvictionManager for Ufo {
 
     fn access(&self, item: &CacheEntryKey, size: usize, _fresh_until: SystemTime) -> bool {
         // a hit is a use (it keeps the entry in the main FIFO)
-        if self
-            .ufo
-            .get(&id(CacheEntryKeyRef::from(item)))
-            .is_some_and(|t| t.bytes > 0)
-        {
-            return true;
+        match self.ufo.get(&id(CacheEntryKeyRef::from(item))) {
+            Some(t) if t.bytes > 0 => return true,
+            // not held: an entry TinyUFO refused or evicted, whose purge from L1 is on its
+            // way. Tracking it again would undo the refusal (and leave a phantom weight
+            // once the purge lands)
+            None => return false,
+            Some(_) => {}
         }
-        // L1 holds it and TinyUFO does not, or only as a place holder: a purge's `remove`
-        // that came after a refill of the same key (the sweeper reports its removals after
-        // its pass). Track it again, as Pingora's LRU does, or it would never be evicted;
-        // what that pushes out goes with the next admission
+        // L1 holds it and TinyUFO only as a place holder: a purge's `remove` that came after
+        // a refill of the same key (the sweeper reports its removals after its pass). Track
+        // it again, or it would never be evicted; what that pushes out goes with the next
+        // admission
         let out = self.put(item.clone(), size.max(1));
         if !out.is_empty() {
             self.deferred.lock().extend(out);
@@ -424,6 +438,21 @@ mod tests {
             m.access(&key(1), 2000, SystemTime::now());
             assert_eq!((m.total_size(), m.total_items()), (2000, 1), "{policy:?}");
         }
+    }
+
+    /// A fill TinyUFO refused is handed back for removal; a hit that reaches it before the
+    /// removal lands must not track it again (that would undo the refusal and leave a
+    /// phantom weight once the removal lands).
+    #[test]
+    fn a_hit_does_not_undo_a_refused_admission() {
+        let m = Eviction::new(Policy::Tinyufo, 1024, 1024);
+        assert!(m.admit(key(1), 1024, SystemTime::now()).is_empty());
+        // filled twice: more frequent than what comes next
+        assert!(m.admit(key(1), 1024, SystemTime::now()).is_empty());
+        assert_eq!(m.admit(key(2), 1024, SystemTime::now()), vec![key(2)], "refused");
+        assert!(!m.access(&key(2), 1024, SystemTime::now()));
+        assert_eq!((m.total_size(), m.total_items()), (1024, 1));
+        assert!(m.access(&key(1), 1024, SystemTime::now()), "the one kept is held");
     }
 
     #[test]
