@@ -133,6 +133,19 @@ impl Reloader {
 
     /// Read the file again and apply what can change live; `why` is for the log
     /// (`SIGHUP`, `admin`).
+    /// A reload refused: the running config stays, and the refusal is counted and logged.
+    fn refused(&self, why: &str, hash: &str, needs_restart: Vec<String>, error: String) -> Reloaded {
+        metrics::CONFIG_RELOADS.with_label_values(&["invalid"]).inc();
+        tracing::error!(trigger = why, error = %error, "config reload refused: the running config stays");
+        Reloaded {
+            result: "invalid",
+            hash: hash.to_string(),
+            changed: Vec::new(),
+            needs_restart,
+            error: Some(error),
+        }
+    }
+
     pub async fn reload(&self, why: &str) -> Reloaded {
         let _one = self.busy.lock().await;
         let old = self.load();
@@ -153,39 +166,19 @@ impl Reloader {
         };
         let new = match read {
             Ok(new) => new,
-            Err(e) => {
-                metrics::CONFIG_RELOADS.with_label_values(&["invalid"]).inc();
-                tracing::error!(trigger = why, error = %e, "config reload refused: the running config stays");
-                return Reloaded {
-                    result: "invalid",
-                    hash: old.cfg.hash.clone(),
-                    changed: Vec::new(),
-                    needs_restart: self.pending_restart(),
-                    error: Some(e.to_string()),
-                };
-            }
+            Err(e) => return self.refused(why, &old.cfg.hash, self.pending_restart(), e.to_string()),
         };
         // `cache.eviction` changes only at a restart, `max_object_bytes` at once: the file is
         // checked against the policy that runs (a file that switches to lru would otherwise
         // let tinyufo be handed objects it can only fetch and throw away)
-        let largest = crate::storage::eviction::TINYUFO_MAX_OBJECT;
-        if self.started.cache.eviction == crate::storage::eviction::Policy::Tinyufo
-            && new.cache.max_object_bytes > largest
+        if let Err(reason) = self
+            .started
+            .cache
+            .eviction
+            .check_max_object(new.cache.max_object_bytes)
         {
-            metrics::CONFIG_RELOADS.with_label_values(&["invalid"]).inc();
-            let error = format!(
-                "{}: cache.max_object_bytes: {} bytes is more than the running cache.eviction = \"tinyufo\" \
-                 can keep ({largest}); a change of cache.eviction needs a restart",
-                new.source, new.cache.max_object_bytes
-            );
-            tracing::error!(trigger = why, error = %error, "config reload refused: the running config stays");
-            return Reloaded {
-                result: "invalid",
-                hash: old.cfg.hash.clone(),
-                changed: Vec::new(),
-                needs_restart: self.pending_restart(),
-                error: Some(error),
-            };
+            let error = format!("{}: cache.max_object_bytes: {reason}", new.source);
+            return self.refused(why, &old.cfg.hash, self.pending_restart(), error);
         }
         let changed = changed_keys(&old.cfg.effective, &new.effective);
         // against what runs, not the last file read: later reloads keep reporting them
@@ -218,16 +211,8 @@ impl Reloader {
         let upstream = match upstream {
             Ok(a) => a,
             Err(e) => {
-                metrics::CONFIG_RELOADS.with_label_values(&["invalid"]).inc();
                 let error = format!("{}: {e}", new.source);
-                tracing::error!(trigger = why, error = %error, "config reload refused: the running config stays");
-                return Reloaded {
-                    result: "invalid",
-                    hash: old.cfg.hash.clone(),
-                    changed: Vec::new(),
-                    needs_restart,
-                    error: Some(error),
-                };
+                return self.refused(why, &old.cfg.hash, needs_restart, error);
             }
         };
         // stored whatever changed: the file's view and hash (/config, /stats, the metric) are

@@ -602,16 +602,8 @@ impl CacheFile {
                 ),
             );
         }
-        let largest = crate::storage::eviction::TINYUFO_MAX_OBJECT;
-        if c.eviction == crate::storage::eviction::Policy::Tinyufo && max_object_bytes > largest {
-            return err(
-                "cache.max_object_bytes",
-                format!(
-                    "{} is more than cache.eviction = \"tinyufo\" can keep ({largest} bytes with \
-                     headers and bookkeeping below 16 MiB): lower it, or set cache.eviction = \"lru\"",
-                    c.max_object_bytes
-                ),
-            );
+        if let Err(reason) = c.eviction.check_max_object(max_object_bytes) {
+            return err("cache.max_object_bytes", reason);
         }
         if c.lock_timeout.is_zero() {
             return err("cache.lock_timeout", "must be greater than 0".into());

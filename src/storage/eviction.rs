@@ -31,6 +31,20 @@ pub enum Policy {
     Tinyufo,
 }
 
+impl Policy {
+    /// Whether this policy can keep objects of `max_object_bytes`; the reason if not.
+    pub fn check_max_object(self, max_object_bytes: usize) -> Result<(), String> {
+        if self == Policy::Tinyufo && max_object_bytes > TINYUFO_MAX_OBJECT {
+            return Err(format!(
+                "{max_object_bytes} bytes is more than cache.eviction = \"tinyufo\" can keep \
+                 ({TINYUFO_MAX_OBJECT} bytes with headers and bookkeeping below 16 MiB): lower it, \
+                 or set cache.eviction = \"lru\" (a restart)"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// L1's eviction manager, as `cache.eviction` chose it. Built once per process and leaked:
 /// the size of a variant does not matter.
 #[allow(clippy::large_enum_variant)]
