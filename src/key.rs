@@ -13,6 +13,8 @@ use pingora_cache::key::HashBinary;
 use pingora_cache::{CacheKey, CacheMeta, VarianceBuilder};
 use pingora_http::RequestHeader;
 
+use crate::fields::Fields;
+
 /// The scheme part of every key: corral's listener speaks plain HTTP to clients.
 const SCHEME: &str = "http";
 
@@ -248,10 +250,9 @@ pub fn vary_star(headers: &http::HeaderMap) -> bool {
 }
 
 /// The header names listed in every `Vary` field, trimmed, lower-cased.
-fn vary_names(headers: &http::HeaderMap) -> impl Iterator<Item = String> + '_ {
+fn vary_names(headers: &impl Fields) -> impl Iterator<Item = String> + '_ {
     headers
-        .get_all(http::header::VARY)
-        .iter()
+        .all("vary")
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|n| n.trim().to_ascii_lowercase())
@@ -269,7 +270,7 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
 
 /// [`variance`] against a stored response's header fields, plus `extra` request headers (a
 /// rule's `key_headers`) as if the response listed them in `Vary`.
-pub fn variance_for(resp: &http::HeaderMap, req: &RequestHeader, extra: &[HeaderName]) -> Option<HashBinary> {
+pub fn variance_for(resp: &impl Fields, req: &RequestHeader, extra: &[HeaderName]) -> Option<HashBinary> {
     let mut names: Vec<String> = vary_names(resp)
         .chain(extra.iter().map(|h| h.as_str().to_string()))
         .collect();

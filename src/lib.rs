@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file → validated [`config::Config`]
+//! - [`fields`]: header fields read alike from a header map or a stored head
 //! - [`key`]: cache key (scheme + host + path + query, Vary variance)
 //! - [`policy`]: RFC 9111 storability and freshness
 //! - [`storage`]: cache tiers behind pingora-cache's `Storage` (L1 memory, L2 memcached)
@@ -29,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod conn;
 pub mod events;
+pub mod fields;
 pub mod generation;
 pub mod json;
 pub mod key;

@@ -9,9 +9,10 @@ use pingora_cache::CacheKey;
 use pingora_error::Result;
 use pingora_proxy::Session;
 
-use super::headers::wire_header;
+use super::headers::wire_fields;
 use super::{cache_status_value, Corral, Ctx, CACHE_STATUS};
 use crate::cache_status::{CacheStatus, Outcome};
+use crate::fields::Fields;
 use crate::key;
 use crate::metrics;
 use crate::purge::Verdict;
@@ -45,9 +46,9 @@ impl Corral {
             ctx.live.cfg.purge.strip_tag_headers,
             ctx.live.cfg.cache.strip_targeted,
         );
-        let mut resp = entry.wire(|stored| wire_header(stored, strip, targeted)).clone();
+        let mut fields = wire_fields(entry.header(), strip, targeted);
         let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
-        resp.insert_header(header::AGE, age)?;
+        fields.insert(header::AGE, age.into());
         let mut status = CacheStatus::new(Outcome::Hit);
         status.ttl = Some(
             entry
@@ -55,7 +56,9 @@ impl Corral {
                 .duration_since(now)
                 .map_or(0, |d| d.as_secs() as i64),
         );
-        resp.insert_header(CACHE_STATUS, cache_status_value(&status)?)?;
+        fields.insert(CACHE_STATUS, cache_status_value(&status)?);
+        let mut resp = entry.header().response(fields);
+        resp.set_version(http::Version::HTTP_11);
         ctx.status = Some(status);
         metrics::FAST_HITS.inc();
         session.write_response_header(Box::new(resp), head).await?;
@@ -71,7 +74,7 @@ impl Corral {
     /// and applies a purge verdict (a miss, or stale while one request revalidates).
     fn fast_entry(&self, key: &CacheKey, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
         let entry = self.parts.storage.l1.fresh_plain(key, now)?;
-        if !entry.header().headers.contains_key(header::CONTENT_LENGTH) {
+        if !entry.header().has("content-length") {
             return None;
         }
         if self
@@ -83,7 +86,7 @@ impl Corral {
             // fenced: the full path revalidates it
             return None;
         }
-        let headers = &entry.header().headers;
+        let headers = entry.header();
         let verdict = self.parts.validity.check_marked(
             &ctx.host,
             &ctx.path,

@@ -6,9 +6,9 @@ use http::{header, HeaderValue};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use super::CACHE_STATUS;
 use crate::key;
 use crate::purge;
+use crate::storage::memory::StoredHeader;
 
 /// The request header fields the request filter decides on, found in one pass over the names
 /// (a handful per request) rather than a map lookup each.
@@ -83,41 +83,27 @@ impl RequestFields {
     }
 }
 
-/// The header a fast hit sends, built once per entry from the stored one: without the
-/// case-preserving name map Pingora keeps beside the header map (half the copying per hit;
-/// names go out lower-case, as in HTTP/2), tags stripped if configured, and every field a hit
-/// (or Pingora's writer: `Date`, `Connection`) sets already present, so that a hit replaces
-/// values and never grows the map.
-pub(super) fn wire_header(stored: &ResponseHeader, strip: bool, strip_targeted: bool) -> ResponseHeader {
-    let mut h = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 4)) {
-        Ok(mut h) => {
-            for (name, value) in &stored.headers {
-                let _ = h.append_header(name.clone(), value.clone());
-            }
-            let _ = h.set_reason_phrase(stored.get_reason_phrase());
-            h
-        }
-        Err(_) => stored.clone(),
+/// The header a fast hit sends, built per hit from the stored one: without the
+/// case-preserving name map Pingora keeps beside the header map (names go out lower-case, as
+/// in HTTP/2), tags stripped if configured, `Date` and `Connection` set if the origin did not
+/// send them, and room for the two fields the hit adds (`Age`, `Cache-Status`), so that the
+/// map never grows.
+pub(super) fn wire_fields(stored: &StoredHeader, strip: bool, strip_targeted: bool) -> http::HeaderMap {
+    let is_tag = |n: &http::HeaderName| purge::TAG_HEADERS.iter().any(|(t, _)| n.as_str() == *t);
+    let is_targeted = |n: &http::HeaderName| {
+        crate::policy::targeted_headers()
+            .iter()
+            .any(|t| n.as_str().eq_ignore_ascii_case(t))
     };
-    h.set_version(http::Version::HTTP_11);
-    if strip {
-        strip_tags(&mut h);
-    }
-    if strip_targeted {
-        strip_targeted_fields(&mut h);
-    }
-    for (name, placeholder) in [
-        (header::AGE, http::HeaderValue::from_static("0")),
-        (CACHE_STATUS, http::HeaderValue::from_static("corral")),
-        (
+    let mut h = stored.map(4, |n| !(strip && is_tag(n) || strip_targeted && is_targeted(n)));
+    if !h.contains_key(header::DATE) {
+        h.insert(
             header::DATE,
             pingora_core::protocols::http::date::get_cached_date(),
-        ),
-        (header::CONNECTION, http::HeaderValue::from_static("keep-alive")),
-    ] {
-        if !h.headers.contains_key(&name) {
-            let _ = h.insert_header(name, placeholder);
-        }
+        );
+    }
+    if !h.contains_key(header::CONNECTION) {
+        h.insert(header::CONNECTION, http::HeaderValue::from_static("keep-alive"));
     }
     h
 }

@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 use pingora_cache::{CacheMeta, ForcedFreshness};
 
 use super::parse::split_tags;
+use crate::fields::Fields;
 
 mod checkpoint;
 use super::{Ban, Pattern, Purge, Target, MAX_RECORDS};
@@ -418,7 +419,7 @@ impl Validity {
         path: &str,
         validated: SystemTime,
         by: u64,
-        headers: &http::HeaderMap,
+        headers: &impl Fields,
         mark: Option<&AtomicU64>,
     ) -> Verdict {
         if !self.active() {
@@ -447,7 +448,7 @@ impl Validity {
         path: &str,
         validated: SystemTime,
         by: u64,
-        headers: &http::HeaderMap,
+        headers: &impl Fields,
         checked: u64,
     ) -> Verdict {
         if !self.any.load(Ordering::Acquire) {
@@ -473,7 +474,7 @@ impl Validity {
             false
         };
         let content_type = headers
-            .get(http::header::CONTENT_TYPE)
+            .first("content-type")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         {
@@ -494,8 +495,7 @@ impl Validity {
                     continue;
                 }
                 let matched = headers
-                    .get_all(name)
-                    .iter()
+                    .all(name.as_str())
                     .filter_map(|v| v.to_str().ok())
                     .any(|v| pattern.is_match(v));
                 if matched && hit(*stamp) {
@@ -512,7 +512,7 @@ impl Validity {
         }
         if !self.tags.is_empty() {
             for (name, sep) in TAG_HEADERS {
-                for value in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+                for value in headers.all(name).filter_map(|v| v.to_str().ok()) {
                     for tag in split_tags(value, sep) {
                         if let Some(stamp) = self.tags.get(&tag).map(|s| *s) {
                             if applies(&stamp) && hit(stamp) {
@@ -528,9 +528,9 @@ impl Validity {
 }
 
 /// Does this header map carry any tag header? One pass over its names (most carry none).
-pub fn has_tag_header(headers: &http::HeaderMap) -> bool {
+pub fn has_tag_header(headers: &impl Fields) -> bool {
     headers
-        .keys()
+        .names()
         .any(|k| TAG_HEADERS.iter().any(|(name, _)| k.as_str() == *name))
 }
 

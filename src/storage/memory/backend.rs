@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::fill::MemoryMiss;
 use super::hit::{partial_hit, CompleteHit};
-use super::{url_of, Fill, FillState, MemoryStorage, MetaParts, Slot};
+use super::{one_slot, url_of, Fill, FillState, MemoryStorage, MetaParts, Slot};
 
 #[async_trait]
 impl Storage for MemoryStorage {
@@ -79,7 +79,7 @@ impl Storage for MemoryStorage {
         let primary = key.primary_bin();
         let variance = key.variance_bin();
         {
-            let mut slots = self.table.entry(primary).or_default();
+            let mut slots = self.table.entry(primary).or_insert_with(one_slot);
             match slots.iter_mut().find(|s| s.variance == variance) {
                 Some(slot) => slot.fill = Some(fill.clone()),
                 None => slots.push(Slot {

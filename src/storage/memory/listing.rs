@@ -149,17 +149,17 @@ impl MemoryStorage {
                 epoch: e.meta.epoch_override.unwrap_or(e.meta.updated),
                 fresh_until: e.meta.fresh_until,
                 hits: e.hits.load(Ordering::Relaxed),
-                tags: tags_of(&e.meta.header.headers),
+                tags: tags_of(&e.meta.header),
             })
             .collect();
         Listed { keys, next }
     }
 }
 
-fn tags_of(headers: &http::HeaderMap) -> Vec<String> {
+fn tags_of(headers: &impl crate::fields::Fields) -> Vec<String> {
     let mut tags = Vec::new();
     for (name, sep) in crate::purge::TAG_HEADERS {
-        for value in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+        for value in headers.all(name).filter_map(|v| v.to_str().ok()) {
             tags.extend(crate::purge::split_tags(value, sep));
         }
     }

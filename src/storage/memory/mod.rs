@@ -12,11 +12,12 @@
 //!
 //! # Hits never copy
 //! A committed body is one [`Bytes`] (the chunks of the fill, joined once at commit); a hit
-//! hands out clones of it, which share the buffer. Metadata is kept as parts and a hit builds its
-//! [`CacheMeta`] by cloning the header map, with no serialisation and no compression.
+//! hands out clones of it, which share the buffer. Metadata is kept as parts, the header as a
+//! compact [`StoredHeader`], and a hit builds its [`CacheMeta`] from them, with no
+//! serialisation and no compression.
 //!
 //! # Memory bound
-//! Each entry weighs its body + its headers + a fixed overhead ([`ENTRY_OVERHEAD`]); the weight
+//! Each entry weighs its body + its header + a fixed overhead ([`ENTRY_OVERHEAD`]); the weight
 //! is reported to the eviction manager ([`crate::storage::eviction`], `memory_bytes` its limit),
 //! which asks this storage to purge the entries it chose when the total goes over.
 //! [`MemoryStorage::stats`] reports what is actually held.
@@ -34,20 +35,19 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::{CacheKey, CacheMeta};
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::RequestHeader;
 use tokio::sync::watch;
 
+use crate::fields::Fields;
 use crate::purge::millis;
 
-/// Bookkeeping bytes charged to every entry on top of body and headers: the entry itself
-/// (metadata, two header structs), its map row and slot, its URL, the eviction manager's
-/// node and index, and the allocator's share of each. Measured with benches/memory.sh (1 KB
-/// objects, no eviction: RSS growth per entry beyond body and header fields).
+/// Bookkeeping bytes charged to every entry on top of body, header ([`StoredHeader::bytes`])
+/// and URL: the entry itself, its map row and slot, the eviction manager's node and index, and
+/// the allocator's share of each. benches/memory.sh measured about 750 bytes under TinyUFO
+/// and 620 under LRU with nothing evicted (200,000 objects of 100 bytes: RSS growth per entry
+/// beyond what the rest of the weight counts), but about 1,600 once entries are evicted and
+/// replaced (1 KB objects, 3x the budget): the allocator's fragmentation is charged too.
 pub const ENTRY_OVERHEAD: usize = 1536;
-
-/// Bytes charged per header field on top of its name and value: the header map's bucket and
-/// index, the value's own allocation.
-const FIELD_OVERHEAD: usize = 96;
 
 /// [`CacheMeta`] kept as parts, so a hit rebuilds it without deserialising anything.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub struct MetaParts {
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     pub variance: Option<HashBinary>,
-    pub header: ResponseHeader,
+    pub header: StoredHeader,
 }
 
 impl MetaParts {
@@ -80,7 +80,7 @@ impl MetaParts {
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
             variance: meta.variance(),
-            header: owned_header(meta.response_header()),
+            header: StoredHeader::new(meta.response_header()),
         }
     }
 
@@ -95,7 +95,7 @@ impl MetaParts {
             self.lineage,
             self.stale_while_revalidate_sec,
             self.stale_if_error_sec,
-            self.header.clone(),
+            self.header.to_response(),
         );
         meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated));
         if let Some(v) = self.variance {
@@ -103,33 +103,6 @@ impl MetaParts {
         }
         meta
     }
-
-    /// Approximate bytes held by the header.
-    pub fn header_bytes(&self) -> usize {
-        self.header
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + FIELD_OVERHEAD)
-            .sum::<usize>()
-    }
-}
-
-/// A copy of `h` that owns its bytes, with lower-case names (as a fast hit sends them, and as
-/// HTTP/2 does). Pingora parses a response head in one read buffer of 4 KiB or more, and the
-/// header values (and the case-preserving names) it hands over are slices of that buffer: a
-/// stored header would keep the whole buffer alive, 4 to 8 KiB per entry that `memory_bytes`
-/// does not count (issue 8: 1 KB objects took 5x their budget in RSS).
-fn owned_header(h: &ResponseHeader) -> ResponseHeader {
-    let Ok(mut out) = ResponseHeader::build_no_case(h.status, Some(h.headers.len())) else {
-        return h.clone();
-    };
-    for (name, value) in &h.headers {
-        let value = http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        let _ = out.append_header(name.clone(), value);
-    }
-    out.set_version(h.version);
-    let _ = out.set_reason_phrase(h.get_reason_phrase());
-    out
 }
 
 /// A committed response.
@@ -145,16 +118,13 @@ struct Stored {
     /// Ban and tag records up to this sequence number were checked against this entry
     /// ([`crate::purge::Validity`]).
     checked: AtomicU64,
-    /// The header as the fast hit path sends it, built on its first hit (charged in `weight`).
-    wire: std::sync::OnceLock<Box<ResponseHeader>>,
     /// Lookups that found this entry (its lineage's, across refreshes): admin `/keys`.
     hits: std::sync::atomic::AtomicU32,
 }
 
 impl Stored {
     fn new(meta: MetaParts, body: Bytes, url: Arc<str>, generation: u64) -> Arc<Stored> {
-        // the header twice: the stored one and the fast path's wire copy
-        let weight = body.len() + 2 * meta.header_bytes() + url.len() + ENTRY_OVERHEAD;
+        let weight = body.len() + meta.header.bytes() + url.len() + ENTRY_OVERHEAD;
         Arc::new(Stored {
             meta,
             body,
@@ -162,7 +132,6 @@ impl Stored {
             weight,
             generation,
             checked: AtomicU64::new(0),
-            wire: std::sync::OnceLock::new(),
             hits: std::sync::atomic::AtomicU32::new(0),
         })
     }
@@ -182,7 +151,6 @@ impl Stored {
             weight: self.weight,
             generation: self.generation,
             checked: AtomicU64::new(0),
-            wire: std::sync::OnceLock::new(),
             hits: std::sync::atomic::AtomicU32::new(self.hits.load(Ordering::Relaxed)),
         })
     }
@@ -204,14 +172,8 @@ impl Stored {
 pub struct FreshEntry(Arc<Stored>);
 
 impl FreshEntry {
-    pub fn header(&self) -> &ResponseHeader {
+    pub fn header(&self) -> &StoredHeader {
         &self.0.meta.header
-    }
-
-    /// The header prepared for sending, built by `build` from the stored one on first use
-    /// and kept with the entry: each hit clones it and only replaces values in it.
-    pub fn wire(&self, build: impl FnOnce(&ResponseHeader) -> ResponseHeader) -> &ResponseHeader {
-        self.0.wire.get_or_init(|| Box::new(build(&self.0.meta.header)))
     }
 
     pub fn body(&self) -> Bytes {
@@ -354,7 +316,7 @@ impl MemoryStorage {
         let usable = self.current(entry)
             && now < entry.meta.fresh_until
             && entry.meta.variance.is_none()
-            && !entry.meta.header.headers.contains_key(http::header::VARY);
+            && !entry.meta.header.has("vary");
         usable.then(|| {
             entry.hit();
             FreshEntry(entry.clone())
@@ -407,7 +369,7 @@ impl MemoryStorage {
         fill: Option<u64>,
     ) -> usize {
         let weight = stored.weight;
-        let mut slots = self.table.entry(primary).or_default();
+        let mut slots = self.table.entry(primary).or_insert_with(one_slot);
         let slot = match slots.iter().position(|s| s.variance == variance) {
             Some(i) => &mut slots[i],
             None => {
@@ -457,7 +419,7 @@ impl MemoryStorage {
         let primary = slots.iter().find(|s| s.variance.is_none())?;
         let mut slot = primary;
         if let Some(entry) = &primary.entry {
-            let wanted = crate::key::variance_for(&entry.meta.header.headers, req, key_headers);
+            let wanted = crate::key::variance_for(&entry.meta.header, req, key_headers);
             if wanted != entry.meta.variance {
                 // another variant: its own (secondary) slot
                 slot = slots
@@ -547,6 +509,12 @@ impl MemoryStorage {
     }
 }
 
+/// A new URL's row, with room for one variant: most URLs have one, and `Vec`'s first growth
+/// would make room for four (120 bytes per entry that nothing uses).
+fn one_slot() -> Vec<Slot> {
+    Vec::with_capacity(1)
+}
+
 /// The primary key text of `key`: what bans match, kept with the entry.
 fn url_of(key: &CacheKey) -> Arc<str> {
     Arc::from(key.primary_key_str().unwrap_or(""))
@@ -562,11 +530,13 @@ fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey
 
 mod backend;
 mod fill;
+mod header;
 mod hit;
 mod listing;
 mod sweep;
 pub use listing::{Cursor, KeyInfo, Listed};
 
+pub use header::StoredHeader;
 pub use hit::{validated, CompleteHit};
 pub use sweep::{split_url, SweepReport};
 

@@ -69,7 +69,7 @@ impl MemoryStorage {
                 // next pass applies that record again (a soft purge marked stale twice)
                 let covered = validity.published().max(upto);
                 let (validated, by) = (e.meta.updated, e.meta.validated_by);
-                match validity.check(host, path, validated, by, &e.meta.header.headers, checked) {
+                match validity.check(host, path, validated, by, &e.meta.header, checked) {
                     Verdict::Valid => {
                         e.checked.fetch_max(covered, Ordering::AcqRel);
                     }

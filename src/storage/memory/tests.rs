@@ -1,5 +1,6 @@
 use pingora_cache::storage::{HitHandler, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType, Storage};
 use pingora_error::Result;
+use pingora_http::ResponseHeader;
 
 use super::*;
 use crate::purge::{Purge, Validity};
