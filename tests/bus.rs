@@ -197,6 +197,41 @@ async fn purges_made_while_the_broker_is_down_reach_every_corral_when_it_is_back
     assert!(a.log_text().contains("message bus connected"));
 }
 
+/// A corral that only consumes, whose connection dies without a reset (a broker host gone, a
+/// firewall that forgets the connection), learns it from the AMQP heartbeat corral asks for,
+/// reconnects, and applies what was published meanwhile. With RabbitMQ's own 60 s heartbeat
+/// it would stay connected to nothing for two minutes, deaf to purges.
+#[tokio::test]
+async fn a_consumer_whose_connection_dies_silently_reconnects_and_applies_the_purges() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let paths: Vec<String> = (0..5).map(|i| format!("/silent/{i}")).collect();
+    pages(&origin, &paths);
+    let relay = Relay::start(rabbit.addr).await;
+    let a = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "")).await;
+    let c_url = format!("amqp://guest:guest@{}/%2f", relay.addr);
+    let c = Proxy::start_on(loopback(), origin.addr, bus(&c_url, "")).await;
+    connected(&a).await;
+    connected(&c).await;
+    warm(&c, &paths).await;
+    relay.stall();
+    let stalled = Instant::now();
+    for p in &paths {
+        assert_eq!(purge(&a, p).await.status, 200, "{p}");
+    }
+    eventually(
+        Duration::from_secs(50),
+        "C notices its dead connection, reconnects and applies the purges",
+        || async { counter(&c, APPLIED).await == paths.len() as f64 },
+    )
+    .await;
+    eprintln!("applied at C {:?} after its link stalled", stalled.elapsed());
+    for p in &paths {
+        assert!(get(&c, p).await.cache.contains("fwd=miss"), "{p}");
+    }
+}
+
 #[tokio::test]
 async fn a_corral_stopped_while_purges_are_published_applies_them_from_its_queue() {
     let _serial = SERIAL.lock().await;

@@ -328,6 +328,49 @@ pub(super) fn append_forwarded_for(req: &mut RequestHeader, ip: std::net::IpAddr
 mod tests {
     use super::*;
 
+    fn stored(fields: &[(&str, &str)]) -> StoredHeader {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        for (k, v) in fields {
+            h.append_header(k.to_string(), *v).unwrap();
+        }
+        StoredHeader::new(&h)
+    }
+
+    #[test]
+    fn a_fast_hit_header_strips_what_is_configured_and_adds_date_and_connection() {
+        let s = stored(&[
+            ("content-length", "3"),
+            ("xkey", "a b"),
+            ("Surrogate-Control", "max-age=60"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ]);
+        let h = wire_fields(&s, true, true);
+        assert!(!h.contains_key("xkey") && !h.contains_key("surrogate-control"));
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(h["connection"], "keep-alive");
+        assert!(h.contains_key("date"));
+        // room for Age and Cache-Status: adding them does not grow the map
+        let capacity = h.capacity();
+        let mut h = h;
+        h.insert(header::AGE, HeaderValue::from_static("1"));
+        h.insert("cache-status", HeaderValue::from_static("corral; hit"));
+        assert_eq!(h.capacity(), capacity);
+
+        let kept = wire_fields(&s, false, false);
+        assert_eq!(kept["xkey"], "a b");
+        assert_eq!(kept["surrogate-control"], "max-age=60");
+    }
+
+    #[test]
+    fn a_fast_hit_header_keeps_the_origin_date_and_connection() {
+        let s = stored(&[("date", "Mon, 30 Nov 2026 00:00:00 GMT"), ("connection", "close")]);
+        let h = wire_fields(&s, true, true);
+        assert_eq!(h["date"], "Mon, 30 Nov 2026 00:00:00 GMT");
+        assert_eq!(h.get_all("connection").iter().count(), 1);
+        assert_eq!(h["connection"], "close");
+    }
+
     #[test]
     fn the_client_behind_a_trusted_proxy_is_the_last_untrusted_address_or_unknown() {
         let trusts = |ip: std::net::IpAddr| ip.is_loopback();

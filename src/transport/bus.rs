@@ -43,6 +43,19 @@ const QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3600 * 1000;
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The longest a session's set-up (channels, exchange, queue, binding, consumer) may take
+/// once connected. Each step waits for the broker's answer, and a broker that is still
+/// recovering its queues, or a connection that died without a reset, may never give one: the
+/// attempt is then closed and retried, instead of waiting for ever with the outbox held.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The AMQP heartbeat corral asks for (seconds) unless `bus.amqp_url` sets one: the broker and
+/// corral each declare the connection dead after missing two. A corral that only consumes
+/// learns that its connection died from the heartbeat alone (a broker host that vanished, a
+/// firewall that dropped the connection); RabbitMQ's 60 s default would leave it deaf to
+/// purges for two minutes.
+const HEARTBEAT_SECS: u16 = 10;
+
 pub struct Bus {
     cfg: BusConfig,
     /// This corral's queue.
@@ -132,15 +145,56 @@ impl Bus {
     }
 
     async fn session(&'static self, inbox: &'static Inbox) -> Result<(), String> {
+        let conn = self.connect().await?;
+        let step = parking_lot::Mutex::new("open a channel");
+        let (publish, consumer) = match tokio::time::timeout(SETUP_TIMEOUT, self.set_up(&conn, &step)).await {
+            Ok(Ok(set)) => set,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e,
+                    _ => format!(
+                        "{}: no answer from the broker within {SETUP_TIMEOUT:?}",
+                        step.lock()
+                    ),
+                };
+                // closed, not only dropped: lapin keeps a connection whose close is not sent
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "set-up failed")).await;
+                return Err(why);
+            }
+        };
+        self.set_connected(true, None);
+        let result = tokio::select! {
+            r = self.publish_loop(&publish) => r,
+            r = self.consume_loop(consumer, inbox) => r,
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "corral reconnects")).await;
+        result
+    }
+
+    /// Connect to the broker, with [`HEARTBEAT_SECS`] unless the URL sets a heartbeat.
+    async fn connect(&self) -> Result<Connection, String> {
         let props = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
-        let connect = Connection::connect(&self.cfg.amqp_url, props);
-        let conn = tokio::time::timeout(self.cfg.confirm_timeout.max(Duration::from_secs(1)), connect)
+        // checked when the configuration was read
+        let mut uri: lapin::uri::AMQPUri = self.cfg.amqp_url.parse()?;
+        uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
+        let connect = Connection::connect_uri(uri, props);
+        tokio::time::timeout(self.cfg.confirm_timeout.max(Duration::from_secs(1)), connect)
             .await
             .map_err(|_| "connect: timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| format!("connect: {e}"))
+    }
+
+    /// Declare the exchange and this corral's queue, bind it, and start consuming; `step` says
+    /// which step is waiting for the broker.
+    async fn set_up(
+        &self,
+        conn: &Connection,
+        step: &parking_lot::Mutex<&'static str>,
+    ) -> Result<(Channel, lapin::Consumer), String> {
         let publish = conn.create_channel().await.map_err(|e| e.to_string())?;
+        *step.lock() = "declare the exchange";
         publish
             .exchange_declare(
                 &self.cfg.exchange,
@@ -153,11 +207,14 @@ impl Bus {
             )
             .await
             .map_err(|e| format!("exchange {}: {e}", self.cfg.exchange))?;
+        *step.lock() = "select publisher confirms";
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| e.to_string())?;
+        *step.lock() = "open the consumer's channel";
         let consume = conn.create_channel().await.map_err(|e| e.to_string())?;
+        *step.lock() = "declare the queue";
         let mut args = FieldTable::default();
         args.insert(
             "x-max-length".into(),
@@ -178,6 +235,7 @@ impl Bus {
             )
             .await
             .map_err(|e| format!("queue {}: {e}", self.queue))?;
+        *step.lock() = "bind the queue";
         consume
             .queue_bind(
                 &self.queue,
@@ -192,6 +250,7 @@ impl Bus {
             .basic_qos(256, BasicQosOptions::default())
             .await
             .map_err(|e| e.to_string())?;
+        *step.lock() = "start consuming";
         let tag = format!("corral-{}", purge::corral_id());
         let consumer = consume
             .basic_consume(
@@ -202,13 +261,7 @@ impl Bus {
             )
             .await
             .map_err(|e| e.to_string())?;
-        self.set_connected(true, None);
-        let result = tokio::select! {
-            r = self.publish_loop(&publish) => r,
-            r = self.consume_loop(consumer, inbox) => r,
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "corral reconnects")).await;
-        result
+        Ok((publish, consumer))
     }
 
     /// Publish the outbox, in order, one confirmed message at a time.

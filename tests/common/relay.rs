@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 pub struct Relay {
@@ -13,6 +14,7 @@ pub struct Relay {
     open: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     refused: Arc<AtomicUsize>,
+    stall: Arc<Notify>,
 }
 
 impl Relay {
@@ -22,7 +24,8 @@ impl Relay {
         let open = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let refused = Arc::new(AtomicUsize::new(0));
-        let (o, c, r) = (open.clone(), conns.clone(), refused.clone());
+        let stall = Arc::new(Notify::new());
+        let (o, c, r, st) = (open.clone(), conns.clone(), refused.clone(), stall.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
@@ -30,9 +33,17 @@ impl Relay {
                     r.fetch_add(1, Ordering::SeqCst);
                     continue;
                 }
+                let stalled = st.clone();
                 let task = tokio::spawn(async move {
                     if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = stalled.notified() => {
+                                // both ends held open, nothing carried: a link that died
+                                // without a reset
+                                std::future::pending::<()>().await;
+                            }
+                        }
                     }
                 });
                 c.lock().unwrap().push(task.abort_handle());
@@ -43,7 +54,15 @@ impl Relay {
             open,
             conns,
             refused,
+            stall,
         }
+    }
+
+    /// Stop carrying anything on the connections open now, and keep them open: neither end
+    /// learns that the link is dead, except by a timeout of its own. New connections are
+    /// carried as before.
+    pub fn stall(&self) {
+        self.stall.notify_waiters();
     }
 
     /// Cut every connection through the relay, and refuse new ones until [`Self::restore`].
