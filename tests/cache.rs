@@ -354,6 +354,97 @@ async fn bypass_rule_and_default_ttl_rule() {
     assert_eq!(origin.hits("/other"), 2, "no lifetime, no rule: not stored");
 }
 
+/// RFC 9111 §4.3.4: a 304 that brings fields the stored response did not have makes the entry
+/// heavier, and L1 charges it. Before, the entry kept the weight of its first response: an
+/// origin could grow every entry by up to the header limit, uncounted.
+#[tokio::test]
+async fn a_304_that_adds_fields_is_charged_for_them() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+    let big = "b".repeat(20 * 1024);
+    origin.route("/grow", move |s| {
+        let etag = "\"v1\"";
+        if s.headers.get("if-none-match").is_some_and(|v| v == etag) {
+            Reply::ok("")
+                .status(304)
+                .header("etag", etag)
+                .header("cache-control", "max-age=60")
+                .header("x-big", &big)
+        } else {
+            Reply::ok("0123456789")
+                .header("etag", etag)
+                .header("cache-control", "max-age=1")
+        }
+    });
+    assert_eq!(get(&proxy.url("/grow")).await.body, "0123456789");
+    let (entries, before, _) = proxy.stats().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let max-age=1 run out
+    let reval = get(&proxy.url("/grow")).await;
+    assert!(reval.cache.contains("fwd-status=304"), "{}", reval.cache);
+    assert_eq!(reval.headers["x-big"].len(), 20 * 1024);
+    let (entries_after, after, _) = proxy.stats().await;
+    assert_eq!(entries_after, entries);
+    assert!(after >= before + 20 * 1024, "L1 bytes {before} -> {after}");
+    let hit = get(&proxy.url("/grow")).await;
+    assert!(hit.cache.starts_with("corral; hit"), "{}", hit.cache);
+    assert_eq!(origin.hits("/grow"), 2);
+}
+
+/// The same, at the budget's edge: the eviction manager learns the new weight, and evicts to
+/// stay within `memory_bytes` (each policy).
+#[tokio::test]
+async fn a_304_that_grows_an_entry_past_the_budget_evicts() {
+    for policy in ["lru", "tinyufo"] {
+        let conf = Conf::default()
+            .cache("grace = \"0s\"")
+            .cache("memory_bytes = \"24KiB\"")
+            .cache("max_object_bytes = \"4KiB\"")
+            .cache(&format!("eviction = \"{policy}\""));
+        let (origin, proxy) = setup(conf).await;
+        let big = "b".repeat(16 * 1024);
+        origin.route("/grow", move |s| {
+            if s.headers.get("if-none-match").is_some_and(|v| v == "\"v1\"") {
+                Reply::ok("")
+                    .status(304)
+                    .header("etag", "\"v1\"")
+                    .header("cache-control", "max-age=60")
+                    .header("x-big", &big)
+            } else {
+                Reply::ok("0123456789")
+                    .header("etag", "\"v1\"")
+                    .header("cache-control", "max-age=1")
+            }
+        });
+        for i in 0..4 {
+            origin.route(&format!("/small/{i}"), |_| {
+                Reply::ok("small").header("cache-control", "max-age=60")
+            });
+        }
+        get(&proxy.url("/grow")).await;
+        for i in 0..4 {
+            get(&proxy.url(&format!("/small/{i}"))).await;
+        }
+        let (entries, before, limit) = proxy.stats().await;
+        assert_eq!(entries, 5, "{policy}: all fit ({before} of {limit} bytes)");
+        assert!(
+            before + 16 * 1024 > limit,
+            "{policy}: the 304 must pass the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await; // let max-age=1 run out
+        let reval = get(&proxy.url("/grow")).await;
+        assert!(
+            reval.cache.contains("fwd-status=304"),
+            "{policy}: {}",
+            reval.cache
+        );
+        let (entries, after, _) = proxy.stats().await;
+        assert!(
+            after <= limit,
+            "{policy}: L1 holds {after} bytes, over its {limit}"
+        );
+        assert!(entries < 5, "{policy}: something was evicted ({entries} entries)");
+    }
+}
+
 #[tokio::test]
 async fn stale_entry_is_revalidated_and_304_refreshes_stored_headers() {
     let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;

@@ -431,9 +431,19 @@ impl Storage for Tiered {
         &'static self,
         key: &CacheKey,
         meta: &CacheMeta,
-        trace: &SpanHandle,
+        _trace: &SpanHandle,
     ) -> Result<bool> {
-        let updated = self.l1.update_meta(key, meta, trace).await?;
+        let weights = self.l1.revalidate(key, meta);
+        if let Some((_, weight)) = weights.filter(|(old, new)| old != new) {
+            // a 304 that changed the header's size: the eviction manager weighs it again, and
+            // may evict for it (this entry too, if it no longer fits)
+            let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
+            for evicted in self.eviction.admit(entry, weight, meta.fresh_until()) {
+                let k = evicted.key();
+                self.l1.remove_variant(k.primary, k.variance_bin());
+            }
+        }
+        let updated = weights.is_some();
         if let (Some(l2), Some(body)) = (&self.l2, self.l1.body_of(key)) {
             // a 304 refreshed the entry: refresh the shared copy too
             let mk = l2.key(&key.combined());

@@ -132,29 +132,15 @@ impl Storage for MemoryStorage {
         Ok(PurgeOutcome::Expired)
     }
 
+    /// The 304's header in place ([`MemoryStorage::revalidate`]). The eviction manager is not
+    /// told of a new weight here: [`crate::storage::Tiered`] does it.
     async fn update_meta(
         &'static self,
         key: &CacheKey,
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<bool> {
-        let Some(mut slots) = self.table.get_mut(&key.primary_bin()) else {
-            return Ok(false);
-        };
-        let variance = key.variance_bin();
-        let Some(entry) = slots
-            .iter_mut()
-            .find(|s| s.variance == variance)
-            .and_then(|s| s.entry.as_mut())
-        else {
-            return Ok(false);
-        };
-        let updated = entry.with_meta(MetaParts::from_meta(meta));
-        let validated = updated.meta.updated;
-        *entry = updated;
-        drop(slots);
-        self.note_insert(validated);
-        Ok(true)
+        Ok(self.revalidate(key, meta).is_some())
     }
 
     fn support_streaming_partial_write(&self) -> bool {

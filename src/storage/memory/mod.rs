@@ -125,7 +125,7 @@ struct Stored {
 
 impl Stored {
     fn new(meta: MetaParts, body: Bytes, url: Arc<str>, generation: u64) -> Arc<Stored> {
-        let weight = body.len() + meta.header.bytes() + url.len() + ENTRY_OVERHEAD;
+        let weight = Self::weigh(&meta, &body, &url);
         Arc::new(Stored {
             meta,
             body,
@@ -137,19 +137,23 @@ impl Stored {
         })
     }
 
+    /// What an entry of this header, body and URL is charged against `memory_bytes`.
+    fn weigh(meta: &MetaParts, body: &Bytes, url: &str) -> usize {
+        body.len() + meta.header.bytes() + url.len() + ENTRY_OVERHEAD
+    }
+
     /// Count a lookup that found this entry.
     fn hit(&self) {
         self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The same body under new metadata. The weight stays what the eviction manager was told:
-    /// a 304 or a soft purge changes headers only. New headers mean new checks.
-    fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
+    /// The same body under new metadata, weighing `weight`. New headers mean new checks.
+    fn with_meta(&self, meta: MetaParts, weight: usize) -> Arc<Stored> {
         Arc::new(Stored {
             meta,
             body: self.body.clone(),
             url: self.url.clone(),
-            weight: self.weight,
+            weight,
             generation: self.generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(self.hits.load(Ordering::Relaxed)),
@@ -160,7 +164,8 @@ impl Stored {
     fn expired(&self, at: SystemTime) -> Arc<Stored> {
         let mut meta = self.meta.clone();
         meta.fresh_until = meta.fresh_until.min(at - Duration::from_millis(1));
-        let stale = self.with_meta(meta);
+        // the same header: the weight the eviction manager was told
+        let stale = self.with_meta(meta, self.weight);
         stale
             .checked
             .store(self.checked.load(Ordering::Acquire), Ordering::Release);
@@ -392,6 +397,30 @@ impl MemoryStorage {
         drop(slots);
         self.note_insert(validated);
         weight
+    }
+
+    /// Put the header of a 304 that revalidated the committed entry for `key` in place
+    /// (RFC 9111 §4.3.4), and weigh the entry again: a 304 may bring fields the stored
+    /// response did not have, and they are charged like any others. Returns the entry's
+    /// weights before and after, or `None` if there is no such entry.
+    pub fn revalidate(&self, key: &CacheKey, meta: &CacheMeta) -> Option<(usize, usize)> {
+        let mut slots = self.table.get_mut(&key.primary_bin())?;
+        let variance = key.variance_bin();
+        let entry = slots
+            .iter_mut()
+            .find(|s| s.variance == variance)
+            .and_then(|s| s.entry.as_mut())?;
+        let parts = MetaParts::from_meta(meta);
+        let (old, new) = (entry.weight, Stored::weigh(&parts, &entry.body, &entry.url));
+        let updated = entry.with_meta(parts, new);
+        let validated = updated.meta.updated;
+        *entry = updated;
+        // under the row's lock, as every other change of the count
+        self.bytes.fetch_add(new, Ordering::Relaxed);
+        self.bytes.fetch_sub(old, Ordering::Relaxed);
+        drop(slots);
+        self.note_insert(validated);
+        Some((old, new))
     }
 
     /// The body of the committed entry for `key`, if any (to re-store it after a 304).
