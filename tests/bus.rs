@@ -220,8 +220,11 @@ async fn a_consumer_whose_connection_dies_silently_reconnects_and_applies_the_pu
     for p in &paths {
         assert_eq!(purge(&a, p).await.status, 200, "{p}");
     }
+    // C's lapin drops the dead connection after 20 s of silence and C reconnects; the purges
+    // were delivered to the old consumer, and reach the new one once the broker drops the old
+    // connection on the same heartbeat: about 30 s in all (two minutes without the fix)
     eventually(
-        Duration::from_secs(50),
+        Duration::from_secs(75),
         "C notices its dead connection, reconnects and applies the purges",
         || async { counter(&c, APPLIED).await == paths.len() as f64 },
     )

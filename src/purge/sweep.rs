@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use pingora_cache::eviction::EvictionManager;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 

@@ -67,6 +67,20 @@ impl Eviction {
         }
     }
 
+    /// A new weight for an entry the manager holds now (a 304 changed its header), and what
+    /// that pushes out, the entry itself included if it no longer fits. An entry the manager
+    /// does not hold is left alone: it was evicted or purged, its removal from L1 is on its
+    /// way, and tracking it again would leave a weight nothing removes.
+    pub fn reweigh(&self, item: CacheEntryKey, size: usize, fresh_until: SystemTime) -> Vec<CacheEntryKey> {
+        match self {
+            // the LRU's own lock is per shard: a purge between the two calls is re-tracked,
+            // as a fill's admission racing one is
+            Eviction::Lru(m) if m.peek_weight(&item).is_some() => m.admit(item, size, fresh_until),
+            Eviction::Lru(_) => Vec::new(),
+            Eviction::TinyUfo(m) => m.admitted(m.put_if(item, size.max(1), true)),
+        }
+    }
+
     fn inner(&self) -> &dyn EvictionManager {
         match self {
             Eviction::Lru(m) => m,
@@ -207,6 +221,12 @@ impl Ufo {
     /// Put `item` with `bytes` (0: a place holder) and return what TinyUFO pushed out, the
     /// item itself if it was not admitted.
     fn put(&self, item: CacheEntryKey, bytes: usize) -> Vec<CacheEntryKey> {
+        self.put_if(item, bytes, false)
+    }
+
+    /// [`Self::put`]; with `held`, only if TinyUFO holds the item now (not a place holder),
+    /// decided under the same lock as the put.
+    fn put_if(&self, item: CacheEntryKey, bytes: usize, held: bool) -> Vec<CacheEntryKey> {
         let Ok(units) = u16::try_from(bytes.div_ceil(UNIT).max(1)) else {
             // too large for TinyUFO's weights: never kept, and a smaller copy it held before
             // becomes a place holder
@@ -220,7 +240,11 @@ impl Ufo {
         let _one = self.puts.lock();
         // a refill of a held entry replaces it: count the old bytes out first (`get` counts
         // as a use, as the refill is one)
-        if let Some(old) = self.ufo.get(&k) {
+        let old = self.ufo.get(&k);
+        if held && old.as_ref().is_none_or(|t| t.bytes == 0) {
+            return Vec::new();
+        }
+        if let Some(old) = old {
             self.gone(&old, false);
         }
         if bytes > 0 {
@@ -467,6 +491,27 @@ mod tests {
         assert!(!m.access(&key(2), 1024, SystemTime::now()));
         assert_eq!((m.total_size(), m.total_items()), (1024, 1));
         assert!(m.access(&key(1), 1024, SystemTime::now()), "the one kept is held");
+    }
+
+    /// A 304 weighs an entry again; one the manager no longer holds (purged, or evicted with
+    /// its removal from L1 on its way) stays untracked.
+    #[test]
+    fn reweigh_changes_a_held_entry_and_leaves_a_gone_one_alone() {
+        for policy in [Policy::Lru, Policy::Tinyufo] {
+            let m = Eviction::new(policy, 1 << 20, 1024);
+            assert!(m.admit(key(1), 1000, SystemTime::now()).is_empty());
+            assert!(m.reweigh(key(1), 5000, SystemTime::now()).is_empty());
+            assert_eq!((m.total_size(), m.total_items()), (5000, 1), "{policy:?}");
+            m.remove(CacheEntryKeyRef::from(&key(1)));
+            assert!(m.reweigh(key(1), 7000, SystemTime::now()).is_empty());
+            assert_eq!((m.total_size(), m.total_items()), (0, 0), "{policy:?}: purged");
+            assert!(m.reweigh(key(2), 7000, SystemTime::now()).is_empty());
+            assert_eq!(
+                (m.total_size(), m.total_items()),
+                (0, 0),
+                "{policy:?}: never held"
+            );
+        }
     }
 
     #[test]

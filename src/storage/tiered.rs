@@ -17,6 +17,7 @@ use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::Result;
 
+use super::eviction::Eviction;
 use super::memcached::{Stored, L2};
 use super::memory::{self, CompleteHit, MemoryStorage, MetaParts};
 use super::record;
@@ -29,7 +30,7 @@ use crate::purge::{Validity, Verdict};
 pub struct Tiered {
     pub l1: &'static MemoryStorage,
     /// L1's eviction manager: promotions from L2 are admitted (and evict) like fills.
-    pub(crate) eviction: &'static (dyn EvictionManager + Sync),
+    pub(crate) eviction: &'static Eviction,
     /// Ban and tag records, where records pulled from memcached's purge log go.
     pub(crate) validity: &'static Validity,
     /// Follows memcached's purge log and namespace generation into `validity` and L1.
@@ -55,7 +56,7 @@ pub struct Tiered {
 impl Tiered {
     pub fn new(
         l1: &'static MemoryStorage,
-        eviction: &'static (dyn EvictionManager + Sync),
+        eviction: &'static Eviction,
         validity: &'static Validity,
         l2: Option<L2>,
         lock_timeout: Duration,
@@ -433,18 +434,20 @@ impl Storage for Tiered {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<bool> {
-        let weights = self.l1.revalidate(key, meta);
-        if let Some((_, weight)) = weights.filter(|(old, new)| old != new) {
+        let Some((old, weight, body)) = self.l1.revalidate(key, meta) else {
+            return Ok(false);
+        };
+        if weight != old {
             // a 304 that changed the header's size: the eviction manager weighs it again, and
             // may evict for it (this entry too, if it no longer fits)
             let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
-            for evicted in self.eviction.admit(entry, weight, meta.fresh_until()) {
+            for evicted in self.eviction.reweigh(entry, weight, meta.fresh_until()) {
                 let k = evicted.key();
                 self.l1.remove_variant(k.primary, k.variance_bin());
             }
         }
-        let updated = weights.is_some();
-        if let (Some(l2), Some(body)) = (&self.l2, self.l1.body_of(key)) {
+        // the body the 304 validated, even if L1 just let it go
+        if let Some(l2) = &self.l2 {
             // a 304 refreshed the entry: refresh the shared copy too
             let mk = l2.key(&key.combined());
             let write = L2Write {
@@ -461,7 +464,7 @@ impl Storage for Tiered {
             let l2 = l2.clone();
             tokio::spawn(async move { self.write_l2(&l2, write).await });
         }
-        Ok(updated)
+        Ok(true)
     }
 
     fn support_streaming_partial_write(&self) -> bool {

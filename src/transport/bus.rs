@@ -50,7 +50,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The AMQP heartbeat corral asks for (seconds) unless `bus.amqp_url` sets one: the broker and
-/// corral each declare the connection dead after missing two. A corral that only consumes
+/// corral each declare the connection dead after missing two. (`heartbeat=0` in the URL does
+/// not turn it off: lapin then takes the broker's value.) A corral that only consumes
 /// learns that its connection died from the heartbeat alone (a broker host that vanished, a
 /// firewall that dropped the connection); RabbitMQ's 60 s default would leave it deaf to
 /// purges for two minutes.
@@ -246,6 +247,7 @@ impl Bus {
             )
             .await
             .map_err(|e| e.to_string())?;
+        *step.lock() = "set the prefetch";
         consume
             .basic_qos(256, BasicQosOptions::default())
             .await

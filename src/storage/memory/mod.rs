@@ -402,8 +402,8 @@ impl MemoryStorage {
     /// Put the header of a 304 that revalidated the committed entry for `key` in place
     /// (RFC 9111 §4.3.4), and weigh the entry again: a 304 may bring fields the stored
     /// response did not have, and they are charged like any others. Returns the entry's
-    /// weights before and after, or `None` if there is no such entry.
-    pub fn revalidate(&self, key: &CacheKey, meta: &CacheMeta) -> Option<(usize, usize)> {
+    /// weights before and after, and its body; `None` if there is no such entry.
+    pub fn revalidate(&self, key: &CacheKey, meta: &CacheMeta) -> Option<(usize, usize, Bytes)> {
         let mut slots = self.table.get_mut(&key.primary_bin())?;
         let variance = key.variance_bin();
         let entry = slots
@@ -413,25 +413,14 @@ impl MemoryStorage {
         let parts = MetaParts::from_meta(meta);
         let (old, new) = (entry.weight, Stored::weigh(&parts, &entry.body, &entry.url));
         let updated = entry.with_meta(parts, new);
-        let validated = updated.meta.updated;
+        let (validated, body) = (updated.meta.updated, updated.body.clone());
         *entry = updated;
         // under the row's lock, as every other change of the count
         self.bytes.fetch_add(new, Ordering::Relaxed);
         self.bytes.fetch_sub(old, Ordering::Relaxed);
         drop(slots);
         self.note_insert(validated);
-        Some((old, new))
-    }
-
-    /// The body of the committed entry for `key`, if any (to re-store it after a 304).
-    pub fn body_of(&self, key: &CacheKey) -> Option<Bytes> {
-        let slots = self.table.get(&key.primary_bin())?;
-        let variance = key.variance_bin();
-        slots
-            .iter()
-            .find(|s| s.variance == variance)
-            .and_then(|s| s.entry.as_ref())
-            .map(|e| e.body.clone())
+        Some((old, new, body))
     }
 
     /// The stored entry `req` would be answered with, for the primary `key`, if it is
