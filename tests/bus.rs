@@ -21,9 +21,13 @@ fn loopback() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
+/// The bus section of a test corral. `confirm_timeout` is the default's 2 s: with 500 ms, a
+/// broker just started or restarted (on a loaded 2-core machine) sometimes confirmed the first
+/// purge too late, and a confirm that times out ends the session (a 503, then a reconnection
+/// with back-off; over and over while the broker stays slow).
 fn bus(amqp_url: &str, extra: &str) -> Conf {
     Conf::default().section(&format!(
-        "[bus]\namqp_url = \"{amqp_url}\"\nexchange = \"corral.test\"\nconfirm_timeout = \"500ms\"\n{extra}"
+        "[bus]\namqp_url = \"{amqp_url}\"\nexchange = \"corral.test\"\nconfirm_timeout = \"2s\"\n{extra}"
     ))
 }
 

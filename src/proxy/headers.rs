@@ -89,13 +89,13 @@ impl RequestFields {
 /// send them, and room for the two fields the hit adds (`Age`, `Cache-Status`), so that the
 /// map never grows.
 pub(super) fn wire_fields(stored: &StoredHeader, strip: bool, strip_targeted: bool) -> http::HeaderMap {
-    let is_tag = |n: &http::HeaderName| purge::TAG_HEADERS.iter().any(|(t, _)| n.as_str() == *t);
-    let is_targeted = |n: &http::HeaderName| {
-        crate::policy::targeted_headers()
-            .iter()
-            .any(|t| n.as_str().eq_ignore_ascii_case(t))
+    use crate::storage::memory::{is_tag, is_targeted};
+    // most heads carry nothing to strip: no test per field for them
+    let mut h = if (strip || strip_targeted) && stored.strippable() {
+        stored.map(4, |n| !(strip && is_tag(n) || strip_targeted && is_targeted(n)))
+    } else {
+        stored.map(4, |_| true)
     };
-    let mut h = stored.map(4, |n| !(strip && is_tag(n) || strip_targeted && is_targeted(n)));
     if !h.contains_key(header::DATE) {
         h.insert(
             header::DATE,

@@ -60,6 +60,9 @@ const KNOWN: [HeaderName; 24] = {
 pub struct StoredHeader {
     status: StatusCode,
     version: Version,
+    /// Carries a tag header or a targeted cache-control field (RFC 9213): the only fields a
+    /// hit may strip, so a hit filters the others only if this is set.
+    strippable: bool,
     /// Only when it is not the status's canonical one.
     reason: Option<Box<str>>,
     fields: Box<[(HeaderName, HeaderValue)]>,
@@ -93,6 +96,7 @@ impl StoredHeader {
         StoredHeader {
             status: h.status,
             version: h.version,
+            strippable: h.headers.keys().any(|n| is_tag(n) || is_targeted(n)),
             reason: (reason != h.status.canonical_reason()).then(|| reason.unwrap_or("").into()),
             fields,
         }
@@ -100,6 +104,11 @@ impl StoredHeader {
 
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// Whether a tag header or a targeted cache-control field is among the fields.
+    pub fn strippable(&self) -> bool {
+        self.strippable
     }
 
     /// Approximate bytes held: names, values and the pairs, and an allocation for each name
@@ -148,6 +157,19 @@ impl StoredHeader {
     }
 }
 
+/// A purge tag header (`xkey`, `Surrogate-Key`, ...).
+pub fn is_tag(name: &HeaderName) -> bool {
+    crate::purge::TAG_HEADERS.iter().any(|(t, _)| name.as_str() == *t)
+}
+
+/// A targeted cache-control field of this process (RFC 9213: `CDN-Cache-Control`,
+/// `Surrogate-Control`, or `cache.targeted_header`, set once at start).
+pub fn is_targeted(name: &HeaderName) -> bool {
+    crate::policy::targeted_headers()
+        .iter()
+        .any(|t| name.as_str().eq_ignore_ascii_case(t))
+}
+
 impl Fields for StoredHeader {
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> + 'a {
         self.fields
@@ -193,6 +215,13 @@ mod tests {
         assert_eq!(s.all("set-cookie").count(), 2);
         assert_eq!(s.first("SET-COOKIE").unwrap(), "b=1");
         assert!(s.has("x-custom") && !s.has("vary"));
+        assert!(!s.strippable());
+        let mut tagged = h.clone();
+        tagged.append_header("xkey", "a").unwrap();
+        assert!(StoredHeader::new(&tagged).strippable());
+        let mut targeted = h;
+        targeted.append_header("CDN-Cache-Control", "max-age=5").unwrap();
+        assert!(StoredHeader::new(&targeted).strippable());
     }
 
     #[test]
