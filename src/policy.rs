@@ -52,6 +52,14 @@ pub fn targeted_headers() -> &'static [&'static str] {
     TARGETED.get().map_or(&STANDARD_TARGETS[..], |v| &v[..])
 }
 
+/// A targeted cache-control field of this process (RFC 9213: `CDN-Cache-Control`,
+/// `Surrogate-Control`, or `cache.targeted_header`, set once at start).
+pub fn is_targeted(name: &http::HeaderName) -> bool {
+    targeted_headers()
+        .iter()
+        .any(|t| name.as_str().eq_ignore_ascii_case(t))
+}
+
 /// The cache-control that decides for corral: the first targeted field with a valid,
 /// non-empty value (RFC 9213 §2.2), and whether it was one; else `Cache-Control`.
 fn deciding_cache_control(resp: &ResponseHeader) -> (Option<CacheControl>, bool) {

@@ -89,7 +89,7 @@ impl RequestFields {
 /// send them, and room for the two fields the hit adds (`Age`, `Cache-Status`), so that the
 /// map never grows.
 pub(super) fn wire_fields(stored: &StoredHeader, strip: bool, strip_targeted: bool) -> http::HeaderMap {
-    use crate::storage::memory::{is_tag, is_targeted};
+    use crate::{policy::is_targeted, purge::is_tag};
     // most heads carry nothing to strip: no test per field for them
     let mut h = if (strip || strip_targeted) && stored.strippable() {
         stored.map(4, |n| !(strip && is_tag(n) || strip_targeted && is_targeted(n)))

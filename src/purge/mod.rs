@@ -242,7 +242,7 @@ pub(crate) use parse::split_tags;
 pub use parse::{is_purge_method, parse};
 pub use pattern::Pattern;
 pub(crate) use validity::{from_millis, millis};
-pub use validity::{has_tag_header, now_stamp, set_clock_offset, Validity, Verdict, TAG_HEADERS};
+pub use validity::{has_tag_header, is_tag, now_stamp, set_clock_offset, Validity, Verdict, TAG_HEADERS};
 
 #[cfg(test)]
 mod tests;

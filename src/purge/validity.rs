@@ -529,9 +529,12 @@ impl Validity {
 
 /// Does this header map carry any tag header? One pass over its names (most carry none).
 pub fn has_tag_header(headers: &impl Fields) -> bool {
-    headers
-        .names()
-        .any(|k| TAG_HEADERS.iter().any(|(name, _)| k.as_str() == *name))
+    headers.names().any(is_tag)
+}
+
+/// A purge tag header (`xkey`, `Surrogate-Key`, ...).
+pub fn is_tag(name: &HeaderName) -> bool {
+    TAG_HEADERS.iter().any(|(t, _)| name.as_str() == *t)
 }
 
 /// The timestamp a purge accepted now is recorded with: a millisecond past any entry validated

@@ -232,7 +232,8 @@ impl Ufo {
             // becomes a place holder
             self.evicted_items.fetch_add(1, Ordering::Relaxed);
             self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
-            let mut out = self.put(item.clone(), 0);
+            // (for a re-weigh, only if held: a place holder for an entry not held is a ghost)
+            let mut out = self.put_if(item.clone(), 0, held);
             out.push(item);
             return out;
         };

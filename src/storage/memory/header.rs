@@ -13,6 +13,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use pingora_http::ResponseHeader;
 
 use crate::fields::Fields;
+use crate::policy::is_targeted;
+use crate::purge::is_tag;
 
 /// Bytes charged per field on top of its name and value: its (name, value) pair.
 const FIELD_OVERHEAD: usize = std::mem::size_of::<(HeaderName, HeaderValue)>();
@@ -155,19 +157,6 @@ impl StoredHeader {
         }
         h
     }
-}
-
-/// A purge tag header (`xkey`, `Surrogate-Key`, ...).
-pub fn is_tag(name: &HeaderName) -> bool {
-    crate::purge::TAG_HEADERS.iter().any(|(t, _)| name.as_str() == *t)
-}
-
-/// A targeted cache-control field of this process (RFC 9213: `CDN-Cache-Control`,
-/// `Surrogate-Control`, or `cache.targeted_header`, set once at start).
-pub fn is_targeted(name: &HeaderName) -> bool {
-    crate::policy::targeted_headers()
-        .iter()
-        .any(|t| name.as_str().eq_ignore_ascii_case(t))
 }
 
 impl Fields for StoredHeader {

@@ -555,7 +555,7 @@ mod listing;
 mod sweep;
 pub use listing::{Cursor, KeyInfo, Listed};
 
-pub use header::{is_tag, is_targeted, StoredHeader};
+pub use header::StoredHeader;
 pub use hit::{validated, CompleteHit};
 pub use sweep::{split_url, SweepReport};
 
