@@ -211,9 +211,9 @@ impl Generations {
         self.header.as_ref()
     }
 
-    /// The upstream answered a request that arrived at `arrived` with generation `value`.
-    /// Returns whether that response may be stored (false: an older generation).
-    pub fn observe(&'static self, value: &str, arrived: SystemTime) -> bool {
+    /// The upstream answered a request sent at `sent` with generation `value`. Returns
+    /// whether that response may be stored (false: an older generation).
+    pub fn observe(&'static self, value: &str, sent: SystemTime) -> bool {
         let seen = self.history.lock().see(value, Instant::now(), self.settle);
         match seen {
             Seen::Same => true,
@@ -249,7 +249,7 @@ impl Generations {
                 false
             }
             Seen::Changed { old, new } => {
-                self.changed(&old, &new, arrived);
+                self.changed(&old, &new, sent);
                 true
             }
         }
@@ -258,13 +258,14 @@ impl Generations {
     /// The upstream moved from `old` to `new`: drop L1 (what was validated before the request
     /// that brought `new` was sent counts as purged; that response itself is stored), and move
     /// memcached's namespace once for the cluster.
-    fn changed(&'static self, old: &str, new: &str, _arrived: SystemTime) {
+    fn changed(&'static self, old: &str, new: &str, sent: SystemTime) {
         let _ = metrics::UPSTREAM_GENERATION.remove_label_values(&[old]);
         metrics::UPSTREAM_GENERATION.with_label_values(&[new]).set(1);
-        // what was validated before now goes: also fills of the old generation that finish
-        // after this; the response that carried the new one gets its validation time after
-        // this (response_cache_filter), and is stored
-        let floor = SystemTime::now();
+        // what was validated before the request that brought `new` left goes, also fills of
+        // the old generation that finish after this. That response is validated as of its
+        // sending (response_cache_filter), so it is stored; answers to requests sent after it
+        // that still carry `old` are superseded, and not stored
+        let floor = sent;
         let detail = format!("the upstream's generation changed from {old:?} to {new:?}");
         self.parts
             .drop_cache_at("upstream-generation", Some(old), Some(new), floor, &detail);
@@ -327,7 +328,7 @@ impl Generations {
         let connector = pingora_core::connectors::http::Connector::new(None);
         let mut failing = false;
         loop {
-            let arrived = SystemTime::now();
+            let sent = SystemTime::now();
             let now = live.load();
             let up = &now.cfg.upstream;
             let host = if host.is_empty() {
@@ -365,7 +366,7 @@ impl Generations {
                         .and_then(|h| answer.head.headers.get(h))
                         .and_then(|v| value_of(v.as_bytes()));
                     if let Some(value) = from_header.or_else(|| value_of(&answer.body)) {
-                        self.observe(value, arrived);
+                        self.observe(value, sent);
                     }
                 }
                 other => {

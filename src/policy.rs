@@ -187,7 +187,9 @@ fn heuristic_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration
 /// Decide whether `resp` (the answer to `req`) may be stored, and build its [`CacheMeta`].
 ///
 /// `resp` is the header as it will be stored: headers that must not be stored (`private="x"`
-/// fields, `Set-Cookie` under `cache_set_cookie`) are removed from it.
+/// fields, `Set-Cookie` under `cache_set_cookie`) are removed from it. `now` is the time the
+/// answer is validated as of: when its request left for the origin (the meta's `updated`,
+/// what purges are compared with, and the epoch its `Age` counts from).
 pub fn response_cacheable(
     req: &RequestHeader,
     mut resp: ResponseHeader,

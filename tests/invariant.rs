@@ -280,6 +280,51 @@ async fn r10_a_purge_of_everything_elsewhere_covers_a_fill_in_progress() {
     assert_ne!(after.body, "v1-aabbbbb");
 }
 
+/// See: the torture test's failure of 2026-11-30. B answers a purge while the origin is
+/// composing the answer that A's fill will store: made before the purge, it reaches A after.
+/// A counted the copy as validated when the answer arrived, after the purge, so neither the
+/// record nor the floor covered it, and A (and B, from memcached) served it fresh for
+/// seconds after the 2xx. A copy is validated when its request left for the origin.
+#[tokio::test]
+async fn a_purge_elsewhere_covers_a_fill_whose_answer_was_made_before_it() {
+    // the 2xx waits until A has the purge or is fenced: what A serves next is the promise
+    let cluster = |mc: &Memcached| {
+        let mut c = conf(&[mc]);
+        c.rules
+            .push_str("max_unconfirmed = \"1s\"\nacknowledge = \"cluster\"\n");
+        c
+    };
+    for how in ["PURGE", "PURGEKEYS", "all"] {
+        let mc = Memcached::start().await;
+        let mut origin = SlowOrigin::holding_the_header().await;
+        let a = Proxy::start(origin.addr, cluster(&mc)).await;
+        let b = Proxy::start(origin.addr, cluster(&mc)).await;
+        let fill = origin.held_fill(&a, SITE.1).await;
+        let method = |m: &str| reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+        let status = match how {
+            "PURGE" => purge(&b, "/slow").await,
+            "PURGEKEYS" => {
+                let request = client().request(method("PURGEKEYS"), b.url("/"));
+                send(request, &[SITE, ("xkey-purge", "slow")]).await.status
+            }
+            _ => {
+                let all = client().post(format!("http://{}/purge/all", b.admin));
+                all.send().await.unwrap().status().as_u16()
+            }
+        };
+        assert_eq!(status, 200, "{how}");
+        assert_eq!(origin.release(fill).await, "v1-aabbbbb", "{how}");
+        for (name, corral) in [("A", &a), ("B", &b)] {
+            let got = get(corral, "/slow").await;
+            assert_ne!(
+                got.body, "v1-aabbbbb",
+                "{how}: {name} served the copy made before the purge ({})",
+                got.cache
+            );
+        }
+    }
+}
+
 /// See: issue 10, item 8. A corral that joins after 600 purges, one record of which is gone
 /// from memcached, used to cover the gap with a floor (everything validated before now
 /// purged: every L2 value a miss). It reads the checkpoint instead, and only the purges'

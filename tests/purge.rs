@@ -327,6 +327,33 @@ async fn a_sweeper_pass(proxy: &Proxy) {
     .await;
 }
 
+/// A purge answered while the origin is composing the answer a fill will store: that answer
+/// was made before the purge (an application changes its content, then purges), so the copy
+/// must not outlive the purge, although it reaches corral after it. corral used to count a
+/// copy as validated when the answer arrived, after the purge, and kept it fresh. It is
+/// validated when its request left for the origin.
+#[tokio::test]
+async fn a_purge_answered_while_the_origin_composes_a_fill_covers_that_fill() {
+    for (method, path, headers) in [
+        ("BAN", "/", &[("x-url", "^/slow$")][..]),
+        ("PURGEKEYS", "/", &[("xkey-purge", "slow")][..]),
+        ("PURGE", "/slow", &[][..]),
+    ] {
+        let mut origin = SlowOrigin::holding_the_header().await;
+        let proxy = Proxy::start(origin.addr, swept()).await;
+        let fill = origin.held_fill(&proxy, SITE).await;
+        assert_eq!(purge(&proxy, method, path, headers).await.status, 200, "{method}");
+        // the sweeper passes meanwhile: nothing in L1 needs the record, but the answer on
+        // its way does
+        a_sweeper_pass(&proxy).await;
+        // the client that asked before the purge gets the answer made before it
+        assert_eq!(origin.release(fill).await, "v1-aabbbbb", "{method}");
+        let after = get(&proxy, "/slow").await;
+        assert_eq!(after.body, "v2-aabbbbb", "{method}: {}", after.cache);
+        assert!(after.cache.contains("fwd=miss"), "{method}: {}", after.cache);
+    }
+}
+
 #[tokio::test]
 async fn a_ban_during_a_slow_fill_still_applies_and_then_expires() {
     let mut origin = SlowOrigin::start().await;

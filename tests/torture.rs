@@ -38,8 +38,11 @@ struct Read {
 }
 
 struct Purged {
+    sent: Instant,
     answered: Instant,
     corral: usize,
+    /// The verb: PURGE (a URL), PURGEKEYS (a tag) or BAN.
+    kind: &'static str,
     path: usize,
     version: u64,
 }
@@ -139,6 +142,7 @@ async fn run(acknowledge: &'static str, purgers: usize) -> Outcome {
     ];
     let corrals = Arc::new(corrals);
     let start = Instant::now();
+    let wall_start = std::time::SystemTime::now();
     let stop = Arc::new(AtomicBool::new(false));
     let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
     // requests that got no HTTP answer at all (a connection closed under them)
@@ -200,21 +204,33 @@ async fn run(acknowledge: &'static str, purgers: usize) -> Outcome {
                 };
                 // every shape of purge that reaches other corrals through the log: a URL (its
                 // L2 copy deleted too), a tag, a ban
-                let request = match dice.roll(3) {
-                    0 => client().request(method(b"PURGE"), corrals[c].url(&format!("/t/{p}"))),
-                    1 => client()
-                        .request(method(b"PURGEKEYS"), corrals[c].url("/"))
-                        .header("xkey-purge", format!("p{p}")),
-                    _ => client()
-                        .request(method(b"BAN"), corrals[c].url("/"))
-                        .header("x-url", format!("^/t/{p}$")),
+                let (kind, request) = match dice.roll(3) {
+                    0 => (
+                        "PURGE",
+                        client().request(method(b"PURGE"), corrals[c].url(&format!("/t/{p}"))),
+                    ),
+                    1 => (
+                        "PURGEKEYS",
+                        client()
+                            .request(method(b"PURGEKEYS"), corrals[c].url("/"))
+                            .header("xkey-purge", format!("p{p}")),
+                    ),
+                    _ => (
+                        "BAN",
+                        client()
+                            .request(method(b"BAN"), corrals[c].url("/"))
+                            .header("x-url", format!("^/t/{p}$")),
+                    ),
                 };
-                let sent = request.header(SITE.0, SITE.1).send().await;
-                if sent.is_ok_and(|r| r.status().is_success()) {
+                let sent = Instant::now();
+                let answer = request.header(SITE.0, SITE.1).send().await;
+                if answer.is_ok_and(|r| r.status().is_success()) {
                     let answered = Instant::now();
                     purges.lock().unwrap().push(Purged {
+                        sent,
                         answered,
                         corral: c,
+                        kind,
                         path: p,
                         version,
                     });
@@ -248,6 +264,9 @@ async fn run(acknowledge: &'static str, purgers: usize) -> Outcome {
     let purges = std::mem::take(&mut *purges.lock().unwrap());
     let (mut strict, mut beyond) = (0, 0);
     let mut worst = Duration::ZERO;
+    // the violations this run fails on (every one under "cluster", those beyond the bound
+    // under "local"): the first ones are printed whole, with the corrals' logs
+    let mut shown = 0;
     for read in reads.iter() {
         for purge in purges
             .iter()
@@ -259,12 +278,18 @@ async fn run(acknowledge: &'static str, purgers: usize) -> Outcome {
                 worst = worst.max(late);
                 if late > BOUND {
                     beyond += 1;
+                }
+                if (late > BOUND || acknowledge == "cluster") && shown < 20 {
+                    shown += 1;
                     eprintln!(
-                        "violation: at {:?}, corral {} /t/{} read {:?} after a purge answered 2xx by corral {} got v{} < v{} ({})",
+                        "violation: at {:?}, corral {} /t/{} read {:?} after a {} sent at {:?} and answered 2xx at {:?} by corral {} got v{} < v{} ({})",
                         read.sent - start,
                         read.corral,
                         read.path,
                         late,
+                        purge.kind,
+                        purge.sent - start,
+                        purge.answered - start,
                         purge.corral,
                         read.version,
                         purge.version,
@@ -272,6 +297,24 @@ async fn run(acknowledge: &'static str, purgers: usize) -> Outcome {
                     );
                 }
                 break;
+            }
+        }
+    }
+    if shown > 0 {
+        for (i, corral) in corrals.iter().enumerate() {
+            eprintln!(
+                "---- corral {i}: warnings, errors and the purge log's events (the run began at {:?} after the Unix epoch) ----",
+                wall_start.duration_since(std::time::UNIX_EPOCH).unwrap()
+            );
+            for line in corral.log_text().lines().filter(|l| {
+                l.contains("WARN")
+                    || l.contains("ERROR")
+                    || l.contains("purge log")
+                    || l.contains("fence")
+                    || l.contains("dropped")
+                    || l.contains("generation")
+            }) {
+                eprintln!("{line}");
             }
         }
     }

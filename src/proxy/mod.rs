@@ -119,6 +119,13 @@ pub struct Ctx {
     /// `response_cache_filter` decided to store the response.
     storing: bool,
     upstream_started: Option<Instant>,
+    /// When the request went to the origin (its last attempt): what the answer is validated
+    /// as of. The origin made it after this, perhaps before a purge that arrives here ahead
+    /// of it, so a later time (the answer's arrival) could escape that purge.
+    upstream_sent: Option<SystemTime>,
+    /// While the answer may still be stored: registered as awaited, so that the purge
+    /// records older than `upstream_sent` stay until it lands ([`memory::Awaited`]).
+    awaited: Option<memory::Awaited>,
     upstream_header_time: Option<Duration>,
     upstream_status: Option<u16>,
     /// Header fields of a 304 that revalidated the stored entry, merged in full into it.
@@ -258,6 +265,8 @@ impl ProxyHttp for Corral {
             purge: false,
             storing: false,
             upstream_started: None,
+            upstream_sent: None,
+            awaited: None,
             upstream_header_time: None,
             upstream_status: None,
             not_modified: None,
@@ -519,6 +528,12 @@ impl ProxyHttp for Corral {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let trusted = peer.is_some_and(|ip| ctx.live.cfg.server.trusts(ip));
         forwarding_headers(upstream_request, peer, trusted, &ctx.host)?;
+        let sent = SystemTime::now();
+        ctx.upstream_sent = Some(sent);
+        if session.cache.enabled() {
+            // the last attempt's registration replaces an earlier one's
+            ctx.awaited = Some(self.parts.storage.l1.awaiting(sent));
+        }
         Ok(())
     }
 
@@ -541,7 +556,8 @@ impl ProxyHttp for Corral {
             if let Some(value) = value {
                 // a new generation drops the cache (this response is stored after the drop);
                 // an older one (mid-deploy) is served and not stored
-                ctx.superseded = !g.observe(value, ctx.arrived);
+                let sent = ctx.upstream_sent.unwrap_or(ctx.arrived);
+                ctx.superseded = !g.observe(value, sent);
             }
         }
         let no_body = matches!(upstream_response.status.as_u16(), 101 | 204 | 304)
@@ -605,7 +621,11 @@ impl ProxyHttp for Corral {
             // every client that sends it the answer to a request without it
             RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(STRIPPED_VARY))
         } else {
-            policy::response_cacheable(session.req_header(), resp, &ctx.policy, SystemTime::now())
+            // validated as of when the request left (RFC 9111 §4.2.3's request_time): an
+            // answer made before a purge must not count as newer than the purge because it
+            // arrived after it
+            let validated = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
+            policy::response_cacheable(session.req_header(), resp, &ctx.policy, validated)
         };
         ctx.storing = decision.is_cacheable();
         if ctx.storing && !self.sites.contains(&ctx.host) && self.sites.len() < MAX_SITES {

@@ -1,10 +1,12 @@
-//! A raw origin whose first answer stalls mid-body until the test lets it go on: a fill in
-//! progress that the test controls (purges during a fill, L2 writes that land late).
+//! A raw origin whose first answer stalls until the test lets it go on: a fill in progress
+//! that the test controls (purges during a fill, L2 writes that land late), stalled mid-body
+//! or, with [`SlowOrigin::holding_the_header`], before its header.
 
 use crate::common::{client, Proxy};
 
 /// A raw origin that sends the header and half of a chunked body (`v<n>-aa`), then waits
-/// for the test before the rest (`bbbbb`); later requests are answered at once.
+/// for the test before the rest (`bbbbb`); later requests are answered at once. Each answer
+/// carries `xkey: slow`.
 pub struct SlowOrigin {
     pub addr: std::net::SocketAddr,
     go_on: Option<tokio::sync::oneshot::Sender<()>>,
@@ -13,6 +15,17 @@ pub struct SlowOrigin {
 
 impl SlowOrigin {
     pub async fn start() -> SlowOrigin {
+        SlowOrigin::launch(false).await
+    }
+
+    /// A slow origin whose first answer is composed (its version taken) as soon as the
+    /// request arrives, and sent, header and all, only when the test lets it go on: content
+    /// made before whatever the test does next, which reaches corral after it.
+    pub async fn holding_the_header() -> SlowOrigin {
+        SlowOrigin::launch(true).await
+    }
+
+    async fn launch(hold_header: bool) -> SlowOrigin {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -29,10 +42,15 @@ impl SlowOrigin {
                     while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
                         let n = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                         let _ = n_tx.send(n);
+                        if n == 1 && hold_header {
+                            if let Some(w) = wait.lock().await.take() {
+                                let _ = w.await;
+                            }
+                        }
                         // chunked, because Pingora holds back up to 1460 bytes of a body of
                         // known length (flushing at its end) but flushes each chunk
                         let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
-                                    Cache-Control: max-age=300\r\n\r\n";
+                                    Cache-Control: max-age=300\r\nXkey: slow\r\n\r\n";
                         if s.write_all(format!("{head}5\r\nv{n}-aa\r\n").as_bytes())
                             .await
                             .is_err()
@@ -72,6 +90,22 @@ impl SlowOrigin {
         let first = fill.chunk().await.unwrap().unwrap();
         assert!(b"v1-aa".starts_with(&first), "{first:?}");
         (fill, first.to_vec())
+    }
+
+    /// Start the first fill of `/slow` at `proxy` ([`SlowOrigin::holding_the_header`]) and
+    /// return once the origin has its request: its answer (`v1`) is made, corral has none of
+    /// it yet. [`SlowOrigin::release`] lets it go.
+    pub async fn held_fill(&mut self, proxy: &Proxy, host: &str) -> tokio::task::JoinHandle<String> {
+        let request = client().get(proxy.url("/slow")).header("host", host);
+        let fill = tokio::spawn(async move { request.send().await.unwrap().text().await.unwrap() });
+        assert_eq!(self.requests.recv().await, Some(1), "the fill is under way");
+        fill
+    }
+
+    /// Send the held answer; the body the fill's client got.
+    pub async fn release(&mut self, fill: tokio::task::JoinHandle<String>) -> String {
+        self.go_on.take().unwrap().send(()).unwrap();
+        fill.await.unwrap()
     }
 
     /// Let the first fill finish; the whole body its client got.

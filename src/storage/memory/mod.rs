@@ -268,6 +268,26 @@ pub struct MemoryStorage {
     /// it ([`pingora_cache::storage::Storage::lookup_streaming_write`]). Entered when the fill starts, left when it
     /// commits or aborts (a drop guard).
     fills: DashMap<u64, Arc<Fill>>,
+    /// Requests gone to the origin whose answers may be stored here, by id, with the time each
+    /// left (ms): such an answer is validated as of then, and may arrive after a purge newer
+    /// than that. Until it becomes a fill, it counts as one for the records the sweeper keeps
+    /// and for the purge log's first read ([`MemoryStorage::awaiting`]).
+    awaited: DashMap<u64, u64>,
+    next_awaited: AtomicU64,
+}
+
+/// A request gone to the origin whose answer may be stored: in [`MemoryStorage`]'s registry
+/// from when it leaves until the request ends (a drop guard).
+#[derive(Debug)]
+pub struct Awaited {
+    l1: &'static MemoryStorage,
+    id: u64,
+}
+
+impl Drop for Awaited {
+    fn drop(&mut self) {
+        self.l1.awaited.remove(&self.id);
+    }
 }
 
 impl Default for MemoryStorage {
@@ -280,6 +300,8 @@ impl Default for MemoryStorage {
             generation: AtomicU64::new(0),
             inserted_min_ms: AtomicU64::new(u64::MAX),
             fills: DashMap::new(),
+            awaited: DashMap::new(),
+            next_awaited: AtomicU64::new(0),
         }
     }
 }
@@ -339,18 +361,25 @@ impl MemoryStorage {
         )
     }
 
-    /// The oldest validation time (ms) of a fill in progress now (`u64::MAX`: none).
-    pub fn fills_min_ms(&self) -> u64 {
-        self.fills
-            .iter()
-            .map(|f| millis(f.value().meta.updated))
-            .min()
-            .unwrap_or(u64::MAX)
+    /// Register a request that left for the origin at `sent` and whose answer may be stored:
+    /// until the guard drops, it counts as a fill in progress validated at `sent`.
+    pub fn awaiting(&'static self, sent: SystemTime) -> Awaited {
+        let id = self.next_awaited.fetch_add(1, Ordering::Relaxed);
+        self.awaited.insert(id, millis(sent));
+        Awaited { l1: self, id }
     }
 
-    /// Fills in progress now.
+    /// The oldest validation time (ms) of a fill in progress now, or of an answer awaited
+    /// from the origin (`u64::MAX`: none).
+    pub fn fills_min_ms(&self) -> u64 {
+        let fills = self.fills.iter().map(|f| millis(f.value().meta.updated));
+        let awaited = self.awaited.iter().map(|a| *a.value());
+        fills.chain(awaited).min().unwrap_or(u64::MAX)
+    }
+
+    /// Fills in progress now, and answers awaited from the origin that may become fills.
     pub fn fills_in_progress(&self) -> usize {
-        self.fills.len()
+        self.fills.len() + self.awaited.len()
     }
 
     /// The oldest validation time (ms) of an entry or fill inserted since the last sweep pass
