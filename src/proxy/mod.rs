@@ -628,6 +628,11 @@ impl ProxyHttp for Corral {
             policy::response_cacheable(session.req_header(), resp, &ctx.policy, validated)
         };
         ctx.storing = decision.is_cacheable();
+        if !ctx.storing {
+            // nothing of this answer will be stored: it holds no purge record back (a
+            // stored one does until its fill is registered, which then does)
+            ctx.awaited = None;
+        }
         if ctx.storing && !self.sites.contains(&ctx.host) && self.sites.len() < MAX_SITES {
             self.sites.insert(ctx.host.clone());
         }

@@ -299,3 +299,24 @@ async fn a_fill_whose_row_a_purge_removed_is_still_found_by_its_writer() {
     assert_eq!(read_all(&mut reader).await.unwrap(), b"body");
     assert_eq!(S.fills_in_progress(), 0, "the fill left the registry");
 }
+
+/// An answer awaited from the origin counts as a fill validated when its request left, until
+/// its guard drops, on every path (here: dropped without ever becoming a fill).
+#[test]
+fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let sent = SystemTime::now() - Duration::from_secs(3);
+    assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
+    let first = S.awaiting(sent);
+    let second = S.awaiting(sent + Duration::from_secs(1));
+    assert_eq!(S.fills_in_progress(), 2);
+    assert_eq!(
+        S.fills_min_ms(),
+        millis(sent),
+        "the oldest one holds records back"
+    );
+    drop(first);
+    assert_eq!(S.fills_min_ms(), millis(sent + Duration::from_secs(1)));
+    drop(second);
+    assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
+}
