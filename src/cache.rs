@@ -48,6 +48,7 @@ impl CacheParts {
             cfg.cache.memory_bytes,
             8192,
         )));
+        l1.set_eviction(eviction);
         let validity: &'static Validity =
             Box::leak(Box::new(Validity::default().with_skew(cfg.purge.clock_skew)));
         let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
@@ -66,9 +67,12 @@ impl CacheParts {
             cfg.cache.hit_for_miss_keys.div_ceil(SHARDS),
             // a response of an older upstream generation (mid-deploy) says nothing about the
             // URL: it is not remembered as uncacheable (hit-for-miss)
-            // ... nor does one that varies on a header a client named in Connection
+            // ... nor does one that varies on a header a client named in Connection, or one that
+            // arrived before a clear
             Some(|reason: &'static str| {
-                reason == crate::generation::SUPERSEDED || reason == crate::proxy::STRIPPED_VARY
+                reason == crate::generation::SUPERSEDED
+                    || reason == crate::proxy::STRIPPED_VARY
+                    || reason == crate::proxy::CLEARED
             }),
         )));
         Box::leak(Box::new(CacheParts {

@@ -867,6 +867,58 @@ async fn memory_bound_holds_after_three_times_memory_bytes() {
     );
 }
 
+/// After a purge of everything (a deploy's generation change does the same), L1 fills again
+/// to its budget. The eviction manager was not told that L1 was emptied: under TinyUFO the
+/// popular entries of before stayed in its main queue with their use counts, weighing the
+/// whole budget, and every new entry was evicted from the small queue at once (about one in
+/// ten kept).
+#[tokio::test]
+async fn after_a_purge_of_everything_the_cache_fills_to_its_budget_again() {
+    for policy in ["tinyufo", "lru"] {
+        let conf = Conf::default()
+            .cache("memory_bytes = \"2MiB\"")
+            .cache("max_object_bytes = \"64KiB\"")
+            .cache(&format!("eviction = \"{policy}\""));
+        let (origin, proxy) = setup(conf).await;
+        let body = "e".repeat(16 * 1024);
+        for set in ["before", "after"] {
+            for i in 0..80 {
+                let b = body.clone();
+                origin.route(&format!("/{set}/{i}"), move |_| cacheable(&b));
+            }
+        }
+        // 80 × 16 KiB fit in 2 MiB; each asked three times (the popular set)
+        for _ in 0..3 {
+            for i in 0..80 {
+                get(&proxy.url(&format!("/before/{i}"))).await;
+            }
+        }
+        let all = client()
+            .post(format!("http://{}/purge/all", proxy.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(all.status(), 200, "{policy}");
+        for i in 0..80 {
+            get(&proxy.url(&format!("/after/{i}"))).await;
+        }
+        let mut hits = 0;
+        for i in 0..80 {
+            if get(&proxy.url(&format!("/after/{i}")))
+                .await
+                .cache
+                .starts_with("corral; hit")
+            {
+                hits += 1;
+            }
+        }
+        assert!(
+            hits >= 72,
+            "{policy}: {hits} of 80 entries that fit the budget were kept after the purge"
+        );
+    }
+}
+
 /// Issue 16: the memory bound as the kernel sees it. corral's own count (the test above)
 /// cannot catch what it under-counts (per-entry bookkeeping, buffers kept alive, the
 /// allocator's waste), so this one reads the process's RSS. A heavy-tailed workload of four

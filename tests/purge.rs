@@ -354,6 +354,23 @@ async fn a_purge_answered_while_the_origin_composes_a_fill_covers_that_fill() {
     }
 }
 
+/// The same for a URL that corral bypasses (hit-for-miss: it once answered `private`) whose
+/// next answer turns out cacheable, and is stored: the cache was bypassed when its request
+/// left, so it was not counted as awaited, and a sweeper pass dropped the ban before it
+/// landed.
+#[tokio::test]
+async fn a_ban_answered_while_a_bypassed_request_awaits_its_answer_covers_it() {
+    let mut origin = SlowOrigin::private_then_holding_the_header().await;
+    let proxy = Proxy::start(origin.addr, swept()).await;
+    let fill = origin.held_fill(&proxy, SITE).await;
+    let ban = purge(&proxy, "BAN", "/", &[("x-url", "^/slow$")]).await;
+    assert_eq!(ban.status, 200);
+    a_sweeper_pass(&proxy).await;
+    assert_eq!(origin.release(fill).await, "v2-aabbbbb");
+    let after = get(&proxy, "/slow").await;
+    assert_eq!(after.body, "v3-aabbbbb", "{}", after.cache);
+}
+
 #[tokio::test]
 async fn a_ban_during_a_slow_fill_still_applies_and_then_expires() {
     let mut origin = SlowOrigin::start().await;

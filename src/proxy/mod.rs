@@ -126,6 +126,9 @@ pub struct Ctx {
     /// While the answer may still be stored: registered as awaited, so that the purge
     /// records older than `upstream_sent` stay until it lands ([`memory::Awaited`]).
     awaited: Option<memory::Awaited>,
+    /// The L1 generation when the answer's header arrived: if a clear moves it before the
+    /// answer is stored, the answer is from before the clear, and is not stored.
+    l1_generation: Option<u64>,
     upstream_header_time: Option<Duration>,
     upstream_status: Option<u16>,
     /// Header fields of a 304 that revalidated the stored entry, merged in full into it.
@@ -181,6 +184,9 @@ async fn forward_interim(session: &mut Session, interim: &ResponseHeader) -> Res
 
 /// Why a response that varies on a header the client had removed (`Connection`) is not stored.
 pub const STRIPPED_VARY: &str = "varies on a header the client named in Connection";
+
+/// Why an answer whose header arrived before L1 was cleared is not stored.
+pub const CLEARED: &str = "arrived before the cache was cleared";
 
 /// The header names the client's `Connection` lists: removed before the request goes upstream
 /// (by corral or by Pingora), so a response that varies on one is not what the variant's key
@@ -267,6 +273,7 @@ impl ProxyHttp for Corral {
             upstream_started: None,
             upstream_sent: None,
             awaited: None,
+            l1_generation: None,
             upstream_header_time: None,
             upstream_status: None,
             not_modified: None,
@@ -457,10 +464,12 @@ impl ProxyHttp for Corral {
         if verdict != Verdict::Valid {
             return Ok(verdict.forced());
         }
+        // an answer that arrived after this request did satisfies its `no-cache`
+        let received = memory::received(hit_handler).unwrap_or(validated);
         if ctx.live.cfg.cache.honor_client_no_cache
             && ctx
                 .directives
-                .requires_validation(validated, meta.age(), ctx.arrived)
+                .requires_validation(received, meta.age(), ctx.arrived)
         {
             // revalidate; concurrent such requests wait on the lock and are satisfied by the
             // one revalidation (it is newer than their arrival)
@@ -528,12 +537,13 @@ impl ProxyHttp for Corral {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let trusted = peer.is_some_and(|ip| ctx.live.cfg.server.trusts(ip));
         forwarding_headers(upstream_request, peer, trusted, &ctx.host)?;
-        let sent = SystemTime::now();
-        ctx.upstream_sent = Some(sent);
-        if session.cache.enabled() {
-            // the last attempt's registration replaces an earlier one's
-            ctx.awaited = Some(self.parts.storage.l1.awaiting(sent));
+        if session.cache.enabled() || session.cache.bypassing() {
+            // a bypassed (hit-for-miss) answer may still be stored if it turns out cacheable.
+            // Registered before its time is taken, so a record accepted after that time is
+            // held back by it; the last attempt's registration replaces an earlier one's
+            ctx.awaited = Some(self.parts.storage.l1.awaiting(SystemTime::now()));
         }
+        ctx.upstream_sent = Some(SystemTime::now());
         Ok(())
     }
 
@@ -560,6 +570,8 @@ impl ProxyHttp for Corral {
                 ctx.superseded = !g.observe(value, sent);
             }
         }
+        // after a drop this answer made itself: it survives that one, not a later one
+        ctx.l1_generation = Some(self.parts.storage.l1.generation());
         let no_body = matches!(upstream_response.status.as_u16(), 101 | 204 | 304)
             || session.req_header().method == Method::HEAD
             || upstream_response
@@ -612,10 +624,17 @@ impl ProxyHttp for Corral {
             // Pingora merges only a few fields of a 304; RFC 9111 §3.2 wants all of them
             policy::merge_not_modified(&mut resp, &fields);
         }
-        let decision = if ctx.superseded {
+        let cleared = ctx
+            .l1_generation
+            .is_some_and(|g| g != self.parts.storage.l1.generation());
+        let mut decision = if ctx.superseded {
             RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(
                 crate::generation::SUPERSEDED,
             ))
+        } else if cleared {
+            // L1 was emptied since this answer's header arrived (a purge of everything, a new
+            // upstream generation another answer brought): the answer is from before
+            RespCacheable::Uncacheable(pingora_cache::NoCacheReason::Custom(CLEARED))
         } else if varies_on_any(&resp, ctx.key_headers(), &connection_tokens(session.req_header())) {
             // the upstream never saw the header this variant is keyed by: storing it would give
             // every client that sends it the answer to a request without it
@@ -624,13 +643,17 @@ impl ProxyHttp for Corral {
             // validated as of when the request left (RFC 9111 §4.2.3's request_time): an
             // answer made before a purge must not count as newer than the purge because it
             // arrived after it
-            let validated = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
+            let validated = ctx.upstream_sent.unwrap_or(ctx.arrived);
             policy::response_cacheable(session.req_header(), resp, &ctx.policy, validated)
         };
+        if let RespCacheable::Cacheable(meta) = &mut decision {
+            // what a client's `no-cache` compares with: requests that waited for this
+            // answer are satisfied by it
+            meta.extensions_mut().insert(memory::Received(SystemTime::now()));
+        }
         ctx.storing = decision.is_cacheable();
         if !ctx.storing {
-            // nothing of this answer will be stored: it holds no purge record back (a
-            // stored one does until its fill is registered, which then does)
+            // nothing of this answer will be stored: it holds no purge record back
             ctx.awaited = None;
         }
         if ctx.storing && !self.sites.contains(&ctx.host) && self.sites.len() < MAX_SITES {
@@ -673,6 +696,9 @@ impl ProxyHttp for Corral {
             // connection carries another protocol)
             return Ok(());
         }
+        // the answer's fill, if any, is registered by now (Pingora creates it before this
+        // filter runs), and holds the purge records back itself
+        ctx.awaited = None;
         let status = self.cache_status(session, ctx);
         self.finish_header(resp, status, ctx)?;
         ctx.status = Some(status);

@@ -53,6 +53,15 @@ pub enum Eviction {
     TinyUfo(Ufo),
 }
 
+impl std::fmt::Debug for Eviction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Eviction::Lru(_) => "Eviction::Lru",
+            Eviction::TinyUfo(_) => "Eviction::TinyUfo",
+        })
+    }
+}
+
 impl Eviction {
     /// A manager that keeps at most `limit` bytes; `typical` is the expected size of an entry
     /// (it sizes the tables and the frequency sketch).

@@ -9,23 +9,34 @@ use crate::common::{client, Proxy};
 /// carries `xkey: slow`.
 pub struct SlowOrigin {
     pub addr: std::net::SocketAddr,
+    /// The request whose answer is held ([`SlowOrigin::holding_the_header`]).
+    held: usize,
     go_on: Option<tokio::sync::oneshot::Sender<()>>,
     requests: tokio::sync::mpsc::UnboundedReceiver<usize>,
 }
 
 impl SlowOrigin {
     pub async fn start() -> SlowOrigin {
-        SlowOrigin::launch(false).await
+        SlowOrigin::launch(false, false).await
     }
 
     /// A slow origin whose first answer is composed (its version taken) as soon as the
     /// request arrives, and sent, header and all, only when the test lets it go on: content
     /// made before whatever the test does next, which reaches corral after it.
     pub async fn holding_the_header() -> SlowOrigin {
-        SlowOrigin::launch(true).await
+        SlowOrigin::launch(true, false).await
     }
 
-    async fn launch(hold_header: bool) -> SlowOrigin {
+    /// [`SlowOrigin::holding_the_header`], after a first answer (`v1`) marked
+    /// `Cache-Control: private` and sent at once: corral remembers the URL as uncacheable
+    /// (hit-for-miss) and bypasses its cache for the next request, whose answer (`v2`) is
+    /// held, and cacheable.
+    pub async fn private_then_holding_the_header() -> SlowOrigin {
+        SlowOrigin::launch(true, true).await
+    }
+
+    async fn launch(hold_header: bool, private_first: bool) -> SlowOrigin {
+        let held = if private_first { 2 } else { 1 };
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -42,22 +53,25 @@ impl SlowOrigin {
                     while s.read(&mut buf).await.is_ok_and(|r| r > 0) {
                         let n = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                         let _ = n_tx.send(n);
-                        if n == 1 && hold_header {
+                        if n == held && hold_header {
                             if let Some(w) = wait.lock().await.take() {
                                 let _ = w.await;
                             }
                         }
+                        let cc = if n < held { "private" } else { "max-age=300" };
                         // chunked, because Pingora holds back up to 1460 bytes of a body of
                         // known length (flushing at its end) but flushes each chunk
-                        let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
-                                    Cache-Control: max-age=300\r\nXkey: slow\r\n\r\n";
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+                             Cache-Control: {cc}\r\nXkey: slow\r\n\r\n"
+                        );
                         if s.write_all(format!("{head}5\r\nv{n}-aa\r\n").as_bytes())
                             .await
                             .is_err()
                         {
                             return;
                         }
-                        if n == 1 {
+                        if n == 1 && !hold_header {
                             if let Some(w) = wait.lock().await.take() {
                                 let _ = w.await;
                             }
@@ -71,6 +85,7 @@ impl SlowOrigin {
         });
         SlowOrigin {
             addr,
+            held,
             go_on: Some(go_on),
             requests,
         }
@@ -93,12 +108,22 @@ impl SlowOrigin {
     }
 
     /// Start the first fill of `/slow` at `proxy` ([`SlowOrigin::holding_the_header`]) and
-    /// return once the origin has its request: its answer (`v1`) is made, corral has none of
-    /// it yet. [`SlowOrigin::release`] lets it go.
+    /// return once the origin has its request: its answer (`v1`, or `v2` after a private
+    /// first one) is made, corral has none of it yet. [`SlowOrigin::release`] lets it go.
     pub async fn held_fill(&mut self, proxy: &Proxy, host: &str) -> tokio::task::JoinHandle<String> {
+        for _ in 1..self.held {
+            // the answers before the held one, at once
+            let got = client().get(proxy.url("/slow")).header("host", host).send().await;
+            got.unwrap().text().await.unwrap();
+            assert!(self.requests.recv().await.is_some());
+        }
         let request = client().get(proxy.url("/slow")).header("host", host);
         let fill = tokio::spawn(async move { request.send().await.unwrap().text().await.unwrap() });
-        assert_eq!(self.requests.recv().await, Some(1), "the fill is under way");
+        assert_eq!(
+            self.requests.recv().await,
+            Some(self.held),
+            "the fill is under way"
+        );
         fill
     }
 

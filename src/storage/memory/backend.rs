@@ -32,8 +32,9 @@ impl Storage for MemoryStorage {
         let Some(slot) = slots.iter().find(|s| s.variance == variance) else {
             return Ok(None);
         };
-        // prefer a fill in progress: it is newer than the committed entry
-        if let Some(fill) = &slot.fill {
+        // prefer a fill in progress: it is newer than the committed entry (unless a clear
+        // voided it)
+        if let Some(fill) = slot.fill.as_ref().filter(|f| f.generation == self.generation()) {
             return Ok(Some(partial_hit(fill)));
         }
         let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {
@@ -71,6 +72,7 @@ impl Storage for MemoryStorage {
         let (state, _) = watch::channel(FillState::Partial(0));
         let fill = Arc::new(Fill {
             id,
+            generation: self.generation(),
             meta: MetaParts::from_meta(meta),
             url: url_of(key),
             chunks: Mutex::new(Vec::new()),

@@ -1,6 +1,5 @@
 //! The miss handler: the one request that fetches a body writes it here, readers stream it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -43,13 +42,23 @@ impl HandleMiss for MemoryMiss {
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         // readers still streaming this fill keep indexing its chunks, so they stay; the stored
         // body is joined once here (a copy per fill, never per hit)
-        let chunks = self.fill.chunks.lock().clone();
-        let body = join(chunks, self.written);
-        let generation = self.storage.generation.load(Ordering::Acquire);
-        let stored = Stored::new(self.fill.meta.clone(), body, self.fill.url.clone(), generation);
-        let weight = self
-            .storage
-            .commit(self.primary, self.variance, stored, Some(self.fill.id));
+        let weight = if self.fill.generation == self.storage.generation() {
+            let chunks = self.fill.chunks.lock().clone();
+            let body = join(chunks, self.written);
+            let stored = Stored::new(
+                self.fill.meta.clone(),
+                body,
+                self.fill.url.clone(),
+                self.fill.generation,
+            );
+            self.storage
+                .commit(self.primary, self.variance, stored, Some(self.fill.id))
+        } else {
+            // L1 was cleared (a purge of everything, a new upstream generation, a purge log
+            // reset) after this fill began: what it brings is from before, and is not stored
+            self.storage.take_fill(self.primary, self.variance, self.fill.id);
+            0
+        };
         // committed (and noted as inserted) before it leaves the fills in progress, so the
         // sweeper sees it in one place or the other
         self.storage.fills.remove(&self.fill.id);
@@ -91,14 +100,6 @@ impl Drop for MemoryMiss {
         self.storage.fills.remove(&self.fill.id);
         // the writer gave up: readers of this fill fail rather than see a truncated body
         self.fill.state.send_replace(FillState::Aborted);
-        if let Some(mut slots) = self.storage.table.get_mut(&self.primary) {
-            if let Some(slot) = slots.iter_mut().find(|s| s.variance == self.variance) {
-                if slot.fill.as_ref().is_some_and(|f| f.id == self.fill.id) {
-                    slot.fill = None;
-                }
-            }
-            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
-        }
-        self.storage.table.remove_if(&self.primary, |_, s| s.is_empty());
+        self.storage.take_fill(self.primary, self.variance, self.fill.id);
     }
 }

@@ -4,7 +4,7 @@
 use std::any::Any;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -71,8 +71,9 @@ impl CompleteHit {
     }
 }
 
-/// When the entry behind a hit from this storage was last fetched or revalidated (what bans,
-/// purges and a client's `no-cache` compare with); `None` for a hit of another storage.
+/// When the entry behind a hit from this storage was last fetched or revalidated, as of when
+/// that request left for the origin (what bans and purges compare with), and by which corral;
+/// `None` for a hit of another storage.
 pub fn validated(hit: &HitHandler) -> Option<(SystemTime, u64)> {
     let any = hit.as_any();
     let meta = any
@@ -80,6 +81,18 @@ pub fn validated(hit: &HitHandler) -> Option<(SystemTime, u64)> {
         .map(|h| &h.entry.meta)
         .or_else(|| any.downcast_ref::<PartialHit>().map(|h| &h.fill.meta))?;
     Some((meta.updated, meta.validated_by))
+}
+
+/// When the answer behind a hit from this storage arrived from the origin (what a client's
+/// `no-cache` compares with: a request that waited for it is satisfied by it); `None` for a
+/// hit of another storage.
+pub fn received(hit: &HitHandler) -> Option<SystemTime> {
+    let any = hit.as_any();
+    let meta = any
+        .downcast_ref::<CompleteHit>()
+        .map(|h| &h.entry.meta)
+        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| &h.fill.meta))?;
+    Some(meta.updated + Duration::from_millis(u64::from(meta.received_ms)))
 }
 
 /// Streams a body that is still being written.

@@ -66,9 +66,18 @@ pub struct MetaParts {
     pub epoch_override: Option<SystemTime>,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
+    /// How long after `updated` (when its request left) the answer arrived, in ms (0 for a
+    /// copy from memcached): a client's `no-cache` is satisfied by an answer that arrived
+    /// after the request ([`Received`]).
+    pub received_ms: u32,
     pub variance: Option<HashBinary>,
     pub header: StoredHeader,
 }
+
+/// When an answer from the origin arrived, kept in its [`CacheMeta`]'s extensions until it
+/// is stored ([`MetaParts::received_ms`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Received(pub SystemTime);
 
 impl MetaParts {
     pub fn from_meta(meta: &CacheMeta) -> Self {
@@ -80,6 +89,10 @@ impl MetaParts {
             epoch_override: meta.epoch_override(),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
+            received_ms: meta.extensions().get::<Received>().map_or(0, |r| {
+                let after = r.0.duration_since(meta.updated()).unwrap_or_default();
+                u32::try_from(after.as_millis()).unwrap_or(u32::MAX)
+            }),
             variance: meta.variance(),
             header: StoredHeader::new(meta.response_header()),
         }
@@ -230,6 +243,9 @@ enum FillState {
 #[derive(Debug)]
 struct Fill {
     id: u64,
+    /// The L1 generation it began under: a [`MemoryStorage::clear`] since voids it (it is
+    /// not served, and not stored).
+    generation: u64,
     meta: MetaParts,
     url: Arc<str>,
     chunks: Mutex<Vec<Bytes>>,
@@ -274,6 +290,9 @@ pub struct MemoryStorage {
     /// and for the purge log's first read ([`MemoryStorage::awaiting`]).
     awaited: DashMap<u64, u64>,
     next_awaited: AtomicU64,
+    /// The eviction manager, told of the entries [`MemoryStorage::clear`] removes (the other
+    /// removals return their keys to a caller that tells it).
+    eviction: std::sync::OnceLock<&'static crate::storage::eviction::Eviction>,
 }
 
 /// A request gone to the origin whose answer may be stored: in [`MemoryStorage`]'s registry
@@ -302,6 +321,7 @@ impl Default for MemoryStorage {
             fills: DashMap::new(),
             awaited: DashMap::new(),
             next_awaited: AtomicU64::new(0),
+            eviction: std::sync::OnceLock::new(),
         }
     }
 }
@@ -428,6 +448,20 @@ impl MemoryStorage {
         weight
     }
 
+    /// Take a fill out of its slot (if still there), storing nothing: one a clear voided, or
+    /// one that was given up.
+    fn take_fill(&self, primary: HashBinary, variance: Option<HashBinary>, fill: u64) {
+        if let Some(mut slots) = self.table.get_mut(&primary) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) {
+                if slot.fill.as_ref().is_some_and(|f| f.id == fill) {
+                    slot.fill = None;
+                }
+            }
+            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+        }
+        self.table.remove_if(&primary, |_, s| s.is_empty());
+    }
+
     /// Put the header of a 304 that revalidated the committed entry for `key` in place
     /// (RFC 9111 §4.3.4), and weigh the entry again: a 304 may bring fields the stored
     /// response did not have, and they are charged like any others. Returns the entry's
@@ -515,18 +549,38 @@ impl MemoryStorage {
         n
     }
 
-    /// Make every entry invisible at once (O(1)); a background task frees them.
+    /// The eviction manager that [`MemoryStorage::clear`] tells of what it removes.
+    pub fn set_eviction(&self, eviction: &'static crate::storage::eviction::Eviction) {
+        let _ = self.eviction.set(eviction);
+    }
+
+    /// Make every entry invisible at once (O(1)), and void the fills in progress (what they
+    /// bring began before this); a background task frees the entries, and tells the eviction
+    /// manager.
+    /// The current L1 generation (moved by each [`MemoryStorage::clear`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn clear(&'static self) {
         let old = self.generation.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move { self.sweep_before(old + 1) });
     }
 
     fn sweep_before(&self, generation: u64) {
-        self.table.retain(|_, slots| {
+        let eviction = self.eviction.get();
+        self.table.retain(|primary, slots| {
             for slot in slots.iter_mut() {
                 if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
                     let e = slot.entry.take().expect("checked above");
                     self.account_remove(e.weight);
+                    if let Some(eviction) = eviction {
+                        // or its weight stays counted there: under TinyUFO the entries of
+                        // before would hold the budget, and every new one be evicted at once
+                        use pingora_cache::eviction::EvictionManager;
+                        let key = compact(*primary, slot.variance);
+                        eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(&key, None));
+                    }
                 }
             }
             slots.retain(|s| s.entry.is_some() || s.fill.is_some());
@@ -585,7 +639,7 @@ mod sweep;
 pub use listing::{Cursor, KeyInfo, Listed};
 
 pub use header::StoredHeader;
-pub use hit::{validated, CompleteHit};
+pub use hit::{received, validated, CompleteHit};
 pub use sweep::{split_url, SweepReport};
 
 #[cfg(test)]

@@ -320,3 +320,43 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
     drop(second);
     assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
 }
+
+/// A clear voids the fills in progress: what they bring began before it (a purge of
+/// everything, a new upstream generation). Not streamed to later lookups, not stored; a fill
+/// begun after the clear is.
+#[tokio::test]
+async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/voided", "");
+    let mut before = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    before
+        .write_body(Bytes::from_static(b"old"), false)
+        .await
+        .unwrap();
+    assert!(
+        S.lookup(&key, &trace).await.unwrap().is_some(),
+        "streamed before the clear"
+    );
+    S.clear();
+    assert!(
+        S.lookup(&key, &trace).await.unwrap().is_none(),
+        "a voided fill is not streamed"
+    );
+    before.write_body(Bytes::new(), true).await.unwrap();
+    assert!(matches!(
+        before.finish().await.unwrap(),
+        MissFinishType::Created(0)
+    ));
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none(), "nor stored");
+    assert_eq!((S.stats().entries, S.fills_in_progress()), (0, 0));
+
+    let w = fill(&S, &key, &["new"]).await;
+    let (_, mut hit) = S
+        .lookup(&key, &trace)
+        .await
+        .unwrap()
+        .expect("a fill begun after is stored");
+    assert_eq!(read_all(&mut hit).await.unwrap(), b"new");
+    assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
+}
