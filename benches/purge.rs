@@ -38,6 +38,7 @@ fn parts_with(n: usize) -> &'static CacheParts {
             &k,
             MetaParts::from_meta(&meta(&format!("t{}", i % 100))),
             body.clone(),
+            parts.storage.l1.generation(),
         );
     }
     parts

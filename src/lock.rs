@@ -416,6 +416,7 @@ impl Tiered {
             // purges elsewhere are unknown
             return Err(Refresh::Local);
         }
+        let generation = self.l1.generation();
         let read = l2.get(&l2.key(&key.combined()), None).await;
         let Read::Hit(bytes) = read else { return Ok(None) };
         let Ok(rec) = record::decode(bytes) else {
@@ -430,7 +431,7 @@ impl Tiered {
         // a copy refreshed before a purge that covers it (a soft one keeps it in memcached) is
         // no better than ours: wait for the refresh under way
         if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
-            return Ok(self.promote(key, rec));
+            return Ok(self.promote(key, rec, generation));
         }
         Ok(None)
     }
@@ -504,7 +505,9 @@ impl Tiered {
             return Ok(None);
         }
         // one memcached operation: the generation and the purge log are followed in the
-        // background (purge::log::Follower), every WATCH_INTERVAL
+        // background (purge::log::Follower), every WATCH_INTERVAL. A copy read after a clear
+        // of L1 that began before it is from before the clear (promote)
+        let generation = self.l1.generation();
         let mk = l2.key(&key.combined());
         loop {
             let read = l2.get(&mk, Some(self.lock_timeout)).await;
@@ -513,7 +516,7 @@ impl Tiered {
                     Ok(rec) => {
                         metrics::L2_LOOKUPS.with_label_values(&["hit"]).inc();
                         waited(waiting, true);
-                        return Ok(self.promote(key, rec));
+                        return Ok(self.promote(key, rec, generation));
                     }
                     Err(e) => {
                         metrics::L2_LOOKUPS.with_label_values(&["corrupt"]).inc();

@@ -338,10 +338,19 @@ async fn a_purge_answered_while_the_origin_composes_a_fill_covers_that_fill() {
         ("BAN", "/", &[("x-url", "^/slow$")][..]),
         ("PURGEKEYS", "/", &[("xkey-purge", "slow")][..]),
         ("PURGE", "/slow", &[][..]),
+        // the control: without a purge, the held answer is stored
+        ("", "", &[][..]),
     ] {
         let mut origin = SlowOrigin::holding_the_header().await;
         let proxy = Proxy::start(origin.addr, swept()).await;
         let fill = origin.held_fill(&proxy, SITE).await;
+        if method.is_empty() {
+            assert_eq!(origin.release(fill).await, "v1-aabbbbb");
+            let hit = get(&proxy, "/slow").await;
+            assert_eq!(hit.body, "v1-aabbbbb", "{}", hit.cache);
+            assert!(hit.cache.starts_with("corral; hit"), "{}", hit.cache);
+            continue;
+        }
         assert_eq!(purge(&proxy, method, path, headers).await.status, 200, "{method}");
         // the sweeper passes meanwhile: nothing in L1 needs the record, but the answer on
         // its way does
@@ -360,6 +369,15 @@ async fn a_purge_answered_while_the_origin_composes_a_fill_covers_that_fill() {
 /// landed.
 #[tokio::test]
 async fn a_ban_answered_while_a_bypassed_request_awaits_its_answer_covers_it() {
+    // the control: without the ban, the bypassed request's answer is stored
+    let mut origin = SlowOrigin::private_then_holding_the_header().await;
+    let proxy = Proxy::start(origin.addr, swept()).await;
+    let fill = origin.held_fill(&proxy, SITE).await;
+    assert_eq!(origin.release(fill).await, "v2-aabbbbb");
+    let hit = get(&proxy, "/slow").await;
+    assert!(hit.cache.starts_with("corral; hit"), "{}", hit.cache);
+    assert_eq!(hit.body, "v2-aabbbbb");
+
     let mut origin = SlowOrigin::private_then_holding_the_header().await;
     let proxy = Proxy::start(origin.addr, swept()).await;
     let fill = origin.held_fill(&proxy, SITE).await;

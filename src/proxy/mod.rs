@@ -647,9 +647,15 @@ impl ProxyHttp for Corral {
             policy::response_cacheable(session.req_header(), resp, &ctx.policy, validated)
         };
         if let RespCacheable::Cacheable(meta) = &mut decision {
-            // what a client's `no-cache` compares with: requests that waited for this
-            // answer are satisfied by it
-            meta.extensions_mut().insert(memory::Received(SystemTime::now()));
+            // when it arrived (what a client's `no-cache` compares with: requests that waited
+            // for this answer are satisfied by it), and under which L1 generation (a clear
+            // before its fill begins voids the fill)
+            meta.extensions_mut().insert(memory::Arrival {
+                at: SystemTime::now(),
+                generation: ctx
+                    .l1_generation
+                    .unwrap_or_else(|| self.parts.storage.l1.generation()),
+            });
         }
         ctx.storing = decision.is_cacheable();
         if !ctx.storing {

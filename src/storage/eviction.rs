@@ -113,6 +113,11 @@ impl EvictionManager for Eviction {
         self.inner().evicted_items()
     }
     fn admit(&self, item: CacheEntryKey, size: usize, fresh_until: SystemTime) -> Vec<CacheEntryKey> {
+        if size == 0 {
+            // a fill that stored nothing (a clear voided it): nothing to track, and an entry
+            // of the key the manager holds keeps its weight
+            return Vec::new();
+        }
         self.inner().admit(item, size, fresh_until)
     }
     fn increment_weight(

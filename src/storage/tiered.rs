@@ -81,14 +81,17 @@ impl Tiered {
     }
 
     /// Put an L2 record into L1 and answer the lookup from there.
+    /// `generation`: the L1 generation when the lookup began; `None` (a miss) if a clear has
+    /// moved it since: the copy was read from before the clear.
     pub(crate) fn promote(
         &'static self,
         key: &CacheKey,
         rec: record::Record,
+        generation: u64,
     ) -> Option<(CacheMeta, HitHandler)> {
         let mut parts = MetaParts::from_meta(&rec.meta);
         parts.validated_by = rec.filler;
-        let (hit, weight) = self.l1.insert(key, parts, rec.body);
+        let (hit, weight) = self.l1.insert(key, parts, rec.body, generation)?;
         // admitted like a fill, so the memory bound holds for promoted entries too
         let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
         for evicted in self.eviction.admit(entry, weight, rec.meta.fresh_until()) {
@@ -231,6 +234,8 @@ struct TieredMiss {
     l1: MissHandler,
     l2: Option<PendingL2>,
     tiered: &'static Tiered,
+    /// The L1 generation of the fill: a clear since voids it, in memcached too.
+    generation: u64,
 }
 
 struct PendingL2 {
@@ -295,6 +300,11 @@ impl HandleMiss for TieredMiss {
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let this = *self;
         let done = this.l1.finish().await?;
+        if this.tiered.l1.generation() != this.generation {
+            // L1 was cleared since the answer arrived: it is from before, not written to
+            // memcached either (a lease won for it is given back as `l2` drops)
+            return Ok(done);
+        }
         if let Some(p) = this.l2 {
             let tiered = this.tiered;
             let refresh_lock = tiered.refresh_lock_for_write(&p.key);
@@ -407,7 +417,12 @@ impl Storage for Tiered {
             }
             None => None,
         };
-        Ok(Box::new(TieredMiss { l1, l2, tiered: self }))
+        Ok(Box::new(TieredMiss {
+            l1,
+            l2,
+            tiered: self,
+            generation: self.l1.fill_generation(meta),
+        }))
     }
 
     async fn purge(

@@ -72,7 +72,7 @@ impl Storage for MemoryStorage {
         let (state, _) = watch::channel(FillState::Partial(0));
         let fill = Arc::new(Fill {
             id,
-            generation: self.generation(),
+            generation: self.fill_generation(meta),
             meta: MetaParts::from_meta(meta),
             url: url_of(key),
             chunks: Mutex::new(Vec::new()),

@@ -42,7 +42,7 @@ impl HandleMiss for MemoryMiss {
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         // readers still streaming this fill keep indexing its chunks, so they stay; the stored
         // body is joined once here (a copy per fill, never per hit)
-        let weight = if self.fill.generation == self.storage.generation() {
+        let committed = if self.fill.generation == self.storage.generation() {
             let chunks = self.fill.chunks.lock().clone();
             let body = join(chunks, self.written);
             let stored = Stored::new(
@@ -54,11 +54,14 @@ impl HandleMiss for MemoryMiss {
             self.storage
                 .commit(self.primary, self.variance, stored, Some(self.fill.id))
         } else {
-            // L1 was cleared (a purge of everything, a new upstream generation, a purge log
-            // reset) after this fill began: what it brings is from before, and is not stored
             self.storage.take_fill(self.primary, self.variance, self.fill.id);
-            0
+            None
         };
+        // None: L1 was cleared (a purge of everything, a new upstream generation, a purge log
+        // reset) after this answer arrived; what it brings is from before, and is not stored.
+        // Pingora admits the key with the weight returned: that of an entry a later fill
+        // stored meanwhile, or 0 (the manager then tracks nothing)
+        let weight = committed.unwrap_or_else(|| self.storage.current_weight(self.primary, self.variance));
         // committed (and noted as inserted) before it leaves the fills in progress, so the
         // sweeper sees it in one place or the other
         self.storage.fills.remove(&self.fill.id);

@@ -68,16 +68,20 @@ pub struct MetaParts {
     pub stale_if_error_sec: u32,
     /// How long after `updated` (when its request left) the answer arrived, in ms (0 for a
     /// copy from memcached): a client's `no-cache` is satisfied by an answer that arrived
-    /// after the request ([`Received`]).
+    /// after the request ([`Arrival`]).
     pub received_ms: u32,
     pub variance: Option<HashBinary>,
     pub header: StoredHeader,
 }
 
-/// When an answer from the origin arrived, kept in its [`CacheMeta`]'s extensions until it
-/// is stored ([`MetaParts::received_ms`]).
+/// An answer from the origin as it arrived, kept in its [`CacheMeta`]'s extensions until it
+/// is stored: when ([`MetaParts::received_ms`]), and the L1 generation then (a
+/// [`MemoryStorage::clear`] since voids its fill).
 #[derive(Debug, Clone, Copy)]
-pub struct Received(pub SystemTime);
+pub struct Arrival {
+    pub at: SystemTime,
+    pub generation: u64,
+}
 
 impl MetaParts {
     pub fn from_meta(meta: &CacheMeta) -> Self {
@@ -89,8 +93,8 @@ impl MetaParts {
             epoch_override: meta.epoch_override(),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
-            received_ms: meta.extensions().get::<Received>().map_or(0, |r| {
-                let after = r.0.duration_since(meta.updated()).unwrap_or_default();
+            received_ms: meta.extensions().get::<Arrival>().map_or(0, |r| {
+                let after = r.at.duration_since(meta.updated()).unwrap_or_default();
                 u32::try_from(after.as_millis()).unwrap_or(u32::MAX)
             }),
             variance: meta.variance(),
@@ -372,13 +376,19 @@ impl MemoryStorage {
     }
 
     /// Store a complete entry directly (promotion from L2). Returns its hit handler and weight.
-    pub fn insert(&self, key: &CacheKey, meta: MetaParts, body: Bytes) -> (CompleteHit, usize) {
-        let stored = Stored::new(meta, body, url_of(key), self.generation.load(Ordering::Acquire));
+    /// `generation`: the L1 generation when the copy was looked up; `None`, storing nothing, if
+    /// a clear has moved it since (the copy is from before the clear).
+    pub fn insert(
+        &self,
+        key: &CacheKey,
+        meta: MetaParts,
+        body: Bytes,
+        generation: u64,
+    ) -> Option<(CompleteHit, usize)> {
+        let stored = Stored::new(meta, body, url_of(key), generation);
         let hit = CompleteHit::of(&stored, true);
-        (
-            hit,
-            self.commit(key.primary_bin(), key.variance_bin(), stored, None),
-        )
+        let weight = self.commit(key.primary_bin(), key.variance_bin(), stored, None)?;
+        Some((hit, weight))
     }
 
     /// Register a request that left for the origin at `sent` and whose answer may be stored:
@@ -416,15 +426,28 @@ impl MemoryStorage {
 
     /// Put a committed entry in its variant's slot, replacing (and un-counting) the old one;
     /// `fill` is the fill it completes, cleared from the slot if still there. Returns the weight.
+    /// `None`, storing nothing, if a clear moved the generation since the entry began (its
+    /// sweep would not find an entry stored now: checked under the row's lock, which the
+    /// sweep takes after the move).
     fn commit(
         &self,
         primary: HashBinary,
         variance: Option<HashBinary>,
         stored: Arc<Stored>,
         fill: Option<u64>,
-    ) -> usize {
+    ) -> Option<usize> {
         let weight = stored.weight;
         let mut slots = self.table.entry(primary).or_insert_with(one_slot);
+        if stored.generation != self.generation() {
+            drop(slots);
+            match fill {
+                Some(id) => self.take_fill(primary, variance, id),
+                None => {
+                    self.table.remove_if(&primary, |_, s| s.is_empty());
+                }
+            }
+            return None;
+        }
         let slot = match slots.iter().position(|s| s.variance == variance) {
             Some(i) => &mut slots[i],
             None => {
@@ -445,7 +468,19 @@ impl MemoryStorage {
         }
         drop(slots);
         self.note_insert(validated);
-        weight
+        Some(weight)
+    }
+
+    /// The weight of the current entry for this variant (0: none).
+    fn current_weight(&self, primary: HashBinary, variance: Option<HashBinary>) -> usize {
+        self.table.get(&primary).map_or(0, |slots| {
+            slots
+                .iter()
+                .find(|s| s.variance == variance)
+                .and_then(|s| s.entry.as_ref())
+                .filter(|e| self.current(e))
+                .map_or(0, |e| e.weight)
+        })
     }
 
     /// Take a fill out of its slot (if still there), storing nothing: one a clear voided, or
@@ -554,38 +589,57 @@ impl MemoryStorage {
         let _ = self.eviction.set(eviction);
     }
 
-    /// Make every entry invisible at once (O(1)), and void the fills in progress (what they
-    /// bring began before this); a background task frees the entries, and tells the eviction
-    /// manager.
     /// The current L1 generation (moved by each [`MemoryStorage::clear`]).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub fn clear(&'static self) {
-        let old = self.generation.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move { self.sweep_before(old + 1) });
+    /// The L1 generation a fill of `meta` belongs to: the one its answer arrived under
+    /// ([`Arrival`]), else the current one.
+    pub fn fill_generation(&self, meta: &CacheMeta) -> u64 {
+        meta.extensions()
+            .get::<Arrival>()
+            .map_or_else(|| self.generation(), |a| a.generation)
     }
 
-    fn sweep_before(&self, generation: u64) {
-        let eviction = self.eviction.get();
+    /// Make every entry invisible at once (O(1)), and void the fills in progress (what they
+    /// bring began before this); a background task frees the entries, and tells the eviction
+    /// manager.
+    pub fn clear(&'static self) {
+        let old = self.generation.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let removed = self.sweep_before(old + 1);
+            let Some(eviction) = self.eviction.get() else {
+                return;
+            };
+            // or their weight stays counted there: under TinyUFO the entries of before would
+            // hold the budget, and every new one be evicted at once. Outside the table's
+            // locks, a share at a time, so that requests go on meanwhile
+            use pingora_cache::eviction::EvictionManager;
+            for keys in removed.chunks(1024) {
+                for key in keys {
+                    eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None));
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// Free the entries of generations before `generation`; their keys.
+    fn sweep_before(&self, generation: u64) -> Vec<CompactCacheKey> {
+        let mut removed = Vec::new();
         self.table.retain(|primary, slots| {
             for slot in slots.iter_mut() {
                 if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
                     let e = slot.entry.take().expect("checked above");
                     self.account_remove(e.weight);
-                    if let Some(eviction) = eviction {
-                        // or its weight stays counted there: under TinyUFO the entries of
-                        // before would hold the budget, and every new one be evicted at once
-                        use pingora_cache::eviction::EvictionManager;
-                        let key = compact(*primary, slot.variance);
-                        eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(&key, None));
-                    }
+                    removed.push(compact(*primary, slot.variance));
                 }
             }
             slots.retain(|s| s.entry.is_some() || s.fill.is_some());
             !slots.is_empty()
         });
+        removed
     }
 
     fn current(&self, entry: &Arc<Stored>) -> bool {

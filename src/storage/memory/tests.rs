@@ -359,4 +359,27 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
         .expect("a fill begun after is stored");
     assert_eq!(read_all(&mut hit).await.unwrap(), b"new");
     assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
+
+    // a voided fill that ends after a later one stored the key: it reports that entry's
+    // weight (Pingora admits the key with it), and leaves it in place
+    let mut slow = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    S.clear();
+    let w = fill(&S, &key, &["newer"]).await;
+    slow.write_body(Bytes::from_static(b"older"), true).await.unwrap();
+    assert!(matches!(slow.finish().await.unwrap(), MissFinishType::Created(n) if n == w));
+    let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut hit).await.unwrap(), b"newer");
+
+    // a copy looked up (in memcached) before a clear is not stored after it
+    let parts = MetaParts::from_meta(&meta(60));
+    let before = S.generation();
+    S.clear();
+    let other = CacheKey::new("http://h/promoted", "");
+    assert!(S
+        .insert(&other, parts.clone(), Bytes::from_static(b"x"), before)
+        .is_none());
+    assert!(S.lookup(&other, &trace).await.unwrap().is_none());
+    assert!(S
+        .insert(&other, parts, Bytes::from_static(b"x"), S.generation())
+        .is_some());
 }
