@@ -31,7 +31,8 @@ TOML
 }
 
 # nginx.conf of the reference: proxy_cache on port $1 in front of the origin ($origin_port);
-# $2 = extra lines for the main context, $3 = extra server blocks
+# $2 = extra lines for the main context, $3 = extra server blocks, $4 = extra lines for its
+# location
 nginx_conf() {
   cat >"$dir/nginx.conf" <<NGINX
 user root;
@@ -53,6 +54,7 @@ http {
       proxy_set_header Connection "";
       proxy_cache c;
       proxy_cache_lock on;
+      $4
     }
   }
 }

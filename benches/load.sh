@@ -130,7 +130,8 @@ if command -v nginx >/dev/null; then
   # the demo origin sends no Accept-Ranges, without which nginx answers a Range on a proxied
   # (cached) response with the whole body
   if [ -n "$RANGE" ]; then extra+=$'\n  proxy_force_ranges on;'; fi
-  nginx_conf "$nginx_cache_port" "" "$extra"
+  # X-Cache-Status: what the probe checks before measuring (HIT, or the figure is not hits)
+  nginx_conf "$nginx_cache_port" "" "$extra" 'add_header X-Cache-Status $upstream_cache_status always;'
   taskset -c 0 nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
   pids+=($!)
   wait_port "$nginx_port"; wait_port "$nginx_cache_port"
@@ -155,34 +156,42 @@ fi
 curl -sf -o /dev/null "http://127.0.0.1:$proxy_port$path"   # fill the cache
 
 # One request to $2 made as measured (with the Range header when RANGE is set); prints
-# "warm-up $1: status, Content-Length[; Cache-Status]" and sets probe_code, probe_len
+# "warm-up $1: status, Content-Length[; Cache-Status]" and sets probe_code, probe_len. With $3,
+# an extended regular expression that one of the answer's header lines must match (what shows
+# a cache hit: Cache-Status for corral, X-Cache-Status for nginx, X-Varnish's two ids for
+# Varnish): otherwise the run stops, rather than report a rate that is not one of hits.
 probe() {
   local head cs
   head=$(curl -s -D - -o /dev/null "${range_hdr[@]}" "$2" | tr -d '\r')
   probe_code=$(awk 'NR == 1 {print $2}' <<<"$head")
   probe_len=$(awk -F': *' 'tolower($1) == "content-length" {print $2}' <<<"$head")
-  cs=$(grep -i '^cache-status' <<<"$head" || true)
+  cs=$(grep -iE '^(cache-status|x-cache-status|x-varnish):' <<<"$head" | paste -sd ';' - || true)
   printf 'warm-up %-22s %s, content-length %s%s\n' "$1" "${probe_code:-none}" "${probe_len:-none}" "${cs:+; $cs}"
+  if [ -n "${3:-}" ] && ! grep -qiE "$3" <<<"$head"; then
+    echo "load.sh: $1 is not answered from the cache (no header line matches '$3'):" >&2
+    echo "$head" >&2
+    exit 1
+  fi
 }
 
 origin_len=$SIZE; static_len=$body; ncache_len=$body; ret_len=$SIZE; varnish_len=$body
 if [ -z "$RANGE" ]; then
   probe "origin direct" "http://127.0.0.1:$origin_port$path"; origin_len=${probe_len:-$SIZE}
 fi
-probe "corral cache hits" "http://127.0.0.1:$proxy_port$path"; hit_len=${probe_len:-$body}
+probe "corral cache hits" "http://127.0.0.1:$proxy_port$path" '^cache-status: corral; hit'; hit_len=${probe_len:-$body}
 if [ -n "$RANGE" ] && { [ "$probe_code" != 206 ] || [ "$probe_len" != "$body" ]; }; then
   echo "load.sh: corral answered $probe_code with Content-Length ${probe_len:-none} to Range: $RANGE (expected 206, $body)" >&2
   exit 1
 fi
 if [ "$nginx_port" != 0 ]; then
   probe "nginx static file" "http://127.0.0.1:$nginx_port$path"; static_len=${probe_len:-$body}
-  probe "nginx proxy_cache hits" "http://127.0.0.1:$nginx_cache_port$path"; ncache_len=${probe_len:-$body}
+  probe "nginx proxy_cache hits" "http://127.0.0.1:$nginx_cache_port$path" '^x-cache-status: HIT'; ncache_len=${probe_len:-$body}
   if [ "$nginx_ret_port" != 0 ] && [ -z "$RANGE" ]; then
     probe "nginx return 200" "http://127.0.0.1:$nginx_ret_port$path"; ret_len=${probe_len:-$SIZE}
   fi
 fi
 if [ "$varnish_port" != 0 ]; then
-  probe "varnish cache hits" "http://127.0.0.1:$varnish_port$path"; varnish_len=${probe_len:-$body}
+  probe "varnish cache hits" "http://127.0.0.1:$varnish_port$path" '^x-varnish: [0-9]+ [0-9]+'; varnish_len=${probe_len:-$body}
 fi
 
 run() { # $1 = label, $2 = url, $3 = body bytes per response, then more wrk arguments

@@ -501,13 +501,17 @@ impl MemoryStorage {
     /// (RFC 9111 §4.3.4), and weigh the entry again: a 304 may bring fields the stored
     /// response did not have, and they are charged like any others. Returns the entry's
     /// weights before and after, and its body; `None` if there is no such entry.
+    ///
+    /// Not an entry a clear made invisible, nor by a 304 that arrived before a clear: that
+    /// copy is from before the clear, and must not be refreshed (in memcached either).
     pub fn revalidate(&self, key: &CacheKey, meta: &CacheMeta) -> Option<(usize, usize, Bytes)> {
         let mut slots = self.table.get_mut(&key.primary_bin())?;
         let variance = key.variance_bin();
         let entry = slots
             .iter_mut()
             .find(|s| s.variance == variance)
-            .and_then(|s| s.entry.as_mut())?;
+            .and_then(|s| s.entry.as_mut())
+            .filter(|e| self.current(e) && self.fill_generation(meta) == self.generation())?;
         let parts = MetaParts::from_meta(meta);
         let (old, new) = (entry.weight, Stored::weigh(&parts, &entry.body, &entry.url));
         let updated = entry.with_meta(parts, new);

@@ -382,4 +382,11 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
     assert!(S
         .insert(&other, parts, Bytes::from_static(b"x"), S.generation())
         .is_some());
+
+    // nor is a copy from before a clear refreshed by a 304 (in L1, nor then in memcached)
+    let stale = CacheKey::new("http://h/stale", "");
+    fill(&S, &stale, &["s"]).await;
+    assert!(S.revalidate(&stale, &meta(60)).is_some(), "the control");
+    S.clear();
+    assert!(S.revalidate(&stale, &meta(60)).is_none());
 }
