@@ -71,9 +71,8 @@ pids+=($!)
 wait_port "$origin_port"; wait_port "$proxy_port"
 
 # L2: when memcached is installed, a second corral whose L1 (1 KiB) cannot hold the object,
-# so every request is an L2 hit from memcached (memcached pinned to CPU 0 with it). Under LRU:
-# an entry heavier than the whole budget is evicted as it is admitted (TinyUFO keeps it until
-# the next admission, and every request would be an L1 hit); the probe checks `detail=l2`
+# so every request is an L2 hit from memcached (memcached pinned to CPU 0 with it): an entry
+# heavier than the whole budget is refused as it is admitted; the probe checks `detail=l2`
 l2_port=0
 if command -v memcached >/dev/null; then
   mc_port=$(free_port); l2_port=$(free_port); l2_admin=$(free_port)
@@ -89,7 +88,6 @@ address = "127.0.0.1:$origin_port"
 [cache]
 memory_bytes = "1KiB"
 max_object_bytes = "1KiB"
-eviction = "lru"
 [memcached]
 servers = ["127.0.0.1:$mc_port"]
 [log]

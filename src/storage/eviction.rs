@@ -178,6 +178,9 @@ struct Tracked {
 /// by the next admission.
 pub struct Ufo {
     ufo: TinyUfo<u64, Tracked>,
+    /// The budget in units: an entry heavier than all of it is refused (TinyUFO would admit
+    /// it and keep it, over the budget, until the next admission pushed it out).
+    limit_units: usize,
     bytes: AtomicUsize,
     items: AtomicUsize,
     evicted_bytes: AtomicUsize,
@@ -203,6 +206,7 @@ impl Ufo {
     fn new(limit: usize, items: usize) -> Self {
         Ufo {
             ufo: TinyUfo::new(limit.div_ceil(UNIT), items),
+            limit_units: limit.div_ceil(UNIT),
             bytes: AtomicUsize::new(0),
             items: AtomicUsize::new(0),
             evicted_bytes: AtomicUsize::new(0),
@@ -241,9 +245,12 @@ impl Ufo {
     /// [`Self::put`]; with `held`, only if TinyUFO holds the item now (not a place holder),
     /// decided under the same lock as the put.
     fn put_if(&self, item: CacheEntryKey, bytes: usize, held: bool) -> Vec<CacheEntryKey> {
-        let Ok(units) = u16::try_from(bytes.div_ceil(UNIT).max(1)) else {
-            // too large for TinyUFO's weights: never kept, and a smaller copy it held before
-            // becomes a place holder
+        let units = u16::try_from(bytes.div_ceil(UNIT).max(1))
+            .ok()
+            .filter(|u| usize::from(*u) <= self.limit_units);
+        let Some(units) = units else {
+            // too large for TinyUFO's weights, or heavier than the whole budget: never kept,
+            // and a smaller copy it held before becomes a place holder
             self.evicted_items.fetch_add(1, Ordering::Relaxed);
             self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
             // (for a re-weigh, only if held: a place holder for an entry not held is a ghost)
@@ -536,6 +543,15 @@ mod tests {
         assert_eq!(gone, vec![key(1)]);
         assert_eq!(m.total_size(), 0);
         assert_eq!(m.total_items(), 0);
+        // heavier than the whole budget (max_object_bytes = memory_bytes, plus the header
+        // and bookkeeping): refused too, not kept over the budget until the next admission
+        let small = Eviction::new(Policy::Tinyufo, 1024, 512);
+        assert_eq!(small.admit(key(2), 1025, SystemTime::now()), vec![key(2)]);
+        assert_eq!((small.total_size(), small.total_items()), (0, 0));
+        // the control: the whole budget is admitted (pushing out the refused one's place
+        // holder)
+        assert!(!small.admit(key(3), 1024, SystemTime::now()).contains(&key(3)));
+        assert_eq!((small.total_size(), small.total_items()), (1024, 1));
     }
 
     #[test]
