@@ -70,9 +70,10 @@ taskset -c 0 target/release/corral -c "$dir/corral.toml" >"$dir/corral.log" 2>&1
 pids+=($!)
 wait_port "$origin_port"; wait_port "$proxy_port"
 
-# L2: when memcached is installed, a second corral whose L1 (1 KiB) cannot hold the object,
-# so every request is an L2 hit from memcached (memcached pinned to CPU 0 with it): an entry
-# heavier than the whole budget is refused as it is admitted; the probe checks `detail=l2`
+# L2: when memcached is installed, a second corral whose L1 cannot hold the object (its budget
+# is the object's size, and an entry weighs more: body, header and bookkeeping, so it is
+# refused as it is admitted), so every request is an L2 hit from memcached (memcached pinned
+# to CPU 0 with it); measured only if its warm-up answer says `detail=l2`
 l2_port=0
 if command -v memcached >/dev/null; then
   mc_port=$(free_port); l2_port=$(free_port); l2_admin=$(free_port)
@@ -86,8 +87,8 @@ threads = 1
 [upstream]
 address = "127.0.0.1:$origin_port"
 [cache]
-memory_bytes = "1KiB"
-max_object_bytes = "1KiB"
+memory_bytes = "$(((SIZE + 1023) / 1024))KiB"
+max_object_bytes = "$(((SIZE + 1023) / 1024))KiB"
 [memcached]
 servers = ["127.0.0.1:$mc_port"]
 [log]
@@ -219,12 +220,13 @@ if [ -z "$RANGE" ]; then
 fi
 if [ "$l2_port" != 0 ]; then
   l2_url="http://127.0.0.1:$l2_port/l2?size=$SIZE"
-  curl -sf -o /dev/null "$l2_url"   # fills memcached (and cannot stay in the 1 KiB L1)
+  curl -sf -o /dev/null "$l2_url"   # fills memcached (and cannot stay in that L1)
   sleep 0.5                          # the L2 write is asynchronous
   probe "corral L2 hits" "$l2_url" >&2
-  if ! curl -s -D - -o /dev/null "${range_hdr[@]}" "$l2_url" | grep -qi '^cache-status:.*detail=l2'; then
+  l2_head=$(curl -s -D - -o /dev/null "${range_hdr[@]}" "$l2_url")
+  if ! grep -qi '^cache-status:.*detail=l2' <<<"$l2_head"; then
     # e.g. an object over memcached's item limit (1 MB by default): never stored there
-    echo "corral L2 hits: not measured, the warm-up answers are not L2 hits (Cache-Status above)" >&2
+    echo "corral L2 hits: not measured, the warm-up answers are not L2 hits (Cache-Status above; memcached stores items up to 1 MB by default)" >&2
   else
     l2_rps=$(run "corral L2 hits" "$l2_url" "${probe_len:-$body}" "${range_hdr[@]}")
     python3 - <<PY

@@ -505,11 +505,12 @@ impl Tiered {
             return Ok(None);
         }
         // one memcached operation: the generation and the purge log are followed in the
-        // background (purge::log::Follower), every WATCH_INTERVAL. A copy read after a clear
-        // of L1 that began before it is from before the clear (promote)
-        let generation = self.l1.generation();
+        // background (purge::log::Follower), every WATCH_INTERVAL
         let mk = l2.key(&key.combined());
         loop {
+            // a copy read after a clear of L1 that began before the read is from before the
+            // clear (promote)
+            let generation = self.l1.generation();
             let read = l2.get(&mk, Some(self.lock_timeout)).await;
             match read {
                 Read::Hit(bytes) => match record::decode(bytes) {

@@ -111,6 +111,9 @@ impl Tiered {
 
 /// A value on its way to memcached (a fill, or the copy a 304 refreshed).
 struct L2Write {
+    /// The L1 generation of the answer: a clear since (checked again just before the write)
+    /// means it is from before, and it is not written.
+    generation: u64,
     key: String,
     value: Bytes,
     ttl: Duration,
@@ -169,7 +172,7 @@ impl Tiered {
         let (host, path) = memory::split_url(&w.url);
         let by = crate::purge::corral_id();
         let covered = |v: &Validity| v.check(host, path, w.validated, by, &w.headers, 0) != Verdict::Valid;
-        if covered(self.validity) {
+        if covered(self.validity) || self.l1.generation() != w.generation {
             metrics::L2_WRITES_SKIPPED.inc();
         } else {
             let cas = w.lease.as_ref().map(|l| l.cas);
@@ -315,6 +318,7 @@ impl HandleMiss for TieredMiss {
                 }
                 let value = record::encode_parts(&p.internal, &p.header, crate::purge::corral_id(), &body);
                 let write = L2Write {
+                    generation: this.generation,
                     key: p.key,
                     value,
                     ttl: p.ttl,
@@ -466,6 +470,7 @@ impl Storage for Tiered {
             // a 304 refreshed the entry: refresh the shared copy too
             let mk = l2.key(&key.combined());
             let write = L2Write {
+                generation: self.l1.fill_generation(meta),
                 value: record::encode(meta, crate::purge::corral_id(), &body)?,
                 ttl: Self::l2_ttl(meta),
                 lease: None,

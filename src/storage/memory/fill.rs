@@ -59,9 +59,9 @@ impl HandleMiss for MemoryMiss {
         };
         // None: L1 was cleared (a purge of everything, a new upstream generation, a purge log
         // reset) after this answer arrived; what it brings is from before, and is not stored.
-        // Pingora admits the key with the weight returned: that of an entry a later fill
-        // stored meanwhile, or 0 (the manager then tracks nothing)
-        let weight = committed.unwrap_or_else(|| self.storage.current_weight(self.primary, self.variance));
+        // Pingora admits the key with the weight returned: 0 leaves the manager as it is
+        // (Eviction::admit), and an entry a later fill stored meanwhile keeps its weight there
+        let weight = committed.unwrap_or(0);
         // committed (and noted as inserted) before it leaves the fills in progress, so the
         // sweeper sees it in one place or the other
         self.storage.fills.remove(&self.fill.id);

@@ -471,15 +471,15 @@ impl MemoryStorage {
         Some(weight)
     }
 
-    /// The weight of the current entry for this variant (0: none).
-    fn current_weight(&self, primary: HashBinary, variance: Option<HashBinary>) -> usize {
-        self.table.get(&primary).map_or(0, |slots| {
+    /// Whether this variant holds an entry of the current generation.
+    fn holds_current(&self, key: &CompactCacheKey) -> bool {
+        let variance = key.variance.as_deref().copied();
+        self.table.get(&key.primary).is_some_and(|slots| {
             slots
                 .iter()
                 .find(|s| s.variance == variance)
                 .and_then(|s| s.entry.as_ref())
-                .filter(|e| self.current(e))
-                .map_or(0, |e| e.weight)
+                .is_some_and(|e| self.current(e))
         })
     }
 
@@ -503,7 +503,8 @@ impl MemoryStorage {
     /// weights before and after, and its body; `None` if there is no such entry.
     ///
     /// Not an entry a clear made invisible, nor by a 304 that arrived before a clear: that
-    /// copy is from before the clear, and must not be refreshed (in memcached either).
+    /// copy is from before the clear, and must not be refreshed (in memcached either). Nor
+    /// another copy than the one validated (its lineage, which Pingora carries over).
     pub fn revalidate(&self, key: &CacheKey, meta: &CacheMeta) -> Option<(usize, usize, Bytes)> {
         let mut slots = self.table.get_mut(&key.primary_bin())?;
         let variance = key.variance_bin();
@@ -513,6 +514,11 @@ impl MemoryStorage {
             .and_then(|s| s.entry.as_mut())
             .filter(|e| self.current(e) && self.fill_generation(meta) == self.generation())?;
         let parts = MetaParts::from_meta(meta);
+        if parts.lineage != entry.meta.lineage {
+            // the slot holds another copy than the one this 304 validated (refilled from
+            // memcached or the origin meanwhile): it says nothing about this one
+            return None;
+        }
         let (old, new) = (entry.weight, Stored::weigh(&parts, &entry.body, &entry.url));
         let updated = entry.with_meta(parts, new);
         let (validated, body) = (updated.meta.updated, updated.body.clone());
@@ -621,7 +627,9 @@ impl MemoryStorage {
             // locks, a share at a time, so that requests go on meanwhile
             use pingora_cache::eviction::EvictionManager;
             for keys in removed.chunks(1024) {
-                for key in keys {
+                // not a key refilled since the sweep passed it: the manager tracks the new
+                // entry under it
+                for key in keys.iter().filter(|k| !self.holds_current(k)) {
                     eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None));
                 }
                 tokio::task::yield_now().await;

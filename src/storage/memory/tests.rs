@@ -13,6 +13,15 @@ fn meta(max_age: u64) -> CacheMeta {
     CacheMeta::new(now + Duration::from_secs(max_age), now, 0, 0, h)
 }
 
+/// The meta of a 304 that revalidated `old` for 60 s: Pingora carries the stored copy's
+/// lineage (its provenance) over into it.
+fn revalidated(old: &CacheMeta) -> CacheMeta {
+    let mut h = ResponseHeader::build(200, None).unwrap();
+    h.append_header("content-type", "text/plain").unwrap();
+    let now = SystemTime::now();
+    CacheMeta::new(now + Duration::from_secs(60), old.provenance(), 0, 0, h)
+}
+
 async fn fill(s: &'static MemoryStorage, key: &CacheKey, chunks: &[&'static str]) -> usize {
     let trace = pingora_cache::trace::Span::inactive().handle();
     let mut miss = s.get_miss_handler(key, &meta(60), &trace).await.unwrap();
@@ -166,7 +175,11 @@ async fn purge_expire_and_update_meta() {
     );
     let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
     assert!(!m.is_fresh(SystemTime::now()), "expired entries stay, stale");
-    assert!(S.update_meta(&key, &meta(60), &trace).await.unwrap());
+    assert!(
+        !S.update_meta(&key, &meta(60), &trace).await.unwrap(),
+        "a 304 for another copy (another lineage) changes nothing"
+    );
+    assert!(S.update_meta(&key, &revalidated(&m), &trace).await.unwrap());
     let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
     assert!(m.is_fresh(SystemTime::now()), "a revalidation freshens it");
     let outcome = S
@@ -360,13 +373,13 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
     assert_eq!(read_all(&mut hit).await.unwrap(), b"new");
     assert_eq!(S.stats(), MemoryStats { entries: 1, bytes: w });
 
-    // a voided fill that ends after a later one stored the key: it reports that entry's
-    // weight (Pingora admits the key with it), and leaves it in place
+    // a voided fill that ends after a later one stored the key: it reports nothing (Pingora
+    // admits 0, which the eviction manager ignores), and leaves that entry in place
     let mut slow = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
     S.clear();
-    let w = fill(&S, &key, &["newer"]).await;
+    fill(&S, &key, &["newer"]).await;
     slow.write_body(Bytes::from_static(b"older"), true).await.unwrap();
-    assert!(matches!(slow.finish().await.unwrap(), MissFinishType::Created(n) if n == w));
+    assert!(matches!(slow.finish().await.unwrap(), MissFinishType::Created(0)));
     let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
     assert_eq!(read_all(&mut hit).await.unwrap(), b"newer");
 
@@ -386,7 +399,8 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
     // nor is a copy from before a clear refreshed by a 304 (in L1, nor then in memcached)
     let stale = CacheKey::new("http://h/stale", "");
     fill(&S, &stale, &["s"]).await;
-    assert!(S.revalidate(&stale, &meta(60)).is_some(), "the control");
+    let (old, _) = S.lookup(&stale, &trace).await.unwrap().unwrap();
+    assert!(S.revalidate(&stale, &revalidated(&old)).is_some(), "the control");
     S.clear();
-    assert!(S.revalidate(&stale, &meta(60)).is_none());
+    assert!(S.revalidate(&stale, &revalidated(&old)).is_none());
 }
