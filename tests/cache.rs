@@ -357,9 +357,8 @@ async fn bypass_rule_and_default_ttl_rule() {
 /// RFC 9111 §4.3.4: a 304 that brings fields the stored response did not have makes the entry
 /// heavier, and L1 charges it. Before, the entry kept the weight of its first response: an
 /// origin could grow every entry by up to the header limit, uncounted.
-#[tokio::test]
-async fn a_304_that_adds_fields_is_charged_for_them() {
-    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+/// `/grow`: a 10-byte body fresh for 1 s, then 304s that bring a 20 KiB `x-big` field.
+fn growing_on_304(origin: &Origin) {
     let big = "b".repeat(20 * 1024);
     origin.route("/grow", move |s| {
         let etag = "\"v1\"";
@@ -375,6 +374,12 @@ async fn a_304_that_adds_fields_is_charged_for_them() {
                 .header("cache-control", "max-age=1")
         }
     });
+}
+
+#[tokio::test]
+async fn a_304_that_adds_fields_is_charged_for_them() {
+    let (origin, proxy) = setup(Conf::default().cache("grace = \"0s\"")).await;
+    growing_on_304(&origin);
     assert_eq!(get(&proxy.url("/grow")).await.body, "0123456789");
     let (entries, before, _) = proxy.stats().await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // let max-age=1 run out
@@ -400,20 +405,7 @@ async fn a_304_that_grows_an_entry_past_the_budget_evicts() {
             .cache("max_object_bytes = \"4KiB\"")
             .cache(&format!("eviction = \"{policy}\""));
         let (origin, proxy) = setup(conf).await;
-        let big = "b".repeat(20 * 1024);
-        origin.route("/grow", move |s| {
-            if s.headers.get("if-none-match").is_some_and(|v| v == "\"v1\"") {
-                Reply::ok("")
-                    .status(304)
-                    .header("etag", "\"v1\"")
-                    .header("cache-control", "max-age=60")
-                    .header("x-big", &big)
-            } else {
-                Reply::ok("0123456789")
-                    .header("etag", "\"v1\"")
-                    .header("cache-control", "max-age=1")
-            }
-        });
+        growing_on_304(&origin);
         for i in 0..4 {
             origin.route(&format!("/small/{i}"), |_| {
                 Reply::ok("small").header("cache-control", "max-age=60")

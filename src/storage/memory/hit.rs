@@ -14,7 +14,7 @@ use pingora_cache::{CacheKey, CacheMeta};
 use pingora_error::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
-use super::{Fill, FillState, Stored};
+use super::{Fill, FillState, MetaParts, Stored};
 
 /// Reads a committed body: one chunk, shared with the stored [`Bytes`].
 pub struct CompleteHit {
@@ -75,24 +75,22 @@ impl CompleteHit {
 /// that request left for the origin (what bans and purges compare with), and by which corral;
 /// `None` for a hit of another storage.
 pub fn validated(hit: &HitHandler) -> Option<(SystemTime, u64)> {
+    meta_of(hit).map(|meta| (meta.updated, meta.validated_by))
+}
+
+/// The stored meta behind a hit from this storage (a committed entry or a fill).
+fn meta_of(hit: &HitHandler) -> Option<&MetaParts> {
     let any = hit.as_any();
-    let meta = any
-        .downcast_ref::<CompleteHit>()
+    any.downcast_ref::<CompleteHit>()
         .map(|h| &h.entry.meta)
-        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| &h.fill.meta))?;
-    Some((meta.updated, meta.validated_by))
+        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| &h.fill.meta))
 }
 
 /// When the answer behind a hit from this storage arrived from the origin (what a client's
 /// `no-cache` compares with: a request that waited for it is satisfied by it); `None` for a
 /// hit of another storage.
 pub fn received(hit: &HitHandler) -> Option<SystemTime> {
-    let any = hit.as_any();
-    let meta = any
-        .downcast_ref::<CompleteHit>()
-        .map(|h| &h.entry.meta)
-        .or_else(|| any.downcast_ref::<PartialHit>().map(|h| &h.fill.meta))?;
-    Some(meta.updated + Duration::from_millis(u64::from(meta.received_ms)))
+    meta_of(hit).map(|meta| meta.updated + Duration::from_millis(u64::from(meta.received_ms)))
 }
 
 /// Streams a body that is still being written.
