@@ -393,12 +393,15 @@ impl Tiered {
                 return Ok(fresh);
             }
             if let Read::Won(_) = self.take_refresh_lock(l2, &mk).await {
-                // the lock was given back: a copy that landed just before counts
-                if let Some(fresh) = self.peer_copy(l2, key, validated).await? {
-                    self.refresh_done(refresh_lock_key(&mk));
+                // the lock was given back: a copy that landed just before counts. Whatever
+                // else comes (no copy, or memcached not to be trusted now), this corral holds
+                // the lock and refreshes: the lock goes with the request, never lost here
+                let lock = refresh_lock_key(&mk);
+                if let Ok(Some(fresh)) = self.peer_copy(l2, key, validated).await {
+                    self.refresh_done(lock);
                     return Ok(fresh);
                 }
-                return Err(Refresh::Mine(refresh_lock_key(&mk)));
+                return Err(Refresh::Mine(lock));
             }
         }
         Err(Refresh::TimedOut)
