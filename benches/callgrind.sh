@@ -71,4 +71,4 @@ per_hit() { # $1 = corral|nginx
 }
 
 per_hit corral
-if command -v nginx >/dev/null; then per_hit nginx; fi
+if [ "${NGINX:-1}" = 1 ] && command -v nginx >/dev/null; then per_hit nginx; fi

@@ -54,7 +54,7 @@ http {
       proxy_set_header Connection "";
       proxy_cache c;
       proxy_cache_lock on;
-      $4
+      ${4:-}
     }
   }
 }

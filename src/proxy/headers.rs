@@ -85,27 +85,17 @@ impl RequestFields {
 
 /// The header a fast hit sends, built per hit from the stored one: without the
 /// case-preserving name map Pingora keeps beside the header map (names go out lower-case, as
-/// in HTTP/2), tags stripped if configured, `Date` and `Connection` set if the origin did not
-/// send them, and room for the two fields the hit adds (`Age`, `Cache-Status`), so that the
-/// map never grows.
+/// in HTTP/2), tags stripped if configured, and room for the four fields a hit adds, so that
+/// the map never grows: `Age` and `Cache-Status` here, `Date` and `Connection` by Pingora's
+/// writer, which sets both on every response (HTTP/2 drops `Connection`).
 pub(super) fn wire_fields(stored: &StoredHeader, strip: bool, strip_targeted: bool) -> http::HeaderMap {
     use crate::{policy::is_targeted, purge::is_tag};
     // most heads carry nothing to strip: no test per field for them
-    let mut h = if (strip || strip_targeted) && stored.strippable() {
+    if (strip || strip_targeted) && stored.strippable() {
         stored.map(4, |n| !(strip && is_tag(n) || strip_targeted && is_targeted(n)))
     } else {
         stored.map(4, |_| true)
-    };
-    if !h.contains_key(header::DATE) {
-        h.insert(
-            header::DATE,
-            pingora_core::protocols::http::date::get_cached_date(),
-        );
     }
-    if !h.contains_key(header::CONNECTION) {
-        h.insert(header::CONNECTION, http::HeaderValue::from_static("keep-alive"));
-    }
-    h
 }
 
 /// Remove the targeted cache-control fields (RFC 9213: meant for this cache) from a client
@@ -337,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_hit_header_strips_what_is_configured_and_adds_date_and_connection() {
+    fn a_fast_hit_header_strips_what_is_configured_and_has_room_for_what_a_hit_adds() {
         let s = stored(&[
             ("content-length", "3"),
             ("xkey", "a b"),
@@ -348,27 +338,22 @@ mod tests {
         let h = wire_fields(&s, true, true);
         assert!(!h.contains_key("xkey") && !h.contains_key("surrogate-control"));
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
-        assert_eq!(h["connection"], "keep-alive");
-        assert!(h.contains_key("date"));
-        // room for Age and Cache-Status: adding them does not grow the map
+        // room for Age and Cache-Status, and for Pingora's Date and Connection: adding them
+        // does not grow the map
         let capacity = h.capacity();
         let mut h = h;
         h.insert(header::AGE, HeaderValue::from_static("1"));
         h.insert("cache-status", HeaderValue::from_static("corral; hit"));
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Mon, 30 Nov 2026 00:00:00 GMT"),
+        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         assert_eq!(h.capacity(), capacity);
 
         let kept = wire_fields(&s, false, false);
         assert_eq!(kept["xkey"], "a b");
         assert_eq!(kept["surrogate-control"], "max-age=60");
-    }
-
-    #[test]
-    fn a_fast_hit_header_keeps_the_origin_date_and_connection() {
-        let s = stored(&[("date", "Mon, 30 Nov 2026 00:00:00 GMT"), ("connection", "close")]);
-        let h = wire_fields(&s, true, true);
-        assert_eq!(h["date"], "Mon, 30 Nov 2026 00:00:00 GMT");
-        assert_eq!(h.get_all("connection").iter().count(), 1);
-        assert_eq!(h["connection"], "close");
     }
 
     #[test]

@@ -242,15 +242,18 @@ impl Corral {
 
 #[async_trait]
 impl ProxyHttp for Corral {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context in its per-request future, which it moves into a box
+    /// of its own per request (about 15 KB, copied whole), in three places. A box of the
+    /// context is about 1.6 KB less to copy per request than the context itself.
+    type CTX = Box<Ctx>;
 
     fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {
         // Pingora's default adds a response compression module, disabled; corral does not
         // compress, and the module costs a context and three filter calls per request
     }
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
+    fn new_ctx(&self) -> Box<Ctx> {
+        Box::new(Ctx {
             live: self.live.load(),
             started: Instant::now(),
             arrived: SystemTime::now(),
@@ -285,10 +288,10 @@ impl ProxyHttp for Corral {
             upstream_slot: None,
             upstream_busy: false,
             superseded: false,
-        }
+        })
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // HTTP/1.1 pipelining (RFC 9112 §9.3.2), as nginx and Varnish answer it: requests sent
         // ahead on a keep-alive connection are answered in order, one after another, instead
         // of Pingora's default of closing the connection after the first and dropping the rest
@@ -397,7 +400,7 @@ impl ProxyHttp for Corral {
         Ok(false)
     }
 
-    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
         if ctx.bypass.is_some() {
             return Ok(());
         }
@@ -416,7 +419,7 @@ impl ProxyHttp for Corral {
         Ok(())
     }
 
-    fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
         // the fast hit path may have built it already
         // the request filter worked out host and path (and the fast hit path maybe the key)
         Ok(ctx
@@ -431,7 +434,7 @@ impl ProxyHttp for Corral {
         meta: &CacheMeta,
         hit_handler: &mut HitHandler,
         _is_fresh: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
         if let Some(lock) = CompleteHit::take_refresh_lock(hit_handler) {
@@ -479,7 +482,7 @@ impl ProxyHttp for Corral {
         Ok(None)
     }
 
-    async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         if ctx.directives.only_if_cached {
             // RFC 9111 §5.2.1.7: nothing usable stored → 504
             let mut resp = ResponseHeader::build(StatusCode::GATEWAY_TIMEOUT, Some(2))?;
@@ -492,7 +495,7 @@ impl ProxyHttp for Corral {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
         let mut peer = Box::new(ctx.live.peer.clone());
         if matches!(ctx.bypass, Some(Bypass::Upgrade | Bypass::Rule)) {
             // WebSockets, and server-sent events and long polls behind a bypass rule, go
@@ -522,7 +525,7 @@ impl ProxyHttp for Corral {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         for name in hop_by_hop(&upstream_request.headers) {
             upstream_request.remove_header(&name);
@@ -551,7 +554,7 @@ impl ProxyHttp for Corral {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         if upstream_response.status.is_informational() {
             return forward_interim(session, upstream_response).await;
@@ -604,7 +607,7 @@ impl ProxyHttp for Corral {
         _session: &mut Session,
         _body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<Option<Duration>> {
         if end_of_stream {
             // the origin is done with this request: a slow client does not hold its slot
@@ -617,7 +620,7 @@ impl ProxyHttp for Corral {
         &self,
         session: &Session,
         resp: &ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<RespCacheable> {
         let mut resp = resp.clone();
         if let Some(fields) = ctx.not_modified.take() {
@@ -675,11 +678,21 @@ impl ProxyHttp for Corral {
         Ok(decision)
     }
 
-    fn cache_vary_filter(&self, meta: &CacheMeta, ctx: &mut Ctx, req: &RequestHeader) -> Option<HashBinary> {
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        ctx: &mut Self::CTX,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
         key::variance_for(meta.headers(), req, ctx.key_headers())
     }
 
-    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut Ctx, error: Option<&Error>) -> bool {
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+        error: Option<&Error>,
+    ) -> bool {
         match error {
             // stale-while-revalidate / grace: the entry's own window already decided
             None => true,
@@ -695,7 +708,7 @@ impl ProxyHttp for Corral {
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         if resp.status.is_informational() && resp.status != StatusCode::SWITCHING_PROTOCOLS {
             // interim: the final response follows (a 101 is final for HTTP, then the
@@ -711,7 +724,7 @@ impl ProxyHttp for Corral {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             // RFC 9110 §15.6.5: the upstream did not answer in time
@@ -741,7 +754,7 @@ impl ProxyHttp for Corral {
         }
     }
 
-    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
         conn::request_done(session);
         if let Some(sub) = session.subrequest_ctx.as_mut() {
             // a background revalidation that ended as a hit (a peer's fresh copy found in
