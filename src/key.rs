@@ -253,7 +253,7 @@ pub fn vary_star(headers: &http::HeaderMap) -> bool {
 fn vary_names(headers: &impl Fields) -> impl Iterator<Item = String> + '_ {
     headers
         .all("vary")
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(crate::fields::Value::text)
         .flat_map(|v| v.split(','))
         .map(|n| n.trim().to_ascii_lowercase())
         .filter(|n| !n.is_empty())

@@ -54,10 +54,8 @@ pub fn targeted_headers() -> &'static [&'static str] {
 
 /// A targeted cache-control field of this process (RFC 9213: `CDN-Cache-Control`,
 /// `Surrogate-Control`, or `cache.targeted_header`, set once at start).
-pub fn is_targeted(name: &http::HeaderName) -> bool {
-    targeted_headers()
-        .iter()
-        .any(|t| name.as_str().eq_ignore_ascii_case(t))
+pub fn is_targeted(name: &str) -> bool {
+    targeted_headers().iter().any(|t| name.eq_ignore_ascii_case(t))
 }
 
 /// The cache-control that decides for corral: the first targeted field with a valid,

@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 use pingora_cache::{CacheMeta, ForcedFreshness};
 
 use super::parse::split_tags;
-use crate::fields::Fields;
+use crate::fields::{Fields, Value};
 
 mod checkpoint;
 use super::{Ban, Pattern, Purge, Target, MAX_RECORDS};
@@ -473,10 +473,7 @@ impl Validity {
             soft_at = Some(soft_at.map_or(s.at, |t: SystemTime| t.max(s.at)));
             false
         };
-        let content_type = headers
-            .first("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let content_type = headers.first("content-type").and_then(Value::text).unwrap_or("");
         {
             let bans = self.bans.read();
             // sorted by time: only the tail is newer than the entry
@@ -496,7 +493,7 @@ impl Validity {
                 }
                 let matched = headers
                     .all(name.as_str())
-                    .filter_map(|v| v.to_str().ok())
+                    .filter_map(Value::text)
                     .any(|v| pattern.is_match(v));
                 if matched && hit(*stamp) {
                     return Verdict::Invalid;
@@ -512,7 +509,7 @@ impl Validity {
         }
         if !self.tags.is_empty() {
             for (name, sep) in TAG_HEADERS {
-                for value in headers.all(name).filter_map(|v| v.to_str().ok()) {
+                for value in headers.all(name).filter_map(Value::text) {
                     for tag in split_tags(value, sep) {
                         if let Some(stamp) = self.tags.get(&tag).map(|s| *s) {
                             if applies(&stamp) && hit(stamp) {
@@ -533,8 +530,8 @@ pub fn has_tag_header(headers: &impl Fields) -> bool {
 }
 
 /// A purge tag header (`xkey`, `Surrogate-Key`, ...).
-pub fn is_tag(name: &HeaderName) -> bool {
-    TAG_HEADERS.iter().any(|(t, _)| name.as_str() == *t)
+pub fn is_tag(name: &str) -> bool {
+    TAG_HEADERS.iter().any(|(t, _)| name == *t)
 }
 
 /// The timestamp a purge accepted now is recorded with: a millisecond past any entry validated

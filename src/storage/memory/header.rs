@@ -2,30 +2,23 @@
 //!
 //! An `http::HeaderMap` costs about 112 bytes per field in its bucket vector plus an index,
 //! and each value owning its bytes is one allocation (two once it is cloned: `Bytes` promotes
-//! itself to a shared buffer). [`StoredHeader`] keeps the fields as one boxed slice of
-//! (name, value) pairs, 72 bytes each, whose values are slices of one buffer: two allocations
-//! per head, whatever its field count (plus one per non-standard name). A hit builds the map
-//! it hands to Pingora from them: the same two allocations as cloning a map, and the values
-//! are shared, never copied.
+//! itself to a shared buffer); a (`HeaderName`, `HeaderValue`) pair alone is 72 bytes.
+//! [`StoredHeader`] keeps every name and value as text in one buffer, and 12 bytes of offsets
+//! per field: two allocations per head whatever its field count, and about 60 bytes less per
+//! field than pairs. A hit builds the map it hands to Pingora from them: a name the `http`
+//! crate knows is a tag (no allocation), another one is copied; the values are slices of the
+//! buffer (shared, never copied), checked again as they are built.
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use pingora_http::ResponseHeader;
 
-use crate::fields::Fields;
+use crate::fields::{Fields, Value};
 use crate::policy::is_targeted;
 use crate::purge::is_tag;
 
-/// Bytes charged per field on top of its name and value: its (name, value) pair.
-const FIELD_OVERHEAD: usize = std::mem::size_of::<(HeaderName, HeaderValue)>();
-
-/// Bytes charged on top for a name that may be the `http` crate's own allocation: a name it
-/// does not know is a heap copy, and a shared block once it has been cloned (every hit).
-const NAME_ALLOCATION: usize = 64;
-
-/// Response field names that cost nothing beyond the pair: the `http` crate knows them (a tag
-/// in the pair, no allocation). Other standard names are charged as if allocated: an
-/// over-count, never an under-count.
+/// Response field names a hit takes from this table rather than from the buffer: the `http`
+/// crate knows them (a tag, no allocation, no parsing per hit).
 const KNOWN: [HeaderName; 24] = {
     use http::header::*;
     [
@@ -56,6 +49,20 @@ const KNOWN: [HeaderName; 24] = {
     ]
 };
 
+/// One field: its name, then its value, consecutive in the head's buffer. A head is far
+/// below 4 GiB (Pingora refuses a head over its limit, memcached an item over its own), and
+/// every read of the buffer is bounds-checked.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    /// Where the name starts in the buffer.
+    at: u32,
+    value_len: u32,
+    name_len: u16,
+    sensitive: bool,
+    /// 1 + the name's place in [`KNOWN`], 0 for another name.
+    known: u8,
+}
+
 /// A response's status line and fields, with lower-case names (as a fast hit sends them, and
 /// as HTTP/2 does), owning their bytes.
 #[derive(Debug, Clone)]
@@ -67,39 +74,49 @@ pub struct StoredHeader {
     strippable: bool,
     /// Only when it is not the status's canonical one.
     reason: Option<Box<str>>,
-    fields: Box<[(HeaderName, HeaderValue)]>,
+    /// Every name and value, in order.
+    text: Bytes,
+    fields: Box<[Field]>,
+}
+
+fn offset(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl StoredHeader {
     /// A copy of `h` that owns its bytes. Pingora parses a response head in one read buffer of
     /// 4 KiB or more, and the values it hands over are slices of that buffer: a stored header
     /// must not keep the whole buffer alive (issue 8: 1 KB objects took 5x their budget in
-    /// RSS), so the values are copied, once, into one buffer of their own.
+    /// RSS), so names and values are copied, once, into one buffer of their own.
     pub fn new(h: &ResponseHeader) -> Self {
-        let mut buf = BytesMut::with_capacity(h.headers.values().map(HeaderValue::len).sum());
-        for value in h.headers.values() {
-            buf.extend_from_slice(value.as_bytes());
-        }
-        let buf: Bytes = buf.freeze();
-        let mut at = 0;
+        let size = h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        let mut text = BytesMut::with_capacity(size);
         let fields = h
             .headers
             .iter()
             .map(|(name, value)| {
-                let len = value.len();
-                let mut own =
-                    HeaderValue::from_maybe_shared(buf.slice(at..at + len)).unwrap_or_else(|_| value.clone());
-                own.set_sensitive(value.is_sensitive());
-                at += len;
-                (name.clone(), own)
+                let at = text.len();
+                text.extend_from_slice(name.as_str().as_bytes());
+                text.extend_from_slice(value.as_bytes());
+                Field {
+                    at: offset(at),
+                    value_len: offset(value.len()),
+                    name_len: u16::try_from(name.as_str().len()).unwrap_or(u16::MAX),
+                    sensitive: value.is_sensitive(),
+                    known: KNOWN.iter().position(|k| k == name).map_or(0, |i| i as u8 + 1),
+                }
             })
             .collect();
         let reason = h.get_reason_phrase();
         StoredHeader {
             status: h.status,
             version: h.version,
-            strippable: h.headers.keys().any(|n| is_tag(n) || is_targeted(n)),
+            strippable: h
+                .headers
+                .keys()
+                .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str())),
             reason: (reason != h.status.canonical_reason()).then(|| reason.unwrap_or("").into()),
+            text: text.freeze(),
             fields,
         }
     }
@@ -113,17 +130,32 @@ impl StoredHeader {
         self.strippable
     }
 
-    /// Approximate bytes held: names, values and the pairs, and an allocation for each name
-    /// that may have one.
+    /// Approximate bytes held: names and values, the offsets, the reason phrase.
     pub fn bytes(&self) -> usize {
-        self.fields
-            .iter()
-            .map(|(k, v)| {
-                let allocated = if KNOWN.contains(k) { 0 } else { NAME_ALLOCATION };
-                k.as_str().len() + v.len() + FIELD_OVERHEAD + allocated
-            })
-            .sum::<usize>()
-            + self.reason.as_ref().map_or(0, |r| r.len())
+        self.text.len() + std::mem::size_of_val(&*self.fields) + self.reason.as_ref().map_or(0, |r| r.len())
+    }
+
+    /// Where `f`'s name and value lie in the buffer.
+    fn ranges(f: &Field) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let at = f.at as usize;
+        let value = at + usize::from(f.name_len);
+        (at..value, value..value + f.value_len as usize)
+    }
+
+    fn name_bytes(&self, f: &Field) -> &[u8] {
+        self.text.get(Self::ranges(f).0).unwrap_or_default()
+    }
+
+    /// `f`'s name: a known one from [`KNOWN`], no check of the bytes.
+    fn name(&self, f: &Field) -> &str {
+        match f.known.checked_sub(1) {
+            Some(i) => KNOWN[usize::from(i)].as_str(),
+            None => std::str::from_utf8(self.name_bytes(f)).unwrap_or_default(),
+        }
+    }
+
+    fn value(&self, f: &Field) -> &[u8] {
+        self.text.get(Self::ranges(f).1).unwrap_or_default()
     }
 
     /// The head as Pingora's header, every field in order.
@@ -134,13 +166,29 @@ impl StoredHeader {
         h
     }
 
-    /// The fields `keep` accepts, as a header map with room for `extra` more (so that adding
-    /// them does not grow it). The values are shared with the stored ones.
-    pub fn map(&self, extra: usize, keep: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    /// The fields `keep` accepts (it is given each lower-case name), as a header map with
+    /// room for `extra` more (so that adding them does not grow it). The values are shared
+    /// with the stored ones.
+    pub fn map(&self, extra: usize, keep: impl Fn(&str) -> bool) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.len() + extra);
-        for (name, value) in self.fields.iter().filter(|(n, _)| keep(n)) {
+        for f in self.fields.iter() {
+            let name = self.name(f);
+            let value = Self::ranges(f).1;
+            if !keep(name) || value.end > self.text.len() {
+                continue;
+            }
+            let name = match f.known.checked_sub(1) {
+                Some(i) => Ok(KNOWN[usize::from(i)].clone()),
+                None => HeaderName::from_bytes(name.as_bytes()),
+            };
+            // both were a valid name and value when stored
+            let (Ok(name), Ok(mut value)) = (name, HeaderValue::from_maybe_shared(self.text.slice(value)))
+            else {
+                continue;
+            };
+            value.set_sensitive(f.sensitive);
             // far below the map's limit: the head was parsed into one
-            let _ = map.try_append(name.clone(), value.clone());
+            let _ = map.try_append(name, value);
         }
         map
     }
@@ -160,15 +208,15 @@ impl StoredHeader {
 }
 
 impl Fields for StoredHeader {
-    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Value<'a>> + 'a {
         self.fields
             .iter()
-            .filter(move |(n, _)| n.as_str().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+            .filter(move |f| self.name_bytes(f).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| Value(self.value(f)))
     }
 
-    fn names(&self) -> impl Iterator<Item = &HeaderName> {
-        self.fields.iter().map(|(n, _)| n)
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|f| self.name(f))
     }
 }
 
@@ -214,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn values_share_one_buffer_not_the_parsed_one() {
+    fn names_and_values_share_one_buffer_not_the_parsed_one() {
         // as Pingora hands them over: slices of the connection's read buffer
         let read = Bytes::from(vec![b'v'; 4096]);
         let mut h = ResponseHeader::build(200, None).unwrap();
@@ -226,16 +274,20 @@ mod tests {
         assert!(h.headers.values().all(|v| inside(v.as_bytes().as_ptr())));
         let s = StoredHeader::new(&h);
         drop(h);
-        // none in the read buffer, and consecutive in one buffer of their own
-        assert!(s.fields.iter().all(|(_, v)| !inside(v.as_bytes().as_ptr())));
-        for (i, (_, v)) in s.fields.iter().enumerate().skip(1) {
-            let before = &s.fields[i - 1].1;
-            assert_eq!(
-                before.as_bytes().as_ptr().wrapping_add(before.len()),
-                v.as_bytes().as_ptr()
-            );
-        }
-        assert_eq!(s.first("x-two").unwrap().len(), 12);
+        // none in the read buffer: one buffer of their own, names and values in order
+        assert!(!inside(s.text.as_ptr()));
+        assert_eq!(
+            s.text.len(),
+            "content-typex-onex-twoetag".len() + 10 + 11 + 12 + 13
+        );
+        assert_eq!(s.first("x-two").unwrap().as_bytes().len(), 12);
+        // a hit's values are slices of that buffer, not copies
+        let map = s.map(0, |_| true);
+        let held = s.text.as_ptr_range();
+        assert!(map.values().all(|v| held.contains(&v.as_bytes().as_ptr())));
+        // 12 bytes of offsets per field, against 72 for a (name, value) pair
+        assert_eq!(std::mem::size_of::<Field>(), 12);
+        assert_eq!(s.bytes(), s.text.len() + 4 * 12);
     }
 
     #[test]
@@ -244,32 +296,37 @@ mod tests {
         let mut secret = HeaderValue::from_static("token");
         secret.set_sensitive(true);
         h.append_header("x-secret", secret).unwrap();
+        h.append_header("x-plain", "text").unwrap();
         let s = StoredHeader::new(&h);
-        assert!(s.first("x-secret").unwrap().is_sensitive());
-        assert!(s.to_response().headers["x-secret"].is_sensitive());
+        let back = s.to_response();
+        assert!(back.headers["x-secret"].is_sensitive());
+        assert!(!back.headers["x-plain"].is_sensitive());
         let empty = StoredHeader::new(&ResponseHeader::build(304, None).unwrap());
         assert_eq!((empty.names().count(), empty.bytes()), (0, 0));
         assert_eq!(empty.to_response().status, 304);
     }
 
     #[test]
-    fn a_name_the_http_crate_allocates_is_charged_for_it() {
+    fn a_head_is_charged_for_its_text_and_offsets() {
         let mut known = ResponseHeader::build(200, None).unwrap();
         known.append_header("etag", "\"abcd\"").unwrap();
         let mut custom = ResponseHeader::build(200, None).unwrap();
-        custom.append_header("x-et", "\"abcd\"").unwrap();
+        custom.append_header("X-Et", "\"abcd\"").unwrap();
         let (k, c) = (
             StoredHeader::new(&known).bytes(),
             StoredHeader::new(&custom).bytes(),
         );
-        assert_eq!(c, k + NAME_ALLOCATION);
-        assert!(k >= FIELD_OVERHEAD + 4 + 6);
+        // names are text in the buffer, known to the http crate or not
+        assert_eq!(k, 4 + 6 + 12);
+        assert_eq!(c, k);
+        let s = StoredHeader::new(&custom);
+        assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
     }
 
     #[test]
     fn build_filters_and_leaves_room() {
         let s = StoredHeader::new(&origin_head());
-        let map = s.map(2, |n| n != http::header::SET_COOKIE);
+        let map = s.map(2, |n| n != "set-cookie");
         assert!(!map.contains_key("set-cookie"));
         assert_eq!(map.len(), 3);
         let h = s.response(map);

@@ -159,7 +159,7 @@ impl MemoryStorage {
 fn tags_of(headers: &impl crate::fields::Fields) -> Vec<String> {
     let mut tags = Vec::new();
     for (name, sep) in crate::purge::TAG_HEADERS {
-        for value in headers.all(name).filter_map(|v| v.to_str().ok()) {
+        for value in headers.all(name).filter_map(crate::fields::Value::text) {
             tags.extend(crate::purge::split_tags(value, sep));
         }
     }
