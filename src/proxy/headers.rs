@@ -327,6 +327,24 @@ mod tests {
     }
 
     #[test]
+    fn a_fast_hit_header_never_grows_for_the_four_fields_a_hit_adds() {
+        for n in [0, 1, 2, 3, 5, 8, 12, 13, 24, 25, 40] {
+            let names: Vec<String> = (0..n).map(|i| format!("x-f{i}")).collect();
+            let fields: Vec<(&str, &str)> = names.iter().map(|k| (k.as_str(), "v")).collect();
+            let mut h = wire_fields(&stored(&fields), false, false);
+            let capacity = h.capacity();
+            h.insert(header::AGE, HeaderValue::from_static("1"));
+            h.insert("cache-status", HeaderValue::from_static("corral; hit"));
+            h.insert(
+                header::DATE,
+                HeaderValue::from_static("Mon, 30 Nov 2026 00:00:00 GMT"),
+            );
+            h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            assert_eq!(h.capacity(), capacity, "{n} fields");
+        }
+    }
+
+    #[test]
     fn a_fast_hit_header_strips_what_is_configured_and_has_room_for_what_a_hit_adds() {
         let s = stored(&[
             ("content-length", "3"),

@@ -205,7 +205,7 @@ fn id(item: CacheEntryKeyRef<'_>) -> u64 {
 impl Ufo {
     fn new(limit: usize, items: usize) -> Self {
         Ufo {
-            ufo: TinyUfo::new_compact(limit.div_ceil(UNIT), items),
+            ufo: TinyUfo::new(limit.div_ceil(UNIT), items),
             limit_units: limit.div_ceil(UNIT),
             bytes: AtomicUsize::new(0),
             items: AtomicUsize::new(0),

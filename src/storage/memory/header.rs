@@ -17,6 +17,9 @@ use crate::fields::{Fields, Value};
 use crate::policy::is_targeted;
 use crate::purge::is_tag;
 
+/// What `Bytes` allocates to share a buffer (its shared block, with the allocator's header).
+const SHARED_BLOCK: usize = 32;
+
 /// Response field names a hit takes from this table rather than from the buffer: the `http`
 /// crate knows them (a tag, no allocation, no parsing per hit).
 const KNOWN: [HeaderName; 24] = {
@@ -108,6 +111,10 @@ impl StoredHeader {
             })
             .collect();
         let reason = h.get_reason_phrase();
+        let text = text.freeze();
+        // shared now rather than on the first hit: a `Bytes` made from one buffer allocates
+        // its shared block on its first clone or slice, and keeps it for life
+        drop(text.clone());
         StoredHeader {
             status: h.status,
             version: h.version,
@@ -116,7 +123,7 @@ impl StoredHeader {
                 .keys()
                 .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str())),
             reason: (reason != h.status.canonical_reason()).then(|| reason.unwrap_or("").into()),
-            text: text.freeze(),
+            text,
             fields,
         }
     }
@@ -130,9 +137,14 @@ impl StoredHeader {
         self.strippable
     }
 
-    /// Approximate bytes held: names and values, the offsets, the reason phrase.
+    /// Approximate bytes held: names and values, the offsets, the reason phrase, and the
+    /// buffer's shared block.
     pub fn bytes(&self) -> usize {
-        self.text.len() + std::mem::size_of_val(&*self.fields) + self.reason.as_ref().map_or(0, |r| r.len())
+        let reason = self.reason.as_ref().map_or(0, |r| r.len());
+        if self.text.is_empty() {
+            return reason;
+        }
+        self.text.len() + std::mem::size_of_val(&*self.fields) + reason + SHARED_BLOCK
     }
 
     /// Where `f`'s name and value lie in the buffer.
@@ -287,7 +299,7 @@ mod tests {
         assert!(map.values().all(|v| held.contains(&v.as_bytes().as_ptr())));
         // 12 bytes of offsets per field, against 72 for a (name, value) pair
         assert_eq!(std::mem::size_of::<Field>(), 12);
-        assert_eq!(s.bytes(), s.text.len() + 4 * 12);
+        assert_eq!(s.bytes(), s.text.len() + 4 * 12 + SHARED_BLOCK);
     }
 
     #[test]
@@ -317,7 +329,7 @@ mod tests {
             StoredHeader::new(&custom).bytes(),
         );
         // names are text in the buffer, known to the http crate or not
-        assert_eq!(k, 4 + 6 + 12);
+        assert_eq!(k, 4 + 6 + 12 + SHARED_BLOCK);
         assert_eq!(c, k);
         let s = StoredHeader::new(&custom);
         assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
