@@ -43,8 +43,8 @@ use crate::purge::millis;
 
 /// Bookkeeping bytes charged to every entry on top of body, header ([`StoredHeader::bytes`])
 /// and URL: the entry itself, its map row and slot, the eviction manager's node and index, and
-/// the allocator's share of each. benches/memory.sh measured about 750 bytes under TinyUFO
-/// and 620 under LRU with nothing evicted (200,000 objects of 100 bytes: RSS growth per entry
+/// the allocator's share of each. benches/memory.sh measured about 790 bytes under TinyUFO
+/// and 680 under LRU with nothing evicted (200,000 objects of 100 bytes: RSS growth per entry
 /// beyond what the rest of the weight counts). The rest is for the allocator's fragmentation
 /// once entries are evicted and replaced: with it, RSS grew by 1.05 to 1.16 times the budget
 /// (objects of 1 KB to 100 KB, 3x the budget).
@@ -618,7 +618,7 @@ impl MemoryStorage {
     pub fn clear(&'static self) {
         let old = self.generation.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            let removed = self.sweep_before(old + 1);
+            let removed = self.sweep_before(old + 1).await;
             let Some(eviction) = self.eviction.get() else {
                 return;
             };
@@ -637,20 +637,34 @@ impl MemoryStorage {
         });
     }
 
-    /// Free the entries of generations before `generation`; their keys.
-    fn sweep_before(&self, generation: u64) -> Vec<CompactCacheKey> {
+    /// Free the entries of generations before `generation` (lookups no longer see them); their
+    /// keys. A batch of rows at a time, each row under its own lock, and the entries dropped
+    /// outside the table's locks: a clear of a million entries does not hold a shard's lock
+    /// (and every request for a key in it) or a worker for the whole walk.
+    async fn sweep_before(&self, generation: u64) -> Vec<CompactCacheKey> {
+        // every row there now; a row made after the clear holds no entry from before it
+        // (`commit` checks the generation under the row's lock)
+        let rows: Vec<HashBinary> = self.table.iter().map(|r| *r.key()).collect();
         let mut removed = Vec::new();
-        self.table.retain(|primary, slots| {
-            for slot in slots.iter_mut() {
-                if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
-                    let e = slot.entry.take().expect("checked above");
-                    self.account_remove(e.weight);
-                    removed.push(compact(*primary, slot.variance));
+        for batch in rows.chunks(sweep::SWEEP_BATCH) {
+            let mut freed = Vec::with_capacity(batch.len());
+            for primary in batch {
+                if let Some(mut slots) = self.table.get_mut(primary) {
+                    for slot in slots.iter_mut() {
+                        if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
+                            let e = slot.entry.take().expect("checked above");
+                            self.account_remove(e.weight);
+                            removed.push(compact(*primary, slot.variance));
+                            freed.push(e);
+                        }
+                    }
+                    slots.retain(|s| s.entry.is_some() || s.fill.is_some());
                 }
+                self.table.remove_if(primary, |_, slots| slots.is_empty());
             }
-            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
-            !slots.is_empty()
-        });
+            drop(freed);
+            tokio::task::yield_now().await;
+        }
         removed
     }
 

@@ -30,8 +30,9 @@ pub fn split_url(url: &str) -> (&str, &str) {
     }
 }
 
-/// Entries checked between two yields of the sweeper, so that it never holds a worker long.
-const SWEEP_BATCH: usize = 512;
+/// Entries checked (rows, for a clear) between two yields of the sweeper, so that it never
+/// holds a worker long.
+pub(super) const SWEEP_BATCH: usize = 512;
 
 impl MemoryStorage {
     /// One pass of the ban sweeper (Varnish's "ban lurker"): check every entry against the

@@ -225,6 +225,39 @@ async fn clear_hides_everything_at_once_then_frees_it() {
     assert!(S.lookup(&b, &trace).await.unwrap().is_some());
 }
 
+/// A clear frees the table a batch of rows at a time and yields between batches: a request on
+/// the same worker runs meanwhile and finds the sweep part done (with one `retain` it waited
+/// for the whole table, holding each shard's lock for all of its rows).
+#[tokio::test(flavor = "current_thread")]
+async fn a_clear_frees_a_batch_at_a_time_and_lets_others_run_between() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let batch = sweep::SWEEP_BATCH;
+    for i in 0..3 * batch {
+        fill(&S, &CacheKey::new(format!("http://h/batch/{i}"), ""), &["x"]).await;
+    }
+    assert_eq!(S.stats().entries, 3 * batch);
+    let generation = S.generation.fetch_add(1, Ordering::AcqRel) + 1;
+    // runs only when the sweep yields (one worker thread)
+    let watcher = tokio::spawn(async {
+        let mut seen = Vec::new();
+        loop {
+            let left = S.stats().entries;
+            seen.push(left);
+            if left == 0 {
+                return seen;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let removed = S.sweep_before(generation).await;
+    assert_eq!(removed.len(), 3 * batch);
+    let seen = watcher.await.unwrap();
+    assert_eq!(seen.first(), Some(&(2 * batch)), "{seen:?}");
+    assert!(seen.contains(&batch), "{seen:?}");
+    assert_eq!(S.stats(), MemoryStats { entries: 0, bytes: 0 });
+    assert_eq!(S.table.len(), 0, "the rows go too");
+}
+
 #[tokio::test]
 async fn sweep_removes_banned_marks_soft_and_tracks_what_escaped() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
