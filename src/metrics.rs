@@ -41,6 +41,16 @@ pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Stale copies stale-if-error did not serve: a purge answered while the request was at the
+/// origin covers them.
+pub static STALE_REFUSED_PURGED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_stale_if_error_purged_total",
+        "Stale copies not served on an upstream error because a purge answered meanwhile covers them"
+    )
+    .expect("metric registers once")
+});
+
 /// Hits answered by the fast hit path (plain requests for fresh, variant-free L1 entries).
 pub static FAST_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(

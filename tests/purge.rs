@@ -389,6 +389,44 @@ async fn a_ban_answered_while_a_bypassed_request_awaits_its_answer_covers_it() {
     assert_eq!(after.body, "v3-aabbbbb", "{}", after.cache);
 }
 
+/// stale-if-error falls back on a stale copy when the origin fails, but never on one that a
+/// purge answered while the request was at the origin covers: the purge took the copy out of
+/// the cache, not out of the hands of the request that had looked it up. Each purge shape,
+/// and a purge of everything; the control (no purge) serves the stale copy.
+#[tokio::test]
+async fn stale_if_error_never_serves_a_copy_purged_while_its_request_was_at_the_origin() {
+    for (method, path, headers) in [
+        ("PURGE", "/slow", &[][..]),
+        ("BAN", "/", &[("x-url", "^/slow$")][..]),
+        ("PURGEKEYS", "/", &[("xkey-purge", "slow")][..]),
+        ("ALL", "", &[][..]),
+        ("", "", &[][..]),
+    ] {
+        let mut origin = SlowOrigin::stale_then_held_error().await;
+        let conf = Conf::default()
+            .cache("grace = \"0s\"")
+            .cache("stale_if_error = \"1m\"");
+        let proxy = Proxy::start(origin.addr, conf).await;
+        let revalidation = origin.stale_fill(&proxy, SITE).await;
+        match method {
+            "" => {}
+            "ALL" => assert_eq!(admin_post(&proxy, "/purge/all", "").await.status, 200),
+            _ => assert_eq!(purge(&proxy, method, path, headers).await.status, 200, "{method}"),
+        }
+        let got = origin.release(revalidation).await;
+        if method.is_empty() {
+            assert_eq!(got, "v1-aabbbbb", "the control: stale-if-error serves the copy");
+            continue;
+        }
+        assert_eq!(got, "", "{method}: the origin's 503, not the purged copy");
+        assert_eq!(
+            metric(&proxy.metrics().await, "corral_stale_if_error_purged_total"),
+            1.0,
+            "{method}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_ban_during_a_slow_fill_still_applies_and_then_expires() {
     let mut origin = SlowOrigin::start().await;

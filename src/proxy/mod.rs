@@ -148,6 +148,10 @@ pub struct Ctx {
     upstream_busy: bool,
     /// The upstream's response carries an older generation than the current one: not stored.
     superseded: bool,
+    /// When the copy the lookup found was last validated, and by which corral: what a purge
+    /// answered while this request is at the origin is checked against, before stale-if-error
+    /// serves that copy.
+    hit_validated: Option<(SystemTime, u64)>,
 }
 
 impl Ctx {
@@ -216,6 +220,26 @@ fn varies_on_any(resp: &ResponseHeader, key_headers: &[http::HeaderName], names:
 }
 
 impl Corral {
+    /// Whether a purge now covers the copy this request's lookup found (validated then,
+    /// [`Ctx::hit_validated`]): every purge is a validity record, a purge of everything
+    /// too, kept while this request awaits its answer ([`memory::Awaited`]).
+    fn purged_since_lookup(&self, session: &Session, ctx: &Ctx) -> bool {
+        let (Some((validated, by)), Some(meta)) = (ctx.hit_validated, session.cache.maybe_cache_meta())
+        else {
+            return false;
+        };
+        let verdict = self
+            .parts
+            .validity
+            .check(&ctx.host, &ctx.path, validated, by, meta.headers(), 0);
+        if verdict == Verdict::Invalid {
+            metrics::STALE_REFUSED_PURGED.inc();
+            tracing::info!(host = %ctx.host, path = %ctx.path, "stale-if-error: the copy was purged meanwhile, not served");
+            return true;
+        }
+        false
+    }
+
     /// The client's address ([`headers::client_ip`]): behind a trusted proxy, the one it saw.
     pub(super) fn client_ip(&self, session: &Session, ctx: &Ctx) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
@@ -288,6 +312,7 @@ impl ProxyHttp for Corral {
             upstream_slot: None,
             upstream_busy: false,
             superseded: false,
+            hit_validated: None,
         })
     }
 
@@ -447,6 +472,7 @@ impl ProxyHttp for Corral {
         // the last validation: the meta's `updated` is its lineage (see MetaParts::to_meta)
         let (validated, by) =
             memory::validated(hit_handler).unwrap_or_else(|| (meta.updated(), purge::corral_id()));
+        ctx.hit_validated = Some((validated, by));
         // bans and tag purges newer than this entry, that it was not checked against yet
         let mark = CompleteHit::check_mark(hit_handler);
         let verdict =
@@ -687,19 +713,17 @@ impl ProxyHttp for Corral {
         key::variance_for(meta.headers(), req, ctx.key_headers())
     }
 
-    fn should_serve_stale(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Self::CTX,
-        error: Option<&Error>,
-    ) -> bool {
+    fn should_serve_stale(&self, session: &mut Session, ctx: &mut Self::CTX, error: Option<&Error>) -> bool {
         match error {
             // stale-while-revalidate / grace: the entry's own window already decided
             None => true,
-            // stale-if-error: upstream trouble, including a 5xx answer
+            // stale-if-error: upstream trouble, including a 5xx answer; never a copy that a
+            // purge answered while this request was at the origin covers (the purge removed
+            // it from the cache, not from this request's hands)
             Some(e) => {
-                e.esource() == &ErrorSource::Upstream
-                    || matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500)
+                (e.esource() == &ErrorSource::Upstream
+                    || matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500))
+                    && !self.purged_since_lookup(session, ctx)
             }
         }
     }

@@ -17,14 +17,14 @@ pub struct SlowOrigin {
 
 impl SlowOrigin {
     pub async fn start() -> SlowOrigin {
-        SlowOrigin::launch(false, false).await
+        SlowOrigin::launch(false, false, false).await
     }
 
     /// A slow origin whose first answer is composed (its version taken) as soon as the
     /// request arrives, and sent, header and all, only when the test lets it go on: content
     /// made before whatever the test does next, which reaches corral after it.
     pub async fn holding_the_header() -> SlowOrigin {
-        SlowOrigin::launch(true, false).await
+        SlowOrigin::launch(true, false, false).await
     }
 
     /// [`SlowOrigin::holding_the_header`], after a first answer (`v1`) marked
@@ -32,10 +32,18 @@ impl SlowOrigin {
     /// (hit-for-miss) and bypasses its cache for the next request, whose answer (`v2`) is
     /// held, and cacheable.
     pub async fn private_then_holding_the_header() -> SlowOrigin {
-        SlowOrigin::launch(true, true).await
+        SlowOrigin::launch(true, true, false).await
     }
 
-    async fn launch(hold_header: bool, private_first: bool) -> SlowOrigin {
+    /// A first answer (`v1`) fresh for one second and usable on errors for a minute
+    /// (`stale-if-error=60`), sent at once; the next request is held, then answered `503`:
+    /// a revalidation that fails while the test does something, with a stale copy to fall
+    /// back on ([`SlowOrigin::stale_fill`]).
+    pub async fn stale_then_held_error() -> SlowOrigin {
+        SlowOrigin::launch(true, true, true).await
+    }
+
+    async fn launch(hold_header: bool, private_first: bool, error: bool) -> SlowOrigin {
         let held = if private_first { 2 } else { 1 };
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -58,7 +66,18 @@ impl SlowOrigin {
                                 let _ = w.await;
                             }
                         }
-                        let cc = if n < held { "private" } else { "max-age=300" };
+                        if n == held && error {
+                            let head = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+                            if s.write_all(head.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let cc = match (n < held, error) {
+                            (true, true) => "max-age=1, stale-if-error=60",
+                            (true, false) => "private",
+                            _ => "max-age=300",
+                        };
                         // chunked, because Pingora holds back up to 1460 bytes of a body of
                         // known length (flushing at its end) but flushes each chunk
                         let head = format!(
@@ -123,6 +142,24 @@ impl SlowOrigin {
             self.requests.recv().await,
             Some(self.held),
             "the fill is under way"
+        );
+        fill
+    }
+
+    /// [`SlowOrigin::stale_then_held_error`]: store `v1` at `proxy`, let it go stale, and
+    /// send the request that revalidates it; return once the origin holds that request.
+    pub async fn stale_fill(&mut self, proxy: &Proxy, host: &str) -> tokio::task::JoinHandle<String> {
+        let first = client().get(proxy.url("/slow")).header("host", host).send().await;
+        assert_eq!(first.unwrap().text().await.unwrap(), "v1-aabbbbb");
+        assert_eq!(self.requests.recv().await, Some(1));
+        // max-age=1: expiry is a matter of time
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let request = client().get(proxy.url("/slow")).header("host", host);
+        let fill = tokio::spawn(async move { request.send().await.unwrap().text().await.unwrap() });
+        assert_eq!(
+            self.requests.recv().await,
+            Some(2),
+            "the revalidation is under way"
         );
         fill
     }
