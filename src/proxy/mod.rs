@@ -152,6 +152,11 @@ pub struct Ctx {
     /// answered while this request is at the origin is checked against, before stale-if-error
     /// serves that copy.
     hit_validated: Option<(SystemTime, u64)>,
+    /// While the copy the lookup found may still be served on an upstream error: registered
+    /// as awaited at the copy's validation, so that the purge records that could cover it
+    /// stay until this request ends, however long it waits for an upstream slot, a
+    /// connection or retries ([`memory::Awaited`]).
+    stale_hold: Option<memory::Awaited>,
 }
 
 impl Ctx {
@@ -313,6 +318,7 @@ impl ProxyHttp for Corral {
             upstream_busy: false,
             superseded: false,
             hit_validated: None,
+            stale_hold: None,
         })
     }
 
@@ -458,7 +464,7 @@ impl ProxyHttp for Corral {
         _session: &mut Session,
         meta: &CacheMeta,
         hit_handler: &mut HitHandler,
-        _is_fresh: bool,
+        is_fresh: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.from_l2 = CompleteHit::is_from_l2(hit_handler);
@@ -483,6 +489,8 @@ impl ProxyHttp for Corral {
             // purged: a miss (never a revalidation, which a 304 could answer)
             return Ok(verdict.forced());
         }
+        // unless it is served fresh, the copy may yet be served on an upstream error
+        ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated));
         if self.parts.storage.log.fenced(validated, by, SystemTime::now()) {
             // this corral cannot confirm memcached's purge log: a copy from before it lost
             // track may have been purged elsewhere (hard, even where a soft purge here would
@@ -504,6 +512,10 @@ impl ProxyHttp for Corral {
             // one revalidation (it is newer than their arrival)
             ctx.by_request = true;
             return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        if is_fresh {
+            // served as it is: no upstream request, no error to fall back from
+            ctx.stale_hold = None;
         }
         Ok(None)
     }

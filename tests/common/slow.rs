@@ -4,6 +4,9 @@
 
 use crate::common::{client, Proxy};
 
+/// How long a test waits for the origin to get a request, or for a held request's answer.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A raw origin that sends the header and half of a chunked body (`v<n>-aa`), then waits
 /// for the test before the rest (`bbbbb`); later requests are answered at once. Each answer
 /// carries `xkey: slow`.
@@ -120,7 +123,7 @@ impl SlowOrigin {
             .send()
             .await
             .unwrap();
-        assert_eq!(self.requests.recv().await, Some(1), "the fill is under way");
+        assert_eq!(self.next_request().await, Some(1), "the fill is under way");
         let first = fill.chunk().await.unwrap().unwrap();
         assert!(b"v1-aa".starts_with(&first), "{first:?}");
         (fill, first.to_vec())
@@ -134,12 +137,12 @@ impl SlowOrigin {
             // the answers before the held one, at once
             let got = client().get(proxy.url("/slow")).header("host", host).send().await;
             got.unwrap().text().await.unwrap();
-            assert!(self.requests.recv().await.is_some());
+            assert!(self.next_request().await.is_some());
         }
         let request = client().get(proxy.url("/slow")).header("host", host);
         let fill = tokio::spawn(async move { request.send().await.unwrap().text().await.unwrap() });
         assert_eq!(
-            self.requests.recv().await,
+            self.next_request().await,
             Some(self.held),
             "the fill is under way"
         );
@@ -151,23 +154,34 @@ impl SlowOrigin {
     pub async fn stale_fill(&mut self, proxy: &Proxy, host: &str) -> tokio::task::JoinHandle<String> {
         let first = client().get(proxy.url("/slow")).header("host", host).send().await;
         assert_eq!(first.unwrap().text().await.unwrap(), "v1-aabbbbb");
-        assert_eq!(self.requests.recv().await, Some(1));
+        assert_eq!(self.next_request().await, Some(1));
         // max-age=1: expiry is a matter of time
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         let request = client().get(proxy.url("/slow")).header("host", host);
         let fill = tokio::spawn(async move { request.send().await.unwrap().text().await.unwrap() });
         assert_eq!(
-            self.requests.recv().await,
+            self.next_request().await,
             Some(2),
             "the revalidation is under way"
         );
         fill
     }
 
+    /// The number of the next request the origin got: bounded, so that a request corral
+    /// answered without the origin fails the test instead of hanging it.
+    async fn next_request(&mut self) -> Option<usize> {
+        tokio::time::timeout(WAIT, self.requests.recv())
+            .await
+            .expect("the origin got the request")
+    }
+
     /// Send the held answer; the body the fill's client got.
     pub async fn release(&mut self, fill: tokio::task::JoinHandle<String>) -> String {
         self.go_on.take().unwrap().send(()).unwrap();
-        fill.await.unwrap()
+        tokio::time::timeout(WAIT, fill)
+            .await
+            .expect("the held request's client got its answer")
+            .unwrap()
     }
 
     /// Let the first fill finish; the whole body its client got.

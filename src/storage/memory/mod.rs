@@ -618,36 +618,28 @@ impl MemoryStorage {
     pub fn clear(&'static self) {
         let old = self.generation.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            let removed = self.sweep_before(old + 1).await;
-            let Some(eviction) = self.eviction.get() else {
-                return;
-            };
-            // or their weight stays counted there: under TinyUFO the entries of before would
-            // hold the budget, and every new one be evicted at once. Outside the table's
-            // locks, a share at a time, so that requests go on meanwhile
-            use pingora_cache::eviction::EvictionManager;
-            for keys in removed.chunks(1024) {
-                // not a key refilled since the sweep passed it: the manager tracks the new
-                // entry under it
-                for key in keys.iter().filter(|k| !self.holds_current(k)) {
-                    eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None));
-                }
-                tokio::task::yield_now().await;
-            }
+            self.sweep_before(old + 1).await;
         });
     }
 
-    /// Free the entries of generations before `generation` (lookups no longer see them); their
-    /// keys. A batch of rows at a time, each row under its own lock, and the entries dropped
-    /// outside the table's locks: a clear of a million entries does not hold a shard's lock
-    /// (and every request for a key in it) or a worker for the whole walk.
-    async fn sweep_before(&self, generation: u64) -> Vec<CompactCacheKey> {
+    /// Free the entries of generations before `generation` (lookups no longer see them);
+    /// how many. The row keys are collected in one pass (each shard read-locked in turn), then
+    /// the rows are swept a batch at a time, each row under its own lock, the entries dropped
+    /// outside the table's locks, with a yield between batches: a clear of a million entries
+    /// does not hold a shard's lock (and every request for a key in it) for all of its rows.
+    ///
+    /// The eviction manager is told after each batch, outside the locks, or the entries of
+    /// before keep their weight there: under TinyUFO they would hold the budget, and every
+    /// new entry be evicted at once. Not for a key refilled since the sweep passed it: the
+    /// manager tracks the new entry under it.
+    async fn sweep_before(&self, generation: u64) -> usize {
         // every row there now; a row made after the clear holds no entry from before it
         // (`commit` checks the generation under the row's lock)
         let rows: Vec<HashBinary> = self.table.iter().map(|r| *r.key()).collect();
-        let mut removed = Vec::new();
+        let mut count = 0;
         for batch in rows.chunks(sweep::SWEEP_BATCH) {
             let mut freed = Vec::with_capacity(batch.len());
+            let mut removed = Vec::with_capacity(batch.len());
             for primary in batch {
                 if let Some(mut slots) = self.table.get_mut(primary) {
                     for slot in slots.iter_mut() {
@@ -663,9 +655,16 @@ impl MemoryStorage {
                 self.table.remove_if(primary, |_, slots| slots.is_empty());
             }
             drop(freed);
+            count += removed.len();
+            if let Some(eviction) = self.eviction.get() {
+                use pingora_cache::eviction::EvictionManager;
+                for key in removed.iter().filter(|k| !self.holds_current(k)) {
+                    eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None));
+                }
+            }
             tokio::task::yield_now().await;
         }
-        removed
+        count
     }
 
     fn current(&self, entry: &Arc<Stored>) -> bool {

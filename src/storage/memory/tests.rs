@@ -227,10 +227,12 @@ async fn clear_hides_everything_at_once_then_frees_it() {
 
 /// A clear frees the table a batch of rows at a time and yields between batches: a request on
 /// the same worker runs meanwhile and finds the sweep part done (with one `retain` it waited
-/// for the whole table, holding each shard's lock for all of its rows).
+/// for the whole table, holding each shard's lock for all of its rows). What it stores then is
+/// of the new generation, and stays.
 #[tokio::test(flavor = "current_thread")]
 async fn a_clear_frees_a_batch_at_a_time_and_lets_others_run_between() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
     let batch = sweep::SWEEP_BATCH;
     for i in 0..3 * batch {
         fill(&S, &CacheKey::new(format!("http://h/batch/{i}"), ""), &["x"]).await;
@@ -238,24 +240,25 @@ async fn a_clear_frees_a_batch_at_a_time_and_lets_others_run_between() {
     assert_eq!(S.stats().entries, 3 * batch);
     let generation = S.generation.fetch_add(1, Ordering::AcqRel) + 1;
     // runs only when the sweep yields (one worker thread)
-    let watcher = tokio::spawn(async {
-        let mut seen = Vec::new();
-        loop {
+    let new = CacheKey::new("http://h/batch/new", "");
+    let during = tokio::spawn({
+        let new = new.clone();
+        async move {
             let left = S.stats().entries;
-            seen.push(left);
-            if left == 0 {
-                return seen;
-            }
-            tokio::task::yield_now().await;
+            let w = fill(&S, &new, &["y"]).await;
+            (left, w)
         }
     });
-    let removed = S.sweep_before(generation).await;
-    assert_eq!(removed.len(), 3 * batch);
-    let seen = watcher.await.unwrap();
-    assert_eq!(seen.first(), Some(&(2 * batch)), "{seen:?}");
-    assert!(seen.contains(&batch), "{seen:?}");
-    assert_eq!(S.stats(), MemoryStats { entries: 0, bytes: 0 });
-    assert_eq!(S.table.len(), 0, "the rows go too");
+    assert_eq!(S.sweep_before(generation).await, 3 * batch);
+    let (left, w) = during.await.unwrap();
+    assert_eq!(left, 2 * batch, "it ran after the first batch");
+    assert_eq!(
+        S.stats(),
+        MemoryStats { entries: 1, bytes: w },
+        "what it stored stays"
+    );
+    assert!(S.lookup(&new, &trace).await.unwrap().is_some());
+    assert_eq!(S.table.len(), 1, "the rows of before go too");
 }
 
 #[tokio::test]
