@@ -428,6 +428,64 @@ async fn stale_if_error_never_serves_a_copy_purged_while_its_request_was_at_the_
     }
 }
 
+/// The same while the request waits in the queue for an upstream slot, before it is sent:
+/// nothing else keeps the ban's record then (the request that holds the slot is a POST, whose
+/// answer is never stored), and the sweeper drops it once L1 no longer holds the copy. The
+/// copy keeps it from its lookup to the request's end. The control (no ban) gets the copy.
+#[tokio::test]
+async fn stale_if_error_never_serves_a_copy_banned_while_its_request_queued_for_the_origin() {
+    for ban in [true, false] {
+        let origin = Origin::start().await;
+        origin.route("/q", |s| {
+            let cc = if s.n == 1 {
+                "max-age=1, stale-if-error=60"
+            } else {
+                "max-age=60"
+            };
+            Reply::ok(format!("v{}", s.n)).header("cache-control", cc)
+        });
+        origin.route("/hold", |_| Reply::ok("held").delay(Duration::from_secs(3)));
+        let mut conf = Conf::default()
+            .cache("grace = \"0s\"")
+            .cache("stale_if_error = \"1m\"")
+            .upstream("max_connections = 1")
+            .upstream("queue_timeout = \"1500ms\"");
+        conf.rules.push_str("[purge]\nsweep_interval = \"20ms\"\n");
+        let proxy = Proxy::start(origin.addr, conf).await;
+        assert_eq!(get(&proxy, "/q").await.body, "v1");
+        // max-age=1: expiry is a matter of time
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let hold = send(client().post(proxy.url("/hold")), &[("host", SITE)]);
+        let hold = tokio::spawn(hold);
+        eventually(Duration::from_secs(5), "the slot is taken", || async {
+            origin.hits("/hold") == 1
+        })
+        .await;
+        let url = proxy.url("/q");
+        let stale = tokio::spawn(async move { get_with(&url, &[("host", SITE)]).await });
+        // it finds the stale copy and queues (no signal for that: a third of the queue's time)
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if ban {
+            let banned = purge(&proxy, "BAN", "/", &[("x-url", "^/q$")]).await;
+            assert_eq!(banned.status, 200);
+            a_sweeper_pass(&proxy).await;
+        }
+        let got = stale.await.unwrap();
+        let refused = metric(&proxy.metrics().await, "corral_stale_if_error_purged_total");
+        if ban {
+            assert_eq!((got.status, refused), (503, 1.0), "{got:?}");
+        } else {
+            assert_eq!(
+                (got.status, got.body.as_str(), refused),
+                (200, "v1", 0.0),
+                "{got:?}"
+            );
+        }
+        assert_eq!(origin.hits("/q"), 1, "it never reached the origin");
+        assert_eq!(hold.await.unwrap().status, 200);
+    }
+}
+
 #[tokio::test]
 async fn a_ban_during_a_slow_fill_still_applies_and_then_expires() {
     let mut origin = SlowOrigin::start().await;
