@@ -245,6 +245,42 @@ impl Corral {
         false
     }
 
+    /// Whether a copy that no purge removed is revalidated rather than served as it is (the
+    /// fence, a soft purge, the client's `no-cache`): `cache_hit_filter`'s answer.
+    fn revalidation(
+        &self,
+        meta: &CacheMeta,
+        hit_handler: &HitHandler,
+        validated: SystemTime,
+        by: u64,
+        verdict: Verdict,
+        ctx: &mut Ctx,
+    ) -> Option<ForcedFreshness> {
+        if self.parts.storage.log.fenced(validated, by, SystemTime::now()) {
+            // this corral cannot confirm memcached's purge log: a copy from before it lost
+            // track may have been purged elsewhere (hard, even where a soft purge here would
+            // serve it stale), so the origin decides (a 304 is cheap)
+            metrics::FENCED_HITS.inc();
+            return Some(ForcedFreshness::ForceExpired);
+        }
+        if verdict != Verdict::Valid {
+            return verdict.forced();
+        }
+        // an answer that arrived after this request did satisfies its `no-cache`
+        let received = memory::received(hit_handler).unwrap_or(validated);
+        if ctx.live.cfg.cache.honor_client_no_cache
+            && ctx
+                .directives
+                .requires_validation(received, meta.age(), ctx.arrived)
+        {
+            // revalidate; concurrent such requests wait on the lock and are satisfied by the
+            // one revalidation (it is newer than their arrival)
+            ctx.by_request = true;
+            return Some(ForcedFreshness::ForceExpired);
+        }
+        None
+    }
+
     /// The client's address ([`headers::client_ip`]): behind a trusted proxy, the one it saw.
     pub(super) fn client_ip(&self, session: &Session, ctx: &Ctx) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
@@ -489,35 +525,12 @@ impl ProxyHttp for Corral {
             // purged: a miss (never a revalidation, which a 304 could answer)
             return Ok(verdict.forced());
         }
-        // unless it is served fresh, the copy may yet be served on an upstream error
-        ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated));
-        if self.parts.storage.log.fenced(validated, by, SystemTime::now()) {
-            // this corral cannot confirm memcached's purge log: a copy from before it lost
-            // track may have been purged elsewhere (hard, even where a soft purge here would
-            // serve it stale), so the origin decides (a 304 is cheap)
-            metrics::FENCED_HITS.inc();
-            return Ok(Some(ForcedFreshness::ForceExpired));
+        let forced = self.revalidation(meta, hit_handler, validated, by, verdict, ctx);
+        if forced.is_some() || !is_fresh {
+            // not served as it is: the copy may yet be served on an upstream error
+            ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated));
         }
-        if verdict != Verdict::Valid {
-            return Ok(verdict.forced());
-        }
-        // an answer that arrived after this request did satisfies its `no-cache`
-        let received = memory::received(hit_handler).unwrap_or(validated);
-        if ctx.live.cfg.cache.honor_client_no_cache
-            && ctx
-                .directives
-                .requires_validation(received, meta.age(), ctx.arrived)
-        {
-            // revalidate; concurrent such requests wait on the lock and are satisfied by the
-            // one revalidation (it is newer than their arrival)
-            ctx.by_request = true;
-            return Ok(Some(ForcedFreshness::ForceExpired));
-        }
-        if is_fresh {
-            // served as it is: no upstream request, no error to fall back from
-            ctx.stale_hold = None;
-        }
-        Ok(None)
+        Ok(forced)
     }
 
     async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
