@@ -8,7 +8,6 @@ use pingora_cache::eviction::EvictionManager;
 use pingora_cache::key::CacheHashKey;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::predictor::Predictor;
-use pingora_cache::CacheKey;
 use pingora_http::ResponseHeader;
 use std::time::SystemTime;
 
@@ -84,27 +83,6 @@ impl CacheParts {
             ack_wait: (cfg.purge.acknowledge_cluster && storage.l2.is_some())
                 .then(|| cfg.purge.max_unconfirmed + std::time::Duration::from_millis(50)),
         }))
-    }
-
-    /// Remove every stored variant of the URL of `key` from L1 and the eviction manager, and
-    /// its primary entry from L2. Returns how many L1 entries were removed, and whether L2
-    /// (if any) confirmed the removal.
-    ///
-    /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
-    /// give. They need no deletion: a variant is reached only through the URL's primary entry,
-    /// and Pingora accepts only variants created after that primary (its `created` is their
-    /// tombstone), so once the primary is gone, older variants can never be served again.
-    pub async fn remove_url(&self, key: &CacheKey) -> (usize, bool) {
-        let removed = self.storage.l1.remove_primary(&key.primary_bin());
-        for compact in &removed {
-            self.eviction
-                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
-        }
-        let l2_ok = match &self.storage.l2 {
-            Some(l2) => l2.delete(&l2.key(&key.combined())).await,
-            None => true,
-        };
-        (removed.len(), l2_ok)
     }
 
     /// Apply a purge to this corral's L1, its validity records, and L2. Returns how many L1
@@ -210,9 +188,13 @@ impl CacheParts {
     }
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
-    /// `Location` / `Content-Location` of the same host.
+    /// `Location` / `Content-Location` of the same host. Each is a hard URL purge of this
+    /// corral's own (a validity record, not logged: other corrals did not see the request),
+    /// so that it also covers what was looked up or sent for before it and arrives after it:
+    /// a fill the origin composed before the unsafe request, a stale copy that stale-if-error
+    /// would fall back on. L2's copy is deleted.
     pub async fn invalidate_after_unsafe(&self, host: &str, path: &str, resp: &ResponseHeader) {
-        let mut removed = self.remove_url(&key::for_url(host, path)).await.0;
+        let mut removed = self.invalidate_url(host, path).await;
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -225,7 +207,7 @@ impl CacheParts {
                 .is_none_or(|a| key::normalize_host(a.as_str()) == host);
             if let (true, Some(pq)) = (same_host, uri.path_and_query()) {
                 if pq.as_str().starts_with('/') {
-                    removed += self.remove_url(&key::for_url(host, pq.as_str())).await.0;
+                    removed += self.invalidate_url(host, pq.as_str()).await;
                 }
             }
         }
@@ -233,6 +215,28 @@ impl CacheParts {
             metrics::INVALIDATIONS.inc_by(removed as u64);
             tracing::debug!(host, path, removed, "invalidated by unsafe method");
         }
+    }
+
+    /// One URL of [`Self::invalidate_after_unsafe`]: how many L1 entries it removed. Its
+    /// primary entry in L2 is deleted.
+    ///
+    /// L2 holds Vary variants under keys derived from their variance, which a URL alone does not
+    /// give. They need no deletion: a variant is reached only through the URL's primary entry,
+    /// and Pingora accepts only variants created after that primary (its `created` is their
+    /// tombstone), so once the primary is gone, older variants can never be served again.
+    async fn invalidate_url(&self, host: &str, path: &str) -> usize {
+        let purge = Purge {
+            target: Target::Url {
+                host: host.to_owned(),
+                path: path.to_owned(),
+            },
+            soft: false,
+        };
+        let removed = self.apply_here(&purge, purge::now_stamp(), purge::corral_id());
+        if let Some(l2) = &self.storage.l2 {
+            l2.delete(&l2.key(&key::for_url(host, path).combined())).await;
+        }
+        removed
     }
 
     /// Return once a purge applied and logged now may be answered 2xx. At once by default; with

@@ -338,6 +338,9 @@ async fn a_purge_answered_while_the_origin_composes_a_fill_covers_that_fill() {
         ("BAN", "/", &[("x-url", "^/slow$")][..]),
         ("PURGEKEYS", "/", &[("xkey-purge", "slow")][..]),
         ("PURGE", "/slow", &[][..]),
+        // RFC 9111 §4.4: a successful unsafe request invalidates the URL, and what its
+        // origin composed before it too (the POST's own answer is the origin's v2)
+        ("POST", "/slow", &[][..]),
         // the control: without a purge, the held answer is stored
         ("", "", &[][..]),
     ] {
@@ -358,7 +361,12 @@ async fn a_purge_answered_while_the_origin_composes_a_fill_covers_that_fill() {
         // the client that asked before the purge gets the answer made before it
         assert_eq!(origin.release(fill).await, "v1-aabbbbb", "{method}");
         let after = get(&proxy, "/slow").await;
-        assert_eq!(after.body, "v2-aabbbbb", "{method}: {}", after.cache);
+        let next = if method == "POST" {
+            "v3-aabbbbb"
+        } else {
+            "v2-aabbbbb"
+        };
+        assert_eq!(after.body, next, "{method}: {}", after.cache);
         assert!(after.cache.contains("fwd=miss"), "{method}: {}", after.cache);
     }
 }
@@ -392,7 +400,8 @@ async fn a_ban_answered_while_a_bypassed_request_awaits_its_answer_covers_it() {
 /// stale-if-error falls back on a stale copy when the origin fails, but never on one that a
 /// purge answered while the request was at the origin covers: the purge took the copy out of
 /// the cache, not out of the hands of the request that had looked it up. Each purge shape,
-/// and a purge of everything; the control (no purge) serves the stale copy.
+/// a purge of everything and a successful POST to the URL; the control (no purge) serves the
+/// stale copy.
 #[tokio::test]
 async fn stale_if_error_never_serves_a_copy_purged_while_its_request_was_at_the_origin() {
     for (method, path, headers) in [
@@ -400,6 +409,8 @@ async fn stale_if_error_never_serves_a_copy_purged_while_its_request_was_at_the_
         ("BAN", "/", &[("x-url", "^/slow$")][..]),
         ("PURGEKEYS", "/", &[("xkey-purge", "slow")][..]),
         ("ALL", "", &[][..]),
+        // a successful unsafe request invalidates the URL (RFC 9111 §4.4) as a purge does
+        ("POST", "/slow", &[][..]),
         ("", "", &[][..]),
     ] {
         let mut origin = SlowOrigin::stale_then_held_error().await;
