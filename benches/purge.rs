@@ -10,7 +10,7 @@ use corral::cache::CacheParts;
 use corral::config::Config;
 use corral::key;
 use corral::purge::{self, Purge, Validity};
-use corral::storage::memory::MetaParts;
+use corral::storage::memory::{self, MetaParts};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use pingora_cache::CacheMeta;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -36,7 +36,7 @@ fn parts_with(n: usize) -> &'static CacheParts {
         let k = key::for_url("www.example.org", &format!("/page/{i}"));
         parts.storage.l1.insert(
             &k,
-            MetaParts::from_meta(&meta(&format!("t{}", i % 100))),
+            MetaParts::from_meta(&meta(&format!("t{}", i % 100)), memory::url_of(&k)),
             body.clone(),
             parts.storage.l1.generation(),
         );

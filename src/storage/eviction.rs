@@ -159,10 +159,41 @@ pub const TINYUFO_MAX_OBJECT: usize = u16::MAX as usize * UNIT - 64 * 1024;
 /// What TinyUFO holds per entry: the key to hand back on eviction, and the bytes it was
 /// admitted with (TinyUFO hands back its own weight in units only). `bytes == 0`: a purged
 /// entry's place holder ([`Ufo::remove`]).
+///
+/// 32 bytes, against 64 for a `CacheEntryKey` and a `usize`: TinyUFO keeps one per entry
+/// (in a bucket of its map), so they count in L1's memory per object. L1's keys carry no
+/// user tag and no storage-defined entry id ([`crate::key::for_url`], L1 identifies none), so
+/// the primary and the variance are the whole key.
 #[derive(Clone)]
 struct Tracked {
-    key: CacheEntryKey,
-    bytes: usize,
+    primary: pingora_cache::key::HashBinary,
+    variance: Option<Box<pingora_cache::key::HashBinary>>,
+    /// At most [`TINYUFO_MAX_OBJECT`] and the headers' margin: below `u32::MAX`.
+    bytes: u32,
+}
+
+impl Tracked {
+    fn new(item: CacheEntryKey, bytes: usize) -> Tracked {
+        debug_assert!(item.entry_id().is_none() && item.key().user_tag.is_empty());
+        let key = item.into_key();
+        Tracked {
+            primary: key.primary,
+            variance: key.variance,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes as usize
+    }
+
+    fn key(self) -> CacheEntryKey {
+        CacheEntryKey::key_only(pingora_cache::key::CompactCacheKey {
+            primary: self.primary,
+            variance: self.variance,
+            user_tag: "".into(),
+        })
+    }
 }
 
 /// [`TinyUfo`] behind [`EvictionManager`], with the byte and item counts that TinyUFO does not
@@ -228,10 +259,10 @@ impl Ufo {
         if t.bytes == 0 {
             return; // a place holder
         }
-        Self::sub(&self.bytes, t.bytes);
+        Self::sub(&self.bytes, t.bytes());
         Self::sub(&self.items, 1);
         if evicted {
-            self.evicted_bytes.fetch_add(t.bytes, Ordering::Relaxed);
+            self.evicted_bytes.fetch_add(t.bytes(), Ordering::Relaxed);
             self.evicted_items.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -275,11 +306,11 @@ impl Ufo {
             self.items.fetch_add(1, Ordering::Relaxed);
         }
         self.ufo
-            .put(k, Tracked { key: item, bytes }, units)
+            .put(k, Tracked::new(item, bytes), units)
             .into_iter()
             .map(|kv| {
                 self.gone(&kv.data, true);
-                kv.data.key
+                kv.data.key()
             })
             .collect()
     }
@@ -330,7 +361,7 @@ impl EvictionManager for Ufo {
         max_weight: Option<usize>,
     ) -> Vec<CacheEntryKey> {
         let k = id(CacheEntryKeyRef::from(item));
-        let old = self.ufo.get(&k).map_or(0, |t| t.bytes);
+        let old = self.ufo.get(&k).map_or(0, |t| t.bytes());
         let mut bytes = old + delta;
         if let Some(max) = max_weight {
             bytes = bytes.min(max);
@@ -346,7 +377,7 @@ impl EvictionManager for Ufo {
         }
         // the place holder weighs one unit: nothing is pushed out unless another thread
         // overfilled the cache meanwhile, and those evictions go out with the next admission
-        let out = self.put(old.key, 0);
+        let out = self.put(old.key(), 0);
         if !out.is_empty() {
             self.deferred.lock().extend(out);
         }
@@ -394,7 +425,7 @@ mod tests {
     use pingora_cache::CacheKey;
 
     fn key(i: usize) -> CacheEntryKey {
-        CacheEntryKey::from_entry_id(CacheKey::new("", format!("/o{i}")).to_compact(), None)
+        CacheEntryKey::from_entry_id(CacheKey::new(format!("/o{i}"), "").to_compact(), None)
     }
 
     fn fill(m: &Eviction, i: usize, bytes: usize, held: &mut std::collections::HashSet<usize>) {
@@ -405,6 +436,20 @@ mod tests {
         held.insert(i);
         for gone in m.admit(key(i), bytes, SystemTime::now()) {
             held.remove(&INDEX.with(|index| index[&gone]));
+        }
+    }
+
+    /// What TinyUFO keeps per entry is half a `CacheEntryKey` and a `usize`, and hands back
+    /// the same key, a variant's too.
+    #[test]
+    fn tinyufo_keeps_a_key_in_32_bytes_and_hands_it_back_whole() {
+        assert_eq!(std::mem::size_of::<Tracked>(), 32);
+        let mut variant = CacheKey::new("/v", "");
+        variant.set_variance_key(*b"0123456789abcdef");
+        for item in [key(1), CacheEntryKey::key_only(variant.to_compact())] {
+            let back = Tracked::new(item.clone(), 1234);
+            assert_eq!(back.bytes(), 1234);
+            assert_eq!(back.key(), item);
         }
     }
 

@@ -89,7 +89,7 @@ impl Tiered {
         rec: record::Record,
         generation: u64,
     ) -> Option<(CacheMeta, HitHandler)> {
-        let mut parts = MetaParts::from_meta(&rec.meta);
+        let mut parts = MetaParts::from_meta(&rec.meta, memory::url_of(key));
         parts.validated_by = rec.filler;
         let (hit, weight) = self.l1.insert(key, parts, rec.body, generation)?;
         // admitted like a fill, so the memory bound holds for promoted entries too

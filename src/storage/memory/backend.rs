@@ -73,8 +73,7 @@ impl Storage for MemoryStorage {
         let fill = Arc::new(Fill {
             id,
             generation: self.fill_generation(meta),
-            meta: MetaParts::from_meta(meta),
-            url: url_of(key),
+            meta: MetaParts::from_meta(meta, url_of(key)),
             chunks: Mutex::new(Vec::new()),
             state,
         });
@@ -92,14 +91,13 @@ impl Storage for MemoryStorage {
             }
         }
         self.fills.insert(id, fill.clone());
-        self.note_insert(fill.meta.updated);
+        self.note_insert(fill.meta.updated.get());
         Ok(Box::new(MemoryMiss {
             storage: self,
             primary,
             variance,
             fill,
             tag: id.to_be_bytes(),
-            written: 0,
             finished: false,
         }))
     }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pingora_cache::key::HashBinary;
 use pingora_cache::storage::{HandleMiss, MissFinishType};
 use pingora_error::Result;
@@ -16,7 +16,6 @@ pub(super) struct MemoryMiss {
     pub(super) variance: Option<HashBinary>,
     pub(super) fill: Arc<Fill>,
     pub(super) tag: [u8; 8],
-    pub(super) written: usize,
     pub(super) finished: bool,
 }
 
@@ -26,7 +25,6 @@ impl HandleMiss for MemoryMiss {
         let n = {
             let mut chunks = self.fill.chunks.lock();
             if !data.is_empty() {
-                self.written += data.len();
                 chunks.push(data);
             }
             chunks.len()
@@ -41,16 +39,13 @@ impl HandleMiss for MemoryMiss {
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         // readers still streaming this fill keep indexing its chunks, so they stay; the stored
-        // body is joined once here (a copy per fill, never per hit)
+        // body is joined once here, with the head (a copy per fill, never per hit). Always a
+        // copy, of one chunk too: a chunk is a slice of the connection's read buffer, and
+        // keeping it would keep the whole buffer (and whatever else was read into it) alive,
+        // unseen by `memory_bytes`
         let committed = if self.fill.generation == self.storage.generation() {
             let chunks = self.fill.chunks.lock().clone();
-            let body = join(chunks, self.written);
-            let stored = Stored::new(
-                self.fill.meta.clone(),
-                body,
-                self.fill.url.clone(),
-                self.fill.generation,
-            );
+            let stored = Stored::new(self.fill.meta.clone(), &chunks, self.fill.generation);
             self.storage
                 .commit(self.primary, self.variance, stored, Some(self.fill.id))
         } else {
@@ -75,23 +70,6 @@ impl HandleMiss for MemoryMiss {
 
     fn streaming_write_tag(&self) -> Option<&[u8]> {
         Some(&self.tag)
-    }
-}
-
-/// The body as one buffer of exactly its length. Always a copy, one chunk too: a chunk is a
-/// slice of the connection's read buffer, and keeping it would keep the whole buffer (and
-/// whatever else was read into it) alive, unseen by `memory_bytes`.
-fn join(chunks: Vec<Bytes>, len: usize) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => Bytes::copy_from_slice(&chunks[0]),
-        _ => {
-            let mut buf = BytesMut::with_capacity(len);
-            for c in chunks {
-                buf.extend_from_slice(&c);
-            }
-            buf.freeze()
-        }
     }
 }
 

@@ -3,11 +3,12 @@
 //! An `http::HeaderMap` costs about 112 bytes per field in its bucket vector plus an index,
 //! and each value owning its bytes is one allocation (two once it is cloned: `Bytes` promotes
 //! itself to a shared buffer); a (`HeaderName`, `HeaderValue`) pair alone is 72 bytes.
-//! [`StoredHeader`] keeps every name and value as text in one buffer, and 12 bytes of offsets
-//! per field: two allocations per head whatever its field count, and about 60 bytes less per
-//! field than pairs. A hit builds the map it hands to Pingora from them: a name the `http`
-//! crate knows is a tag (no allocation), another one is copied; the values are slices of the
-//! buffer (shared, never copied), checked again as they are built.
+//! [`StoredHeader`] keeps the entry's URL, every name and value as text, and 12 bytes of
+//! offsets per field, in one buffer: one allocation per head whatever its field count (and
+//! the buffer's shared block), and about 60 bytes less per field than pairs. A hit builds the
+//! map it hands to Pingora from them: a name the `http` crate knows is a tag (no allocation),
+//! another one is copied; the values are slices of the buffer (shared, never copied), checked
+//! again as they are built.
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
@@ -54,8 +55,9 @@ const KNOWN: [HeaderName; 24] = {
 
 /// One field: its name, then its value, consecutive in the head's buffer. A head is far
 /// below 4 GiB (Pingora refuses a head over its limit, memcached an item over its own), and
-/// every read of the buffer is bounds-checked.
-#[derive(Debug, Clone, Copy)]
+/// every read of the buffer is bounds-checked. Kept in the buffer's table as [`FIELD`] bytes
+/// ([`Field::encode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Field {
     /// Where the name starts in the buffer.
     at: u32,
@@ -66,8 +68,31 @@ struct Field {
     known: u8,
 }
 
+/// Bytes of a [`Field`] in the buffer's table.
+const FIELD: usize = 12;
+
+impl Field {
+    fn encode(&self, out: &mut BytesMut) {
+        out.extend_from_slice(&self.at.to_le_bytes());
+        out.extend_from_slice(&self.value_len.to_le_bytes());
+        out.extend_from_slice(&self.name_len.to_le_bytes());
+        out.extend_from_slice(&[u8::from(self.sensitive), self.known]);
+    }
+
+    fn decode(b: &[u8; FIELD]) -> Field {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Field {
+            at: u32_at(0),
+            value_len: u32_at(4),
+            name_len: u16::from_le_bytes([b[8], b[9]]),
+            sensitive: b[10] != 0,
+            known: b[11],
+        }
+    }
+}
+
 /// A response's status line and fields, with lower-case names (as a fast hit sends them, and
-/// as HTTP/2 does), owning their bytes.
+/// as HTTP/2 does), owning their bytes, and the URL of the entry they belong to.
 #[derive(Debug, Clone)]
 pub struct StoredHeader {
     status: StatusCode,
@@ -75,11 +100,16 @@ pub struct StoredHeader {
     /// Carries a tag header or a targeted cache-control field (RFC 9213): the only fields a
     /// hit may strip, so a hit filters the others only if this is set.
     strippable: bool,
-    /// Only when it is not the status's canonical one.
-    reason: Option<Box<str>>,
-    /// Every name and value, in order.
-    text: Bytes,
-    fields: Box<[Field]>,
+    /// The URL's length: it opens the buffer.
+    url_len: u32,
+    /// How many fields the buffer's table holds: it closes the buffer.
+    count: u32,
+    /// The reason phrase's length, after the URL; only when it is not the status's
+    /// canonical one.
+    reason_len: Option<u16>,
+    /// The URL, the reason phrase, every name and value in order, then the table of their
+    /// [`Field`]s.
+    buf: Bytes,
 }
 
 fn offset(n: usize) -> u32 {
@@ -87,20 +117,34 @@ fn offset(n: usize) -> u32 {
 }
 
 impl StoredHeader {
-    /// A copy of `h` that owns its bytes. Pingora parses a response head in one read buffer of
-    /// 4 KiB or more, and the values it hands over are slices of that buffer: a stored header
-    /// must not keep the whole buffer alive (issue 8: 1 KB objects took 5x their budget in
-    /// RSS), so names and values are copied, once, into one buffer of their own.
+    /// A copy of `h` that owns its bytes, with no URL (a head that is not an entry's).
     pub fn new(h: &ResponseHeader) -> Self {
-        let size = h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-        let mut text = BytesMut::with_capacity(size);
-        let fields = h
+        Self::with_url(h, "")
+    }
+
+    /// A copy of `h` that owns its bytes, kept with the URL of its entry. Pingora parses a
+    /// response head in one read buffer of 4 KiB or more, and the values it hands over are
+    /// slices of that buffer: a stored header must not keep the whole buffer alive (issue 8:
+    /// 1 KB objects took 5x their budget in RSS), so names and values are copied, once, into
+    /// one buffer of their own.
+    pub fn with_url(h: &ResponseHeader, url: &str) -> Self {
+        let text: usize = h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        let reason = h.get_reason_phrase();
+        // (one too long to count in 16 bits, which no parser lets through, goes canonical)
+        let reason = (reason != h.status.canonical_reason())
+            .then(|| reason.unwrap_or(""))
+            .filter(|r| r.len() <= usize::from(u16::MAX));
+        let size = url.len() + reason.map_or(0, str::len) + text + h.headers.len() * FIELD;
+        let mut buf = BytesMut::with_capacity(size);
+        buf.extend_from_slice(url.as_bytes());
+        buf.extend_from_slice(reason.unwrap_or("").as_bytes());
+        let fields: Vec<Field> = h
             .headers
             .iter()
             .map(|(name, value)| {
-                let at = text.len();
-                text.extend_from_slice(name.as_str().as_bytes());
-                text.extend_from_slice(value.as_bytes());
+                let at = buf.len();
+                buf.extend_from_slice(name.as_str().as_bytes());
+                buf.extend_from_slice(value.as_bytes());
                 Field {
                     at: offset(at),
                     value_len: offset(value.len()),
@@ -110,11 +154,13 @@ impl StoredHeader {
                 }
             })
             .collect();
-        let reason = h.get_reason_phrase();
-        let text = text.freeze();
+        for f in &fields {
+            f.encode(&mut buf);
+        }
+        let buf = buf.freeze();
         // shared now rather than on the first hit: a `Bytes` made from one buffer allocates
         // its shared block on its first clone or slice, and keeps it for life
-        drop(text.clone());
+        drop(buf.clone());
         StoredHeader {
             status: h.status,
             version: h.version,
@@ -122,10 +168,63 @@ impl StoredHeader {
                 .headers
                 .keys()
                 .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str())),
-            reason: (reason != h.status.canonical_reason()).then(|| reason.unwrap_or("").into()),
-            text,
-            fields,
+            url_len: offset(url.len()),
+            count: offset(fields.len()),
+            reason_len: reason.map(|r| r.len() as u16),
+            buf,
         }
+    }
+
+    /// This head and a body (its chunks) copied into one buffer, the body first: an entry's
+    /// one allocation for both, and one shared block. Returns the head in that buffer, and
+    /// the body.
+    pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Bytes) {
+        let len: usize = body.iter().map(Bytes::len).sum();
+        let mut buf = BytesMut::with_capacity(len + self.buf.len());
+        for chunk in body {
+            buf.extend_from_slice(chunk);
+        }
+        buf.extend_from_slice(&self.buf);
+        let buf = buf.freeze();
+        let head = StoredHeader {
+            buf: buf.slice(len..),
+            ..self.clone()
+        };
+        (head, buf.slice(..len))
+    }
+
+    /// Whether `other` is this head, in the same buffer.
+    pub fn same(&self, other: &StoredHeader) -> bool {
+        self.buf.as_ptr() == other.buf.as_ptr() && self.buf.len() == other.buf.len()
+    }
+
+    /// The bytes of its buffer.
+    pub fn buf_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The URL of the entry this head belongs to (`""`: none).
+    pub fn url(&self) -> &str {
+        self.text(0, self.url_len as usize)
+    }
+
+    /// The reason phrase, if not the status's canonical one.
+    fn reason(&self) -> Option<&str> {
+        let url = self.url_len as usize;
+        self.reason_len.map(|n| self.text(url, url + usize::from(n)))
+    }
+
+    fn text(&self, from: usize, to: usize) -> &str {
+        std::str::from_utf8(self.buf.get(from..to).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// The fields, in order, from the buffer's table.
+    fn fields(&self) -> impl Iterator<Item = Field> + '_ {
+        let table = self.buf.len().saturating_sub(self.count as usize * FIELD);
+        self.buf[table..]
+            .chunks_exact(FIELD)
+            .filter_map(|b| b.try_into().ok())
+            .map(Field::decode)
     }
 
     pub fn status(&self) -> StatusCode {
@@ -137,14 +236,13 @@ impl StoredHeader {
         self.strippable
     }
 
-    /// Approximate bytes held: names and values, the offsets, the reason phrase, and the
-    /// buffer's shared block.
+    /// Approximate bytes held: the URL, the reason phrase, names and values, the offsets,
+    /// and the buffer's shared block.
     pub fn bytes(&self) -> usize {
-        let reason = self.reason.as_ref().map_or(0, |r| r.len());
-        if self.text.is_empty() {
-            return reason;
+        if self.buf.is_empty() {
+            return 0;
         }
-        self.text.len() + std::mem::size_of_val(&*self.fields) + reason + SHARED_BLOCK
+        self.buf.len() + SHARED_BLOCK
     }
 
     /// Where `f`'s name and value lie in the buffer.
@@ -155,7 +253,7 @@ impl StoredHeader {
     }
 
     fn name_bytes(&self, f: &Field) -> &[u8] {
-        self.text.get(Self::ranges(f).0).unwrap_or_default()
+        self.buf.get(Self::ranges(f).0).unwrap_or_default()
     }
 
     /// `f`'s name: a known one from [`KNOWN`], no check of the bytes.
@@ -167,7 +265,7 @@ impl StoredHeader {
     }
 
     fn value(&self, f: &Field) -> &[u8] {
-        self.text.get(Self::ranges(f).1).unwrap_or_default()
+        self.buf.get(Self::ranges(f).1).unwrap_or_default()
     }
 
     /// The head as Pingora's header, every field in order.
@@ -182,11 +280,11 @@ impl StoredHeader {
     /// room for `extra` more (so that adding them does not grow it). The values are shared
     /// with the stored ones.
     pub fn map(&self, extra: usize, keep: impl Fn(&str) -> bool) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.fields.len() + extra);
-        for f in self.fields.iter() {
-            let name = self.name(f);
-            let value = Self::ranges(f).1;
-            if !keep(name) || value.end > self.text.len() {
+        let mut map = HeaderMap::with_capacity(self.count as usize + extra);
+        for f in self.fields() {
+            let name = self.name(&f);
+            let value = Self::ranges(&f).1;
+            if !keep(name) || value.end > self.buf.len() {
                 continue;
             }
             let name = match f.known.checked_sub(1) {
@@ -194,7 +292,7 @@ impl StoredHeader {
                 None => HeaderName::from_bytes(name.as_bytes()),
             };
             // both were a valid name and value when stored
-            let (Ok(name), Ok(mut value)) = (name, HeaderValue::from_maybe_shared(self.text.slice(value)))
+            let (Ok(name), Ok(mut value)) = (name, HeaderValue::from_maybe_shared(self.buf.slice(value)))
             else {
                 continue;
             };
@@ -212,7 +310,7 @@ impl StoredHeader {
         parts.status = self.status;
         parts.headers = fields;
         let mut h = ResponseHeader::from(parts);
-        if let Some(reason) = &self.reason {
+        if let Some(reason) = self.reason() {
             let _ = h.set_reason_phrase(Some(reason));
         }
         h
@@ -221,14 +319,13 @@ impl StoredHeader {
 
 impl Fields for StoredHeader {
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Value<'a>> + 'a {
-        self.fields
-            .iter()
+        self.fields()
             .filter(move |f| self.name_bytes(f).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|f| Value(self.value(f)))
+            .map(|f| Value(self.value(&f)))
     }
 
     fn names(&self) -> impl Iterator<Item = &str> {
-        self.fields.iter().map(|f| self.name(f))
+        self.fields().map(|f| self.name(&f))
     }
 }
 
@@ -261,6 +358,11 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(fields(&back), fields(&h));
+        // the URL and the reason phrase share the buffer
+        let with = StoredHeader::with_url(&h, "http://h/p");
+        assert_eq!((with.url(), with.reason()), ("http://h/p", Some("Partly")));
+        assert_eq!(fields(&with.to_response()), fields(&h));
+        assert_eq!(with.to_response().get_reason_phrase(), Some("Partly"));
         assert_eq!(s.all("set-cookie").count(), 2);
         assert_eq!(s.first("SET-COOKIE").unwrap(), "b=1");
         assert!(s.has("x-custom") && !s.has("vary"));
@@ -285,21 +387,47 @@ mod tests {
         let inside = |p: *const u8| read.as_ptr_range().contains(&p);
         assert!(h.headers.values().all(|v| inside(v.as_bytes().as_ptr())));
         let s = StoredHeader::new(&h);
+        let with = StoredHeader::with_url(&h, "http://a.example/p?q");
         drop(h);
-        // none in the read buffer: one buffer of their own, names and values in order
-        assert!(!inside(s.text.as_ptr()));
-        assert_eq!(
-            s.text.len(),
-            "content-typex-onex-twoetag".len() + 10 + 11 + 12 + 13
-        );
+        // none in the read buffer: one buffer of their own, names and values in order, then
+        // 12 bytes of offsets per field (against 72 for a (name, value) pair)
+        assert!(!inside(s.buf.as_ptr()));
+        let text = "content-typex-onex-twoetag".len() + 10 + 11 + 12 + 13;
+        assert_eq!(s.buf.len(), text + 4 * FIELD);
         assert_eq!(s.first("x-two").unwrap().as_bytes().len(), 12);
         // a hit's values are slices of that buffer, not copies
         let map = s.map(0, |_| true);
-        let held = s.text.as_ptr_range();
+        let held = s.buf.as_ptr_range();
         assert!(map.values().all(|v| held.contains(&v.as_bytes().as_ptr())));
-        // 12 bytes of offsets per field, against 72 for a (name, value) pair
-        assert_eq!(std::mem::size_of::<Field>(), 12);
-        assert_eq!(s.bytes(), s.text.len() + 4 * 12 + SHARED_BLOCK);
+        assert_eq!(s.bytes(), text + 4 * FIELD + SHARED_BLOCK);
+        // with the entry's URL in front, in the same buffer
+        assert_eq!(with.url(), "http://a.example/p?q");
+        assert_eq!(with.bytes(), s.bytes() + with.url().len());
+        assert_eq!(with.names().collect::<Vec<_>>(), s.names().collect::<Vec<_>>());
+        assert_eq!(with.first("etag").unwrap().as_bytes().len(), 13);
+        assert_eq!(s.url(), "");
+    }
+
+    #[test]
+    fn a_head_packed_with_a_body_is_the_same_head_after_it() {
+        let h = origin_head();
+        let alone = StoredHeader::with_url(&h, "http://h/p");
+        let chunks = [Bytes::from_static(b"bo"), Bytes::from_static(b"dy")];
+        let (packed, body) = alone.pack(&chunks);
+        assert_eq!(&body[..], b"body");
+        assert_eq!(packed.buf.as_ptr() as usize, body.as_ptr() as usize + 4);
+        assert_eq!((packed.url(), packed.reason()), ("http://h/p", Some("Partly")));
+        assert_eq!(packed.bytes(), alone.bytes());
+        let fields = |s: &StoredHeader| {
+            s.fields()
+                .map(|f| (s.name(&f).to_owned(), s.value(&f).to_vec()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fields(&packed), fields(&alone));
+        assert!(packed.same(&packed.clone()) && !packed.same(&alone));
+        // nothing to pack: empty, no allocation kept
+        let (empty, none) = StoredHeader::new(&ResponseHeader::build(304, None).unwrap()).pack(&[]);
+        assert_eq!((empty.bytes(), none.len()), (0, 0));
     }
 
     #[test]
@@ -344,7 +472,7 @@ mod tests {
         let h = s.response(map);
         assert_eq!((h.status.as_u16(), h.get_reason_phrase()), (203, Some("Partly")));
         let canonical = StoredHeader::new(&ResponseHeader::build(200, None).unwrap());
-        assert!(canonical.reason.is_none());
+        assert!(canonical.reason().is_none());
         assert_eq!(canonical.to_response().get_reason_phrase(), Some("OK"));
     }
 }

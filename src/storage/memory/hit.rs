@@ -75,7 +75,7 @@ impl CompleteHit {
 /// that request left for the origin (what bans and purges compare with), and by which corral;
 /// `None` for a hit of another storage.
 pub fn validated(hit: &HitHandler) -> Option<(SystemTime, u64)> {
-    meta_of(hit).map(|meta| (meta.updated, meta.validated_by))
+    meta_of(hit).map(|meta| (meta.updated.get(), meta.validated_by))
 }
 
 /// The stored meta behind a hit from this storage (a committed entry or a fill).
@@ -90,7 +90,7 @@ fn meta_of(hit: &HitHandler) -> Option<&MetaParts> {
 /// `no-cache` compares with: a request that waited for it is satisfied by it); `None` for a
 /// hit of another storage.
 pub fn received(hit: &HitHandler) -> Option<SystemTime> {
-    meta_of(hit).map(|meta| meta.updated + Duration::from_millis(u64::from(meta.received_ms)))
+    meta_of(hit).map(|meta| meta.updated.get() + Duration::from_millis(u64::from(meta.received_ms)))
 }
 
 /// Streams a body that is still being written.

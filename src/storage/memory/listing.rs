@@ -126,7 +126,7 @@ impl MemoryStorage {
                 if after.is_some_and(|a| key <= a)
                     || entry.generation != generation
                     || heap.len() > limit && heap.peek().is_some_and(|top| key >= top.0)
-                    || !wanted(&entry.url)
+                    || !wanted(entry.url())
                 {
                     continue;
                 }
@@ -143,11 +143,11 @@ impl MemoryStorage {
         let keys = page
             .into_iter()
             .map(|ByKey(key, e)| KeyInfo {
-                url: e.url.clone(),
+                url: Arc::from(e.url()),
                 variant: key.variance.as_ref().map(hex),
                 bytes: e.weight,
-                epoch: e.meta.epoch_override.unwrap_or(e.meta.updated),
-                fresh_until: e.meta.fresh_until,
+                epoch: e.meta.epoch_override.unwrap_or(e.meta.updated).get(),
+                fresh_until: e.meta.fresh_until.get(),
                 hits: e.hits.load(Ordering::Relaxed),
                 tags: tags_of(&e.meta.header),
             })

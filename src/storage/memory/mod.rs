@@ -11,10 +11,11 @@
 //! waiting for the whole body or getting the old one.
 //!
 //! # Hits never copy
-//! A committed body is one [`Bytes`] (the chunks of the fill, joined once at commit); a hit
-//! hands out clones of it, which share the buffer. Metadata is kept as parts, the header as a
-//! compact [`StoredHeader`], and a hit builds its [`CacheMeta`] from them, with no
-//! serialisation and no compression.
+//! A committed body is one [`Bytes`] (the chunks of the fill, joined once at commit, in one
+//! buffer with the entry's head and URL: [`StoredHeader::pack`]); a hit hands out clones of
+//! it, which share the buffer. Metadata is kept as parts, the header as a compact
+//! [`StoredHeader`], and a hit builds its [`CacheMeta`] from them, with no serialisation and
+//! no compression.
 //!
 //! # Memory bound
 //! Each entry weighs its body + its header + a fixed overhead ([`ENTRY_OVERHEAD`]); the weight
@@ -41,29 +42,48 @@ use tokio::sync::watch;
 use crate::fields::Fields;
 use crate::purge::millis;
 
-/// Bookkeeping bytes charged to every entry on top of body, header ([`StoredHeader::bytes`])
-/// and URL: the entry itself, its map row and slot, the eviction manager's node and index, and
-/// the allocator's share of each. benches/memory.sh measured about 790 bytes under TinyUFO
-/// and 680 under LRU with nothing evicted (200,000 objects of 100 bytes: RSS growth per entry
-/// beyond what the rest of the weight counts). The rest is for the allocator's fragmentation
-/// once entries are evicted and replaced: with it, RSS grew by 1.05 to 1.16 times the budget
-/// (objects of 1 KB to 100 KB, 3x the budget).
+/// Bookkeeping bytes charged to every entry on top of body and header with its URL
+/// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
+/// node and index, and the allocator's share of each. benches/memory.sh measured about 580
+/// bytes under TinyUFO and 500 under LRU with nothing evicted (200,000 objects of 100 bytes:
+/// RSS growth per entry beyond what the rest of the weight counts). The rest is for the
+/// allocator's fragmentation once entries are evicted and replaced: with it, RSS grew by 1.05
+/// to 1.16 times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
+
+/// A time as nanoseconds since the Unix epoch, in 8 bytes (a `SystemTime` takes 16, and 16
+/// again as an `Option`): L1 keeps four per entry. Exact for every time from 1970 (its first
+/// nanosecond excluded) to 2554; an earlier one is that first nanosecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Nanos(std::num::NonZeroU64);
+
+impl Nanos {
+    pub fn of(t: SystemTime) -> Nanos {
+        let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let n = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        Nanos(std::num::NonZeroU64::new(n).unwrap_or(std::num::NonZeroU64::MIN))
+    }
+
+    pub fn get(self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.0.get())
+    }
+}
 
 /// [`CacheMeta`] kept as parts, so a hit rebuilds it without deserialising anything.
 #[derive(Debug, Clone)]
 pub struct MetaParts {
-    pub fresh_until: SystemTime,
+    pub fresh_until: Nanos,
     /// When the response was last fetched or revalidated (pingora's `updated`).
-    pub updated: SystemTime,
+    pub updated: Nanos,
     /// The corral whose clock `updated` is ([`crate::purge::corral_id`]): this one for its
     /// own fills and refreshes, the filling corral for a copy from memcached.
     pub validated_by: u64,
     /// When this entry's lineage began (Pingora's `provenance`): its first admission, kept
     /// across refreshes. For the variant in a URL's primary slot it is the tombstone of the
     /// other variants: Pingora serves only those created after it.
-    pub lineage: SystemTime,
-    pub epoch_override: Option<SystemTime>,
+    pub lineage: Nanos,
+    /// What `Age` counts from, if not `updated` (the origin's own age folded in).
+    pub epoch_override: Option<Nanos>,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     /// How long after `updated` (when its request left) the answer arrived, in ms (0 for a
@@ -84,13 +104,14 @@ pub struct Arrival {
 }
 
 impl MetaParts {
-    pub fn from_meta(meta: &CacheMeta) -> Self {
+    /// `url`: the primary key text of the entry ([`url_of`]), kept in its header's buffer.
+    pub fn from_meta(meta: &CacheMeta, url: &str) -> Self {
         MetaParts {
-            fresh_until: meta.fresh_until(),
-            updated: meta.updated(),
+            fresh_until: Nanos::of(meta.fresh_until()),
+            updated: Nanos::of(meta.updated()),
             validated_by: crate::purge::corral_id(),
-            lineage: meta.provenance(),
-            epoch_override: meta.epoch_override(),
+            lineage: Nanos::of(meta.provenance()),
+            epoch_override: meta.epoch_override().map(Nanos::of),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
             received_ms: meta.extensions().get::<Arrival>().map_or(0, |r| {
@@ -98,7 +119,7 @@ impl MetaParts {
                 u32::try_from(after.as_millis()).unwrap_or(u32::MAX)
             }),
             variance: meta.variance(),
-            header: StoredHeader::new(meta.response_header()),
+            header: StoredHeader::with_url(meta.response_header(), url),
         }
     }
 
@@ -109,13 +130,13 @@ impl MetaParts {
     /// validation from the hit handler ([`validated`]), not from `updated`.
     pub fn to_meta(&self) -> CacheMeta {
         let mut meta = CacheMeta::new(
-            self.fresh_until,
-            self.lineage,
+            self.fresh_until.get(),
+            self.lineage.get(),
             self.stale_while_revalidate_sec,
             self.stale_if_error_sec,
             self.header.to_response(),
         );
-        meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated));
+        meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated).get());
         if let Some(v) = self.variance {
             meta.set_variance_key(v);
         }
@@ -128,8 +149,6 @@ impl MetaParts {
 struct Stored {
     meta: MetaParts,
     body: Bytes,
-    /// The primary key text (`http://host/path?q`): what bans match against.
-    url: Arc<str>,
     /// Weight reported to the eviction manager.
     weight: usize,
     generation: u64,
@@ -138,25 +157,54 @@ struct Stored {
     checked: AtomicU64,
     /// Lookups that found this entry (its lineage's, across refreshes): admin `/keys`.
     hits: std::sync::atomic::AtomicU32,
+    /// Bytes of the body's buffer, after the body, that the header does not account for:
+    /// the head the body was stored with ([`StoredHeader::pack`]), once a 304 replaced it;
+    /// 0 while the header is that head.
+    tail: u32,
 }
 
 impl Stored {
-    fn new(meta: MetaParts, body: Bytes, url: Arc<str>, generation: u64) -> Arc<Stored> {
-        let weight = Self::weigh(&meta, &body, &url);
+    /// A new entry, its body given as chunks: the body and the head are copied into one
+    /// buffer ([`StoredHeader::pack`]).
+    fn new(mut meta: MetaParts, body: &[Bytes], generation: u64) -> Arc<Stored> {
+        let (header, body) = meta.header.pack(body);
+        meta.header = header;
+        let weight = Self::weigh(&meta, &body, 0);
         Arc::new(Stored {
             meta,
             body,
-            url,
             weight,
             generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(0),
+            tail: 0,
         })
     }
 
-    /// What an entry of this header, body and URL is charged against `memory_bytes`.
-    fn weigh(meta: &MetaParts, body: &Bytes, url: &str) -> usize {
-        body.len() + meta.header.bytes() + url.len() + ENTRY_OVERHEAD
+    /// What an entry of this header (with its URL) and body is charged against `memory_bytes`,
+    /// with `tail` bytes of an older head kept in the body's buffer.
+    fn weigh(meta: &MetaParts, body: &Bytes, tail: u32) -> usize {
+        body.len() + tail as usize + meta.header.bytes() + ENTRY_OVERHEAD
+    }
+
+    /// [`Self::tail`] once `header` replaces this entry's.
+    fn tail_with(&self, header: &StoredHeader) -> u32 {
+        if self.tail > 0 || header.same(&self.meta.header) {
+            self.tail
+        } else {
+            // the head being replaced is the one stored with the body
+            u32::try_from(self.meta.header.buf_len()).unwrap_or(u32::MAX)
+        }
+    }
+
+    /// What this entry weighs under `meta` instead of its own.
+    fn reweigh(&self, meta: &MetaParts) -> usize {
+        Self::weigh(meta, &self.body, self.tail_with(&meta.header))
+    }
+
+    /// The primary key text (`http://host/path?q`): what bans match against.
+    fn url(&self) -> &str {
+        self.meta.header.url()
     }
 
     /// Count a lookup that found this entry.
@@ -167,9 +215,9 @@ impl Stored {
     /// The same body under new metadata, weighing `weight`. New headers mean new checks.
     fn with_meta(&self, meta: MetaParts, weight: usize) -> Arc<Stored> {
         Arc::new(Stored {
+            tail: self.tail_with(&meta.header),
             meta,
             body: self.body.clone(),
-            url: self.url.clone(),
             weight,
             generation: self.generation,
             checked: AtomicU64::new(0),
@@ -180,7 +228,7 @@ impl Stored {
     /// This entry, stale from `at` on (the serve-stale windows then run from this moment).
     fn expired(&self, at: SystemTime) -> Arc<Stored> {
         let mut meta = self.meta.clone();
-        meta.fresh_until = meta.fresh_until.min(at - Duration::from_millis(1));
+        meta.fresh_until = meta.fresh_until.min(Nanos::of(at - Duration::from_millis(1)));
         // the same header: the weight the eviction manager was told
         let stale = self.with_meta(meta, self.weight);
         stale
@@ -208,12 +256,12 @@ impl FreshEntry {
     }
 
     pub fn fresh_until(&self) -> SystemTime {
-        self.0.meta.fresh_until
+        self.0.meta.fresh_until.get()
     }
 
     /// When the response was last validated (what bans compare with).
     pub fn updated(&self) -> SystemTime {
-        self.0.meta.updated
+        self.0.meta.updated.get()
     }
 
     /// The corral whose clock [`Self::updated`] is.
@@ -223,7 +271,7 @@ impl FreshEntry {
 
     /// What `Age` counts from: the origin's own age is folded into the epoch.
     pub fn epoch(&self) -> SystemTime {
-        self.0.meta.epoch_override.unwrap_or(self.0.meta.updated)
+        self.0.meta.epoch_override.unwrap_or(self.0.meta.updated).get()
     }
 
     /// Up to which purge record this entry was checked ([`crate::purge::Validity::check_marked`]).
@@ -251,7 +299,6 @@ struct Fill {
     /// not served, and not stored).
     generation: u64,
     meta: MetaParts,
-    url: Arc<str>,
     chunks: Mutex<Vec<Bytes>>,
     state: watch::Sender<FillState>,
 }
@@ -366,7 +413,7 @@ impl MemoryStorage {
         }
         let entry = slot.entry.as_ref()?;
         let usable = self.current(entry)
-            && now < entry.meta.fresh_until
+            && now < entry.meta.fresh_until.get()
             && entry.meta.variance.is_none()
             && !entry.meta.header.has("vary");
         usable.then(|| {
@@ -378,6 +425,11 @@ impl MemoryStorage {
     /// Store a complete entry directly (promotion from L2). Returns its hit handler and weight.
     /// `generation`: the L1 generation when the copy was looked up; `None`, storing nothing, if
     /// a clear has moved it since (the copy is from before the clear).
+    ///
+    /// The body is copied (with the head, [`StoredHeader::pack`]): from memcached it is a
+    /// slice of the whole record (Pingora's serialised meta and header before it), which it
+    /// would keep alive unseen by `memory_bytes`, as a fill's chunk would keep the
+    /// connection's read buffer.
     pub fn insert(
         &self,
         key: &CacheKey,
@@ -385,7 +437,7 @@ impl MemoryStorage {
         body: Bytes,
         generation: u64,
     ) -> Option<(CompleteHit, usize)> {
-        let stored = Stored::new(meta, body, url_of(key), generation);
+        let stored = Stored::new(meta, &[body], generation);
         let hit = CompleteHit::of(&stored, true);
         let weight = self.commit(key.primary_bin(), key.variance_bin(), stored, None)?;
         Some((hit, weight))
@@ -402,7 +454,7 @@ impl MemoryStorage {
     /// The oldest validation time (ms) of a fill in progress now, or of an answer awaited
     /// from the origin (`u64::MAX`: none).
     pub fn fills_min_ms(&self) -> u64 {
-        let fills = self.fills.iter().map(|f| millis(f.value().meta.updated));
+        let fills = self.fills.iter().map(|f| millis(f.value().meta.updated.get()));
         let awaited = self.awaited.iter().map(|a| *a.value());
         fills.chain(awaited).min().unwrap_or(u64::MAX)
     }
@@ -458,7 +510,7 @@ impl MemoryStorage {
                 slots.last_mut().expect("just pushed")
             }
         };
-        let validated = stored.meta.updated;
+        let validated = stored.meta.updated.get();
         if let Some(old) = slot.entry.replace(stored) {
             self.account_remove(old.weight);
         }
@@ -513,15 +565,15 @@ impl MemoryStorage {
             .find(|s| s.variance == variance)
             .and_then(|s| s.entry.as_mut())
             .filter(|e| self.current(e) && self.fill_generation(meta) == self.generation())?;
-        let parts = MetaParts::from_meta(meta);
+        let parts = MetaParts::from_meta(meta, entry.url());
         if parts.lineage != entry.meta.lineage {
             // the slot holds another copy than the one this 304 validated (refilled from
             // memcached or the origin meanwhile): it says nothing about this one
             return None;
         }
-        let (old, new) = (entry.weight, Stored::weigh(&parts, &entry.body, &entry.url));
+        let (old, new) = (entry.weight, entry.reweigh(&parts));
         let updated = entry.with_meta(parts, new);
-        let (validated, body) = (updated.meta.updated, updated.body.clone());
+        let (validated, body) = (updated.meta.updated.get(), updated.body.clone());
         *entry = updated;
         // under the row's lock, as every other change of the count
         self.bytes.fetch_add(new, Ordering::Relaxed);
@@ -558,7 +610,7 @@ impl MemoryStorage {
             return None;
         }
         let entry = slot.entry.as_ref().filter(|e| self.current(e))?;
-        (entry.meta.fresh_until <= now).then_some((entry.meta.updated, slot.variance))
+        (entry.meta.fresh_until.get() <= now).then_some((entry.meta.updated.get(), slot.variance))
     }
 
     /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
@@ -697,8 +749,8 @@ fn one_slot() -> Vec<Slot> {
 }
 
 /// The primary key text of `key`: what bans match, kept with the entry.
-fn url_of(key: &CacheKey) -> Arc<str> {
-    Arc::from(key.primary_key_str().unwrap_or(""))
+pub fn url_of(key: &CacheKey) -> &str {
+    key.primary_key_str().unwrap_or("")
 }
 
 fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey {

@@ -53,7 +53,7 @@ impl MemoryStorage {
             for slot in row.value() {
                 let Some(e) = &slot.entry else { continue };
                 if e.generation == generation
-                    && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated) < floor)
+                    && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated.get()) < floor)
                 {
                     todo.push((*row.key(), slot.variance, e.clone()));
                 }
@@ -62,14 +62,14 @@ impl MemoryStorage {
         let mut report = SweepReport::default();
         for batch in todo.chunks(SWEEP_BATCH) {
             for (primary, variance, e) in batch {
-                let (host, path) = split_url(&e.url);
+                let (host, path) = split_url(e.url());
                 let checked = e.checked.load(Ordering::Acquire);
                 report.checked += 1;
                 // the check covers every record published when it starts, which may be more
                 // than `upto` (a purge accepted during the pass): mark what was covered, or the
                 // next pass applies that record again (a soft purge marked stale twice)
                 let covered = validity.published().max(upto);
-                let (validated, by) = (e.meta.updated, e.meta.validated_by);
+                let (validated, by) = (e.meta.updated.get(), e.meta.validated_by);
                 match validity.check(host, path, validated, by, &e.meta.header, checked) {
                     Verdict::Valid => {
                         e.checked.fetch_max(covered, Ordering::AcqRel);

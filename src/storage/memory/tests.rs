@@ -68,6 +68,26 @@ async fn miss_then_hit_shares_the_body() {
     assert_eq!(body.as_ptr(), body2.as_ptr(), "two hits share one buffer");
 }
 
+/// A copy promoted from memcached keeps its body only: the body arrives as a slice of the
+/// whole record, and holding it would hold the record's meta and header too, uncounted.
+#[tokio::test]
+async fn a_promoted_body_does_not_keep_its_record_alive() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/promoted", "");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let record = Bytes::from(vec![b'r'; 4096]);
+    let body = record.slice(4000..4096);
+    let parts = MetaParts::from_meta(&meta(60), "http://h/promoted");
+    assert!(S.insert(&key, parts, body, S.generation()).is_some());
+    let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let got = hit.read_body().await.unwrap().unwrap();
+    assert_eq!(&got[..], &[b'r'; 96][..]);
+    assert!(
+        !record.as_ptr_range().contains(&got.as_ptr()),
+        "a copy of its own"
+    );
+}
+
 #[tokio::test]
 async fn readers_stream_a_fill_in_progress() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
@@ -193,6 +213,48 @@ async fn purge_expire_and_update_meta() {
         .unwrap();
     assert_eq!(outcome, PurgeOutcome::NotFound);
     assert!(!S.update_meta(&key, &meta(60), &trace).await.unwrap());
+}
+
+/// An entry's body and head are one buffer (one allocation, one shared block): the head's
+/// values lie right after the body. A 304 that replaces the head leaves the old one in that
+/// buffer, and the entry is charged for it, once however many 304s follow.
+#[tokio::test]
+async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_replaced() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let url = "http://h/packed";
+    let key = CacheKey::new(url, "");
+    let w = fill(&S, &key, &["hel", "lo"]).await;
+    let (m, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let body = hit.read_body().await.unwrap().unwrap();
+    assert_eq!(&body[..], b"hello");
+    // [body][url]["content-type"][value][offsets]
+    let value = m.headers()["content-type"].as_bytes().as_ptr();
+    let at = body.as_ptr() as usize + 5 + url.len() + "content-type".len();
+    assert_eq!(value as usize, at, "the head follows the body in its buffer");
+
+    let head = url.len() + "content-typetext/plain".len() + 12;
+    let (old, new, kept) = S.revalidate(&key, &revalidated(&m)).unwrap();
+    assert_eq!(old, w);
+    // the same fields again: only the old head, still in the body's buffer, is added
+    assert_eq!(new, w + head);
+    assert_eq!(kept.as_ptr(), body.as_ptr(), "the body is not copied");
+    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let (_, again, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
+    assert_eq!(again, new, "once");
+    assert_eq!(
+        S.stats(),
+        MemoryStats {
+            entries: 1,
+            bytes: new
+        }
+    );
+    // a soft purge keeps the head, and the weight
+    let compact = key.to_compact();
+    S.expire(PurgeTarget::Active(&compact), &trace).await.unwrap();
+    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let (before, after, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
+    assert_eq!((before, after), (new, new));
 }
 
 #[tokio::test]
@@ -420,7 +482,7 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
     assert_eq!(read_all(&mut hit).await.unwrap(), b"newer");
 
     // a copy looked up (in memcached) before a clear is not stored after it
-    let parts = MetaParts::from_meta(&meta(60));
+    let parts = MetaParts::from_meta(&meta(60), "http://h/promoted");
     let before = S.generation();
     S.clear();
     let other = CacheKey::new("http://h/promoted", "");
@@ -439,4 +501,28 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
     assert!(S.revalidate(&stale, &revalidated(&old)).is_some(), "the control");
     S.clear();
     assert!(S.revalidate(&stale, &revalidated(&old)).is_none());
+}
+
+/// What an entry costs beside its body and its head's buffer is mostly these: an `Arc` of
+/// [`super::Stored`] (its allocation), and its slot. They only grow on purpose.
+#[test]
+fn an_entry_keeps_its_bookkeeping_small() {
+    use std::mem::size_of;
+    assert_eq!(size_of::<Option<super::Nanos>>(), 8);
+    assert_eq!(size_of::<StoredHeader>(), 48);
+    assert_eq!(size_of::<MetaParts>(), 120);
+    assert_eq!(size_of::<super::Stored>(), 184);
+    assert_eq!(size_of::<super::Slot>(), 40);
+}
+
+#[test]
+fn a_time_kept_in_8_bytes_comes_back_exact() {
+    let now = SystemTime::now();
+    assert_eq!(Nanos::of(now).get(), now);
+    let t = SystemTime::UNIX_EPOCH + Duration::new(4_000_000_000, 999_999_999);
+    assert_eq!(Nanos::of(t).get(), t);
+    // before 1970 (or at its first instant): the first nanosecond, ordered before any other
+    let early = Nanos::of(SystemTime::UNIX_EPOCH - Duration::from_secs(1));
+    assert_eq!(early, Nanos::of(SystemTime::UNIX_EPOCH));
+    assert!(early < Nanos::of(SystemTime::UNIX_EPOCH + Duration::from_nanos(2)));
 }
