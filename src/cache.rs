@@ -189,10 +189,13 @@ impl CacheParts {
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
     /// `Location` / `Content-Location` of the same host. Each is a hard URL purge of this
-    /// corral's own (a validity record, not logged: other corrals did not see the request),
-    /// so that it also covers what was looked up or sent for before it and arrives after it:
-    /// a fill the origin composed before the unsafe request, a stale copy that stale-if-error
-    /// would fall back on. L2's copy is deleted.
+    /// corral's own (a validity record, not logged: other corrals did not see the request)
+    /// when something of the URL is here or on its way, so that it also covers what was
+    /// looked up or sent for before it and arrives after it: a fill the origin composed
+    /// before the unsafe request, a stale copy that stale-if-error would fall back on. L2's
+    /// copy is deleted; another corral's fill from before the request may write one back
+    /// (its record covers that copy here while it lasts). RFC 9111 asks this of the cache
+    /// that saw the request only, and the other corrals did not.
     pub async fn invalidate_after_unsafe(&self, host: &str, path: &str, resp: &ResponseHeader) {
         let mut removed = self.invalidate_url(host, path).await;
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
@@ -225,18 +228,26 @@ impl CacheParts {
     /// and Pingora accepts only variants created after that primary (its `created` is their
     /// tombstone), so once the primary is gone, older variants can never be served again.
     async fn invalidate_url(&self, host: &str, path: &str) -> usize {
-        let purge = Purge {
-            target: Target::Url {
-                host: host.to_owned(),
-                path: path.to_owned(),
-            },
-            soft: false,
-        };
-        let removed = self.apply_here(&purge, purge::now_stamp(), purge::corral_id());
-        if let Some(l2) = &self.storage.l2 {
-            l2.delete(&l2.key(&key::for_url(host, path).combined())).await;
+        let key = key::for_url(host, path);
+        let primary = key.primary_bin();
+        // a record only when something of the URL is here or on its way: each record costs
+        // a sweeper pass over all of L1, and an API taking POSTs on its own URLs would pay
+        // one every `purge.sweep_interval` for nothing. Clients make these: they are kept
+        // apart from purges, and bounded (Validity::record_invalidation)
+        if self.storage.l1.in_flight(&primary)
+            && !self.validity.record_invalidation(host, path, purge::now_stamp())
+        {
+            metrics::INVALIDATIONS_UNRECORDED.inc();
         }
-        removed
+        let removed = self.storage.l1.remove_primary(&primary);
+        for compact in &removed {
+            self.eviction
+                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+        }
+        if let Some(l2) = &self.storage.l2 {
+            l2.delete(&l2.key(&key.combined())).await;
+        }
+        removed.len()
     }
 
     /// Return once a purge applied and logged now may be answered 2xx. At once by default; with

@@ -69,6 +69,16 @@ pub static INVALIDATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Invalidations by a successful unsafe request that left no purge record: the bound on
+/// such records was reached (the stored copies were removed all the same).
+pub static INVALIDATIONS_UNRECORDED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_invalidations_unrecorded_total",
+        "Unsafe-method invalidations that left no purge record, the bound on them reached"
+    )
+    .expect("metric registers once")
+});
+
 /// Bytes held by the L1 memory tier (bodies + headers + overhead).
 pub static L1_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("corral_l1_bytes", "Bytes held by the L1 memory tier").expect("metric registers once")

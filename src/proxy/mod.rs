@@ -224,6 +224,16 @@ fn varies_on_any(resp: &ResponseHeader, key_headers: &[http::HeaderName], names:
             || key_headers.iter().any(|h| names.iter().any(|n| n == h.as_str())))
 }
 
+/// The primary hash of the URL this request is for: its cache key's, or (no key made) its
+/// host's and path's, which is what the key is made of ([`key::for_url`]).
+fn primary_of(session: &Session, ctx: &Ctx) -> HashBinary {
+    use pingora_cache::key::CacheHashKey;
+    match session.cache.maybe_cache_key() {
+        Some(k) => k.primary_bin(),
+        None => key::for_url(&ctx.host, &ctx.path).primary_bin(),
+    }
+}
+
 impl Corral {
     /// Whether a purge now covers the copy this request's lookup found (validated then,
     /// [`Ctx::hit_validated`]): every purge is a validity record, a purge of everything
@@ -497,7 +507,7 @@ impl ProxyHttp for Corral {
 
     async fn cache_hit_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         meta: &CacheMeta,
         hit_handler: &mut HitHandler,
         is_fresh: bool,
@@ -528,7 +538,8 @@ impl ProxyHttp for Corral {
         let forced = self.revalidation(meta, hit_handler, validated, by, verdict, ctx);
         if forced.is_some() || !is_fresh {
             // not served as it is: the copy may yet be served on an upstream error
-            ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated));
+            let primary = primary_of(session, ctx);
+            ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated, primary));
         }
         Ok(forced)
     }
@@ -595,7 +606,8 @@ impl ProxyHttp for Corral {
             // a bypassed (hit-for-miss) answer may still be stored if it turns out cacheable.
             // Registered before its time is taken, so a record accepted after that time is
             // held back by it; the last attempt's registration replaces an earlier one's
-            ctx.awaited = Some(self.parts.storage.l1.awaiting(SystemTime::now()));
+            let primary = primary_of(session, ctx);
+            ctx.awaited = Some(self.parts.storage.l1.awaiting(SystemTime::now(), primary));
         }
         ctx.upstream_sent = Some(SystemTime::now());
         Ok(())

@@ -19,7 +19,7 @@ use crate::policy::is_targeted;
 use crate::purge::is_tag;
 
 /// What `Bytes` allocates to share a buffer (its shared block, with the allocator's header).
-const SHARED_BLOCK: usize = 32;
+pub(super) const SHARED_BLOCK: usize = 32;
 
 /// Response field names a hit takes from this table rather than from the buffer: the `http`
 /// crate knows them (a tag, no allocation, no parsing per hit).
@@ -196,11 +196,6 @@ impl StoredHeader {
     /// Whether `other` is this head, in the same buffer.
     pub fn same(&self, other: &StoredHeader) -> bool {
         self.buf.as_ptr() == other.buf.as_ptr() && self.buf.len() == other.buf.len()
-    }
-
-    /// The bytes of its buffer.
-    pub fn buf_len(&self) -> usize {
-        self.buf.len()
     }
 
     /// The URL of the entry this head belongs to (`""`: none).

@@ -191,9 +191,13 @@ impl Stored {
     fn tail_with(&self, header: &StoredHeader) -> u32 {
         if self.tail > 0 || header.same(&self.meta.header) {
             self.tail
+        } else if self.body.is_empty() {
+            // no body keeps the buffer: the head being replaced goes with it
+            0
         } else {
-            // the head being replaced is the one stored with the body
-            u32::try_from(self.meta.header.buf_len()).unwrap_or(u32::MAX)
+            // the head being replaced is the one stored with the body: its bytes, and the
+            // buffer's shared block, stay with the body
+            u32::try_from(self.meta.header.bytes()).unwrap_or(u32::MAX)
         }
     }
 
@@ -295,6 +299,8 @@ enum FillState {
 #[derive(Debug)]
 struct Fill {
     id: u64,
+    /// Its URL's primary hash: a fill whose row a purge removed is still the URL's.
+    primary: HashBinary,
     /// The L1 generation it began under: a [`MemoryStorage::clear`] since voids it (it is
     /// not served, and not stored).
     generation: u64,
@@ -339,7 +345,7 @@ pub struct MemoryStorage {
     /// left (ms): such an answer is validated as of then, and may arrive after a purge newer
     /// than that. Until it becomes a fill, it counts as one for the records the sweeper keeps
     /// and for the purge log's first read ([`MemoryStorage::awaiting`]).
-    awaited: DashMap<u64, u64>,
+    awaited: DashMap<u64, (u64, HashBinary)>,
     next_awaited: AtomicU64,
     /// The eviction manager, told of the entries [`MemoryStorage::clear`] removes (the other
     /// removals return their keys to a caller that tells it).
@@ -443,19 +449,30 @@ impl MemoryStorage {
         Some((hit, weight))
     }
 
-    /// Register a request that left for the origin at `sent` and whose answer may be stored:
-    /// until the guard drops, it counts as a fill in progress validated at `sent`.
-    pub fn awaiting(&'static self, sent: SystemTime) -> Awaited {
+    /// Register a request for the URL of `primary` that left for the origin at `sent` and
+    /// whose answer may be stored (or that holds a copy validated at `sent`): until the guard
+    /// drops, it counts as a fill in progress validated at `sent`.
+    pub fn awaiting(&'static self, sent: SystemTime, primary: HashBinary) -> Awaited {
         let id = self.next_awaited.fetch_add(1, Ordering::Relaxed);
-        self.awaited.insert(id, millis(sent));
+        self.awaited.insert(id, (millis(sent), primary));
         Awaited { l1: self, id }
+    }
+
+    /// Whether anything of the URL of `primary` is here or on its way: a row (entries, or a
+    /// fill), a fill a purge took out of the table, or a request registered as awaiting an
+    /// answer or holding a copy ([`Self::awaiting`]). What arrives after a purge that found
+    /// none of these was sent for after it. Walks the fills and requests in flight.
+    pub fn in_flight(&self, primary: &HashBinary) -> bool {
+        self.table.contains_key(primary)
+            || self.fills.iter().any(|f| f.value().primary == *primary)
+            || self.awaited.iter().any(|a| a.value().1 == *primary)
     }
 
     /// The oldest validation time (ms) of a fill in progress now, or of an answer awaited
     /// from the origin (`u64::MAX`: none).
     pub fn fills_min_ms(&self) -> u64 {
         let fills = self.fills.iter().map(|f| millis(f.value().meta.updated.get()));
-        let awaited = self.awaited.iter().map(|a| *a.value());
+        let awaited = self.awaited.iter().map(|a| a.value().0);
         fills.chain(awaited).min().unwrap_or(u64::MAX)
     }
 

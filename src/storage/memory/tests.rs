@@ -233,7 +233,8 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     let at = body.as_ptr() as usize + 5 + url.len() + "content-type".len();
     assert_eq!(value as usize, at, "the head follows the body in its buffer");
 
-    let head = url.len() + "content-typetext/plain".len() + 12;
+    // its bytes and the buffer's shared block
+    let head = url.len() + "content-typetext/plain".len() + 12 + header::SHARED_BLOCK;
     let (old, new, kept) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(old, w);
     // the same fields again: only the old head, still in the body's buffer, is added
@@ -255,6 +256,12 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
     let (before, after, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!((before, after), (new, new));
+
+    // an empty body keeps no buffer: the head a 304 replaces goes, and is not charged
+    let empty = CacheKey::new("http://h/empty", "");
+    let w = fill(&S, &empty, &[]).await;
+    let (m, _) = S.lookup(&empty, &trace).await.unwrap().unwrap();
+    assert_eq!(S.revalidate(&empty, &revalidated(&m)).unwrap().1, w);
 }
 
 #[tokio::test]
@@ -418,9 +425,14 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
     let sent = SystemTime::now() - Duration::from_secs(3);
     assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
-    let first = S.awaiting(sent);
-    let second = S.awaiting(sent + Duration::from_secs(1));
+    let (a, b) = (
+        CacheKey::new("http://h/a", "").primary_bin(),
+        CacheKey::new("http://h/b", "").primary_bin(),
+    );
+    let first = S.awaiting(sent, a);
+    let second = S.awaiting(sent + Duration::from_secs(1), a);
     assert_eq!(S.fills_in_progress(), 2);
+    assert!(S.in_flight(&a) && !S.in_flight(&b), "by URL");
     assert_eq!(
         S.fills_min_ms(),
         millis(sent),
@@ -430,6 +442,7 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
     assert_eq!(S.fills_min_ms(), millis(sent + Duration::from_secs(1)));
     drop(second);
     assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
+    assert!(!S.in_flight(&a));
 }
 
 /// A clear voids the fills in progress: what they bring began before it (a purge of
