@@ -188,14 +188,15 @@ impl CacheParts {
     }
 
     /// RFC 9111 §4.4: a successful unsafe request invalidates its target URI and the URIs in
-    /// `Location` / `Content-Location` of the same host. Each is a hard URL purge of this
-    /// corral's own (a validity record, not logged: other corrals did not see the request)
-    /// when something of the URL is here or on its way, so that it also covers what was
-    /// looked up or sent for before it and arrives after it: a fill the origin composed
-    /// before the unsafe request, a stale copy that stale-if-error would fall back on. L2's
-    /// copy is deleted; another corral's fill from before the request may write one back
-    /// (its record covers that copy here while it lasts). RFC 9111 asks this of the cache
-    /// that saw the request only, and the other corrals did not.
+    /// `Location` / `Content-Location` of the same host. L1 keeps each invalidation for a
+    /// while ([`crate::storage::memory::MemoryStorage::invalidate`]: not a purge record, which
+    /// clients could not be allowed to make), so that it also covers what was looked up or
+    /// sent for before it and arrives after it: a fill the origin composed before the unsafe
+    /// request, a copy read from memcached before it, a stale copy that stale-if-error would
+    /// fall back on. L2's copy is deleted; another corral's fill from before the request may
+    /// write one back, which this corral does not store while it keeps the invalidation.
+    /// RFC 9111 asks this of the cache that saw the request only, and the other corrals did
+    /// not.
     pub async fn invalidate_after_unsafe(&self, host: &str, path: &str, resp: &ResponseHeader) {
         let mut removed = self.invalidate_url(host, path).await;
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
@@ -229,17 +230,10 @@ impl CacheParts {
     /// tombstone), so once the primary is gone, older variants can never be served again.
     async fn invalidate_url(&self, host: &str, path: &str) -> usize {
         let key = key::for_url(host, path);
-        let primary = key.primary_bin();
-        // a record only when something of the URL is here or on its way: each record costs
-        // a sweeper pass over all of L1, and an API taking POSTs on its own URLs would pay
-        // one every `purge.sweep_interval` for nothing. Clients make these: they are kept
-        // apart from purges, and bounded (Validity::record_invalidation)
-        if self.storage.l1.in_flight(&primary)
-            && !self.validity.record_invalidation(host, path, purge::now_stamp())
-        {
+        let (removed, recorded) = self.storage.l1.invalidate(key.primary_bin(), purge::now_stamp());
+        if !recorded {
             metrics::INVALIDATIONS_UNRECORDED.inc();
         }
-        let removed = self.storage.l1.remove_primary(&primary);
         for compact in &removed {
             self.eviction
                 .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));

@@ -69,12 +69,12 @@ pub static INVALIDATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Invalidations by a successful unsafe request that left no purge record: the bound on
-/// such records was reached (the stored copies were removed all the same).
+/// Invalidations by a successful unsafe request that L1 did not keep: the bound on them was
+/// reached (the stored copies were removed all the same).
 pub static INVALIDATIONS_UNRECORDED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "corral_invalidations_unrecorded_total",
-        "Unsafe-method invalidations that left no purge record, the bound on them reached"
+        "Unsafe-method invalidations L1 did not keep, the bound on them reached"
     )
     .expect("metric registers once")
 });

@@ -237,7 +237,8 @@ fn primary_of(session: &Session, ctx: &Ctx) -> HashBinary {
 impl Corral {
     /// Whether a purge now covers the copy this request's lookup found (validated then,
     /// [`Ctx::hit_validated`]): every purge is a validity record, a purge of everything
-    /// too, kept while this request awaits its answer ([`memory::Awaited`]).
+    /// too, kept while this request awaits its answer ([`memory::Awaited`]); so is an
+    /// unsafe request's invalidation of the URL, in L1.
     fn purged_since_lookup(&self, session: &Session, ctx: &Ctx) -> bool {
         let (Some((validated, by)), Some(meta)) = (ctx.hit_validated, session.cache.maybe_cache_meta())
         else {
@@ -247,7 +248,11 @@ impl Corral {
             .parts
             .validity
             .check(&ctx.host, &ctx.path, validated, by, meta.headers(), 0);
-        if verdict == Verdict::Invalid {
+        let invalidated = || {
+            let primary = primary_of(session, ctx);
+            self.parts.storage.l1.invalidated_since(&primary, validated)
+        };
+        if verdict == Verdict::Invalid || invalidated() {
             metrics::STALE_REFUSED_PURGED.inc();
             tracing::info!(host = %ctx.host, path = %ctx.path, "stale-if-error: the copy was purged meanwhile, not served");
             return true;
@@ -507,7 +512,7 @@ impl ProxyHttp for Corral {
 
     async fn cache_hit_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         meta: &CacheMeta,
         hit_handler: &mut HitHandler,
         is_fresh: bool,
@@ -538,8 +543,7 @@ impl ProxyHttp for Corral {
         let forced = self.revalidation(meta, hit_handler, validated, by, verdict, ctx);
         if forced.is_some() || !is_fresh {
             // not served as it is: the copy may yet be served on an upstream error
-            let primary = primary_of(session, ctx);
-            ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated, primary));
+            ctx.stale_hold = Some(self.parts.storage.l1.awaiting(validated));
         }
         Ok(forced)
     }
@@ -606,8 +610,7 @@ impl ProxyHttp for Corral {
             // a bypassed (hit-for-miss) answer may still be stored if it turns out cacheable.
             // Registered before its time is taken, so a record accepted after that time is
             // held back by it; the last attempt's registration replaces an earlier one's
-            let primary = primary_of(session, ctx);
-            ctx.awaited = Some(self.parts.storage.l1.awaiting(SystemTime::now(), primary));
+            ctx.awaited = Some(self.parts.storage.l1.awaiting(SystemTime::now()));
         }
         ctx.upstream_sent = Some(SystemTime::now());
         Ok(())

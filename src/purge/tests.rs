@@ -231,36 +231,6 @@ fn records_stay_bounded() {
     assert_eq!(v.verdict("h", "/b0", &fresh), None);
 }
 
-/// Invalidations by unsafe requests (which any client can make) are bounded on their own and
-/// never fold into the floor: past the bound they are not recorded, and nothing else becomes
-/// invalid. Those kept cover their URL, expire like purges, and do not count against the
-/// purges' own bound.
-#[test]
-fn invalidations_are_bounded_apart_and_never_raise_the_floor() {
-    let old = entry(&[], SystemTime::now() - Duration::from_secs(60));
-    let at = now_stamp() - Duration::from_secs(30);
-    let v = Validity::with_limit(4);
-    for i in 0..4 {
-        assert!(v.record_invalidation("h", &format!("/p{i}"), at));
-    }
-    assert!(!v.record_invalidation("h", "/p4", at), "past the bound");
-    assert_eq!((v.len(), v.floor_ms()), (4, 0));
-    assert_eq!(v.verdict("h", "/p0", &old), Some(ForcedFreshness::ForceMiss));
-    assert_eq!(v.verdict("h", "/p4", &old), None, "not recorded");
-    assert_eq!(v.verdict("h", "/other", &old), None, "nothing else");
-    let now = now_stamp();
-    v.expire(v.published(), now, now);
-    assert_eq!(v.len(), 0, "they expire");
-    assert!(v.record_invalidation("h", "/p4", at), "room again");
-    // four purges of URLs fit their own bound beside it; a fifth folds, as before
-    for i in 0..4 {
-        v.record(&parse_req("PURGE", &format!("/u{i}"), &[]).unwrap(), now_stamp());
-    }
-    assert_eq!((v.len(), v.floor_ms()), (5, 0));
-    v.record(&parse_req("PURGE", "/u4", &[]).unwrap(), now_stamp());
-    assert!(v.floor_ms() > 0);
-}
-
 #[test]
 fn a_batch_is_validated_whole() {
     let ok = Batch::parse(

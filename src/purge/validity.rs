@@ -109,11 +109,6 @@ pub struct Validity {
     /// Purged URLs (primary key text), for entries this corral did not remove itself: fills
     /// in progress during the purge, and other corrals' purges read from the purge log.
     urls: DashMap<String, Stamp>,
-    /// URLs a successful unsafe request invalidated (RFC 9111 §4.4) while something of them
-    /// was on its way ([`Self::record_invalidation`]). Kept apart from `urls` because any
-    /// client can add to them: they never fold into the floor, and past `limit` no more are
-    /// recorded (the invalidation then removes what is stored, as it always does).
-    invalidated: DashMap<String, Stamp>,
     /// Entries validated before this (ms since the epoch) are invalid: where old records fold.
     floor_ms: AtomicU64,
     /// The record sequence number when the floor last moved.
@@ -154,7 +149,6 @@ impl Validity {
             patterns: RwLock::default(),
             tags: DashMap::new(),
             urls: DashMap::new(),
-            invalidated: DashMap::new(),
             floor_ms: AtomicU64::new(0),
             floor_seq: AtomicU64::new(0),
             writer: parking_lot::Mutex::new(0),
@@ -268,31 +262,6 @@ impl Validity {
         self.published.store(seq, Ordering::Release);
     }
 
-    /// Record that a successful unsafe request to `host` + `path` invalidated the URL at
-    /// `at`: it covers what was validated before `at` (a hard URL purge of this corral's
-    /// own). False, recording nothing, once `limit` such records are kept: clients can make
-    /// them, and they must cost no more than that (never the floor, which would empty the
-    /// cache).
-    pub fn record_invalidation(&self, host: &str, path: &str, at: SystemTime) -> bool {
-        if self.invalidated.len() >= self.limit {
-            return false;
-        }
-        let mut last = self.writer.lock();
-        let seq = *last + 1;
-        let stamp = Stamp {
-            at,
-            soft: false,
-            seq,
-            l2: false,
-            by: super::corral_id(),
-        };
-        merge(&self.invalidated, crate::key::primary(host, path), stamp);
-        *last = seq;
-        self.any.store(true, Ordering::Release);
-        self.published.store(seq, Ordering::Release);
-        true
-    }
-
     /// Everything validated before `at` is invalid (hard).
     pub fn invalidate_all_before(&self, at: SystemTime) {
         let mut last = self.writer.lock();
@@ -364,7 +333,7 @@ impl Validity {
             p.retain(|(_, _, s)| !gone(s));
             dropped += before - p.len();
         }
-        for map in [&self.tags, &self.urls, &self.invalidated] {
+        for map in [&self.tags, &self.urls] {
             let before = map.len();
             map.retain(|_, s| !gone(s));
             dropped += before - map.len();
@@ -397,20 +366,16 @@ impl Validity {
             .iter()
             .map(|(_, p, _)| std::mem::size_of::<(HeaderName, Pattern, Stamp)>() + p.heap_bytes())
             .sum();
-        let maps: usize = [&self.tags, &self.urls, &self.invalidated]
+        let maps: usize = [&self.tags, &self.urls]
             .into_iter()
             .map(|m| m.iter().map(|e| e.key().capacity() + entry).sum::<usize>())
             .sum();
         bans + patterns + maps
     }
 
-    /// How many records are kept (bans + patterns + tags + URLs, purged or invalidated).
+    /// How many records are kept (bans + patterns + tags + URLs).
     pub fn len(&self) -> usize {
-        self.bans.read().len()
-            + self.patterns.read().len()
-            + self.tags.len()
-            + self.urls.len()
-            + self.invalidated.len()
+        self.bans.read().len() + self.patterns.read().len() + self.tags.len() + self.urls.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -421,7 +386,7 @@ impl Validity {
     pub fn oldest(&self) -> Option<SystemTime> {
         let bans = self.bans.read().first().map(|(_, s)| s.at);
         let patterns = self.patterns.read().first().map(|(_, _, s)| s.at);
-        let maps = [&self.tags, &self.urls, &self.invalidated]
+        let maps = [&self.tags, &self.urls]
             .into_iter()
             .filter_map(|m| m.iter().map(|e| e.value().at).min());
         bans.into_iter().chain(patterns).chain(maps).min()
@@ -535,13 +500,10 @@ impl Validity {
                 }
             }
         }
-        if !self.urls.is_empty() || !self.invalidated.is_empty() {
-            let url = crate::key::primary(host, path);
-            for map in [&self.urls, &self.invalidated] {
-                if let Some(stamp) = map.get(&url).map(|s| *s) {
-                    if applies(&stamp) && hit(stamp) {
-                        return Verdict::Invalid;
-                    }
+        if !self.urls.is_empty() {
+            if let Some(stamp) = self.urls.get(&crate::key::primary(host, path)).map(|s| *s) {
+                if applies(&stamp) && hit(stamp) {
+                    return Verdict::Invalid;
                 }
             }
         }

@@ -172,7 +172,14 @@ impl Tiered {
         let (host, path) = memory::split_url(&w.url);
         let by = crate::purge::corral_id();
         let covered = |v: &Validity| v.check(host, path, w.validated, by, &w.headers, 0) != Verdict::Valid;
-        if covered(self.validity) || self.l1.generation() != w.generation {
+        // an unsafe request invalidated the URL since (not a purge record: L1 keeps it)
+        let invalidated = || {
+            self.l1.invalidations() > 0
+                && self
+                    .l1
+                    .invalidated_since(&pingora_cache::key::hash_key(&w.url), w.validated)
+        };
+        if covered(self.validity) || self.l1.generation() != w.generation || invalidated() {
             metrics::L2_WRITES_SKIPPED.inc();
         } else {
             let cas = w.lease.as_ref().map(|l| l.cas);

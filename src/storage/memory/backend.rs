@@ -72,7 +72,6 @@ impl Storage for MemoryStorage {
         let (state, _) = watch::channel(FillState::Partial(0));
         let fill = Arc::new(Fill {
             id,
-            primary: key.primary_bin(),
             generation: self.fill_generation(meta),
             meta: MetaParts::from_meta(meta, url_of(key)),
             chunks: Mutex::new(Vec::new()),

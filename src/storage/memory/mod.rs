@@ -51,6 +51,13 @@ use crate::purge::millis;
 /// to 1.16 times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
 
+/// How long an invalidation by an unsafe request is kept at least ([`MemoryStorage::invalidate`]):
+/// a copy read from memcached, or a lock waiter's, before it may still be stored after it.
+pub const INVALIDATION_GRACE: Duration = Duration::from_secs(10);
+
+/// Invalidations by unsafe requests kept at most (about 64 bytes each).
+pub const MAX_INVALIDATIONS: usize = 100_000;
+
 /// A time as nanoseconds since the Unix epoch, in 8 bytes (a `SystemTime` takes 16, and 16
 /// again as an `Option`): L1 keeps four per entry. Exact for every time from 1970 (its first
 /// nanosecond excluded) to 2554; an earlier one is that first nanosecond.
@@ -299,8 +306,6 @@ enum FillState {
 #[derive(Debug)]
 struct Fill {
     id: u64,
-    /// Its URL's primary hash: a fill whose row a purge removed is still the URL's.
-    primary: HashBinary,
     /// The L1 generation it began under: a [`MemoryStorage::clear`] since voids it (it is
     /// not served, and not stored).
     generation: u64,
@@ -345,8 +350,10 @@ pub struct MemoryStorage {
     /// left (ms): such an answer is validated as of then, and may arrive after a purge newer
     /// than that. Until it becomes a fill, it counts as one for the records the sweeper keeps
     /// and for the purge log's first read ([`MemoryStorage::awaiting`]).
-    awaited: DashMap<u64, (u64, HashBinary)>,
+    awaited: DashMap<u64, u64>,
     next_awaited: AtomicU64,
+    /// URLs a successful unsafe request invalidated, and when ([`MemoryStorage::invalidate`]).
+    invalidated: DashMap<HashBinary, SystemTime>,
     /// The eviction manager, told of the entries [`MemoryStorage::clear`] removes (the other
     /// removals return their keys to a caller that tells it).
     eviction: std::sync::OnceLock<&'static crate::storage::eviction::Eviction>,
@@ -378,6 +385,7 @@ impl Default for MemoryStorage {
             fills: DashMap::new(),
             awaited: DashMap::new(),
             next_awaited: AtomicU64::new(0),
+            invalidated: DashMap::new(),
             eviction: std::sync::OnceLock::new(),
         }
     }
@@ -449,30 +457,63 @@ impl MemoryStorage {
         Some((hit, weight))
     }
 
-    /// Register a request for the URL of `primary` that left for the origin at `sent` and
-    /// whose answer may be stored (or that holds a copy validated at `sent`): until the guard
-    /// drops, it counts as a fill in progress validated at `sent`.
-    pub fn awaiting(&'static self, sent: SystemTime, primary: HashBinary) -> Awaited {
+    /// Register a request that left for the origin at `sent` and whose answer may be stored:
+    /// until the guard drops, it counts as a fill in progress validated at `sent`.
+    pub fn awaiting(&'static self, sent: SystemTime) -> Awaited {
         let id = self.next_awaited.fetch_add(1, Ordering::Relaxed);
-        self.awaited.insert(id, (millis(sent), primary));
+        self.awaited.insert(id, millis(sent));
         Awaited { l1: self, id }
     }
 
-    /// Whether anything of the URL of `primary` is here or on its way: a row (entries, or a
-    /// fill), a fill a purge took out of the table, or a request registered as awaiting an
-    /// answer or holding a copy ([`Self::awaiting`]). What arrives after a purge that found
-    /// none of these was sent for after it. Walks the fills and requests in flight.
-    pub fn in_flight(&self, primary: &HashBinary) -> bool {
-        self.table.contains_key(primary)
-            || self.fills.iter().any(|f| f.value().primary == *primary)
-            || self.awaited.iter().any(|a| a.value().1 == *primary)
+    /// A successful unsafe request invalidated the URL of `primary` at `at` (RFC 9111 §4.4):
+    /// its variants are removed, and what was validated before `at` and arrives after it (a
+    /// fill the origin composed before the unsafe request, a copy read from memcached before
+    /// it) is not stored ([`Self::commit`]), nor served on an error
+    /// ([`Self::invalidated_since`]). Returns the keys removed.
+    ///
+    /// Clients make these, so they are not purge records: no sequence number, nothing the
+    /// sweeper walks L1 for, nothing a hit checks. Kept [`INVALIDATION_GRACE`] (and while a
+    /// fill or a request older than them is in flight), at most [`MAX_INVALIDATIONS`]; past
+    /// that the URL's variants are removed and nothing is recorded (false).
+    pub fn invalidate(&self, primary: HashBinary, at: SystemTime) -> (Vec<CompactCacheKey>, bool) {
+        let recorded = self.invalidated.len() < MAX_INVALIDATIONS || self.invalidated.contains_key(&primary);
+        if recorded {
+            // recorded before the removal: a commit either sees it, or comes before the removal
+            let mut when = self.invalidated.entry(primary).or_insert(at);
+            *when = (*when).max(at);
+        }
+        (self.remove_primary(&primary), recorded)
+    }
+
+    /// Whether the URL of `primary` was invalidated by an unsafe request after `validated`.
+    pub fn invalidated_since(&self, primary: &HashBinary, validated: SystemTime) -> bool {
+        !self.invalidated.is_empty() && self.invalidated.get(primary).is_some_and(|at| validated < *at)
+    }
+
+    /// Forget the invalidations that nothing in flight can predate any more: older than
+    /// [`INVALIDATION_GRACE`] and than every fill and awaited answer. The sweeper calls it.
+    pub fn expire_invalidations(&self, now: SystemTime) {
+        if self.invalidated.is_empty() {
+            return;
+        }
+        let mut horizon = now - INVALIDATION_GRACE;
+        let oldest = self.fills_min_ms();
+        if oldest != u64::MAX {
+            horizon = horizon.min(crate::purge::from_millis(oldest));
+        }
+        self.invalidated.retain(|_, at| *at >= horizon);
+    }
+
+    /// Invalidations kept ([`Self::invalidate`]).
+    pub fn invalidations(&self) -> usize {
+        self.invalidated.len()
     }
 
     /// The oldest validation time (ms) of a fill in progress now, or of an answer awaited
     /// from the origin (`u64::MAX`: none).
     pub fn fills_min_ms(&self) -> u64 {
         let fills = self.fills.iter().map(|f| millis(f.value().meta.updated.get()));
-        let awaited = self.awaited.iter().map(|a| a.value().0);
+        let awaited = self.awaited.iter().map(|a| *a.value());
         fills.chain(awaited).min().unwrap_or(u64::MAX)
     }
 
@@ -497,7 +538,8 @@ impl MemoryStorage {
     /// `fill` is the fill it completes, cleared from the slot if still there. Returns the weight.
     /// `None`, storing nothing, if a clear moved the generation since the entry began (its
     /// sweep would not find an entry stored now: checked under the row's lock, which the
-    /// sweep takes after the move).
+    /// sweep takes after the move), or if an unsafe request invalidated the URL after the
+    /// entry was validated ([`Self::invalidate`]).
     fn commit(
         &self,
         primary: HashBinary,
@@ -507,7 +549,9 @@ impl MemoryStorage {
     ) -> Option<usize> {
         let weight = stored.weight;
         let mut slots = self.table.entry(primary).or_insert_with(one_slot);
-        if stored.generation != self.generation() {
+        // (checked under the row's lock: an invalidation records before it removes the row)
+        let invalidated = self.invalidated_since(&primary, stored.meta.updated.get());
+        if stored.generation != self.generation() || invalidated {
             drop(slots);
             match fill {
                 Some(id) => self.take_fill(primary, variance, id),

@@ -425,14 +425,9 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
     let sent = SystemTime::now() - Duration::from_secs(3);
     assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
-    let (a, b) = (
-        CacheKey::new("http://h/a", "").primary_bin(),
-        CacheKey::new("http://h/b", "").primary_bin(),
-    );
-    let first = S.awaiting(sent, a);
-    let second = S.awaiting(sent + Duration::from_secs(1), a);
+    let first = S.awaiting(sent);
+    let second = S.awaiting(sent + Duration::from_secs(1));
     assert_eq!(S.fills_in_progress(), 2);
-    assert!(S.in_flight(&a) && !S.in_flight(&b), "by URL");
     assert_eq!(
         S.fills_min_ms(),
         millis(sent),
@@ -442,7 +437,65 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
     assert_eq!(S.fills_min_ms(), millis(sent + Duration::from_secs(1)));
     drop(second);
     assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
-    assert!(!S.in_flight(&a));
+}
+
+/// A successful unsafe request invalidates a URL (RFC 9111 §4.4): what was validated before
+/// it and arrives after it is not stored, a fill the origin composed before it or a copy
+/// read from memcached before it; what was validated after it is. The invalidation is kept
+/// for a while and while older fills are in flight, then forgotten; at most
+/// MAX_INVALIDATIONS are kept, so clients cannot make them cost more.
+#[tokio::test]
+async fn an_invalidated_url_stores_nothing_validated_before_it() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/posted", "");
+    let primary = key.primary_bin();
+    fill(&S, &key, &["v1"]).await;
+    // a fill whose request left before the unsafe request, and whose answer ends after it
+    let mut composed = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    let at = SystemTime::now() + Duration::from_millis(1);
+    let (removed, recorded) = S.invalidate(primary, at);
+    assert_eq!((removed.len(), recorded), (1, true));
+    assert!(S.invalidated_since(&primary, at - Duration::from_millis(2)));
+    assert!(!S.invalidated_since(&primary, at));
+    composed
+        .write_body(Bytes::from_static(b"v2"), true)
+        .await
+        .unwrap();
+    assert!(matches!(
+        composed.finish().await.unwrap(),
+        MissFinishType::Created(0)
+    ));
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none(), "not stored");
+    // nor a copy read from memcached before it
+    let before = MetaParts::from_meta(&meta(60), "http://h/posted");
+    assert!(S
+        .insert(&key, before, Bytes::from_static(b"v2"), S.generation())
+        .is_none());
+    // what was validated after it is stored
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    fill(&S, &key, &["v3"]).await;
+    let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut hit).await.unwrap(), b"v3");
+    // kept while a fill from before it is in flight, and INVALIDATION_GRACE
+    let older = S.awaiting(at - Duration::from_secs(60));
+    let later = SystemTime::now() + INVALIDATION_GRACE + Duration::from_secs(1);
+    S.expire_invalidations(later);
+    assert_eq!(S.invalidations(), 1);
+    drop(older);
+    S.expire_invalidations(later);
+    assert_eq!(S.invalidations(), 0);
+    // bounded: past MAX_INVALIDATIONS nothing more is recorded, a URL already kept is moved
+    for i in 0..MAX_INVALIDATIONS {
+        let k = CacheKey::new(format!("http://h/{i}"), "");
+        assert!(S.invalidate(k.primary_bin(), at).1);
+    }
+    assert!(!S.invalidate(primary, at).1, "full");
+    let kept = CacheKey::new("http://h/0", "").primary_bin();
+    let moved = at + Duration::from_secs(1);
+    assert!(S.invalidate(kept, moved).1);
+    assert!(S.invalidated_since(&kept, moved - Duration::from_millis(1)));
+    assert!(!S.invalidated_since(&primary, at - Duration::from_secs(1)));
 }
 
 /// A clear voids the fills in progress: what they bring began before it (a purge of
