@@ -454,10 +454,6 @@ async fn an_unsafe_request_leaves_no_purge_record() {
     assert_eq!(purge(&proxy, "POST", "/page", &[]).await.status, 200);
     assert_eq!(records(&proxy).await, 0.0);
     assert!(is_miss(&proxy, "/page").await, "invalidated");
-    assert!(
-        get(&proxy, "/page").await.cache.starts_with("corral; hit"),
-        "and stored again"
-    );
 }
 
 /// The same while the request waits in the queue for an upstream slot, before it is sent:

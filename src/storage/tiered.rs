@@ -196,7 +196,7 @@ impl Tiered {
             let unconditional = cas.flatten().is_none();
             if let (Stored::Stored(new_cas), true) = (stored, unconditional) {
                 let complete = self.log.sync_since(l2, landed).await;
-                if !complete || covered(self.validity) {
+                if !complete || covered(self.validity) || invalidated() {
                     // covered, or it cannot be told: it must not stay
                     metrics::L2_WRITES_SKIPPED.inc();
                     delete_until_done(l2.clone(), w.key.clone(), new_cas).await;

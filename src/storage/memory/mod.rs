@@ -51,8 +51,9 @@ use crate::purge::millis;
 /// to 1.16 times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
 
-/// How long an invalidation by an unsafe request is kept at least ([`MemoryStorage::invalidate`]):
-/// a copy read from memcached, or a lock waiter's, before it may still be stored after it.
+/// How long an invalidation by an unsafe request is kept ([`MemoryStorage::invalidate`]): what
+/// was sent for or read before it (a fill, a copy from memcached, a lock waiter's) and lands
+/// later than this after it may still be stored.
 pub const INVALIDATION_GRACE: Duration = Duration::from_secs(10);
 
 /// Invalidations by unsafe requests kept at most (about 64 bytes each).
@@ -354,6 +355,8 @@ pub struct MemoryStorage {
     next_awaited: AtomicU64,
     /// URLs a successful unsafe request invalidated, and when ([`MemoryStorage::invalidate`]).
     invalidated: DashMap<HashBinary, SystemTime>,
+    /// How many `invalidated` holds: read by every commit, without a lock.
+    invalidated_len: AtomicUsize,
     /// The eviction manager, told of the entries [`MemoryStorage::clear`] removes (the other
     /// removals return their keys to a caller that tells it).
     eviction: std::sync::OnceLock<&'static crate::storage::eviction::Eviction>,
@@ -386,6 +389,7 @@ impl Default for MemoryStorage {
             awaited: DashMap::new(),
             next_awaited: AtomicU64::new(0),
             invalidated: DashMap::new(),
+            invalidated_len: AtomicUsize::new(0),
             eviction: std::sync::OnceLock::new(),
         }
     }
@@ -472,41 +476,58 @@ impl MemoryStorage {
     /// ([`Self::invalidated_since`]). Returns the keys removed.
     ///
     /// Clients make these, so they are not purge records: no sequence number, nothing the
-    /// sweeper walks L1 for, nothing a hit checks. Kept [`INVALIDATION_GRACE`] (and while a
-    /// fill or a request older than them is in flight), at most [`MAX_INVALIDATIONS`]; past
-    /// that the URL's variants are removed and nothing is recorded (false).
+    /// sweeper walks L1 for, nothing a hit checks. Kept [`INVALIDATION_GRACE`], at most
+    /// [`MAX_INVALIDATIONS`]; past that the URL's variants are removed and nothing is
+    /// recorded (false).
     pub fn invalidate(&self, primary: HashBinary, at: SystemTime) -> (Vec<CompactCacheKey>, bool) {
-        let recorded = self.invalidated.len() < MAX_INVALIDATIONS || self.invalidated.contains_key(&primary);
+        let full = || {
+            self.invalidated_len.load(Ordering::Relaxed) >= MAX_INVALIDATIONS
+                && !self.invalidated.contains_key(&primary)
+        };
+        if full() {
+            // the sweeper may not have passed for a while (`purge.sweep_interval`)
+            self.expire_invalidations(SystemTime::now());
+        }
+        let recorded = !full();
         if recorded {
-            // recorded before the removal: a commit either sees it, or comes before the removal
-            let mut when = self.invalidated.entry(primary).or_insert(at);
+            // recorded (and counted) before the removal: a commit, under the row's lock,
+            // either sees it or comes before the removal
+            let mut when = self.invalidated.entry(primary).or_insert_with(|| {
+                self.invalidated_len.fetch_add(1, Ordering::Relaxed);
+                at
+            });
             *when = (*when).max(at);
         }
         (self.remove_primary(&primary), recorded)
     }
 
     /// Whether the URL of `primary` was invalidated by an unsafe request after `validated`.
+    /// One atomic load while none is kept (every commit asks).
     pub fn invalidated_since(&self, primary: &HashBinary, validated: SystemTime) -> bool {
-        !self.invalidated.is_empty() && self.invalidated.get(primary).is_some_and(|at| validated < *at)
+        self.invalidated_len.load(Ordering::Relaxed) > 0
+            && self.invalidated.get(primary).is_some_and(|at| validated < *at)
     }
 
-    /// Forget the invalidations that nothing in flight can predate any more: older than
-    /// [`INVALIDATION_GRACE`] and than every fill and awaited answer. The sweeper calls it.
+    /// Forget the invalidations older than [`INVALIDATION_GRACE`]. By time alone: nothing a
+    /// client holds open (a slow revalidation, a stale copy read slowly) keeps them. The
+    /// sweeper calls it, and [`Self::invalidate`] when the bound is reached.
     pub fn expire_invalidations(&self, now: SystemTime) {
-        if self.invalidated.is_empty() {
+        if self.invalidated_len.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut horizon = now - INVALIDATION_GRACE;
-        let oldest = self.fills_min_ms();
-        if oldest != u64::MAX {
-            horizon = horizon.min(crate::purge::from_millis(oldest));
-        }
-        self.invalidated.retain(|_, at| *at >= horizon);
+        let horizon = now - INVALIDATION_GRACE;
+        self.invalidated.retain(|_, at| {
+            let keep = *at >= horizon;
+            if !keep {
+                self.invalidated_len.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
+        });
     }
 
     /// Invalidations kept ([`Self::invalidate`]).
     pub fn invalidations(&self) -> usize {
-        self.invalidated.len()
+        self.invalidated_len.load(Ordering::Relaxed)
     }
 
     /// The oldest validation time (ms) of a fill in progress now, or of an answer awaited

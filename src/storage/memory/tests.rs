@@ -442,21 +442,30 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
 /// A successful unsafe request invalidates a URL (RFC 9111 §4.4): what was validated before
 /// it and arrives after it is not stored, a fill the origin composed before it or a copy
 /// read from memcached before it; what was validated after it is. The invalidation is kept
-/// for a while and while older fills are in flight, then forgotten; at most
-/// MAX_INVALIDATIONS are kept, so clients cannot make them cost more.
+/// INVALIDATION_GRACE whatever is in flight (clients cannot pin it), at most
+/// MAX_INVALIDATIONS, so clients cannot make them cost more.
 #[tokio::test]
 async fn an_invalidated_url_stores_nothing_validated_before_it() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
     let trace = pingora_cache::trace::Span::inactive().handle();
     let key = CacheKey::new("http://h/posted", "");
     let primary = key.primary_bin();
+    let validated = |t: SystemTime| {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.append_header("content-type", "text/plain").unwrap();
+        CacheMeta::new(t + Duration::from_secs(60), t, 0, 0, h)
+    };
     fill(&S, &key, &["v1"]).await;
+    let at = SystemTime::now();
+    let before = at - Duration::from_millis(1);
     // a fill whose request left before the unsafe request, and whose answer ends after it
-    let mut composed = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
-    let at = SystemTime::now() + Duration::from_millis(1);
+    let mut composed = S
+        .get_miss_handler(&key, &validated(before), &trace)
+        .await
+        .unwrap();
     let (removed, recorded) = S.invalidate(primary, at);
     assert_eq!((removed.len(), recorded), (1, true));
-    assert!(S.invalidated_since(&primary, at - Duration::from_millis(2)));
+    assert!(S.invalidated_since(&primary, before));
     assert!(!S.invalidated_since(&primary, at));
     composed
         .write_body(Bytes::from_static(b"v2"), true)
@@ -468,34 +477,37 @@ async fn an_invalidated_url_stores_nothing_validated_before_it() {
     ));
     assert!(S.lookup(&key, &trace).await.unwrap().is_none(), "not stored");
     // nor a copy read from memcached before it
-    let before = MetaParts::from_meta(&meta(60), "http://h/posted");
+    let copy = MetaParts::from_meta(&validated(before), "http://h/posted");
     assert!(S
-        .insert(&key, before, Bytes::from_static(b"v2"), S.generation())
+        .insert(&key, copy, Bytes::from_static(b"v2"), S.generation())
         .is_none());
     // what was validated after it is stored
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    fill(&S, &key, &["v3"]).await;
+    let after = MetaParts::from_meta(&validated(at + Duration::from_millis(1)), "http://h/posted");
+    assert!(S
+        .insert(&key, after, Bytes::from_static(b"v3"), S.generation())
+        .is_some());
     let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
     assert_eq!(read_all(&mut hit).await.unwrap(), b"v3");
-    // kept while a fill from before it is in flight, and INVALIDATION_GRACE
+    // kept INVALIDATION_GRACE, even while a request from before it is in flight
     let older = S.awaiting(at - Duration::from_secs(60));
-    let later = SystemTime::now() + INVALIDATION_GRACE + Duration::from_secs(1);
-    S.expire_invalidations(later);
+    S.expire_invalidations(at + INVALIDATION_GRACE - Duration::from_millis(1));
     assert_eq!(S.invalidations(), 1);
+    S.expire_invalidations(at + INVALIDATION_GRACE + Duration::from_millis(1));
+    assert_eq!(S.invalidations(), 0, "not pinned by what is in flight");
     drop(older);
-    S.expire_invalidations(later);
-    assert_eq!(S.invalidations(), 0);
     // bounded: past MAX_INVALIDATIONS nothing more is recorded, a URL already kept is moved
+    let now = SystemTime::now();
     for i in 0..MAX_INVALIDATIONS {
         let k = CacheKey::new(format!("http://h/{i}"), "");
-        assert!(S.invalidate(k.primary_bin(), at).1);
+        assert!(S.invalidate(k.primary_bin(), now).1);
     }
-    assert!(!S.invalidate(primary, at).1, "full");
+    assert!(!S.invalidate(primary, now).1, "full");
+    assert_eq!(S.invalidations(), MAX_INVALIDATIONS);
     let kept = CacheKey::new("http://h/0", "").primary_bin();
-    let moved = at + Duration::from_secs(1);
+    let moved = now + Duration::from_secs(1);
     assert!(S.invalidate(kept, moved).1);
     assert!(S.invalidated_since(&kept, moved - Duration::from_millis(1)));
-    assert!(!S.invalidated_since(&primary, at - Duration::from_secs(1)));
+    assert!(!S.invalidated_since(&primary, before));
 }
 
 /// A clear voids the fills in progress: what they bring began before it (a purge of
