@@ -138,24 +138,23 @@ impl StoredHeader {
         let mut buf = BytesMut::with_capacity(size);
         buf.extend_from_slice(url.as_bytes());
         buf.extend_from_slice(reason.unwrap_or("").as_bytes());
-        let fields: Vec<Field> = h
-            .headers
-            .iter()
-            .map(|(name, value)| {
-                let at = buf.len();
-                buf.extend_from_slice(name.as_str().as_bytes());
-                buf.extend_from_slice(value.as_bytes());
-                Field {
-                    at: offset(at),
-                    value_len: offset(value.len()),
-                    name_len: u16::try_from(name.as_str().len()).unwrap_or(u16::MAX),
-                    sensitive: value.is_sensitive(),
-                    known: KNOWN.iter().position(|k| k == name).map_or(0, |i| i as u8 + 1),
-                }
-            })
-            .collect();
-        for f in &fields {
-            f.encode(&mut buf);
+        let text_at = buf.len();
+        for (name, value) in h.headers.iter() {
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(value.as_bytes());
+        }
+        // the table, in a second pass over the same fields
+        let mut at = text_at;
+        for (name, value) in h.headers.iter() {
+            let field = Field {
+                at: offset(at),
+                value_len: offset(value.len()),
+                name_len: u16::try_from(name.as_str().len()).unwrap_or(u16::MAX),
+                sensitive: value.is_sensitive(),
+                known: KNOWN.iter().position(|k| k == name).map_or(0, |i| i as u8 + 1),
+            };
+            field.encode(&mut buf);
+            at += name.as_str().len() + value.len();
         }
         let buf = buf.freeze();
         // shared now rather than on the first hit: a `Bytes` made from one buffer allocates
@@ -169,7 +168,7 @@ impl StoredHeader {
                 .keys()
                 .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str())),
             url_len: offset(url.len()),
-            count: offset(fields.len()),
+            count: offset(h.headers.len()),
             reason_len: reason.map(|r| r.len() as u16),
             buf,
         }

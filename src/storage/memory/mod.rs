@@ -357,6 +357,8 @@ pub struct MemoryStorage {
     invalidated: DashMap<HashBinary, SystemTime>,
     /// How many `invalidated` holds: read by every commit, without a lock.
     invalidated_len: AtomicUsize,
+    /// When [`MemoryStorage::invalidate`] last expired them itself (ms).
+    invalidations_expired_ms: AtomicU64,
     /// The eviction manager, told of the entries [`MemoryStorage::clear`] removes (the other
     /// removals return their keys to a caller that tells it).
     eviction: std::sync::OnceLock<&'static crate::storage::eviction::Eviction>,
@@ -390,6 +392,7 @@ impl Default for MemoryStorage {
             next_awaited: AtomicU64::new(0),
             invalidated: DashMap::new(),
             invalidated_len: AtomicUsize::new(0),
+            invalidations_expired_ms: AtomicU64::new(0),
             eviction: std::sync::OnceLock::new(),
         }
     }
@@ -485,8 +488,19 @@ impl MemoryStorage {
                 && !self.invalidated.contains_key(&primary)
         };
         if full() {
-            // the sweeper may not have passed for a while (`purge.sweep_interval`)
-            self.expire_invalidations(SystemTime::now());
+            // the sweeper may not have passed for a while (`purge.sweep_interval`); at most
+            // once a second, or a flood of POSTs would walk the whole map each
+            let now = SystemTime::now();
+            let last = self.invalidations_expired_ms.load(Ordering::Relaxed);
+            let due = millis(now) >= last + 1000;
+            if due
+                && self
+                    .invalidations_expired_ms
+                    .compare_exchange(last, millis(now), Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.expire_invalidations(now);
+            }
         }
         let recorded = !full();
         if recorded {
