@@ -17,7 +17,8 @@
 #   CONNECTIONS=32    keep-alive connections of the load generator
 #   CORRAL_ENV="NAME=value ..." runs corral with these in its environment (allocator tunables)
 #   SYSTEMS="corral nginx varnish"; EVICTION=lru|tinyufo sets corral's cache.eviction (unset:
-#   corral's default, and the key is not written); SEED=16; JSON_OUT=file appends one JSON
+#   corral's default, and the key is not written); TRIM=true|false sets cache.trim_allocator
+#   (unset: the default); SEED=16; JSON_OUT=file appends one JSON
 #   line per run (the load generator's figures and the memory ones)
 #   NGINX_MANAGER_FILES=100 NGINX_MANAGER_SLEEP=50ms NGINX_MANAGER_THRESHOLD=200ms: nginx's
 #   cache manager (its defaults); it evicts in the background and falls far behind max_size
@@ -172,6 +173,7 @@ address = "127.0.0.1:$origin_port"
 memory_bytes = $mem_bytes
 max_object_bytes = $max_object
 $eviction
+${TRIM:+trim_allocator = $TRIM}
 [log]
 level = "warn"
 access_log = false
@@ -287,6 +289,21 @@ for alpha in $ALPHA; do
         echo "$sys_name: the run failed (exit $status); the system's log: $sys_log" >&2
         tail -n 5 "$sys_log" >&2 || true
       fi
+      if [ "$system" = corral ] && [ "${TRIM:-true}" = true ]; then
+        # RSS at rest: the allocator trim after the last release (src/trim.rs) comes at most
+        # 10 s after the one before; wait up to 15 s for it
+        python3 - "$corral_admin" <<'PY'
+import sys, time, urllib.request
+def trims():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
+    return next((float(l.split()[1]) for l in text.splitlines()
+                 if l.startswith("corral_allocator_trim_duration_seconds_count ")), 0.0)
+start, t0 = trims(), time.monotonic()
+while trims() == start and time.monotonic() - t0 < 15:
+    time.sleep(0.2)
+print(f"corral: waited {time.monotonic() - t0:.1f} s for the allocator trim at rest")
+PY
+      fi
       sleep 2   # let eviction (nginx's cache manager) and the allocators settle
       read -r rss pss procs < <(mem_of "$sys_pid")
       files=0
@@ -312,6 +329,16 @@ if json_out:
     with open(json_out, "a") as f:
         f.write(json.dumps(record) + "\n")
 PY
+      if [ "$system" = corral ]; then
+        # what src/trim.rs did during the run: how often, and for how long in all
+        python3 - "$corral_admin" "$sys_name" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
+value = lambda n: next((float(l.split()[1]) for l in text.splitlines() if l.startswith(n + " ")), 0.0)
+print(f"{sys.argv[2]:<10} allocator: free pages given back {value('corral_allocator_trim_duration_seconds_count'):.0f} times,"
+      f" {value('corral_allocator_trim_duration_seconds_sum') * 1000:.0f} ms in all")
+PY
+      fi
       stop "$sys_pid"
     done
   done

@@ -153,6 +153,9 @@ pub struct CacheConfig {
     pub strip_targeted: bool,
     /// What L1 keeps when it is full ([`crate::storage::eviction`]).
     pub eviction: crate::storage::eviction::Policy,
+    /// Give the allocator's free pages back to the kernel after L1 released memory
+    /// ([`crate::trim`]; glibc only).
+    pub trim_allocator: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -43,6 +43,7 @@ pub mod purge;
 pub mod storage;
 pub mod throttle;
 pub mod transport;
+pub mod trim;
 
 use std::sync::Arc;
 
@@ -134,6 +135,17 @@ pub fn build_server(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Re
         "ban sweeper",
         purge::sweep::Sweeper::new(parts.storage, cfg.purge.sweep_interval),
     ));
+
+    // what eviction frees in the middle of malloc's heaps, given back to the kernel
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if !cfg.cache.trim_allocator {
+        tracing::info!("allocator trim off (cache.trim_allocator = false)");
+    } else {
+        server.add_service(pingora_core::services::background::background_service(
+            "allocator trim",
+            trim::Trimmer::new(parts.storage.l1, cfg.cache.memory_bytes),
+        ));
+    }
 
     if generations.is_some() || !cfg.generation.webhooks.is_empty() {
         // the generation poll and the webhooks' deliveries, on their own runtime

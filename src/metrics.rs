@@ -5,9 +5,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge, register_int_gauge_vec, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec,
+    register_gauge_vec, register_histogram, register_histogram_vec, register_int_counter,
+    register_int_counter_vec, register_int_gauge, register_int_gauge_vec, GaugeVec, Histogram, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Requests answered, by cache outcome (`hit`, `miss`, `stale`, `collapsed`, ...).
@@ -47,6 +47,17 @@ pub static STALE_REFUSED_PURGED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "corral_stale_if_error_purged_total",
         "Stale copies not served on an upstream error because a purge answered meanwhile covers them"
+    )
+    .expect("metric registers once")
+});
+
+/// Each time the allocator gave its free pages back to the kernel ([`crate::trim`]), how long
+/// it took: the longest time a worker may wait for an arena meanwhile.
+pub static ALLOCATOR_TRIM_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "corral_allocator_trim_duration_seconds",
+        "Time malloc_trim took each time L1's freed memory was given back to the kernel (it locks each arena in turn)",
+        vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]
     )
     .expect("metric registers once")
 });

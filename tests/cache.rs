@@ -916,8 +916,11 @@ async fn after_a_purge_of_everything_the_cache_fills_to_its_budget_again() {
 /// allocator's waste), so this one reads the process's RSS. A heavy-tailed workload of four
 /// times the budget (objects of 1 KiB to 1 MiB, skewed popularity, a scan of every object in
 /// the middle) under each eviction policy: what corral grew by may not pass 1.5 times
-/// `memory_bytes`. Growth, not the absolute RSS: the binary, its threads and runtime are a fixed
-/// cost, reported with the benchmark (README, Benchmarks).
+/// `memory_bytes` as the load ends, nor 1.28 times once the allocator's free pages are given
+/// back at rest (src/trim.rs). Growth, not the absolute RSS: the binary, its threads and
+/// runtime are a fixed cost, reported with the benchmark (README, Benchmarks). glibc only: the
+/// trims, and the figures, are its malloc's.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[tokio::test]
 async fn rss_growth_stays_within_the_budget_under_a_heavy_tailed_workload() {
     const N: usize = 3000;
@@ -981,7 +984,22 @@ async fn rss_growth_stays_within_the_budget_under_a_heavy_tailed_workload() {
         })
         .await;
         let (entries, bytes, _) = proxy.stats().await;
-        let grown = proxy.rss().saturating_sub(base);
+        let at_end = proxy.rss().saturating_sub(base);
+        // what eviction freed inside malloc's heaps is given back once the releases stop, at
+        // most 10 s after the trim before (src/trim.rs): poll for it, up to 15 s
+        let at_rest = BUDGET * 128 / 100;
+        let waited = std::time::Instant::now();
+        let mut grown = at_end;
+        while grown > at_rest && waited.elapsed() < Duration::from_secs(15) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            grown = proxy.rss().saturating_sub(base);
+        }
+        eprintln!(
+            "{policy}: RSS growth {:.2}x the budget as the load ended, {:.2}x after {:.1} s at rest",
+            at_end as f64 / BUDGET as f64,
+            grown as f64 / BUDGET as f64,
+            waited.elapsed().as_secs_f64()
+        );
         eprintln!(
             "{policy}: RSS {} MiB at the start, grew by {:.1} MiB ({:.2}x the budget); \
              {entries} entries, {:.1} MiB counted; origin requests {} of {}",
@@ -998,14 +1016,59 @@ async fn rss_growth_stays_within_the_budget_under_a_heavy_tailed_workload() {
             "{policy}: L1 is filled to its budget: {bytes} bytes"
         );
         assert!(origin.total() < ids.len() * 9 / 10, "{policy}: hits happened");
-        // issue 16's target is 1.15x, not met: measured 1.33-1.35x (1.49-1.65x without the
-        // allocator tuning in src/main.rs). This holds to what is met, with a margin: it
-        // catches a gross under-count, not the last tenth
+        // under load, the peak: measured 1.31-1.41x (1.49-1.65x without the allocator tuning in
+        // src/main.rs); it catches a gross under-count, not the last tenth
         assert!(
-            grown <= BUDGET * 150 / 100,
-            "{policy}: RSS grew by {grown} bytes, more than 1.5 x memory_bytes ({BUDGET})"
+            at_end <= BUDGET * 150 / 100,
+            "{policy}: RSS grew by {at_end} bytes under load, more than 1.5 x memory_bytes ({BUDGET})"
+        );
+        // at rest, once the free pages are given back: measured 1.15-1.21x (without
+        // src/trim.rs it stays at the peak, 1.31-1.41x)
+        assert!(
+            grown <= at_rest,
+            "{policy}: RSS grew by {grown} bytes ({at_end} as the load ended), more than 1.28 x \
+             memory_bytes ({BUDGET}) 15 s after it"
+        );
+        let metrics = proxy.metrics().await;
+        let trims: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("corral_allocator_trim_duration_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("corral_allocator_trim_duration_seconds is exported");
+        assert!(
+            trims >= 1.0,
+            "{policy}: the free pages were given back ({trims} trims)"
         );
     }
+}
+
+/// `cache.trim_allocator`: on by default, the trimmer runs (its histogram is exported); off,
+/// none runs (src/trim.rs).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test]
+async fn the_allocator_trimmer_runs_unless_turned_off() {
+    const SERIES: &str = "corral_allocator_trim_duration_seconds_count";
+    let (_origin, on) = setup(Conf::default()).await;
+    eventually(Duration::from_secs(10), "the trimmer started", || async {
+        on.log_text().contains("allocator trim on") && on.metrics().await.contains(SERIES)
+    })
+    .await;
+    assert!(!on.log_text().contains("allocator trim off"));
+    let (_origin, off) = setup(Conf::default().cache("trim_allocator = false")).await;
+    // said at start-up, before the services run: the branch that starts no trimmer was taken
+    eventually(Duration::from_secs(10), "the trimmer said off", || async {
+        off.log_text().contains("allocator trim off")
+    })
+    .await;
+    assert!(
+        !off.log_text().contains("allocator trim on"),
+        "{}",
+        off.log_text()
+    );
+    assert!(
+        !off.metrics().await.contains(SERIES),
+        "no trimmer with trim_allocator = false"
+    );
 }
 
 /// Issue 16: what a small cached object costs beyond its body and header, as the kernel sees
@@ -1072,6 +1135,7 @@ async fn a_small_object_costs_little_beyond_its_body_and_header() {
 }
 
 /// Run `futs` at once, each on a task of its own, and wait for all of them.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn join_all<F: std::future::Future<Output = ()> + Send + 'static>(futs: impl Iterator<Item = F>) {
     let tasks: Vec<_> = futs.map(tokio::spawn).collect();
     for t in tasks {

@@ -125,6 +125,7 @@ pub(super) struct CacheFile {
     targeted_header: String,
     strip_targeted: bool,
     eviction: crate::storage::eviction::Policy,
+    trim_allocator: bool,
 }
 
 impl Default for CacheFile {
@@ -140,6 +141,7 @@ impl Default for CacheFile {
             lock_timeout: Duration::from_secs(5),
             hit_for_miss_keys: 16384,
             eviction: crate::storage::eviction::Policy::Tinyufo,
+            trim_allocator: true,
             honor_client_no_cache: true,
             normalize_accept_encoding: true,
             targeted_header: String::new(),
@@ -651,6 +653,7 @@ impl CacheFile {
             honor_client_no_cache: c.honor_client_no_cache,
             normalize_accept_encoding: c.normalize_accept_encoding,
             eviction: c.eviction,
+            trim_allocator: c.trim_allocator,
         })
     }
 }

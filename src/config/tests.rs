@@ -50,6 +50,19 @@ fn bad_duration_names_the_key() {
 }
 
 #[test]
+fn the_allocator_trim_is_on_by_default_and_a_bool() {
+    assert!(parse("").unwrap().cache.trim_allocator);
+    assert!(
+        !parse("[cache]\ntrim_allocator = false\n")
+            .unwrap()
+            .cache
+            .trim_allocator
+    );
+    let e = parse("[cache]\ntrim_allocator = \"yes\"\n").unwrap_err();
+    assert_eq!(e.key, "cache.trim_allocator");
+}
+
+#[test]
 fn bad_size_names_the_key() {
     let e = parse("[cache]\nmemory_bytes = \"lots\"\n").unwrap_err();
     assert_eq!(e.key, "cache.memory_bytes");

@@ -336,6 +336,8 @@ pub struct MemoryStorage {
     table: DashMap<HashBinary, Vec<Slot>>,
     bytes: AtomicUsize,
     entries: AtomicUsize,
+    /// Bytes of the entries removed since start, in all ([`Self::released`]).
+    released: AtomicU64,
     next_fill: AtomicU64,
     generation: AtomicU64,
     /// The oldest validation time (ms) of an entry or fill inserted since the sweeper last
@@ -384,6 +386,7 @@ impl Default for MemoryStorage {
             table: DashMap::new(),
             bytes: AtomicUsize::new(0),
             entries: AtomicUsize::new(0),
+            released: AtomicU64::new(0),
             next_fill: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             inserted_min_ms: AtomicU64::new(u64::MAX),
@@ -403,6 +406,13 @@ impl MemoryStorage {
         Self::default()
     }
 
+    /// Weights of the entries removed from L1 since start (evicted, purged, replaced): the rough
+    /// measure of freed memory that [`crate::trim`] watches. Not all of it is freed at once (a
+    /// reader may hold a body a while longer), and a fill's own buffers are not in it.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
+    }
+
     /// Entries and bytes currently held (committed entries only).
     pub fn stats(&self) -> MemoryStats {
         MemoryStats {
@@ -418,6 +428,7 @@ impl MemoryStorage {
 
     fn account_remove(&self, weight: usize) {
         self.bytes.fetch_sub(weight, Ordering::Relaxed);
+        self.released.fetch_add(weight as u64, Ordering::Relaxed);
         self.entries.fetch_sub(1, Ordering::Relaxed);
     }
 
