@@ -1273,6 +1273,23 @@ async fn a_reload_to_an_upstream_that_does_not_resolve_is_refused() {
     .await;
 }
 
+/// `cache.trim_allocator` changes only at a restart: a reload that turns it off says so, and
+/// the trimmer that runs keeps running.
+#[tokio::test]
+async fn turning_the_allocator_trim_off_needs_a_restart() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(origin.addr, Conf::default().cache("trim_allocator = true")).await;
+    rewrite(&proxy, "trim_allocator = true", "trim_allocator = false");
+    let v = parse(&reload(&proxy).await);
+    assert_eq!(v["result"].as_str(), Some("ok"), "{v}");
+    assert_eq!(
+        strings(&v["needs_restart"]),
+        vec!["cache.trim_allocator".to_string()],
+        "{v}"
+    );
+    assert!(!proxy.log_text().contains("allocator trim off"));
+}
+
 /// A reload that changes only settings that need a restart still shows the file it read
 /// (`/config`, `/stats` and `corral_config_info` agree, one series), and putting the old file
 /// back clears `needs_restart`.
