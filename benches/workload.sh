@@ -51,6 +51,11 @@ MEM=${MEM:-64MiB}
 CONNECTIONS=${CONNECTIONS:-32}
 SYSTEMS=${SYSTEMS:-corral nginx varnish}
 EVICTION=${EVICTION:-}
+TRIM=${TRIM:-}
+case $TRIM in
+  '' | true | false) ;;
+  *) echo "workload.sh: TRIM=$TRIM: true, false or unset" >&2; exit 1 ;;
+esac
 SEED=${SEED:-16}
 JSON_OUT=${JSON_OUT:-}
 SYSTEM_CPUS=${SYSTEM_CPUS:-0}
@@ -289,19 +294,23 @@ for alpha in $ALPHA; do
         echo "$sys_name: the run failed (exit $status); the system's log: $sys_log" >&2
         tail -n 5 "$sys_log" >&2 || true
       fi
-      if [ "$system" = corral ] && [ "${TRIM:-true}" = true ]; then
-        # RSS at rest: the allocator trim after the last release (src/trim.rs) comes at most
-        # 10 s after the one before; wait up to 15 s for it
-        python3 - "$corral_admin" <<'PY'
+      if [ "$system" = corral ] && [ "${TRIM:-true}" = true ] && [ "$status" = 0 ]; then
+        # RSS at rest: the allocator trim after the last release (src/trim.rs) comes at least
+        # 10 s after the one before (checked each second); wait up to 30 s for it
+        python3 - "$corral_admin" <<'PY' || true
 import sys, time, urllib.request
 def trims():
     text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
     return next((float(l.split()[1]) for l in text.splitlines()
-                 if l.startswith("corral_allocator_trim_duration_seconds_count ")), 0.0)
+                 if l.startswith("corral_allocator_trim_duration_seconds_count ")), None)
 start, t0 = trims(), time.monotonic()
-while trims() == start and time.monotonic() - t0 < 15:
+if start is None:
+    print("corral: no allocator trim in this build (not glibc)")
+    sys.exit(0)
+while trims() == start and time.monotonic() - t0 < 30:
     time.sleep(0.2)
-print(f"corral: waited {time.monotonic() - t0:.1f} s for the allocator trim at rest")
+came = "came" if trims() != start else "did not come"
+print(f"corral: the allocator trim at rest {came} ({time.monotonic() - t0:.1f} s)")
 PY
       fi
       sleep 2   # let eviction (nginx's cache manager) and the allocators settle
@@ -329,9 +338,9 @@ if json_out:
     with open(json_out, "a") as f:
         f.write(json.dumps(record) + "\n")
 PY
-      if [ "$system" = corral ]; then
+      if [ "$system" = corral ] && [ "$status" = 0 ]; then
         # what src/trim.rs did during the run: how often, and for how long in all
-        python3 - "$corral_admin" "$sys_name" <<'PY'
+        python3 - "$corral_admin" "$sys_name" <<'PY' || true
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
 value = lambda n: next((float(l.split()[1]) for l in text.splitlines() if l.startswith(n + " ")), 0.0)

@@ -137,6 +137,10 @@ pub fn build_server(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Re
     ));
 
     // what eviction frees in the middle of malloc's heaps, given back to the kernel
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    if cfg.cache.trim_allocator {
+        tracing::info!("cache.trim_allocator is ignored: this build's allocator is not glibc's");
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if !cfg.cache.trim_allocator {
         tracing::info!("allocator trim off (cache.trim_allocator = false)");

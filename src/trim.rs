@@ -4,7 +4,7 @@
 //! and when a block it mapped on its own is freed (`src/main.rs` sets both thresholds). What
 //! eviction frees in the middle of a heap stays resident until a later allocation reuses it:
 //! at the end of the heavy-tailed workload (benches/workload.sh, α 1.0 with the scan, 64 MiB)
-//! about 11 MB of glibc's 75 MB of heap was free, and RSS was 1.31 times `memory_bytes`.
+//! about 11 MB of glibc's 75 MB of heap was free, and RSS was 1.30 times `memory_bytes`.
 //! `malloc_trim(0)` walks every arena and gives the whole free pages of each free block back
 //! (`madvise`); the blocks stay free, and a page comes back, zeroed, with one fault when it is
 //! reused.

@@ -1287,7 +1287,17 @@ async fn turning_the_allocator_trim_off_needs_a_restart() {
         vec!["cache.trim_allocator".to_string()],
         "{v}"
     );
+    // the trimmer that started keeps running: nothing said it stopped, its series is there
+    assert!(
+        proxy.log_text().contains("allocator trim on"),
+        "{}",
+        proxy.log_text()
+    );
     assert!(!proxy.log_text().contains("allocator trim off"));
+    assert!(proxy
+        .metrics()
+        .await
+        .contains("corral_allocator_trim_duration_seconds_count"));
 }
 
 /// A reload that changes only settings that need a restart still shows the file it read

@@ -986,11 +986,14 @@ async fn rss_growth_stays_within_the_budget_under_a_heavy_tailed_workload() {
         let (entries, bytes, _) = proxy.stats().await;
         let at_end = proxy.rss().saturating_sub(base);
         // what eviction freed inside malloc's heaps is given back once the releases stop, at
-        // most 10 s after the trim before (src/trim.rs): poll for it, up to 15 s
+        // least 10 s after the trim before (src/trim.rs, checked each second): poll for it, up
+        // to 30 s, until RSS is within the bound and fell by a 20th of the budget at least
+        // (so that a load that ended under the bound still shows the trim)
         let at_rest = BUDGET * 128 / 100;
+        let fell = |grown: u64| grown <= at_rest && grown + BUDGET / 20 <= at_end;
         let waited = std::time::Instant::now();
         let mut grown = at_end;
-        while grown > at_rest && waited.elapsed() < Duration::from_secs(15) {
+        while !fell(grown) && waited.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             grown = proxy.rss().saturating_sub(base);
         }
@@ -1025,9 +1028,10 @@ async fn rss_growth_stays_within_the_budget_under_a_heavy_tailed_workload() {
         // at rest, once the free pages are given back: measured 1.15-1.21x (without
         // src/trim.rs it stays at the peak, 1.31-1.41x)
         assert!(
-            grown <= at_rest,
-            "{policy}: RSS grew by {grown} bytes ({at_end} as the load ended), more than 1.28 x \
-             memory_bytes ({BUDGET}) 15 s after it"
+            fell(grown),
+            "{policy}: RSS grew by {grown} bytes 30 s after the load ended ({at_end} as it \
+             ended): more than 1.28 x memory_bytes ({BUDGET}), or less than a 20th of it given \
+             back"
         );
         let metrics = proxy.metrics().await;
         let trims: f64 = metrics
