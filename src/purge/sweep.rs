@@ -42,7 +42,7 @@ impl Sweeper {
     /// unchecked: a fill that was in progress, an entry inserted during the pass, or (with L2)
     /// a memcached value, which lives at most `memcached.max_ttl`.
     pub async fn pass(&self) {
-        // unsafe requests' invalidations are not records: kept by time and by what is in flight
+        // unsafe requests' invalidations are not records: kept by time alone
         self.storage.l1.expire_invalidations(SystemTime::now());
         if !self.storage.validity.active() {
             return;
