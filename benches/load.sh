@@ -61,7 +61,7 @@ threads = 1
 [upstream]
 address = "127.0.0.1:$origin_port"
 [cache]
-eviction = "${EVICTION:-tinyufo}"
+eviction = "${EVICTION:-s3fifo}"
 [log]
 level = "warn"
 access_log = false

@@ -8,7 +8,7 @@
 #   MEM=64MiB SIZE=10000 benches/memory.sh
 #   OBJECTS=1000000 SIZE=100 MEM=4GiB benches/memory.sh   # overhead per entry: 1M small objects,
 #                                                         # nothing evicted (OBJECTS replaces 3x MEM)
-#   EVICTION=lru benches/memory.sh          # the other eviction policy (default tinyufo)
+#   EVICTION=lru benches/memory.sh          # another eviction policy (default s3fifo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM=${MEM:-32MiB}
@@ -21,7 +21,7 @@ target/release/examples/origin "127.0.0.1:$origin_port" >"$dir/origin.log" 2>&1 
 pids+=($!)
 start_corral "[cache]
 memory_bytes = \"$MEM\"
-eviction = \"${EVICTION:-tinyufo}\""
+eviction = \"${EVICTION:-s3fifo}\""
 wait_port "$origin_port"; wait_port "$proxy_port"
 
 rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$corral_pid/status"; }

@@ -16,7 +16,7 @@
 #   MEM=64MiB         the memory budget of each system (KiB/MiB/GiB, k/m/g, or bytes)
 #   CONNECTIONS=32    keep-alive connections of the load generator
 #   CORRAL_ENV="NAME=value ..." runs corral with these in its environment (allocator tunables)
-#   SYSTEMS="corral nginx varnish"; EVICTION=lru|tinyufo sets corral's cache.eviction (unset:
+#   SYSTEMS="corral nginx varnish"; EVICTION=lru|tinyufo|s3fifo sets corral's cache.eviction (unset:
 #   corral's default, and the key is not written); TRIM=true|false sets cache.trim_allocator
 #   (unset: the default); SEED=16; JSON_OUT=file appends one JSON
 #   line per run (the load generator's figures and the memory ones)

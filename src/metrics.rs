@@ -101,8 +101,8 @@ pub static L1_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
-/// Entries evicted from L1 to respect `memory_bytes`; under `cache.eviction = "tinyufo"`, also
-/// the fills it did not admit (stored, then dropped at once).
+/// Entries evicted from L1 to respect `memory_bytes`; under `cache.eviction = "tinyufo"` or
+/// `"s3fifo"`, also the fills it did not admit (stored, then dropped at once).
 pub static L1_EVICTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("corral_l1_evicted_entries", "Entries evicted from L1 since start")
         .expect("metric registers once")

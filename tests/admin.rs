@@ -856,12 +856,13 @@ async fn a_reload_cannot_lift_max_object_bytes_past_the_running_tinyufo() {
         origin.addr,
         Conf::default()
             .cache("memory_bytes = \"1GiB\"")
-            .cache("max_object_bytes = \"8MiB\""),
+            .cache("max_object_bytes = \"8MiB\"")
+            .cache("eviction = \"tinyufo\""),
     )
     .await;
     rewrite(
         &proxy,
-        "max_object_bytes = \"8MiB\"",
+        "max_object_bytes = \"8MiB\"\neviction = \"tinyufo\"",
         "max_object_bytes = \"20MiB\"\neviction = \"lru\"",
     );
     let r = reload(&proxy).await;

@@ -140,7 +140,7 @@ impl Default for CacheFile {
             stale_if_error: Duration::from_secs(300),
             lock_timeout: Duration::from_secs(5),
             hit_for_miss_keys: 16384,
-            eviction: crate::storage::eviction::Policy::Tinyufo,
+            eviction: crate::storage::eviction::Policy::S3fifo,
             trim_allocator: true,
             honor_client_no_cache: true,
             normalize_accept_encoding: true,

@@ -106,11 +106,15 @@ fn impossible_values_are_refused() {
     let e = parse("[cache]\nmemory_bytes = \"1MiB\"\nmax_object_bytes = \"2MiB\"\n").unwrap_err();
     assert_eq!(e.key, "cache.max_object_bytes");
     // TinyUFO weighs entries in 16 bits: a larger object would be fetched and thrown away
-    let e = parse("[cache]\nmemory_bytes = \"1GiB\"\nmax_object_bytes = \"20MiB\"\n").unwrap_err();
+    let tinyufo = "[cache]\nmemory_bytes = \"1GiB\"\nmax_object_bytes = \"20MiB\"\neviction = \"tinyufo\"\n";
+    let e = parse(tinyufo).unwrap_err();
     assert_eq!(e.key, "cache.max_object_bytes");
     assert!(e.to_string().contains("tinyufo"), "{e}");
     let lru = "[cache]\nmemory_bytes = \"1GiB\"\nmax_object_bytes = \"20MiB\"\neviction = \"lru\"\n";
     assert_eq!(parse(lru).unwrap().cache.max_object_bytes, 20 << 20);
+    // S3-FIFO (the default) weighs in 64 bits
+    let s3fifo = "[cache]\nmemory_bytes = \"1GiB\"\nmax_object_bytes = \"20MiB\"\n";
+    assert_eq!(parse(s3fifo).unwrap().cache.max_object_bytes, 20 << 20);
     assert_eq!(parse("[log]\nlevel = \"loud[\"\n").unwrap_err().key, "log.level");
 }
 
