@@ -42,10 +42,11 @@ impl CacheParts {
     pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
         let l1: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
         // sized for entries of ~8 KiB on average
-        let eviction: &'static Eviction = Box::leak(Box::new(Eviction::new(
+        let eviction: &'static Eviction = Box::leak(Box::new(Eviction::with_max_object(
             cfg.cache.eviction,
             cfg.cache.memory_bytes,
             8192,
+            cfg.cache.max_object_bytes,
         )));
         l1.set_eviction(eviction);
         let validity: &'static Validity =

@@ -168,15 +168,15 @@ impl Reloader {
             Ok(new) => new,
             Err(e) => return self.refused(why, &old.cfg.hash, self.pending_restart(), e.to_string()),
         };
-        // `cache.eviction` changes only at a restart, `max_object_bytes` at once: the file is
-        // checked against the policy that runs (a file that switches to lru would otherwise
-        // let tinyufo be handed objects it can only fetch and throw away)
-        if let Err(reason) = self
-            .started
-            .cache
-            .eviction
-            .check_max_object(new.cache.max_object_bytes)
-        {
+        // `cache.eviction` and `memory_bytes` change only at a restart, `max_object_bytes` at
+        // once: the file is checked against the manager that runs (a file that switches to lru
+        // would otherwise let tinyufo be handed objects it can only fetch and throw away, and
+        // S3-FIFO's shards were sized for the max_object_bytes it started with)
+        let running = &self.started.cache;
+        if let Err(reason) = running.eviction.check_max_object(
+            new.cache.max_object_bytes,
+            Some((running.memory_bytes, running.max_object_bytes)),
+        ) {
             let error = format!("{}: cache.max_object_bytes: {reason}", new.source);
             return self.refused(why, &old.cfg.hash, self.pending_restart(), error);
         }

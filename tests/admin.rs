@@ -847,6 +847,45 @@ async fn an_invalid_file_is_refused_and_the_old_config_keeps_serving() {
     );
 }
 
+/// S3-FIFO's shards are sized at start for `max_object_bytes`: a reload may raise it as far as
+/// a running shard keeps, not past that (every such object would be fetched and thrown away).
+#[tokio::test]
+async fn a_reload_cannot_lift_max_object_bytes_past_the_running_s3fifo_shards() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(
+        origin.addr,
+        Conf::default()
+            .cache("memory_bytes = \"256MiB\"")
+            .cache("max_object_bytes = \"8MiB\""),
+    )
+    .await;
+    // four shards of 64 MiB: 40 MiB fits one
+    rewrite(
+        &proxy,
+        "max_object_bytes = \"8MiB\"",
+        "max_object_bytes = \"40MiB\"",
+    );
+    let r = reload(&proxy).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    rewrite(
+        &proxy,
+        "max_object_bytes = \"40MiB\"",
+        "max_object_bytes = \"100MiB\"",
+    );
+    let r = reload(&proxy).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let v = parse(&r);
+    let error = v["error"].as_str().unwrap_or_else(|| panic!("error in {v}"));
+    assert!(
+        error.contains("cache.max_object_bytes") && error.contains("s3fifo") && error.contains("restart"),
+        "{error}"
+    );
+    assert_eq!(
+        admin_json(&proxy, "/config").await["cache"]["max_object_bytes"],
+        40 << 20
+    );
+}
+
 /// `cache.eviction` changes only at a restart and `max_object_bytes` at once: a file that
 /// switches to lru cannot lift `max_object_bytes` past what the running TinyUFO can keep.
 #[tokio::test]

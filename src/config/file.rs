@@ -604,7 +604,7 @@ impl CacheFile {
                 ),
             );
         }
-        if let Err(reason) = c.eviction.check_max_object(max_object_bytes) {
+        if let Err(reason) = c.eviction.check_max_object(max_object_bytes, None) {
             return err("cache.max_object_bytes", reason);
         }
         if c.lock_timeout.is_zero() {

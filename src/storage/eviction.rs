@@ -8,11 +8,13 @@
 //!   if it was filled at least as often as that one, by a frequency sketch). A scan's entries
 //!   pass through the small FIFO and leave without touching the main one.
 //!
-//! - `s3fifo`: S3-FIFO as the `quick_cache` crate implements it: a new entry enters a small
-//!   "cold" queue and is promoted to the main "hot" one only if it was hit while there; the
-//!   keys of entries evicted from the small queue stay a while as ghosts (a hash, no weight), and
-//!   a ghost that is filled again enters the main queue at once. The budget is split into
-//!   shards (one per 64 MiB, at most four per core), each with its own lock.
+//! - `s3fifo`: S3-FIFO as the `quick_cache` crate implements it: while the main ("hot") queue
+//!   has room (an empty cache, after a purge of everything) a new entry goes into it; after
+//!   that a new entry enters the small ("cold") queue, 3% of the budget, and is promoted to the
+//!   main one only if it was hit while there. The keys of entries evicted from the small queue
+//!   stay a while as ghosts (a hash, no weight, up to half the entries expected), and a ghost
+//!   that is filled again enters the main queue at once. The budget is split into shards
+//!   ([`s3fifo_shards`]), each with its own lock and its own part of the budget.
 //!
 //! All three are behind Pingora's [`EvictionManager`], so the storage, the hit path and purges use
 //! one type. A refused admission is an eviction of the new entry itself: the caller removes it
@@ -40,7 +42,34 @@ pub enum Policy {
 
 impl Policy {
     /// Whether this policy can keep objects of `max_object_bytes`; the reason if not.
-    pub fn check_max_object(self, max_object_bytes: usize) -> Result<(), String> {
+    /// `running`: at a reload, the `memory_bytes` and `max_object_bytes` the running manager
+    /// was built for (S3-FIFO's shards were sized for that `max_object_bytes`).
+    pub fn check_max_object(
+        self,
+        max_object_bytes: usize,
+        running: Option<(usize, usize)>,
+    ) -> Result<(), String> {
+        if self == Policy::S3fifo {
+            if max_object_bytes > S3FIFO_MAX_OBJECT {
+                return Err(format!(
+                    "{max_object_bytes} bytes is more than cache.eviction = \"s3fifo\" can keep \
+                     ({S3FIFO_MAX_OBJECT} bytes with headers and bookkeeping below 4 GiB)"
+                ));
+            }
+            if let Some((memory, started_max)) = running {
+                let shards = s3fifo_shards(memory, started_max);
+                let largest = s3fifo_largest_entry(memory, shards).saturating_sub(ENTRY_MARGIN);
+                if max_object_bytes > started_max.max(largest) {
+                    return Err(format!(
+                        "{max_object_bytes} bytes is more than the running cache.eviction = \
+                         \"s3fifo\" keeps ({largest} bytes with headers and bookkeeping: 97% of \
+                         one of its {shards} shards of {} bytes, sized at start for \
+                         max_object_bytes = {started_max}): a restart sizes the shards for it",
+                        memory / shards
+                    ));
+                }
+            }
+        }
         if self == Policy::Tinyufo && max_object_bytes > TINYUFO_MAX_OBJECT {
             return Err(format!(
                 "{max_object_bytes} bytes is more than cache.eviction = \"tinyufo\" can keep \
@@ -75,6 +104,12 @@ impl Eviction {
     /// A manager that keeps at most `limit` bytes; `typical` is the expected size of an entry
     /// (it sizes the tables and the frequency sketch).
     pub fn new(policy: Policy, limit: usize, typical: usize) -> Self {
+        Self::with_max_object(policy, limit, typical, 0)
+    }
+
+    /// [`Self::new`], for entries of bodies up to `max_object` bytes (it sizes S3-FIFO's
+    /// shards: [`s3fifo_shards`]).
+    pub fn with_max_object(policy: Policy, limit: usize, typical: usize, max_object: usize) -> Self {
         let items = (limit / typical.max(1)).max(64);
         match policy {
             Policy::Lru => Eviction::Lru(lru::Manager::with_capacity(
@@ -82,7 +117,7 @@ impl Eviction {
                 (items / SHARDS).clamp(64, 1 << 16),
             )),
             Policy::Tinyufo => Eviction::TinyUfo(Ufo::new(limit, items)),
-            Policy::S3fifo => Eviction::S3Fifo(S3Fifo::new(limit, items)),
+            Policy::S3fifo => Eviction::S3Fifo(S3Fifo::new(limit, items, s3fifo_shards(limit, max_object))),
         }
     }
 
@@ -97,7 +132,7 @@ impl Eviction {
             Eviction::Lru(m) if m.peek_weight(&item).is_some() => m.admit(item, size, fresh_until),
             Eviction::Lru(_) => Vec::new(),
             Eviction::TinyUfo(m) => m.admitted(m.put_if(item, size.max(1), true)),
-            Eviction::S3Fifo(m) => m.admitted(m.put(item, size.max(1), true)),
+            Eviction::S3Fifo(m) => m.admitted(m.put(item, size.max(1), Only::Held)),
         }
     }
 
@@ -166,7 +201,11 @@ const UNIT: usize = 256;
 /// (16 MiB less 256 bytes), less 64 KiB for the headers and the bookkeeping an entry is
 /// charged besides its body. An entry whose headers pass that margin is refused like any
 /// other too heavy for TinyUFO (fetched, served, not kept).
-pub const TINYUFO_MAX_OBJECT: usize = u16::MAX as usize * UNIT - 64 * 1024;
+pub const TINYUFO_MAX_OBJECT: usize = u16::MAX as usize * UNIT - ENTRY_MARGIN;
+
+/// What an entry may weigh beyond its body: its headers, URL and bookkeeping
+/// ([`crate::storage::memory::ENTRY_OVERHEAD`]) stay below this.
+const ENTRY_MARGIN: usize = 64 * 1024;
 
 /// What TinyUFO holds per entry: the key to hand back on eviction, and the bytes it was
 /// admitted with (TinyUFO hands back its own weight in units only). `bytes == 0`: a purged
@@ -181,7 +220,8 @@ pub const TINYUFO_MAX_OBJECT: usize = u16::MAX as usize * UNIT - 64 * 1024;
 struct Tracked {
     primary: pingora_cache::key::HashBinary,
     variance: Option<pingora_cache::key::HashBinary>,
-    /// At most [`TINYUFO_MAX_OBJECT`] and the headers' margin: below `u32::MAX`.
+    /// At most [`TINYUFO_MAX_OBJECT`] or [`S3FIFO_MAX_OBJECT`], and the headers' margin: below
+    /// `u32::MAX`.
     bytes: u32,
 }
 
@@ -432,19 +472,38 @@ impl EvictionManager for Ufo {
     }
 }
 
-/// One shard of [`S3Fifo`]'s budget per this many bytes: a shard is a lock of its own, but
-/// also a budget of its own (an entry goes to the shard of its key's hash), and a shard much
-/// smaller than the budget keeps fewer of the largest objects (the workload of
-/// `benches/workload.sh` at 64 MiB: byte hit ratio 1.147x LRU's with one shard, 1.113x with
-/// four, 1.096x with eight).
+/// The largest `cache.max_object_bytes` under S3-FIFO: an entry's weight is kept in a `u32`.
+pub const S3FIFO_MAX_OBJECT: usize = u32::MAX as usize - ENTRY_MARGIN;
+
+/// A shard of [`S3Fifo`]'s budget is at least this many bytes: a shard is a lock of its own,
+/// but also a budget of its own (an entry goes to the shard of its key's hash), and a shard
+/// much smaller than the budget keeps fewer of the largest objects (the workload of
+/// `benches/workload.sh` at 64 MiB replayed offline: byte hit ratio 1.147x LRU's with one
+/// shard, 1.113x with four, 1.096x with eight).
 const S3FIFO_SHARD_BYTES: usize = 64 << 20;
 
-/// [`S3Fifo`]'s shards for a budget of `limit` bytes: one per [`S3FIFO_SHARD_BYTES`], at most
-/// four per core, a power of two (`quick_cache` rounds up to one; this rounds down).
-fn s3fifo_shards(limit: usize, cores: usize) -> usize {
-    let n = (limit / S3FIFO_SHARD_BYTES).clamp(1, cores.max(1) * 4);
+/// At most this many shards: hits take a shard's read lock, [`S3Fifo`]'s `access` does not
+/// wait for it.
+const S3FIFO_MAX_SHARDS: usize = 16;
+
+/// [`S3Fifo`]'s shards for a budget of `limit` bytes and bodies up to `max_object`: each at
+/// least [`S3FIFO_SHARD_BYTES`] and four times the heaviest entry, at most
+/// [`S3FIFO_MAX_SHARDS`], a power of two (`quick_cache` rounds up to one; this rounds down).
+/// The same on every machine: what a config keeps does not depend on the cores.
+pub fn s3fifo_shards(limit: usize, max_object: usize) -> usize {
+    let shard = S3FIFO_SHARD_BYTES.max(max_object.saturating_add(ENTRY_MARGIN).saturating_mul(4));
+    let n = (limit / shard).clamp(1, S3FIFO_MAX_SHARDS);
     1 << (usize::BITS - 1 - n.leading_zeros())
 }
+
+/// The heaviest entry S3-FIFO keeps in a budget of `limit` bytes in `shards` shards: 97% of a
+/// shard, its main queue (`quick_cache`'s `hot_allocation`); a heavier one is refused.
+pub fn s3fifo_largest_entry(limit: usize, shards: usize) -> usize {
+    (limit / shards.max(1)) / 100 * 97
+}
+
+/// Locks per key for [`S3Fifo`]'s admissions (a key's insert and the check of what it kept).
+const S3FIFO_STRIPES: usize = 64;
 
 /// What an entry weighs in [`S3Fifo`]: its bytes (never 0: `quick_cache` never evicts an
 /// entry of weight 0).
@@ -485,18 +544,18 @@ pub struct S3Fifo {
     /// Evictions made outside an admission (a hit that tracked an entry again), handed back by
     /// the next admission.
     deferred: Mutex<Vec<CacheEntryKey>>,
-    /// An admission and the check of what it kept go together: two admissions of one key
-    /// between them would tell L1 to drop the entry the other kept.
-    puts: Mutex<()>,
+    /// An admission of a key and the check of what it kept go together (two admissions of one
+    /// key between them would tell L1 to drop the entry the other kept), one lock per stripe
+    /// of keys: admissions of other keys go on.
+    puts: [Mutex<()>; S3FIFO_STRIPES],
 }
 
 impl S3Fifo {
-    fn new(limit: usize, items: usize) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    fn new(limit: usize, items: usize, shards: usize) -> Self {
         let options = quick_cache::OptionsBuilder::new()
             .estimated_items_capacity(items)
             .weight_capacity(limit as u64)
-            .shards(s3fifo_shards(limit, cores))
+            .shards(shards)
             .build()
             .expect("quick_cache options: a capacity and a shard count are always valid");
         S3Fifo {
@@ -509,33 +568,39 @@ impl S3Fifo {
             evicted_bytes: AtomicUsize::new(0),
             evicted_items: AtomicUsize::new(0),
             deferred: Mutex::new(Vec::new()),
-            puts: Mutex::new(()),
+            puts: std::array::from_fn(|_| Mutex::new(())),
         }
     }
 
-    /// Track `item` with `bytes` (with `held`, only if it is tracked now) and return what that
-    /// pushed out, the item itself if it was not kept (heavier than its shard's main queue,
-    /// 97% of the shard).
-    fn put(&self, item: CacheEntryKey, bytes: usize, held: bool) -> Vec<CacheEntryKey> {
+    fn stripe(&self, k: u64) -> &Mutex<()> {
+        &self.puts[(k % S3FIFO_STRIPES as u64) as usize]
+    }
+
+    /// Track `item` with `bytes` (with [`Only::Held`], only if it is tracked now; with
+    /// [`Only::Absent`], only if it is not) and return what that pushed out, the item itself
+    /// if it was not kept (heavier than its shard's main queue, 97% of the shard).
+    fn put(&self, item: CacheEntryKey, bytes: usize, only: Only) -> Vec<CacheEntryKey> {
         let k = id(CacheEntryKeyRef::from(&item));
         let t = Tracked::new(item, bytes);
         let mut out: Vec<(u64, Tracked)> = Vec::new();
-        let _one = self.puts.lock();
-        if held && self.cache.peek(&k).is_none() {
-            return Vec::new();
+        {
+            let _one = self.stripe(k).lock();
+            let tracked = || self.cache.peek(&k).is_some();
+            match only {
+                Only::Held if !tracked() => return Vec::new(),
+                Only::Absent if tracked() => return Vec::new(),
+                _ => {}
+            }
+            self.cache.insert_with_lifecycle(k, t, &mut out);
+            if self.cache.peek(&k).is_some() {
+                // the copy this one replaced: not an eviction, L1 keeps the key
+                out.retain(|(key, _)| *key != k);
+            }
         }
-        self.cache.insert_with_lifecycle(k, t, &mut out);
-        let kept = self.cache.peek(&k).is_some();
+        // not kept: the item and the copy before it go out as one key
         let mut own = false;
         out.into_iter()
-            .filter(|(key, _)| {
-                // the copy this one replaced (kept), or the item and the copy before it (not
-                // kept): L1 is told once
-                if *key != k {
-                    return true;
-                }
-                !kept && !std::mem::replace(&mut own, true)
-            })
+            .filter(|(key, _)| *key != k || !std::mem::replace(&mut own, true))
             .map(|(_, t)| {
                 self.evicted_items.fetch_add(1, Ordering::Relaxed);
                 self.evicted_bytes.fetch_add(t.bytes(), Ordering::Relaxed);
@@ -548,16 +613,25 @@ impl S3Fifo {
     /// meanwhile (a refill).
     fn admitted(&self, mut out: Vec<CacheEntryKey>) -> Vec<CacheEntryKey> {
         let deferred = std::mem::take(&mut *self.deferred.lock());
-        if !deferred.is_empty() {
-            let _one = self.puts.lock();
-            out.extend(
-                deferred
-                    .into_iter()
-                    .filter(|k| self.cache.peek(&id(CacheEntryKeyRef::from(k))).is_none()),
-            );
+        for key in deferred {
+            let k = id(CacheEntryKeyRef::from(&key));
+            let _one = self.stripe(k).lock();
+            if self.cache.peek(&k).is_none() {
+                out.push(key);
+            }
         }
         out
     }
+}
+
+/// Which admissions [`S3Fifo::put`] makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Only {
+    Any,
+    /// A key tracked now (a 304 that weighs an entry again).
+    Held,
+    /// A key not tracked now (a hit that tracks again what a late removal left).
+    Absent,
 }
 
 #[async_trait]
@@ -576,7 +650,7 @@ impl EvictionManager for S3Fifo {
     }
 
     fn admit(&self, item: CacheEntryKey, size: usize, _fresh_until: SystemTime) -> Vec<CacheEntryKey> {
-        self.admitted(self.put(item, size.max(1), false))
+        self.admitted(self.put(item, size.max(1), Only::Any))
     }
 
     fn increment_weight(
@@ -591,25 +665,32 @@ impl EvictionManager for S3Fifo {
         if let Some(max) = max_weight {
             bytes = bytes.min(max);
         }
-        self.admitted(self.put(item.clone(), bytes.max(1), false))
+        self.admitted(self.put(item.clone(), bytes.max(1), Only::Any))
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
-        let _one = self.puts.lock();
-        self.cache.remove(&id(item));
+        let k = id(item);
+        let _one = self.stripe(k).lock();
+        self.cache.remove(&k);
     }
 
     fn access(&self, item: &CacheEntryKey, size: usize, _fresh_until: SystemTime) -> bool {
-        // a hit is a use (it promotes the entry out of the small queue)
-        if self.cache.get(&id(CacheEntryKeyRef::from(item))).is_some() {
-            return true;
+        // a hit is a use (it promotes the entry out of the small queue). A hit does not wait
+        // for a shard that an admission holds (it may be evicting many entries): the use is
+        // not counted, and the entry is taken as tracked
+        let k = id(CacheEntryKeyRef::from(item));
+        match self.cache.try_get(&k) {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) => {}
         }
         // not tracked: a purge's `remove` that came after a refill of the same key (the
         // sweeper reports its removals after its pass), or an entry evicted whose removal from
         // L1 is on its way. Track it (the trait's contract): the first would otherwise never be
-        // evicted; the second is evicted again from the small queue, and L1, which no longer
-        // holds it then, ignores that. What this pushes out goes with the next admission
-        let out = self.put(item.clone(), size.max(1), false);
+        // evicted. The second, just evicted, is a ghost and goes back into the main queue:
+        // once L1 has dropped it, its weight stays counted there until the main queue's clock
+        // evicts it (L1 then ignores the key). What this pushes out goes with the next
+        // admission; an admission of the key meanwhile wins (it is no longer absent)
+        let out = self.put(item.clone(), size.max(1), Only::Absent);
         if !out.is_empty() {
             self.deferred.lock().extend(out);
         }
@@ -866,15 +947,121 @@ mod tests {
         assert_eq!((m.total_size(), m.total_items()), (3900, 1));
     }
 
-    /// One shard per 64 MiB, at most four per core, a power of two.
+    /// Shards of at least 64 MiB and four times the heaviest entry, at most 16, a power of two,
+    /// whatever the cores.
     #[test]
-    fn s3fifo_shards_follow_the_budget() {
-        assert_eq!(s3fifo_shards(1024, 2), 1);
-        assert_eq!(s3fifo_shards(64 << 20, 2), 1);
-        assert_eq!(s3fifo_shards(255 << 20, 2), 2);
-        assert_eq!(s3fifo_shards(256 << 20, 2), 4);
-        assert_eq!(s3fifo_shards(2 << 30, 2), 8);
-        assert_eq!(s3fifo_shards(2 << 30, 64), 32);
-        assert_eq!(s3fifo_shards(1 << 40, 0), 4);
+    fn s3fifo_shards_follow_the_budget_and_the_largest_object() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(s3fifo_shards(1024, 0), 1);
+        assert_eq!(s3fifo_shards(64 * MIB, 8 * MIB), 1);
+        assert_eq!(s3fifo_shards(255 * MIB, 0), 2);
+        assert_eq!(s3fifo_shards(256 * MIB, 8 * MIB), 4);
+        assert_eq!(
+            s3fifo_shards(256 * MIB, 20 * MIB),
+            2,
+            "80 MiB shards for 20 MiB bodies"
+        );
+        assert_eq!(s3fifo_shards(2048 * MIB, 8 * MIB), 16);
+        assert_eq!(s3fifo_shards(1 << 40, 0), 16);
+        assert_eq!(s3fifo_shards(usize::MAX, usize::MAX), 1);
+        // the heaviest entry kept: 97% of a shard, above the largest body with its margin
+        for (limit, max) in [(64 * MIB, 8 * MIB), (256 * MIB, 8 * MIB), (2048 * MIB, 100 * MIB)] {
+            let largest = s3fifo_largest_entry(limit, s3fifo_shards(limit, max));
+            assert!(largest >= max + ENTRY_MARGIN, "{limit} {max}: {largest}");
+        }
+    }
+
+    /// A reload may raise `max_object_bytes` as far as the running shards keep it, no further.
+    #[test]
+    fn s3fifo_reload_check_follows_the_running_shards() {
+        const MIB: usize = 1 << 20;
+        let running = Some((256 * MIB, 8 * MIB)); // 4 shards of 64 MiB
+        assert!(Policy::S3fifo.check_max_object(8 * MIB, running).is_ok());
+        assert!(Policy::S3fifo.check_max_object(60 * MIB, running).is_ok());
+        let e = Policy::S3fifo.check_max_object(70 * MIB, running).unwrap_err();
+        assert!(e.contains("restart") && e.contains("4 shards"), "{e}");
+        assert!(
+            Policy::S3fifo.check_max_object(70 * MIB, None).is_ok(),
+            "at start-up it is sized for it"
+        );
+        assert!(
+            Policy::S3fifo.check_max_object(5 << 30, None).is_err(),
+            "a u32 of weight"
+        );
+        // a tiny budget whose max_object_bytes no shard keeps: as started, so a reload of the
+        // same file is not refused
+        assert!(Policy::S3fifo.check_max_object(1024, Some((1024, 1024))).is_ok());
+        assert!(Policy::Lru.check_max_object(70 * MIB, running).is_ok());
+    }
+
+    /// The shards' budgets are apart: at 256 MiB (four shards of 64 MiB) an entry of 62 MiB is
+    /// kept, one of 63 MiB is refused.
+    #[test]
+    fn s3fifo_keeps_an_entry_up_to_97_percent_of_its_shard() {
+        const MIB: usize = 1 << 20;
+        let m = Eviction::with_max_object(Policy::S3fifo, 256 * MIB, 8192, 8 * MIB);
+        assert!(m.admit(key(1), 62 * MIB, SystemTime::now()).is_empty());
+        assert_eq!(m.admit(key(2), 63 * MIB, SystemTime::now()), vec![key(2)]);
+        assert_eq!(m.total_size(), 62 * MIB);
+    }
+
+    /// S3-FIFO keeps what is hit: a popular set that entered a full cache (its small queue)
+    /// and was only read afterwards survives a scan of fills never read, and the entries that
+    /// filled the empty cache, never read, make room for it. (Without the hits counted, the
+    /// popular set leaves with the scan.)
+    #[test]
+    fn s3fifo_keeps_what_is_hit_through_a_scan() {
+        let m = Eviction::new(Policy::S3fifo, 4 << 20, 1024);
+        let mut held = std::collections::HashSet::new();
+        // never read: they fill the empty cache (its main queue)
+        for i in 100..4100 {
+            fill(&m, i, 1024, &mut held);
+        }
+        // the popular set: filled once, then read
+        for i in 0..40 {
+            fill(&m, i, 1024, &mut held);
+        }
+        for _ in 0..5 {
+            for i in 0..40 {
+                if held.contains(&i) {
+                    m.access(&key(i), 1024, SystemTime::now());
+                }
+            }
+        }
+        // a scan, read once each
+        for i in 4100..7000 {
+            fill(&m, i, 1024, &mut held);
+        }
+        let kept = (0..40).filter(|i| held.contains(i)).count();
+        assert!(kept >= 36, "S3-FIFO kept {kept} of the 40 read");
+        let junk = (100..4100).filter(|i| held.contains(i)).count();
+        assert!(junk < 4000, "the entries never read made room ({junk} kept)");
+    }
+
+    /// What a hit's tracking pushes out is handed back by the next admission, unless that key
+    /// was filled again meanwhile.
+    #[test]
+    fn s3fifo_hands_back_what_a_hit_pushed_out_with_the_next_admission() {
+        for refill in [false, true] {
+            let m = Eviction::new(Policy::S3fifo, 4096, 1024);
+            assert!(m.admit(key(2), 3000, SystemTime::now()).is_empty());
+            // key 1: in L1, not tracked (a late removal); its hit tracks it, key 2 goes
+            assert!(!m.access(&key(1), 2000, SystemTime::now()));
+            assert!(m.peek(&key(1)));
+            assert!(!m.peek(&key(2)));
+            if refill {
+                assert!(m.admit(key(2), 1000, SystemTime::now()).is_empty(), "room for it");
+                assert!(
+                    m.admit(key(3), 10, SystemTime::now()).is_empty(),
+                    "key 2 was filled again: not handed back"
+                );
+            } else {
+                assert_eq!(m.admit(key(3), 10, SystemTime::now()), vec![key(2)]);
+                assert!(
+                    m.admit(key(4), 10, SystemTime::now()).is_empty(),
+                    "handed back once"
+                );
+            }
+        }
     }
 }
