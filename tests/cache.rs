@@ -1094,7 +1094,8 @@ async fn the_allocator_trimmer_runs_unless_turned_off() {
 /// Issue 16: what a small cached object costs beyond its body and header, as the kernel sees
 /// it. 20,000 objects of 100 bytes, nothing evicted: corral's RSS may grow by at most 850
 /// bytes per entry beyond body and header on the wire (measured 627 to 634 with the body,
-/// URL, head and offsets in one buffer, 8-byte times and TinyUFO's 32-byte key; 921 to 951
+/// URL, head and offsets in one buffer, 8-byte times and TinyUFO's 32-byte key, before S3-FIFO
+/// became the default; 921 to 951
 /// with the head as text and offsets in a buffer of its own; about 1,050 with (name, value)
 /// pairs; 1,665 when the header was stored as an `http::HeaderMap` and each row's slot
 /// vector had room for four variants). A bound with a margin for a noisy machine: it

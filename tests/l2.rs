@@ -73,6 +73,68 @@ async fn an_object_fetched_through_one_corral_is_an_l2_hit_at_another() {
     );
 }
 
+/// A crawler's scan over what memcached holds does not push the popular set out of L1: a copy
+/// promoted from L2 was admitted by the request that read it, and that read is not a second
+/// use (S3-FIFO, the default, promotes a used entry to its main queue, whose clock would then
+/// push out the entries read often).
+#[tokio::test]
+async fn a_scan_served_from_l2_does_not_flush_the_popular_set_from_l1() {
+    const HOT: usize = 12;
+    const SCAN: usize = 300;
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    let body = "p".repeat(16 * 1024);
+    for set in ["hot", "scan"] {
+        for i in 0..SCAN {
+            let b = body.clone();
+            origin.route(&format!("/{set}/{i}"), move |_| cacheable(b.clone()));
+        }
+    }
+    // 1 MiB: about 58 entries of 16 KiB with their bookkeeping
+    let conf = Conf::default()
+        .servers(&[&mc])
+        .cache("memory_bytes = \"1MiB\"")
+        .cache("max_object_bytes = \"64KiB\"");
+    let a = Proxy::start(origin.addr, conf.clone()).await;
+    let b = Proxy::start(origin.addr, conf).await;
+    // B puts what the scan will read into memcached
+    for i in 0..SCAN {
+        assert_eq!(get(&b.url(&format!("/scan/{i}"))).await.status, 200);
+    }
+    l2_sets(&b, SCAN as f64).await;
+    // A's popular set: filled, then read
+    for i in 0..HOT {
+        get(&a.url(&format!("/hot/{i}"))).await;
+    }
+    for _ in 0..3 {
+        for i in 0..HOT {
+            let g = get(&a.url(&format!("/hot/{i}"))).await;
+            assert!(
+                g.cache.starts_with("corral; hit") && !g.cache.contains("l2"),
+                "{}",
+                g.cache
+            );
+        }
+    }
+    // the scan, five times L1's budget, every object from memcached
+    for i in 0..SCAN {
+        let g = get(&a.url(&format!("/scan/{i}"))).await;
+        assert!(g.cache.ends_with("detail=l2"), "/scan/{i}: {}", g.cache);
+    }
+    let mut in_l1 = 0;
+    for i in 0..HOT {
+        let g = get(&a.url(&format!("/hot/{i}"))).await;
+        if g.cache.starts_with("corral; hit") && !g.cache.contains("l2") {
+            in_l1 += 1;
+        }
+    }
+    assert!(
+        in_l1 >= HOT - 1,
+        "{in_l1} of the {HOT} popular entries still in L1"
+    );
+    assert_eq!(origin.hits("/hot/0"), 1);
+}
+
 #[tokio::test]
 async fn two_corrals_with_two_hundred_clients_each_make_one_origin_request() {
     let mc = Memcached::start().await;

@@ -29,7 +29,8 @@ pub const TAIL_SHAPE: f64 = 1.0;
 const PERMUTATION_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 const SEQUENCE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
 
-/// `size(id)` for every id: a log-normal body and a Pareto tail (see the module's doc).
+/// `size(id)` for every id: a log-normal body and a Pareto tail (see `benches/workload.rs`'s
+/// module doc).
 pub fn object_sizes(objects: u32, seed: u64) -> Vec<u32> {
     let mut rng = StdRng::seed_from_u64(seed);
     let body = LogNormal::new(MEDIAN_SIZE.ln(), SIZE_SIGMA).expect("log-normal parameters");

@@ -112,7 +112,7 @@ fn impossible_values_are_refused() {
     assert!(e.to_string().contains("tinyufo"), "{e}");
     let lru = "[cache]\nmemory_bytes = \"1GiB\"\nmax_object_bytes = \"20MiB\"\neviction = \"lru\"\n";
     assert_eq!(parse(lru).unwrap().cache.max_object_bytes, 20 << 20);
-    // S3-FIFO (the default) weighs in 64 bits
+    // S3-FIFO (the default) weighs in bytes up to 4 GiB
     let s3fifo = "[cache]\nmemory_bytes = \"1GiB\"\nmax_object_bytes = \"20MiB\"\n";
     assert_eq!(parse(s3fifo).unwrap().cache.max_object_bytes, 20 << 20);
     assert_eq!(parse("[log]\nlevel = \"loud[\"\n").unwrap_err().key, "log.level");

@@ -7,6 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use pingora_cache::eviction::EvictionManager;
+use pingora_cache::key::CacheHashKey;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
@@ -44,6 +45,12 @@ impl Sweeper {
     pub async fn pass(&self) {
         // unsafe requests' invalidations are not records: kept by time alone
         self.storage.l1.expire_invalidations(SystemTime::now());
+        // what the eviction manager pushed out outside an admission (a hit that tracked an
+        // entry again) leaves L1 now, not with the next fill
+        for evicted in self.storage.eviction.flush_deferred() {
+            let k = evicted.key();
+            self.storage.l1.remove_variant(k.primary, k.variance_bin());
+        }
         if !self.storage.validity.active() {
             return;
         }
@@ -66,7 +73,12 @@ impl Sweeper {
                 .is_some_and(|t| l2_bound.is_none_or(|bound| t <= bound));
         if upto > last || self.storage.validity.floor_ms() > 0 || held_back {
             let report = self.storage.l1.sweep(self.storage.validity, upto).await;
-            for compact in &report.removed {
+            // not a key filled again during the pass: the manager tracks the new entry
+            for compact in report
+                .removed
+                .iter()
+                .filter(|k| !self.storage.l1.holds_current(k))
+            {
                 self.storage
                     .eviction
                     .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));

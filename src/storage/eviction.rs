@@ -143,6 +143,18 @@ impl Eviction {
         }
     }
 
+    /// The evictions made outside an admission (a hit that tracked an entry again pushed them
+    /// out) and not handed back yet, less the keys tracked again since: the next admission
+    /// hands them back, and so does this (the sweeper calls it on every pass, so a cache that
+    /// only serves hits does not hold them uncounted).
+    pub fn flush_deferred(&self) -> Vec<CacheEntryKey> {
+        match self {
+            Eviction::Lru(_) => Vec::new(),
+            Eviction::TinyUfo(m) => m.admitted(Vec::new()),
+            Eviction::S3Fifo(m) => m.admitted(Vec::new()),
+        }
+    }
+
     fn inner(&self) -> &dyn EvictionManager {
         match self {
             Eviction::Lru(m) => m,
@@ -485,8 +497,8 @@ pub const S3FIFO_MAX_OBJECT: usize = u32::MAX as usize - ENTRY_MARGIN;
 /// A shard of [`S3Fifo`]'s budget is at least this many bytes: a shard is a lock of its own,
 /// but also a budget of its own (an entry goes to the shard of its key's hash), and a shard
 /// much smaller than the budget keeps fewer of the largest objects (the workload of
-/// `benches/workload.sh` at 64 MiB replayed offline: byte hit ratio 1.147x LRU's with one
-/// shard, 1.113x with four, 1.096x with eight).
+/// `benches/workload.sh` at 64 MiB replayed offline, `benches/replay.rs`: byte hit ratio
+/// 1.148x LRU's with one shard, 1.116x with four, 1.100x with eight).
 const S3FIFO_SHARD_BYTES: usize = 64 << 20;
 
 /// At most this many shards: hits take a shard's read lock, [`S3Fifo`]'s `access` does not
@@ -540,7 +552,7 @@ impl quick_cache::Lifecycle<u64, Tracked> for Collect {
 /// its ghosts) behind [`EvictionManager`].
 ///
 /// Unlike TinyUFO it removes an entry for real (a purge leaves no place holder), weighs in
-/// bytes as `u64` (no cap on an entry's size but its shard's budget), and its hits take a
+/// bytes (up to [`S3FIFO_MAX_OBJECT`] and its shard's budget, not 16 MiB), and its hits take a
 /// shard's read lock and set a counter. Per entry it keeps the key's hash and [`Tracked`] in
 /// one slot of a slab and four bytes in its index, and it has ghost slots for half of the
 /// entries it expects: 111 bytes an entry less than TinyUFO (`benches/memory.sh`).
@@ -601,7 +613,13 @@ impl S3Fifo {
                     let _ = self.cache.replace_with_lifecycle(k, t, true, &mut out);
                 }
                 Only::Absent if self.cache.peek(&k).is_some() => return Vec::new(),
-                _ => self.cache.insert_with_lifecycle(k, t, &mut out),
+                Only::Absent => {
+                    // a ghost (evicted, its removal from L1 on its way) would go back into the
+                    // main queue: into the small one instead, where it leaves unless it is hit
+                    self.cache.remove(&k);
+                    self.cache.insert_with_lifecycle(k, t, &mut out);
+                }
+                Only::Any => self.cache.insert_with_lifecycle(k, t, &mut out),
             }
             if self.cache.peek(&k).is_some() {
                 // the copy this one replaced: not an eviction, L1 keeps the key
@@ -699,10 +717,10 @@ impl EvictionManager for S3Fifo {
         // not tracked: a purge's `remove` that came after a refill of the same key (the
         // sweeper reports its removals after its pass), or an entry evicted whose removal from
         // L1 is on its way. Track it (the trait's contract): the first would otherwise never be
-        // evicted. The second, just evicted, is a ghost and goes back into the main queue:
-        // once L1 has dropped it, its weight stays counted there until the main queue's clock
-        // evicts it (L1 then ignores the key). What this pushes out goes with the next
-        // admission; an admission of the key meanwhile wins (it is no longer absent)
+        // evicted. The second, just evicted, goes into the small queue (not as the ghost it
+        // is, which would go to the main one) and leaves it again unless hit; L1 then ignores
+        // the key. What this pushes out goes with the next admission (or the sweeper's flush);
+        // an admission of the key meanwhile wins (it is no longer absent)
         let out = self.put(item.clone(), size.max(1), Only::Absent);
         if !out.is_empty() {
             self.deferred.lock().extend(out);
@@ -1076,6 +1094,15 @@ mod tests {
                     "handed back once"
                 );
             }
+        }
+        // without an admission: the sweeper's flush hands them back, once
+        let m = Eviction::new(Policy::S3fifo, 4096, 1024);
+        assert!(m.admit(key(2), 3000, SystemTime::now()).is_empty());
+        assert!(!m.access(&key(1), 2000, SystemTime::now()));
+        assert_eq!(m.flush_deferred(), vec![key(2)]);
+        assert!(m.flush_deferred().is_empty());
+        for policy in [Policy::Lru, Policy::Tinyufo] {
+            assert!(Eviction::new(policy, 4096, 1024).flush_deferred().is_empty());
         }
     }
 

@@ -108,6 +108,14 @@ struct PartialHit {
 
 #[async_trait]
 impl HandleHit for CompleteHit {
+    /// A copy just promoted from memcached was admitted by this very request: its hit is not
+    /// a second use. Counted, it would mark the entry as used at once, and S3-FIFO promotes
+    /// a used entry to its main queue: a crawler's scan over what memcached holds would push
+    /// the popular set out of L1.
+    fn should_count_access(&self) -> bool {
+        !self.from_l2
+    }
+
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
         if self.done {
             return Ok(None);

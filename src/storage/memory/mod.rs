@@ -44,11 +44,11 @@ use crate::purge::millis;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured about 580
-/// bytes under TinyUFO and 500 under LRU with nothing evicted (200,000 objects of 100 bytes:
-/// RSS growth per entry beyond what the rest of the weight counts). The rest is for the
-/// allocator's fragmentation once entries are evicted and replaced: with it, RSS grew by 1.05
-/// to 1.16 times the budget (objects of 1 KB to 100 KB, 3x the budget).
+/// node and index, and the allocator's share of each. benches/memory.sh measured 553 bytes
+/// beyond body and header under S3-FIFO, 664 under TinyUFO and 585 under LRU with nothing
+/// evicted (200,000 objects of 100 bytes, 2026-11-30). The rest is for the allocator's
+/// fragmentation once entries are evicted and replaced: with it, RSS grew by 1.03 to 1.16
+/// times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
 
 /// How long an invalidation by an unsafe request is kept ([`MemoryStorage::invalidate`]): what
@@ -630,8 +630,9 @@ impl MemoryStorage {
         Some(weight)
     }
 
-    /// Whether this variant holds an entry of the current generation.
-    fn holds_current(&self, key: &CompactCacheKey) -> bool {
+    /// Whether this variant holds an entry of the current generation (filled again since a
+    /// sweep removed the one before: the eviction manager tracks the new one).
+    pub fn holds_current(&self, key: &CompactCacheKey) -> bool {
         let variance = key.variance.as_deref().copied();
         self.table.get(&key.primary).is_some_and(|slots| {
             slots
@@ -788,8 +789,8 @@ impl MemoryStorage {
     /// does not hold a shard's lock (and every request for a key in it) for all of its rows.
     ///
     /// The eviction manager is told after each batch, outside the locks, or the entries of
-    /// before keep their weight there: under TinyUFO they would hold the budget, and every
-    /// new entry be evicted at once. Not for a key refilled since the sweep passed it: the
+    /// before keep their weight there: they would hold the budget (in TinyUFO's or S3-FIFO's
+    /// main queue), and every new entry be evicted at once. Not for a key refilled since the sweep passed it: the
     /// manager tracks the new entry under it.
     async fn sweep_before(&self, generation: u64) -> usize {
         // every row there now; a row made after the clear holds no entry from before it
