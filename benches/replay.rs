@@ -16,7 +16,8 @@
 //! [`ENTRY_OVERHEAD`]), and what the manager hands back leaves the set. What this leaves out:
 //! concurrency (the real runs have 32 connections and requests collapsed on a miss), expiry,
 //! and the header's exact size. On that workload the replay's byte hit ratios came within 0.1
-//! point of `benches/workload.sh`'s for all three policies (hit ratios within 0.2).
+//! point of `benches/workload.sh`'s for all three policies (hit ratios within 0.2). Keys are
+//! hashed with a seed drawn per process, so a ratio moves by about 0.1 point between runs.
 //!
 //! `--shards N` replays S3-FIFO with N shards instead of corral's choice
 //! ([`s3fifo_shards`]), to see what a shard's own budget costs.
