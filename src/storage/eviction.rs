@@ -211,6 +211,13 @@ impl EvictionManager for Eviction {
     }
 }
 
+/// An entry's weight after `increment_weight` (Pingora's appended bodies, which corral's
+/// storage does not report): `delta` more, at most `max`, never 0.
+fn grown(old: usize, delta: usize, max: Option<usize>) -> usize {
+    let bytes = old.saturating_add(delta);
+    max.map_or(bytes, |m| bytes.min(m)).max(1)
+}
+
 /// TinyUFO weighs entries in `u16`: corral gives it units of this many bytes, rounded up, so
 /// its total never falls below the bytes held. An entry of more than `u16::MAX` units (16 MiB)
 /// is refused.
@@ -432,13 +439,11 @@ impl EvictionManager for Ufo {
         delta: usize,
         max_weight: Option<usize>,
     ) -> Vec<CacheEntryKey> {
-        let k = id(CacheEntryKeyRef::from(item));
-        let old = self.ufo.get(&k).map_or(0, |t| t.bytes());
-        let mut bytes = old + delta;
-        if let Some(max) = max_weight {
-            bytes = bytes.min(max);
-        }
-        self.admitted(self.put(item.clone(), bytes.max(1)))
+        let old = self
+            .ufo
+            .get(&id(CacheEntryKeyRef::from(item)))
+            .map_or(0, |t| t.bytes());
+        self.admitted(self.put(item.clone(), grown(old, delta, max_weight)))
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
@@ -690,13 +695,11 @@ impl EvictionManager for S3Fifo {
         delta: usize,
         max_weight: Option<usize>,
     ) -> Vec<CacheEntryKey> {
-        let k = id(CacheEntryKeyRef::from(item));
-        let old = self.cache.peek(&k).map_or(0, |t| t.bytes());
-        let mut bytes = old + delta;
-        if let Some(max) = max_weight {
-            bytes = bytes.min(max);
-        }
-        self.admitted(self.put(item.clone(), bytes.max(1), Only::Any))
+        let old = self
+            .cache
+            .peek(&id(CacheEntryKeyRef::from(item)))
+            .map_or(0, |t| t.bytes());
+        self.admitted(self.put(item.clone(), grown(old, delta, max_weight), Only::Any))
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
