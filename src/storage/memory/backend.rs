@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::fill::MemoryMiss;
 use super::hit::{partial_hit, CompleteHit};
-use super::{one_slot, url_of, Fill, FillState, MemoryStorage, MetaParts, Slot};
+use super::{url_of, Fill, FillState, MemoryStorage, MetaParts, Slot};
 
 #[async_trait]
 impl Storage for MemoryStorage {
@@ -29,7 +29,7 @@ impl Storage for MemoryStorage {
             return Ok(None);
         };
         let variance = key.variance_bin();
-        let Some(slot) = slots.iter().find(|s| s.variance == variance) else {
+        let Some(slot) = slots.iter().find(|s| s.is(variance)) else {
             return Ok(None);
         };
         // prefer a fill in progress: it is newer than the committed entry (unless a clear
@@ -80,14 +80,12 @@ impl Storage for MemoryStorage {
         let primary = key.primary_bin();
         let variance = key.variance_bin();
         {
-            let mut slots = self.table.entry(primary).or_insert_with(one_slot);
-            match slots.iter_mut().find(|s| s.variance == variance) {
+            let mut slots = self.table.entry(primary).or_default();
+            match slots.iter_mut().find(|s| s.is(variance)) {
                 Some(slot) => slot.fill = Some(fill.clone()),
-                None => slots.push(Slot {
-                    variance,
-                    entry: None,
-                    fill: Some(fill.clone()),
-                }),
+                None => {
+                    slots.push(Slot::new(variance, None, Some(fill.clone())));
+                }
             }
         }
         self.fills.insert(id, fill.clone());
@@ -122,7 +120,7 @@ impl Storage for MemoryStorage {
             return Ok(PurgeOutcome::NotFound);
         };
         let variance = key.variance_bin();
-        let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) else {
+        let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) else {
             return Ok(PurgeOutcome::NotFound);
         };
         let Some(entry) = slot.entry.as_mut() else {

@@ -1,7 +1,8 @@
 //! L1: the in-memory tier, a pingora-cache [`pingora_cache::storage::Storage`] bounded by bytes.
 //!
 //! # Layout
-//! One [`DashMap`] from the primary hash of a URL to its [`Slot`]s, one slot per Vary variant.
+//! One [`DashMap`] from the primary hash of a URL to its [`Slots`], one slot per Vary variant
+//! (inline while there is one).
 //! Grouping variants under their URL makes "purge every variant of this URL" one map removal,
 //! and a lookup is one sharded-map read plus a scan of (usually one) variant.
 //!
@@ -44,9 +45,9 @@ use crate::purge::millis;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured 553 bytes
-/// beyond body and header under S3-FIFO, 664 under TinyUFO and 585 under LRU with nothing
-/// evicted (200,000 objects of 100 bytes, 2026-11-30). The rest is for the allocator's
+/// node and index, and the allocator's share of each. benches/memory.sh measured 532 bytes
+/// beyond body and header under S3-FIFO with nothing evicted (200,000 objects of 100 bytes,
+/// 2026-11-30, once a row held its one slot inline; 553 before, 664 under TinyUFO). The rest is for the allocator's
 /// fragmentation once entries are evicted and replaced: with it, RSS grew by 1.03 to 1.16
 /// times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
@@ -316,11 +317,103 @@ struct Fill {
 }
 
 /// One Vary variant of a URL.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
-    variance: Option<HashBinary>,
+    /// `None` for the primary slot (most URLs have only that one); boxed, so that the slot
+    /// takes 24 bytes and a row holds it inline ([`Slots`]).
+    variance: Option<Box<HashBinary>>,
     entry: Option<Arc<Stored>>,
     fill: Option<Arc<Fill>>,
+}
+
+impl Slot {
+    fn new(variance: Option<HashBinary>, entry: Option<Arc<Stored>>, fill: Option<Arc<Fill>>) -> Slot {
+        Slot {
+            variance: variance.map(Box::new),
+            entry,
+            fill,
+        }
+    }
+
+    /// The variance of this slot (`None`: the URL's primary slot).
+    fn variance(&self) -> Option<HashBinary> {
+        self.variance.as_deref().copied()
+    }
+
+    /// Whether this is the slot of `variance`.
+    fn is(&self, variance: Option<HashBinary>) -> bool {
+        self.variance.as_deref() == variance.as_ref()
+    }
+}
+
+/// The variants of a URL, its row in the table: one slot inline (a URL with one variant, most
+/// of them, costs no allocation of its own), or a list.
+#[derive(Debug)]
+enum Slots {
+    One(Slot),
+    Many(Vec<Slot>),
+}
+
+impl Default for Slots {
+    /// No slot (no allocation).
+    fn default() -> Slots {
+        Slots::Many(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+    fn deref(&self) -> &[Slot] {
+        match self {
+            Slots::One(slot) => std::slice::from_ref(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        match self {
+            Slots::One(slot) => std::slice::from_mut(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+}
+
+impl IntoIterator for Slots {
+    type Item = Slot;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Slot>, std::vec::IntoIter<Slot>>;
+    fn into_iter(self) -> Self::IntoIter {
+        let (one, many) = match self {
+            Slots::One(slot) => (Some(slot), Vec::new()),
+            Slots::Many(slots) => (None, slots),
+        };
+        one.into_iter().chain(many)
+    }
+}
+
+impl Slots {
+    /// Add a slot; returns it.
+    fn push(&mut self, slot: Slot) -> &mut Slot {
+        match std::mem::take(self) {
+            Slots::Many(slots) if slots.is_empty() => *self = Slots::One(slot),
+            Slots::One(first) => *self = Slots::Many(vec![first, slot]),
+            Slots::Many(mut slots) => {
+                slots.push(slot);
+                *self = Slots::Many(slots);
+            }
+        }
+        self.last_mut().expect("just pushed")
+    }
+
+    /// Keep the slots for which `keep` is true.
+    fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
+        match self {
+            Slots::One(slot) if !keep(slot) => *self = Slots::default(),
+            Slots::One(_) => {}
+            Slots::Many(slots) => slots.retain(|s| keep(s)),
+        }
+    }
 }
 
 /// What [`MemoryStorage::stats`] reports.
@@ -333,7 +426,7 @@ pub struct MemoryStats {
 /// The L1 tier. Build it once and leak it: Pingora's [`pingora_cache::storage::Storage`] takes `&'static self`.
 #[derive(Debug)]
 pub struct MemoryStorage {
-    table: DashMap<HashBinary, Vec<Slot>>,
+    table: DashMap<HashBinary, Slots>,
     bytes: AtomicUsize,
     entries: AtomicUsize,
     /// Bytes of the entries removed since start, in all ([`Self::released`]).
@@ -437,7 +530,7 @@ impl MemoryStorage {
     /// variant with no `Vary`. Anything else is `None`, and the request takes the full path.
     pub fn fresh_plain(&self, key: &CacheKey, now: SystemTime) -> Option<FreshEntry> {
         let slots = self.table.get(&key.primary_bin())?;
-        let [slot] = slots.as_slice() else {
+        let [slot] = &slots[..] else {
             return None;
         };
         if slot.variance.is_some() || slot.fill.is_some() {
@@ -594,7 +687,7 @@ impl MemoryStorage {
         fill: Option<u64>,
     ) -> Option<usize> {
         let weight = stored.weight;
-        let mut slots = self.table.entry(primary).or_insert_with(one_slot);
+        let mut slots = self.table.entry(primary).or_default();
         // (checked under the row's lock: an invalidation records before it removes the row)
         let invalidated = self.invalidated_since(&primary, stored.meta.updated.get());
         if stored.generation != self.generation() || invalidated {
@@ -607,15 +700,9 @@ impl MemoryStorage {
             }
             return None;
         }
-        let slot = match slots.iter().position(|s| s.variance == variance) {
+        let slot = match slots.iter().position(|s| s.is(variance)) {
             Some(i) => &mut slots[i],
-            None => {
-                slots.push(Slot {
-                    variance,
-                    ..Default::default()
-                });
-                slots.last_mut().expect("just pushed")
-            }
+            None => slots.push(Slot::new(variance, None, None)),
         };
         let validated = stored.meta.updated.get();
         if let Some(old) = slot.entry.replace(stored) {
@@ -637,7 +724,7 @@ impl MemoryStorage {
         self.table.get(&key.primary).is_some_and(|slots| {
             slots
                 .iter()
-                .find(|s| s.variance == variance)
+                .find(|s| s.is(variance))
                 .and_then(|s| s.entry.as_ref())
                 .is_some_and(|e| self.current(e))
         })
@@ -647,7 +734,7 @@ impl MemoryStorage {
     /// one that was given up.
     fn take_fill(&self, primary: HashBinary, variance: Option<HashBinary>, fill: u64) {
         if let Some(mut slots) = self.table.get_mut(&primary) {
-            if let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) {
                 if slot.fill.as_ref().is_some_and(|f| f.id == fill) {
                     slot.fill = None;
                 }
@@ -670,7 +757,7 @@ impl MemoryStorage {
         let variance = key.variance_bin();
         let entry = slots
             .iter_mut()
-            .find(|s| s.variance == variance)
+            .find(|s| s.is(variance))
             .and_then(|s| s.entry.as_mut())
             .filter(|e| self.current(e) && self.fill_generation(meta) == self.generation())?;
         let parts = MetaParts::from_meta(meta, entry.url());
@@ -709,16 +796,14 @@ impl MemoryStorage {
             let wanted = crate::key::variance_for(&entry.meta.header, req, key_headers);
             if wanted != entry.meta.variance {
                 // another variant: its own (secondary) slot
-                slot = slots
-                    .iter()
-                    .find(|s| s.variance.is_some() && s.variance == wanted)?;
+                slot = slots.iter().find(|s| s.variance.is_some() && s.is(wanted))?;
             }
         }
         if slot.fill.is_some() {
             return None;
         }
         let entry = slot.entry.as_ref().filter(|e| self.current(e))?;
-        (entry.meta.fresh_until.get() <= now).then_some((entry.meta.updated.get(), slot.variance))
+        (entry.meta.fresh_until.get() <= now).then_some((entry.meta.updated.get(), slot.variance()))
     }
 
     /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
@@ -731,9 +816,9 @@ impl MemoryStorage {
         for slot in slots {
             // a fill in progress is left to finish: it started before this call returns,
             // and the proxy's validity checks decide whether it may be served
-            if let Some(entry) = slot.entry {
+            if let Some(entry) = &slot.entry {
                 self.account_remove(entry.weight);
-                removed.push(compact(*primary, slot.variance));
+                removed.push(compact(*primary, slot.variance()));
             }
         }
         removed
@@ -806,7 +891,7 @@ impl MemoryStorage {
                         if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
                             let e = slot.entry.take().expect("checked above");
                             self.account_remove(e.weight);
-                            removed.push(compact(*primary, slot.variance));
+                            removed.push(compact(*primary, slot.variance()));
                             freed.push(e);
                         }
                     }
@@ -835,7 +920,7 @@ impl MemoryStorage {
     pub fn remove_variant(&self, primary: HashBinary, variance: Option<HashBinary>) -> bool {
         let mut removed = false;
         if let Some(mut slots) = self.table.get_mut(&primary) {
-            if let Some(slot) = slots.iter_mut().find(|s| s.variance == variance) {
+            if let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) {
                 if let Some(e) = slot.entry.take() {
                     self.account_remove(e.weight);
                     removed = true;
@@ -848,12 +933,6 @@ impl MemoryStorage {
         self.table.remove_if(&primary, |_, slots| slots.is_empty());
         removed
     }
-}
-
-/// A new URL's row, with room for one variant: most URLs have one, and `Vec`'s first growth
-/// would make room for four (120 bytes per entry that nothing uses).
-fn one_slot() -> Vec<Slot> {
-    Vec::with_capacity(1)
 }
 
 /// The primary key text of `key`: what bans match, kept with the entry.

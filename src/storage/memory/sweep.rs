@@ -50,12 +50,12 @@ impl MemoryStorage {
         let generation = self.generation.load(Ordering::Acquire);
         let mut todo: Vec<(HashBinary, Option<HashBinary>, Arc<Stored>)> = Vec::new();
         for row in self.table.iter() {
-            for slot in row.value() {
+            for slot in row.value().iter() {
                 let Some(e) = &slot.entry else { continue };
                 if e.generation == generation
                     && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated.get()) < floor)
                 {
-                    todo.push((*row.key(), slot.variance, e.clone()));
+                    todo.push((*row.key(), slot.variance(), e.clone()));
                 }
             }
         }
@@ -107,7 +107,7 @@ impl MemoryStorage {
         };
         let Some(slot) = slots
             .iter_mut()
-            .find(|s| s.variance == variance && s.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, current)))
+            .find(|s| s.is(variance) && s.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, current)))
         else {
             return false;
         };

@@ -582,7 +582,8 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
 }
 
 /// What an entry costs beside its body and its head's buffer is mostly these: an `Arc` of
-/// [`super::Stored`] (its allocation), and its slot. They only grow on purpose.
+/// [`super::Stored`] (its allocation), and its row's slots, inline for one variant. They only
+/// grow on purpose.
 #[test]
 fn an_entry_keeps_its_bookkeeping_small() {
     use std::mem::size_of;
@@ -590,7 +591,46 @@ fn an_entry_keeps_its_bookkeeping_small() {
     assert_eq!(size_of::<StoredHeader>(), 48);
     assert_eq!(size_of::<MetaParts>(), 120);
     assert_eq!(size_of::<super::Stored>(), 184);
-    assert_eq!(size_of::<super::Slot>(), 40);
+    assert_eq!(size_of::<super::Slot>(), 24);
+    assert_eq!(size_of::<super::Slots>(), 32);
+}
+
+/// A row holds one slot inline and goes to a list from the second; emptied, it holds none,
+/// and a slot comes back from it whatever its form.
+#[test]
+fn a_row_holds_one_slot_inline_and_more_in_a_list() {
+    use super::{Slot, Slots};
+    let v = |b: u8| Some([b; 16]);
+    let mut row = Slots::default();
+    assert!(row.is_empty());
+    row.push(Slot::new(None, None, None));
+    assert!(matches!(row, Slots::One(_)));
+    assert!(row[0].is(None) && !row[0].is(v(1)));
+    let second = row.push(Slot::new(v(1), None, None));
+    assert_eq!(second.variance(), v(1));
+    row.push(Slot::new(v(2), None, None));
+    assert!(matches!(&row, Slots::Many(s) if s.len() == 3));
+    let order: Vec<_> = row.iter().map(Slot::variance).collect();
+    assert_eq!(order, vec![None, v(1), v(2)]);
+    row.retain(|s| s.is(v(2)));
+    assert_eq!(row.len(), 1);
+    assert_eq!(
+        row.into_iter().map(|s| s.variance()).collect::<Vec<_>>(),
+        vec![v(2)]
+    );
+
+    let mut one = Slots::default();
+    one.push(Slot::new(v(3), None, None));
+    one.retain(|s| s.is(v(3)));
+    assert!(matches!(one, Slots::One(_)), "a slot kept stays inline");
+    one.retain(|_| false);
+    assert!(one.is_empty());
+    assert!(
+        matches!(one, Slots::Many(ref s) if s.capacity() == 0),
+        "an empty row allocates nothing"
+    );
+    one.push(Slot::new(None, None, None));
+    assert_eq!(one.into_iter().count(), 1);
 }
 
 #[test]
