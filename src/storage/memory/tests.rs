@@ -608,11 +608,14 @@ fn a_row_holds_one_slot_inline_and_more_in_a_list() {
     assert!(row[0].is(None) && !row[0].is(v(1)));
     let second = row.push(Slot::new(v(1), None, None));
     assert_eq!(second.variance(), v(1));
-    row.push(Slot::new(v(2), None, None));
+    assert_eq!(row.push(Slot::new(v(2), None, None)).variance(), v(2));
     assert!(matches!(&row, Slots::Many(s) if s.len() == 3));
     let order: Vec<_> = row.iter().map(Slot::variance).collect();
     assert_eq!(order, vec![None, v(1), v(2)]);
+    row.retain(|s| !s.is(None));
+    assert!(matches!(&row, Slots::Many(s) if s.len() == 2));
     row.retain(|s| s.is(v(2)));
+    assert!(matches!(row, Slots::One(_)), "the one slot left goes back inline");
     assert_eq!(row.len(), 1);
     assert_eq!(
         row.into_iter().map(|s| s.variance()).collect::<Vec<_>>(),
