@@ -46,9 +46,9 @@ use crate::purge::millis;
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
 /// node and index, and the allocator's share of each. benches/memory.sh measured 532 bytes
-/// beyond body and header under S3-FIFO with nothing evicted (200,000 objects of 100 bytes,
-/// 2026-11-30), 553 before a row held its one slot inline; TinyUFO (664) and LRU (585) were
-/// not measured again since. The rest is for the allocator's
+/// beyond body and header under S3-FIFO and 591 under LRU with nothing evicted (200,000
+/// objects of 100 bytes, 2026-11-30; 555 and 587 on the same build before a row held its one
+/// slot inline; TinyUFO 664 before). The rest is for the allocator's
 /// fragmentation once entries are evicted and replaced: with it, RSS grew by 1.03 to 1.16
 /// times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
@@ -407,15 +407,17 @@ impl Slots {
         self.last_mut().expect("just pushed")
     }
 
-    /// Keep the slots for which `keep` is true; one left goes back inline.
+    /// Keep the slots for which `keep` is true; one left goes back inline, none frees the list.
     fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
         match self {
             Slots::One(slot) if !keep(slot) => *self = Slots::default(),
             Slots::One(_) => {}
             Slots::Many(slots) => {
                 slots.retain(|s| keep(s));
-                if slots.len() == 1 {
-                    *self = Slots::One(slots.pop().expect("one slot"));
+                match slots.len() {
+                    0 => *self = Slots::default(),
+                    1 => *self = Slots::One(slots.pop().expect("one slot")),
+                    _ => {}
                 }
             }
         }

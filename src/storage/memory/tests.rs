@@ -622,6 +622,15 @@ fn a_row_holds_one_slot_inline_and_more_in_a_list() {
         vec![v(2)]
     );
 
+    let mut many = Slots::default();
+    many.push(Slot::new(None, None, None));
+    many.push(Slot::new(v(1), None, None));
+    many.retain(|_| false);
+    assert!(
+        matches!(many, Slots::Many(ref s) if s.capacity() == 0),
+        "an emptied list is freed"
+    );
+
     let mut one = Slots::default();
     one.push(Slot::new(v(3), None, None));
     one.retain(|s| s.is(v(3)));
