@@ -301,6 +301,10 @@ pub struct Ufo {
     /// again). Admissions, updates and place holders go one at a time; hits (`get`) do not
     /// take it.
     puts: Mutex<()>,
+    /// Growths of an entry ([`EvictionManager::increment_weight`]) go one at a time: each
+    /// reads the weight it grows (outside `puts`, which its put takes). A refill of the key
+    /// between that read and the put is still overwritten (corral never appends).
+    grows: Mutex<()>,
 }
 
 /// The key's identity as TinyUFO's key, hashed with a key chosen at random per process:
@@ -323,6 +327,7 @@ impl Ufo {
             evicted_items: AtomicUsize::new(0),
             deferred: Mutex::new(Vec::new()),
             puts: Mutex::new(()),
+            grows: Mutex::new(()),
         }
     }
 
@@ -439,6 +444,7 @@ impl EvictionManager for Ufo {
         delta: usize,
         max_weight: Option<usize>,
     ) -> Vec<CacheEntryKey> {
+        let _one = self.grows.lock();
         let old = self
             .ufo
             .get(&id(CacheEntryKeyRef::from(item)))
@@ -604,11 +610,23 @@ impl S3Fifo {
     /// [`Only::Absent`], only if it is not) and return what that pushed out, the item itself
     /// if it was not kept (heavier than its shard's main queue, 97% of the shard).
     fn put(&self, item: CacheEntryKey, bytes: usize, only: Only) -> Vec<CacheEntryKey> {
+        self.put_as(item, Weight::Bytes(bytes), only)
+    }
+
+    /// [`Self::put`] with a [`Weight`]: a growth reads the weight tracked now under the key's
+    /// lock, with the admission (two growths of one key at once both count).
+    fn put_as(&self, item: CacheEntryKey, weight: Weight, only: Only) -> Vec<CacheEntryKey> {
         let k = id(CacheEntryKeyRef::from(&item));
-        let t = Tracked::new(item, bytes);
         let mut out: Vec<(u64, Tracked)> = Vec::new();
         {
             let _one = self.stripe(k).lock();
+            let bytes = match weight {
+                Weight::Bytes(bytes) => bytes,
+                Weight::Grown { delta, max } => {
+                    grown(self.cache.peek(&k).map_or(0, |t| t.bytes()), delta, max)
+                }
+            };
+            let t = Tracked::new(item, bytes);
             match only {
                 // a resident entry only, decided under the shard's lock with the replacement
                 // (one evicted by another key's admission meanwhile is not tracked again). Not
@@ -660,6 +678,17 @@ impl S3Fifo {
     }
 }
 
+/// The weight [`S3Fifo::put_as`] tracks an entry with.
+#[derive(Clone, Copy)]
+enum Weight {
+    Bytes(usize),
+    /// The weight tracked now (0 if none) and `delta`, at most `max` ([`grown`]).
+    Grown {
+        delta: usize,
+        max: Option<usize>,
+    },
+}
+
 /// Which admissions [`S3Fifo::put`] makes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Only {
@@ -695,11 +724,11 @@ impl EvictionManager for S3Fifo {
         delta: usize,
         max_weight: Option<usize>,
     ) -> Vec<CacheEntryKey> {
-        let old = self
-            .cache
-            .peek(&id(CacheEntryKeyRef::from(item)))
-            .map_or(0, |t| t.bytes());
-        self.admitted(self.put(item.clone(), grown(old, delta, max_weight), Only::Any))
+        let weight = Weight::Grown {
+            delta,
+            max: max_weight,
+        };
+        self.admitted(self.put_as(item.clone(), weight, Only::Any))
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
@@ -916,6 +945,29 @@ mod tests {
                 "{policy:?}: {} bytes held",
                 m.total_size()
             );
+        }
+    }
+
+    /// Growths of one entry from four threads at once all count (Pingora's appended bodies;
+    /// corral never appends, but the trait allows it): each reads the weight it grows under
+    /// the admission's lock.
+    #[test]
+    fn concurrent_growths_of_one_entry_all_count() {
+        for policy in [Policy::Lru, Policy::Tinyufo, Policy::S3fifo] {
+            let m = Eviction::new(policy, 64 << 20, 1024);
+            assert!(m.admit(key(1), 1024, SystemTime::now()).is_empty());
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for _ in 0..2000 {
+                            assert!(m.increment_weight(&key(1), 256, None).is_empty());
+                        }
+                    });
+                }
+            });
+            // TinyUFO counts in units of 256 bytes
+            assert_eq!(m.total_size(), 1024 + 4 * 2000 * 256, "{policy:?}");
+            assert_eq!(m.total_items(), 1, "{policy:?}");
         }
     }
 
