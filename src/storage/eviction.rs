@@ -138,7 +138,7 @@ impl Eviction {
             // as a fill's admission racing one is
             Eviction::Lru(m) if m.peek_weight(&item).is_some() => m.admit(item, size, fresh_until),
             Eviction::Lru(_) => Vec::new(),
-            Eviction::TinyUfo(m) => m.admitted(m.put_if(item, size.max(1), true)),
+            Eviction::TinyUfo(m) => m.admitted(m.put_if(item, Weight::Bytes(size.max(1)), true)),
             Eviction::S3Fifo(m) => m.admitted(m.put(item, size.max(1), Only::Held)),
         }
     }
@@ -301,10 +301,6 @@ pub struct Ufo {
     /// again). Admissions, updates and place holders go one at a time; hits (`get`) do not
     /// take it.
     puts: Mutex<()>,
-    /// Growths of an entry ([`EvictionManager::increment_weight`]) go one at a time: each
-    /// reads the weight it grows (outside `puts`, which its put takes). A refill of the key
-    /// between that read and the put is still overwritten (corral never appends).
-    grows: Mutex<()>,
 }
 
 /// The key's identity as TinyUFO's key, hashed with a key chosen at random per process:
@@ -327,7 +323,6 @@ impl Ufo {
             evicted_items: AtomicUsize::new(0),
             deferred: Mutex::new(Vec::new()),
             puts: Mutex::new(()),
-            grows: Mutex::new(()),
         }
     }
 
@@ -354,31 +349,37 @@ impl Ufo {
     /// Put `item` with `bytes` (0: a place holder) and return what TinyUFO pushed out, the
     /// item itself if it was not admitted.
     fn put(&self, item: CacheEntryKey, bytes: usize) -> Vec<CacheEntryKey> {
-        self.put_if(item, bytes, false)
+        self.put_if(item, Weight::Bytes(bytes), false)
     }
 
-    /// [`Self::put`]; with `held`, only if TinyUFO holds the item now (not a place holder),
-    /// decided under the same lock as the put.
-    fn put_if(&self, item: CacheEntryKey, bytes: usize, held: bool) -> Vec<CacheEntryKey> {
+    /// [`Self::put`] with a [`Weight`] (a growth reads the weight held now under the same lock
+    /// as the put); with `held`, only if TinyUFO holds the item now (not a place holder),
+    /// decided under that lock too.
+    fn put_if(&self, item: CacheEntryKey, weight: Weight, held: bool) -> Vec<CacheEntryKey> {
+        let k = id(CacheEntryKeyRef::from(&item));
+        let one = self.puts.lock();
+        // a refill of a held entry replaces it: count the old bytes out first (`get` counts
+        // as a use, as the refill is one)
+        let old = self.ufo.get(&k);
+        let bytes = match weight {
+            Weight::Bytes(bytes) => bytes,
+            Weight::Grown { delta, max } => grown(old.as_ref().map_or(0, Tracked::bytes), delta, max),
+        };
         let units = u16::try_from(bytes.div_ceil(UNIT).max(1))
             .ok()
             .filter(|u| usize::from(*u) <= self.limit_units);
         let Some(units) = units else {
+            drop(one);
             // too large for TinyUFO's weights, or heavier than the whole budget: never kept,
             // and a smaller copy it held before becomes a place holder
             self.evicted_items.fetch_add(1, Ordering::Relaxed);
             self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
             // (only if held: a place holder for an entry not held is a ghost, which goes
             // through admission, may push a live entry out, and takes budget until dropped)
-            let mut out = self.put_if(item.clone(), 0, true);
+            let mut out = self.put_if(item.clone(), Weight::Bytes(0), true);
             out.push(item);
             return out;
         };
-        let k = id(CacheEntryKeyRef::from(&item));
-        let _one = self.puts.lock();
-        // a refill of a held entry replaces it: count the old bytes out first (`get` counts
-        // as a use, as the refill is one)
-        let old = self.ufo.get(&k);
         if held && old.as_ref().is_none_or(|t| t.bytes == 0) {
             return Vec::new();
         }
@@ -444,12 +445,11 @@ impl EvictionManager for Ufo {
         delta: usize,
         max_weight: Option<usize>,
     ) -> Vec<CacheEntryKey> {
-        let _one = self.grows.lock();
-        let old = self
-            .ufo
-            .get(&id(CacheEntryKeyRef::from(item)))
-            .map_or(0, |t| t.bytes());
-        self.admitted(self.put(item.clone(), grown(old, delta, max_weight)))
+        let weight = Weight::Grown {
+            delta,
+            max: max_weight,
+        };
+        self.admitted(self.put_if(item.clone(), weight, false))
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
@@ -678,7 +678,7 @@ impl S3Fifo {
     }
 }
 
-/// The weight [`S3Fifo::put_as`] tracks an entry with.
+/// The weight [`S3Fifo::put_as`] and [`Ufo::put_if`] track an entry with.
 #[derive(Clone, Copy)]
 enum Weight {
     Bytes(usize),
@@ -843,14 +843,17 @@ mod tests {
     /// budget that evicts all the time, as L1's callers do: a fill enters L1 and is then
     /// admitted, the keys handed back leave L1, and a late removal (a purge's, told after a
     /// refill) untracks an entry L1 keeps. Once they are done and the deferred evictions are
-    /// handed back, every key L1 holds is tracked but those a late removal untracked: any
-    /// other would never be evicted (L1 would grow past its budget). A hit on those tracks
+    /// handed back, every key L1 holds is tracked but those a late removal untracked since
+    /// their last fill: any other would never be evicted (L1 would grow past its budget). A
+    /// hit on those tracks
     /// them again; then all are tracked, and once the next fill is admitted, TinyUFO's byte
     /// count is within the budget (LRU's and S3-FIFO's cannot pass it there). Which branch a
     /// thread takes depends on what L1 holds, so a run is not reproducible; its invariants
-    /// hold for every interleaving. (The same-key races inside an S3-FIFO admission, which
-    /// its stripe locks close, are not reliably reproduced here: without the locks it still
-    /// passes.)
+    /// hold for every interleaving. What it catches, it catches in most runs, not all:
+    /// dropping the evictions a hit's re-tracking defers failed 5 runs of 6 under S3-FIFO and
+    /// 1 of 3 under TinyUFO (the victims may be keys L1 no longer holds). The same-key races
+    /// inside an S3-FIFO admission, which its stripe locks close, are not reproduced: without
+    /// the locks it still passes.
     #[test]
     fn every_policy_tracks_what_l1_holds_under_concurrent_fills_and_hits() {
         use std::collections::HashSet;
@@ -903,9 +906,13 @@ mod tests {
                                     }
                                     m.remove(CacheEntryKeyRef::from(&keys[i]));
                                 }
-                                // a fill: in L1 first, then admitted
+                                // a fill: in L1 first, then admitted (which tracks it
+                                // again after a late removal)
                                 _ => {
-                                    l1.lock().0.insert(i);
+                                    let mut held = l1.lock();
+                                    held.0.insert(i);
+                                    held.1.remove(&i);
+                                    drop(held);
                                     leave(m.admit(keys[i].clone(), bytes, now));
                                 }
                             }
@@ -925,10 +932,14 @@ mod tests {
                 m.evicted_items() > 1000,
                 "{policy:?}: the budget was passed often"
             );
-            // a hit on each entry a late removal left untracked tracks it again, and what that
-            // pushes out is handed back
-            for &i in &untracked {
-                m.access(&keys[*i], 1000, SystemTime::now());
+            // eight more late removals, then a hit on each entry a late removal left untracked
+            // tracks it again, and what that pushes out of the full budget is handed back
+            let more: Vec<usize> = held.iter().copied().take(8).collect();
+            for &i in &more {
+                m.remove(CacheEntryKeyRef::from(&keys[i]));
+            }
+            for &i in untracked.into_iter().chain(&more) {
+                m.access(&keys[i], 1000, SystemTime::now());
             }
             leave(m.flush_deferred());
             // the next fill: LRU evicts for what its hits tracked again only on an admission
@@ -965,7 +976,7 @@ mod tests {
                     });
                 }
             });
-            // TinyUFO counts in units of 256 bytes
+            // (TinyUFO weighs in units of 256 bytes, and counts the bytes besides)
             assert_eq!(m.total_size(), 1024 + 4 * 2000 * 256, "{policy:?}");
             assert_eq!(m.total_items(), 1, "{policy:?}");
         }
