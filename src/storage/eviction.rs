@@ -469,8 +469,10 @@ impl EvictionManager for Ufo {
             return;
         }
         // the place holder weighs one unit: nothing is pushed out unless another thread
-        // overfilled the cache meanwhile, and those evictions go out with the next admission
-        let out = self.put(old.key(), 0);
+        // overfilled the cache meanwhile, and those evictions go out with the next admission.
+        // Only if still held, decided under the admissions' lock: an entry evicted since this
+        // read would come back as a ghost place holder, through admission
+        let out = self.put_if(old.key(), Weight::Bytes(0), true);
         if !out.is_empty() {
             self.deferred.lock().extend(out);
         }
