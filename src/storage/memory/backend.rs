@@ -84,7 +84,7 @@ impl Storage for MemoryStorage {
             match slots.iter_mut().find(|s| s.is(variance)) {
                 Some(slot) => slot.fill = Some(fill.clone()),
                 None => {
-                    slots.push(Slot::new(variance, None, Some(fill.clone())));
+                    slots.push(Slot::new(variance, Some(fill.clone())));
                 }
             }
         }

@@ -328,10 +328,11 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(variance: Option<HashBinary>, entry: Option<Arc<Stored>>, fill: Option<Arc<Fill>>) -> Slot {
+    /// A new slot: empty, or with the fill that opens it (its entry comes with a commit).
+    fn new(variance: Option<HashBinary>, fill: Option<Arc<Fill>>) -> Slot {
         Slot {
             variance: variance.map(Box::new),
-            entry,
+            entry: None,
             fill,
         }
     }
@@ -710,7 +711,7 @@ impl MemoryStorage {
         }
         let slot = match slots.iter().position(|s| s.is(variance)) {
             Some(i) => &mut slots[i],
-            None => slots.push(Slot::new(variance, None, None)),
+            None => slots.push(Slot::new(variance, None)),
         };
         let validated = stored.meta.updated.get();
         if let Some(old) = slot.entry.replace(stored) {

@@ -603,12 +603,12 @@ fn a_row_holds_one_slot_inline_and_more_in_a_list() {
     let v = |b: u8| Some([b; 16]);
     let mut row = Slots::default();
     assert!(row.is_empty());
-    row.push(Slot::new(None, None, None));
+    row.push(Slot::new(None, None));
     assert!(matches!(row, Slots::One(_)));
     assert!(row[0].is(None) && !row[0].is(v(1)));
-    let second = row.push(Slot::new(v(1), None, None));
+    let second = row.push(Slot::new(v(1), None));
     assert_eq!(second.variance(), v(1));
-    assert_eq!(row.push(Slot::new(v(2), None, None)).variance(), v(2));
+    assert_eq!(row.push(Slot::new(v(2), None)).variance(), v(2));
     assert!(matches!(&row, Slots::Many(s) if s.len() == 3));
     let order: Vec<_> = row.iter().map(Slot::variance).collect();
     assert_eq!(order, vec![None, v(1), v(2)]);
@@ -623,8 +623,8 @@ fn a_row_holds_one_slot_inline_and_more_in_a_list() {
     );
 
     let mut many = Slots::default();
-    many.push(Slot::new(None, None, None));
-    many.push(Slot::new(v(1), None, None));
+    many.push(Slot::new(None, None));
+    many.push(Slot::new(v(1), None));
     many.retain(|_| false);
     assert!(
         matches!(many, Slots::Many(ref s) if s.capacity() == 0),
@@ -632,7 +632,7 @@ fn a_row_holds_one_slot_inline_and_more_in_a_list() {
     );
 
     let mut one = Slots::default();
-    one.push(Slot::new(v(3), None, None));
+    one.push(Slot::new(v(3), None));
     one.retain(|s| s.is(v(3)));
     assert!(matches!(one, Slots::One(_)), "a slot kept stays inline");
     one.retain(|_| false);
@@ -641,7 +641,7 @@ fn a_row_holds_one_slot_inline_and_more_in_a_list() {
         matches!(one, Slots::Many(ref s) if s.capacity() == 0),
         "an empty row allocates nothing"
     );
-    one.push(Slot::new(None, None, None));
+    one.push(Slot::new(None, None));
     assert_eq!(one.into_iter().count(), 1);
 }
 
