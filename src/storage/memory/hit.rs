@@ -153,7 +153,7 @@ impl HandleHit for CompleteHit {
     }
 
     fn get_eviction_weight(&self) -> usize {
-        self.entry.weight
+        self.entry.weight()
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {

@@ -121,7 +121,7 @@ impl MemoryStorage {
                 let Some(entry) = &slot.entry else { continue };
                 let key = Cursor {
                     primary: *row.key(),
-                    variance: slot.variance().or(entry.meta.variance),
+                    variance: slot.variance().or(entry.meta.variance.as_deref().copied()),
                 };
                 if after.is_some_and(|a| key <= a)
                     || entry.generation != generation
@@ -145,7 +145,7 @@ impl MemoryStorage {
             .map(|ByKey(key, e)| KeyInfo {
                 url: Arc::from(e.url()),
                 variant: key.variance.as_ref().map(hex),
-                bytes: e.weight,
+                bytes: e.weight(),
                 epoch: e.meta.epoch_override.unwrap_or(e.meta.updated).get(),
                 fresh_until: e.meta.fresh_until.get(),
                 hits: e.hits.load(Ordering::Relaxed),

@@ -45,10 +45,11 @@ use crate::purge::millis;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured 532 bytes
-/// beyond body and header under S3-FIFO and 591 under LRU with nothing evicted (200,000
-/// objects of 100 bytes, 2026-11-30; 555 and 587 on the same build before a row held its one
-/// slot inline; TinyUFO 664 before). The rest is for the allocator's
+/// node and index, and the allocator's share of each. benches/memory.sh measured 511 bytes
+/// beyond body and header under S3-FIFO with nothing evicted (200,000 objects of 100 bytes,
+/// 2026-11-30; 533 on the same machine before an entry lost its kept weight and its inline
+/// variance, 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before). The
+/// rest is for the allocator's
 /// fragmentation once entries are evicted and replaced: with it, RSS grew by 1.03 to 1.16
 /// times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
@@ -100,7 +101,9 @@ pub struct MetaParts {
     /// copy from memcached): a client's `no-cache` is satisfied by an answer that arrived
     /// after the request ([`Arrival`]).
     pub received_ms: u32,
-    pub variance: Option<HashBinary>,
+    /// Boxed: only secondary variants have one, and inline it would take 17 bytes of every
+    /// entry (the entry's `Arc` then needs the allocator's next size class).
+    pub variance: Option<Box<HashBinary>>,
     pub header: StoredHeader,
 }
 
@@ -128,7 +131,7 @@ impl MetaParts {
                 let after = r.at.duration_since(meta.updated()).unwrap_or_default();
                 u32::try_from(after.as_millis()).unwrap_or(u32::MAX)
             }),
-            variance: meta.variance(),
+            variance: meta.variance().map(Box::new),
             header: StoredHeader::with_url(meta.response_header(), url),
         }
     }
@@ -147,8 +150,8 @@ impl MetaParts {
             self.header.to_response(),
         );
         meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated).get());
-        if let Some(v) = self.variance {
-            meta.set_variance_key(v);
+        if let Some(v) = self.variance.as_deref() {
+            meta.set_variance_key(*v);
         }
         meta
     }
@@ -159,8 +162,6 @@ impl MetaParts {
 struct Stored {
     meta: MetaParts,
     body: Bytes,
-    /// Weight reported to the eviction manager.
-    weight: usize,
     generation: u64,
     /// Ban and tag records up to this sequence number were checked against this entry
     /// ([`crate::purge::Validity`]).
@@ -179,16 +180,21 @@ impl Stored {
     fn new(mut meta: MetaParts, body: &[Bytes], generation: u64) -> Arc<Stored> {
         let (header, body) = meta.header.pack(body);
         meta.header = header;
-        let weight = Self::weigh(&meta, &body, 0);
         Arc::new(Stored {
             meta,
             body,
-            weight,
             generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(0),
             tail: 0,
         })
+    }
+
+    /// What this entry is charged against `memory_bytes`, and reported to the eviction
+    /// manager with. Computed, not kept: every input is fixed for the entry's life, and 8
+    /// bytes less keep its `Arc` in the allocator's 192-byte size class.
+    fn weight(&self) -> usize {
+        Self::weigh(&self.meta, &self.body, self.tail)
     }
 
     /// What an entry of this header (with its URL) and body is charged against `memory_bytes`,
@@ -226,13 +232,13 @@ impl Stored {
         self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The same body under new metadata, weighing `weight`. New headers mean new checks.
-    fn with_meta(&self, meta: MetaParts, weight: usize) -> Arc<Stored> {
+    /// The same body under new metadata (it weighs [`Self::reweigh`]). New headers mean new
+    /// checks.
+    fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
         Arc::new(Stored {
             tail: self.tail_with(&meta.header),
             meta,
             body: self.body.clone(),
-            weight,
             generation: self.generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(self.hits.load(Ordering::Relaxed)),
@@ -244,7 +250,8 @@ impl Stored {
         let mut meta = self.meta.clone();
         meta.fresh_until = meta.fresh_until.min(Nanos::of(at - Duration::from_millis(1)));
         // the same header: the weight the eviction manager was told
-        let stale = self.with_meta(meta, self.weight);
+        let stale = self.with_meta(meta);
+        debug_assert_eq!(stale.weight(), self.weight());
         stale
             .checked
             .store(self.checked.load(Ordering::Acquire), Ordering::Release);
@@ -266,7 +273,7 @@ impl FreshEntry {
     }
 
     pub fn weight(&self) -> usize {
-        self.0.weight
+        self.0.weight()
     }
 
     pub fn fresh_until(&self) -> SystemTime {
@@ -695,7 +702,7 @@ impl MemoryStorage {
         stored: Arc<Stored>,
         fill: Option<u64>,
     ) -> Option<usize> {
-        let weight = stored.weight;
+        let weight = stored.weight();
         let mut slots = self.table.entry(primary).or_default();
         // (checked under the row's lock: an invalidation records before it removes the row)
         let invalidated = self.invalidated_since(&primary, stored.meta.updated.get());
@@ -715,7 +722,7 @@ impl MemoryStorage {
         };
         let validated = stored.meta.updated.get();
         if let Some(old) = slot.entry.replace(stored) {
-            self.account_remove(old.weight);
+            self.account_remove(old.weight());
         }
         self.account_add(weight);
         if fill.is_some() && slot.fill.as_ref().map(|f| f.id) == fill {
@@ -775,8 +782,9 @@ impl MemoryStorage {
             // memcached or the origin meanwhile): it says nothing about this one
             return None;
         }
-        let (old, new) = (entry.weight, entry.reweigh(&parts));
-        let updated = entry.with_meta(parts, new);
+        let (old, new) = (entry.weight(), entry.reweigh(&parts));
+        let updated = entry.with_meta(parts);
+        debug_assert_eq!(updated.weight(), new);
         let (validated, body) = (updated.meta.updated.get(), updated.body.clone());
         *entry = updated;
         // under the row's lock, as every other change of the count
@@ -803,7 +811,7 @@ impl MemoryStorage {
         let mut slot = primary;
         if let Some(entry) = &primary.entry {
             let wanted = crate::key::variance_for(&entry.meta.header, req, key_headers);
-            if wanted != entry.meta.variance {
+            if wanted.as_ref() != entry.meta.variance.as_deref() {
                 // another variant: its own (secondary) slot
                 slot = slots.iter().find(|s| s.variance.is_some() && s.is(wanted))?;
             }
@@ -826,7 +834,7 @@ impl MemoryStorage {
             // a fill in progress is left to finish: it started before this call returns,
             // and the proxy's validity checks decide whether it may be served
             if let Some(entry) = &slot.entry {
-                self.account_remove(entry.weight);
+                self.account_remove(entry.weight());
                 removed.push(compact(*primary, slot.variance()));
             }
         }
@@ -899,7 +907,7 @@ impl MemoryStorage {
                     for slot in slots.iter_mut() {
                         if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
                             let e = slot.entry.take().expect("checked above");
-                            self.account_remove(e.weight);
+                            self.account_remove(e.weight());
                             removed.push(compact(*primary, slot.variance()));
                             freed.push(e);
                         }
@@ -931,7 +939,7 @@ impl MemoryStorage {
         if let Some(mut slots) = self.table.get_mut(&primary) {
             if let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) {
                 if let Some(e) = slot.entry.take() {
-                    self.account_remove(e.weight);
+                    self.account_remove(e.weight());
                     removed = true;
                 }
             }

@@ -115,7 +115,7 @@ impl MemoryStorage {
             Some(e) => slot.entry = Some(e),
             None => {
                 slot.entry = None;
-                self.account_remove(current.weight);
+                self.account_remove(current.weight());
                 slots.retain(|s| s.entry.is_some() || s.fill.is_some());
             }
         }
