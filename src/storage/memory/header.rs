@@ -5,8 +5,10 @@
 //! itself to a shared buffer); a (`HeaderName`, `HeaderValue`) pair alone is 72 bytes.
 //! [`StoredHeader`] keeps the entry's URL, every name and value as text, and 12 bytes of
 //! offsets per field, in one buffer: one allocation per head whatever its field count (and
-//! the buffer's shared block), and about 60 bytes less per field than pairs. A hit builds the
-//! map it hands to Pingora from them: a name the `http` crate knows is a tag (no allocation),
+//! the buffer's shared block), and about 60 bytes less per field than pairs. A name the
+//! `http` crate knows (most of them) is not kept as text, only as its place in [`KNOWN`], and
+//! a field's table entry is 8 bytes: its name and value follow the previous field's. A hit
+//! builds the map it hands to Pingora from them: a known name is a tag (no allocation),
 //! another one is copied; the values are slices of the buffer (shared, never copied), checked
 //! again as they are built.
 
@@ -53,15 +55,18 @@ const KNOWN: [HeaderName; 24] = {
     ]
 };
 
-/// One field: its name, then its value, consecutive in the head's buffer. A head is far
-/// below 4 GiB (Pingora refuses a head over its limit, memcached an item over its own), and
-/// every read of the buffer is bounds-checked. Kept in the buffer's table as [`FIELD`] bytes
-/// ([`Field::encode`]).
+/// One field: its name's text (none for a name in [`KNOWN`]), then its value, consecutive in
+/// the head's buffer, right after the field before (the first after the URL and the reason
+/// phrase). A head is far below 4 GiB (Pingora refuses a head over its limit, memcached an
+/// item over its own), and every read of the buffer is bounds-checked. Kept in the buffer's
+/// table as [`FIELD`] bytes ([`Field::encode`]); where it starts is not kept, but summed as
+/// the table is read ([`StoredHeader::fields`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Field {
-    /// Where the name starts in the buffer.
+    /// Where the name's text (or, for a known name, the value) starts in the buffer.
     at: u32,
     value_len: u32,
+    /// 0 for a known name.
     name_len: u16,
     sensitive: bool,
     /// 1 + the name's place in [`KNOWN`], 0 for another name.
@@ -69,25 +74,34 @@ struct Field {
 }
 
 /// Bytes of a [`Field`] in the buffer's table.
-const FIELD: usize = 12;
+const FIELD: usize = 8;
 
 impl Field {
     fn encode(&self, out: &mut BytesMut) {
-        out.extend_from_slice(&self.at.to_le_bytes());
         out.extend_from_slice(&self.value_len.to_le_bytes());
         out.extend_from_slice(&self.name_len.to_le_bytes());
         out.extend_from_slice(&[u8::from(self.sensitive), self.known]);
     }
 
-    fn decode(b: &[u8; FIELD]) -> Field {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    /// The field encoded in `b`, its text starting at `at`.
+    fn decode(b: &[u8; FIELD], at: u32) -> Field {
         Field {
-            at: u32_at(0),
-            value_len: u32_at(4),
-            name_len: u16::from_le_bytes([b[8], b[9]]),
-            sensitive: b[10] != 0,
-            known: b[11],
+            at,
+            value_len: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            name_len: u16::from_le_bytes([b[4], b[5]]),
+            sensitive: b[6] != 0,
+            known: b[7],
         }
+    }
+
+    /// Bytes of text it takes in the buffer.
+    fn text_len(&self) -> u32 {
+        u32::from(self.name_len).saturating_add(self.value_len)
+    }
+
+    /// 1 + the place of `name` in [`KNOWN`], 0 if it is not there.
+    fn known(name: &HeaderName) -> u8 {
+        KNOWN.iter().position(|k| k == name).map_or(0, |i| i as u8 + 1)
     }
 }
 
@@ -128,7 +142,11 @@ impl StoredHeader {
     /// 1 KB objects took 5x their budget in RSS), so names and values are copied, once, into
     /// one buffer of their own.
     pub fn with_url(h: &ResponseHeader, url: &str) -> Self {
-        let text: usize = h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        let text: usize = h
+            .headers
+            .iter()
+            .map(|(k, v)| if Field::known(k) > 0 { 0 } else { k.as_str().len() } + v.len())
+            .sum();
         let reason = h.get_reason_phrase();
         // (one too long to count in 16 bits, which no parser lets through, goes canonical)
         let reason = (reason != h.status.canonical_reason())
@@ -138,23 +156,24 @@ impl StoredHeader {
         let mut buf = BytesMut::with_capacity(size);
         buf.extend_from_slice(url.as_bytes());
         buf.extend_from_slice(reason.unwrap_or("").as_bytes());
-        let text_at = buf.len();
+        let mut table = Vec::with_capacity(h.headers.len());
         for (name, value) in h.headers.iter() {
-            buf.extend_from_slice(name.as_str().as_bytes());
+            let known = Field::known(name);
+            let name_text = if known > 0 { "" } else { name.as_str() };
+            // (far shorter than 64 KiB: Pingora's parser refuses a longer head)
+            let name_text = &name_text.as_bytes()[..name_text.len().min(usize::from(u16::MAX))];
+            table.push(Field {
+                at: offset(buf.len()),
+                value_len: offset(value.len()),
+                name_len: name_text.len() as u16,
+                sensitive: value.is_sensitive(),
+                known,
+            });
+            buf.extend_from_slice(name_text);
             buf.extend_from_slice(value.as_bytes());
         }
-        // the table, in a second pass over the same fields
-        let mut at = text_at;
-        for (name, value) in h.headers.iter() {
-            let field = Field {
-                at: offset(at),
-                value_len: offset(value.len()),
-                name_len: u16::try_from(name.as_str().len()).unwrap_or(u16::MAX),
-                sensitive: value.is_sensitive(),
-                known: KNOWN.iter().position(|k| k == name).map_or(0, |i| i as u8 + 1),
-            };
+        for field in &table {
             field.encode(&mut buf);
-            at += name.as_str().len() + value.len();
         }
         let buf = buf.freeze();
         // shared now rather than on the first hit: a `Bytes` made from one buffer allocates
@@ -212,13 +231,18 @@ impl StoredHeader {
         std::str::from_utf8(self.buf.get(from..to).unwrap_or_default()).unwrap_or_default()
     }
 
-    /// The fields, in order, from the buffer's table.
+    /// The fields, in order, from the buffer's table, each placed after the one before.
     fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         let table = self.buf.len().saturating_sub(self.count as usize * FIELD);
+        let mut at = self.url_len.saturating_add(self.reason_len.map_or(0, u32::from));
         self.buf[table..]
             .chunks_exact(FIELD)
             .filter_map(|b| b.try_into().ok())
-            .map(Field::decode)
+            .map(move |b| {
+                let f = Field::decode(b, at);
+                at = at.saturating_add(f.text_len());
+                f
+            })
     }
 
     pub fn status(&self) -> StatusCode {
@@ -246,15 +270,14 @@ impl StoredHeader {
         (at..value, value..value + f.value_len as usize)
     }
 
-    fn name_bytes(&self, f: &Field) -> &[u8] {
-        self.buf.get(Self::ranges(f).0).unwrap_or_default()
-    }
-
-    /// `f`'s name: a known one from [`KNOWN`], no check of the bytes.
+    /// `f`'s name: a known one from [`KNOWN`], another from the buffer (no check of the
+    /// bytes: they were a valid name when stored).
     fn name(&self, f: &Field) -> &str {
         match f.known.checked_sub(1) {
-            Some(i) => KNOWN[usize::from(i)].as_str(),
-            None => std::str::from_utf8(self.name_bytes(f)).unwrap_or_default(),
+            Some(i) => KNOWN.get(usize::from(i)).map_or("", HeaderName::as_str),
+            None => {
+                std::str::from_utf8(self.buf.get(Self::ranges(f).0).unwrap_or_default()).unwrap_or_default()
+            }
         }
     }
 
@@ -281,8 +304,8 @@ impl StoredHeader {
             if !keep(name) || value.end > self.buf.len() {
                 continue;
             }
-            let name = match f.known.checked_sub(1) {
-                Some(i) => Ok(KNOWN[usize::from(i)].clone()),
+            let name = match f.known.checked_sub(1).and_then(|i| KNOWN.get(usize::from(i))) {
+                Some(known) => Ok(known.clone()),
                 None => HeaderName::from_bytes(name.as_bytes()),
             };
             // both were a valid name and value when stored
@@ -314,7 +337,7 @@ impl StoredHeader {
 impl Fields for StoredHeader {
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Value<'a>> + 'a {
         self.fields()
-            .filter(move |f| self.name_bytes(f).eq_ignore_ascii_case(name.as_bytes()))
+            .filter(move |f| self.name(f).eq_ignore_ascii_case(name))
             .map(|f| Value(self.value(&f)))
     }
 
@@ -383,10 +406,11 @@ mod tests {
         let s = StoredHeader::new(&h);
         let with = StoredHeader::with_url(&h, "http://a.example/p?q");
         drop(h);
-        // none in the read buffer: one buffer of their own, names and values in order, then
-        // 12 bytes of offsets per field (against 72 for a (name, value) pair)
+        // none in the read buffer: one buffer of their own, names and values in order (a name
+        // the http crate knows is not there), then 8 bytes of lengths per field (against 72
+        // for a (name, value) pair)
         assert!(!inside(s.buf.as_ptr()));
-        let text = "content-typex-onex-twoetag".len() + 10 + 11 + 12 + 13;
+        let text = "x-onex-two".len() + 10 + 11 + 12 + 13;
         assert_eq!(s.buf.len(), text + 4 * FIELD);
         assert_eq!(s.first("x-two").unwrap().as_bytes().len(), 12);
         // a hit's values are slices of that buffer, not copies
@@ -450,11 +474,12 @@ mod tests {
             StoredHeader::new(&known).bytes(),
             StoredHeader::new(&custom).bytes(),
         );
-        // names are text in the buffer, known to the http crate or not
-        assert_eq!(k, 4 + 6 + 12 + SHARED_BLOCK);
-        assert_eq!(c, k);
+        // a name the http crate knows is a number in the table, another one text
+        assert_eq!(k, 6 + 8 + SHARED_BLOCK);
+        assert_eq!(c, k + 4);
         let s = StoredHeader::new(&custom);
         assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
+        assert_eq!(StoredHeader::new(&known).names().collect::<Vec<_>>(), ["etag"]);
     }
 
     #[test]
