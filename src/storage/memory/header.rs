@@ -24,12 +24,15 @@ use crate::purge::is_tag;
 pub(super) const SHARED_BLOCK: usize = 32;
 
 /// Response field names a hit takes from this table rather than from the buffer: the `http`
-/// crate knows them (a tag, no allocation, no parsing per hit).
-const KNOWN: [HeaderName; 24] = {
+/// crate knows them (a tag, no allocation, no parsing per hit), and a stored head keeps their
+/// number instead of their text. The common ones, and those a CMS sends on every page.
+const KNOWN: [HeaderName; 30] = {
     use http::header::*;
     [
         ACCEPT_RANGES,
+        ACCESS_CONTROL_ALLOW_ORIGIN,
         AGE,
+        ALT_SVC,
         CACHE_CONTROL,
         CONNECTION,
         CONTENT_DISPOSITION,
@@ -38,6 +41,7 @@ const KNOWN: [HeaderName; 24] = {
         CONTENT_LENGTH,
         CONTENT_LOCATION,
         CONTENT_RANGE,
+        CONTENT_SECURITY_POLICY,
         CONTENT_TYPE,
         DATE,
         ETAG,
@@ -46,14 +50,52 @@ const KNOWN: [HeaderName; 24] = {
         LINK,
         LOCATION,
         PRAGMA,
+        REFERRER_POLICY,
         SERVER,
         SET_COOKIE,
         STRICT_TRANSPORT_SECURITY,
         TRANSFER_ENCODING,
         VARY,
         X_CONTENT_TYPE_OPTIONS,
+        X_FRAME_OPTIONS,
+        X_XSS_PROTECTION,
     ]
 };
+
+/// [`KNOWN`]'s names as text (a field's name is read from here, and `tests` checks that the
+/// two lists agree).
+const KNOWN_NAMES: [&str; 30] = [
+    "accept-ranges",
+    "access-control-allow-origin",
+    "age",
+    "alt-svc",
+    "cache-control",
+    "connection",
+    "content-disposition",
+    "content-encoding",
+    "content-language",
+    "content-length",
+    "content-location",
+    "content-range",
+    "content-security-policy",
+    "content-type",
+    "date",
+    "etag",
+    "expires",
+    "last-modified",
+    "link",
+    "location",
+    "pragma",
+    "referrer-policy",
+    "server",
+    "set-cookie",
+    "strict-transport-security",
+    "transfer-encoding",
+    "vary",
+    "x-content-type-options",
+    "x-frame-options",
+    "x-xss-protection",
+];
 
 /// One field: its name's text (none for a name in [`KNOWN`]), then its value, consecutive in
 /// the head's buffer, right after the field before (the first after the URL and the reason
@@ -102,6 +144,14 @@ impl Field {
     /// 1 + the place of `name` in [`KNOWN`], 0 if it is not there.
     fn known(name: &HeaderName) -> u8 {
         KNOWN.iter().position(|k| k == name).map_or(0, |i| i as u8 + 1)
+    }
+
+    /// [`Self::known`] for a name as text, in any case.
+    fn known_text(name: &str) -> u8 {
+        KNOWN_NAMES
+            .iter()
+            .position(|k| k.eq_ignore_ascii_case(name))
+            .map_or(0, |i| i as u8 + 1)
     }
 }
 
@@ -274,7 +324,7 @@ impl StoredHeader {
     /// bytes: they were a valid name when stored).
     fn name(&self, f: &Field) -> &str {
         match f.known.checked_sub(1) {
-            Some(i) => KNOWN.get(usize::from(i)).map_or("", HeaderName::as_str),
+            Some(i) => KNOWN_NAMES.get(usize::from(i)).copied().unwrap_or_default(),
             None => {
                 std::str::from_utf8(self.buf.get(Self::ranges(f).0).unwrap_or_default()).unwrap_or_default()
             }
@@ -336,8 +386,13 @@ impl StoredHeader {
 
 impl Fields for StoredHeader {
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Value<'a>> + 'a {
+        // a known name is compared as its number: a field of another name never has one
+        let known = Field::known_text(name);
         self.fields()
-            .filter(move |f| self.name(f).eq_ignore_ascii_case(name))
+            .filter(move |f| match known {
+                0 => f.known == 0 && self.name(f).eq_ignore_ascii_case(name),
+                k => f.known == k,
+            })
             .map(|f| Value(self.value(&f)))
     }
 
@@ -480,6 +535,18 @@ mod tests {
         let s = StoredHeader::new(&custom);
         assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
         assert_eq!(StoredHeader::new(&known).names().collect::<Vec<_>>(), ["etag"]);
+    }
+
+    #[test]
+    fn known_names_as_text_are_the_known_names() {
+        for (name, text) in KNOWN.iter().zip(KNOWN_NAMES) {
+            assert_eq!(name.as_str(), text);
+        }
+        // a known name is looked up in any case, and by its number
+        let s = StoredHeader::new(&origin_head());
+        assert_eq!(s.first("Content-TYPE").unwrap(), "text/html");
+        assert_eq!(s.first("X-CUSTOM").unwrap(), "a");
+        assert!(s.first("x-cust").is_none() && s.first("content").is_none());
     }
 
     #[test]

@@ -45,11 +45,12 @@ use crate::purge::millis;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured 511 bytes
-/// beyond body and header under S3-FIFO with nothing evicted (200,000 objects of 100 bytes,
-/// 2026-11-30; 533 on the same machine before an entry lost its kept weight and its inline
-/// variance, 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before). The
-/// rest is for the allocator's
+/// node and index, and the allocator's share of each. benches/memory.sh measured 464 bytes
+/// beyond body and header (as the origin sent it) under S3-FIFO with nothing evicted (200,000
+/// objects of 100 bytes and four known fields, 2026-11-30; on the same machine 511 before the
+/// stored head kept known names as numbers, 533 before an entry lost its kept weight and its
+/// inline variance; 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before).
+/// The rest is for the allocator's
 /// fragmentation once entries are evicted and replaced: with it, RSS grew by 1.03 to 1.16
 /// times the budget (objects of 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
