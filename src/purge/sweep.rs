@@ -74,14 +74,12 @@ impl Sweeper {
         if upto > last || self.storage.validity.floor_ms() > 0 || held_back {
             let report = self.storage.l1.sweep(self.storage.validity, upto).await;
             // not a key filled again during the pass: the manager tracks the new entry
-            for compact in report
-                .removed
-                .iter()
-                .filter(|k| !self.storage.l1.holds_current(k))
-            {
-                self.storage
-                    .eviction
-                    .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+            for compact in &report.removed {
+                self.storage.l1.untrack_unless_current(compact, || {
+                    self.storage
+                        .eviction
+                        .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None))
+                });
             }
             metrics::SWEPT
                 .with_label_values(&["checked"])

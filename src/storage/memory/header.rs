@@ -3,17 +3,17 @@
 //! An `http::HeaderMap` costs about 112 bytes per field in its bucket vector plus an index,
 //! and each value owning its bytes is one allocation (two once it is cloned: `Bytes` promotes
 //! itself to a shared buffer); a (`HeaderName`, `HeaderValue`) pair alone is 72 bytes.
-//! [`StoredHeader`] keeps the entry's URL, every name and value as text, and 12 bytes of
-//! offsets per field, in one buffer: one allocation per head whatever its field count (and
-//! the buffer's shared block), and about 60 bytes less per field than pairs. A name the
-//! `http` crate knows (most of them) is not kept as text, only as its place in [`KNOWN`], and
-//! a field's table entry is 8 bytes: its name and value follow the previous field's. A hit
+//! [`StoredHeader`] keeps the entry's URL and variance, every value and every name not in
+//! [`KNOWN`] as text, and 8 bytes of lengths per field, in one buffer: one allocation per head
+//! whatever its field count (and the buffer's shared block). A name in [`KNOWN`] (most of
+//! them) is kept as its place there; a field's text follows the previous field's. A hit
 //! builds the map it hands to Pingora from them: a known name is a tag (no allocation),
 //! another one is copied; the values are slices of the buffer (shared, never copied), checked
 //! again as they are built.
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use pingora_cache::key::HashBinary;
 use pingora_http::ResponseHeader;
 
 use crate::fields::{Fields, Value};
@@ -156,25 +156,35 @@ impl Field {
 }
 
 /// A response's status line and fields, with lower-case names (as a fast hit sends them, and
-/// as HTTP/2 does), owning their bytes, and the URL of the entry they belong to.
+/// as HTTP/2 does), owning their bytes, and the URL and the variance of the entry they belong
+/// to.
 #[derive(Debug, Clone)]
 pub struct StoredHeader {
     status: StatusCode,
     version: Version,
-    /// Carries a tag header or a targeted cache-control field (RFC 9213): the only fields a
-    /// hit may strip, so a hit filters the others only if this is set.
-    strippable: bool,
+    /// [`STRIPPABLE`] and [`VARIANCE`].
+    flags: u8,
     /// The URL's length: it opens the buffer.
     url_len: u32,
     /// How many fields the buffer's table holds: it closes the buffer.
     count: u32,
-    /// The reason phrase's length, after the URL; only when it is not the status's
-    /// canonical one.
+    /// The reason phrase's length, after the URL and the variance; only when it is not the
+    /// status's canonical one.
     reason_len: Option<u16>,
-    /// The URL, the reason phrase, every name and value in order, then the table of their
-    /// [`Field`]s.
+    /// The URL, the variance (16 bytes, if [`VARIANCE`]), the reason phrase, every name not
+    /// in [`KNOWN`] and every value in order, then the table of their [`Field`]s.
     buf: Bytes,
 }
+
+/// [`StoredHeader::flags`]: the head carries a tag header or a targeted cache-control field
+/// (RFC 9213), the only fields a hit may strip, so a hit filters the others only if this is
+/// set.
+const STRIPPABLE: u8 = 1;
+/// [`StoredHeader::flags`]: the entry has a variance (its response varies: Pingora keeps the
+/// first variant of a URL in its primary slot, with one), kept in the buffer after the URL:
+/// most entries of a CMS vary on `Accept-Encoding`, and in the entry it would take 17 bytes of
+/// every one, or a box of its own.
+const VARIANCE: u8 = 2;
 
 fn offset(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -183,43 +193,58 @@ fn offset(n: usize) -> u32 {
 impl StoredHeader {
     /// A copy of `h` that owns its bytes, with no URL (a head that is not an entry's).
     pub fn new(h: &ResponseHeader) -> Self {
-        Self::with_url(h, "")
+        Self::for_entry(h, "", None)
     }
 
-    /// A copy of `h` that owns its bytes, kept with the URL of its entry. Pingora parses a
-    /// response head in one read buffer of 4 KiB or more, and the values it hands over are
-    /// slices of that buffer: a stored header must not keep the whole buffer alive (issue 8:
-    /// 1 KB objects took 5x their budget in RSS), so names and values are copied, once, into
-    /// one buffer of their own.
+    /// [`Self::for_entry`] with no variance.
     pub fn with_url(h: &ResponseHeader, url: &str) -> Self {
-        let text: usize = h
+        Self::for_entry(h, url, None)
+    }
+
+    /// A copy of `h` that owns its bytes, kept with the URL and the variance of its entry.
+    /// Pingora parses a response head in one read buffer of 4 KiB or more, and the values it
+    /// hands over are slices of that buffer: a stored header must not keep the whole buffer
+    /// alive (issue 8: 1 KB objects took 5x their budget in RSS), so names and values are
+    /// copied, once, into one buffer of their own.
+    pub fn for_entry(h: &ResponseHeader, url: &str, variance: Option<HashBinary>) -> Self {
+        let mut table: Vec<Field> = h
             .headers
             .iter()
-            .map(|(k, v)| if Field::known(k) > 0 { 0 } else { k.as_str().len() } + v.len())
-            .sum();
+            .map(|(name, value)| {
+                let known = Field::known(name);
+                // (a name is far shorter than 64 KiB: the http crate refuses a longer one)
+                let name_len = if known > 0 {
+                    0
+                } else {
+                    name.as_str().len().min(usize::from(u16::MAX))
+                };
+                Field {
+                    at: 0,
+                    value_len: offset(value.len()),
+                    name_len: name_len as u16,
+                    sensitive: value.is_sensitive(),
+                    known,
+                }
+            })
+            .collect();
+        let text: usize = table.iter().map(|f| f.text_len() as usize).sum();
         let reason = h.get_reason_phrase();
         // (one too long to count in 16 bits, which no parser lets through, goes canonical)
         let reason = (reason != h.status.canonical_reason())
             .then(|| reason.unwrap_or(""))
             .filter(|r| r.len() <= usize::from(u16::MAX));
-        let size = url.len() + reason.map_or(0, str::len) + text + h.headers.len() * FIELD;
+        let size = url.len()
+            + variance.map_or(0, |v| v.len())
+            + reason.map_or(0, str::len)
+            + text
+            + table.len() * FIELD;
         let mut buf = BytesMut::with_capacity(size);
         buf.extend_from_slice(url.as_bytes());
+        buf.extend_from_slice(variance.as_ref().map_or(&[][..], |v| &v[..]));
         buf.extend_from_slice(reason.unwrap_or("").as_bytes());
-        let mut table = Vec::with_capacity(h.headers.len());
-        for (name, value) in h.headers.iter() {
-            let known = Field::known(name);
-            let name_text = if known > 0 { "" } else { name.as_str() };
-            // (far shorter than 64 KiB: Pingora's parser refuses a longer head)
-            let name_text = &name_text.as_bytes()[..name_text.len().min(usize::from(u16::MAX))];
-            table.push(Field {
-                at: offset(buf.len()),
-                value_len: offset(value.len()),
-                name_len: name_text.len() as u16,
-                sensitive: value.is_sensitive(),
-                known,
-            });
-            buf.extend_from_slice(name_text);
+        for ((name, value), field) in h.headers.iter().zip(&mut table) {
+            field.at = offset(buf.len());
+            buf.extend_from_slice(&name.as_str().as_bytes()[..usize::from(field.name_len)]);
             buf.extend_from_slice(value.as_bytes());
         }
         for field in &table {
@@ -232,10 +257,15 @@ impl StoredHeader {
         StoredHeader {
             status: h.status,
             version: h.version,
-            strippable: h
+            flags: if h
                 .headers
                 .keys()
-                .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str())),
+                .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str()))
+            {
+                STRIPPABLE
+            } else {
+                0
+            } | if variance.is_some() { VARIANCE } else { 0 },
             url_len: offset(url.len()),
             count: offset(h.headers.len()),
             reason_len: reason.map(|r| r.len() as u16),
@@ -271,10 +301,24 @@ impl StoredHeader {
         self.text(0, self.url_len as usize)
     }
 
+    /// The entry's variance, if it has one.
+    pub fn variance(&self) -> Option<HashBinary> {
+        let url = self.url_len as usize;
+        (self.flags & VARIANCE != 0)
+            .then(|| self.buf.get(url..url + 16)?.try_into().ok())
+            .flatten()
+    }
+
+    /// Where the reason phrase starts: after the URL and the variance.
+    fn reason_at(&self) -> u32 {
+        let variance = if self.flags & VARIANCE != 0 { 16 } else { 0 };
+        self.url_len.saturating_add(variance)
+    }
+
     /// The reason phrase, if not the status's canonical one.
     fn reason(&self) -> Option<&str> {
-        let url = self.url_len as usize;
-        self.reason_len.map(|n| self.text(url, url + usize::from(n)))
+        let at = self.reason_at() as usize;
+        self.reason_len.map(|n| self.text(at, at + usize::from(n)))
     }
 
     fn text(&self, from: usize, to: usize) -> &str {
@@ -284,7 +328,9 @@ impl StoredHeader {
     /// The fields, in order, from the buffer's table, each placed after the one before.
     fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         let table = self.buf.len().saturating_sub(self.count as usize * FIELD);
-        let mut at = self.url_len.saturating_add(self.reason_len.map_or(0, u32::from));
+        let mut at = self
+            .reason_at()
+            .saturating_add(self.reason_len.map_or(0, u32::from));
         self.buf[table..]
             .chunks_exact(FIELD)
             .filter_map(|b| b.try_into().ok())
@@ -301,7 +347,7 @@ impl StoredHeader {
 
     /// Whether a tag header or a targeted cache-control field is among the fields.
     pub fn strippable(&self) -> bool {
-        self.strippable
+        self.flags & STRIPPABLE != 0
     }
 
     /// Approximate bytes held: the URL, the reason phrase, names and values, the offsets,
@@ -535,6 +581,49 @@ mod tests {
         let s = StoredHeader::new(&custom);
         assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
         assert_eq!(StoredHeader::new(&known).names().collect::<Vec<_>>(), ["etag"]);
+    }
+
+    fn fields_of(h: &ResponseHeader) -> Vec<(String, String)> {
+        h.headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_head_keeps_its_entry_s_variance_between_the_url_and_the_reason() {
+        let h = origin_head();
+        let v = [9u8; 16];
+        let s = StoredHeader::for_entry(&h, "http://h/v", Some(v));
+        let plain = StoredHeader::with_url(&h, "http://h/v");
+        assert_eq!((s.variance(), plain.variance()), (Some(v), None));
+        assert_eq!((s.url(), s.reason()), ("http://h/v", Some("Partly")));
+        assert_eq!(fields_of(&s.to_response()), fields_of(&h));
+        assert_eq!(s.bytes(), plain.bytes() + 16);
+        // packed after a body, the same
+        let (packed, body) = s.pack(&[Bytes::from_static(b"body")]);
+        assert_eq!(&body[..], b"body");
+        assert_eq!((packed.variance(), packed.reason()), (Some(v), Some("Partly")));
+        assert_eq!(fields_of(&packed.to_response()), fields_of(&h));
+    }
+
+    #[test]
+    fn a_standard_name_not_known_here_is_kept_as_text() {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.append_header("Access-Control-Allow-Credentials", "true")
+            .unwrap();
+        h.append_header("etag", "\"x\"").unwrap();
+        let s = StoredHeader::new(&h);
+        assert_eq!(s.first("access-control-allow-credentials").unwrap(), "true");
+        assert_eq!(s.first("ETag").unwrap(), "\"x\"");
+        let map = s.map(0, |_| true);
+        assert_eq!(
+            map.keys().next(),
+            Some(&http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS)
+        );
+        assert_eq!(fields_of(&s.to_response()), fields_of(&h));
+        let text = "access-control-allow-credentials".len() + "true".len() + "\"x\"".len();
+        assert_eq!(s.bytes(), text + 2 * FIELD + SHARED_BLOCK);
     }
 
     #[test]

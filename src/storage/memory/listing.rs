@@ -121,7 +121,7 @@ impl MemoryStorage {
                 let Some(entry) = &slot.entry else { continue };
                 let key = Cursor {
                     primary: *row.key(),
-                    variance: slot.variance().or(entry.meta.variance.as_deref().copied()),
+                    variance: slot.variance().or(entry.meta.variance()),
                 };
                 if after.is_some_and(|a| key <= a)
                     || entry.generation != generation

@@ -102,9 +102,7 @@ pub struct MetaParts {
     /// copy from memcached): a client's `no-cache` is satisfied by an answer that arrived
     /// after the request ([`Arrival`]).
     pub received_ms: u32,
-    /// Boxed: only secondary variants have one, and inline it would take 17 bytes of every
-    /// entry (the entry's `Arc` then needs the allocator's next size class).
-    pub variance: Option<Box<HashBinary>>,
+    /// With the entry's URL and its variance ([`Self::variance`]).
     pub header: StoredHeader,
 }
 
@@ -132,8 +130,7 @@ impl MetaParts {
                 let after = r.at.duration_since(meta.updated()).unwrap_or_default();
                 u32::try_from(after.as_millis()).unwrap_or(u32::MAX)
             }),
-            variance: meta.variance().map(Box::new),
-            header: StoredHeader::with_url(meta.response_header(), url),
+            header: StoredHeader::for_entry(meta.response_header(), url, meta.variance()),
         }
     }
 
@@ -151,10 +148,16 @@ impl MetaParts {
             self.header.to_response(),
         );
         meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated).get());
-        if let Some(v) = self.variance.as_deref() {
-            meta.set_variance_key(*v);
+        if let Some(v) = self.variance() {
+            meta.set_variance_key(v);
         }
         meta
+    }
+
+    /// The variance of the response (Pingora keeps a URL's first variant in its primary slot,
+    /// with its variance).
+    pub fn variance(&self) -> Option<HashBinary> {
+        self.header.variance()
     }
 }
 
@@ -556,7 +559,7 @@ impl MemoryStorage {
         let entry = slot.entry.as_ref()?;
         let usable = self.current(entry)
             && now < entry.meta.fresh_until.get()
-            && entry.meta.variance.is_none()
+            && entry.meta.variance().is_none()
             && !entry.meta.header.has("vary");
         usable.then(|| {
             entry.hit();
@@ -736,15 +739,27 @@ impl MemoryStorage {
 
     /// Whether this variant holds an entry of the current generation (filled again since a
     /// sweep removed the one before: the eviction manager tracks the new one).
-    pub fn holds_current(&self, key: &CompactCacheKey) -> bool {
+    fn holds_current_in(&self, slots: &Slots, variance: Option<HashBinary>) -> bool {
+        slots
+            .iter()
+            .find(|s| s.is(variance))
+            .and_then(|s| s.entry.as_ref())
+            .is_some_and(|e| self.current(e))
+    }
+
+    /// Run `untrack` (the eviction manager's removal of `key`, whose entry a sweep or a clear
+    /// removed) unless the variant was filled again since: decided and run under the row's
+    /// lock (its shard's, if there is no row), so that a fill committed meanwhile waits, and
+    /// its admission, which follows its commit, tracks it after the removal. Checked first and
+    /// removed after, a refill in between was untracked: L1 held it, uncounted by the manager
+    /// and never evicted.
+    pub fn untrack_unless_current(&self, key: &CompactCacheKey, untrack: impl FnOnce()) {
         let variance = key.variance.as_deref().copied();
-        self.table.get(&key.primary).is_some_and(|slots| {
-            slots
-                .iter()
-                .find(|s| s.is(variance))
-                .and_then(|s| s.entry.as_ref())
-                .is_some_and(|e| self.current(e))
-        })
+        match self.table.entry(key.primary) {
+            dashmap::Entry::Occupied(row) if self.holds_current_in(row.get(), variance) => {}
+            // (the lock is held until the match ends, the vacant entry inserting nothing)
+            _locked => untrack(),
+        }
     }
 
     /// Take a fill out of its slot (if still there), storing nothing: one a clear voided, or
@@ -812,7 +827,7 @@ impl MemoryStorage {
         let mut slot = primary;
         if let Some(entry) = &primary.entry {
             let wanted = crate::key::variance_for(&entry.meta.header, req, key_headers);
-            if wanted.as_ref() != entry.meta.variance.as_deref() {
+            if wanted != entry.meta.variance() {
                 // another variant: its own (secondary) slot
                 slot = slots.iter().find(|s| s.variance.is_some() && s.is(wanted))?;
             }
@@ -921,8 +936,10 @@ impl MemoryStorage {
             count += removed.len();
             if let Some(eviction) = self.eviction.get() {
                 use pingora_cache::eviction::EvictionManager;
-                for key in removed.iter().filter(|k| !self.holds_current(k)) {
-                    eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None));
+                for key in &removed {
+                    self.untrack_unless_current(key, || {
+                        eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None))
+                    });
                 }
             }
             tokio::task::yield_now().await;

@@ -182,6 +182,37 @@ async fn variants_are_separate_and_purged_together() {
     assert_eq!(S.stats(), MemoryStats::default());
 }
 
+/// A URL's first variant sits in its primary slot with its variance (Pingora's way): the
+/// variance, kept in the head's buffer, comes back on a hit, and after a soft purge, which
+/// keeps the entry's weight; it is charged with the head.
+#[tokio::test]
+async fn a_primary_slot_keeps_its_variant_s_variance_through_a_soft_purge() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/varies", "");
+    let mut varied = meta(60);
+    varied.set_variance_key([5; 16]);
+    let mut miss = S.get_miss_handler(&key, &varied, &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"gz"), true).await.unwrap();
+    let MissFinishType::Created(weight) = miss.finish().await.unwrap() else {
+        unreachable!()
+    };
+    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(m.variance(), Some([5; 16]));
+    let plain = {
+        static P: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+        fill(&P, &key, &["gz"]).await
+    };
+    assert_eq!(weight, plain + 16, "the variance is charged");
+    S.expire(PurgeTarget::Active(&key.to_compact()), &trace)
+        .await
+        .unwrap();
+    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(!m.is_fresh(SystemTime::now()));
+    assert_eq!(m.variance(), Some([5; 16]));
+    assert_eq!(S.stats().bytes, weight, "a soft purge keeps the weight");
+}
+
 #[tokio::test]
 async fn purge_expire_and_update_meta() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
@@ -589,10 +620,11 @@ fn an_entry_keeps_its_bookkeeping_small() {
     use std::mem::size_of;
     assert_eq!(size_of::<Option<super::Nanos>>(), 8);
     assert_eq!(size_of::<StoredHeader>(), 48);
-    assert_eq!(size_of::<MetaParts>(), 112);
-    assert_eq!(size_of::<super::Stored>(), 168);
+    assert_eq!(size_of::<MetaParts>(), 104);
+    assert_eq!(size_of::<super::Stored>(), 160);
     // the `Arc`'s allocation, two counters and the entry, with glibc's 8-byte header, fits
-    // its 192-byte size class (it took 208 with the weight kept and the variance inline)
+    // its 192-byte size class (it took 208 with the weight kept and the variance inline,
+    // which is now in the head's buffer)
     assert!(16 + size_of::<super::Stored>() + 8 <= 192);
     assert_eq!(size_of::<super::Slot>(), 24);
     assert_eq!(size_of::<super::Slots>(), 32);
@@ -658,4 +690,41 @@ fn a_time_kept_in_8_bytes_comes_back_exact() {
     let early = Nanos::of(SystemTime::UNIX_EPOCH - Duration::from_secs(1));
     assert_eq!(early, Nanos::of(SystemTime::UNIX_EPOCH));
     assert!(early < Nanos::of(SystemTime::UNIX_EPOCH + Duration::from_nanos(2)));
+}
+
+/// A sweep's removal of a key from the eviction manager is decided and made under the row's
+/// lock: a refill of the key meanwhile waits for it, and is admitted (tracked) after it,
+/// instead of being untracked by a removal decided before it (checked, then removed, the
+/// refill in between was left in L1, uncounted and never evicted).
+#[test]
+fn a_refill_waits_for_the_untracking_of_its_key() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let held = CacheKey::new("http://h/held", "");
+    rt.block_on(fill(&S, &held, &["kept"]));
+    let mut untracked = false;
+    S.untrack_unless_current(&held.to_compact(), || untracked = true);
+    assert!(!untracked, "a variant holding a current entry stays tracked");
+
+    let key = CacheKey::new("http://h/refilled", "");
+    let compact = key.to_compact();
+    let (done, refilled) = std::sync::mpsc::channel();
+    let mut refill = None;
+    S.untrack_unless_current(&compact, || {
+        let key = key.clone();
+        refill = Some(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(fill(&S, &key, &["new"]));
+            done.send(()).unwrap();
+        }));
+        assert!(
+            refilled.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the refill waits for the removal decided before it"
+        );
+    });
+    refill.unwrap().join().unwrap();
+    refilled.recv().unwrap();
+    let mut untracked = false;
+    S.untrack_unless_current(&compact, || untracked = true);
+    assert!(!untracked, "the refill, committed after, is current");
 }
