@@ -9,6 +9,7 @@
 #   OBJECTS=1000000 SIZE=100 MEM=4GiB benches/memory.sh   # overhead per entry: 1M small objects,
 #                                                         # nothing evicted (OBJECTS replaces 3x MEM)
 #   EVICTION=lru benches/memory.sh          # another eviction policy (default s3fifo)
+#   VARY=accept-encoding benches/memory.sh  # responses that vary on that request field
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM=${MEM:-32MiB}
@@ -31,9 +32,10 @@ for l in urllib.request.urlopen('http://127.0.0.1:$admin_port/metrics').read().d
     if l.startswith('$1 '): print(int(float(l.split()[1])))"; }
 
 base=$(rss)
-python3 - "$proxy_port" "$SIZE" "$MEM" "$PASSES" "${OBJECTS:-0}" <<'PY'
+python3 - "$proxy_port" "$SIZE" "$MEM" "$PASSES" "${OBJECTS:-0}" "${VARY:-}" <<'PY'
 import http.client, sys, threading
 port, size, passes, objects = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
+vary = f"&vary={sys.argv[6]}" if sys.argv[6] else ""
 mem = sys.argv[3]
 units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 budget = next(int(mem[:-3]) * m for u, m in units.items() if mem.endswith(u)) if not mem.isdigit() else int(mem)
@@ -42,7 +44,7 @@ def worker(k):
     c = http.client.HTTPConnection("127.0.0.1", port)
     for p in range(passes):
         for i in range(k, n, 4):
-            c.request("GET", f"/mem/{i}?size={size}")
+            c.request("GET", f"/mem/{i}?size={size}{vary}")
             r = c.getresponse(); r.read()
             assert r.status == 200, r.status
 threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
@@ -51,7 +53,7 @@ print(f"requests: {n * passes} distinct objects of {size} bytes ({n * size * pas
 PY
 sleep 2  # let the eviction and the allocator settle
 # the stored header: what the origin sends (status line and fields), as corral stores it
-head=$(curl -s -D - -o /dev/null "http://127.0.0.1:$origin_port/mem/0?size=$SIZE" | wc -c)
+head=$(curl -s -D - -o /dev/null "http://127.0.0.1:$origin_port/mem/0?size=$SIZE${VARY:+&vary=$VARY}" | wc -c)
 end=$(rss)
 l1=$(metric corral_l1_bytes)
 entries=$(metric corral_l1_entries)

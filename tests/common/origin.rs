@@ -109,10 +109,14 @@ fn default_reply(seen: &Seen) -> Reply {
         .map(|(_, q)| q.split('&').filter_map(|kv| kv.split_once('=')).collect())
         .unwrap_or_default();
     if let Some(size) = query.get("size").and_then(|s| s.parse::<usize>().ok()) {
-        // a static body of `size` bytes, for load tests
-        return Reply::ok(vec![b'x'; size.min(64 << 20)])
+        // a static body of `size` bytes, for load tests (varying on the field `vary` names)
+        let reply = Reply::ok(vec![b'x'; size.min(64 << 20)])
             .header("content-type", "application/octet-stream")
             .header("cache-control", "public, max-age=3600");
+        return match query.get("vary") {
+            Some(field) => reply.header("vary", *field),
+            None => reply,
+        };
     }
     let now = httpdate::fmt_http_date(std::time::SystemTime::now());
     let body = format!(
