@@ -6,7 +6,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use pingora_cache::eviction::EvictionManager;
 use pingora_cache::key::CacheHashKey;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -75,11 +74,7 @@ impl Sweeper {
             let report = self.storage.l1.sweep(self.storage.validity, upto).await;
             // not a key filled again during the pass: the manager tracks the new entry
             for compact in &report.removed {
-                self.storage.l1.untrack_unless_current(compact, || {
-                    self.storage
-                        .eviction
-                        .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None))
-                });
+                self.storage.l1.untrack(compact, self.storage.eviction);
             }
             metrics::SWEPT
                 .with_label_values(&["checked"])

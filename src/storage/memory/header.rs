@@ -197,6 +197,7 @@ impl StoredHeader {
     }
 
     /// [`Self::for_entry`] with no variance.
+    #[cfg(test)]
     pub fn with_url(h: &ResponseHeader, url: &str) -> Self {
         Self::for_entry(h, url, None)
     }

@@ -35,6 +35,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use pingora_cache::eviction::EvictionManager;
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_http::RequestHeader;
@@ -737,28 +738,30 @@ impl MemoryStorage {
         Some(weight)
     }
 
-    /// Whether this variant holds an entry of the current generation (filled again since a
-    /// sweep removed the one before: the eviction manager tracks the new one).
-    fn holds_current_in(&self, slots: &Slots, variance: Option<HashBinary>) -> bool {
-        slots
-            .iter()
-            .find(|s| s.is(variance))
-            .and_then(|s| s.entry.as_ref())
-            .is_some_and(|e| self.current(e))
+    /// Take `key`, whose entry a sweep or a clear removed, out of the eviction manager; if the
+    /// variant holds an entry of the current generation after that (filled again meanwhile,
+    /// and perhaps admitted before this removal), track it again, as its next hit would.
+    /// Checked first and removed after, a refill admitted in between was untracked: L1 held
+    /// it, uncounted by the manager, never evicted unless hit again. No lock of L1 is held
+    /// while the manager is called (its admissions may hold its own for a long eviction).
+    pub fn untrack(&self, key: &CompactCacheKey, eviction: &impl EvictionManager) {
+        self.untrack_with(key, eviction, || {
+            eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None))
+        });
     }
 
-    /// Run `untrack` (the eviction manager's removal of `key`, whose entry a sweep or a clear
-    /// removed) unless the variant was filled again since: decided and run under the row's
-    /// lock (its shard's, if there is no row), so that a fill committed meanwhile waits, and
-    /// its admission, which follows its commit, tracks it after the removal. Checked first and
-    /// removed after, a refill in between was untracked: L1 held it, uncounted by the manager
-    /// and never evicted.
-    pub fn untrack_unless_current(&self, key: &CompactCacheKey, untrack: impl FnOnce()) {
+    /// [`Self::untrack`] with `remove` as the removal.
+    fn untrack_with(&self, key: &CompactCacheKey, eviction: &impl EvictionManager, remove: impl FnOnce()) {
+        remove();
         let variance = key.variance.as_deref().copied();
-        match self.table.entry(key.primary) {
-            dashmap::Entry::Occupied(row) if self.holds_current_in(row.get(), variance) => {}
-            // (the lock is held until the match ends, the vacant entry inserting nothing)
-            _locked => untrack(),
+        let current = self.table.get(&key.primary).and_then(|slots| {
+            let entry = slots.iter().find(|s| s.is(variance))?.entry.as_ref()?;
+            self.current(entry)
+                .then(|| (entry.weight(), entry.meta.fresh_until.get()))
+        });
+        if let Some((weight, fresh_until)) = current {
+            let item = pingora_cache::CacheEntryKey::from_entry_id(key.clone(), None);
+            eviction.access(&item, weight, fresh_until);
         }
     }
 
@@ -935,11 +938,8 @@ impl MemoryStorage {
             drop(freed);
             count += removed.len();
             if let Some(eviction) = self.eviction.get() {
-                use pingora_cache::eviction::EvictionManager;
                 for key in &removed {
-                    self.untrack_unless_current(key, || {
-                        eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None))
-                    });
+                    self.untrack(key, *eviction);
                 }
             }
             tokio::task::yield_now().await;

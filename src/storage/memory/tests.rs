@@ -692,39 +692,39 @@ fn a_time_kept_in_8_bytes_comes_back_exact() {
     assert!(early < Nanos::of(SystemTime::UNIX_EPOCH + Duration::from_nanos(2)));
 }
 
-/// A sweep's removal of a key from the eviction manager is decided and made under the row's
-/// lock: a refill of the key meanwhile waits for it, and is admitted (tracked) after it,
-/// instead of being untracked by a removal decided before it (checked, then removed, the
-/// refill in between was left in L1, uncounted and never evicted).
+/// A sweep's removal of a key from the eviction manager is followed by a check of the key in
+/// L1: a refill committed and admitted right before the removal (which untracked it) is tracked
+/// again. Checked first and removed after, it was left in L1, uncounted and never evicted
+/// unless hit again.
 #[test]
-fn a_refill_waits_for_the_untracking_of_its_key() {
+fn a_refill_admitted_before_its_key_is_untracked_is_tracked_again() {
+    use crate::storage::eviction::{Eviction, Policy};
+    use pingora_cache::eviction::{CacheEntryKey, EvictionManager};
+    use pingora_cache::CacheEntryKeyRef;
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let held = CacheKey::new("http://h/held", "");
-    rt.block_on(fill(&S, &held, &["kept"]));
-    let mut untracked = false;
-    S.untrack_unless_current(&held.to_compact(), || untracked = true);
-    assert!(!untracked, "a variant holding a current entry stays tracked");
+    for policy in [Policy::S3fifo, Policy::Lru] {
+        let m = Eviction::new(policy, 1 << 20, 1024);
+        let key = CacheKey::new(format!("http://h/refilled/{policy:?}"), "");
+        let compact = key.to_compact();
+        let item = CacheEntryKey::from_entry_id(compact.clone(), None);
+        // the sweep removed the old entry; the refill lands, and is admitted, right before the
+        // sweep's removal of the key from the manager
+        S.untrack_with(&compact, &m, || {
+            let weight = rt.block_on(fill(&S, &key, &["new"]));
+            assert!(m.admit(item.clone(), weight, SystemTime::now()).is_empty());
+            assert!(m.peek(&item));
+            m.remove(CacheEntryKeyRef::from(&item));
+        });
+        assert!(m.peek(&item), "{policy:?}: the refill is tracked again");
+        assert_eq!(m.total_items(), 1, "{policy:?}");
 
-    let key = CacheKey::new("http://h/refilled", "");
-    let compact = key.to_compact();
-    let (done, refilled) = std::sync::mpsc::channel();
-    let mut refill = None;
-    S.untrack_unless_current(&compact, || {
-        let key = key.clone();
-        refill = Some(std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(fill(&S, &key, &["new"]));
-            done.send(()).unwrap();
-        }));
-        assert!(
-            refilled.recv_timeout(Duration::from_millis(300)).is_err(),
-            "the refill waits for the removal decided before it"
-        );
-    });
-    refill.unwrap().join().unwrap();
-    refilled.recv().unwrap();
-    let mut untracked = false;
-    S.untrack_unless_current(&compact, || untracked = true);
-    assert!(!untracked, "the refill, committed after, is current");
+        // a key L1 does not hold now is untracked
+        let gone = CacheKey::new(format!("http://h/gone/{policy:?}"), "");
+        let gone_item = CacheEntryKey::from_entry_id(gone.to_compact(), None);
+        assert!(m.admit(gone_item.clone(), 100, SystemTime::now()).is_empty());
+        S.untrack(&gone.to_compact(), &m);
+        assert!(!m.peek(&gone_item), "{policy:?}: untracked");
+        assert_eq!(m.total_items(), 1, "{policy:?}");
+    }
 }
