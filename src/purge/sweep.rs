@@ -72,7 +72,7 @@ impl Sweeper {
                 .is_some_and(|t| l2_bound.is_none_or(|bound| t <= bound));
         if upto > last || self.storage.validity.floor_ms() > 0 || held_back {
             let report = self.storage.l1.sweep(self.storage.validity, upto).await;
-            // not a key filled again during the pass: the manager tracks the new entry
+            // a key filled again during the pass is tracked again (`MemoryStorage::untrack`)
             for compact in &report.removed {
                 self.storage.l1.untrack(compact, self.storage.eviction);
             }

@@ -155,6 +155,27 @@ impl Eviction {
         }
     }
 
+    /// `EvictionManager::remove`, saying whether the manager tracked the key (at the moment it
+    /// looked: under S3-FIFO's admission lock; for the LRU and TinyUFO, read just before).
+    pub fn remove_tracked(&self, key: &pingora_cache::key::CompactCacheKey) -> bool {
+        let item = CacheEntryKeyRef::from_entry_id(key, None);
+        match self {
+            Eviction::Lru(m) => {
+                let tracked = m
+                    .peek_weight(&CacheEntryKey::from_entry_id(key.clone(), None))
+                    .is_some();
+                m.remove(item);
+                tracked
+            }
+            Eviction::TinyUfo(m) => m.remove_held(item),
+            Eviction::S3Fifo(m) => {
+                let k = id(item);
+                let _one = m.stripe(k).lock();
+                m.cache.remove(&k).is_some()
+            }
+        }
+    }
+
     fn inner(&self) -> &dyn EvictionManager {
         match self {
             Eviction::Lru(m) => m,
@@ -313,6 +334,27 @@ fn id(item: CacheEntryKeyRef<'_>) -> u64 {
 }
 
 impl Ufo {
+    /// `EvictionManager::remove`: the key's entry becomes a place holder (see [`Ufo`]).
+    /// Whether TinyUFO held it (read before the removal).
+    fn remove_held(&self, item: CacheEntryKeyRef<'_>) -> bool {
+        let k = id(item);
+        let Some(old) = self.ufo.get(&k) else {
+            return false;
+        };
+        if old.bytes == 0 {
+            return false;
+        }
+        // the place holder weighs one unit: nothing is pushed out unless another thread
+        // overfilled the cache meanwhile, and those evictions go out with the next admission.
+        // Only if still held, decided under the admissions' lock: an entry evicted since this
+        // read would come back as a ghost place holder, through admission
+        let out = self.put_if(old.key(), Weight::Bytes(0), true);
+        if !out.is_empty() {
+            self.deferred.lock().extend(out);
+        }
+        true
+    }
+
     fn new(limit: usize, items: usize) -> Self {
         Ufo {
             ufo: TinyUfo::new(limit.div_ceil(UNIT), items),
@@ -463,19 +505,7 @@ impl EvictionManager for Ufo {
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
-        let k = id(item);
-        let Some(old) = self.ufo.get(&k) else { return };
-        if old.bytes == 0 {
-            return;
-        }
-        // the place holder weighs one unit: nothing is pushed out unless another thread
-        // overfilled the cache meanwhile, and those evictions go out with the next admission.
-        // Only if still held, decided under the admissions' lock: an entry evicted since this
-        // read would come back as a ghost place holder, through admission
-        let out = self.put_if(old.key(), Weight::Bytes(0), true);
-        if !out.is_empty() {
-            self.deferred.lock().extend(out);
-        }
+        self.remove_held(item);
     }
 
     fn access(&self, item: &CacheEntryKey, size: usize, _fresh_until: SystemTime) -> bool {

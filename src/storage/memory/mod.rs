@@ -36,6 +36,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use pingora_cache::eviction::EvictionManager;
+
+use crate::storage::eviction::Eviction;
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_http::RequestHeader;
@@ -740,19 +742,24 @@ impl MemoryStorage {
 
     /// Take `key`, whose entry a sweep or a clear removed, out of the eviction manager; if the
     /// variant holds an entry of the current generation after that (filled again meanwhile,
-    /// and perhaps admitted before this removal), track it again, as its next hit would.
+    /// and perhaps admitted before this removal), track it again through the manager's
+    /// `access`, as its next hit would (a use, and S3-FIFO puts it in its small queue).
     /// Checked first and removed after, a refill admitted in between was untracked: L1 held
     /// it, uncounted by the manager, never evicted unless hit again. No lock of L1 is held
     /// while the manager is called (its admissions may hold its own for a long eviction).
-    pub fn untrack(&self, key: &CompactCacheKey, eviction: &impl EvictionManager) {
-        self.untrack_with(key, eviction, || {
-            eviction.remove(pingora_cache::CacheEntryKeyRef::from_entry_id(key, None))
-        });
+    /// Not if the manager did not track it (it evicted the refill meanwhile: tracked again, it
+    /// would keep a weight once L1 removes the entry).
+    pub fn untrack(&self, key: &CompactCacheKey, eviction: &Eviction) {
+        self.untrack_with(key, eviction, || eviction.remove_tracked(key));
     }
 
-    /// [`Self::untrack`] with `remove` as the removal.
-    fn untrack_with(&self, key: &CompactCacheKey, eviction: &impl EvictionManager, remove: impl FnOnce()) {
-        remove();
+    /// [`Self::untrack`] with `remove` as the removal, which says whether the manager tracked
+    /// the key: if it did not (it evicted the entry meanwhile, its removal from L1 on its way),
+    /// nothing is tracked again.
+    fn untrack_with(&self, key: &CompactCacheKey, eviction: &Eviction, remove: impl FnOnce() -> bool) {
+        if !remove() {
+            return;
+        }
         let variance = key.variance.as_deref().copied();
         let current = self.table.get(&key.primary).and_then(|slots| {
             let entry = slots.iter().find(|s| s.is(variance))?.entry.as_ref()?;
@@ -911,8 +918,8 @@ impl MemoryStorage {
     ///
     /// The eviction manager is told after each batch, outside the locks, or the entries of
     /// before keep their weight there: they would hold the budget (in TinyUFO's or S3-FIFO's
-    /// main queue), and every new entry be evicted at once. Not for a key refilled since the sweep passed it: the
-    /// manager tracks the new entry under it.
+    /// main queue), and every new entry be evicted at once. A key refilled since the sweep
+    /// passed it is tracked again after ([`Self::untrack`]).
     async fn sweep_before(&self, generation: u64) -> usize {
         // every row there now; a row made after the clear holds no entry from before it
         // (`commit` checks the generation under the row's lock)
@@ -939,7 +946,7 @@ impl MemoryStorage {
             count += removed.len();
             if let Some(eviction) = self.eviction.get() {
                 for key in &removed {
-                    self.untrack(key, *eviction);
+                    self.untrack(key, eviction);
                 }
             }
             tokio::task::yield_now().await;

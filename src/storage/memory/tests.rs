@@ -695,7 +695,7 @@ fn a_time_kept_in_8_bytes_comes_back_exact() {
 /// A sweep's removal of a key from the eviction manager is followed by a check of the key in
 /// L1: a refill committed and admitted right before the removal (which untracked it) is tracked
 /// again. Checked first and removed after, it was left in L1, uncounted and never evicted
-/// unless hit again.
+/// unless hit again. A refill the manager no longer tracked (evicted) is left untracked.
 #[test]
 fn a_refill_admitted_before_its_key_is_untracked_is_tracked_again() {
     use crate::storage::eviction::{Eviction, Policy};
@@ -703,21 +703,31 @@ fn a_refill_admitted_before_its_key_is_untracked_is_tracked_again() {
     use pingora_cache::CacheEntryKeyRef;
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    for policy in [Policy::S3fifo, Policy::Lru] {
+    for policy in [Policy::S3fifo, Policy::Lru, Policy::Tinyufo] {
         let m = Eviction::new(policy, 1 << 20, 1024);
         let key = CacheKey::new(format!("http://h/refilled/{policy:?}"), "");
         let compact = key.to_compact();
         let item = CacheEntryKey::from_entry_id(compact.clone(), None);
         // the sweep removed the old entry; the refill lands, and is admitted, right before the
         // sweep's removal of the key from the manager
+        let mut weight = 0;
         S.untrack_with(&compact, &m, || {
-            let weight = rt.block_on(fill(&S, &key, &["new"]));
+            weight = rt.block_on(fill(&S, &key, &["new"]));
             assert!(m.admit(item.clone(), weight, SystemTime::now()).is_empty());
-            assert!(m.peek(&item));
-            m.remove(CacheEntryKeyRef::from(&item));
+            let removed = m.remove_tracked(&compact);
+            assert_eq!(m.total_size(), 0, "{policy:?}");
+            removed
         });
-        assert!(m.peek(&item), "{policy:?}: the refill is tracked again");
-        assert_eq!(m.total_items(), 1, "{policy:?}");
+        // (TinyUFO has no peek: its counts say it)
+        assert!(
+            policy == Policy::Tinyufo || m.peek(&item),
+            "{policy:?}: the refill is tracked again"
+        );
+        assert_eq!(
+            (m.total_items(), m.total_size()),
+            (1, weight),
+            "{policy:?}: at its weight"
+        );
 
         // a key L1 does not hold now is untracked
         let gone = CacheKey::new(format!("http://h/gone/{policy:?}"), "");
@@ -725,6 +735,22 @@ fn a_refill_admitted_before_its_key_is_untracked_is_tracked_again() {
         assert!(m.admit(gone_item.clone(), 100, SystemTime::now()).is_empty());
         S.untrack(&gone.to_compact(), &m);
         assert!(!m.peek(&gone_item), "{policy:?}: untracked");
-        assert_eq!(m.total_items(), 1, "{policy:?}");
+        assert_eq!((m.total_items(), m.total_size()), (1, weight), "{policy:?}");
+
+        // a refill the manager evicted before the removal (its removal from L1 on its way) is
+        // not tracked again: it would keep a weight once L1 removes the entry
+        let evicted = CacheKey::new(format!("http://h/evicted/{policy:?}"), "");
+        let evicted_item = CacheEntryKey::from_entry_id(evicted.to_compact(), None);
+        S.untrack_with(&evicted.to_compact(), &m, || {
+            let w = rt.block_on(fill(&S, &evicted, &["gone soon"]));
+            assert!(m.admit(evicted_item.clone(), w, SystemTime::now()).is_empty());
+            m.remove(CacheEntryKeyRef::from(&evicted_item));
+            m.remove_tracked(&evicted.to_compact())
+        });
+        assert_eq!(
+            (m.total_items(), m.total_size()),
+            (1, weight),
+            "{policy:?}: not tracked again"
+        );
     }
 }
