@@ -161,11 +161,17 @@ impl Eviction {
         let item = CacheEntryKeyRef::from_entry_id(key, None);
         match self {
             Eviction::Lru(m) => {
-                let tracked = m
-                    .peek_weight(&CacheEntryKey::from_entry_id(key.clone(), None))
-                    .is_some();
+                // not tracked: nothing to remove (a refill admitted after the look must stay).
+                // Tracked, then evicted before the removal: `true`, and a refill is tracked
+                // again by `access` with no entry behind it, until pushed out (the LRU's list
+                // is private: no removal that says what it removed)
+                if m.peek_weight(&CacheEntryKey::from_entry_id(key.clone(), None))
+                    .is_none()
+                {
+                    return false;
+                }
                 m.remove(item);
-                tracked
+                true
             }
             Eviction::TinyUfo(m) => m.remove_held(item),
             Eviction::S3Fifo(m) => {

@@ -36,8 +36,6 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use pingora_cache::eviction::EvictionManager;
-
-use crate::storage::eviction::Eviction;
 use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora_cache::{CacheKey, CacheMeta};
 use pingora_http::RequestHeader;
@@ -45,6 +43,7 @@ use tokio::sync::watch;
 
 use crate::fields::Fields;
 use crate::purge::millis;
+use crate::storage::eviction::Eviction;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
