@@ -174,11 +174,7 @@ impl Eviction {
                 true
             }
             Eviction::TinyUfo(m) => m.remove_held(item),
-            Eviction::S3Fifo(m) => {
-                let k = id(item);
-                let _one = m.stripe(k).lock();
-                m.cache.remove(&k).is_some()
-            }
+            Eviction::S3Fifo(m) => m.remove_held(item),
         }
     }
 
@@ -629,6 +625,13 @@ pub struct S3Fifo {
 }
 
 impl S3Fifo {
+    /// `EvictionManager::remove`, under the key's admission lock; whether the key was tracked.
+    fn remove_held(&self, item: CacheEntryKeyRef<'_>) -> bool {
+        let k = id(item);
+        let _one = self.stripe(k).lock();
+        self.cache.remove(&k).is_some()
+    }
+
     fn new(limit: usize, items: usize, shards: usize) -> Self {
         let options = quick_cache::OptionsBuilder::new()
             .estimated_items_capacity(items)
@@ -780,9 +783,7 @@ impl EvictionManager for S3Fifo {
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
-        let k = id(item);
-        let _one = self.stripe(k).lock();
-        self.cache.remove(&k);
+        self.remove_held(item);
     }
 
     fn access(&self, item: &CacheEntryKey, size: usize, _fresh_until: SystemTime) -> bool {

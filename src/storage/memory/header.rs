@@ -63,7 +63,8 @@ const KNOWN: [HeaderName; 30] = {
 };
 
 /// [`KNOWN`]'s names as text (a field's name is read from here, and `tests` checks that the
-/// two lists agree).
+/// two lists agree): a hit looks names up in it, and `HeaderName::as_str` there instead cost
+/// about 700 instructions per hit (`benches/callgrind.sh`, 49.1k-49.5k against 50.2k).
 const KNOWN_NAMES: [&str; 30] = [
     "accept-ranges",
     "access-control-allow-origin",

@@ -47,9 +47,10 @@ use crate::storage::eviction::Eviction;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured 464 bytes
-/// beyond body and header (as the origin sent it) under S3-FIFO with nothing evicted (200,000
-/// objects of 100 bytes and four known fields, 2026-11-30; on the same machine 511 before the
+/// node and index, and the allocator's share of each. benches/memory.sh measured 465 bytes
+/// beyond body and header (as the origin sent it; 488 when it varies) under S3-FIFO with
+/// nothing evicted (200,000 objects of 100 bytes and four known fields, 2026-11-30; on the
+/// same machine 511 before the
 /// stored head kept known names as numbers, 533 before an entry lost its kept weight and its
 /// inline variance; 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before).
 /// The rest is for the allocator's
@@ -223,11 +224,6 @@ impl Stored {
         }
     }
 
-    /// What this entry weighs under `meta` instead of its own.
-    fn reweigh(&self, meta: &MetaParts) -> usize {
-        Self::weigh(meta, &self.body, self.tail_with(&meta.header))
-    }
-
     /// The primary key text (`http://host/path?q`): what bans match against.
     fn url(&self) -> &str {
         self.meta.header.url()
@@ -238,8 +234,7 @@ impl Stored {
         self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The same body under new metadata (it weighs [`Self::reweigh`]). New headers mean new
-    /// checks.
+    /// The same body under new metadata. New headers mean new checks.
     fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
         Arc::new(Stored {
             tail: self.tail_with(&meta.header),
@@ -746,8 +741,6 @@ impl MemoryStorage {
     /// Checked first and removed after, a refill admitted in between was untracked: L1 held
     /// it, uncounted by the manager, never evicted unless hit again. No lock of L1 is held
     /// while the manager is called (its admissions may hold its own for a long eviction).
-    /// Not if the manager did not track it (it evicted the refill meanwhile: tracked again, it
-    /// would keep a weight once L1 removes the entry).
     pub fn untrack(&self, key: &CompactCacheKey, eviction: &Eviction) {
         self.untrack_with(key, eviction, || eviction.remove_tracked(key));
     }
@@ -807,9 +800,9 @@ impl MemoryStorage {
             // memcached or the origin meanwhile): it says nothing about this one
             return None;
         }
-        let (old, new) = (entry.weight(), entry.reweigh(&parts));
+        let old = entry.weight();
         let updated = entry.with_meta(parts);
-        debug_assert_eq!(updated.weight(), new);
+        let new = updated.weight();
         let (validated, body) = (updated.meta.updated.get(), updated.body.clone());
         *entry = updated;
         // under the row's lock, as every other change of the count
