@@ -169,11 +169,14 @@ pub struct StoredHeader {
     url_len: u32,
     /// How many fields the buffer's table holds: it closes the buffer.
     count: u32,
-    /// The reason phrase's length, after the URL and the variance; only when it is not the
-    /// status's canonical one.
-    reason_len: Option<u16>,
-    /// The URL, the variance (16 bytes, if [`VARIANCE`]), the reason phrase, every name not
-    /// in [`KNOWN`] and every value in order, then the table of their [`Field`]s.
+    /// Where the head starts in `buf`: after the body it was packed with ([`Self::pack`]),
+    /// which is `buf[..start]` ([`Self::body`]); 0 for a head of its own.
+    start: u32,
+    /// From `start`: the URL, the variance (16 bytes, if [`VARIANCE`]), the reason phrase
+    /// (if [`REASON`]: its length in 2 bytes, then its text), every name not in [`KNOWN`] and
+    /// every value in order, then the table of their [`Field`]s. The entry holds this one
+    /// `Bytes` for its head and its body: 32 bytes less in it keep its `Arc` in the
+    /// allocator's 160-byte size class.
     buf: Bytes,
 }
 
@@ -186,6 +189,9 @@ const STRIPPABLE: u8 = 1;
 /// most entries of a CMS vary on `Accept-Encoding`, and in the entry it would take 17 bytes of
 /// every one, or a box of its own.
 const VARIANCE: u8 = 2;
+/// [`StoredHeader::flags`]: the reason phrase is not the status's canonical one, and is kept
+/// in the buffer (rare: its length there too, not in every head).
+const REASON: u8 = 4;
 
 fn offset(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -237,13 +243,16 @@ impl StoredHeader {
             .filter(|r| r.len() <= usize::from(u16::MAX));
         let size = url.len()
             + variance.map_or(0, |v| v.len())
-            + reason.map_or(0, str::len)
+            + reason.map_or(0, |r| 2 + r.len())
             + text
             + table.len() * FIELD;
         let mut buf = BytesMut::with_capacity(size);
         buf.extend_from_slice(url.as_bytes());
         buf.extend_from_slice(variance.as_ref().map_or(&[][..], |v| &v[..]));
-        buf.extend_from_slice(reason.unwrap_or("").as_bytes());
+        if let Some(reason) = reason {
+            buf.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+            buf.extend_from_slice(reason.as_bytes());
+        }
         for ((name, value), field) in h.headers.iter().zip(&mut table) {
             field.at = offset(buf.len());
             buf.extend_from_slice(&name.as_str().as_bytes()[..usize::from(field.name_len)]);
@@ -267,35 +276,70 @@ impl StoredHeader {
                 STRIPPABLE
             } else {
                 0
-            } | if variance.is_some() { VARIANCE } else { 0 },
+            } | if variance.is_some() { VARIANCE } else { 0 }
+                | if reason.is_some() { REASON } else { 0 },
             url_len: offset(url.len()),
             count: offset(h.headers.len()),
-            reason_len: reason.map(|r| r.len() as u16),
+            start: 0,
             buf,
         }
     }
 
     /// This head and a body (its chunks) copied into one buffer, the body first: an entry's
-    /// one allocation for both, and one shared block. Returns the head in that buffer, and
-    /// the body.
-    pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Bytes) {
+    /// one allocation for both, and one shared block. Returns the head in that buffer; the
+    /// body is its [`Self::body`]. A body of 4 GiB or more is not packed (the head's offsets
+    /// are 32 bits): it is returned beside a head of its own.
+    pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Option<Bytes>) {
         let len: usize = body.iter().map(Bytes::len).sum();
-        let mut buf = BytesMut::with_capacity(len + self.buf.len());
+        let Ok(start) = u32::try_from(len) else {
+            let mut whole = BytesMut::with_capacity(len);
+            for chunk in body {
+                whole.extend_from_slice(chunk);
+            }
+            return (self.clone(), Some(whole.freeze()));
+        };
+        let mut buf = BytesMut::with_capacity(len + self.head().len());
         for chunk in body {
             buf.extend_from_slice(chunk);
         }
-        buf.extend_from_slice(&self.buf);
-        let buf = buf.freeze();
+        buf.extend_from_slice(self.head());
         let head = StoredHeader {
-            buf: buf.slice(len..),
+            buf: buf.freeze(),
+            start,
             ..self.clone()
         };
-        (head, buf.slice(..len))
+        // shared now rather than on the first hit (as in `for_entry`)
+        drop(head.buf.clone());
+        (head, None)
+    }
+
+    /// The body this head was packed with ([`Self::pack`]; empty for a head of its own): a
+    /// slice of the buffer, shared, not copied.
+    pub fn body(&self) -> Bytes {
+        self.buf.slice(..self.start as usize)
+    }
+
+    /// `body()[range]`, clamped to the body (shared, not copied).
+    pub fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        let end = range.end.min(self.start as usize);
+        self.buf.slice(range.start.min(end)..end)
+    }
+
+    /// Bytes of [`Self::body`].
+    pub fn body_len(&self) -> usize {
+        self.start as usize
+    }
+
+    /// The head's part of the buffer.
+    fn head(&self) -> &[u8] {
+        self.buf.get(self.start as usize..).unwrap_or_default()
     }
 
     /// Whether `other` is this head, in the same buffer.
     pub fn same(&self, other: &StoredHeader) -> bool {
-        self.buf.as_ptr() == other.buf.as_ptr() && self.buf.len() == other.buf.len()
+        self.buf.as_ptr() == other.buf.as_ptr()
+            && self.buf.len() == other.buf.len()
+            && self.start == other.start
     }
 
     /// The URL of the entry this head belongs to (`""`: none).
@@ -307,33 +351,48 @@ impl StoredHeader {
     pub fn variance(&self) -> Option<HashBinary> {
         let url = self.url_len as usize;
         (self.flags & VARIANCE != 0)
-            .then(|| self.buf.get(url..url + 16)?.try_into().ok())
+            .then(|| self.head().get(url..url + 16)?.try_into().ok())
             .flatten()
     }
 
-    /// Where the reason phrase starts: after the URL and the variance.
+    /// Where the reason phrase (its length first) is: after the URL and the variance.
     fn reason_at(&self) -> u32 {
         let variance = if self.flags & VARIANCE != 0 { 16 } else { 0 };
         self.url_len.saturating_add(variance)
     }
 
+    /// The reason phrase's length, 0 if it is the status's canonical one (none kept).
+    fn reason_len(&self) -> u16 {
+        if self.flags & REASON == 0 {
+            return 0;
+        }
+        let at = self.reason_at() as usize;
+        self.head()
+            .get(at..at + 2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+    }
+
     /// The reason phrase, if not the status's canonical one.
     fn reason(&self) -> Option<&str> {
-        let at = self.reason_at() as usize;
-        self.reason_len.map(|n| self.text(at, at + usize::from(n)))
+        let at = self.reason_at() as usize + 2;
+        (self.flags & REASON != 0).then(|| self.text(at, at + usize::from(self.reason_len())))
     }
 
     fn text(&self, from: usize, to: usize) -> &str {
-        std::str::from_utf8(self.buf.get(from..to).unwrap_or_default()).unwrap_or_default()
+        std::str::from_utf8(self.head().get(from..to).unwrap_or_default()).unwrap_or_default()
     }
 
     /// The fields, in order, from the buffer's table, each placed after the one before.
     fn fields(&self) -> impl Iterator<Item = Field> + '_ {
-        let table = self.buf.len().saturating_sub(self.count as usize * FIELD);
-        let mut at = self
-            .reason_at()
-            .saturating_add(self.reason_len.map_or(0, u32::from));
-        self.buf[table..]
+        let head = self.head();
+        let table = head.len().saturating_sub(self.count as usize * FIELD);
+        let reason = if self.flags & REASON != 0 {
+            2 + u32::from(self.reason_len())
+        } else {
+            0
+        };
+        let mut at = self.reason_at().saturating_add(reason);
+        head[table..]
             .chunks_exact(FIELD)
             .filter_map(|b| b.try_into().ok())
             .map(move |b| {
@@ -355,10 +414,10 @@ impl StoredHeader {
     /// Approximate bytes held: the URL, the reason phrase, names and values, the offsets,
     /// and the buffer's shared block.
     pub fn bytes(&self) -> usize {
-        if self.buf.is_empty() {
+        if self.head().is_empty() {
             return 0;
         }
-        self.buf.len() + SHARED_BLOCK
+        self.head().len() + SHARED_BLOCK
     }
 
     /// Where `f`'s name and value lie in the buffer.
@@ -373,14 +432,13 @@ impl StoredHeader {
     fn name(&self, f: &Field) -> &str {
         match f.known.checked_sub(1) {
             Some(i) => KNOWN_NAMES.get(usize::from(i)).copied().unwrap_or_default(),
-            None => {
-                std::str::from_utf8(self.buf.get(Self::ranges(f).0).unwrap_or_default()).unwrap_or_default()
-            }
+            None => std::str::from_utf8(self.head().get(Self::ranges(f).0).unwrap_or_default())
+                .unwrap_or_default(),
         }
     }
 
     fn value(&self, f: &Field) -> &[u8] {
-        self.buf.get(Self::ranges(f).1).unwrap_or_default()
+        self.head().get(Self::ranges(f).1).unwrap_or_default()
     }
 
     /// The head as Pingora's header, every field in order.
@@ -396,12 +454,15 @@ impl StoredHeader {
     /// with the stored ones.
     pub fn map(&self, extra: usize, keep: impl Fn(&str) -> bool) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.count as usize + extra);
+        let start = self.start as usize;
+        let len = self.head().len();
         for f in self.fields() {
             let name = self.name(&f);
             let value = Self::ranges(&f).1;
-            if !keep(name) || value.end > self.buf.len() {
+            if !keep(name) || value.end > len {
                 continue;
             }
+            let value = start + value.start..start + value.end;
             let name = match f.known.checked_sub(1).and_then(|i| KNOWN.get(usize::from(i))) {
                 Some(known) => Ok(known.clone()),
                 None => HeaderName::from_bytes(name.as_bytes()),
@@ -534,9 +595,15 @@ mod tests {
         let h = origin_head();
         let alone = StoredHeader::with_url(&h, "http://h/p");
         let chunks = [Bytes::from_static(b"bo"), Bytes::from_static(b"dy")];
-        let (packed, body) = alone.pack(&chunks);
-        assert_eq!(&body[..], b"body");
-        assert_eq!(packed.buf.as_ptr() as usize, body.as_ptr() as usize + 4);
+        let (packed, apart) = alone.pack(&chunks);
+        assert!(apart.is_none());
+        let body = packed.body();
+        assert_eq!((&body[..], packed.body_len()), (&b"body"[..], 4));
+        // one buffer: the body, then the head
+        assert_eq!(packed.buf.as_ptr(), body.as_ptr());
+        assert_eq!(packed.head().as_ptr() as usize, body.as_ptr() as usize + 4);
+        assert_eq!(&packed.body_slice(1..3)[..], b"od");
+        assert_eq!(&packed.body_slice(2..99)[..], b"dy", "clamped to the body");
         assert_eq!((packed.url(), packed.reason()), ("http://h/p", Some("Partly")));
         assert_eq!(packed.bytes(), alone.bytes());
         let fields = |s: &StoredHeader| {
@@ -548,7 +615,10 @@ mod tests {
         assert!(packed.same(&packed.clone()) && !packed.same(&alone));
         // nothing to pack: empty, no allocation kept
         let (empty, none) = StoredHeader::new(&ResponseHeader::build(304, None).unwrap()).pack(&[]);
-        assert_eq!((empty.bytes(), none.len()), (0, 0));
+        assert_eq!((empty.bytes(), empty.body_len(), none.is_none()), (0, 0, true));
+        // a head of its own has no body
+        assert_eq!(alone.body_len(), 0);
+        assert!(alone.body().is_empty());
     }
 
     #[test]
@@ -603,10 +673,51 @@ mod tests {
         assert_eq!(fields_of(&s.to_response()), fields_of(&h));
         assert_eq!(s.bytes(), plain.bytes() + 16);
         // packed after a body, the same
-        let (packed, body) = s.pack(&[Bytes::from_static(b"body")]);
-        assert_eq!(&body[..], b"body");
+        let (packed, _) = s.pack(&[Bytes::from_static(b"body")]);
+        assert_eq!(&packed.body()[..], b"body");
         assert_eq!((packed.variance(), packed.reason()), (Some(v), Some("Partly")));
         assert_eq!(fields_of(&packed.to_response()), fields_of(&h));
+    }
+
+    /// A reason phrase is kept only when it is not the status's canonical one, with its
+    /// length (an empty one too); the fields after it are read from their place.
+    #[test]
+    fn a_reason_phrase_is_kept_only_when_it_is_not_the_canonical_one() {
+        let with = |reason: Option<&str>| {
+            let mut h = ResponseHeader::build(200, None).unwrap();
+            h.set_reason_phrase(reason).unwrap();
+            h.append_header("x-after", "v").unwrap();
+            h.append_header("etag", "\"e\"").unwrap();
+            StoredHeader::with_url(&h, "http://h/r")
+        };
+        let canonical = with(None);
+        let same = with(Some("OK"));
+        let empty = with(Some(""));
+        let odd = with(Some("Fine Thanks"));
+        assert_eq!(canonical.reason(), None);
+        assert_eq!(same.reason(), None);
+        assert_eq!(
+            same.bytes(),
+            canonical.bytes(),
+            "a canonical reason costs nothing"
+        );
+        assert_eq!(empty.reason(), Some(""));
+        assert_eq!(empty.bytes(), canonical.bytes() + 2);
+        assert_eq!(odd.reason(), Some("Fine Thanks"));
+        assert_eq!(odd.bytes(), canonical.bytes() + 2 + 11);
+        for s in [&canonical, &empty, &odd] {
+            assert_eq!(s.url(), "http://h/r");
+            assert_eq!(s.first("x-after").unwrap().as_bytes(), b"v");
+            assert_eq!(s.first("etag").unwrap().as_bytes(), b"\"e\"");
+            let (packed, _) = s.pack(&[Bytes::from_static(b"b")]);
+            assert_eq!(packed.reason(), s.reason());
+            assert_eq!(
+                packed.to_response().get_reason_phrase(),
+                s.to_response().get_reason_phrase()
+            );
+            assert_eq!(packed.first("etag").unwrap().as_bytes(), b"\"e\"");
+        }
+        assert_eq!(odd.to_response().get_reason_phrase(), Some("Fine Thanks"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl CompleteHit {
     pub(super) fn of(entry: &Arc<Stored>, from_l2: bool) -> Self {
         CompleteHit {
             done: false,
-            range: (0, entry.body.len()),
+            range: (0, entry.body_len()),
             entry: entry.clone(),
             from_l2,
             refresh_lock: None,
@@ -121,7 +121,7 @@ impl HandleHit for CompleteHit {
             return Ok(None);
         }
         self.done = true;
-        Ok(Some(self.entry.body.slice(self.range.0..self.range.1)))
+        Ok(Some(self.entry.body_slice(self.range.0..self.range.1)))
     }
 
     async fn finish(
@@ -138,16 +138,14 @@ impl HandleHit for CompleteHit {
     }
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
-        if start >= self.entry.body.len() {
+        let len = self.entry.body_len();
+        if start >= len {
             return Error::e_explain(
                 ErrorType::InternalError,
-                format!("seek start out of range {start} >= {}", self.entry.body.len()),
+                format!("seek start out of range {start} >= {len}"),
             );
         }
-        self.range = (
-            start,
-            end.map_or(self.entry.body.len(), |e| e.min(self.entry.body.len())),
-        );
+        self.range = (start, end.map_or(len, |e| e.min(len)));
         self.done = false;
         Ok(())
     }

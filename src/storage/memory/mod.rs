@@ -167,17 +167,27 @@ impl MetaParts {
 /// A committed response.
 #[derive(Debug)]
 struct Stored {
+    /// Its head, whose buffer holds the body too ([`StoredHeader::pack`]) unless `apart`
+    /// says otherwise.
     meta: MetaParts,
-    body: Bytes,
+    /// The body, when it is not in the head's buffer: a 304 gave the entry a head of its own
+    /// (or the body was too large to pack). Boxed: most entries have none, and 8 bytes here
+    /// instead of a `Bytes`' 32 keep the entry's `Arc` in the allocator's 160-byte size class.
+    apart: Option<Box<Apart>>,
     generation: u64,
     /// Ban and tag records up to this sequence number were checked against this entry
     /// ([`crate::purge::Validity`]).
     checked: AtomicU64,
     /// Lookups that found this entry (its lineage's, across refreshes): admin `/keys`.
     hits: std::sync::atomic::AtomicU32,
-    /// Bytes of the body's buffer, after the body, that the header does not account for:
-    /// the head the body was stored with ([`StoredHeader::pack`]), once a 304 replaced it;
-    /// 0 while the header is that head.
+}
+
+/// A body kept apart from its entry's head ([`Stored::apart`]).
+#[derive(Debug)]
+struct Apart {
+    body: Bytes,
+    /// Bytes of the body's buffer, after the body, that the head does not account for: the
+    /// head the body was stored with ([`StoredHeader::pack`]), which a 304 replaced.
     tail: u32,
 }
 
@@ -185,36 +195,63 @@ impl Stored {
     /// A new entry, its body given as chunks: the body and the head are copied into one
     /// buffer ([`StoredHeader::pack`]).
     fn new(mut meta: MetaParts, body: &[Bytes], generation: u64) -> Arc<Stored> {
-        let (header, body) = meta.header.pack(body);
+        let (header, apart) = meta.header.pack(body);
         meta.header = header;
         Arc::new(Stored {
             meta,
-            body,
+            apart: apart.map(|body| Box::new(Apart { body, tail: 0 })),
             generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(0),
-            tail: 0,
         })
+    }
+
+    /// The body (shared, not copied).
+    fn body(&self) -> Bytes {
+        match &self.apart {
+            Some(apart) => apart.body.clone(),
+            None => self.meta.header.body(),
+        }
+    }
+
+    /// `body()[range]` (shared, not copied).
+    fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        match &self.apart {
+            Some(apart) => apart.body.slice(range),
+            None => self.meta.header.body_slice(range),
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        match &self.apart {
+            Some(apart) => apart.body.len(),
+            None => self.meta.header.body_len(),
+        }
+    }
+
+    /// Bytes of the body's buffer that its head does not account for ([`Apart::tail`]).
+    fn tail(&self) -> u32 {
+        self.apart.as_ref().map_or(0, |a| a.tail)
     }
 
     /// What this entry is charged against `memory_bytes`, and reported to the eviction
     /// manager with. Computed, not kept: every input is fixed for the entry's life, and 8
-    /// bytes less keep its `Arc` in the allocator's 192-byte size class.
+    /// bytes less keep its `Arc` in a smaller size class of the allocator.
     fn weight(&self) -> usize {
-        Self::weigh(&self.meta, &self.body, self.tail)
+        Self::weigh(&self.meta, self.body_len(), self.tail())
     }
 
-    /// What an entry of this header (with its URL) and body is charged against `memory_bytes`,
-    /// with `tail` bytes of an older head kept in the body's buffer.
-    fn weigh(meta: &MetaParts, body: &Bytes, tail: u32) -> usize {
-        body.len() + tail as usize + meta.header.bytes() + ENTRY_OVERHEAD
+    /// What an entry of this header (with its URL) and a body of `body` bytes is charged
+    /// against `memory_bytes`, with `tail` bytes of an older head kept in the body's buffer.
+    fn weigh(meta: &MetaParts, body: usize, tail: u32) -> usize {
+        body + tail as usize + meta.header.bytes() + ENTRY_OVERHEAD
     }
 
-    /// [`Self::tail`] once `header` replaces this entry's.
+    /// [`Self::tail`] once `header` replaces this entry's (in a buffer of its own).
     fn tail_with(&self, header: &StoredHeader) -> u32 {
-        if self.tail > 0 || header.same(&self.meta.header) {
-            self.tail
-        } else if self.body.is_empty() {
+        if self.apart.is_some() || header.same(&self.meta.header) {
+            self.tail()
+        } else if self.body_len() == 0 {
             // no body keeps the buffer: the head being replaced goes with it
             0
         } else {
@@ -236,10 +273,24 @@ impl Stored {
 
     /// The same body under new metadata. New headers mean new checks.
     fn with_meta(&self, meta: MetaParts) -> Arc<Stored> {
+        // the same head (in the same buffer) keeps the body where it is; another one is a
+        // buffer of its own, and the body goes apart
+        let apart = if meta.header.same(&self.meta.header) {
+            self.apart.as_ref().map(|a| {
+                Box::new(Apart {
+                    body: a.body.clone(),
+                    tail: a.tail,
+                })
+            })
+        } else {
+            Some(Box::new(Apart {
+                tail: self.tail_with(&meta.header),
+                body: self.body(),
+            }))
+        };
         Arc::new(Stored {
-            tail: self.tail_with(&meta.header),
+            apart,
             meta,
-            body: self.body.clone(),
             generation: self.generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(self.hits.load(Ordering::Relaxed)),
@@ -270,7 +321,7 @@ impl FreshEntry {
     }
 
     pub fn body(&self) -> Bytes {
-        self.0.body.clone()
+        self.0.body()
     }
 
     pub fn weight(&self) -> usize {
@@ -803,7 +854,7 @@ impl MemoryStorage {
         let old = entry.weight();
         let updated = entry.with_meta(parts);
         let new = updated.weight();
-        let (validated, body) = (updated.meta.updated.get(), updated.body.clone());
+        let (validated, body) = (updated.meta.updated.get(), updated.body());
         *entry = updated;
         // under the row's lock, as every other change of the count
         self.bytes.fetch_add(new, Ordering::Relaxed);

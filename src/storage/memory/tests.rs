@@ -271,7 +271,12 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     // the same fields again: only the old head, still in the body's buffer, is added
     assert_eq!(new, w + head);
     assert_eq!(kept.as_ptr(), body.as_ptr(), "the body is not copied");
-    let (m, _) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    // the head is a buffer of its own now, the body where it was: hits and ranges read it
+    let (m, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let again = hit.read_body().await.unwrap().unwrap();
+    assert_eq!((&again[..], again.as_ptr()), (&b"hello"[..], body.as_ptr()));
+    hit.seek(1, Some(3)).unwrap();
+    assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"el");
     let (_, again, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(again, new, "once");
     assert_eq!(
@@ -621,11 +626,11 @@ fn an_entry_keeps_its_bookkeeping_small() {
     assert_eq!(size_of::<Option<super::Nanos>>(), 8);
     assert_eq!(size_of::<StoredHeader>(), 48);
     assert_eq!(size_of::<MetaParts>(), 104);
-    assert_eq!(size_of::<super::Stored>(), 160);
+    assert_eq!(size_of::<super::Stored>(), 136);
     // the `Arc`'s allocation, two counters and the entry, with glibc's 8-byte header, fits
-    // its 192-byte size class (it took 208 with the weight kept and the variance inline,
-    // which is now in the head's buffer)
-    assert!(16 + size_of::<super::Stored>() + 8 <= 192);
+    // its 160-byte size class (it took 208 with the weight kept and the variance inline,
+    // which is now in the head's buffer, and 192 with the body's own `Bytes`, now the head's)
+    assert!(16 + size_of::<super::Stored>() + 8 <= 160);
     assert_eq!(size_of::<super::Slot>(), 24);
     assert_eq!(size_of::<super::Slots>(), 32);
 }
