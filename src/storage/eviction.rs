@@ -260,20 +260,20 @@ const ENTRY_MARGIN: usize = 64 * 1024;
 /// admitted with (TinyUFO hands back its own weight in units only). `bytes == 0`: a purged
 /// entry's place holder ([`Ufo::remove`]).
 ///
-/// 32 bytes, against 64 for a `CacheEntryKey` and a `usize`: TinyUFO and S3-FIFO keep one per
-/// entry, so they count in L1's memory per object. L1's keys carry no user tag and no
-/// storage-defined entry id ([`crate::key::for_url`], L1 identifies none), so the primary and
-/// the variance are the whole key. The variance is shared (`Arc`): most keys have none (a
-/// URL's first variant is its primary slot's, whose key has none), so inline it cost every
-/// entry 8 bytes (40 in all, a `quick_cache` slot of 64 instead of 56); both hand out copies
-/// (on every hit, for TinyUFO), which a box would allocate again each time.
-#[derive(Clone)]
+/// 37 bytes, aligned to 1, against 64 for a `CacheEntryKey` and a `usize`: TinyUFO and
+/// S3-FIFO keep one per entry, so they count in L1's memory per object. L1's keys carry no
+/// user tag and no storage-defined entry id ([`crate::key::for_url`], L1 identifies none), so
+/// the primary and the variance are the whole key. The variance is inline: both hand out
+/// copies of it (on every hit, for TinyUFO), and a boxed one would be an allocation each
+/// time. The byte count is kept as bytes, so that the whole is aligned to 1: as a `u32` it
+/// made the value 40 bytes, and `quick_cache`'s slab slot 64 instead of 56.
+#[derive(Clone, Copy)]
 struct Tracked {
     primary: pingora_cache::key::HashBinary,
-    variance: Option<std::sync::Arc<pingora_cache::key::HashBinary>>,
+    variance: Option<pingora_cache::key::HashBinary>,
     /// At most [`TINYUFO_MAX_OBJECT`] or [`S3FIFO_MAX_OBJECT`], and the headers' margin: below
-    /// `u32::MAX`.
-    bytes: u32,
+    /// `u32::MAX` ([`Self::bytes`]).
+    le_bytes: [u8; 4],
 }
 
 impl Tracked {
@@ -282,19 +282,19 @@ impl Tracked {
         let key = item.into_key();
         Tracked {
             primary: key.primary,
-            variance: key.variance.map(|v| std::sync::Arc::new(*v)),
-            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+            variance: key.variance.as_deref().copied(),
+            le_bytes: u32::try_from(bytes).unwrap_or(u32::MAX).to_le_bytes(),
         }
     }
 
     fn bytes(&self) -> usize {
-        self.bytes as usize
+        u32::from_le_bytes(self.le_bytes) as usize
     }
 
-    fn key(&self) -> CacheEntryKey {
+    fn key(self) -> CacheEntryKey {
         CacheEntryKey::key_only(pingora_cache::key::CompactCacheKey {
             primary: self.primary,
-            variance: self.variance.as_deref().map(|v| Box::new(*v)),
+            variance: self.variance.map(Box::new),
             user_tag: "".into(),
         })
     }
@@ -345,7 +345,7 @@ impl Ufo {
         let Some(old) = self.ufo.get(&k) else {
             return false;
         };
-        if old.bytes == 0 {
+        if old.bytes() == 0 {
             return false;
         }
         // the place holder weighs one unit: nothing is pushed out unless another thread
@@ -381,7 +381,7 @@ impl Ufo {
 
     /// Count `t` out: TinyUFO no longer holds it, or holds it under new bytes.
     fn gone(&self, t: &Tracked, evicted: bool) {
-        if t.bytes == 0 {
+        if t.bytes() == 0 {
             return; // a place holder
         }
         Self::sub(&self.bytes, t.bytes());
@@ -414,7 +414,7 @@ impl Ufo {
         let units = u16::try_from(bytes.div_ceil(UNIT).max(1))
             .ok()
             .filter(|u| usize::from(*u) <= self.limit_units);
-        if held && old.as_ref().is_none_or(|t| t.bytes == 0) {
+        if held && old.as_ref().is_none_or(|t| t.bytes() == 0) {
             // not held (evicted, purged, or a place holder): left alone
             return Vec::new();
         }
@@ -426,7 +426,7 @@ impl Ufo {
             self.evicted_items.fetch_add(1, Ordering::Relaxed);
             self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
             let mut out = Vec::new();
-            if let Some(old) = old.filter(|t| t.bytes > 0) {
+            if let Some(old) = old.filter(|t| t.bytes() > 0) {
                 self.gone(&old, false);
                 out = self.ufo_put(k, Tracked::new(item.clone(), 0), 1);
             }
@@ -466,7 +466,7 @@ impl Ufo {
                 let held = self
                     .ufo
                     .get(&id(CacheEntryKeyRef::from(&k)))
-                    .is_some_and(|t| t.bytes > 0);
+                    .is_some_and(|t| t.bytes() > 0);
                 if !held {
                     out.push(k);
                 }
@@ -515,7 +515,7 @@ impl EvictionManager for Ufo {
     fn access(&self, item: &CacheEntryKey, size: usize, _fresh_until: SystemTime) -> bool {
         // a hit is a use (it keeps the entry in the main FIFO)
         match self.ufo.get(&id(CacheEntryKeyRef::from(item))) {
-            Some(t) if t.bytes > 0 => return true,
+            Some(t) if t.bytes() > 0 => return true,
             // not held: an entry TinyUFO refused or evicted, whose purge from L1 is on its
             // way. Tracking it again would undo the refusal (and leave a phantom weight
             // once the purge lands)
@@ -588,7 +588,7 @@ struct ByBytes;
 
 impl quick_cache::Weighter<u64, Tracked> for ByBytes {
     fn weight(&self, _key: &u64, t: &Tracked) -> u64 {
-        u64::from(t.bytes.max(1))
+        t.bytes().max(1) as u64
     }
 }
 
@@ -848,8 +848,11 @@ mod tests {
     /// What TinyUFO keeps per entry is half a `CacheEntryKey` and a `usize`, and hands back
     /// the same key, a variant's too.
     #[test]
-    fn tinyufo_keeps_a_key_in_32_bytes_and_hands_it_back_whole() {
-        assert_eq!(std::mem::size_of::<Tracked>(), 32);
+    fn tinyufo_keeps_a_key_in_37_bytes_and_hands_it_back_whole() {
+        // aligned to 1: with a u64 key and quick_cache's three bytes of state, its slot is 56
+        assert_eq!(std::mem::size_of::<Tracked>(), 37);
+        assert_eq!(std::mem::align_of::<Tracked>(), 1);
+        assert_eq!(std::mem::size_of::<(u64, Tracked, u8, u16)>(), 48);
         let mut variant = CacheKey::new("/v", "");
         variant.set_variance_key(*b"0123456789abcdef");
         for item in [key(1), CacheEntryKey::key_only(variant.to_compact())] {
@@ -885,7 +888,7 @@ mod tests {
             Eviction::TinyUfo(u) => u
                 .ufo
                 .get(&id(CacheEntryKeyRef::from(item)))
-                .is_some_and(|t| t.bytes > 0),
+                .is_some_and(|t| t.bytes() > 0),
             _ => m.peek(item),
         }
     }

@@ -29,7 +29,7 @@ impl Storage for MemoryStorage {
             return Ok(None);
         };
         let variance = key.variance_bin();
-        let Some(slot) = slots.iter().find(|s| s.is(variance)) else {
+        let Some(slot) = slots.find(variance) else {
             return Ok(None);
         };
         // prefer a fill in progress: it is newer than the committed entry (unless a clear
@@ -81,10 +81,10 @@ impl Storage for MemoryStorage {
         let variance = key.variance_bin();
         {
             let mut slots = self.table.entry(primary).or_default();
-            match slots.iter_mut().find(|s| s.is(variance)) {
+            match slots.find_mut(variance) {
                 Some(slot) => slot.fill = Some(fill.clone()),
                 None => {
-                    slots.push(Slot::new(variance, Some(fill.clone())));
+                    slots.push(variance, Slot::new(Some(fill.clone())));
                 }
             }
         }
@@ -120,7 +120,7 @@ impl Storage for MemoryStorage {
             return Ok(PurgeOutcome::NotFound);
         };
         let variance = key.variance_bin();
-        let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) else {
+        let Some(slot) = slots.find_mut(variance) else {
             return Ok(PurgeOutcome::NotFound);
         };
         let Some(entry) = slot.entry.as_mut() else {

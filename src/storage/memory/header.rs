@@ -106,7 +106,8 @@ const KNOWN_NAMES: [&str; 30] = [
 /// the table is read ([`StoredHeader::fields`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Field {
-    /// Where the name's text (or, for a known name, the value) starts in the buffer.
+    /// Where the name's text (or, for a known name, the value) starts in the head's part of
+    /// the buffer (from [`StoredHeader::start`]).
     at: u32,
     value_len: u32,
     /// 0 for a known name.
@@ -163,7 +164,7 @@ impl Field {
 pub struct StoredHeader {
     status: StatusCode,
     version: Version,
-    /// [`STRIPPABLE`] and [`VARIANCE`].
+    /// [`STRIPPABLE`], [`VARIANCE`] and [`REASON`].
     flags: u8,
     /// The URL's length: it opens the buffer.
     url_len: u32,
@@ -290,13 +291,24 @@ impl StoredHeader {
     /// body is its [`Self::body`]. A body of 4 GiB or more is not packed (the head's offsets
     /// are 32 bits): it is returned beside a head of its own.
     pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Option<Bytes>) {
+        self.pack_below(body, u32::MAX as usize)
+    }
+
+    /// [`Self::pack`], packing only a body below `limit` bytes (at most `u32::MAX`).
+    fn pack_below(&self, body: &[Bytes], limit: usize) -> (StoredHeader, Option<Bytes>) {
         let len: usize = body.iter().map(Bytes::len).sum();
-        let Ok(start) = u32::try_from(len) else {
-            let mut whole = BytesMut::with_capacity(len);
-            for chunk in body {
-                whole.extend_from_slice(chunk);
+        let start = match u32::try_from(len) {
+            Ok(start) if len < limit => start,
+            _ => {
+                let mut whole = BytesMut::with_capacity(len);
+                for chunk in body {
+                    whole.extend_from_slice(chunk);
+                }
+                let whole = whole.freeze();
+                // shared now, as a packed buffer is (its block is charged with the head's)
+                drop(whole.clone());
+                return (self.clone(), Some(whole));
             }
-            return (self.clone(), Some(whole.freeze()));
         };
         let mut buf = BytesMut::with_capacity(len + self.head().len());
         for chunk in body {
@@ -619,6 +631,14 @@ mod tests {
         // a head of its own has no body
         assert_eq!(alone.body_len(), 0);
         assert!(alone.body().is_empty());
+        // a body too large to pack (4 GiB in `pack`) comes back apart, whole, and the head
+        // stays a head of its own, the same
+        let (head, apart) = alone.pack_below(&chunks, 4);
+        assert_eq!(apart.as_deref(), Some(&b"body"[..]));
+        assert!(head.same(&alone) && head.body_len() == 0);
+        assert_eq!(fields(&head), fields(&alone));
+        let (head, apart) = alone.pack_below(&chunks, 5);
+        assert!(apart.is_none() && &head.body()[..] == b"body");
     }
 
     #[test]

@@ -145,7 +145,8 @@ impl HandleHit for CompleteHit {
                 format!("seek start out of range {start} >= {len}"),
             );
         }
-        self.range = (start, end.map_or(len, |e| e.min(len)));
+        // (an end before the start reads nothing, whichever buffer holds the body)
+        self.range = (start, end.map_or(len, |e| e.clamp(start, len)));
         self.done = false;
         Ok(())
     }

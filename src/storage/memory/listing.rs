@@ -117,11 +117,11 @@ impl MemoryStorage {
         let generation = self.generation.load(Ordering::Acquire);
         let mut heap: BinaryHeap<ByKey> = BinaryHeap::with_capacity(limit + 2);
         for row in self.table.iter() {
-            for slot in row.value().iter() {
+            for (variance, slot) in row.value().iter() {
                 let Some(entry) = &slot.entry else { continue };
                 let key = Cursor {
                     primary: *row.key(),
-                    variance: slot.variance().or(entry.meta.variance()),
+                    variance: variance.or(entry.meta.variance()),
                 };
                 if after.is_some_and(|a| key <= a)
                     || entry.generation != generation

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! One [`DashMap`] from the primary hash of a URL to its [`Slots`], one slot per Vary variant
-//! (inline while there is one).
+//! (the primary slot inline while it is the only one).
 //! Grouping variants under their URL makes "purge every variant of this URL" one map removal,
 //! and a lookup is one sharded-map read plus a scan of (usually one) variant.
 //!
@@ -243,13 +243,16 @@ impl Stored {
 
     /// What an entry of this header (with its URL) and a body of `body` bytes is charged
     /// against `memory_bytes`, with `tail` bytes of an older head kept in the body's buffer.
+    /// The box of a body kept apart ([`Apart`], 48 bytes after a 304) is part of
+    /// [`ENTRY_OVERHEAD`]'s margin.
     fn weigh(meta: &MetaParts, body: usize, tail: u32) -> usize {
         body + tail as usize + meta.header.bytes() + ENTRY_OVERHEAD
     }
 
     /// [`Self::tail`] once `header` replaces this entry's (in a buffer of its own).
     fn tail_with(&self, header: &StoredHeader) -> u32 {
-        if self.apart.is_some() || header.same(&self.meta.header) {
+        debug_assert!(!header.same(&self.meta.header), "the same head keeps its tail");
+        if self.apart.is_some() {
             self.tail()
         } else if self.body_len() == 0 {
             // no body keeps the buffer: the head being replaced goes with it
@@ -282,6 +285,9 @@ impl Stored {
                     tail: a.tail,
                 })
             })
+        } else if self.body_len() == 0 {
+            // no body, and no buffer kept for one: nothing apart (`tail_with` is 0)
+            None
         } else {
             Some(Box::new(Apart {
                 tail: self.tail_with(&meta.header),
@@ -376,43 +382,34 @@ struct Fill {
     state: watch::Sender<FillState>,
 }
 
-/// One Vary variant of a URL.
-#[derive(Debug)]
+/// One Vary variant of a URL: its committed entry, and the fill in progress that will
+/// replace it. Its variance is kept by its row ([`Slots`]).
+#[derive(Debug, Default)]
 struct Slot {
-    /// `None` for the primary slot (most URLs have only that one); boxed, so that the slot
-    /// takes 24 bytes and a row holds it inline ([`Slots`]).
-    variance: Option<Box<HashBinary>>,
     entry: Option<Arc<Stored>>,
     fill: Option<Arc<Fill>>,
 }
 
 impl Slot {
     /// A new slot: empty, or with the fill that opens it (its entry comes with a commit).
-    fn new(variance: Option<HashBinary>, fill: Option<Arc<Fill>>) -> Slot {
-        Slot {
-            variance: variance.map(Box::new),
-            entry: None,
-            fill,
-        }
+    fn new(fill: Option<Arc<Fill>>) -> Slot {
+        Slot { entry: None, fill }
     }
 
-    /// The variance of this slot (`None`: the URL's primary slot).
-    fn variance(&self) -> Option<HashBinary> {
-        self.variance.as_deref().copied()
-    }
-
-    /// Whether this is the slot of `variance`.
-    fn is(&self, variance: Option<HashBinary>) -> bool {
-        self.variance.as_deref() == variance.as_ref()
+    /// Whether it holds nothing (its row lets it go).
+    fn is_empty(&self) -> bool {
+        self.entry.is_none() && self.fill.is_none()
     }
 }
 
-/// The variants of a URL, its row in the table: one slot inline (a URL with one variant, most
-/// of them, costs no allocation of its own), or a list.
+/// The variants of a URL, its row in the table: its primary slot (variance `None`, where
+/// Pingora keeps the URL's first variant) inline when it is the only one, as for most URLs
+/// (no allocation of its own, and the row is 24 bytes: 40 with its key), or a list of slots
+/// and their variances.
 #[derive(Debug)]
 enum Slots {
-    One(Slot),
-    Many(Vec<Slot>),
+    Primary(Slot),
+    Many(Vec<(Option<HashBinary>, Slot)>),
 }
 
 impl Default for Slots {
@@ -422,31 +419,15 @@ impl Default for Slots {
     }
 }
 
-impl std::ops::Deref for Slots {
-    type Target = [Slot];
-    fn deref(&self) -> &[Slot] {
-        match self {
-            Slots::One(slot) => std::slice::from_ref(slot),
-            Slots::Many(slots) => slots,
-        }
-    }
-}
-
-impl std::ops::DerefMut for Slots {
-    fn deref_mut(&mut self) -> &mut [Slot] {
-        match self {
-            Slots::One(slot) => std::slice::from_mut(slot),
-            Slots::Many(slots) => slots,
-        }
-    }
-}
-
 impl IntoIterator for Slots {
-    type Item = Slot;
-    type IntoIter = std::iter::Chain<std::option::IntoIter<Slot>, std::vec::IntoIter<Slot>>;
+    type Item = (Option<HashBinary>, Slot);
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<(Option<HashBinary>, Slot)>,
+        std::vec::IntoIter<(Option<HashBinary>, Slot)>,
+    >;
     fn into_iter(self) -> Self::IntoIter {
         let (one, many) = match self {
-            Slots::One(slot) => (Some(slot), Vec::new()),
+            Slots::Primary(slot) => (Some((None, slot)), Vec::new()),
             Slots::Many(slots) => (None, slots),
         };
         one.into_iter().chain(many)
@@ -454,33 +435,93 @@ impl IntoIterator for Slots {
 }
 
 impl Slots {
-    /// Add a slot; returns it.
-    fn push(&mut self, slot: Slot) -> &mut Slot {
-        match std::mem::take(self) {
-            Slots::Many(slots) if slots.is_empty() => *self = Slots::One(slot),
-            Slots::One(first) => *self = Slots::Many(vec![first, slot]),
-            Slots::Many(mut slots) => {
-                slots.push(slot);
-                *self = Slots::Many(slots);
-            }
-        }
-        self.last_mut().expect("just pushed")
+    /// Whether it holds no slot.
+    fn is_empty(&self) -> bool {
+        matches!(self, Slots::Many(slots) if slots.is_empty())
     }
 
-    /// Keep the slots for which `keep` is true; one left goes back inline, none frees the list.
+    /// The slot of `variance` (`None`: the primary one).
+    fn find(&self, variance: Option<HashBinary>) -> Option<&Slot> {
+        match self {
+            Slots::Primary(slot) => variance.is_none().then_some(slot),
+            Slots::Many(slots) => slots.iter().find(|(v, _)| *v == variance).map(|(_, s)| s),
+        }
+    }
+
+    /// [`Self::find`], to change it.
+    fn find_mut(&mut self, variance: Option<HashBinary>) -> Option<&mut Slot> {
+        match self {
+            Slots::Primary(slot) => variance.is_none().then_some(slot),
+            Slots::Many(slots) => slots.iter_mut().find(|(v, _)| *v == variance).map(|(_, s)| s),
+        }
+    }
+
+    /// The primary slot, if it is the row's only one.
+    fn only_primary(&self) -> Option<&Slot> {
+        match self {
+            Slots::Primary(slot) => Some(slot),
+            Slots::Many(_) => None,
+        }
+    }
+
+    /// Every slot with its variance, in the order they came.
+    fn iter(&self) -> impl Iterator<Item = (Option<HashBinary>, &Slot)> {
+        let (one, many) = match self {
+            Slots::Primary(slot) => (Some(slot), &[][..]),
+            Slots::Many(slots) => (None, &slots[..]),
+        };
+        one.map(|s| (None, s))
+            .into_iter()
+            .chain(many.iter().map(|(v, s)| (*v, s)))
+    }
+
+    /// [`Self::iter`], to change them.
+    fn iter_mut(&mut self) -> impl Iterator<Item = (Option<HashBinary>, &mut Slot)> {
+        let (one, many) = match self {
+            Slots::Primary(slot) => (Some(slot), &mut [][..]),
+            Slots::Many(slots) => (None, &mut slots[..]),
+        };
+        one.map(|s| (None, s))
+            .into_iter()
+            .chain(many.iter_mut().map(|(v, s)| (*v, s)))
+    }
+
+    /// Add the slot of `variance` (the caller checked that there is none); returns it.
+    fn push(&mut self, variance: Option<HashBinary>, slot: Slot) -> &mut Slot {
+        *self = match (std::mem::take(self), variance) {
+            (Slots::Many(slots), None) if slots.is_empty() => Slots::Primary(slot),
+            (Slots::Primary(first), _) => Slots::Many(vec![(None, first), (variance, slot)]),
+            (Slots::Many(mut slots), _) => {
+                slots.push((variance, slot));
+                Slots::Many(slots)
+            }
+        };
+        self.find_mut(variance).expect("just pushed")
+    }
+
+    /// Keep the slots for which `keep` is true: a primary slot left alone goes back inline,
+    /// no slot left frees the list.
     fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
         match self {
-            Slots::One(slot) if !keep(slot) => *self = Slots::default(),
-            Slots::One(_) => {}
+            Slots::Primary(slot) if !keep(slot) => *self = Slots::default(),
+            Slots::Primary(_) => {}
             Slots::Many(slots) => {
-                slots.retain(|s| keep(s));
-                match slots.len() {
-                    0 => *self = Slots::default(),
-                    1 => *self = Slots::One(slots.pop().expect("one slot")),
+                slots.retain(|(_, s)| keep(s));
+                match &mut slots[..] {
+                    [] => *self = Slots::default(),
+                    [(None, _)] => {
+                        let (_, slot) = slots.pop().expect("one slot");
+                        *self = Slots::Primary(slot);
+                    }
                     _ => {}
                 }
             }
         }
+    }
+
+    /// Let the slots that hold nothing go.
+    fn prune(&mut self) {
+        self.retain(|s| !s.is_empty());
     }
 }
 
@@ -598,10 +639,8 @@ impl MemoryStorage {
     /// variant with no `Vary`. Anything else is `None`, and the request takes the full path.
     pub fn fresh_plain(&self, key: &CacheKey, now: SystemTime) -> Option<FreshEntry> {
         let slots = self.table.get(&key.primary_bin())?;
-        let [slot] = &slots[..] else {
-            return None;
-        };
-        if slot.variance.is_some() || slot.fill.is_some() {
+        let slot = slots.only_primary()?;
+        if slot.fill.is_some() {
             return None;
         }
         let entry = slot.entry.as_ref()?;
@@ -768,10 +807,10 @@ impl MemoryStorage {
             }
             return None;
         }
-        let slot = match slots.iter().position(|s| s.is(variance)) {
-            Some(i) => &mut slots[i],
-            None => slots.push(Slot::new(variance, None)),
-        };
+        if slots.find(variance).is_none() {
+            slots.push(variance, Slot::new(None));
+        }
+        let slot = slots.find_mut(variance).expect("there or just pushed");
         let validated = stored.meta.updated.get();
         if let Some(old) = slot.entry.replace(stored) {
             self.account_remove(old.weight());
@@ -805,7 +844,7 @@ impl MemoryStorage {
         }
         let variance = key.variance.as_deref().copied();
         let current = self.table.get(&key.primary).and_then(|slots| {
-            let entry = slots.iter().find(|s| s.is(variance))?.entry.as_ref()?;
+            let entry = slots.find(variance)?.entry.as_ref()?;
             self.current(entry)
                 .then(|| (entry.weight(), entry.meta.fresh_until.get()))
         });
@@ -819,12 +858,12 @@ impl MemoryStorage {
     /// one that was given up.
     fn take_fill(&self, primary: HashBinary, variance: Option<HashBinary>, fill: u64) {
         if let Some(mut slots) = self.table.get_mut(&primary) {
-            if let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) {
+            if let Some(slot) = slots.find_mut(variance) {
                 if slot.fill.as_ref().is_some_and(|f| f.id == fill) {
                     slot.fill = None;
                 }
             }
-            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+            slots.prune();
         }
         self.table.remove_if(&primary, |_, s| s.is_empty());
     }
@@ -841,8 +880,7 @@ impl MemoryStorage {
         let mut slots = self.table.get_mut(&key.primary_bin())?;
         let variance = key.variance_bin();
         let entry = slots
-            .iter_mut()
-            .find(|s| s.is(variance))
+            .find_mut(variance)
             .and_then(|s| s.entry.as_mut())
             .filter(|e| self.current(e) && self.fill_generation(meta) == self.generation())?;
         let parts = MetaParts::from_meta(meta, entry.url());
@@ -876,20 +914,21 @@ impl MemoryStorage {
         now: SystemTime,
     ) -> Option<(SystemTime, Option<HashBinary>)> {
         let slots = self.table.get(&key.primary_bin())?;
-        let primary = slots.iter().find(|s| s.variance.is_none())?;
-        let mut slot = primary;
+        let primary = slots.find(None)?;
+        let (mut slot, mut variance) = (primary, None);
         if let Some(entry) = &primary.entry {
             let wanted = crate::key::variance_for(&entry.meta.header, req, key_headers);
             if wanted != entry.meta.variance() {
                 // another variant: its own (secondary) slot
-                slot = slots.iter().find(|s| s.variance.is_some() && s.is(wanted))?;
+                variance = Some(wanted?);
+                slot = slots.find(variance)?;
             }
         }
         if slot.fill.is_some() {
             return None;
         }
         let entry = slot.entry.as_ref().filter(|e| self.current(e))?;
-        (entry.meta.fresh_until.get() <= now).then_some((entry.meta.updated.get(), slot.variance()))
+        (entry.meta.fresh_until.get() <= now).then_some((entry.meta.updated.get(), variance))
     }
 
     /// Remove every variant of the URL whose primary hash is `primary`. Returns the compact
@@ -899,12 +938,12 @@ impl MemoryStorage {
             return Vec::new();
         };
         let mut removed = Vec::new();
-        for slot in slots {
+        for (variance, slot) in slots {
             // a fill in progress is left to finish: it started before this call returns,
             // and the proxy's validity checks decide whether it may be served
             if let Some(entry) = &slot.entry {
                 self.account_remove(entry.weight());
-                removed.push(compact(*primary, slot.variance()));
+                removed.push(compact(*primary, variance));
             }
         }
         removed
@@ -918,7 +957,7 @@ impl MemoryStorage {
         };
         let now = SystemTime::now();
         let mut n = 0;
-        for entry in slots.iter_mut().filter_map(|s| s.entry.as_mut()) {
+        for entry in slots.iter_mut().filter_map(|(_, s)| s.entry.as_mut()) {
             *entry = entry.expired(now);
             n += 1;
         }
@@ -973,15 +1012,15 @@ impl MemoryStorage {
             let mut removed = Vec::with_capacity(batch.len());
             for primary in batch {
                 if let Some(mut slots) = self.table.get_mut(primary) {
-                    for slot in slots.iter_mut() {
+                    for (variance, slot) in slots.iter_mut() {
                         if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
                             let e = slot.entry.take().expect("checked above");
                             self.account_remove(e.weight());
-                            removed.push(compact(*primary, slot.variance()));
+                            removed.push(compact(*primary, variance));
                             freed.push(e);
                         }
                     }
-                    slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+                    slots.prune();
                 }
                 self.table.remove_if(primary, |_, slots| slots.is_empty());
             }
@@ -1005,13 +1044,13 @@ impl MemoryStorage {
     pub fn remove_variant(&self, primary: HashBinary, variance: Option<HashBinary>) -> bool {
         let mut removed = false;
         if let Some(mut slots) = self.table.get_mut(&primary) {
-            if let Some(slot) = slots.iter_mut().find(|s| s.is(variance)) {
+            if let Some(slot) = slots.find_mut(variance) {
                 if let Some(e) = slot.entry.take() {
                     self.account_remove(e.weight());
                     removed = true;
                 }
             }
-            slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+            slots.prune();
         }
         // drop the URL's row if that was its last variant; the re-check under the write lock
         // keeps a concurrent insert

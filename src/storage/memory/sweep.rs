@@ -50,12 +50,12 @@ impl MemoryStorage {
         let generation = self.generation.load(Ordering::Acquire);
         let mut todo: Vec<(HashBinary, Option<HashBinary>, Arc<Stored>)> = Vec::new();
         for row in self.table.iter() {
-            for slot in row.value().iter() {
+            for (variance, slot) in row.value().iter() {
                 let Some(e) = &slot.entry else { continue };
                 if e.generation == generation
                     && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated.get()) < floor)
                 {
-                    todo.push((*row.key(), slot.variance(), e.clone()));
+                    todo.push((*row.key(), variance, e.clone()));
                 }
             }
         }
@@ -106,8 +106,8 @@ impl MemoryStorage {
             return false;
         };
         let Some(slot) = slots
-            .iter_mut()
-            .find(|s| s.is(variance) && s.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, current)))
+            .find_mut(variance)
+            .filter(|s| s.entry.as_ref().is_some_and(|e| Arc::ptr_eq(e, current)))
         else {
             return false;
         };
@@ -116,7 +116,7 @@ impl MemoryStorage {
             None => {
                 slot.entry = None;
                 self.account_remove(current.weight());
-                slots.retain(|s| s.entry.is_some() || s.fill.is_some());
+                slots.prune();
             }
         }
         drop(slots);

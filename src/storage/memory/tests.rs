@@ -293,11 +293,43 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     let (before, after, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!((before, after), (new, new));
 
-    // an empty body keeps no buffer: the head a 304 replaces goes, and is not charged
+    // an empty body keeps no buffer: the head a 304 replaces goes, and is not charged, and
+    // nothing is kept apart
     let empty = CacheKey::new("http://h/empty", "");
     let w = fill(&S, &empty, &[]).await;
     let (m, _) = S.lookup(&empty, &trace).await.unwrap().unwrap();
     assert_eq!(S.revalidate(&empty, &revalidated(&m)).unwrap().1, w);
+    let apart = |k: &CacheKey| {
+        let row = S.table.get(&k.primary_bin()).unwrap();
+        row.find(None).unwrap().entry.as_ref().unwrap().apart.is_some()
+    };
+    assert!(!apart(&empty));
+    assert!(apart(&key), "the body with content is apart after its 304");
+}
+
+/// A soft purge of an entry never refreshed keeps its body where it is, in its head's
+/// buffer, at the same weight.
+#[tokio::test]
+async fn a_soft_purge_keeps_a_packed_body_in_place() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/soft", "");
+    let w = fill(&S, &key, &["so", "ft"]).await;
+    let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    let before = hit.read_body().await.unwrap().unwrap();
+    S.expire(PurgeTarget::Active(&key.to_compact()), &trace)
+        .await
+        .unwrap();
+    let (m, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert!(m.fresh_until() <= SystemTime::now(), "stale now");
+    let after = hit.read_body().await.unwrap().unwrap();
+    assert_eq!((&after[..], after.as_ptr()), (&b"soft"[..], before.as_ptr()));
+    let row = S.table.get(&key.primary_bin()).unwrap();
+    let entry = row.find(None).unwrap().entry.clone().unwrap();
+    drop(row);
+    assert!(entry.apart.is_none());
+    assert_eq!(entry.weight(), w);
+    assert_eq!(S.stats().bytes, w);
 }
 
 #[tokio::test]
@@ -631,58 +663,89 @@ fn an_entry_keeps_its_bookkeeping_small() {
     // its 160-byte size class (it took 208 with the weight kept and the variance inline,
     // which is now in the head's buffer, and 192 with the body's own `Bytes`, now the head's)
     assert!(16 + size_of::<super::Stored>() + 8 <= 160);
-    assert_eq!(size_of::<super::Slot>(), 24);
-    assert_eq!(size_of::<super::Slots>(), 32);
+    assert_eq!(size_of::<super::Slot>(), 16);
+    // a row: its key and its slots, the primary one inline (40 bytes in the table, 48 with
+    // the slot's variance kept in it)
+    assert_eq!(size_of::<super::Slots>(), 24);
+    assert_eq!(size_of::<(HashBinary, super::Slots)>(), 40);
 }
 
-/// A row holds one slot inline and goes to a list from the second; emptied, it holds none,
-/// and a slot comes back from it whatever its form.
+/// A row holds its primary slot inline when it is the only one, and a list otherwise (a
+/// URL's first slot may be a secondary variant's, its primary purged); emptied, it holds
+/// none, and every slot comes back from it with its variance, whatever its form.
 #[test]
-fn a_row_holds_one_slot_inline_and_more_in_a_list() {
+fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
     use super::{Slot, Slots};
     let v = |b: u8| Some([b; 16]);
+    let variances = |row: &Slots| row.iter().map(|(v, _)| v).collect::<Vec<_>>();
     let mut row = Slots::default();
-    assert!(row.is_empty());
-    row.push(Slot::new(None, None));
-    assert!(matches!(row, Slots::One(_)));
-    assert!(row[0].is(None) && !row[0].is(v(1)));
-    let second = row.push(Slot::new(v(1), None));
-    assert_eq!(second.variance(), v(1));
-    assert_eq!(row.push(Slot::new(v(2), None)).variance(), v(2));
+    assert!(row.is_empty() && row.find(None).is_none());
+    row.push(None, Slot::new(None));
+    assert!(matches!(row, Slots::Primary(_)));
+    assert!(row.find(None).is_some() && row.find(v(1)).is_none());
+    assert!(row.only_primary().is_some());
+    assert!(row.push(v(1), Slot::new(None)).is_empty());
+    row.push(v(2), Slot::new(None));
     assert!(matches!(&row, Slots::Many(s) if s.len() == 3));
-    let order: Vec<_> = row.iter().map(Slot::variance).collect();
-    assert_eq!(order, vec![None, v(1), v(2)]);
-    row.retain(|s| !s.is(None));
-    assert!(matches!(&row, Slots::Many(s) if s.len() == 2));
-    row.retain(|s| s.is(v(2)));
-    assert!(matches!(row, Slots::One(_)), "the one slot left goes back inline");
-    assert_eq!(row.len(), 1);
-    assert_eq!(
-        row.into_iter().map(|s| s.variance()).collect::<Vec<_>>(),
-        vec![v(2)]
+    assert!(row.only_primary().is_none());
+    assert_eq!(variances(&row), vec![None, v(1), v(2)]);
+    assert!(row.find(v(2)).is_some() && row.find_mut(v(1)).is_some());
+    assert!(row.find(v(3)).is_none());
+    // the primary slot goes: a secondary one left alone stays in the list (inline is the
+    // primary's place)
+    let mut n = 0;
+    row.retain(|_| {
+        n += 1;
+        n != 1
+    });
+    assert_eq!(variances(&row), vec![v(1), v(2)]);
+    row.retain(|_| {
+        n += 1;
+        n != 5
+    });
+    assert!(matches!(&row, Slots::Many(s) if s.len() == 1));
+    assert!(row.find(None).is_none() && row.only_primary().is_none());
+    assert_eq!(variances(&row), vec![v(1)]);
+    // the primary back, then the secondary gone: the primary goes back inline
+    row.push(None, Slot::new(None));
+    assert_eq!(variances(&row), vec![v(1), None]);
+    let mut n = 0;
+    row.retain(|_| {
+        n += 1;
+        n == 2
+    });
+    assert!(
+        matches!(row, Slots::Primary(_)),
+        "a primary slot left alone goes back inline"
     );
+    assert_eq!(row.into_iter().map(|(v, _)| v).collect::<Vec<_>>(), vec![None]);
 
+    // empty slots are let go; an emptied list is freed
     let mut many = Slots::default();
-    many.push(Slot::new(None, None));
-    many.push(Slot::new(v(1), None));
-    many.retain(|_| false);
+    many.push(None, Slot::new(None));
+    many.push(v(1), Slot::new(None));
+    many.prune();
+    assert!(many.is_empty());
     assert!(
         matches!(many, Slots::Many(ref s) if s.capacity() == 0),
         "an emptied list is freed"
     );
-
     let mut one = Slots::default();
-    one.push(Slot::new(v(3), None));
-    one.retain(|s| s.is(v(3)));
-    assert!(matches!(one, Slots::One(_)), "a slot kept stays inline");
-    one.retain(|_| false);
-    assert!(one.is_empty());
+    one.push(None, Slot::new(None));
+    one.prune();
     assert!(
         matches!(one, Slots::Many(ref s) if s.capacity() == 0),
         "an empty row allocates nothing"
     );
-    one.push(Slot::new(None, None));
-    assert_eq!(one.into_iter().count(), 1);
+    one.push(v(3), Slot::new(None));
+    assert_eq!(one.into_iter().map(|(v, _)| v).collect::<Vec<_>>(), vec![v(3)]);
+    let mut iter_mut = Slots::default();
+    iter_mut.push(None, Slot::new(None));
+    iter_mut.push(v(4), Slot::new(None));
+    assert_eq!(
+        iter_mut.iter_mut().map(|(v, _)| v).collect::<Vec<_>>(),
+        vec![None, v(4)]
+    );
 }
 
 #[test]
