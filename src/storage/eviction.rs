@@ -859,6 +859,11 @@ mod tests {
             let back = Tracked::new(item.clone(), 1234);
             assert_eq!(back.bytes(), 1234);
             assert_eq!(back.key(), item);
+            // its byte count is 32 bits, saturated above
+            let max = u32::MAX as usize;
+            assert_eq!(Tracked::new(item.clone(), max).bytes(), max);
+            assert_eq!(Tracked::new(item.clone(), max + 1).bytes(), max);
+            assert_eq!(Tracked::new(item.clone(), 0).bytes(), 0);
         }
     }
 

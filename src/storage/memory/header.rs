@@ -288,13 +288,13 @@ impl StoredHeader {
 
     /// This head and a body (its chunks) copied into one buffer, the body first: an entry's
     /// one allocation for both, and one shared block. Returns the head in that buffer; the
-    /// body is its [`Self::body`]. A body of 4 GiB or more is not packed (the head's offsets
-    /// are 32 bits): it is returned beside a head of its own.
+    /// body is its [`Self::body`]. A body over `u32::MAX` bytes is not packed (the head's
+    /// offsets are 32 bits): it is returned beside a head of its own.
     pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Option<Bytes>) {
-        self.pack_below(body, u32::MAX as usize)
+        self.pack_below(body, u32::MAX as usize + 1)
     }
 
-    /// [`Self::pack`], packing only a body below `limit` bytes (at most `u32::MAX`).
+    /// [`Self::pack`], packing only a body below `limit` bytes (at most `u32::MAX` + 1).
     fn pack_below(&self, body: &[Bytes], limit: usize) -> (StoredHeader, Option<Bytes>) {
         let len: usize = body.iter().map(Bytes::len).sum();
         let start = match u32::try_from(len) {

@@ -486,10 +486,13 @@ impl Slots {
             .chain(many.iter_mut().map(|(v, s)| (*v, s)))
     }
 
-    /// Add the slot of `variance` (the caller checked that there is none); returns it.
+    /// Add the slot of `variance` (the caller checked that there is none); returns it. A list
+    /// starts at the room it needs (a secondary variant alone: one element, not `Vec`'s four).
     fn push(&mut self, variance: Option<HashBinary>, slot: Slot) -> &mut Slot {
+        debug_assert!(self.find(variance).is_none(), "one slot per variance");
         *self = match (std::mem::take(self), variance) {
             (Slots::Many(slots), None) if slots.is_empty() => Slots::Primary(slot),
+            (Slots::Many(slots), _) if slots.is_empty() => Slots::Many(vec![(variance, slot)]),
             (Slots::Primary(first), _) => Slots::Many(vec![(None, first), (variance, slot)]),
             (Slots::Many(mut slots), _) => {
                 slots.push((variance, slot));
@@ -500,19 +503,22 @@ impl Slots {
     }
 
     /// Keep the slots for which `keep` is true: a primary slot left alone goes back inline,
-    /// no slot left frees the list.
+    /// no slot left frees the list, and a list that kept half its room or less gives the rest
+    /// back.
     fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
         match self {
             Slots::Primary(slot) if !keep(slot) => *self = Slots::default(),
             Slots::Primary(_) => {}
             Slots::Many(slots) => {
                 slots.retain(|(_, s)| keep(s));
+                let roomy = slots.len() <= slots.capacity() / 2;
                 match &mut slots[..] {
                     [] => *self = Slots::default(),
                     [(None, _)] => {
                         let (_, slot) = slots.pop().expect("one slot");
                         *self = Slots::Primary(slot);
                     }
+                    _ if roomy => slots.shrink_to_fit(),
                     _ => {}
                 }
             }
@@ -807,6 +813,7 @@ impl MemoryStorage {
             }
             return None;
         }
+        // (a row holds a few slots at most: three short scans)
         if slots.find(variance).is_none() {
             slots.push(variance, Slot::new(None));
         }

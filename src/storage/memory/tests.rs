@@ -277,6 +277,9 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     assert_eq!((&again[..], again.as_ptr()), (&b"hello"[..], body.as_ptr()));
     hit.seek(1, Some(3)).unwrap();
     assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"el");
+    // an end before the start reads nothing (it does not panic)
+    hit.seek(3, Some(1)).unwrap();
+    assert!(hit.read_body().await.unwrap().unwrap().is_empty());
     let (_, again, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(again, new, "once");
     assert_eq!(
@@ -677,48 +680,69 @@ fn an_entry_keeps_its_bookkeeping_small() {
 fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
     use super::{Slot, Slots};
     let v = |b: u8| Some([b; 16]);
-    let variances = |row: &Slots| row.iter().map(|(v, _)| v).collect::<Vec<_>>();
+    // a slot told apart by its entry's URL
+    let slot = |name: &str| Slot {
+        entry: Some(Stored::new(
+            MetaParts::from_meta(&meta(60), &format!("http://h/{name}")),
+            &[],
+            0,
+        )),
+        fill: None,
+    };
+    let name = |s: &Slot| s.entry.as_ref().map_or("", |e| e.url()).to_string();
+    let listed = |row: &Slots| row.iter().map(|(v, s)| (v, name(s))).collect::<Vec<_>>();
     let mut row = Slots::default();
     assert!(row.is_empty() && row.find(None).is_none());
-    row.push(None, Slot::new(None));
+    assert_eq!(name(row.push(None, slot("p"))), "http://h/p");
     assert!(matches!(row, Slots::Primary(_)));
-    assert!(row.find(None).is_some() && row.find(v(1)).is_none());
-    assert!(row.only_primary().is_some());
-    assert!(row.push(v(1), Slot::new(None)).is_empty());
-    row.push(v(2), Slot::new(None));
+    assert!(row.find(v(1)).is_none());
+    assert_eq!(row.only_primary().map(name).as_deref(), Some("http://h/p"));
+    assert_eq!(name(row.push(v(1), slot("a"))), "http://h/a", "the slot pushed");
+    row.push(v(2), slot("b"));
     assert!(matches!(&row, Slots::Many(s) if s.len() == 3));
     assert!(row.only_primary().is_none());
-    assert_eq!(variances(&row), vec![None, v(1), v(2)]);
-    assert!(row.find(v(2)).is_some() && row.find_mut(v(1)).is_some());
+    assert_eq!(row.find(v(2)).map(name).as_deref(), Some("http://h/b"));
+    assert_eq!(row.find_mut(v(1)).map(|s| name(s)).as_deref(), Some("http://h/a"));
+    assert_eq!(row.find(None).map(name).as_deref(), Some("http://h/p"));
     assert!(row.find(v(3)).is_none());
-    // the primary slot goes: a secondary one left alone stays in the list (inline is the
-    // primary's place)
-    let mut n = 0;
-    row.retain(|_| {
-        n += 1;
-        n != 1
-    });
-    assert_eq!(variances(&row), vec![v(1), v(2)]);
-    row.retain(|_| {
-        n += 1;
-        n != 5
-    });
+    // the primary and a secondary kept: still a list, in order
+    row.retain(|s| name(s) != "http://h/b");
+    assert_eq!(
+        listed(&row),
+        vec![(None, "http://h/p".into()), (v(1), "http://h/a".into())]
+    );
+    // the primary gone: a secondary left alone stays in the list (inline is the primary's)
+    row.retain(|s| name(s) != "http://h/p");
     assert!(matches!(&row, Slots::Many(s) if s.len() == 1));
     assert!(row.find(None).is_none() && row.only_primary().is_none());
-    assert_eq!(variances(&row), vec![v(1)]);
-    // the primary back, then the secondary gone: the primary goes back inline
-    row.push(None, Slot::new(None));
-    assert_eq!(variances(&row), vec![v(1), None]);
-    let mut n = 0;
-    row.retain(|_| {
-        n += 1;
-        n == 2
-    });
+    // the primary back, then the secondary emptied and pruned: the primary back inline
+    row.push(None, slot("p2"));
+    assert_eq!(
+        listed(&row),
+        vec![(v(1), "http://h/a".into()), (None, "http://h/p2".into())]
+    );
+    row.find_mut(v(1)).unwrap().entry = None;
+    row.prune();
     assert!(
         matches!(row, Slots::Primary(_)),
         "a primary slot left alone goes back inline"
     );
-    assert_eq!(row.into_iter().map(|(v, _)| v).collect::<Vec<_>>(), vec![None]);
+    assert_eq!(
+        row.into_iter().map(|(v, s)| (v, name(&s))).collect::<Vec<_>>(),
+        vec![(None, "http://h/p2".into())]
+    );
+
+    // a secondary variant alone takes a list of one, not Vec's first four
+    let mut alone = Slots::default();
+    alone.push(v(5), slot("s"));
+    assert!(matches!(&alone, Slots::Many(s) if s.capacity() == 1));
+    // a list that lost most of its slots gives the room back
+    let mut shrunk = Slots::default();
+    for i in 1..=6 {
+        shrunk.push(v(i), slot(&i.to_string()));
+    }
+    shrunk.retain(|s| name(s) == "http://h/1" || name(s) == "http://h/2");
+    assert!(matches!(&shrunk, Slots::Many(s) if s.len() == 2 && s.capacity() == 2));
 
     // empty slots are let go; an emptied list is freed
     let mut many = Slots::default();
@@ -737,8 +761,6 @@ fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
         matches!(one, Slots::Many(ref s) if s.capacity() == 0),
         "an empty row allocates nothing"
     );
-    one.push(v(3), Slot::new(None));
-    assert_eq!(one.into_iter().map(|(v, _)| v).collect::<Vec<_>>(), vec![v(3)]);
     let mut iter_mut = Slots::default();
     iter_mut.push(None, Slot::new(None));
     iter_mut.push(v(4), Slot::new(None));
@@ -746,6 +768,34 @@ fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
         iter_mut.iter_mut().map(|(v, _)| v).collect::<Vec<_>>(),
         vec![None, v(4)]
     );
+}
+
+/// The fast hit path takes a URL whose only slot is its primary one: not while another
+/// variant is stored beside it, again once that one goes, and never a secondary variant
+/// left alone.
+#[tokio::test]
+async fn the_fast_path_serves_a_url_whose_other_variants_went() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let key = CacheKey::new("http://h/fast", "");
+    let mut variant = CacheKey::new("http://h/fast", "");
+    variant.set_variance_key(*b"0123456789abcdef");
+    let now = SystemTime::now;
+    fill(&S, &key, &["a"]).await;
+    assert!(S.fresh_plain(&key, now()).is_some());
+    fill(&S, &variant, &["b"]).await;
+    assert!(
+        S.fresh_plain(&key, now()).is_none(),
+        "two variants: the full path"
+    );
+    assert!(S.remove_variant(variant.primary_bin(), variant.variance_bin()));
+    let fast = S.fresh_plain(&key, now()).expect("the primary alone again");
+    assert_eq!(&fast.body()[..], b"a");
+    fill(&S, &variant, &["b"]).await;
+    assert!(S.remove_variant(key.primary_bin(), None));
+    assert!(S.fresh_plain(&key, now()).is_none(), "a secondary variant alone");
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    assert!(S.lookup(&variant, &trace).await.unwrap().is_some());
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none());
 }
 
 #[test]
