@@ -47,10 +47,11 @@ use crate::storage::eviction::Eviction;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured 465 bytes
-/// beyond body and header (as the origin sent it; 488 when it varies) under S3-FIFO with
+/// node and index, and the allocator's share of each. benches/memory.sh measured 404 bytes
+/// beyond body and header (as the origin sent it; 428 when it varies) under S3-FIFO with
 /// nothing evicted (200,000 objects of 100 bytes and four known fields, 2026-11-30; on the
-/// same machine 511 before the
+/// same machine 464 before the body became a slice of the head's buffer and a row's slots
+/// lost their variance, 511 before the
 /// stored head kept known names as numbers, 533 before an entry lost its kept weight and its
 /// inline variance; 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before).
 /// The rest is for the allocator's
