@@ -127,3 +127,62 @@ impl BackgroundService for Sweeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheParts;
+    use crate::config::Config;
+    use crate::storage::eviction::Policy;
+    use crate::storage::memory::MetaParts;
+    use bytes::Bytes;
+    use pingora_cache::eviction::EvictionManager;
+    use pingora_cache::{CacheEntryKey, CacheKey, CacheMeta};
+    use pingora_http::ResponseHeader;
+
+    /// What the eviction manager pushed out outside an admission (a hit that tracked an
+    /// untracked entry again) leaves L1 with the sweeper's next pass, with no fill after it:
+    /// before the pass L1 still holds it, after it L1 does not, and the entry that pushed it
+    /// out stays.
+    #[tokio::test]
+    async fn a_pass_takes_out_of_l1_what_a_hit_pushed_out() {
+        let mut cfg = Config::embedded_default();
+        cfg.cache.eviction = Policy::S3fifo;
+        cfg.cache.memory_bytes = 64 * 1024;
+        cfg.cache.max_object_bytes = 40 * 1024;
+        let parts = CacheParts::leak(&cfg, None);
+        let (l1, eviction) = (parts.storage.l1, parts.eviction);
+        let now = SystemTime::now();
+        let store = |url: &'static str, size: usize| {
+            let key = CacheKey::new(url, "");
+            let h = ResponseHeader::build(200, None).unwrap();
+            let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
+            let parts = MetaParts::from_meta(&meta, url);
+            let (_, weight) = l1
+                .insert(&key, parts, Bytes::from(vec![b'x'; size]), l1.generation())
+                .expect("stored");
+            let item = CacheEntryKey::from_entry_id(key.to_compact(), None);
+            (key, item, weight)
+        };
+        let (pushed, pushed_item, weight) = store("http://h/pushed", 30 * 1024);
+        assert!(eviction.admit(pushed_item.clone(), weight, now).is_empty());
+        // held by L1 and not tracked (as after a purge's late removal): its hit tracks it,
+        // and the two do not fit
+        let (hit, hit_item, weight) = store("http://h/hit", 40 * 1024);
+        assert!(!eviction.access(&hit_item, weight, now));
+        assert!(!eviction.peek(&pushed_item), "pushed out of the manager");
+        assert!(
+            l1.fresh_plain(&pushed, now).is_some(),
+            "still in L1 before the pass"
+        );
+
+        Sweeper::new(parts.storage, Duration::from_secs(1)).pass().await;
+        assert!(
+            l1.fresh_plain(&pushed, now).is_none(),
+            "taken out of L1 by the pass"
+        );
+        assert!(l1.fresh_plain(&hit, now).is_some());
+        assert!(eviction.peek(&hit_item));
+        assert_eq!(l1.stats().entries, 1);
+    }
+}
