@@ -1094,7 +1094,9 @@ async fn the_allocator_trimmer_runs_unless_turned_off() {
 /// Issue 16: what a small cached object costs beyond its body and header, as the kernel sees
 /// it. 20,000 objects of 100 bytes, nothing evicted: corral's RSS may grow by at most 550
 /// bytes per entry beyond body and header on the wire (measured 377 to 393 since the body is
-/// a slice of the head's buffer and a row's slots keep no variance, 2026-11-30; 627 to 634 with the body,
+/// a slice of the head's buffer and a row's slots keep no variance, 2026-11-30, on a 2-core
+/// machine; 447 to 460 at the stop before, d5455a5, whose 60 bytes more this bound does
+/// not catch: its margin is for a noisy machine, and benches/memory.sh measures; 627 to 634 with the body,
 /// URL, head and offsets in one buffer, 8-byte times and TinyUFO's 32-byte key, before S3-FIFO
 /// became the default; 921 to 951
 /// with the head as text and offsets in a buffer of its own; about 1,050 with (name, value)

@@ -215,10 +215,13 @@ impl Stored {
         }
     }
 
-    /// `body()[range]` (shared, not copied).
+    /// `body()[range]`, clamped to the body (shared, not copied), wherever the body is.
     fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
         match &self.apart {
-            Some(apart) => apart.body.slice(range),
+            Some(apart) => {
+                let end = range.end.min(apart.body.len());
+                apart.body.slice(range.start.min(end)..end)
+            }
             None => self.meta.header.body_slice(range),
         }
     }
@@ -504,15 +507,16 @@ impl Slots {
     }
 
     /// Keep the slots for which `keep` is true: a primary slot left alone goes back inline,
-    /// no slot left frees the list, and a list that kept half its room or less gives the rest
-    /// back.
+    /// no slot left frees the list, and a list of more than four places that kept half of them
+    /// or less gives the rest back (not a small one: a URL whose variants come and go would
+    /// reallocate its list each time).
     fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) {
         match self {
             Slots::Primary(slot) if !keep(slot) => *self = Slots::default(),
             Slots::Primary(_) => {}
             Slots::Many(slots) => {
                 slots.retain(|(_, s)| keep(s));
-                let roomy = slots.len() <= slots.capacity() / 2;
+                let roomy = slots.capacity() > 4 && slots.len() <= slots.capacity() / 2;
                 match &mut slots[..] {
                     [] => *self = Slots::default(),
                     [(None, _)] => {

@@ -280,6 +280,20 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     // an end before the start reads nothing (it does not panic)
     hit.seek(3, Some(1)).unwrap();
     assert!(hit.read_body().await.unwrap().unwrap().is_empty());
+    // the entry's own slices are clamped to the body kept apart, as to a packed one
+    let entry = S
+        .table
+        .get(&key.primary_bin())
+        .unwrap()
+        .find(None)
+        .unwrap()
+        .entry
+        .clone()
+        .unwrap();
+    assert!(entry.apart.is_some());
+    assert_eq!(&entry.body_slice(3..99)[..], b"lo");
+    let (start, end) = (4, 2);
+    assert!(entry.body_slice(start..end).is_empty());
     let (_, again, _) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(again, new, "once");
     assert_eq!(
