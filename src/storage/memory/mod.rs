@@ -494,6 +494,10 @@ impl Slots {
     /// starts at the room it needs (a secondary variant alone: one element, not `Vec`'s four).
     fn push(&mut self, variance: Option<HashBinary>, slot: Slot) -> &mut Slot {
         debug_assert!(self.find(variance).is_none(), "one slot per variance");
+        if self.find(variance).is_some() {
+            // (never: every caller looks first) the slot there stays, one per variance
+            return self.find_mut(variance).expect("just found");
+        }
         *self = match (std::mem::take(self), variance) {
             (Slots::Many(slots), None) if slots.is_empty() => Slots::Primary(slot),
             (Slots::Many(slots), _) if slots.is_empty() => Slots::Many(vec![(variance, slot)]),
