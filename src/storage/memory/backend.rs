@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::fill::MemoryMiss;
 use super::hit::{partial_hit, CompleteHit};
-use super::{url_of, Fill, FillState, MemoryStorage, MetaParts, Slot};
+use super::{url_of, Fill, FillState, MemoryStorage, MetaParts};
 
 #[async_trait]
 impl Storage for MemoryStorage {
@@ -81,12 +81,7 @@ impl Storage for MemoryStorage {
         let variance = key.variance_bin();
         {
             let mut slots = self.table.entry(primary).or_default();
-            match slots.find_mut(variance) {
-                Some(slot) => slot.fill = Some(fill.clone()),
-                None => {
-                    slots.push(variance, Slot::new(Some(fill.clone())));
-                }
-            }
+            slots.get_or_add(variance).fill = Some(fill.clone());
         }
         self.fills.insert(id, fill.clone());
         self.note_insert(fill.meta.updated.get());

@@ -194,6 +194,12 @@ const VARIANCE: u8 = 2;
 /// in the buffer (rare: its length there too, not in every head).
 const REASON: u8 = 4;
 
+/// `buf[range]`, the range clamped to `buf[..len]` (an end before the start: empty).
+pub(super) fn slice_within(buf: &Bytes, range: std::ops::Range<usize>, len: usize) -> Bytes {
+    let end = range.end.min(len).min(buf.len());
+    buf.slice(range.start.min(end)..end)
+}
+
 fn offset(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -297,32 +303,29 @@ impl StoredHeader {
     /// [`Self::pack`], packing only a body below `limit` bytes (at most `u32::MAX` + 1).
     fn pack_below(&self, body: &[Bytes], limit: usize) -> (StoredHeader, Option<Bytes>) {
         let len: usize = body.iter().map(Bytes::len).sum();
-        let start = match u32::try_from(len) {
-            Ok(start) if len < limit => start,
-            _ => {
-                let mut whole = BytesMut::with_capacity(len);
-                for chunk in body {
-                    whole.extend_from_slice(chunk);
-                }
-                let whole = whole.freeze();
-                // shared now, as a packed buffer is (its block is charged with the head's)
-                drop(whole.clone());
-                return (self.clone(), Some(whole));
-            }
-        };
-        let mut buf = BytesMut::with_capacity(len + self.head().len());
+        let start = u32::try_from(len).ok().filter(|_| len < limit);
+        let head = if start.is_some() { self.head() } else { &[] };
+        let mut buf = BytesMut::with_capacity(len + head.len());
         for chunk in body {
             buf.extend_from_slice(chunk);
         }
-        buf.extend_from_slice(self.head());
-        let head = StoredHeader {
-            buf: buf.freeze(),
-            start,
-            ..self.clone()
-        };
-        // shared now rather than on the first hit (as in `for_entry`)
-        drop(head.buf.clone());
-        (head, None)
+        buf.extend_from_slice(head);
+        let buf = buf.freeze();
+        // shared now rather than on the first hit (as in `for_entry`); its block is charged
+        // with the head's
+        drop(buf.clone());
+        match start {
+            Some(start) => (
+                StoredHeader {
+                    buf,
+                    start,
+                    ..self.clone()
+                },
+                None,
+            ),
+            // the body alone, beside a head of its own
+            None => (self.clone(), Some(buf)),
+        }
     }
 
     /// The body this head was packed with ([`Self::pack`]; empty for a head of its own): a
@@ -333,8 +336,7 @@ impl StoredHeader {
 
     /// `body()[range]`, clamped to the body (shared, not copied).
     pub fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
-        let end = range.end.min(self.start as usize);
-        self.buf.slice(range.start.min(end)..end)
+        slice_within(&self.buf, range, self.start as usize)
     }
 
     /// Bytes of [`Self::body`].
@@ -373,6 +375,15 @@ impl StoredHeader {
         self.url_len.saturating_add(variance)
     }
 
+    /// Bytes the reason phrase takes in the buffer, its length with it (0 for none kept).
+    fn reason_span(&self) -> u32 {
+        if self.flags & REASON == 0 {
+            0
+        } else {
+            2 + u32::from(self.reason_len())
+        }
+    }
+
     /// The reason phrase's length, 0 if it is the status's canonical one (none kept).
     fn reason_len(&self) -> u16 {
         if self.flags & REASON == 0 {
@@ -398,12 +409,7 @@ impl StoredHeader {
     fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         let head = self.head();
         let table = head.len().saturating_sub(self.count as usize * FIELD);
-        let reason = if self.flags & REASON != 0 {
-            2 + u32::from(self.reason_len())
-        } else {
-            0
-        };
-        let mut at = self.reason_at().saturating_add(reason);
+        let mut at = self.reason_at().saturating_add(self.reason_span());
         head[table..]
             .chunks_exact(FIELD)
             .filter_map(|b| b.try_into().ok())

@@ -218,10 +218,7 @@ impl Stored {
     /// `body()[range]`, clamped to the body (shared, not copied), wherever the body is.
     fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
         match &self.apart {
-            Some(apart) => {
-                let end = range.end.min(apart.body.len());
-                apart.body.slice(range.start.min(end)..end)
-            }
+            Some(apart) => header::slice_within(&apart.body, range, apart.body.len()),
             None => self.meta.header.body_slice(range),
         }
     }
@@ -395,11 +392,6 @@ struct Slot {
 }
 
 impl Slot {
-    /// A new slot: empty, or with the fill that opens it (its entry comes with a commit).
-    fn new(fill: Option<Arc<Fill>>) -> Slot {
-        Slot { entry: None, fill }
-    }
-
     /// Whether it holds nothing (its row lets it go).
     fn is_empty(&self) -> bool {
         self.entry.is_none() && self.fill.is_none()
@@ -490,14 +482,19 @@ impl Slots {
             .chain(many.iter_mut().map(|(v, s)| (*v, s)))
     }
 
-    /// Add the slot of `variance` (the caller checked that there is none); returns it. A list
-    /// starts at the room it needs (a secondary variant alone: one element, not `Vec`'s four).
+    /// The slot of `variance`, added empty if the row has none (a row holds a few slots at
+    /// most: short scans).
+    fn get_or_add(&mut self, variance: Option<HashBinary>) -> &mut Slot {
+        if self.find(variance).is_none() {
+            self.push(variance, Slot::default());
+        }
+        self.find_mut(variance).expect("there or just added")
+    }
+
+    /// Add the slot of `variance`, which the row does not have; returns it. A list starts at
+    /// the room it needs (a secondary variant alone: one element, not `Vec`'s four).
     fn push(&mut self, variance: Option<HashBinary>, slot: Slot) -> &mut Slot {
         debug_assert!(self.find(variance).is_none(), "one slot per variance");
-        if self.find(variance).is_some() {
-            // (never: every caller looks first) the slot there stays, one per variance
-            return self.find_mut(variance).expect("just found");
-        }
         *self = match (std::mem::take(self), variance) {
             (Slots::Many(slots), None) if slots.is_empty() => Slots::Primary(slot),
             (Slots::Many(slots), _) if slots.is_empty() => Slots::Many(vec![(variance, slot)]),
@@ -822,11 +819,7 @@ impl MemoryStorage {
             }
             return None;
         }
-        // (a row holds a few slots at most: three short scans)
-        if slots.find(variance).is_none() {
-            slots.push(variance, Slot::new(None));
-        }
-        let slot = slots.find_mut(variance).expect("there or just pushed");
+        let slot = slots.get_or_add(variance);
         let validated = stored.meta.updated.get();
         if let Some(old) = slot.entry.replace(stored) {
             self.account_remove(old.weight());

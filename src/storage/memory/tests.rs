@@ -719,6 +719,11 @@ fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
     assert_eq!(row.find_mut(v(1)).map(|s| name(s)).as_deref(), Some("http://h/a"));
     assert_eq!(row.find(None).map(name).as_deref(), Some("http://h/p"));
     assert!(row.find(v(3)).is_none());
+    // the slot there, or a new empty one
+    assert_eq!(name(row.get_or_add(v(2))), "http://h/b");
+    assert!(row.get_or_add(v(3)).is_empty());
+    assert_eq!(row.iter().count(), 4);
+    row.prune();
     // the primary and a secondary kept: still a list, in order
     row.retain(|s| name(s) != "http://h/b");
     assert_eq!(
@@ -760,8 +765,8 @@ fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
 
     // empty slots are let go; an emptied list is freed
     let mut many = Slots::default();
-    many.push(None, Slot::new(None));
-    many.push(v(1), Slot::new(None));
+    many.push(None, Slot::default());
+    many.push(v(1), Slot::default());
     many.prune();
     assert!(many.is_empty());
     assert!(
@@ -769,15 +774,15 @@ fn a_row_holds_its_primary_slot_inline_and_more_in_a_list() {
         "an emptied list is freed"
     );
     let mut one = Slots::default();
-    one.push(None, Slot::new(None));
+    one.push(None, Slot::default());
     one.prune();
     assert!(
         matches!(one, Slots::Many(ref s) if s.capacity() == 0),
         "an empty row allocates nothing"
     );
     let mut iter_mut = Slots::default();
-    iter_mut.push(None, Slot::new(None));
-    iter_mut.push(v(4), Slot::new(None));
+    iter_mut.push(None, Slot::default());
+    iter_mut.push(v(4), Slot::default());
     assert_eq!(
         iter_mut.iter_mut().map(|(v, _)| v).collect::<Vec<_>>(),
         vec![None, v(4)]
