@@ -46,7 +46,9 @@ impl Corral {
             ctx.live.cfg.purge.strip_tag_headers,
             ctx.live.cfg.cache.strip_targeted,
         );
-        let mut fields = wire_fields(entry.header(), strip, targeted);
+        // one share of the entry's buffer (one allocation) for the values and the body
+        let shared = entry.header().shared();
+        let mut fields = wire_fields(entry.header(), &shared, strip, targeted);
         let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
         fields.insert(header::AGE, age.into());
         let mut status = CacheStatus::new(Outcome::Hit);
@@ -63,7 +65,9 @@ impl Corral {
         metrics::FAST_HITS.inc();
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
-            session.write_response_body(Some(entry.body()), true).await?;
+            session
+                .write_response_body(Some(entry.body_in(&shared)), true)
+                .await?;
         }
         Ok(true)
     }

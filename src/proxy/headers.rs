@@ -88,13 +88,21 @@ impl RequestFields {
 /// in HTTP/2), tags stripped if configured, and room for the four fields a hit adds, so that
 /// the map never grows: `Age` and `Cache-Status` here, `Date` and `Connection` by Pingora's
 /// writer, which sets both on every response (HTTP/2 drops `Connection`).
-pub(super) fn wire_fields(stored: &StoredHeader, strip: bool, strip_targeted: bool) -> http::HeaderMap {
+/// The values are sliced from `shared`, the stored head's buffer ([`StoredHeader::shared`]).
+pub(super) fn wire_fields(
+    stored: &StoredHeader,
+    shared: &bytes::Bytes,
+    strip: bool,
+    strip_targeted: bool,
+) -> http::HeaderMap {
     use crate::{policy::is_targeted, purge::is_tag};
     // most heads carry nothing to strip: no test per field for them
     if (strip || strip_targeted) && stored.strippable() {
-        stored.map(4, |n| !(strip && is_tag(n) || strip_targeted && is_targeted(n)))
+        stored.map_in(shared, 4, |n| {
+            !(strip && is_tag(n) || strip_targeted && is_targeted(n))
+        })
     } else {
-        stored.map(4, |_| true)
+        stored.map_in(shared, 4, |_| true)
     }
 }
 
@@ -345,7 +353,8 @@ mod tests {
         for n in [0, 1, 2, 3, 5, 8, 12, 13, 24, 25, 40] {
             let names: Vec<String> = (0..n).map(|i| format!("x-f{i}")).collect();
             let fields: Vec<(&str, &str)> = names.iter().map(|k| (k.as_str(), "v")).collect();
-            let mut h = wire_fields(&stored(&fields), false, false);
+            let s = stored(&fields);
+            let mut h = wire_fields(&s, &s.shared(), false, false);
             add_what_a_hit_adds(&mut h, &format!("{n} fields"));
         }
     }
@@ -359,13 +368,13 @@ mod tests {
             ("set-cookie", "a=1"),
             ("set-cookie", "b=2"),
         ]);
-        let h = wire_fields(&s, true, true);
+        let h = wire_fields(&s, &s.shared(), true, true);
         assert!(!h.contains_key("xkey") && !h.contains_key("surrogate-control"));
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
         // room for Age and Cache-Status, and for Pingora's Date and Connection
         add_what_a_hit_adds(&mut h.clone(), "stripped");
 
-        let kept = wire_fields(&s, false, false);
+        let kept = wire_fields(&s, &s.shared(), false, false);
         assert_eq!(kept["xkey"], "a b");
         assert_eq!(kept["surrogate-control"], "max-age=60");
     }

@@ -5,13 +5,16 @@
 //! itself to a shared buffer); a (`HeaderName`, `HeaderValue`) pair alone is 72 bytes.
 //! [`StoredHeader`] keeps the entry's URL and variance, every value and every name not in
 //! [`KNOWN`] as text, and 8 bytes of lengths per field, in one buffer: one allocation per head
-//! whatever its field count (and the buffer's shared block). A name in [`KNOWN`] (most of
-//! them) is kept as its place there; a field's text follows the previous field's. A hit
-//! builds the map it hands to Pingora from them: a known name is a tag (no allocation),
-//! another one is copied; the values are slices of the buffer (shared, never copied), checked
-//! again as they are built.
+//! whatever its field count (an `Arc<[u8]>`: its counts are in the same allocation). A name
+//! in [`KNOWN`] (most of them) is kept as its place there; a field's text follows the
+//! previous field's. A hit builds the map it hands to Pingora from them: a known name is a
+//! tag (no allocation), another one is copied; the values are slices of the buffer (shared,
+//! never copied), checked again as they are built.
 
-use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
+use std::sync::{Arc, LazyLock};
+
+use bytes::{BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use pingora_cache::key::HashBinary;
 use pingora_http::ResponseHeader;
@@ -20,8 +23,34 @@ use crate::fields::{Fields, Value};
 use crate::policy::is_targeted;
 use crate::purge::is_tag;
 
-/// What `Bytes` allocates to share a buffer (its shared block, with the allocator's header).
-pub(super) const SHARED_BLOCK: usize = 32;
+/// What an `Arc<[u8]>` buffer holds beside its bytes: its two counts, in the same
+/// allocation. (A `Bytes` made from a `Vec` allocates a shared block of 24 bytes, 32 with
+/// the allocator's header, on its first clone, and keeps it for life: a buffer that every
+/// entry has.)
+pub(super) const BUFFER_COUNTS: usize = 16;
+
+/// The buffer of a head with nothing in it, shared: none is allocated for it.
+static EMPTY: LazyLock<Arc<[u8]>> = LazyLock::new(|| Arc::from(&[][..]));
+
+/// A buffer of `len` bytes, written by `write` (which is given all of it), in one
+/// allocation with its counts: no `Vec` copied into it.
+pub(super) fn buffer(len: usize, write: impl FnOnce(&mut [u8])) -> Arc<[u8]> {
+    if len == 0 {
+        return Arc::clone(&EMPTY);
+    }
+    // an exact-length iterator: the slice is allocated once, at its size
+    let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+    if let Some(bytes) = Arc::get_mut(&mut buf) {
+        write(bytes);
+    }
+    buf
+}
+
+/// `buf` as `Bytes` that share it (not copied): one allocation, the owner's box (48 bytes),
+/// which lasts as long as they do. A hit makes one and slices its values and body from it.
+pub(super) fn shared(buf: &Arc<[u8]>) -> Bytes {
+    Bytes::from_owner(Arc::clone(buf))
+}
 
 /// Response field names a hit takes from this table rather than from the buffer: the `http`
 /// crate knows them (a tag, no allocation, no parsing per hit), and a stored head keeps their
@@ -121,10 +150,10 @@ struct Field {
 const FIELD: usize = 8;
 
 impl Field {
-    fn encode(&self, out: &mut BytesMut) {
-        out.extend_from_slice(&self.value_len.to_le_bytes());
-        out.extend_from_slice(&self.name_len.to_le_bytes());
-        out.extend_from_slice(&[u8::from(self.sensitive), self.known]);
+    fn encode(&self, out: &mut impl BufMut) {
+        out.put_slice(&self.value_len.to_le_bytes());
+        out.put_slice(&self.name_len.to_le_bytes());
+        out.put_slice(&[u8::from(self.sensitive), self.known]);
     }
 
     /// The field encoded in `b`, its text starting at `at`.
@@ -176,9 +205,10 @@ pub struct StoredHeader {
     /// From `start`: the URL, the variance (16 bytes, if [`VARIANCE`]), the reason phrase
     /// (if [`REASON`]: its length in 2 bytes, then its text), every name not in [`KNOWN`] and
     /// every value in order, then the table of their [`Field`]s. The entry holds this one
-    /// `Bytes` for its head and its body: 32 bytes less in it keep its `Arc` in the
-    /// allocator's 160-byte size class.
-    buf: Bytes,
+    /// buffer for its head and its body. An `Arc<[u8]>`, not `Bytes`: 16 bytes in the entry
+    /// instead of 32, and no shared block beside the buffer; a hit makes the `Bytes` it sends
+    /// ([`shared`]).
+    buf: Arc<[u8]>,
 }
 
 /// [`StoredHeader::flags`]: the head carries a tag header or a targeted cache-control field
@@ -194,10 +224,11 @@ const VARIANCE: u8 = 2;
 /// in the buffer (rare: its length there too, not in every head).
 const REASON: u8 = 4;
 
-/// `buf[range]`, the range clamped to `buf[..len]` (an end before the start: empty).
-pub(super) fn slice_within(buf: &Bytes, range: std::ops::Range<usize>, len: usize) -> Bytes {
+/// `buf[range]`, the range clamped to `buf[..len]` (an end before the start: empty): shared,
+/// not copied.
+pub(super) fn body_slice(buf: &Arc<[u8]>, range: std::ops::Range<usize>, len: usize) -> Bytes {
     let end = range.end.min(len).min(buf.len());
-    buf.slice(range.start.min(end)..end)
+    shared(buf).slice(range.start.min(end)..end)
 }
 
 fn offset(n: usize) -> u32 {
@@ -253,25 +284,22 @@ impl StoredHeader {
             + reason.map_or(0, |r| 2 + r.len())
             + text
             + table.len() * FIELD;
-        let mut buf = BytesMut::with_capacity(size);
-        buf.extend_from_slice(url.as_bytes());
-        buf.extend_from_slice(variance.as_ref().map_or(&[][..], |v| &v[..]));
-        if let Some(reason) = reason {
-            buf.extend_from_slice(&(reason.len() as u16).to_le_bytes());
-            buf.extend_from_slice(reason.as_bytes());
-        }
-        for ((name, value), field) in h.headers.iter().zip(&mut table) {
-            field.at = offset(buf.len());
-            buf.extend_from_slice(&name.as_str().as_bytes()[..usize::from(field.name_len)]);
-            buf.extend_from_slice(value.as_bytes());
-        }
-        for field in &table {
-            field.encode(&mut buf);
-        }
-        let buf = buf.freeze();
-        // shared now rather than on the first hit: a `Bytes` made from one buffer allocates
-        // its shared block on its first clone or slice, and keeps it for life
-        drop(buf.clone());
+        let buf = buffer(size, |mut out| {
+            out.put_slice(url.as_bytes());
+            out.put_slice(variance.as_ref().map_or(&[][..], |v| &v[..]));
+            if let Some(reason) = reason {
+                out.put_slice(&(reason.len() as u16).to_le_bytes());
+                out.put_slice(reason.as_bytes());
+            }
+            for ((name, value), field) in h.headers.iter().zip(&mut table) {
+                field.at = offset(size - out.len());
+                out.put_slice(&name.as_str().as_bytes()[..usize::from(field.name_len)]);
+                out.put_slice(value.as_bytes());
+            }
+            for field in &table {
+                field.encode(&mut out);
+            }
+        });
         StoredHeader {
             status: h.status,
             version: h.version,
@@ -293,33 +321,34 @@ impl StoredHeader {
     }
 
     /// This head and a body (its chunks) copied into one buffer, the body first: an entry's
-    /// one allocation for both, and one shared block. Returns the head in that buffer; the
-    /// body is its [`Self::body`]. A body over `u32::MAX` bytes is not packed (the head's
-    /// offsets are 32 bits): it is returned beside a head of its own.
-    pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Option<Bytes>) {
+    /// one allocation for both. Returns the head in that buffer; the body is its
+    /// [`Self::body`]. A body over `u32::MAX` bytes is not packed (the head's offsets are 32
+    /// bits): it is returned, in a buffer of its own, beside a head of its own.
+    pub fn pack(&self, body: &[Bytes]) -> (StoredHeader, Option<Arc<[u8]>>) {
         self.pack_below(body, u32::MAX as usize + 1)
     }
 
     /// [`Self::pack`], packing only a body below `limit` bytes (at most `u32::MAX` + 1).
-    fn pack_below(&self, body: &[Bytes], limit: usize) -> (StoredHeader, Option<Bytes>) {
+    fn pack_below(&self, body: &[Bytes], limit: usize) -> (StoredHeader, Option<Arc<[u8]>>) {
         let len: usize = body.iter().map(Bytes::len).sum();
         let start = u32::try_from(len).ok().filter(|_| len < limit);
         let head = if start.is_some() { self.head() } else { &[] };
-        let mut buf = BytesMut::with_capacity(len + head.len());
-        for chunk in body {
-            buf.extend_from_slice(chunk);
-        }
-        buf.extend_from_slice(head);
-        let buf = buf.freeze();
-        // shared now rather than on the first hit (as in `for_entry`); its block is charged
-        // with the head's
-        drop(buf.clone());
+        let buf = buffer(len + head.len(), |mut out| {
+            for chunk in body {
+                out.put_slice(chunk);
+            }
+            out.put_slice(head);
+        });
         match start {
             Some(start) => (
                 StoredHeader {
-                    buf,
+                    status: self.status,
+                    version: self.version,
+                    flags: self.flags,
+                    url_len: self.url_len,
+                    count: self.count,
                     start,
-                    ..self.clone()
+                    buf,
                 },
                 None,
             ),
@@ -328,15 +357,40 @@ impl StoredHeader {
         }
     }
 
-    /// The body this head was packed with ([`Self::pack`]; empty for a head of its own): a
-    /// slice of the buffer, shared, not copied.
+    /// The whole buffer as `Bytes` that share it: one allocation ([`shared`]). A hit makes
+    /// it once, for [`Self::map_in`] and [`Self::body_in`].
+    pub fn shared(&self) -> Bytes {
+        shared(&self.buf)
+    }
+
+    /// `shared` if it is this head's buffer ([`Self::shared`]), else this head's own.
+    fn mine<'a>(&self, shared: &'a Bytes) -> Cow<'a, Bytes> {
+        if shared.as_ptr() == self.buf.as_ptr() && shared.len() == self.buf.len() {
+            Cow::Borrowed(shared)
+        } else {
+            Cow::Owned(self.shared())
+        }
+    }
+
+    /// The buffer, its body first (`buf[..body_len]`): what a body moved apart keeps.
+    pub(super) fn buffer(&self) -> &Arc<[u8]> {
+        &self.buf
+    }
+
+    /// The body this head was packed with ([`Self::pack`]; empty for a head of its own):
+    /// shared, not copied.
     pub fn body(&self) -> Bytes {
-        self.buf.slice(..self.start as usize)
+        self.body_in(&self.shared())
+    }
+
+    /// [`Self::body`], sliced from `shared`, this head's buffer ([`Self::shared`]).
+    pub fn body_in(&self, shared: &Bytes) -> Bytes {
+        self.mine(shared).slice(..self.start as usize)
     }
 
     /// `body()[range]`, clamped to the body (shared, not copied).
     pub fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
-        slice_within(&self.buf, range, self.start as usize)
+        body_slice(&self.buf, range, self.start as usize)
     }
 
     /// Bytes of [`Self::body`].
@@ -351,9 +405,7 @@ impl StoredHeader {
 
     /// Whether `other` is this head, in the same buffer.
     pub fn same(&self, other: &StoredHeader) -> bool {
-        self.buf.as_ptr() == other.buf.as_ptr()
-            && self.buf.len() == other.buf.len()
-            && self.start == other.start
+        Arc::ptr_eq(&self.buf, &other.buf) && self.start == other.start
     }
 
     /// The URL of the entry this head belongs to (`""`: none).
@@ -430,12 +482,12 @@ impl StoredHeader {
     }
 
     /// Approximate bytes held: the URL, the reason phrase, names and values, the offsets,
-    /// and the buffer's shared block.
+    /// and the buffer's counts.
     pub fn bytes(&self) -> usize {
         if self.head().is_empty() {
             return 0;
         }
-        self.head().len() + SHARED_BLOCK
+        self.head().len() + BUFFER_COUNTS
     }
 
     /// Where `f`'s name and value lie in the buffer.
@@ -471,6 +523,12 @@ impl StoredHeader {
     /// room for `extra` more (so that adding them does not grow it). The values are shared
     /// with the stored ones.
     pub fn map(&self, extra: usize, keep: impl Fn(&str) -> bool) -> HeaderMap {
+        self.map_in(&self.shared(), extra, keep)
+    }
+
+    /// [`Self::map`], its values sliced from `shared`, this head's buffer ([`Self::shared`]).
+    pub fn map_in(&self, shared: &Bytes, extra: usize, keep: impl Fn(&str) -> bool) -> HeaderMap {
+        let shared = self.mine(shared);
         let mut map = HeaderMap::with_capacity(self.count as usize + extra);
         let start = self.start as usize;
         let len = self.head().len();
@@ -486,7 +544,7 @@ impl StoredHeader {
                 None => HeaderName::from_bytes(name.as_bytes()),
             };
             // both were a valid name and value when stored
-            let (Ok(name), Ok(mut value)) = (name, HeaderValue::from_maybe_shared(self.buf.slice(value)))
+            let (Ok(name), Ok(mut value)) = (name, HeaderValue::from_maybe_shared(shared.slice(value)))
             else {
                 continue;
             };
@@ -599,7 +657,7 @@ mod tests {
         let map = s.map(0, |_| true);
         let held = s.buf.as_ptr_range();
         assert!(map.values().all(|v| held.contains(&v.as_bytes().as_ptr())));
-        assert_eq!(s.bytes(), text + 4 * FIELD + SHARED_BLOCK);
+        assert_eq!(s.bytes(), text + 4 * FIELD + BUFFER_COUNTS);
         // with the entry's URL in front, in the same buffer
         assert_eq!(with.url(), "http://a.example/p?q");
         assert_eq!(with.bytes(), s.bytes() + with.url().len());
@@ -648,6 +706,26 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_slices_its_values_and_body_from_one_share_of_the_buffer() {
+        let (packed, _) =
+            StoredHeader::with_url(&origin_head(), "http://h/p").pack(&[Bytes::from_static(b"body")]);
+        let shared = packed.shared();
+        let whole = shared.as_ptr_range();
+        let map = packed.map_in(&shared, 0, |_| true);
+        assert!(map.values().all(|v| whole.contains(&v.as_bytes().as_ptr())));
+        let body = packed.body_in(&shared);
+        assert_eq!((&body[..], body.as_ptr()), (&b"body"[..], shared.as_ptr()));
+        // another head's buffer is not taken for this one's
+        let other = StoredHeader::with_url(&origin_head(), "http://h/other").shared();
+        assert_eq!(&packed.body_in(&other)[..], b"body");
+        let values = |m: &HeaderMap| m.values().map(|v| v.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert_eq!(values(&packed.map_in(&other, 0, |_| true)), values(&map));
+        // an empty buffer is shared, not allocated
+        let empty = StoredHeader::new(&ResponseHeader::build(304, None).unwrap());
+        assert!(Arc::ptr_eq(empty.buffer(), &EMPTY) && empty.buffer().is_empty());
+    }
+
+    #[test]
     fn sensitive_values_stay_sensitive_and_an_empty_head_is_empty() {
         let mut h = ResponseHeader::build(204, None).unwrap();
         let mut secret = HeaderValue::from_static("token");
@@ -674,7 +752,7 @@ mod tests {
             StoredHeader::new(&custom).bytes(),
         );
         // a name the http crate knows is a number in the table, another one text
-        assert_eq!(k, 6 + 8 + SHARED_BLOCK);
+        assert_eq!(k, 6 + 8 + BUFFER_COUNTS);
         assert_eq!(c, k + 4);
         let s = StoredHeader::new(&custom);
         assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
@@ -762,7 +840,7 @@ mod tests {
         );
         assert_eq!(fields_of(&s.to_response()), fields_of(&h));
         let text = "access-control-allow-credentials".len() + "true".len() + "\"x\"".len();
-        assert_eq!(s.bytes(), text + 2 * FIELD + SHARED_BLOCK);
+        assert_eq!(s.bytes(), text + 2 * FIELD + BUFFER_COUNTS);
     }
 
     #[test]

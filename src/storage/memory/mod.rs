@@ -12,9 +12,9 @@
 //! waiting for the whole body or getting the old one.
 //!
 //! # Hits never copy
-//! A committed body is one [`Bytes`] (the chunks of the fill, joined once at commit, in one
-//! buffer with the entry's head and URL: [`StoredHeader::pack`]); a hit hands out clones of
-//! it, which share the buffer. Metadata is kept as parts, the header as a compact
+//! A committed body is in one buffer (the chunks of the fill, joined once at commit, with
+//! the entry's head and URL: [`StoredHeader::pack`]), an `Arc<[u8]>`; a hit hands out
+//! [`Bytes`] that share it (one allocation per hit, the owner's box: [`StoredHeader::shared`]). Metadata is kept as parts, the header as a compact
 //! [`StoredHeader`], and a hit builds its [`CacheMeta`] from them, with no serialisation and
 //! no compression.
 //!
@@ -47,10 +47,11 @@ use crate::storage::eviction::Eviction;
 
 /// Bookkeeping bytes charged to every entry on top of body and header with its URL
 /// ([`StoredHeader::bytes`]): the entry itself, its map row and slot, the eviction manager's
-/// node and index, and the allocator's share of each. benches/memory.sh measured 404 bytes
-/// beyond body and header (as the origin sent it; 428 when it varies) under S3-FIFO with
-/// nothing evicted (200,000 objects of 100 bytes and four known fields, 2026-11-30; on the
-/// same machine 464 before the body became a slice of the head's buffer and a row's slots
+/// node and index, and the allocator's share of each. benches/memory.sh measured 374 bytes
+/// beyond body and header under S3-FIFO with nothing evicted (200,000 objects of 100 bytes
+/// and four known fields, 2026-12-01; 402 on the same machine before the head's buffer
+/// became an `Arc<[u8]>`, 404 and 428 when it varies on 2026-11-30; on the same machine 464
+/// before the body became a slice of the head's buffer and a row's slots
 /// lost their variance, 511 before the
 /// stored head kept known names as numbers, 533 before an entry lost its kept weight and its
 /// inline variance; 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before).
@@ -183,10 +184,11 @@ struct Stored {
     hits: std::sync::atomic::AtomicU32,
 }
 
-/// A body kept apart from its entry's head ([`Stored::apart`]).
-#[derive(Debug)]
+/// A body kept apart from its entry's head ([`Stored::apart`]): `buf[..len]`.
+#[derive(Debug, Clone)]
 struct Apart {
-    body: Bytes,
+    buf: Arc<[u8]>,
+    len: usize,
     /// Bytes of the body's buffer, after the body, that the head does not account for: the
     /// head the body was stored with ([`StoredHeader::pack`]), which a 304 replaced.
     tail: u32,
@@ -200,7 +202,13 @@ impl Stored {
         meta.header = header;
         Arc::new(Stored {
             meta,
-            apart: apart.map(|body| Box::new(Apart { body, tail: 0 })),
+            apart: apart.map(|buf| {
+                Box::new(Apart {
+                    len: buf.len(),
+                    buf,
+                    tail: 0,
+                })
+            }),
             generation,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(0),
@@ -209,23 +217,29 @@ impl Stored {
 
     /// The body (shared, not copied).
     fn body(&self) -> Bytes {
+        self.body_slice(0..usize::MAX)
+    }
+
+    /// [`Self::body`], sliced from `shared` if the body is in the head's buffer and `shared`
+    /// is that buffer ([`StoredHeader::shared`]): a hit's one share of it.
+    fn body_in(&self, shared: &Bytes) -> Bytes {
         match &self.apart {
-            Some(apart) => apart.body.clone(),
-            None => self.meta.header.body(),
+            Some(_) => self.body(),
+            None => self.meta.header.body_in(shared),
         }
     }
 
     /// `body()[range]`, clamped to the body (shared, not copied), wherever the body is.
     fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
         match &self.apart {
-            Some(apart) => header::slice_within(&apart.body, range, apart.body.len()),
+            Some(apart) => header::body_slice(&apart.buf, range, apart.len),
             None => self.meta.header.body_slice(range),
         }
     }
 
     fn body_len(&self) -> usize {
         match &self.apart {
-            Some(apart) => apart.body.len(),
+            Some(apart) => apart.len,
             None => self.meta.header.body_len(),
         }
     }
@@ -260,7 +274,7 @@ impl Stored {
             0
         } else {
             // the head being replaced is the one stored with the body: its bytes, and the
-            // buffer's shared block, stay with the body
+            // buffer's counts, stay with the body
             u32::try_from(self.meta.header.bytes()).unwrap_or(u32::MAX)
         }
     }
@@ -280,19 +294,19 @@ impl Stored {
         // the same head (in the same buffer) keeps the body where it is; another one is a
         // buffer of its own, and the body goes apart
         let apart = if meta.header.same(&self.meta.header) {
-            self.apart.as_ref().map(|a| {
-                Box::new(Apart {
-                    body: a.body.clone(),
-                    tail: a.tail,
-                })
-            })
+            self.apart.clone()
         } else if self.body_len() == 0 {
             // no body, and no buffer kept for one: nothing apart (`tail_with` is 0)
             None
         } else {
+            let buf = match &self.apart {
+                Some(apart) => Arc::clone(&apart.buf),
+                None => Arc::clone(self.meta.header.buffer()),
+            };
             Some(Box::new(Apart {
                 tail: self.tail_with(&meta.header),
-                body: self.body(),
+                len: self.body_len(),
+                buf,
             }))
         };
         Arc::new(Stored {
@@ -329,6 +343,12 @@ impl FreshEntry {
 
     pub fn body(&self) -> Bytes {
         self.0.body()
+    }
+
+    /// [`Self::body`], from `shared` when it is the head's buffer ([`StoredHeader::shared`]),
+    /// which the body is in: a hit shares the buffer once for its fields and its body.
+    pub fn body_in(&self, shared: &Bytes) -> Bytes {
+        self.0.body_in(shared)
     }
 
     pub fn weight(&self) -> usize {

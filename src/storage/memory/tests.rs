@@ -265,7 +265,7 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     assert_eq!(value as usize, at, "the head follows the body in its buffer");
 
     // its bytes and the buffer's shared block
-    let head = url.len() + "text/plain".len() + 8 + header::SHARED_BLOCK;
+    let head = url.len() + "text/plain".len() + 8 + header::BUFFER_COUNTS;
     let (old, new, kept) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(old, w);
     // the same fields again: only the old head, still in the body's buffer, is added
@@ -673,13 +673,14 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
 fn an_entry_keeps_its_bookkeeping_small() {
     use std::mem::size_of;
     assert_eq!(size_of::<Option<super::Nanos>>(), 8);
-    assert_eq!(size_of::<StoredHeader>(), 48);
-    assert_eq!(size_of::<MetaParts>(), 104);
-    assert_eq!(size_of::<super::Stored>(), 136);
+    assert_eq!(size_of::<StoredHeader>(), 32);
+    assert_eq!(size_of::<MetaParts>(), 88);
+    assert_eq!(size_of::<super::Stored>(), 120);
     // the `Arc`'s allocation, two counters and the entry, with glibc's 8-byte header, fits
-    // its 160-byte size class (it took 208 with the weight kept and the variance inline,
-    // which is now in the head's buffer, and 192 with the body's own `Bytes`, now the head's)
-    assert!(16 + size_of::<super::Stored>() + 8 <= 160);
+    // its 144-byte size class (it took 208 with the weight kept and the variance inline,
+    // which is now in the head's buffer, 192 with the body's own `Bytes`, now the head's,
+    // and 160 with the head's buffer a `Bytes`, now an `Arc<[u8]>`)
+    assert!(16 + size_of::<super::Stored>() + 8 <= 144);
     assert_eq!(size_of::<super::Slot>(), 16);
     // a row: its key and its slots, the primary one inline (40 bytes in the table, 48 with
     // the slot's variance kept in it)
