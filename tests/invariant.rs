@@ -205,6 +205,64 @@ async fn r10_a_corral_cut_off_from_memcached_is_fenced_and_recovers() {
     .await;
 }
 
+/// A fenced corral revalidates its copies from before the fence upstream; when the origin
+/// fails then, it must not serve such a copy under `stale-if-error` either: a purge it never
+/// read may cover it (another corral answered that purge 2xx). The fence forces the copy
+/// expired with its serve-stale windows off (`ForcedFreshness::ForceExpired`), so the
+/// origin's error goes out; a copy validated within `max_unconfirmed` is still served.
+#[tokio::test]
+async fn a_fenced_corral_does_not_serve_a_copy_from_before_the_fence_on_an_upstream_error() {
+    let mc = Memcached::start().await;
+    let relay = Relay::start(mc.addr).await;
+    let origin = Origin::start().await;
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for p in ["/f", "/g"] {
+        let down = down.clone();
+        origin.route(p, move |s| {
+            if down.load(std::sync::atomic::Ordering::SeqCst) {
+                Reply::dropped()
+            } else {
+                Reply::ok(format!("v{}", s.n)).header("cache-control", "max-age=300, stale-if-error=3600")
+            }
+        });
+    }
+    let mut a_conf = conf(&[&mc]);
+    a_conf.memcached = a_conf
+        .memcached
+        .iter()
+        .map(|l| l.replace(&mc.addr.to_string(), &relay.addr.to_string()))
+        .collect();
+    a_conf.rules = a_conf
+        .rules
+        .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"2s\"\n");
+    let a = Proxy::start(origin.addr, a_conf).await;
+    let b = Proxy::start(origin.addr, conf(&[&mc])).await;
+    assert_eq!(get(&a, "/f").await.body, "v1");
+    assert!(get(&a, "/f").await.cache.starts_with("corral; hit"));
+
+    relay.cut();
+    assert_eq!(purge(&b, "/f").await, 200);
+    eventually(Duration::from_secs(10), "A is fenced", || async {
+        metric(&a.metrics().await, "corral_fenced") == 1.0
+    })
+    .await;
+    // validated while fenced: /g, fetched now; then the origin goes down
+    assert_eq!(get(&a, "/g").await.body, "v1");
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = get(&a, "/f").await;
+    assert!(
+        got.status >= 500 && got.body != "v1",
+        "{} {} {}",
+        got.status,
+        got.cache,
+        got.body
+    );
+    assert!(metric(&a.metrics().await, "corral_fenced_revalidations_total") >= 1.0);
+    // the control: a copy validated within max_unconfirmed is served, origin down or not
+    let g = get(&a, "/g").await;
+    assert_eq!((g.status, g.body.as_str()), (200, "v1"), "{}", g.cache);
+}
+
 /// See: issue 10 (review). Two memcached servers, and a partition that lets A reach only the
 /// second and B only the first: B's purge is taken by the first alone. A, reading only the
 /// second, must not count that as having read the log (it is fenced), or it serves its copy

@@ -32,17 +32,17 @@ pub(super) const BUFFER_COUNTS: usize = 16;
 /// The buffer of a head with nothing in it, shared: none is allocated for it.
 static EMPTY: LazyLock<Arc<[u8]>> = LazyLock::new(|| Arc::from(&[][..]));
 
-/// A buffer of `len` bytes, written by `write` (which is given all of it), in one
-/// allocation with its counts: no `Vec` copied into it.
+/// A buffer of `len` bytes, written by `write` (which is given all of it, and must fill it),
+/// in one allocation with its counts: no `Vec` copied into it. The bytes are zeroed first
+/// (one `memset` pass before the copy: without `unsafe` there is no uninitialised slice to
+/// write into).
 pub(super) fn buffer(len: usize, write: impl FnOnce(&mut [u8])) -> Arc<[u8]> {
     if len == 0 {
         return Arc::clone(&EMPTY);
     }
     // an exact-length iterator: the slice is allocated once, at its size
     let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
-    if let Some(bytes) = Arc::get_mut(&mut buf) {
-        write(bytes);
-    }
+    write(Arc::get_mut(&mut buf).expect("a slice just collected has no other owner"));
     buf
 }
 
@@ -299,6 +299,7 @@ impl StoredHeader {
             for field in &table {
                 field.encode(&mut out);
             }
+            debug_assert!(out.is_empty(), "the head's size counts every byte written");
         });
         StoredHeader {
             status: h.status,
@@ -338,6 +339,7 @@ impl StoredHeader {
                 out.put_slice(chunk);
             }
             out.put_slice(head);
+            debug_assert!(out.is_empty());
         });
         match start {
             Some(start) => (
@@ -711,14 +713,17 @@ mod tests {
             StoredHeader::with_url(&origin_head(), "http://h/p").pack(&[Bytes::from_static(b"body")]);
         let shared = packed.shared();
         let whole = shared.as_ptr_range();
+        let values = |m: &HeaderMap| m.values().map(|v| v.as_bytes().to_vec()).collect::<Vec<_>>();
         let map = packed.map_in(&shared, 0, |_| true);
         assert!(map.values().all(|v| whole.contains(&v.as_bytes().as_ptr())));
         let body = packed.body_in(&shared);
         assert_eq!((&body[..], body.as_ptr()), (&b"body"[..], shared.as_ptr()));
-        // another head's buffer is not taken for this one's
+        // another head's buffer is not taken for this one's, nor a part of its own
+        let part = shared.slice(..2);
+        assert_eq!(&packed.body_in(&part)[..], b"body");
+        assert_eq!(values(&packed.map_in(&part, 0, |_| true)), values(&map));
         let other = StoredHeader::with_url(&origin_head(), "http://h/other").shared();
         assert_eq!(&packed.body_in(&other)[..], b"body");
-        let values = |m: &HeaderMap| m.values().map(|v| v.as_bytes().to_vec()).collect::<Vec<_>>();
         assert_eq!(values(&packed.map_in(&other, 0, |_| true)), values(&map));
         // an empty buffer is shared, not allocated
         let empty = StoredHeader::new(&ResponseHeader::build(304, None).unwrap());

@@ -174,7 +174,8 @@ struct Stored {
     meta: MetaParts,
     /// The body, when it is not in the head's buffer: a 304 gave the entry a head of its own
     /// (or the body was too large to pack). Boxed: most entries have none, and 8 bytes here
-    /// instead of a `Bytes`' 32 keep the entry's `Arc` in the allocator's 160-byte size class.
+    /// instead of 24 keep the entry's `Arc` in the allocator's 144-byte size class. A fast hit
+    /// on such an entry shares two buffers (two allocations), the head's and the body's.
     apart: Option<Box<Apart>>,
     generation: u64,
     /// Ban and tag records up to this sequence number were checked against this entry

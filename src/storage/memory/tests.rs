@@ -264,7 +264,7 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     let at = body.as_ptr() as usize + 5 + url.len();
     assert_eq!(value as usize, at, "the head follows the body in its buffer");
 
-    // its bytes and the buffer's shared block
+    // its bytes and the buffer's counts
     let head = url.len() + "text/plain".len() + 8 + header::BUFFER_COUNTS;
     let (old, new, kept) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(old, w);
@@ -291,6 +291,15 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
         .clone()
         .unwrap();
     assert!(entry.apart.is_some());
+    // the fast path shares the head's buffer for the values; the body is read where it is
+    let fresh = S.fresh_plain(&key, SystemTime::now()).unwrap();
+    let shared = fresh.header().shared();
+    let fast = fresh.body_in(&shared);
+    assert_eq!((&fast[..], fast.as_ptr()), (&b"hello"[..], body.as_ptr()));
+    assert_eq!(
+        fresh.header().map_in(&shared, 0, |_| true)["content-type"],
+        "text/plain"
+    );
     assert_eq!(&entry.body_slice(3..99)[..], b"lo");
     let (start, end) = (4, 2);
     assert!(entry.body_slice(start..end).is_empty());
