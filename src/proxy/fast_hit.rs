@@ -12,7 +12,6 @@ use pingora_proxy::Session;
 use super::headers::wire_fields;
 use super::{cache_status_value, Corral, Ctx, CACHE_STATUS};
 use crate::cache_status::{CacheStatus, Outcome};
-use crate::fields::Fields;
 use crate::key;
 use crate::metrics;
 use crate::purge::Verdict;
@@ -78,7 +77,7 @@ impl Corral {
     /// and applies a purge verdict (a miss, or stale while one request revalidates).
     fn fast_entry(&self, key: &CacheKey, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
         let entry = self.parts.storage.l1.fresh_plain(key, now)?;
-        if !entry.header().has("content-length") {
+        if !entry.header().has_length() {
             return None;
         }
         if self

@@ -223,6 +223,12 @@ const VARIANCE: u8 = 2;
 /// [`StoredHeader::flags`]: the reason phrase is not the status's canonical one, and is kept
 /// in the buffer (rare: its length there too, not in every head).
 const REASON: u8 = 4;
+/// [`StoredHeader::flags`]: a `Content-Length` field is among the fields. The fast hit path
+/// asks this, and [`VARY`], of every hit: a search of the fields by name costs about 450
+/// instructions each.
+const LENGTH: u8 = 8;
+/// [`StoredHeader::flags`]: a `Vary` field is among the fields.
+const VARY: u8 = 16;
 
 /// `buf[range]`, the range clamped to `buf[..len]` (an end before the start: empty): shared,
 /// not copied.
@@ -313,7 +319,17 @@ impl StoredHeader {
             } else {
                 0
             } | if variance.is_some() { VARIANCE } else { 0 }
-                | if reason.is_some() { REASON } else { 0 },
+                | if reason.is_some() { REASON } else { 0 }
+                | if h.headers.contains_key(http::header::CONTENT_LENGTH) {
+                    LENGTH
+                } else {
+                    0
+                }
+                | if h.headers.contains_key(http::header::VARY) {
+                    VARY
+                } else {
+                    0
+                },
             url_len: offset(url.len()),
             count: offset(h.headers.len()),
             start: 0,
@@ -483,6 +499,17 @@ impl StoredHeader {
         self.flags & STRIPPABLE != 0
     }
 
+    /// Whether a `Content-Length` field is among the fields (`has("content-length")`,
+    /// without a search).
+    pub fn has_length(&self) -> bool {
+        self.flags & LENGTH != 0
+    }
+
+    /// Whether a `Vary` field is among the fields (`has("vary")`, without a search).
+    pub fn has_vary(&self) -> bool {
+        self.flags & VARY != 0
+    }
+
     /// Approximate bytes held: the URL, the reason phrase, names and values, the offsets,
     /// and the buffer's counts.
     pub fn bytes(&self) -> usize {
@@ -625,6 +652,19 @@ mod tests {
         assert_eq!(s.all("set-cookie").count(), 2);
         assert_eq!(s.first("SET-COOKIE").unwrap(), "b=1");
         assert!(s.has("x-custom") && !s.has("vary"));
+        assert_eq!(s.has_length(), s.has("content-length"));
+        assert_eq!(s.has_vary(), s.has("vary"));
+        let mut varies = h.clone();
+        varies.append_header("Vary", "Accept-Encoding").unwrap();
+        let varies = StoredHeader::with_url(&varies, "http://h/p");
+        assert!(varies.has_vary() && !varies.has_length());
+        assert!(varies.pack(&[Bytes::from_static(b"hello")]).0.has_vary());
+        let mut framed = h.clone();
+        framed.insert_header("Content-Length", "5").unwrap();
+        let framed = StoredHeader::with_url(&framed, "http://h/p");
+        assert!(framed.has_length() && framed.has("content-length"));
+        // packed after a body, the same
+        assert!(framed.pack(&[Bytes::from_static(b"hello")]).0.has_length());
         assert!(!s.strippable());
         let mut tagged = h.clone();
         tagged.append_header("xkey", "a").unwrap();

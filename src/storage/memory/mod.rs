@@ -41,7 +41,6 @@ use pingora_cache::{CacheKey, CacheMeta};
 use pingora_http::RequestHeader;
 use tokio::sync::watch;
 
-use crate::fields::Fields;
 use crate::purge::millis;
 use crate::storage::eviction::Eviction;
 
@@ -680,7 +679,7 @@ impl MemoryStorage {
         let usable = self.current(entry)
             && now < entry.meta.fresh_until.get()
             && entry.meta.variance().is_none()
-            && !entry.meta.header.has("vary");
+            && !entry.meta.header.has_vary();
         usable.then(|| {
             entry.hit();
             FreshEntry(entry.clone())
