@@ -467,12 +467,18 @@ async fn stale_entry_is_revalidated_and_304_refreshes_stored_headers() {
         reval.cache
     );
     assert_eq!(reval.headers["x-rev"], "2", "a 304 updates the stored headers");
+    let fast = metric(&proxy.metrics().await, "corral_fast_hits_total");
     let hit = get(&proxy.url("/r")).await;
     assert!(hit.cache.starts_with("corral; hit"), "{}", hit.cache);
     assert_eq!(hit.headers["x-rev"], "2");
-    // the body now lies apart from the head (a buffer of its own came with the 304)
+    // the body now lies apart from the head (a buffer of its own came with the 304), and the
+    // fast path reads it there
     assert_eq!(hit.body, "body v1");
     assert_eq!(hit.headers["content-length"], "7");
+    assert_eq!(
+        metric(&proxy.metrics().await, "corral_fast_hits_total"),
+        fast + 1.0
+    );
     assert_eq!(origin.hits("/r"), 2);
 }
 

@@ -193,7 +193,7 @@ impl Field {
 pub struct StoredHeader {
     status: StatusCode,
     version: Version,
-    /// [`STRIPPABLE`], [`VARIANCE`] and [`REASON`].
+    /// [`STRIPPABLE`], [`VARIANCE`], [`REASON`], [`LENGTH`] and [`VARY`].
     flags: u8,
     /// The URL's length: it opens the buffer.
     url_len: u32,
