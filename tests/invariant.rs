@@ -38,6 +38,22 @@ fn conf(servers: &[&Memcached]) -> Conf {
     conf
 }
 
+/// [`conf`] for a corral that reaches memcached through `relay` (which a test cuts), fenced
+/// after `max_unconfirmed`.
+fn through(relay: &Relay, mc: &Memcached, max_unconfirmed: &str) -> Conf {
+    let mut c = conf(&[mc]);
+    c.memcached = c
+        .memcached
+        .iter()
+        .map(|l| l.replace(&mc.addr.to_string(), &relay.addr.to_string()))
+        .collect();
+    c.rules = c.rules.replace(
+        "[purge]\n",
+        &format!("[purge]\nmax_unconfirmed = \"{max_unconfirmed}\"\n"),
+    );
+    c
+}
+
 /// B holds `path` in L1 (taken from memcached, where A put it), and has read A's purge log
 /// up to `seen` records.
 async fn b_holds(a: &Proxy, b: &Proxy, path: &str) {
@@ -161,16 +177,7 @@ async fn r10_a_corral_cut_off_from_memcached_is_fenced_and_recovers() {
     let relay = Relay::start(mc.addr).await;
     let origin = Origin::start().await;
     versioned(&origin, &["/f"]);
-    let mut a_conf = conf(&[&mc]);
-    a_conf.memcached = a_conf
-        .memcached
-        .iter()
-        .map(|l| l.replace(&mc.addr.to_string(), &relay.addr.to_string()))
-        .collect();
-    a_conf.rules = a_conf
-        .rules
-        .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"2s\"\n");
-    let a = Proxy::start(origin.addr, a_conf).await;
+    let a = Proxy::start(origin.addr, through(&relay, &mc, "2s")).await;
     let b = Proxy::start(origin.addr, conf(&[&mc])).await;
     assert_eq!(get(&a, "/f").await.body, "v1");
     assert!(get(&a, "/f").await.cache.starts_with("corral; hit"));
@@ -228,18 +235,9 @@ async fn a_fenced_corral_does_not_serve_a_copy_from_before_the_fence_on_an_upstr
             }
         });
     }
-    let mut a_conf = conf(&[&mc]);
-    a_conf.memcached = a_conf
-        .memcached
-        .iter()
-        .map(|l| l.replace(&mc.addr.to_string(), &relay.addr.to_string()))
-        .collect();
     // /g is validated while fenced, and must still be within the bound when it is asked for
     // stale (a second later): 3 s leave two of margin
-    a_conf.rules = a_conf
-        .rules
-        .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"3s\"\n");
-    let a = Proxy::start(origin.addr, a_conf).await;
+    let a = Proxy::start(origin.addr, through(&relay, &mc, "3s")).await;
     let b = Proxy::start(origin.addr, conf(&[&mc])).await;
     assert_eq!(get(&a, "/f").await.body, "v1");
     assert!(get(&a, "/f").await.cache.starts_with("corral; hit"));

@@ -259,7 +259,7 @@ impl StoredHeader {
     /// alive (issue 8: 1 KB objects took 5x their budget in RSS), so names and values are
     /// copied, once, into one buffer of their own.
     pub fn for_entry(h: &ResponseHeader, url: &str, variance: Option<HashBinary>) -> Self {
-        let mut table: Vec<Field> = h
+        let table: Vec<Field> = h
             .headers
             .iter()
             .map(|(name, value)| {
@@ -297,8 +297,8 @@ impl StoredHeader {
                 out.put_slice(&(reason.len() as u16).to_le_bytes());
                 out.put_slice(reason.as_bytes());
             }
-            for ((name, value), field) in h.headers.iter().zip(&mut table) {
-                field.at = offset(size - out.len());
+            // (where each text starts is summed again as the table is read: not written)
+            for ((name, value), field) in h.headers.iter().zip(&table) {
                 out.put_slice(&name.as_str().as_bytes()[..usize::from(field.name_len)]);
                 out.put_slice(value.as_bytes());
             }
@@ -310,26 +310,21 @@ impl StoredHeader {
         StoredHeader {
             status: h.status,
             version: h.version,
-            flags: if h
-                .headers
-                .keys()
-                .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str()))
-            {
-                STRIPPABLE
-            } else {
-                0
-            } | if variance.is_some() { VARIANCE } else { 0 }
-                | if reason.is_some() { REASON } else { 0 }
-                | if h.headers.contains_key(http::header::CONTENT_LENGTH) {
-                    LENGTH
-                } else {
-                    0
-                }
-                | if h.headers.contains_key(http::header::VARY) {
-                    VARY
-                } else {
-                    0
-                },
+            flags: [
+                (
+                    h.headers
+                        .keys()
+                        .any(|n| is_tag(n.as_str()) || is_targeted(n.as_str())),
+                    STRIPPABLE,
+                ),
+                (variance.is_some(), VARIANCE),
+                (reason.is_some(), REASON),
+                (h.headers.contains_key(http::header::CONTENT_LENGTH), LENGTH),
+                (h.headers.contains_key(http::header::VARY), VARY),
+            ]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |flags, (_, flag)| flags | flag),
             url_len: offset(url.len()),
             count: offset(h.headers.len()),
             start: 0,

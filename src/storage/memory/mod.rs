@@ -14,7 +14,8 @@
 //! # Hits never copy
 //! A committed body is in one buffer (the chunks of the fill, joined once at commit, with
 //! the entry's head and URL: [`StoredHeader::pack`]), an `Arc<[u8]>`; a hit hands out
-//! [`Bytes`] that share it (one allocation per hit, the owner's box: [`StoredHeader::shared`]). Metadata is kept as parts, the header as a compact
+//! [`Bytes`] that share it (one allocation per hit, the owner's box:
+//! [`StoredHeader::shared`]). Metadata is kept as parts, the header as a compact
 //! [`StoredHeader`], and a hit builds its [`CacheMeta`] from them, with no serialisation and
 //! no compression.
 //!
@@ -50,13 +51,12 @@ use crate::storage::eviction::Eviction;
 /// beyond body and header under S3-FIFO with nothing evicted (200,000 objects of 100 bytes
 /// and four known fields, 2026-12-01; 402 on the same machine before the head's buffer
 /// became an `Arc<[u8]>`, 404 and 428 when it varies on 2026-11-30; on the same machine 464
-/// before the body became a slice of the head's buffer and a row's slots
-/// lost their variance, 511 before the
-/// stored head kept known names as numbers, 533 before an entry lost its kept weight and its
-/// inline variance; 555 before a row held its one slot inline; LRU 591, TinyUFO 664 before).
-/// The rest is for the allocator's
-/// fragmentation once entries are evicted and replaced: with it, RSS grew by 1.03 to 1.16
-/// times the budget (objects of 1 KB to 100 KB, 3x the budget).
+/// before the body became a slice of the head's buffer and a row's slots lost their
+/// variance, 511 before the stored head kept known names as numbers, 533 before an entry
+/// lost its kept weight and its inline variance; 555 before a row held its one slot inline;
+/// LRU 591, TinyUFO 664 before). The rest is for the allocator's fragmentation once entries
+/// are evicted and replaced: with it, RSS grew by 1.03 to 1.16 times the budget (objects of
+/// 1 KB to 100 KB, 3x the budget).
 pub const ENTRY_OVERHEAD: usize = 1536;
 
 /// How long an invalidation by an unsafe request is kept ([`MemoryStorage::invalidate`]): what
