@@ -74,8 +74,10 @@ PY
 )
 [ "$mem_bytes" -ge 1048576 ] || { echo "workload.sh: MEM=$MEM is below 1 MiB" >&2; exit 1; }
 
-source benches/common.sh
-# the bench binary (release-like `bench` profile): its path from cargo's JSON messages
+# the bench binary (release-like `bench` profile): its path from cargo's JSON messages. Built
+# before common.sh's release build: `cargo bench` also builds corral under the `bench` profile
+# (not link-time optimised) and puts it at target/release/corral, where the release build is;
+# common.sh's `cargo build --release` then puts the release build back, which is what runs
 bench_bin=$(cargo bench --quiet --bench workload --no-run --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -87,6 +89,7 @@ for line in sys.stdin:
         print(m["executable"])
 ' | tail -n 1)
 [ -x "$bench_bin" ] || { echo "workload.sh: cannot find the workload bench binary" >&2; exit 1; }
+source benches/common.sh
 
 # nginx's cache on tmpfs, like its memory; Varnish's jailed child must reach its work directory
 shm=$(mktemp -d /dev/shm/corral-workload.XXXXXX 2>/dev/null || mktemp -d)
