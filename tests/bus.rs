@@ -309,3 +309,51 @@ async fn a_queue_that_overflowed_makes_its_consumer_drop_its_cache() {
         "never purged, dropped with the cache"
     );
 }
+
+/// A broker that opens the connection and then answers nothing (its channel layer wedged, or
+/// its queues still recovering): the set-up waits 10 s for a channel, then closes the
+/// connection the AMQP way (`Connection.Close`, not only a dropped socket), says why on
+/// `/bus`, and connects again; meanwhile the corral is not counted connected.
+#[tokio::test]
+async fn a_broker_that_opens_the_connection_and_then_answers_nothing_is_left_and_tried_again() {
+    let broker = SilentBroker::start().await;
+    let origin = Origin::start().await;
+    let a = Proxy::start_on(loopback(), origin.addr, bus(&broker.url(), "")).await;
+    eventually(Duration::from_secs(20), "a first connection opened", || async {
+        broker.when(1, Seen::Opened).is_some()
+    })
+    .await;
+    eventually(Duration::from_secs(40), "a second connection opened", || async {
+        broker.when(2, Seen::Opened).is_some()
+    })
+    .await;
+    let events = broker.events();
+    let opened = broker.when(1, Seen::Opened).unwrap();
+    // the set-up asked for a channel (Channel.Open) and waited for it
+    assert!(broker.when(1, Seen::Method(20, 10)).is_some(), "{events:?}");
+    let closed = broker
+        .when(1, Seen::Close)
+        .unwrap_or_else(|| panic!("the first connection was not closed with Connection.Close: {events:?}"));
+    let waited = closed - opened;
+    assert!(
+        waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(15),
+        "the set-up gave up after {waited:?}, not after its 10 s"
+    );
+    assert!(broker.when(2, Seen::Opened).unwrap() > closed, "{events:?}");
+    assert_eq!(counter(&a, "corral_bus_connected").await, 0.0);
+    let text = client()
+        .get(format!("http://{}/bus", a.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["connected"], false, "{text}");
+    let why = v["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("open a channel") && why.contains("no answer from the broker within 10s"),
+        "{text}"
+    );
+}

@@ -5,6 +5,7 @@
 pub mod origin;
 pub mod rabbit;
 pub mod relay;
+pub mod silent_broker;
 pub mod slow;
 pub mod webhook;
 
@@ -20,6 +21,8 @@ pub use origin::{Origin, Reply};
 pub use rabbit::Rabbit;
 #[allow(unused_imports)]
 pub use relay::Relay;
+#[allow(unused_imports)]
+pub use silent_broker::{Seen, SilentBroker};
 #[allow(unused_imports)]
 pub use slow::SlowOrigin;
 #[allow(unused_imports)]
