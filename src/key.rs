@@ -145,6 +145,11 @@ fn unreserved_or_sub_delim(b: u8) -> bool {
 
 /// The authority of an absolute-form request target (`http://host:port/path`), if it is one.
 fn absolute_authority(target: &[u8]) -> Option<&str> {
+    // origin-form (`/path`), every request but a proxy's: no authority, and no UTF-8 check
+    // and substring search (about 330 instructions of every hit) to learn it
+    if target.first() == Some(&b'/') {
+        return None;
+    }
     let target = std::str::from_utf8(target).ok()?;
     let (scheme, rest) = target.split_once("://")?;
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
@@ -158,13 +163,16 @@ fn absolute_authority(target: &[u8]) -> Option<&str> {
 /// fully qualified spelling of `site.test`: one site, one set of keys, one purge).
 pub fn normalize_host(raw: &str) -> String {
     // the common case, taken without building anything: already lower case, no port 80, no
-    // trailing dot, no userinfo, no spaces
-    let plain = raw
-        .bytes()
-        .all(|b| !b.is_ascii_uppercase() && b != b'@' && !b.is_ascii_whitespace())
+    // trailing dot, no userinfo, no spaces, no dot before the port (a byte pair compared in
+    // place: `str::contains` builds a substring searcher first, about 300 instructions of
+    // every hit)
+    let bytes = raw.as_bytes();
+    let plain = bytes
+        .iter()
+        .all(|&b| !b.is_ascii_uppercase() && b != b'@' && !b.is_ascii_whitespace())
         && !raw.ends_with(":80")
         && !raw.ends_with('.')
-        && !raw.contains(".:");
+        && !bytes.windows(2).any(|w| w == b".:");
     if plain {
         return raw.to_string();
     }
