@@ -558,6 +558,17 @@ pub static PURGE_RECORDS_AHEAD: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Purge log records not taken under their sequence number because another purge's record
+/// held it on enough servers (two purges handed one number by servers bumped in opposite
+/// orders): the record was written again under the next number.
+pub static PURGE_LOG_SEQ_TAKEN: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_purge_log_seq_taken_total",
+        "Purge log records written again under a new sequence number: another purge's record held theirs"
+    )
+    .expect("metric registers once")
+});
+
 /// Render every registered metric in the Prometheus text format.
 /// Time from the request sent upstream to the response header (time to first byte).
 pub static UPSTREAM_FIRST_BYTE_SECONDS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {

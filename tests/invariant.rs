@@ -309,6 +309,112 @@ async fn r10_a_corral_that_reaches_one_of_two_servers_is_fenced() {
     assert_eq!(metric(&a.metrics().await, "corral_fenced"), 1.0);
 }
 
+/// See: the review of 2026-12-01. Two memcached servers; A reaches only the second, B only
+/// the first (a write quorum is 1 of 2). Each bans a URL: each bumps the log's counter on the
+/// server it reaches, so both bans are handed number 1, and each server keeps one of the
+/// two records under it. C, which reaches both, must apply both: it read only the first
+/// server's record of a number, and A's ban, answered 200, never reached it.
+#[tokio::test]
+async fn two_purges_handed_one_sequence_number_by_two_servers_both_reach_a_third_corral() {
+    let mc1 = Memcached::start().await;
+    let mc2 = Memcached::start().await;
+    let (a_to_1, b_to_2) = (Relay::start(mc1.addr).await, Relay::start(mc2.addr).await);
+    let origin = Origin::start().await;
+    versioned(&origin, &["/a", "/b"]);
+    let via = |first: std::net::SocketAddr, second: std::net::SocketAddr| {
+        let mut c = Conf::default()
+            .memcached(&format!("servers = [\"{first}\", \"{second}\"]"))
+            .memcached("op_timeout = \"250ms\"")
+            .memcached("namespace = \"t\"");
+        c.rules.push_str("[purge]\nsweep_interval = \"20ms\"\n");
+        c
+    };
+    let a = Proxy::start(origin.addr, via(a_to_1.addr, mc2.addr)).await;
+    let b = Proxy::start(origin.addr, via(mc1.addr, b_to_2.addr)).await;
+    let c = Proxy::start(origin.addr, via(mc1.addr, mc2.addr)).await;
+    for p in ["/a", "/b"] {
+        assert_eq!(get(&c, p).await.body, "v1");
+        assert!(get(&c, p).await.cache.starts_with("corral; hit"), "{p}");
+    }
+    a_to_1.cut();
+    b_to_2.cut();
+    let ban = |proxy: &Proxy, pattern: &'static str| {
+        let url = proxy.url("/");
+        async move {
+            let m = reqwest::Method::from_bytes(b"BAN").unwrap();
+            send(client().request(m, url), &[SITE, ("x-url", pattern)])
+                .await
+                .status
+        }
+    };
+    eventually(
+        Duration::from_secs(5),
+        "A's ban taken by the server it reaches",
+        || {
+            let f = ban(&a, "^/a$");
+            async move { f.await == 200 }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "B's ban taken by the server it reaches",
+        || {
+            let f = ban(&b, "^/b$");
+            async move { f.await == 200 }
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "C applies both bans", || async {
+        get(&c, "/a").await.body != "v1" && get(&c, "/b").await.body != "v1"
+    })
+    .await;
+    for p in ["/a", "/b"] {
+        let again = get(&c, p).await;
+        assert_ne!(again.body, "v1", "{p}: {}", again.cache);
+    }
+}
+
+/// See: the review of 2026-12-01. A purge log record is added under its number, never written
+/// over another purge's record: here the number A's purge is handed already holds a record
+/// (as two purges handed one number leave it), which must stay; A's goes under the next one.
+#[tokio::test]
+async fn a_purge_log_record_never_overwrites_another_under_its_number() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    versioned(&origin, &["/a", "/b"]);
+    let a = Proxy::start(origin.addr, conf(&[&mc])).await;
+    let c = Proxy::start(origin.addr, conf(&[&mc])).await;
+    for p in ["/a", "/b"] {
+        assert_eq!(get(&c, p).await.body, "v1");
+        assert!(get(&c, p).await.cache.starts_with("corral; hit"), "{p}");
+    }
+    assert_eq!(purge(&a, "/b").await, 200);
+    let value = |got: &str| got.split("\r\n").nth(1).unwrap_or_default().to_string();
+    let first = mc.command(b"get corral/t/purgelog/1\r\n", "END\r\n").await;
+    let record = value(&first);
+    assert!(record.starts_with('{'), "{first}");
+    // number 2 already holds a record, as a purge handed the same number would leave it
+    let plant = format!("set corral/t/purgelog/2 0 0 {}\r\n{record}\r\n", record.len());
+    assert!(mc.command(plant.as_bytes(), "\r\n").await.contains("STORED"));
+    assert_eq!(purge(&a, "/a").await, 200);
+    let second = mc.command(b"get corral/t/purgelog/2\r\n", "END\r\n").await;
+    assert_eq!(value(&second), record, "record 2 was written over");
+    let third = mc.command(b"get corral/t/purgelog/3\r\n", "END\r\n").await;
+    assert!(
+        value(&third).starts_with('{'),
+        "A's record is not under number 3: {third}"
+    );
+    assert_eq!(
+        metric(&a.metrics().await, "corral_purge_log_seq_taken_total"),
+        1.0
+    );
+    eventually(Duration::from_secs(5), "C applies both purges", || async {
+        get(&c, "/a").await.body != "v1" && get(&c, "/b").await.body != "v1"
+    })
+    .await;
+}
+
 /// See: issue 10 (review). A purge of everything at B, while A is filling a URL: A drops its
 /// L1 when it sees the generation move, and the fill it commits afterwards was validated
 /// before the purge: it must not be served fresh.

@@ -512,22 +512,29 @@ impl Follower {
                 return false;
             };
             let mut next = to + 1;
-            for (n, record) in (from..=to).zip(records) {
-                match record.as_deref().map(LogRecord::decode_with_origin) {
-                    // applied when this corral accepted it
-                    Some(Some((_, _, origin))) if origin == super::corral_id() => {}
-                    // another corral's clock: compared with a margin where clocks differ; a
-                    // record dated further ahead than that (planted in memcached, or a clock
-                    // far off) counts from now + the margin, not from its date
-                    Some(Some((purge, at, origin))) => {
-                        let latest = now_stamp() + self.skew;
-                        if at > latest {
-                            metrics::PURGE_RECORDS_AHEAD.inc();
+            for (n, found) in (from..=to).zip(records) {
+                // every distinct record the servers hold under `n` (two purges handed one
+                // number may each have been kept by some servers: `L2::append_log`)
+                for record in &found {
+                    match LogRecord::decode_with_origin(record) {
+                        // applied when this corral accepted it
+                        Some((_, _, origin)) if origin == super::corral_id() => {}
+                        // another corral's clock: compared with a margin where clocks differ;
+                        // a record dated further ahead than that (planted in memcached, or a
+                        // clock far off) counts from now + the margin, not from its date
+                        Some((purge, at, origin)) => {
+                            let latest = now_stamp() + self.skew;
+                            if at > latest {
+                                metrics::PURGE_RECORDS_AHEAD.inc();
+                            }
+                            self.validity.record_by(&purge, at.min(latest), origin)
                         }
-                        self.validity.record_by(&purge, at.min(latest), origin)
+                        // undecodable: cover it
+                        None => self.validity.invalidate_all_before(now_stamp()),
                     }
-                    // undecodable: cover it
-                    Some(None) => self.validity.invalidate_all_before(now_stamp()),
+                }
+                match found.first() {
+                    Some(_) => {}
                     // not there: a purge that took its sequence number may still be writing
                     // it (the counter is bumped first); wait for it a little before taking it
                     // for gone

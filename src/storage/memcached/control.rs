@@ -10,7 +10,25 @@ use futures::future::join_all;
 use memcache::exp::{Get, Ttl};
 use tracing::info;
 
+use crate::metrics;
+
 use super::{L2, MAX_TTL};
+
+/// Sequence numbers a purge log record is tried under before its purge is refused: each
+/// try after the first follows a number that another purge's record took ([`L2::append_log`]).
+const APPEND_TRIES: usize = 4;
+
+/// The distinct values among `answers` (each server's, `None` where it had none), in the
+/// servers' order.
+fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
+    let mut out: Vec<Bytes> = Vec::new();
+    for v in answers.flatten() {
+        if !out.iter().any(|o| o.as_ref() == v) {
+            out.push(Bytes::copy_from_slice(v));
+        }
+    }
+    out
+}
 
 /// The namespace's control keys, as [`L2::control_state`] reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +136,7 @@ impl L2 {
     /// Purge log records `from..=to` (at most a few hundred), in one pipelined read per
     /// server: each from any server that has it (`None`: none has it, expired or evicted).
     /// `None` if no server answered.
-    pub async fn log_records(&self, from: u64, to: u64) -> Option<Vec<Option<Bytes>>> {
+    pub async fn log_records(&self, from: u64, to: u64) -> Option<Vec<Vec<Bytes>>> {
         let keys: Vec<String> = (from..=to).map(|n| self.log_key(n)).collect();
         let answers: Vec<Vec<Option<Vec<u8>>>> = self
             .get_many_everywhere(&keys)
@@ -131,7 +149,7 @@ impl L2 {
         }
         Some(
             (0..keys.len())
-                .map(|i| answers.iter().find_map(|a| a[i].clone()).map(Bytes::from))
+                .map(|i| distinct(answers.iter().map(|a| a[i].as_deref())))
                 .collect(),
         )
     }
@@ -269,10 +287,38 @@ impl L2 {
 
     /// Append a record to the namespace's purge log (on every live server). Returns its
     /// sequence number, or `None` if memcached could not take it.
+    ///
+    /// With several servers two purges can be handed one sequence number: the counter is
+    /// bumped on each server, and the highest answer taken, so two bumps that reach the
+    /// servers in opposite orders both read the same highest value. A record is therefore
+    /// added (`add`: stored only where that number holds no record yet), never set over
+    /// another one: each server keeps the first record written under a number. A purge whose
+    /// record a write quorum of servers did not take bumps again, up to [`APPEND_TRIES`]
+    /// times; one whose record some servers took and others did not (each kept the other
+    /// purge's) is acknowledged, and the reads take every distinct record a number holds on
+    /// the servers that answered ([`Self::log_records`]).
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
-        let seq = self.bump_counter(&self.log_seq_key()).await?;
-        let key = self.log_key(seq);
-        self.set_everywhere(key.as_bytes(), record).await.then_some(seq)
+        for _ in 0..APPEND_TRIES {
+            let seq = self.bump_counter(&self.log_seq_key()).await?;
+            let key = self.log_key(seq);
+            let k = key.as_bytes();
+            let added = join_all(self.inner.servers.iter().map(|server| {
+                self.with_server_at(server, "set", |c| async move {
+                    c.set(k, record).ttl(Ttl::secs(MAX_TTL)).add().send().await
+                })
+            }))
+            .await;
+            let took = added.iter().flatten().filter(|r| r.applied()).count();
+            if took >= self.write_quorum() {
+                return Some(seq);
+            }
+            if added.iter().flatten().count() < self.write_quorum() {
+                // too few servers answered: not a number another purge took
+                return None;
+            }
+            metrics::PURGE_LOG_SEQ_TAKEN.inc();
+        }
+        None
     }
 
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace
@@ -323,5 +369,21 @@ impl L2 {
         })
         .await
         .map(|r| r.applied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct;
+
+    #[test]
+    fn distinct_keeps_each_value_once_in_the_servers_order() {
+        let (a, b): (&[u8], &[u8]) = (b"{\"a\":1}", b"{\"b\":2}");
+        let got = distinct([Some(b), None, Some(a), Some(b)].into_iter());
+        assert_eq!(
+            got,
+            vec![bytes::Bytes::from_static(b), bytes::Bytes::from_static(a)]
+        );
+        assert!(distinct([None, None].into_iter()).is_empty());
     }
 }
