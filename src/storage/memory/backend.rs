@@ -32,9 +32,15 @@ impl Storage for MemoryStorage {
         let Some(slot) = slots.find(variance) else {
             return Ok(None);
         };
-        // prefer a fill in progress: it is newer than the committed entry (unless a clear
-        // voided it)
-        if let Some(fill) = slot.fill.as_ref().filter(|f| f.generation == self.generation()) {
+        // prefer a fill in progress: it is newer than the committed entry, unless a clear
+        // voided it, or an unsafe request invalidated the URL after its request left (its
+        // answer began after the invalidation: it may be what that request changed, and its
+        // commit stores nothing; only its own writer reads it, by its tag)
+        let usable = |f: &&Arc<Fill>| {
+            f.generation == self.generation()
+                && !self.invalidated_since(&key.primary_bin(), f.meta.updated.get())
+        };
+        if let Some(fill) = slot.fill.as_ref().filter(usable) {
             return Ok(Some(partial_hit(fill)));
         }
         let Some(entry) = slot.entry.as_ref().filter(|e| self.current(e)) else {

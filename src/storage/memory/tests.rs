@@ -533,6 +533,47 @@ fn an_awaited_answer_counts_as_a_fill_until_its_guard_drops() {
     assert_eq!((S.fills_in_progress(), S.fills_min_ms()), (0, u64::MAX));
 }
 
+/// A fill whose request left before an unsafe request's invalidation, and whose answer began
+/// after it, is not handed to other requests while it streams (a partial hit): it would
+/// serve what the unsafe request changed, and its commit stores nothing. Its own writer still
+/// reads it (by its tag). A fill validated after the invalidation is handed out.
+#[tokio::test]
+async fn a_fill_from_before_an_invalidation_is_not_handed_to_other_requests() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/posted-later", "");
+    let validated = |t: SystemTime| {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.append_header("content-type", "text/plain").unwrap();
+        CacheMeta::new(t + Duration::from_secs(60), t, 0, 0, h)
+    };
+    let at = SystemTime::now();
+    S.invalidate(key.primary_bin(), at);
+    let mut stale = S
+        .get_miss_handler(&key, &validated(at - Duration::from_millis(1)), &trace)
+        .await
+        .unwrap();
+    stale.write_body(Bytes::from_static(b"old"), false).await.unwrap();
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none(), "handed out");
+    let tag = stale.streaming_write_tag().map(<[u8]>::to_vec);
+    let own = S
+        .lookup_streaming_write(&key, tag.as_deref(), &trace)
+        .await
+        .unwrap();
+    assert!(own.is_some(), "its own writer reads it");
+    drop(own);
+    drop(stale);
+    let mut fresh = S
+        .get_miss_handler(&key, &validated(at + Duration::from_millis(1)), &trace)
+        .await
+        .unwrap();
+    fresh.write_body(Bytes::from_static(b"new"), false).await.unwrap();
+    assert!(
+        S.lookup(&key, &trace).await.unwrap().is_some(),
+        "a fill validated after it"
+    );
+}
+
 /// A successful unsafe request invalidates a URL (RFC 9111 §4.4): what was validated before
 /// it and arrives after it is not stored, a fill the origin composed before it or a copy
 /// read from memcached before it; what was validated after it is. The invalidation is kept
