@@ -143,9 +143,10 @@ impl CacheParts {
             return self.storage.l1.expire_primary(&primary);
         }
         let removed = self.storage.l1.remove_primary(&primary);
+        // untracked, not only removed from the manager: a refill committed and admitted
+        // since the removal stays tracked (`MemoryStorage::untrack`)
         for compact in &removed {
-            self.eviction
-                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+            self.storage.l1.untrack(compact, self.eviction);
         }
         removed.len()
     }
@@ -236,8 +237,7 @@ impl CacheParts {
             metrics::INVALIDATIONS_UNRECORDED.inc();
         }
         for compact in &removed {
-            self.eviction
-                .remove(pingora_cache::CacheEntryKeyRef::from_entry_id(compact, None));
+            self.storage.l1.untrack(compact, self.eviction);
         }
         if let Some(l2) = &self.storage.l2 {
             l2.delete(&l2.key(&key.combined())).await;
