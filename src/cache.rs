@@ -131,6 +131,42 @@ impl CacheParts {
         }
     }
 
+    /// Write a purge that another corral (`origin`, its message `seq`) accepted at `at` and
+    /// wrote to another purge log (another site's memcached, or none) to this corral's
+    /// memcached, as [`Self::apply`] would have: a record in the log (the copies of this
+    /// site's memcached are checked against it by every corral of the site, including one
+    /// that starts later), and for a hard URL purge the L2 copy deleted; for a purge of
+    /// everything, the namespace's generation bumped. One corral of the site writes it
+    /// ([`L2::claim_relay`]); if memcached cannot take it, that is logged and counted
+    /// (`corral_purge_relays_total{result="failed"}`): this corral's own records still cover
+    /// its L1 and what it reads from L2 while it runs.
+    pub async fn relay_remote(&self, purge: &Purge, at: SystemTime, origin: u64, seq: u64) {
+        let Some(l2) = &self.storage.l2 else {
+            return;
+        };
+        let done = match l2.claim_relay(origin, seq).await {
+            Some(false) => {
+                metrics::PURGE_RELAYS.with_label_values(&["other"]).inc();
+                return;
+            }
+            None => false,
+            Some(true) => match &purge.target {
+                Target::All => l2.bump_generation().await.is_some(),
+                Target::Url { host, path } if !purge.soft => {
+                    let logged = self.log(purge, at).await;
+                    l2.delete(&l2.key(&key::for_url(host, path).combined())).await && logged
+                }
+                _ => self.log(purge, at).await,
+            },
+        };
+        if done {
+            metrics::PURGE_RELAYS.with_label_values(&["relayed"]).inc();
+        } else {
+            metrics::PURGE_RELAYS.with_label_values(&["failed"]).inc();
+            tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "a purge from another site could not be written to this site's memcached: its copies there may be served again once this corral restarts");
+        }
+    }
+
     /// The part of a purge (but purge-all) that is this corral's alone: the record, and for a
     /// URL its L1 copies removed (hard) or made stale (soft).
     fn apply_here(&self, purge: &Purge, at: SystemTime, by: u64) -> usize {

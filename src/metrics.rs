@@ -569,6 +569,18 @@ pub static PURGE_LOG_SEQ_TAKEN: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Purges received over the bus from a corral of another purge log (another site's
+/// memcached), by what became of writing them to this corral's: `relayed` (this corral wrote
+/// it), `other` (another corral of this site did), `failed` (memcached could not take it).
+pub static PURGE_RELAYS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "corral_purge_relays_total",
+        "Purges from another site's corral written to this site's memcached, by result (relayed, other, failed)",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 /// Render every registered metric in the Prometheus text format.
 /// Time from the request sent upstream to the response header (time to first byte).
 pub static UPSTREAM_FIRST_BYTE_SECONDS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {

@@ -357,3 +357,87 @@ async fn a_broker_that_opens_the_connection_and_then_answers_nothing_is_left_and
         "{text}"
     );
 }
+
+/// Two sites, each with its own memcached, joined by the bus: a purge accepted at site 1 is
+/// written to site 2's memcached too, by one of site 2's corrals (the other counts it as
+/// done by another). So a corral of site 2 that is not on the bus, or that starts after the
+/// purge (with no record of its own), does not serve site 2's older copy from memcached: a
+/// URL purge deletes it, and a ban is a record of site 2's purge log.
+#[tokio::test]
+async fn a_purge_from_another_site_reaches_that_sites_memcached() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let (mc1, mc2) = (Memcached::start().await, Memcached::start().await);
+    let paths = ["/site/x".to_string(), "/site/y".to_string()];
+    pages(&origin, &paths);
+    let a = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc1])).await;
+    let b = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc2])).await;
+    let b2 = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc2])).await;
+    // a second corral of site 1: it shares A's purge log, and writes nothing again
+    let a2 = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc1])).await;
+    for p in [&a, &b, &b2, &a2] {
+        connected(p).await;
+    }
+    // site 2's memcached holds both pages; P (site 2, not on the bus) took them from it
+    let p = Proxy::start_on(loopback(), origin.addr, Conf::default().servers(&[&mc2])).await;
+    for path in &paths {
+        let first = get(&b, path).await.body;
+        assert!(first.ends_with("#1"), "{path}: {first}");
+        eventually(
+            Duration::from_secs(5),
+            "P takes B's copy from memcached",
+            || async { get(&p, path).await.cache.ends_with("detail=l2") },
+        )
+        .await;
+        assert!(get(&p, path).await.cache.starts_with("corral; hit"), "{path}");
+    }
+    assert_eq!(purge(&a, &paths[0]).await.status, 200);
+    let ban = send(
+        client().request(reqwest::Method::from_bytes(b"BAN").unwrap(), a.url("/")),
+        &[SITE, ("x-url", "^/site/y$")],
+    )
+    .await;
+    assert_eq!(ban.status, 200);
+    let relays = |result: &'static str| {
+        let (b, b2) = (&b, &b2);
+        async move {
+            let series = format!("corral_purge_relays_total{{result=\"{result}\"}}");
+            counter(b, &series).await + counter(b2, &series).await
+        }
+    };
+    eventually(
+        Duration::from_secs(20),
+        "both purges written to site 2's memcached, once each",
+        || async { relays("relayed").await == 2.0 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the other corral of site 2 counts them as done",
+        || async { relays("other").await == 2.0 },
+    )
+    .await;
+    assert_eq!(relays("failed").await, 0.0);
+    eventually(Duration::from_secs(10), "A2 applies both", || async {
+        counter(&a2, APPLIED).await == 2.0
+    })
+    .await;
+    let a2_metrics = a2.metrics().await;
+    assert!(
+        !a2_metrics.contains("corral_purge_relays_total{"),
+        "A2 relayed: {a2_metrics}"
+    );
+    // P learns both from site 2's purge log
+    eventually(Duration::from_secs(10), "P serves neither old copy", || async {
+        get(&p, &paths[0]).await.body != format!("{} #1", paths[0])
+            && get(&p, &paths[1]).await.body != format!("{} #1", paths[1])
+    })
+    .await;
+    // a corral of site 2 started after the purges
+    let c = Proxy::start_on(loopback(), origin.addr, Conf::default().servers(&[&mc2])).await;
+    for path in &paths {
+        let got = get(&c, path).await;
+        assert_ne!(got.body, format!("{path} #1"), "{path}: {}", got.cache);
+    }
+}

@@ -80,6 +80,14 @@ impl Tiered {
         }
     }
 
+    /// Follow memcached's purge log from now on (once; without memcached, nothing): the first
+    /// lookup that reaches L2 starts it, and a corral on the bus at its start.
+    pub(crate) fn follow_log(&'static self) {
+        if let Some(l2) = &self.l2 {
+            self.started.call_once(|| self.log.spawn_watch(l2.clone()));
+        }
+    }
+
     /// Put an L2 record into L1 and answer the lookup from there.
     /// `generation`: the L1 generation when the lookup began; `None` (a miss) if a clear has
     /// moved it since: the copy was read from before the clear.
@@ -365,7 +373,7 @@ impl Storage for Tiered {
         let Some(l2) = &self.l2 else {
             return Ok(None);
         };
-        self.started.call_once(|| self.log.spawn_watch(l2.clone()));
+        self.follow_log();
         self.l2_lookup_coalesced(l2, key, trace).await
     }
 

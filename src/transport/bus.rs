@@ -334,6 +334,11 @@ impl Bus {
                     // the bus may join sites that do not share memcached: a sender that
                     // restarted may have lost purges nobody else carries
                     let got = inbox.receive_from(&env, false);
+                    // ... nor this corral's memcached: what another site's corral purged is
+                    // written to this site's too, before the message is acked
+                    for r in &got.relay {
+                        inbox.relay(r).await;
+                    }
                     let mut st = self.status.lock();
                     st.consumed += 1;
                     st.applied += got.applied as u64;
@@ -408,6 +413,8 @@ impl Transport for Bus {
     }
 
     fn start(&'static self, inbox: &'static Inbox) {
+        // what it publishes names this corral's purge log, once read (`Message::log`)
+        inbox.follow_log();
         tokio::spawn(self.run(inbox));
     }
 

@@ -62,6 +62,11 @@ pub struct Message {
     /// The origin's host name and port (stable across its restarts, unlike `origin`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// The epoch of the purge log the origin wrote the purge to ([`crate::purge`]), if it
+    /// has memcached: a receiver of another log (another site's memcached) writes the purge
+    /// to its own ([`crate::cache::CacheParts::relay_remote`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +121,7 @@ impl Message {
             at_ms: purge::millis(purge::now_stamp()),
             body,
             node: String::new(),
+            log: None,
         }
     }
 }
@@ -190,7 +196,33 @@ pub struct Received {
     pub applied: usize,
     pub duplicates: usize,
     pub gap: bool,
+    /// Purges applied here that the sender may have written to another purge log than this
+    /// corral's (another site's memcached): for the receiver to write to its own unless the
+    /// logs are one ([`Inbox::relay`]). Filled only when the sender may not share this
+    /// corral's memcached (the bus) and this corral has memcached.
+    #[serde(skip)]
+    pub relay: Vec<Relay>,
 }
+
+/// A purge to write to this corral's memcached ([`Received::relay`]).
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub purge: Purge,
+    pub at: SystemTime,
+    pub origin: u64,
+    pub seq: u64,
+    /// The epoch of the sender's purge log ([`Message::log`]).
+    pub log: Option<u64>,
+}
+
+/// One message of one origin: (origin, sequence number) name it.
+impl PartialEq for Relay {
+    fn eq(&self, other: &Self) -> bool {
+        (self.origin, self.seq) == (other.origin, other.seq)
+    }
+}
+
+impl Eq for Relay {}
 
 /// The receiving side: deduplicates by (origin, sequence number), notices gaps, applies.
 pub struct Inbox {
@@ -223,6 +255,33 @@ impl Inbox {
             origins: parking_lot::Mutex::new(HashMap::new()),
             nodes: parking_lot::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Write a purge from another purge log to this corral's memcached ([`Received::relay`]):
+    /// unless the sender named this corral's log (its epoch, read from memcached if this
+    /// corral has not read it yet). A sender that named none (no memcached, an older corral,
+    /// or one that had not read its log yet) is written again: a second record of one purge
+    /// costs a read, a missing one a stale copy.
+    pub async fn relay(&self, r: &Relay) {
+        let Some(l2) = &self.parts.storage.l2 else {
+            return;
+        };
+        if r.log.is_some() {
+            let ours = match self.parts.storage.log.epoch() {
+                Some(e) => Some(e),
+                None => l2.control_state().await.and_then(|s| s.epoch),
+            };
+            if ours == r.log {
+                return;
+            }
+        }
+        self.parts.relay_remote(&r.purge, r.at, r.origin, r.seq).await;
+    }
+
+    /// Start following memcached's purge log now, not at the first lookup: a corral on the
+    /// bus names its log in what it publishes ([`Message::log`]).
+    pub fn follow_log(&self) {
+        self.parts.storage.follow_log();
     }
 
     /// A message arrived that cannot be read: what it purged is unknown, so everything
@@ -297,7 +356,14 @@ impl Inbox {
                 .inc_by(env.messages.len() as u64);
             return got;
         }
-        let prepared: Vec<(u64, Prepared)> = env.messages.iter().map(|m| (m.seq, self.prepare(m))).collect();
+        // a sender that may not share this corral's memcached: what it purged may have to be
+        // written to this corral's purge log too ([`Self::relay`] decides)
+        let relays = !shared_log && self.parts.storage.l2.is_some();
+        let prepared: Vec<(u64, Option<u64>, Prepared)> = env
+            .messages
+            .iter()
+            .map(|m| (m.seq, m.log, self.prepare(m)))
+            .collect();
         // one envelope at a time: the order of an origin's messages is kept across transports
         let mut origins = self.origins.lock();
         let last = origins.get(&env.origin).map(|(last, _)| *last);
@@ -317,7 +383,7 @@ impl Inbox {
             None => self.new_origin(env, shared_log),
         }
         let mut upto = last.unwrap_or(0);
-        for (seq, what) in prepared {
+        for (seq, log, what) in prepared {
             if seq <= upto {
                 got.duplicates += 1;
                 continue;
@@ -329,6 +395,15 @@ impl Inbox {
                     let n = self.parts.apply_remote(&purge, at, env.origin);
                     crate::events::purge_applied(&purge, n, "remote");
                     tracing::debug!(kind = purge.kind(), target = %purge.target_text(), origin = env.origin, seq, purged = n, "purge from a peer applied");
+                    if relays {
+                        got.relay.push(Relay {
+                            purge,
+                            at,
+                            origin: env.origin,
+                            seq,
+                            log,
+                        });
+                    }
                 }
                 Prepared::Drop(reason) => self.parts.drop_cache("peer-backlog-overflow", &reason),
                 Prepared::Generation(old, new) => {
@@ -558,6 +633,12 @@ impl Cluster {
         let mut msg = Message::new(purge::corral_id(), *seq, body);
         msg.at_ms = purge::millis(at);
         msg.node = self.node.clone();
+        msg.log = self
+            .parts
+            .storage
+            .l2
+            .as_ref()
+            .and_then(|_| self.parts.storage.log.epoch());
         let msg = Arc::new(msg);
         let receipts = self
             .transports

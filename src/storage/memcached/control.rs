@@ -18,6 +18,10 @@ use super::{L2, MAX_TTL};
 /// try after the first follows a number that another purge's record took ([`L2::append_log`]).
 const APPEND_TRIES: usize = 4;
 
+/// How long the marker of a purge relayed from another log is kept, in seconds: a week, as
+/// long as the bus keeps a queue nobody consumes (a message is not delivered later than that).
+const RELAY_MARKER_TTL: u32 = 7 * 24 * 3600;
+
 /// The distinct values among `answers` (each server's, `None` where it had none), in the
 /// servers' order.
 fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
@@ -275,6 +279,28 @@ impl L2 {
     pub async fn set_log_checkpoint(&self, bytes: &[u8]) {
         let key = self.log_checkpoint_key();
         self.set_everywhere(key.as_bytes(), bytes).await;
+    }
+
+    /// Claim the writing of another purge log's purge (`origin`'s message `seq`) to this
+    /// namespace's log ([`crate::cache::CacheParts::relay_remote`]): every corral of a site
+    /// receives it, one writes it. A marker added (`add`) on the servers, kept a week (as long
+    /// as the bus keeps a queue nobody consumes). `Some(true)`: this corral's marker was taken
+    /// by a server, and it writes; `Some(false)`: every server that answered had another
+    /// corral's; `None`: no server answered.
+    pub async fn claim_relay(&self, origin: u64, seq: u64) -> Option<bool> {
+        let key = format!("corral/{}/relayed/{origin}/{seq}", self.inner.namespace);
+        let k = key.as_bytes();
+        let added = join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "set", |c| async move {
+                c.set(k, b"1").ttl(Ttl::secs(RELAY_MARKER_TTL)).add().send().await
+            })
+        }))
+        .await;
+        let answered: Vec<_> = added.iter().flatten().collect();
+        if answered.is_empty() {
+            return None;
+        }
+        Some(answered.iter().any(|r| r.applied()))
     }
 
     fn log_seq_key(&self) -> String {
