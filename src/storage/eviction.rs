@@ -132,6 +132,14 @@ impl Eviction {
     /// that pushes out, the entry itself included if it no longer fits. An entry the manager
     /// does not hold is left alone: it was evicted or purged, its removal from L1 is on its
     /// way, and tracking it again would leave a weight nothing removes.
+    /// Weigh S3-FIFO's admissions by what `l1` holds for their key when they are made
+    /// ([`S3Fifo::l1`]). LRU and TinyUFO track the weight they are handed.
+    pub fn weigh_by(&self, l1: &'static crate::storage::memory::MemoryStorage) {
+        if let Eviction::S3Fifo(m) = self {
+            let _ = m.l1.set(l1);
+        }
+    }
+
     pub fn reweigh(&self, item: CacheEntryKey, size: usize, fresh_until: SystemTime) -> Vec<CacheEntryKey> {
         match self {
             // the LRU's own lock is per shard: a purge between the two calls is re-tracked,
@@ -642,6 +650,14 @@ pub struct S3Fifo {
     /// key between them would tell L1 to drop the entry the other kept), one lock per stripe
     /// of keys: admissions of other keys go on.
     puts: [Mutex<()>; S3FIFO_STRIPES],
+    /// L1, once it registered ([`Eviction::weigh_by`]): an admission tracks the weight of the
+    /// entry L1 holds for the key when it is made, under the key's lock, not the weight it
+    /// was handed. Two fills of one key commit in one order and may be admitted in the other
+    /// (Pingora admits after the commit, outside any lock of L1): the manager then tracked
+    /// the first fill's weight for the second fill's entry, up to `max_object_bytes` off the
+    /// budget until the key was replaced or evicted. The last admission after the last
+    /// commit reads the last weight.
+    l1: std::sync::OnceLock<&'static crate::storage::memory::MemoryStorage>,
 }
 
 impl S3Fifo {
@@ -670,6 +686,7 @@ impl S3Fifo {
             evicted_items: AtomicUsize::new(0),
             deferred: Mutex::new(Vec::new()),
             puts: std::array::from_fn(|_| Mutex::new(())),
+            l1: std::sync::OnceLock::new(),
         }
     }
 
@@ -692,7 +709,12 @@ impl S3Fifo {
         {
             let _one = self.stripe(k).lock();
             let bytes = match weight {
-                Weight::Bytes(bytes) => bytes,
+                // what L1 holds for the key now, if it holds it ([`S3Fifo::l1`])
+                Weight::Bytes(bytes) => self
+                    .l1
+                    .get()
+                    .and_then(|l1| l1.held_weight(item.key()))
+                    .map_or(bytes, |w| w.max(1)),
                 Weight::Grown { delta, max } => {
                     grown(self.cache.peek(&k).map_or(0, |t| t.bytes()), delta, max)
                 }

@@ -993,9 +993,20 @@ impl MemoryStorage {
         n
     }
 
-    /// The eviction manager that [`MemoryStorage::clear`] tells of what it removes.
-    pub fn set_eviction(&self, eviction: &'static crate::storage::eviction::Eviction) {
+    /// The eviction manager that [`MemoryStorage::clear`] tells of what it removes, and that
+    /// weighs an admission by what this storage holds for its key ([`Eviction::weigh_by`]).
+    pub fn set_eviction(&'static self, eviction: &'static crate::storage::eviction::Eviction) {
         let _ = self.eviction.set(eviction);
+        eviction.weigh_by(self);
+    }
+
+    /// The weight of the entry of `key` this storage holds (of the current generation), if
+    /// any. Takes a read lock of the key's shard of the table: never called with one held.
+    pub fn held_weight(&self, key: &CompactCacheKey) -> Option<usize> {
+        let variance = key.variance.as_deref().copied();
+        let slots = self.table.get(&key.primary)?;
+        let entry = slots.find(variance)?.entry.as_ref()?;
+        self.current(entry).then(|| entry.weight())
     }
 
     /// The current L1 generation (moved by each [`MemoryStorage::clear`]).

@@ -942,3 +942,25 @@ fn a_refill_admitted_before_its_key_is_untracked_is_tracked_again() {
         );
     }
 }
+
+/// Two fills of one key commit in one order and are admitted in the other (Pingora admits
+/// after the commit, outside any lock of L1): S3-FIFO tracks the weight of the entry L1
+/// holds, not the weight the late admission was handed, so its total stays what L1 holds.
+#[tokio::test]
+async fn admissions_out_of_order_track_the_weight_l1_holds() {
+    use crate::storage::eviction::{Eviction, Policy};
+    use pingora_cache::eviction::{CacheEntryKey, EvictionManager};
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let m: &'static Eviction = Box::leak(Box::new(Eviction::new(Policy::S3fifo, 1 << 24, 1024)));
+    S.set_eviction(m);
+    let key = CacheKey::new("http://h/twice", "");
+    let item = CacheEntryKey::from_entry_id(key.to_compact(), None);
+    let small = fill(&S, &key, &["a"]).await;
+    let large = fill(&S, &key, &[&*Box::leak("b".repeat(100_000).into_boxed_str())]).await;
+    assert!(large > small + 90_000);
+    assert_eq!(S.stats().bytes, large, "the second fill replaced the first");
+    let now = SystemTime::now();
+    assert!(m.admit(item.clone(), large, now).is_empty());
+    assert!(m.admit(item, small, now).is_empty());
+    assert_eq!(m.total_size(), S.stats().bytes);
+}
