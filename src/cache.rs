@@ -37,6 +37,14 @@ pub struct CacheParts {
     ack_wait: Option<std::time::Duration>,
 }
 
+/// The waits between the tries of a claimed relay ([`CacheParts::relay_remote`]): three
+/// tries within about 1.5 s.
+const RELAY_RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_millis(1000),
+    std::time::Duration::ZERO,
+];
+
 impl CacheParts {
     /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
     pub fn leak(cfg: &Config, l2: Option<L2>) -> &'static CacheParts {
@@ -144,27 +152,41 @@ impl CacheParts {
         let Some(l2) = &self.storage.l2 else {
             return;
         };
-        let done = match l2.claim_relay(origin, seq).await {
+        match l2.claim_relay(origin, seq).await {
             Some(false) => {
                 metrics::PURGE_RELAYS.with_label_values(&["other"]).inc();
                 return;
             }
-            None => false,
-            Some(true) => match &purge.target {
+            None => {
+                self.relay_failed(purge, origin, seq);
+                return;
+            }
+            Some(true) => {}
+        }
+        // claimed: the others of the site count on this corral, so it tries again before it
+        // gives the claim up
+        for wait in RELAY_RETRIES {
+            let done = match &purge.target {
                 Target::All => l2.bump_generation().await.is_some(),
                 Target::Url { host, path } if !purge.soft => {
                     let logged = self.log(purge, at).await;
                     l2.delete(&l2.key(&key::for_url(host, path).combined())).await && logged
                 }
                 _ => self.log(purge, at).await,
-            },
-        };
-        if done {
-            metrics::PURGE_RELAYS.with_label_values(&["relayed"]).inc();
-        } else {
-            metrics::PURGE_RELAYS.with_label_values(&["failed"]).inc();
-            tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "a purge from another site could not be written to this site's memcached: its copies there may be served again once this corral restarts");
+            };
+            if done {
+                metrics::PURGE_RELAYS.with_label_values(&["relayed"]).inc();
+                return;
+            }
+            tokio::time::sleep(wait).await;
         }
+        l2.release_relay(origin, seq).await;
+        self.relay_failed(purge, origin, seq);
+    }
+
+    fn relay_failed(&self, purge: &Purge, origin: u64, seq: u64) {
+        metrics::PURGE_RELAYS.with_label_values(&["failed"]).inc();
+        tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "a purge from a corral of another purge log could not be written to this corral's memcached: its copies there may be served again once the corrals that applied it restart");
     }
 
     /// The part of a purge (but purge-all) that is this corral's alone: the record, and for a

@@ -415,6 +415,64 @@ async fn a_purge_log_record_never_overwrites_another_under_its_number() {
     .await;
 }
 
+/// See: the review of 2026-12-01. Two bumps of the log's counter that reach two servers in
+/// opposite orders both take the higher number, and the one below it goes to neither: every
+/// reader would wait for it, count it gone, and drop its L1 (a floor). The bump that sees its
+/// servers answer different numbers writes its record under the lower one too. Here the
+/// second server's counter is one ahead, as such a race leaves it.
+#[tokio::test]
+async fn a_number_two_bumps_skipped_is_filled_and_costs_no_floor() {
+    let mc1 = Memcached::start().await;
+    let mc2 = Memcached::start().await;
+    let origin = Origin::start().await;
+    versioned(&origin, &["/a", "/b", "/z"]);
+    let a = Proxy::start(origin.addr, conf(&[&mc1, &mc2])).await;
+    let c = Proxy::start(origin.addr, conf(&[&mc1, &mc2])).await;
+    assert_eq!(purge(&a, "/z").await, 200);
+    for p in ["/a", "/b"] {
+        assert_eq!(get(&c, p).await.body, "v1");
+        assert!(get(&c, p).await.cache.starts_with("corral; hit"), "{p}");
+    }
+    // the second server one ahead: the number 2 was handed to nobody
+    assert!(mc2
+        .command(b"set corral/t/purgelog/seq 0 0 1\r\n2\r\n", "\r\n")
+        .await
+        .contains("STORED"));
+    assert_eq!(purge(&a, "/a").await, 200);
+    let two = mc1.command(b"get corral/t/purgelog/2\r\n", "END\r\n").await;
+    assert!(two.starts_with("VALUE"), "number 2 left empty: {two}");
+    eventually(Duration::from_secs(5), "C applies the purge", || async {
+        get(&c, "/a").await.body != "v1"
+    })
+    .await;
+    let b = get(&c, "/b").await;
+    assert!(
+        b.cache.starts_with("corral; hit"),
+        "C dropped its L1: {}",
+        b.cache
+    );
+    assert!(!c.log_text().contains("purge-log-gap"), "{}", c.log_text());
+}
+
+/// See: the review of 2026-12-01. A counter lost alone (evicted, reset) while older records
+/// survive: the numbers it hands out again hold records already. A purge is still accepted:
+/// after `APPEND_TRIES` numbers found taken, its record is set over the next one's.
+#[tokio::test]
+async fn a_purge_is_accepted_when_the_numbers_it_is_handed_hold_old_records() {
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    versioned(&origin, &["/a"]);
+    let a = Proxy::start(origin.addr, conf(&[&mc])).await;
+    for n in 1..=8 {
+        let plant = format!("set corral/t/purgelog/{n} 0 0 2\r\n{{}}\r\n");
+        assert!(mc.command(plant.as_bytes(), "\r\n").await.contains("STORED"));
+    }
+    assert_eq!(get(&a, "/a").await.body, "v1");
+    assert_eq!(purge(&a, "/a").await, 200);
+    assert!(metric(&a.metrics().await, "corral_purge_log_seq_taken_total") >= 4.0);
+    assert_ne!(get(&a, "/a").await.body, "v1");
+}
+
 /// See: issue 10 (review). A purge of everything at B, while A is filling a URL: A drops its
 /// L1 when it sees the generation move, and the fill it commits afterwards was validated
 /// before the purge: it must not be served fresh.

@@ -18,6 +18,11 @@ use super::{L2, MAX_TTL};
 /// try after the first follows a number that another purge's record took ([`L2::append_log`]).
 const APPEND_TRIES: usize = 4;
 
+/// Numbers below the one a bump took that a record is also written under, when the servers
+/// answered the bump with different values ([`L2::append_log`]). More apart than this, the
+/// lower one is a server that was down, which the bump brings up to the others.
+const FILL_BELOW: u64 = 8;
+
 /// How long the marker of a purge relayed from another log is kept, in seconds: a week, as
 /// long as the bus keeps a queue nobody consumes (a message is not delivered later than that).
 const RELAY_MARKER_TTL: u32 = 7 * 24 * 3600;
@@ -148,7 +153,9 @@ impl L2 {
             .into_iter()
             .flatten()
             .collect();
-        if answers.is_empty() {
+        // a majority, as for the control keys: a record acknowledged on a write quorum is on
+        // one of them (two purges handed one number may each be on a server of its own)
+        if answers.len() < self.read_quorum() {
             return None;
         }
         Some(
@@ -196,6 +203,13 @@ impl L2 {
     /// to the highest value, so it never goes backwards. Returns that value, `None` if no server
     /// took it.
     async fn bump_counter(&self, key: &str) -> Option<u64> {
+        self.bump_counter_range(key).await.map(|(top, _)| top)
+    }
+
+    /// [`Self::bump_counter`], with the lowest value a server answered: below the value
+    /// taken when two bumps reached the servers in opposite orders (each took the highest, and
+    /// the number below it went to neither).
+    async fn bump_counter_range(&self, key: &str) -> Option<(u64, u64)> {
         let k = key.as_bytes();
         let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
             self.with_server_at(server, "incr", |c| async move {
@@ -215,6 +229,7 @@ impl L2 {
             return None;
         }
         let top = results.iter().flatten().copied().max()?;
+        let low = results.iter().flatten().copied().min().unwrap_or(top);
         let v = top.to_string();
         let v = v.as_bytes();
         join_all(
@@ -230,7 +245,7 @@ impl L2 {
                 }),
         )
         .await;
-        Some(top)
+        Some((top, low))
     }
 
     fn log_epoch_key(&self) -> String {
@@ -283,24 +298,39 @@ impl L2 {
 
     /// Claim the writing of another purge log's purge (`origin`'s message `seq`) to this
     /// namespace's log ([`crate::cache::CacheParts::relay_remote`]): every corral of a site
-    /// receives it, one writes it. A marker added (`add`) on the servers, kept a week (as long
-    /// as the bus keeps a queue nobody consumes). `Some(true)`: this corral's marker was taken
-    /// by a server, and it writes; `Some(false)`: every server that answered had another
-    /// corral's; `None`: no server answered.
+    /// receives it, one writes it. A marker added (`add`), kept a week (as long as the bus
+    /// keeps a queue nobody consumes), on the first server that answers, in the configured
+    /// order: every corral of the site asks the same one, so one claims it (two only if they
+    /// disagree on which servers are up, which costs a second record). `Some(true)`: this
+    /// corral claimed it; `Some(false)`: another one had; `None`: no server answered.
     pub async fn claim_relay(&self, origin: u64, seq: u64) -> Option<bool> {
-        let key = format!("corral/{}/relayed/{origin}/{seq}", self.inner.namespace);
+        let key = self.relay_key(origin, seq);
         let k = key.as_bytes();
-        let added = join_all(self.inner.servers.iter().map(|server| {
-            self.with_server_at(server, "set", |c| async move {
-                c.set(k, b"1").ttl(Ttl::secs(RELAY_MARKER_TTL)).add().send().await
-            })
+        for server in &self.inner.servers {
+            let added = self
+                .with_server_at(server, "set", |c| async move {
+                    c.set(k, b"1").ttl(Ttl::secs(RELAY_MARKER_TTL)).add().send().await
+                })
+                .await;
+            if let Some(r) = added {
+                return Some(r.applied());
+            }
+        }
+        None
+    }
+
+    /// Give up a claim ([`Self::claim_relay`]) whose write failed, best effort.
+    pub async fn release_relay(&self, origin: u64, seq: u64) {
+        let key = self.relay_key(origin, seq);
+        let k = key.as_bytes();
+        join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "delete", |c| async move { c.delete(k).send().await })
         }))
         .await;
-        let answered: Vec<_> = added.iter().flatten().collect();
-        if answered.is_empty() {
-            return None;
-        }
-        Some(answered.iter().any(|r| r.applied()))
+    }
+
+    fn relay_key(&self, origin: u64, seq: u64) -> String {
+        format!("corral/{}/relayed/{origin}/{seq}", self.inner.namespace)
     }
 
     fn log_seq_key(&self) -> String {
@@ -323,17 +353,35 @@ impl L2 {
     /// times; one whose record some servers took and others did not (each kept the other
     /// purge's) is acknowledged, and the reads take every distinct record a number holds on
     /// the servers that answered ([`Self::log_records`]).
+    ///
+    /// Two bumps that reached the servers in opposite orders also leave the number below the
+    /// one they took to neither: each writes its record there too, if it is free (`add`; at
+    /// most [`FILL_BELOW`] numbers), or every reader would wait for it and then count it gone
+    /// (a floor). After [`APPEND_TRIES`] numbers taken, the record is set under the next one,
+    /// over whatever it holds: records left from before the counter was lost alone (the log
+    /// then has a new epoch, and every corral resynced), not a purge racing this one.
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
-        for _ in 0..APPEND_TRIES {
-            let seq = self.bump_counter(&self.log_seq_key()).await?;
+        for attempt in 0..=APPEND_TRIES {
+            let (seq, low) = self.bump_counter_range(&self.log_seq_key()).await?;
             let key = self.log_key(seq);
             let k = key.as_bytes();
+            let over = attempt == APPEND_TRIES;
             let added = join_all(self.inner.servers.iter().map(|server| {
                 self.with_server_at(server, "set", |c| async move {
-                    c.set(k, record).ttl(Ttl::secs(MAX_TTL)).add().send().await
+                    let set = c.set(k, record).ttl(Ttl::secs(MAX_TTL));
+                    if over {
+                        set.send().await
+                    } else {
+                        set.add().send().await
+                    }
                 })
             }))
             .await;
+            if seq > low && seq - low <= FILL_BELOW {
+                for n in low..seq {
+                    self.add_everywhere(self.log_key(n).as_bytes(), record).await;
+                }
+            }
             let took = added.iter().flatten().filter(|r| r.applied()).count();
             if took >= self.write_quorum() {
                 return Some(seq);
@@ -345,6 +393,16 @@ impl L2 {
             metrics::PURGE_LOG_SEQ_TAKEN.inc();
         }
         None
+    }
+
+    /// Add `value` under `key` on every server that has none (`add`), best effort.
+    async fn add_everywhere(&self, key: &[u8], value: &[u8]) {
+        join_all(self.inner.servers.iter().map(|server| {
+            self.with_server_at(server, "set", |c| async move {
+                c.set(key, value).ttl(Ttl::secs(MAX_TTL)).add().send().await
+            })
+        }))
+        .await;
     }
 
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace
