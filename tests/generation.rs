@@ -1054,3 +1054,52 @@ async fn a_failing_generation_poll_drops_nothing_and_is_logged_once() {
         "once per state change"
     );
 }
+
+/// See: the review of 2026-12-01. A corral that saw a new upstream generation expects the
+/// namespace to move once (its own move, or that of a corral that saw it too), and does not
+/// drop its L1 a second time for it. Another corral's purge of everything, in the same
+/// seconds, moves it the same way: what A fetched since its drop must not outlive it. Here
+/// no corral moves the namespace for the change (its claim is taken), so the one move A sees
+/// is C's purge of everything.
+#[tokio::test]
+async fn a_purge_of_everything_is_not_taken_for_the_move_of_an_upstream_change() {
+    use md5::{Digest, Md5};
+    let _serial = SERIAL.lock().await;
+    let mc = Memcached::start().await;
+    let origin = Origin::start().await;
+    let generation = Generation::new("g1");
+    pages(&origin, &generation, &["/p", "/q"]);
+    let a = Proxy::start(origin.addr, shared_conf(&mc)).await;
+    let c = Proxy::start(origin.addr, shared_conf(&mc)).await;
+    cached(&a, "/p").await;
+    // the namespace is moved for the change g1 -> g2 by whoever claims it: taken already
+    for before in 0..=2u64 {
+        let digest = Md5::digest(format!("{before}:g1->g2").as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let claim = format!("set corral/{NS}/claim/{hex} 0 0 1\r\n1\r\n");
+        assert!(mc.command(claim.as_bytes(), "\r\n").await.contains("STORED"));
+    }
+    let moved_from = namespace_generation(&mc).await;
+    generation.set("g2");
+    get(&a, "/q").await;
+    reaches(&a, UPSTREAM_DROPS, 1.0, SOON, "A drops its L1 for g2").await;
+    let fetched = cached(&a, "/p").await;
+    assert!(fetched.body.contains("g2"), "{}", fetched.body);
+    let all = client()
+        .post(format!("http://{}/purge/all", c.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all.status(), 200);
+    assert_eq!(
+        namespace_generation(&mc).await,
+        moved_from + 1,
+        "C's purge moved it"
+    );
+    eventually(
+        FOLLOW,
+        "A does not serve what it fetched before C's purge of everything",
+        || async { get(&a, "/p").await.body != fetched.body },
+    )
+    .await;
+}

@@ -626,7 +626,12 @@ impl Follower {
             from == before && new == before + 1 && std::time::Instant::now() < until
         }) {
             // the move this corral's own upstream generation change made (here or at another
-            // corral that saw it too): L1 was dropped for it already
+            // corral that saw it too): L1 was dropped for it already, and is not dropped
+            // again, loudly. But it may be another corral's purge of everything, made in the
+            // same seconds, which the two cannot be told apart from: what was validated
+            // since counts as purged (a floor, quietly; the entries fetched since the drop,
+            // seconds ago, are fetched again)
+            self.validity.invalidate_all_before(now_stamp());
             return true;
         }
         let old = before;
