@@ -335,10 +335,12 @@ impl Bus {
                     // restarted may have lost purges nobody else carries
                     let got = inbox.receive_from(&env, false);
                     // ... nor this corral's memcached: what another site's corral purged is
-                    // written to this site's too (in the background: memcached does not hold
-                    // up the purges after it)
-                    for r in got.relay.iter().cloned() {
-                        inbox.relay_in_background(r).await;
+                    // written to this site's too, before the message is acked (a corral that
+                    // stops before it gets the message again). A memcached that does not
+                    // answer fails the claim at once (its server marked down); only a claimed
+                    // relay is tried again, about 1.5 s at most
+                    for r in &got.relay {
+                        inbox.relay(r).await;
                     }
                     let mut st = self.status.lock();
                     st.consumed += 1;

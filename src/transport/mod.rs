@@ -234,13 +234,7 @@ pub struct Inbox {
     /// Sender node (host name and port) → its origin id: a new id for a known node is a
     /// corral that restarted, and whatever it had not delivered is lost.
     nodes: parking_lot::Mutex<HashMap<String, u64>>,
-    /// Relays under way ([`Self::relay_in_background`]), at most [`RELAYS_AT_ONCE`].
-    relaying: tokio::sync::Semaphore,
 }
-
-/// Relays to memcached at once ([`Inbox::relay_in_background`]): past this, the bus
-/// consumer waits for one to end.
-const RELAYS_AT_ONCE: usize = 16;
 
 /// What is to be done with one message of an envelope, worked out before the inbox is locked
 /// (patterns compiled, times capped).
@@ -260,7 +254,6 @@ impl Inbox {
             skew,
             origins: parking_lot::Mutex::new(HashMap::new()),
             nodes: parking_lot::Mutex::new(HashMap::new()),
-            relaying: tokio::sync::Semaphore::new(RELAYS_AT_ONCE),
         }
     }
 
@@ -283,19 +276,6 @@ impl Inbox {
             }
         }
         self.parts.relay_remote(&r.purge, r.at, r.origin, r.seq).await;
-    }
-
-    /// [`Self::relay`] in a task of its own, so that the purges after it are applied to L1
-    /// without waiting for memcached; at most [`RELAYS_AT_ONCE`] at a time (past that, this
-    /// waits for one to end).
-    pub async fn relay_in_background(&'static self, r: Relay) {
-        let Ok(permit) = self.relaying.acquire().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            self.relay(&r).await;
-            drop(permit);
-        });
     }
 
     /// Start following memcached's purge log now, not at the first lookup: a corral on the

@@ -357,23 +357,18 @@ impl L2 {
     /// Two bumps that reached the servers in opposite orders also leave the number below the
     /// one they took to neither: each writes its record there too, if it is free (`add`; at
     /// most [`FILL_BELOW`] numbers), or every reader would wait for it and then count it gone
-    /// (a floor). After [`APPEND_TRIES`] numbers taken, the record is set under the next one,
-    /// over whatever it holds: records left from before the counter was lost alone (the log
-    /// then has a new epoch, and every corral resynced), not a purge racing this one.
+    /// (a floor). A record is never set over another: after [`APPEND_TRIES`] numbers found
+    /// taken the purge is refused (`None`: answered 503, to be retried). Numbers handed out
+    /// again hold records when the counter was lost alone; the first corral to read the log
+    /// then puts the counter back up ([`Self::raise_log_seq`]).
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
-        for attempt in 0..=APPEND_TRIES {
+        for _ in 0..APPEND_TRIES {
             let (seq, low) = self.bump_counter_range(&self.log_seq_key()).await?;
             let key = self.log_key(seq);
             let k = key.as_bytes();
-            let over = attempt == APPEND_TRIES;
             let added = join_all(self.inner.servers.iter().map(|server| {
                 self.with_server_at(server, "set", |c| async move {
-                    let set = c.set(k, record).ttl(Ttl::secs(MAX_TTL));
-                    if over {
-                        set.send().await
-                    } else {
-                        set.add().send().await
-                    }
+                    c.set(k, record).ttl(Ttl::secs(MAX_TTL)).add().send().await
                 })
             }))
             .await;
@@ -393,6 +388,39 @@ impl L2 {
             metrics::PURGE_LOG_SEQ_TAKEN.inc();
         }
         None
+    }
+
+    /// Put the purge log's counter back up to `seen` on every server where it is lower (a
+    /// counter lost alone, while the records it had numbered remain): the numbers it would
+    /// hand out again hold records, and no purge could be appended until it passed them.
+    /// Returns whether a write quorum of the servers now holds at least `seen`.
+    pub async fn raise_log_seq(&self, seen: u64) -> bool {
+        let key = self.log_seq_key();
+        let k = key.as_bytes();
+        let v = seen.to_string();
+        let v = v.as_bytes();
+        let now = self.get_everywhere(k).await;
+        let held = join_all(
+            self.inner
+                .servers
+                .iter()
+                .zip(now)
+                .map(|(server, value)| async move {
+                    let current = value?
+                        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if current >= seen {
+                        return Some(());
+                    }
+                    self.with_server_at(server, "set", |c| async move {
+                        c.set(k, v).ttl(Ttl::NEVER).send().await
+                    })
+                    .await
+                    .map(|_| ())
+                }),
+        )
+        .await;
+        held.iter().flatten().count() >= self.write_quorum()
     }
 
     /// Add `value` under `key` on every server that has none (`add`), best effort.
