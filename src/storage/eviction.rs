@@ -709,12 +709,16 @@ impl S3Fifo {
         {
             let _one = self.stripe(k).lock();
             let bytes = match weight {
-                // what L1 holds for the key now, if it holds it ([`S3Fifo::l1`])
-                Weight::Bytes(bytes) => self
-                    .l1
-                    .get()
-                    .and_then(|l1| l1.held_weight(item.key()))
-                    .map_or(bytes, |w| w.max(1)),
+                // what L1 holds for the key now ([`S3Fifo::l1`]); if it holds nothing of it
+                // (cleared, purged or evicted since the commit), nothing is tracked: a weight
+                // tracked for nothing would never be removed
+                Weight::Bytes(bytes) => match self.l1.get() {
+                    Some(l1) => match l1.held_weight(item.key()) {
+                        Some(w) => w.max(1),
+                        None => return Vec::new(),
+                    },
+                    None => bytes,
+                },
                 Weight::Grown { delta, max } => {
                     grown(self.cache.peek(&k).map_or(0, |t| t.bytes()), delta, max)
                 }

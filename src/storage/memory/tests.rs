@@ -963,4 +963,12 @@ async fn admissions_out_of_order_track_the_weight_l1_holds() {
     assert!(m.admit(item.clone(), large, now).is_empty());
     assert!(m.admit(item, small, now).is_empty());
     assert_eq!(m.total_size(), S.stats().bytes);
+    // an admission of a key L1 no longer holds (purged since its commit) tracks nothing
+    let gone = CacheKey::new("http://h/gone-before-admission", "");
+    let weight = fill(&S, &gone, &["c"]).await;
+    assert!(S.remove_variant(gone.primary_bin(), None));
+    let gone_item = CacheEntryKey::from_entry_id(gone.to_compact(), None);
+    assert!(m.admit(gone_item.clone(), weight, now).is_empty());
+    assert!(!m.peek(&gone_item));
+    assert_eq!(m.total_size(), S.stats().bytes);
 }
