@@ -454,43 +454,64 @@ async fn a_number_two_bumps_skipped_is_filled_and_costs_no_floor() {
     assert!(!c.log_text().contains("purge-log-gap"), "{}", c.log_text());
 }
 
-/// See: the review of 2026-12-01. The log's counter lost alone (evicted, deleted) while the
-/// records it numbered remain: the numbers it hands out again hold records, and a record is
-/// never set over another, so every purge would be refused until the counter passed them.
-/// The corral that reads the log first puts the counter back up past what it had seen (and
-/// resets the log: everything validated before counts as purged); the next purge is
-/// answered 200 at once.
+/// See: the reviews of 2026-12-01. A record is added under its number, never set over a
+/// live one; but the log's counter lost alone (evicted, deleted) while the records it
+/// numbered remain hands those numbers out again, and no purge could be appended until it
+/// passed them. A record older than a minute under a purge's number is set over (with its
+/// CAS: it is no purge racing this one); a fresh one is kept, and the purge takes the next
+/// number.
 #[tokio::test]
-async fn a_counter_lost_alone_is_put_back_up_past_its_records() {
+async fn a_purge_log_record_is_set_over_an_old_record_under_its_number_not_a_fresh_one() {
     let mc = Memcached::start().await;
     let origin = Origin::start().await;
     versioned(&origin, &["/a"]);
     let a = Proxy::start(origin.addr, conf(&[&mc])).await;
-    assert_eq!(get(&a, "/a").await.body, "v1");
-    for _ in 0..6 {
-        assert_eq!(purge(&a, "/a").await, 200);
-    }
-    eventually(Duration::from_secs(5), "A reads the log up to 6", || async {
-        metric(&a.metrics().await, "corral_purge_log_applied") == 6.0
-    })
-    .await;
-    assert!(mc
-        .command(b"delete corral/t/purgelog/seq\r\n", "\r\n")
-        .await
-        .contains("DELETED"));
-    eventually(Duration::from_secs(5), "A notices and resets the log", || async {
-        metric(&a.metrics().await, "corral_purge_log_resets_total") == 1.0
-    })
-    .await;
-    let taken = metric(&a.metrics().await, "corral_purge_log_seq_taken_total");
     assert_eq!(purge(&a, "/a").await, 200);
+    let value = |got: &str| got.split("\r\n").nth(1).unwrap_or_default().to_string();
+    let first = value(&mc.command(b"get corral/t/purgelog/1\r\n", "END\r\n").await);
+    let mut record: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let now_ms = record["at_ms"].as_u64().unwrap();
+    let plant = |n: u64, at_ms: u64, record: &mut serde_json::Value| {
+        record["at_ms"] = at_ms.into();
+        let text = record.to_string();
+        (
+            format!("set corral/t/purgelog/{n} 0 0 {}\r\n{text}\r\n", text.len()),
+            text,
+        )
+    };
+    // 2 to 4: records from an hour ago, as a counter lost alone leaves them; 5: a fresh one
+    for n in 2..=4 {
+        let (cmd, _) = plant(n, now_ms - 3_600_000, &mut record);
+        assert!(mc.command(cmd.as_bytes(), "\r\n").await.contains("STORED"));
+    }
+    let (cmd, fresh) = plant(5, now_ms, &mut record);
+    assert!(mc.command(cmd.as_bytes(), "\r\n").await.contains("STORED"));
+    // the counter is at 1: the next purge is handed 2, which holds an old record
+    assert_eq!(purge(&a, "/a").await, 200);
+    let two = value(&mc.command(b"get corral/t/purgelog/2\r\n", "END\r\n").await);
+    let two: serde_json::Value = serde_json::from_str(&two).unwrap();
+    assert!(
+        two["at_ms"].as_u64().unwrap() >= now_ms,
+        "the old record 2 was not replaced: {two}"
+    );
     assert_eq!(
         metric(&a.metrics().await, "corral_purge_log_seq_taken_total"),
-        taken,
-        "the purge was handed numbers that hold records"
+        0.0
     );
-    let seven = mc.command(b"get corral/t/purgelog/7\r\n", "END\r\n").await;
-    assert!(seven.starts_with("VALUE"), "{seven}");
+    // handed 5, which holds a fresh record: kept, and the purge goes under 6
+    assert!(mc
+        .command(b"set corral/t/purgelog/seq 0 0 1\r\n4\r\n", "\r\n")
+        .await
+        .contains("STORED"));
+    assert_eq!(purge(&a, "/a").await, 200);
+    let five = value(&mc.command(b"get corral/t/purgelog/5\r\n", "END\r\n").await);
+    assert_eq!(five, fresh, "a fresh record was replaced");
+    let six = mc.command(b"get corral/t/purgelog/6\r\n", "END\r\n").await;
+    assert!(six.starts_with("VALUE"), "{six}");
+    assert_eq!(
+        metric(&a.metrics().await, "corral_purge_log_seq_taken_total"),
+        1.0
+    );
 }
 
 /// See: issue 10 (review). A purge of everything at B, while A is filling a URL: A drops its

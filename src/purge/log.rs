@@ -453,18 +453,11 @@ impl Follower {
                 true
             }
             (Some(_), Some(_)) if seq < seen => {
-                // the counter alone vanished: put it back up past the records it numbered
-                // (purges are refused while it hands their numbers out again), and say so to
-                // every corral with a new epoch. Everything validated before now counts as
-                // purged, the purges appended meanwhile included
-                let raised = l2.raise_log_seq(seen).await;
+                // the counter alone vanished: say so to every corral with a new epoch (the
+                // numbers it hands out again may hold old records: `L2::append_log` sets a
+                // record over one only if it is old)
                 let now = l2.set_log_epoch(super::random(), true).await;
-                // (not put back: followed from where it is, or this would reset again)
-                self.resync(
-                    now,
-                    if raised { seen } else { seq },
-                    "its sequence number went backwards",
-                );
+                self.resync(now, seq, "its sequence number went backwards");
                 true
             }
             (_, Some(e)) => {
