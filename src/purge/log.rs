@@ -454,8 +454,8 @@ impl Follower {
             }
             (Some(_), Some(_)) if seq < seen => {
                 // the counter alone vanished: say so to every corral with a new epoch (the
-                // numbers it hands out again may hold old records: `L2::append_log` sets a
-                // record over one only if it is old)
+                // numbers it hands out again may hold old records, which `L2::append_log`
+                // does not write over: purges are refused until it passes them)
                 let now = l2.set_log_epoch(super::random(), true).await;
                 self.resync(now, seq, "its sequence number went backwards");
                 true

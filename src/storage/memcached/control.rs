@@ -4,11 +4,10 @@
 //! hides a purge nor stops the others from serving.
 
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use memcache::exp::{Get, Meta, Ttl};
+use memcache::exp::{Get, Ttl};
 use tracing::info;
 
 use crate::metrics;
@@ -23,10 +22,6 @@ const APPEND_TRIES: usize = 4;
 /// answered the bump with different values ([`L2::append_log`]). More apart than this, the
 /// lower one is a server that was down, which the bump brings up to the others.
 const FILL_BELOW: u64 = 8;
-
-/// A purge log record older than this is not one a purge racing another is writing: one
-/// found under a number handed out again is set over ([`L2::replace_stale`]).
-const STALE_RECORD: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long the marker of a purge relayed from another log is kept, in seconds: a week, as
 /// long as the bus keeps a queue nobody consumes (a message is not delivered later than that).
@@ -362,10 +357,11 @@ impl L2 {
     /// Two bumps that reached the servers in opposite orders also leave the number below the
     /// one they took to neither: each writes its record there too, if it is free (`add`; at
     /// most [`FILL_BELOW`] numbers), or every reader would wait for it and then count it gone
-    /// (a floor). A record is set over another only if that one is old ([`Self::replace_stale`]:
-    /// numbers handed out again after the counter was lost alone); after [`APPEND_TRIES`]
-    /// numbers found taken by live records the purge is refused (`None`: answered 503, to be
-    /// retried).
+    /// (a floor). A record is never set over another: after [`APPEND_TRIES`] numbers found
+    /// taken the purge is refused (`None`: answered 503, to be retried). A record's age does
+    /// not tell whether every corral applied it (clocks differ, readers fall behind), so even
+    /// the records a counter lost alone hands out again are not written over: purges are
+    /// refused until the counter passes them (each refusal moves it by [`APPEND_TRIES`]).
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
         for _ in 0..APPEND_TRIES {
             let (seq, low) = self.bump_counter_range(&self.log_seq_key()).await?;
@@ -390,53 +386,9 @@ impl L2 {
                 // too few servers answered: not a number another purge took
                 return None;
             }
-            // taken: by a record left from before a counter lost alone, replaced; or by a
-            // purge racing this one, kept (the next number)
-            if took + self.replace_stale(k, record).await >= self.write_quorum() {
-                return Some(seq);
-            }
             metrics::PURGE_LOG_SEQ_TAKEN.inc();
         }
         None
-    }
-
-    /// Set `record` under `key` over a record that is older than [`STALE_RECORD`] (or does
-    /// not decode), on each server where there is one, with its CAS (a record written
-    /// meanwhile is not replaced). Such a record is one left from before the counter was lost
-    /// alone (every corral reset its log on seeing the counter go back, which covers it), not
-    /// a purge racing this one, whose record is seconds old. Returns how many servers now
-    /// hold `record` under `key`.
-    async fn replace_stale(&self, key: &[u8], record: &[u8]) -> usize {
-        let now = SystemTime::now();
-        let replaced = join_all(self.inner.servers.iter().map(|server| async move {
-            let got = self
-                .with_server_at(server, "get", |c| async move {
-                    c.get(key).meta(Meta::NONE.cas()).send().await
-                })
-                .await?;
-            let old = got.value?;
-            if old == record {
-                return Some(());
-            }
-            let stale = crate::purge::LogRecord::decode_with_origin(&old)
-                .is_none_or(|(_, at, _)| at + STALE_RECORD < now);
-            if !stale {
-                return None;
-            }
-            let cas = got.item.cas?;
-            let set = self
-                .with_server_at(server, "set", |c| async move {
-                    c.set(key, record)
-                        .ttl(Ttl::secs(MAX_TTL))
-                        .compare_cas(cas)
-                        .send()
-                        .await
-                })
-                .await?;
-            set.applied().then_some(())
-        }))
-        .await;
-        replaced.iter().flatten().count()
     }
 
     /// Add `value` under `key` on every server that has none (`add`), best effort.
