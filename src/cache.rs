@@ -129,7 +129,9 @@ impl CacheParts {
 
     /// Apply a purge another corral (`origin`) accepted at `at` (its clock) and sent this one
     /// directly: what [`Self::apply`] does here, without memcached's side, which the origin
-    /// took care of. Returns how many L1 entries it removed or marked stale.
+    /// took care of in its own memcached (a corral of another purge log writes it to this
+    /// one's too: [`Self::relay_remote`]). Returns how many L1 entries it removed or marked
+    /// stale.
     pub fn apply_remote(&self, purge: &Purge, at: SystemTime, origin: u64) -> usize {
         match purge.target {
             // this corral's clock, at least as late as the origin's accept give or take the

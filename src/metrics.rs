@@ -560,11 +560,12 @@ pub static PURGE_RECORDS_AHEAD: LazyLock<IntCounter> = LazyLock::new(|| {
 
 /// Purge log records not taken under their sequence number because another purge's record
 /// held it on enough servers (two purges handed one number by servers bumped in opposite
-/// orders): the record was written again under the next number.
+/// orders, or numbers handed out again by a counter lost alone): the record was tried under
+/// the next number, or, after the fourth, the purge refused.
 pub static PURGE_LOG_SEQ_TAKEN: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "corral_purge_log_seq_taken_total",
-        "Purge log records written again under a new sequence number: another purge's record held theirs"
+        "Purge log records whose sequence number another purge's record held (tried under the next one; after the fourth the purge is refused)"
     )
     .expect("metric registers once")
 });

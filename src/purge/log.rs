@@ -243,8 +243,6 @@ impl Follower {
         }
     }
 
-    /// This corral dropped its L1 for a new upstream generation while the namespace generation
-    /// was `from`: the move to `from + 1` in the next few seconds is that change's.
     /// The epoch of the purge log this corral follows, once read: it names the log (each
     /// memcached namespace's log draws its own), so that a corral told of a purge can tell
     /// whether its sender wrote it to the same log ([`crate::transport::Message::log`]).
@@ -252,6 +250,9 @@ impl Follower {
         *self.epoch.lock()
     }
 
+    /// This corral dropped its L1 for a new upstream generation while the namespace generation
+    /// was `from`: the move to `from + 1` in the next few seconds is that change's (or another
+    /// corral's purge of everything: a quiet floor is set for it).
     pub fn expect_move(&self, from: u64) {
         *self.expected_move.lock() = Some((from, std::time::Instant::now() + Duration::from_secs(5)));
     }

@@ -128,10 +128,6 @@ impl Eviction {
         }
     }
 
-    /// A new weight for an entry the manager holds now (a 304 changed its header), and what
-    /// that pushes out, the entry itself included if it no longer fits. An entry the manager
-    /// does not hold is left alone: it was evicted or purged, its removal from L1 is on its
-    /// way, and tracking it again would leave a weight nothing removes.
     /// Weigh S3-FIFO's admissions by what `l1` holds for their key when they are made
     /// ([`S3Fifo::l1`]). LRU and TinyUFO track the weight they are handed.
     pub fn weigh_by(&self, l1: &'static crate::storage::memory::MemoryStorage) {
@@ -139,6 +135,11 @@ impl Eviction {
             let _ = m.l1.set(l1);
         }
     }
+
+    /// A new weight for an entry the manager holds now (a 304 changed its header), and what
+    /// that pushes out, the entry itself included if it no longer fits. An entry the manager
+    /// does not hold is left alone: it was evicted or purged, its removal from L1 is on its
+    /// way, and tracking it again would leave a weight nothing removes.
 
     pub fn reweigh(&self, item: CacheEntryKey, size: usize, fresh_until: SystemTime) -> Vec<CacheEntryKey> {
         match self {
@@ -696,7 +697,9 @@ impl S3Fifo {
 
     /// Track `item` with `bytes` (with [`Only::Held`], only if it is tracked now; with
     /// [`Only::Absent`], only if it is not) and return what that pushed out, the item itself
-    /// if it was not kept (heavier than its shard's main queue, 97% of the shard).
+    /// if it was not kept (heavier than its shard's main queue, 97% of the shard). Once L1
+    /// registered ([`Eviction::weigh_by`]), the weight is the one L1 holds for the key, and a
+    /// key it does not hold is not tracked ([`Self::put_as`]).
     fn put(&self, item: CacheEntryKey, bytes: usize, only: Only) -> Vec<CacheEntryKey> {
         self.put_as(item, Weight::Bytes(bytes), only)
     }

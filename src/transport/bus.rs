@@ -336,9 +336,9 @@ impl Bus {
                     let got = inbox.receive_from(&env, false);
                     // ... nor this corral's memcached: what another site's corral purged is
                     // written to this site's too, before the message is acked (a corral that
-                    // stops before it gets the message again). A memcached that does not
-                    // answer fails the claim at once (its server marked down); only a claimed
-                    // relay is tried again, about 1.5 s at most
+                    // stops before it gets the message again). A claimed relay is tried three
+                    // times (1.2 s of waits, plus memcached's answers): a slow memcached holds
+                    // up the messages behind it
                     for r in &got.relay {
                         inbox.relay(r).await;
                     }

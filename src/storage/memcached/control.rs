@@ -143,8 +143,9 @@ impl L2 {
     }
 
     /// Purge log records `from..=to` (at most a few hundred), in one pipelined read per
-    /// server: each from any server that has it (`None`: none has it, expired or evicted).
-    /// `None` if no server answered.
+    /// server: for each number, every distinct record the servers that answered hold under it
+    /// (empty: none holds one, expired or evicted, or one still being written). `None` if
+    /// fewer than a read quorum (a majority) answered.
     pub async fn log_records(&self, from: u64, to: u64) -> Option<Vec<Vec<Bytes>>> {
         let keys: Vec<String> = (from..=to).map(|n| self.log_key(n)).collect();
         let answers: Vec<Vec<Option<Vec<u8>>>> = self
