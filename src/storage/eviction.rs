@@ -140,7 +140,6 @@ impl Eviction {
     /// that pushes out, the entry itself included if it no longer fits. An entry the manager
     /// does not hold is left alone: it was evicted or purged, its removal from L1 is on its
     /// way, and tracking it again would leave a weight nothing removes.
-
     pub fn reweigh(&self, item: CacheEntryKey, size: usize, fresh_until: SystemTime) -> Vec<CacheEntryKey> {
         match self {
             // the LRU's own lock is per shard: a purge between the two calls is re-tracked,
