@@ -65,6 +65,20 @@ async fn counter(proxy: &Proxy, series: &str) -> f64 {
     metric(&proxy.metrics().await, series)
 }
 
+/// `GET /bus` on the admin listener of `proxy`: the text, and its JSON.
+async fn bus_status(proxy: &Proxy) -> (String, serde_json::Value) {
+    let text = client()
+        .get(format!("http://{}/bus", proxy.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v = serde_json::from_str(&text).unwrap();
+    (text, v)
+}
+
 /// Wait until the bus of `proxy` is connected (its queue declared and consumed).
 async fn connected(proxy: &Proxy) {
     eventually(Duration::from_secs(20), "bus connected", || async {
@@ -117,17 +131,9 @@ async fn a_purge_at_a_reaches_b_and_c_through_the_broker() {
     })
     .await;
     assert_eq!(counter(&a, APPLIED).await, 0.0);
-    let bus_status = client()
-        .get(format!("http://{}/bus", a.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&bus_status).unwrap();
-    assert_eq!(v["connected"], true, "{bus_status}");
-    assert!(v["confirmed"].as_u64().unwrap() >= 1, "{bus_status}");
+    let (text, v) = bus_status(&a).await;
+    assert_eq!(v["connected"], true, "{text}");
+    assert!(v["confirmed"].as_u64().unwrap() >= 1, "{text}");
     eprintln!("purge applied at B and C {took:?} after A's answer");
 }
 
@@ -341,15 +347,7 @@ async fn a_broker_that_opens_the_connection_and_then_answers_nothing_is_left_and
     );
     assert!(broker.when(2, Seen::Opened).unwrap() > closed, "{events:?}");
     assert_eq!(counter(&a, "corral_bus_connected").await, 0.0);
-    let text = client()
-        .get(format!("http://{}/bus", a.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (text, v) = bus_status(&a).await;
     assert_eq!(v["connected"], false, "{text}");
     let why = v["last_error"].as_str().unwrap_or_default();
     assert!(
@@ -440,4 +438,41 @@ async fn a_purge_from_another_site_reaches_that_sites_memcached() {
         let got = get(&c, path).await;
         assert_ne!(got.body, format!("{path} #1"), "{path}: {}", got.cache);
     }
+}
+
+/// The fault beside the test above: site 2's memcached is down when a purge from site 1
+/// arrives. The receiving corral still applies it to its L1, acks it, and counts and logs the
+/// relay it could not make (`result="failed"`), instead of holding up the bus.
+#[tokio::test]
+async fn a_purge_from_another_site_is_applied_when_that_sites_memcached_is_down() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let (mc1, mut mc2) = (Memcached::start().await, Memcached::start().await);
+    let paths = ["/down/x".to_string()];
+    pages(&origin, &paths);
+    let a = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc1])).await;
+    let b = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc2])).await;
+    for p in [&a, &b] {
+        connected(p).await;
+    }
+    warm(&b, &paths).await;
+    mc2.stop();
+    assert_eq!(purge(&a, &paths[0]).await.status, 200);
+    eventually(Duration::from_secs(10), "B applies the purge", || async {
+        counter(&b, APPLIED).await == 1.0
+    })
+    .await;
+    let failed = "corral_purge_relays_total{result=\"failed\"}";
+    eventually(
+        Duration::from_secs(10),
+        "B counts the relay it could not make",
+        || async { counter(&b, failed).await == 1.0 },
+    )
+    .await;
+    assert!(b
+        .log_text()
+        .contains("could not be written to this corral's memcached"));
+    let got = get(&b, &paths[0]).await;
+    assert!(got.body.ends_with("#2"), "{}: {}", got.body, got.cache);
 }

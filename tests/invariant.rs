@@ -38,6 +38,26 @@ fn conf(servers: &[&Memcached]) -> Conf {
     conf
 }
 
+/// A corral on two memcached servers, each at the address it reaches it by (a relay the test
+/// cuts, or the server), with a sweeper that runs often and `purge` lines added to `[purge]`.
+fn on_two(first: std::net::SocketAddr, second: std::net::SocketAddr, purge: &str) -> Conf {
+    let mut c = Conf::default()
+        .memcached(&format!("servers = [\"{first}\", \"{second}\"]"))
+        .memcached("op_timeout = \"250ms\"")
+        .memcached("namespace = \"t\"");
+    c.rules
+        .push_str(&format!("[purge]\nsweep_interval = \"20ms\"\n{purge}"));
+    c
+}
+
+/// A BAN at `proxy` of the site's URLs that match `pattern`: its status.
+async fn ban(proxy: &Proxy, pattern: &str) -> u16 {
+    let m = reqwest::Method::from_bytes(b"BAN").unwrap();
+    send(client().request(m, proxy.url("/")), &[SITE, ("x-url", pattern)])
+        .await
+        .status
+}
+
 /// [`conf`] for a corral that reaches memcached through `relay` (which a test cuts), fenced
 /// after `max_unconfirmed`.
 fn through(relay: &Relay, mc: &Memcached, max_unconfirmed: &str) -> Conf {
@@ -273,33 +293,19 @@ async fn r10_a_corral_that_reaches_one_of_two_servers_is_fenced() {
     let (a_to_1, b_to_2) = (Relay::start(mc1.addr).await, Relay::start(mc2.addr).await);
     let origin = Origin::start().await;
     versioned(&origin, &["/q"]);
-    let via = |first: std::net::SocketAddr, second: std::net::SocketAddr| {
-        let mut c = Conf::default()
-            .memcached(&format!("servers = [\"{first}\", \"{second}\"]"))
-            .memcached("op_timeout = \"250ms\"")
-            .memcached("namespace = \"t\"");
-        c.rules
-            .push_str("[purge]\nsweep_interval = \"20ms\"\nmax_unconfirmed = \"1s\"\n");
-        c
-    };
-    let a = Proxy::start(origin.addr, via(a_to_1.addr, mc2.addr)).await;
-    let b = Proxy::start(origin.addr, via(mc1.addr, b_to_2.addr)).await;
+    let fenced_after = "max_unconfirmed = \"1s\"\n";
+    let a = Proxy::start(origin.addr, on_two(a_to_1.addr, mc2.addr, fenced_after)).await;
+    let b = Proxy::start(origin.addr, on_two(mc1.addr, b_to_2.addr, fenced_after)).await;
     assert_eq!(get(&a, "/q").await.body, "v1");
     assert!(get(&a, "/q").await.cache.starts_with("corral; hit"));
     a_to_1.cut();
     b_to_2.cut();
     // a ban: a record in the log only (a URL purge also deletes the value, on a server of
     // its own that B may not reach)
-    let ban = || async {
-        let m = reqwest::Method::from_bytes(b"BAN").unwrap();
-        send(client().request(m, b.url("/")), &[SITE, ("x-url", "^/q$")])
-            .await
-            .status
-    };
     eventually(
         Duration::from_secs(5),
         "B's ban taken by the server it reaches",
-        || async { ban().await == 200 },
+        || async { ban(&b, "^/q$").await == 200 },
     )
     .await;
     eventually(Duration::from_secs(5), "A stops serving v1", || async {
@@ -321,50 +327,23 @@ async fn two_purges_handed_one_sequence_number_by_two_servers_both_reach_a_third
     let (a_to_1, b_to_2) = (Relay::start(mc1.addr).await, Relay::start(mc2.addr).await);
     let origin = Origin::start().await;
     versioned(&origin, &["/a", "/b"]);
-    let via = |first: std::net::SocketAddr, second: std::net::SocketAddr| {
-        let mut c = Conf::default()
-            .memcached(&format!("servers = [\"{first}\", \"{second}\"]"))
-            .memcached("op_timeout = \"250ms\"")
-            .memcached("namespace = \"t\"");
-        c.rules.push_str("[purge]\nsweep_interval = \"20ms\"\n");
-        c
-    };
-    let a = Proxy::start(origin.addr, via(a_to_1.addr, mc2.addr)).await;
-    let b = Proxy::start(origin.addr, via(mc1.addr, b_to_2.addr)).await;
-    let c = Proxy::start(origin.addr, via(mc1.addr, mc2.addr)).await;
+    let a = Proxy::start(origin.addr, on_two(a_to_1.addr, mc2.addr, "")).await;
+    let b = Proxy::start(origin.addr, on_two(mc1.addr, b_to_2.addr, "")).await;
+    let c = Proxy::start(origin.addr, on_two(mc1.addr, mc2.addr, "")).await;
     for p in ["/a", "/b"] {
         assert_eq!(get(&c, p).await.body, "v1");
         assert!(get(&c, p).await.cache.starts_with("corral; hit"), "{p}");
     }
     a_to_1.cut();
     b_to_2.cut();
-    let ban = |proxy: &Proxy, pattern: &'static str| {
-        let url = proxy.url("/");
-        async move {
-            let m = reqwest::Method::from_bytes(b"BAN").unwrap();
-            send(client().request(m, url), &[SITE, ("x-url", pattern)])
-                .await
-                .status
-        }
-    };
-    eventually(
-        Duration::from_secs(5),
-        "A's ban taken by the server it reaches",
-        || {
-            let f = ban(&a, "^/a$");
-            async move { f.await == 200 }
-        },
-    )
-    .await;
-    eventually(
-        Duration::from_secs(5),
-        "B's ban taken by the server it reaches",
-        || {
-            let f = ban(&b, "^/b$");
-            async move { f.await == 200 }
-        },
-    )
-    .await;
+    for (proxy, pattern) in [(&a, "^/a$"), (&b, "^/b$")] {
+        eventually(
+            Duration::from_secs(5),
+            &format!("the ban of {pattern} taken by the server it reaches"),
+            || async { ban(proxy, pattern).await == 200 },
+        )
+        .await;
+    }
     eventually(Duration::from_secs(10), "C applies both bans", || async {
         get(&c, "/a").await.body != "v1" && get(&c, "/b").await.body != "v1"
     })
@@ -590,22 +569,13 @@ async fn r10_a_late_joiner_reads_a_checkpoint_not_a_floor() {
         ) >= 2.0
     })
     .await;
-    let ban = |pattern: String| {
-        let url = a.url("/");
-        async move {
-            let m = reqwest::Method::from_bytes(b"BAN").unwrap();
-            send(client().request(m, url), &[SITE, ("x-url", &pattern)])
-                .await
-                .status
-        }
-    };
     for i in 0..600 {
         let pattern = if i == 300 {
             "^/banned$".to_string()
         } else {
             format!("^/other/{i}$")
         };
-        assert_eq!(ban(pattern).await, 200);
+        assert_eq!(ban(&a, &pattern).await, 200);
     }
     // A follows the log past 500 records (its own, skipped) and writes a checkpoint
     eventually(Duration::from_secs(10), "A read the log", || async {

@@ -25,7 +25,8 @@ impl Storage for MemoryStorage {
         key: &CacheKey,
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let Some(slots) = self.table.get(&key.primary_bin()) else {
+        let primary = key.primary_bin();
+        let Some(slots) = self.table.get(&primary) else {
             return Ok(None);
         };
         let variance = key.variance_bin();
@@ -37,8 +38,7 @@ impl Storage for MemoryStorage {
         // answer began after the invalidation: it may be what that request changed, and its
         // commit stores nothing; only its own writer reads it, by its tag)
         let usable = |f: &&Arc<Fill>| {
-            f.generation == self.generation()
-                && !self.invalidated_since(&key.primary_bin(), f.meta.updated.get())
+            f.generation == self.generation() && !self.invalidated_since(&primary, f.meta.updated.get())
         };
         if let Some(fill) = slot.fill.as_ref().filter(usable) {
             return Ok(Some(partial_hit(fill)));
