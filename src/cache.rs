@@ -16,7 +16,7 @@ use crate::key;
 use crate::metrics;
 use crate::purge::{self, Purge, Target, Validity};
 use crate::storage::eviction::Eviction;
-use crate::storage::memcached::L2;
+use crate::storage::memcached::{RelayClaim, L2, RELAY_LEASE_SECS};
 use crate::storage::memory::MemoryStorage;
 use crate::storage::Tiered;
 
@@ -44,6 +44,35 @@ const RELAY_RETRIES: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(1000),
     std::time::Duration::ZERO,
 ];
+
+/// Relays held by another corral of the site that this one watches at once at most
+/// ([`CacheParts::relay_remote`]): one task each, most of them done at their first look.
+const MAX_RELAY_WATCHES: usize = 1024;
+
+/// How many relay watches run ([`MAX_RELAY_WATCHES`]).
+static RELAY_WATCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One running relay watch, counted in [`RELAY_WATCHES`] until it is dropped (however the
+/// watch ends).
+struct RelayWatch;
+
+impl RelayWatch {
+    fn enter() -> Option<RelayWatch> {
+        use std::sync::atomic::Ordering;
+        let before = RELAY_WATCHES.fetch_add(1, Ordering::AcqRel);
+        if before >= MAX_RELAY_WATCHES {
+            RELAY_WATCHES.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(RelayWatch)
+    }
+}
+
+impl Drop for RelayWatch {
+    fn drop(&mut self) {
+        RELAY_WATCHES.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 impl CacheParts {
     /// Build and leak the cache parts for `cfg`, with the L2 client if one is configured.
@@ -150,21 +179,72 @@ impl CacheParts {
     /// ([`L2::claim_relay`]); if memcached cannot take it, that is logged and counted
     /// (`corral_purge_relays_total{result="failed"}`): this corral's own records still cover
     /// its L1 and what it reads from L2 while it runs.
-    pub async fn relay_remote(&self, purge: &Purge, at: SystemTime, origin: u64, seq: u64) {
+    ///
+    /// A corral that finds the relay claimed by another and not yet written (counted
+    /// `result="other"`, as one written) watches the claim in a task of its own, not holding
+    /// up the bus: if the claim lapses unwritten ([`RELAY_LEASE_SECS`]: that corral stopped,
+    /// or gave it up after its tries), this one claims it and writes the purge. Before, the
+    /// claim was kept a week, and a corral that stopped between its claim and its write left
+    /// the purge out of its site's memcached for that long.
+    pub async fn relay_remote(&'static self, purge: &Purge, at: SystemTime, origin: u64, seq: u64) {
         let Some(l2) = &self.storage.l2 else {
             return;
         };
         match l2.claim_relay(origin, seq).await {
-            Some(false) => {
+            RelayClaim::Mine => self.write_relay(l2, purge, at, origin, seq).await,
+            RelayClaim::Written => metrics::PURGE_RELAYS.with_label_values(&["other"]).inc(),
+            RelayClaim::Held => {
                 metrics::PURGE_RELAYS.with_label_values(&["other"]).inc();
-                return;
+                self.watch_relay(purge.clone(), at, origin, seq);
             }
-            None => {
-                self.relay_failed(purge, origin, seq);
-                return;
-            }
-            Some(true) => {}
+            RelayClaim::Unreachable => self.relay_failed(purge, origin, seq),
         }
+    }
+
+    /// Watch a relay another corral claimed ([`Self::relay_remote`]) until it is written, or
+    /// its claim lapses and this corral writes it. Looks after 0.1, 0.3, 0.7, 1.5 s, then every
+    /// second, up to the claim's lease and 5 s; a claim still held then is a later one (another
+    /// watcher's, writing it). Up to [`MAX_RELAY_WATCHES`] at once; beyond, one is not watched,
+    /// and that is logged.
+    fn watch_relay(&'static self, purge: Purge, at: SystemTime, origin: u64, seq: u64) {
+        let Some(watch) = RelayWatch::enter() else {
+            tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "too many relays held by other corrals are watched: this one is not, and is lost if the corral that claimed it stops before writing it");
+            return;
+        };
+        tokio::spawn(async move {
+            let _watch = watch;
+            let Some(l2) = &self.storage.l2 else {
+                return;
+            };
+            let until =
+                tokio::time::Instant::now() + std::time::Duration::from_secs(u64::from(RELAY_LEASE_SECS) + 5);
+            let mut wait = std::time::Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+                let seen = l2.claim_relay(origin, seq).await;
+                match seen {
+                    RelayClaim::Written => return,
+                    RelayClaim::Mine => {
+                        tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "the corral that claimed the relay of a purge from another purge log let its claim lapse unwritten: this corral writes it");
+                        self.write_relay(l2, &purge, at, origin, seq).await;
+                        return;
+                    }
+                    RelayClaim::Held | RelayClaim::Unreachable => {}
+                }
+                if tokio::time::Instant::now() >= until {
+                    if seen == RelayClaim::Unreachable {
+                        self.relay_failed(&purge, origin, seq);
+                    }
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Write a relay this corral claimed ([`Self::relay_remote`]), mark it written, or give
+    /// the claim up after its tries.
+    async fn write_relay(&self, l2: &L2, purge: &Purge, at: SystemTime, origin: u64, seq: u64) {
         // claimed: the others of the site count on this corral, so it tries again before it
         // gives the claim up
         for wait in RELAY_RETRIES {
@@ -177,6 +257,7 @@ impl CacheParts {
                 _ => self.log(purge, at).await,
             };
             if done {
+                l2.relay_written(origin, seq).await;
                 metrics::PURGE_RELAYS.with_label_values(&["relayed"]).inc();
                 return;
             }

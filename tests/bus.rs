@@ -476,3 +476,85 @@ async fn a_purge_from_another_site_is_applied_when_that_sites_memcached_is_down(
     let got = get(&b, &paths[0]).await;
     assert!(got.body.ends_with("#2"), "{}: {}", got.body, got.cache);
 }
+
+/// The fault of the relay's claim: a corral of site 2 claims a purge from site 1 and stops
+/// before it writes it (its claim put in site 2's memcached by hand, holding 5 s). The other
+/// corrals of site 2 find it held and count it as another's; once the claim lapses, one of them
+/// writes the purge, once, and marks it written. A corral of site 2 that takes its copies from
+/// memcached then serves none from before the purge. Before, a claim was kept a week and
+/// nobody wrote the purge.
+#[tokio::test]
+async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_of_its_site() {
+    let _serial = SERIAL.lock().await;
+    let rabbit = Rabbit::start().await;
+    let origin = Origin::start().await;
+    let (mc1, mc2) = (Memcached::start().await, Memcached::start().await);
+    let path = "/lapse/x".to_string();
+    pages(&origin, std::slice::from_ref(&path));
+    let a = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc1])).await;
+    let b = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc2])).await;
+    let b2 = Proxy::start_on(loopback(), origin.addr, bus(&rabbit.url(), "").servers(&[&mc2])).await;
+    for p in [&a, &b, &b2] {
+        connected(p).await;
+    }
+    // P (site 2, not on the bus) serves B's copy from site 2's memcached
+    let p = Proxy::start_on(loopback(), origin.addr, Conf::default().servers(&[&mc2])).await;
+    assert!(get(&b, &path).await.body.ends_with("#1"));
+    eventually(
+        Duration::from_secs(5),
+        "P takes B's copy from memcached",
+        || async { get(&p, &path).await.cache.ends_with("detail=l2") },
+    )
+    .await;
+    // A's next message: its id, and the number after those it published
+    let peers: serde_json::Value = client()
+        .get(format!("http://{}/peers", a.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    let (id, published) = (
+        peers["corral"].as_u64().unwrap(),
+        peers["published"].as_u64().unwrap(),
+    );
+    let key = format!("corral/corral/relayed/{id}/{}", published + 1);
+    let claimed = mc2
+        .command(format!("set {key} 0 5 7\r\nclaimed\r\n").as_bytes(), "\r\n")
+        .await;
+    assert_eq!(claimed, "STORED\r\n");
+    assert_eq!(purge(&a, &path).await.status, 200);
+    let relays = |result: &'static str| {
+        let (b, b2) = (&b, &b2);
+        async move {
+            let series = format!("corral_purge_relays_total{{result=\"{result}\"}}");
+            counter(b, &series).await + counter(b2, &series).await
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "both corrals of site 2 find the relay held",
+        || async { relays("other").await == 2.0 },
+    )
+    .await;
+    assert_eq!(relays("relayed").await, 0.0, "written while the claim held");
+    eventually(
+        Duration::from_secs(20),
+        "the purge written once the claim lapsed",
+        || async { relays("relayed").await == 1.0 },
+    )
+    .await;
+    let marker = mc2.command(format!("get {key}\r\n").as_bytes(), "END\r\n").await;
+    assert!(marker.contains("\r\ndone\r\n"), "{marker}");
+    assert!((b.log_text() + &b2.log_text()).contains("let its claim lapse unwritten"));
+    eventually(
+        Duration::from_secs(10),
+        "P serves no copy from before the purge",
+        || async { !get(&p, &path).await.body.ends_with("#1") },
+    )
+    .await;
+    // written once: the other corral, still watching until then, found it written
+    assert_eq!((relays("relayed").await, relays("failed").await), (1.0, 0.0));
+}

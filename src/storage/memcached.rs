@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::metrics;
 
 mod control;
-pub use control::ControlState;
+pub use control::{ControlState, RelayClaim, RELAY_LEASE_SECS};
 
 /// How often a server whose circuit is open is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);

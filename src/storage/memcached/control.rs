@@ -23,9 +23,36 @@ const APPEND_TRIES: usize = 4;
 /// lower one is a server that was down, which the bump brings up to the others.
 const FILL_BELOW: u64 = 8;
 
-/// How long the marker of a purge relayed from another log is kept, in seconds: a week, as
-/// long as the bus keeps a queue nobody consumes (a message is not delivered later than that).
+/// How long the marker of a purge relayed from another log is kept once it is written, in
+/// seconds: a week, as long as the bus keeps a queue nobody consumes (a message is not
+/// delivered later than that).
 const RELAY_MARKER_TTL: u32 = 7 * 24 * 3600;
+
+/// How long a claim of a relay holds before it is written ([`L2::claim_relay`]), in seconds:
+/// the claiming corral's three tries take about 1.5 s and memcached's answers. A corral that
+/// stops before it writes the purge lets the claim lapse after this, and another corral of
+/// the site that saw it held writes the purge instead
+/// ([`crate::cache::CacheParts::relay_remote`]).
+pub const RELAY_LEASE_SECS: u32 = 30;
+
+/// The marker's value while its claim holds; once the purge is written it is [`RELAY_DONE`].
+/// A marker of an older corral (`1`, kept a week from its claim) counts as written.
+const RELAY_CLAIMED: &[u8] = b"claimed";
+const RELAY_DONE: &[u8] = b"done";
+
+/// What [`L2::claim_relay`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayClaim {
+    /// This corral claimed it: it writes the purge, then marks it written
+    /// ([`L2::relay_written`]) or gives the claim up ([`L2::release_relay`]).
+    Mine,
+    /// Another corral claimed it and has not written it yet (or its claim lapsed just now).
+    Held,
+    /// Another corral wrote it.
+    Written,
+    /// No server answered.
+    Unreachable,
+}
 
 /// The distinct values among `answers` (each server's, `None` where it had none), in the
 /// servers' order.
@@ -299,25 +326,59 @@ impl L2 {
 
     /// Claim the writing of another purge log's purge (`origin`'s message `seq`) to this
     /// namespace's log ([`crate::cache::CacheParts::relay_remote`]): every corral of a site
-    /// receives it, one writes it. A marker added (`add`), kept a week (as long as the bus
-    /// keeps a queue nobody consumes), on the first server that answers, in the configured
-    /// order: every corral of the site asks the same one, so one claims it (two only if they
-    /// disagree on which servers are up, which costs a second record). `Some(true)`: this
-    /// corral claimed it; `Some(false)`: another one had; `None`: no server answered.
-    pub async fn claim_relay(&self, origin: u64, seq: u64) -> Option<bool> {
+    /// receives it, one writes it. A marker added (`add`) on the first server that answers, in
+    /// the configured order: every corral of the site asks the same one, so one claims it
+    /// (two only if they disagree on which servers are up, which costs a second record). The
+    /// claim holds [`RELAY_LEASE_SECS`]; the marker of a written purge is kept a week. A
+    /// marker already there is read on that server: held or written.
+    pub async fn claim_relay(&self, origin: u64, seq: u64) -> RelayClaim {
         let key = self.relay_key(origin, seq);
         let k = key.as_bytes();
         for server in &self.inner.servers {
             let added = self
                 .with_server_at(server, "set", |c| async move {
-                    c.set(k, b"1").ttl(Ttl::secs(RELAY_MARKER_TTL)).add().send().await
+                    c.set(k, RELAY_CLAIMED)
+                        .ttl(Ttl::secs(RELAY_LEASE_SECS))
+                        .add()
+                        .send()
+                        .await
                 })
                 .await;
-            if let Some(r) = added {
-                return Some(r.applied());
+            let Some(added) = added else {
+                continue;
+            };
+            if added.applied() {
+                return RelayClaim::Mine;
+            }
+            let marker = self
+                .with_server_at(server, "get", |c| async move { c.get(k).send().await })
+                .await;
+            return match marker {
+                Some(r) if r.hit() && r.value.as_deref() != Some(RELAY_CLAIMED) => RelayClaim::Written,
+                // held, lapsed since the add, or unread: asked again later
+                _ => RelayClaim::Held,
+            };
+        }
+        RelayClaim::Unreachable
+    }
+
+    /// Mark a relay this corral claimed ([`Self::claim_relay`]) as written, kept a week, on
+    /// the first server that answers (where the claim is, unless that one went down since).
+    /// If no server takes it, the claim lapses and another corral may write the purge again:
+    /// a second record.
+    pub async fn relay_written(&self, origin: u64, seq: u64) {
+        let key = self.relay_key(origin, seq);
+        let k = key.as_bytes();
+        for server in &self.inner.servers {
+            let set = self
+                .with_server_at(server, "set", |c| async move {
+                    c.set(k, RELAY_DONE).ttl(Ttl::secs(RELAY_MARKER_TTL)).send().await
+                })
+                .await;
+            if set.is_some() {
+                return;
             }
         }
-        None
     }
 
     /// Give up a claim ([`Self::claim_relay`]) whose write failed, best effort.
