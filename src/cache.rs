@@ -16,7 +16,7 @@ use crate::key;
 use crate::metrics;
 use crate::purge::{self, Purge, Target, Validity};
 use crate::storage::eviction::Eviction;
-use crate::storage::memcached::{RelayClaim, L2, RELAY_LEASE_SECS};
+use crate::storage::memcached::{RelayClaim, L2};
 use crate::storage::memory::MemoryStorage;
 use crate::storage::Tiered;
 
@@ -35,6 +35,8 @@ pub struct CacheParts {
     /// With `purge.acknowledge = "cluster"` and memcached: how long an accepted purge waits
     /// before it is answered ([`Self::acknowledged`]).
     ack_wait: Option<std::time::Duration>,
+    /// Log lines of relays that are written once a minute ([`Self::watch_relay`]).
+    relay_logs: crate::throttle::Throttle,
 }
 
 /// The waits between the tries of a claimed relay ([`CacheParts::relay_remote`]): three
@@ -120,6 +122,7 @@ impl CacheParts {
             predictor,
             ack_wait: (cfg.purge.acknowledge_cluster && storage.l2.is_some())
                 .then(|| cfg.purge.max_unconfirmed + std::time::Duration::from_millis(50)),
+            relay_logs: Default::default(),
         }))
     }
 
@@ -180,35 +183,52 @@ impl CacheParts {
     /// (`corral_purge_relays_total{result="failed"}`): this corral's own records still cover
     /// its L1 and what it reads from L2 while it runs.
     ///
-    /// A corral that finds the relay claimed by another and not yet written (counted
-    /// `result="other"`, as one written) watches the claim in a task of its own, not holding
-    /// up the bus: if the claim lapses unwritten ([`RELAY_LEASE_SECS`]: that corral stopped,
-    /// or gave it up after its tries), this one claims it and writes the purge. Before, the
-    /// claim was kept a week, and a corral that stopped between its claim and its write left
-    /// the purge out of its site's memcached for that long.
+    /// A corral that finds the relay claimed by another and not yet written watches the
+    /// claim in a task of its own, not holding up the bus: if the claim lapses unwritten
+    /// ([`L2::relay_lease`]: that corral stopped, or could not write it), this one claims it
+    /// and writes the purge. Before, the claim was kept a week, and a corral that stopped
+    /// between its claim and its write left the purge out of its site's memcached for that
+    /// long. Each relay is counted once per corral: `relayed` (written here), `other` (seen
+    /// written, or still held by a live claim when the watch ends), `failed`, or `unwatched`
+    /// (held, and too many watches run).
     pub async fn relay_remote(&'static self, purge: &Purge, at: SystemTime, origin: u64, seq: u64) {
         let Some(l2) = &self.storage.l2 else {
             return;
         };
-        match l2.claim_relay(origin, seq).await {
-            RelayClaim::Mine => self.write_relay(l2, purge, at, origin, seq).await,
+        match l2.claim_relay(origin, seq, None).await {
+            RelayClaim::Mine { server } => self.write_relay(l2, purge, at, origin, seq, server).await,
             RelayClaim::Written => metrics::PURGE_RELAYS.with_label_values(&["other"]).inc(),
-            RelayClaim::Held => {
-                metrics::PURGE_RELAYS.with_label_values(&["other"]).inc();
-                self.watch_relay(purge.clone(), at, origin, seq);
-            }
+            RelayClaim::Held {
+                server,
+                holder,
+                lease,
+            } => self.watch_relay(purge.clone(), at, origin, seq, (server, holder, lease)),
             RelayClaim::Unreachable => self.relay_failed(purge, origin, seq),
         }
     }
 
-    /// Watch a relay another corral claimed ([`Self::relay_remote`]) until it is written, or
-    /// its claim lapses and this corral writes it. Looks after 0.1, 0.3, 0.7, 1.5 s, then every
-    /// second, up to the claim's lease and 5 s; a claim still held then is a later one (another
-    /// watcher's, writing it). Up to [`MAX_RELAY_WATCHES`] at once; beyond, one is not watched,
-    /// and that is logged.
-    fn watch_relay(&'static self, purge: Purge, at: SystemTime, origin: u64, seq: u64) {
+    /// Watch a relay another corral claimed ([`Self::relay_remote`]), on the server it holds
+    /// the claim on, until it is written, or its claim lapses and this corral writes it.
+    /// Looks after 0.1, 0.3, 0.7, 1.5 s, then every second, until the claim's lease and 5 s
+    /// have passed since it was first seen (a new claim, another watcher's, starts that over).
+    /// Up to [`MAX_RELAY_WATCHES`] at once; beyond, one is not watched (counted `unwatched`,
+    /// and logged once a minute).
+    fn watch_relay(
+        &'static self,
+        purge: Purge,
+        at: SystemTime,
+        origin: u64,
+        seq: u64,
+        (server, mut holder, lease): (usize, bytes::Bytes, std::time::Duration),
+    ) {
         let Some(watch) = RelayWatch::enter() else {
-            tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "too many relays held by other corrals are watched: this one is not, and is lost if the corral that claimed it stops before writing it");
+            metrics::PURGE_RELAYS.with_label_values(&["unwatched"]).inc();
+            if let Some(left_out) = self
+                .relay_logs
+                .check("unwatched", std::time::Duration::from_secs(60))
+            {
+                tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, left_out, "too many relays held by other corrals are watched: this one is not, and is not written if the corral that claimed it stops before writing it");
+            }
             return;
         };
         tokio::spawn(async move {
@@ -216,25 +236,41 @@ impl CacheParts {
             let Some(l2) = &self.storage.l2 else {
                 return;
             };
-            let until =
-                tokio::time::Instant::now() + std::time::Duration::from_secs(u64::from(RELAY_LEASE_SECS) + 5);
+            let margin = std::time::Duration::from_secs(5);
+            let mut until = tokio::time::Instant::now() + lease + margin;
             let mut wait = std::time::Duration::from_millis(100);
             loop {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(1));
-                let seen = l2.claim_relay(origin, seq).await;
-                match seen {
-                    RelayClaim::Written => return,
-                    RelayClaim::Mine => {
-                        tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "the corral that claimed the relay of a purge from another purge log let its claim lapse unwritten: this corral writes it");
-                        self.write_relay(l2, &purge, at, origin, seq).await;
+                let seen = l2.claim_relay(origin, seq, Some(server)).await;
+                match &seen {
+                    RelayClaim::Written => {
+                        metrics::PURGE_RELAYS.with_label_values(&["other"]).inc();
                         return;
                     }
-                    RelayClaim::Held | RelayClaim::Unreachable => {}
+                    RelayClaim::Mine { server } => {
+                        tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "the corral that claimed the relay of a purge from another purge log let its claim lapse unwritten: this corral writes it");
+                        self.write_relay(l2, &purge, at, origin, seq, *server).await;
+                        return;
+                    }
+                    RelayClaim::Held {
+                        holder: now_held,
+                        lease,
+                        ..
+                    } if *now_held != holder => {
+                        // another claim (a watcher of another corral took it over): its lease
+                        holder = now_held.clone();
+                        until = tokio::time::Instant::now() + *lease + margin;
+                    }
+                    RelayClaim::Held { .. } | RelayClaim::Unreachable => {}
                 }
                 if tokio::time::Instant::now() >= until {
-                    if seen == RelayClaim::Unreachable {
-                        self.relay_failed(&purge, origin, seq);
+                    match seen {
+                        RelayClaim::Unreachable => self.relay_failed(&purge, origin, seq),
+                        _ => {
+                            metrics::PURGE_RELAYS.with_label_values(&["other"]).inc();
+                            tracing::warn!(kind = purge.kind(), target = %purge.target_text(), origin, seq, "a relay of a purge from another purge log is still claimed after its lease: this corral stops watching it");
+                        }
                     }
                     return;
                 }
@@ -242,11 +278,20 @@ impl CacheParts {
         });
     }
 
-    /// Write a relay this corral claimed ([`Self::relay_remote`]), mark it written, or give
-    /// the claim up after its tries.
-    async fn write_relay(&self, l2: &L2, purge: &Purge, at: SystemTime, origin: u64, seq: u64) {
+    /// Write a relay this corral claimed on the `server`-th server ([`Self::relay_remote`])
+    /// and mark it written there; after its tries, the claim is left to lapse (another corral
+    /// that watches it then tries).
+    async fn write_relay(
+        &self,
+        l2: &L2,
+        purge: &Purge,
+        at: SystemTime,
+        origin: u64,
+        seq: u64,
+        server: usize,
+    ) {
         // claimed: the others of the site count on this corral, so it tries again before it
-        // gives the claim up
+        // lets the claim lapse
         for wait in RELAY_RETRIES {
             let done = match &purge.target {
                 Target::All => l2.bump_generation().await.is_some(),
@@ -257,13 +302,12 @@ impl CacheParts {
                 _ => self.log(purge, at).await,
             };
             if done {
-                l2.relay_written(origin, seq).await;
+                l2.relay_written(origin, seq, server).await;
                 metrics::PURGE_RELAYS.with_label_values(&["relayed"]).inc();
                 return;
             }
             tokio::time::sleep(wait).await;
         }
-        l2.release_relay(origin, seq).await;
         self.relay_failed(purge, origin, seq);
     }
 

@@ -478,11 +478,11 @@ async fn a_purge_from_another_site_is_applied_when_that_sites_memcached_is_down(
 }
 
 /// The fault of the relay's claim: a corral of site 2 claims a purge from site 1 and stops
-/// before it writes it (its claim put in site 2's memcached by hand, holding 5 s). The other
-/// corrals of site 2 find it held and count it as another's; once the claim lapses, one of them
-/// writes the purge, once, and marks it written. A corral of site 2 that takes its copies from
-/// memcached then serves none from before the purge. Before, a claim was kept a week and
-/// nobody wrote the purge.
+/// before it writes it (its claim put in site 2's memcached by hand, holding 8 s). The other
+/// corrals of site 2 find it held and watch it; once the claim lapses, one of them writes the
+/// purge, once, and marks it written, and the other counts it as another's. A corral of site 2
+/// that takes its copies from memcached then serves none from before the purge. Before, a
+/// claim was kept a week and nobody wrote the purge.
 #[tokio::test]
 async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_of_its_site() {
     let _serial = SERIAL.lock().await;
@@ -521,8 +521,9 @@ async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_o
         peers["published"].as_u64().unwrap(),
     );
     let key = format!("corral/corral/relayed/{id}/{}", published + 1);
+    // as a corral with the id 1 claims it: "claimed", its id, its lease
     let claimed = mc2
-        .command(format!("set {key} 0 5 7\r\nclaimed\r\n").as_bytes(), "\r\n")
+        .command(format!("set {key} 0 8 11\r\nclaimed 1 8\r\n").as_bytes(), "\r\n")
         .await;
     assert_eq!(claimed, "STORED\r\n");
     assert_eq!(purge(&a, &path).await.status, 200);
@@ -534,16 +535,23 @@ async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_o
         }
     };
     eventually(
-        Duration::from_secs(10),
-        "both corrals of site 2 find the relay held",
-        || async { relays("other").await == 2.0 },
+        Duration::from_secs(5),
+        "both corrals of site 2 apply it",
+        || async { counter(&b, APPLIED).await + counter(&b2, APPLIED).await == 2.0 },
     )
     .await;
-    assert_eq!(relays("relayed").await, 0.0, "written while the claim held");
+    // held: neither writes it nor counts it yet (each watches the claim)
+    assert_eq!((relays("relayed").await, relays("other").await), (0.0, 0.0));
     eventually(
         Duration::from_secs(20),
         "the purge written once the claim lapsed",
         || async { relays("relayed").await == 1.0 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the other corral of site 2 finds it written",
+        || async { relays("other").await == 1.0 },
     )
     .await;
     let marker = mc2.command(format!("get {key}\r\n").as_bytes(), "END\r\n").await;
@@ -557,4 +565,5 @@ async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_o
     .await;
     // written once: the other corral, still watching until then, found it written
     assert_eq!((relays("relayed").await, relays("failed").await), (1.0, 0.0));
+    assert_eq!(relays("unwatched").await, 0.0);
 }

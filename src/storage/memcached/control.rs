@@ -28,32 +28,41 @@ const FILL_BELOW: u64 = 8;
 /// delivered later than that).
 const RELAY_MARKER_TTL: u32 = 7 * 24 * 3600;
 
-/// How long a claim of a relay holds before it is written ([`L2::claim_relay`]), in seconds:
-/// the claiming corral's three tries take about 1.5 s and memcached's answers. A corral that
-/// stops before it writes the purge lets the claim lapse after this, and another corral of
-/// the site that saw it held writes the purge instead
-/// ([`crate::cache::CacheParts::relay_remote`]).
-pub const RELAY_LEASE_SECS: u32 = 30;
+/// How long a claim of a relay holds before it is written ([`L2::claim_relay`]), at least:
+/// [`L2::relay_lease`] lengthens it with a long `op_timeout`. A corral that stops before it
+/// writes the purge lets the claim lapse after this, and another corral of the site that saw
+/// it held writes the purge instead ([`crate::cache::CacheParts::relay_remote`]).
+pub const RELAY_LEASE_MIN_SECS: u32 = 30;
 
-/// The marker's value while its claim holds; once the purge is written it is [`RELAY_DONE`].
-/// A marker of an older corral (`1`, kept a week from its claim) counts as written.
-const RELAY_CLAIMED: &[u8] = b"claimed";
+/// Memcached operations a claimer's writing of a relay takes at most, for
+/// [`L2::relay_lease`]: three tries, each a log append (up to four bumps, each with its
+/// record and up to [`FILL_BELOW`] numbers filled) and a delete, with margin.
+const RELAY_WRITE_OPS: u32 = 130;
+
+/// The marker's value while its claim holds: this word, the claiming corral's id and the
+/// claim's lease in seconds. Once the purge is written it is [`RELAY_DONE`]; any other value
+/// (`1`, the marker of an older corral, kept a week from its claim) counts as written.
+const RELAY_CLAIMED: &str = "claimed";
 const RELAY_DONE: &[u8] = b"done";
 
 /// What [`L2::claim_relay`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayClaim {
-    /// This corral claimed it: it writes the purge, then marks it written
-    /// ([`L2::relay_written`]) or gives the claim up ([`L2::release_relay`]).
-    Mine,
-    /// Another corral claimed it and has not written it yet (or its claim lapsed just now).
-    Held,
+    /// This corral claimed it, on the `server`-th server: it writes the purge, then marks it
+    /// written there ([`L2::relay_written`]); if it cannot, the claim lapses.
+    Mine { server: usize },
+    /// Another corral claimed it on the `server`-th server and has not written it: `holder`
+    /// is the claim (its corral and lease), `lease` how long it holds at most.
+    Held {
+        server: usize,
+        holder: Bytes,
+        lease: std::time::Duration,
+    },
     /// Another corral wrote it.
     Written,
-    /// No server answered.
+    /// No server answered (or not the one asked, and none of the others says it is written).
     Unreachable,
 }
-
 /// The distinct values among `answers` (each server's, `None` where it had none), in the
 /// servers' order.
 fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
@@ -324,54 +333,100 @@ impl L2 {
         self.set_everywhere(key.as_bytes(), bytes).await;
     }
 
+    /// How long this corral's claims of relays hold ([`Self::claim_relay`]): at least
+    /// [`RELAY_LEASE_MIN_SECS`], and longer than its writing of one can take with its
+    /// `op_timeout` ([`RELAY_WRITE_OPS`] operations and the tries' waits). A claim carries its
+    /// lease, so a watcher of another config waits as long as the claim holds.
+    pub fn relay_lease(&self) -> u32 {
+        let write = self.inner.op_timeout.as_secs_f64() * f64::from(RELAY_WRITE_OPS) + 2.0;
+        RELAY_LEASE_MIN_SECS.max(write.ceil().min(f64::from(u32::MAX / 2)) as u32)
+    }
+
     /// Claim the writing of another purge log's purge (`origin`'s message `seq`) to this
     /// namespace's log ([`crate::cache::CacheParts::relay_remote`]): every corral of a site
     /// receives it, one writes it. A marker added (`add`) on the first server that answers, in
     /// the configured order: every corral of the site asks the same one, so one claims it
-    /// (two only if they disagree on which servers are up, which costs a second record). The
-    /// claim holds [`RELAY_LEASE_SECS`]; the marker of a written purge is kept a week. A
-    /// marker already there is read on that server: held or written.
-    pub async fn claim_relay(&self, origin: u64, seq: u64) -> RelayClaim {
+    /// (two if they disagree on which servers are up, which costs a second record). The claim
+    /// holds [`Self::relay_lease`]; the marker of a written purge is kept a week. A marker
+    /// already there is read on that server: held or written.
+    ///
+    /// `on`: only that server (a watcher asks the one it saw the claim on: asking the next one
+    /// while that one is down would claim the purge again while its claimer writes it). When
+    /// it does not answer, the others are read for a marker that says written.
+    pub async fn claim_relay(&self, origin: u64, seq: u64, on: Option<usize>) -> RelayClaim {
         let key = self.relay_key(origin, seq);
         let k = key.as_bytes();
-        for server in &self.inner.servers {
+        let lease = self.relay_lease();
+        let claim = format!("{RELAY_CLAIMED} {} {lease}", crate::purge::corral_id());
+        let claim = claim.as_bytes();
+        let servers = self.inner.servers.iter().enumerate();
+        for (i, server) in servers.filter(|(i, _)| on.is_none_or(|on| on == *i)) {
             let added = self
                 .with_server_at(server, "set", |c| async move {
-                    c.set(k, RELAY_CLAIMED)
-                        .ttl(Ttl::secs(RELAY_LEASE_SECS))
-                        .add()
-                        .send()
-                        .await
+                    c.set(k, claim).ttl(Ttl::secs(lease)).add().send().await
                 })
                 .await;
             let Some(added) = added else {
                 continue;
             };
             if added.applied() {
-                return RelayClaim::Mine;
+                return RelayClaim::Mine { server: i };
             }
             let marker = self
                 .with_server_at(server, "get", |c| async move { c.get(k).send().await })
                 .await;
-            return match marker {
-                Some(r) if r.hit() && r.value.as_deref() != Some(RELAY_CLAIMED) => RelayClaim::Written,
-                // held, lapsed since the add, or unread: asked again later
-                _ => RelayClaim::Held,
+            let held = |v: &[u8]| {
+                let text = std::str::from_utf8(v).ok()?;
+                let mut words = text.split(' ');
+                (words.next()? == RELAY_CLAIMED).then_some(())?;
+                let lease: u64 = words.nth(1)?.parse().ok()?;
+                Some(std::time::Duration::from_secs(lease))
             };
+            return match marker {
+                Some(r) if r.hit() => match r.value.as_deref().map(|v| (v, held(v))) {
+                    Some((v, Some(lease))) => RelayClaim::Held {
+                        server: i,
+                        holder: Bytes::copy_from_slice(v),
+                        lease,
+                    },
+                    // done, or an older corral's marker
+                    _ => RelayClaim::Written,
+                },
+                // lapsed since the add, or unread: asked again later
+                _ => RelayClaim::Held {
+                    server: i,
+                    holder: Bytes::new(),
+                    lease: std::time::Duration::from_secs(u64::from(lease)),
+                },
+            };
+        }
+        if on.is_some() {
+            let written = self.get_everywhere(k).await;
+            if written.iter().flatten().flatten().any(|v| v == RELAY_DONE) {
+                return RelayClaim::Written;
+            }
         }
         RelayClaim::Unreachable
     }
 
-    /// Mark a relay this corral claimed ([`Self::claim_relay`]) as written, kept a week, on
-    /// the first server that answers (where the claim is, unless that one went down since).
-    /// If no server takes it, the claim lapses and another corral may write the purge again:
-    /// a second record.
-    pub async fn relay_written(&self, origin: u64, seq: u64) {
+    /// Mark a relay this corral claimed on the `server`-th server ([`Self::claim_relay`]) as
+    /// written, there, kept a week; if that server does not answer, on the first other one
+    /// that does. If none takes it, the claim lapses and another corral may write the purge
+    /// again: a second record.
+    pub async fn relay_written(&self, origin: u64, seq: u64, server: usize) {
         let key = self.relay_key(origin, seq);
         let k = key.as_bytes();
-        for server in &self.inner.servers {
+        let servers = &self.inner.servers;
+        let order = servers.get(server).into_iter().chain(
+            servers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != server)
+                .map(|(_, s)| s),
+        );
+        for s in order {
             let set = self
-                .with_server_at(server, "set", |c| async move {
+                .with_server_at(s, "set", |c| async move {
                     c.set(k, RELAY_DONE).ttl(Ttl::secs(RELAY_MARKER_TTL)).send().await
                 })
                 .await;
@@ -379,16 +434,6 @@ impl L2 {
                 return;
             }
         }
-    }
-
-    /// Give up a claim ([`Self::claim_relay`]) whose write failed, best effort.
-    pub async fn release_relay(&self, origin: u64, seq: u64) {
-        let key = self.relay_key(origin, seq);
-        let k = key.as_bytes();
-        join_all(self.inner.servers.iter().map(|server| {
-            self.with_server_at(server, "delete", |c| async move { c.delete(k).send().await })
-        }))
-        .await;
     }
 
     fn relay_key(&self, origin: u64, seq: u64) -> String {
