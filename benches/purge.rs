@@ -24,7 +24,7 @@ fn meta(tag: &str) -> CacheMeta {
 }
 
 /// Cache parts whose L1 holds `n` entries (tagged `t0`..`t99`).
-fn parts_with(n: usize) -> &'static CacheParts {
+async fn parts_with(n: usize) -> &'static CacheParts {
     let cfg = Config::from_str(
         "[cache]\nmemory_bytes = \"4GiB\"\nmax_object_bytes = \"1MiB\"\n",
         "bench",
@@ -34,12 +34,17 @@ fn parts_with(n: usize) -> &'static CacheParts {
     let body = Bytes::from_static(b"x");
     for i in 0..n {
         let k = key::for_url("www.example.org", &format!("/page/{i}"));
-        parts.storage.l1.insert(
-            &k,
-            MetaParts::from_meta(&meta(&format!("t{}", i % 100)), memory::url_of(&k)),
-            body.clone(),
-            parts.storage.l1.generation(),
-        );
+        // (built on L1's builder thread)
+        parts
+            .storage
+            .l1
+            .insert(
+                &k,
+                MetaParts::from_meta(&meta(&format!("t{}", i % 100)), memory::url_of(&k)),
+                body.clone(),
+                parts.storage.l1.generation(),
+            )
+            .await;
     }
     parts
 }
@@ -59,14 +64,14 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("accept_ban");
     for n in [1_000usize, 1_000_000] {
-        let parts = rt.block_on(async { parts_with(n) });
+        let parts = rt.block_on(parts_with(n));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| rt.block_on(parts.apply(black_box(&the_ban))))
         });
     }
     group.finish();
 
-    let parts = rt.block_on(async { parts_with(100_000) });
+    let parts = rt.block_on(parts_with(100_000));
     let tags = Purge {
         target: purge::Target::Tags(vec!["t7".into()]),
         soft: false,
@@ -106,7 +111,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("pass", |b| {
         b.iter_batched(
             || {
-                let parts = parts_with(100_000);
+                let parts = rt.block_on(parts_with(100_000));
                 parts.validity.record(&ban("^/page/[0-9]*7$"), purge::now_stamp());
                 parts
             },

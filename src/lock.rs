@@ -434,7 +434,7 @@ impl Tiered {
         // a copy refreshed before a purge that covers it (a soft one keeps it in memcached) is
         // no better than ours: wait for the refresh under way
         if rec.meta.updated() > validated && rec.meta.is_fresh(SystemTime::now()) && !purged() {
-            return Ok(self.promote(key, rec, generation));
+            return Ok(self.promote(key, rec, generation).await);
         }
         Ok(None)
     }
@@ -520,7 +520,7 @@ impl Tiered {
                     Ok(rec) => {
                         metrics::L2_LOOKUPS.with_label_values(&["hit"]).inc();
                         waited(waiting, true);
-                        return Ok(self.promote(key, rec, generation));
+                        return Ok(self.promote(key, rec, generation).await);
                     }
                     Err(e) => {
                         metrics::L2_LOOKUPS.with_label_values(&["corrupt"]).inc();

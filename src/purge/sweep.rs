@@ -153,22 +153,23 @@ mod tests {
         let parts = CacheParts::leak(&cfg, None);
         let (l1, eviction) = (parts.storage.l1, parts.eviction);
         let now = SystemTime::now();
-        let store = |url: &'static str, size: usize| {
+        let store = |url: &'static str, size: usize| async move {
             let key = CacheKey::new(url, "");
             let h = ResponseHeader::build(200, None).unwrap();
             let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
             let parts = MetaParts::from_meta(&meta, url);
             let (_, weight) = l1
                 .insert(&key, parts, Bytes::from(vec![b'x'; size]), l1.generation())
+                .await
                 .expect("stored");
             let item = CacheEntryKey::from_entry_id(key.to_compact(), None);
             (key, item, weight)
         };
-        let (pushed, pushed_item, weight) = store("http://h/pushed", 30 * 1024);
+        let (pushed, pushed_item, weight) = store("http://h/pushed", 30 * 1024).await;
         assert!(eviction.admit(pushed_item.clone(), weight, now).is_empty());
         // held by L1 and not tracked (as after a purge's late removal): its hit tracks it,
         // and the two do not fit
-        let (hit, hit_item, weight) = store("http://h/hit", 40 * 1024);
+        let (hit, hit_item, weight) = store("http://h/hit", 40 * 1024).await;
         assert!(!eviction.access(&hit_item, weight, now));
         assert!(!eviction.peek(&pushed_item), "pushed out of the manager");
         assert!(

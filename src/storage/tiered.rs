@@ -91,7 +91,7 @@ impl Tiered {
     /// Put an L2 record into L1 and answer the lookup from there.
     /// `generation`: the L1 generation when the lookup began; `None` (a miss) if a clear has
     /// moved it since: the copy was read from before the clear.
-    pub(crate) fn promote(
+    pub(crate) async fn promote(
         &'static self,
         key: &CacheKey,
         rec: record::Record,
@@ -99,7 +99,7 @@ impl Tiered {
     ) -> Option<(CacheMeta, HitHandler)> {
         let mut parts = MetaParts::from_meta(&rec.meta, memory::url_of(key));
         parts.validated_by = rec.filler;
-        let (hit, weight) = self.l1.insert(key, parts, rec.body, generation)?;
+        let (hit, weight) = self.l1.insert(key, parts, rec.body, generation).await?;
         // admitted like a fill, so the memory bound holds for promoted entries too
         let entry = CacheEntryKey::from_entry_id(key.to_compact(), None);
         for evicted in self.eviction.admit(entry, weight, rec.meta.fresh_until()) {

@@ -8,7 +8,7 @@ use pingora_cache::key::HashBinary;
 use pingora_cache::storage::{HandleMiss, MissFinishType};
 use pingora_error::Result;
 
-use super::{Fill, FillState, MemoryStorage, Stored};
+use super::{Fill, FillState, MemoryStorage};
 
 pub(super) struct MemoryMiss {
     pub(super) storage: &'static MemoryStorage,
@@ -44,10 +44,19 @@ impl HandleMiss for MemoryMiss {
         // keeping it would keep the whole buffer (and whatever else was read into it) alive,
         // unseen by `memory_bytes`
         let committed = if self.fill.generation == self.storage.generation() {
+            // built on a thread of its own (`build`), away from the requests' short-lived
+            // allocations
             let chunks = self.fill.chunks.lock().clone();
-            let stored = Stored::new(self.fill.meta.clone(), &chunks, self.fill.generation);
-            self.storage
-                .commit(self.primary, self.variance, stored, Some(self.fill.id))
+            let meta = self.fill.meta.clone();
+            match super::build::build(meta, chunks, self.fill.generation).await {
+                Some(stored) => self
+                    .storage
+                    .commit(self.primary, self.variance, stored, Some(self.fill.id)),
+                None => {
+                    self.storage.take_fill(self.primary, self.variance, self.fill.id);
+                    None
+                }
+            }
         } else {
             self.storage.take_fill(self.primary, self.variance, self.fill.id);
             None

@@ -23,6 +23,8 @@ use crate::fields::{Fields, Value};
 use crate::policy::is_targeted;
 use crate::purge::is_tag;
 
+use super::Nanos;
+
 /// What an `Arc<[u8]>` buffer holds beside its bytes: its two counts, in the same
 /// allocation. (A `Bytes` made from a `Vec` allocates a shared block of 24 bytes, 32 with
 /// the allocator's header, on its first clone, and keeps it for life: a buffer that every
@@ -131,8 +133,9 @@ const KNOWN_NAMES: [&str; 30] = [
 /// the head's buffer, right after the field before (the first after the URL and the reason
 /// phrase). A head is far below 4 GiB (Pingora refuses a head over its limit, memcached an
 /// item over its own), and every read of the buffer is bounds-checked. Kept in the buffer's
-/// table as [`FIELD`] bytes ([`Field::encode`]); where it starts is not kept, but summed as
-/// the table is read ([`StoredHeader::fields`]).
+/// table in 3 bytes for a known name and a value below 64 KiB, 4 for another name of up to
+/// 255 bytes, 7 otherwise ([`Field::encode`]); where it starts is not kept, but summed as the
+/// table is read ([`StoredHeader::fields`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Field {
     /// Where the name's text (or, for a known name, the value) starts in the head's part of
@@ -146,25 +149,85 @@ struct Field {
     known: u8,
 }
 
-/// Bytes of a [`Field`] in the buffer's table.
-const FIELD: usize = 8;
+/// A [`Field`]'s last byte in the table ([`Field::encode`]): [`SENSITIVE`], [`WIDE`], and
+/// the name's place in [`KNOWN`] plus one (0 for another name) in the low six bits.
+const SENSITIVE: u8 = 0x80;
+/// In a field's last byte: its lengths take 6 bytes (a 32-bit value length, a 16-bit name
+/// length), not 2 or 3 (a 16-bit value length, and an 8-bit name length for a name not
+/// known).
+const WIDE: u8 = 0x40;
+const KNOWN_BITS: u8 = 0x3f;
+const _: () = assert!(
+    KNOWN_NAMES.len() < KNOWN_BITS as usize,
+    "a known name's number fits 6 bits"
+);
+
+/// Bytes of the epoch in the buffer ([`EPOCH`]): nanoseconds since the Unix epoch.
+const EPOCH_LEN: usize = 8;
 
 impl Field {
-    fn encode(&self, out: &mut impl BufMut) {
-        out.put_slice(&self.value_len.to_le_bytes());
-        out.put_slice(&self.name_len.to_le_bytes());
-        out.put_slice(&[u8::from(self.sensitive), self.known]);
+    /// Whether its lengths fit the short form (see [`WIDE`]).
+    fn narrow(&self) -> bool {
+        self.value_len <= u32::from(u16::MAX) && (self.known > 0 || self.name_len <= u16::from(u8::MAX))
     }
 
-    /// The field encoded in `b`, its text starting at `at`.
-    fn decode(b: &[u8; FIELD], at: u32) -> Field {
-        Field {
-            at,
-            value_len: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            name_len: u16::from_le_bytes([b[4], b[5]]),
-            sensitive: b[6] != 0,
-            known: b[7],
+    /// Bytes it takes in the table.
+    fn encoded_len(&self) -> usize {
+        match (self.narrow(), self.known > 0) {
+            (true, true) => 3,
+            (true, false) => 4,
+            (false, _) => 7,
         }
+    }
+
+    /// Its lengths, then its last byte ([`SENSITIVE`], [`WIDE`], the known name): the table
+    /// holds the fields last first, so that it is read from its end, first field first, each
+    /// field's last byte saying how many bytes come before it ([`Self::decode_back`]).
+    fn encode(&self, out: &mut impl BufMut) {
+        let narrow = self.narrow();
+        if narrow {
+            out.put_slice(&(self.value_len as u16).to_le_bytes());
+            if self.known == 0 {
+                out.put_u8(self.name_len as u8);
+            }
+        } else {
+            out.put_slice(&self.value_len.to_le_bytes());
+            out.put_slice(&self.name_len.to_le_bytes());
+        }
+        let sensitive = if self.sensitive { SENSITIVE } else { 0 };
+        let wide = if narrow { 0 } else { WIDE };
+        out.put_u8(sensitive | wide | (self.known & KNOWN_BITS));
+    }
+
+    /// The field whose encoding ends at `end` in `table` ([`Self::encode`]), its text starting
+    /// at `at`, and where the encoding before it ends; `None` if `table` is too short.
+    fn decode_back(table: &[u8], end: usize, at: u32) -> Option<(Field, usize)> {
+        let last = end.checked_sub(1)?;
+        let tag = *table.get(last)?;
+        let known = tag & KNOWN_BITS;
+        let lengths = match (tag & WIDE != 0, known > 0) {
+            (true, _) => 6,
+            (false, true) => 2,
+            (false, false) => 3,
+        };
+        let from = last.checked_sub(lengths)?;
+        let b = table.get(from..last)?;
+        let (value_len, name_len) = match lengths {
+            6 => (
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                u16::from_le_bytes([b[4], b[5]]),
+            ),
+            2 => (u32::from(u16::from_le_bytes([b[0], b[1]])), 0),
+            _ => (u32::from(u16::from_le_bytes([b[0], b[1]])), u16::from(b[2])),
+        };
+        let field = Field {
+            at,
+            value_len,
+            name_len,
+            sensitive: tag & SENSITIVE != 0,
+            known,
+        };
+        Some((field, from))
     }
 
     /// Bytes of text it takes in the buffer.
@@ -193,7 +256,7 @@ impl Field {
 pub struct StoredHeader {
     status: StatusCode,
     version: Version,
-    /// [`STRIPPABLE`], [`VARIANCE`], [`REASON`], [`LENGTH`] and [`VARY`].
+    /// [`STRIPPABLE`], [`VARIANCE`], [`EPOCH`], [`REASON`], [`LENGTH`] and [`VARY`].
     flags: u8,
     /// The URL's length: it opens the buffer.
     url_len: u32,
@@ -202,7 +265,8 @@ pub struct StoredHeader {
     /// Where the head starts in `buf`: after the body it was packed with ([`Self::pack`]),
     /// which is `buf[..start]` ([`Self::body`]); 0 for a head of its own.
     start: u32,
-    /// From `start`: the URL, the variance (16 bytes, if [`VARIANCE`]), the reason phrase
+    /// From `start`: the URL, the variance (16 bytes, if [`VARIANCE`]), the epoch of `Age`
+    /// (8 bytes, if [`EPOCH`]), the reason phrase
     /// (if [`REASON`]: its length in 2 bytes, then its text), every name not in [`KNOWN`] and
     /// every value in order, then the table of their [`Field`]s. The entry holds this one
     /// buffer for its head and its body. An `Arc<[u8]>`, not `Bytes`: 16 bytes in the entry
@@ -220,6 +284,12 @@ const STRIPPABLE: u8 = 1;
 /// most entries of a CMS vary on `Accept-Encoding`, and in the entry it would take 17 bytes of
 /// every one, or a box of its own.
 const VARIANCE: u8 = 2;
+/// [`StoredHeader::flags`]: the origin's answer carried an `Age`, and what `Age` counts from
+/// is kept in the buffer after the variance ([`StoredHeader::epoch_override`]): it is fixed
+/// by the response this head is (`updated` minus the age it arrived with), and most answers
+/// come from the origin itself with none, so it takes 8 bytes of an entry only when it has one
+/// (in the entry, 8 bytes of every one: its `Arc` one size class of the allocator larger).
+const EPOCH: u8 = 32;
 /// [`StoredHeader::flags`]: the reason phrase is not the status's canonical one, and is kept
 /// in the buffer (rare: its length there too, not in every head).
 const REASON: u8 = 4;
@@ -244,21 +314,27 @@ fn offset(n: usize) -> u32 {
 impl StoredHeader {
     /// A copy of `h` that owns its bytes, with no URL (a head that is not an entry's).
     pub fn new(h: &ResponseHeader) -> Self {
-        Self::for_entry(h, "", None)
+        Self::for_entry(h, "", None, None)
     }
 
     /// [`Self::for_entry`] with no variance.
     #[cfg(test)]
     pub fn with_url(h: &ResponseHeader, url: &str) -> Self {
-        Self::for_entry(h, url, None)
+        Self::for_entry(h, url, None, None)
     }
 
-    /// A copy of `h` that owns its bytes, kept with the URL and the variance of its entry.
+    /// A copy of `h` that owns its bytes, kept with the URL and the variance of its entry,
+    /// and what its `Age` counts from if not the entry's `updated` (`epoch`).
     /// Pingora parses a response head in one read buffer of 4 KiB or more, and the values it
     /// hands over are slices of that buffer: a stored header must not keep the whole buffer
     /// alive (issue 8: 1 KB objects took 5x their budget in RSS), so names and values are
     /// copied, once, into one buffer of their own.
-    pub fn for_entry(h: &ResponseHeader, url: &str, variance: Option<HashBinary>) -> Self {
+    pub fn for_entry(
+        h: &ResponseHeader,
+        url: &str,
+        variance: Option<HashBinary>,
+        epoch: Option<Nanos>,
+    ) -> Self {
         let table: Vec<Field> = h
             .headers
             .iter()
@@ -287,12 +363,16 @@ impl StoredHeader {
             .filter(|r| r.len() <= usize::from(u16::MAX));
         let size = url.len()
             + variance.map_or(0, |v| v.len())
+            + epoch.map_or(0, |_| EPOCH_LEN)
             + reason.map_or(0, |r| 2 + r.len())
             + text
-            + table.len() * FIELD;
+            + table.iter().map(Field::encoded_len).sum::<usize>();
         let buf = buffer(size, |mut out| {
             out.put_slice(url.as_bytes());
             out.put_slice(variance.as_ref().map_or(&[][..], |v| &v[..]));
+            if let Some(epoch) = epoch {
+                out.put_slice(&epoch.get_nanos().to_le_bytes());
+            }
             if let Some(reason) = reason {
                 out.put_slice(&(reason.len() as u16).to_le_bytes());
                 out.put_slice(reason.as_bytes());
@@ -302,7 +382,8 @@ impl StoredHeader {
                 out.put_slice(&name.as_str().as_bytes()[..usize::from(field.name_len)]);
                 out.put_slice(value.as_bytes());
             }
-            for field in &table {
+            // last first: read from the buffer's end, first first (`fields`)
+            for field in table.iter().rev() {
                 field.encode(&mut out);
             }
             debug_assert!(out.is_empty(), "the head's size counts every byte written");
@@ -318,6 +399,7 @@ impl StoredHeader {
                     STRIPPABLE,
                 ),
                 (variance.is_some(), VARIANCE),
+                (epoch.is_some(), EPOCH),
                 (reason.is_some(), REASON),
                 (h.headers.contains_key(http::header::CONTENT_LENGTH), LENGTH),
                 (h.headers.contains_key(http::header::VARY), VARY),
@@ -434,10 +516,31 @@ impl StoredHeader {
             .flatten()
     }
 
-    /// Where the reason phrase (its length first) is: after the URL and the variance.
-    fn reason_at(&self) -> u32 {
+    /// Where the epoch is ([`EPOCH`]): after the URL and the variance.
+    fn epoch_at(&self) -> u32 {
         let variance = if self.flags & VARIANCE != 0 { 16 } else { 0 };
         self.url_len.saturating_add(variance)
+    }
+
+    /// What `Age` counts from, if the origin's answer carried an age ([`EPOCH`]): `None`
+    /// means the entry's `updated`.
+    pub fn epoch_override(&self) -> Option<Nanos> {
+        let at = self.epoch_at() as usize;
+        (self.flags & EPOCH != 0)
+            .then(|| self.head().get(at..at + EPOCH_LEN)?.try_into().ok())
+            .flatten()
+            .and_then(|b| Nanos::from_nanos(u64::from_le_bytes(b)))
+    }
+
+    /// Where the reason phrase (its length first) is: after the URL, the variance and the
+    /// epoch.
+    fn reason_at(&self) -> u32 {
+        let epoch = if self.flags & EPOCH != 0 {
+            EPOCH_LEN as u32
+        } else {
+            0
+        };
+        self.epoch_at().saturating_add(epoch)
     }
 
     /// Bytes the reason phrase takes in the buffer, its length with it (0 for none kept).
@@ -470,19 +573,18 @@ impl StoredHeader {
         std::str::from_utf8(self.head().get(from..to).unwrap_or_default()).unwrap_or_default()
     }
 
-    /// The fields, in order, from the buffer's table, each placed after the one before.
+    /// The fields, in order, from the buffer's table (read from the buffer's end: it holds
+    /// them last first), each placed after the one before.
     fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         let head = self.head();
-        let table = head.len().saturating_sub(self.count as usize * FIELD);
+        let mut end = head.len();
         let mut at = self.reason_at().saturating_add(self.reason_span());
-        head[table..]
-            .chunks_exact(FIELD)
-            .filter_map(|b| b.try_into().ok())
-            .map(move |b| {
-                let f = Field::decode(b, at);
-                at = at.saturating_add(f.text_len());
-                f
-            })
+        (0..self.count).map_while(move |_| {
+            let (f, before) = Field::decode_back(head, end, at)?;
+            end = before;
+            at = at.saturating_add(f.text_len());
+            Some(f)
+        })
     }
 
     pub fn status(&self) -> StatusCode {
@@ -684,17 +786,19 @@ mod tests {
         let with = StoredHeader::with_url(&h, "http://a.example/p?q");
         drop(h);
         // none in the read buffer: one buffer of their own, names and values in order (a name
-        // the http crate knows is not there), then 8 bytes of lengths per field (against 72
-        // for a (name, value) pair)
+        // the http crate knows is not there), then 3 or 4 bytes of lengths per field (against
+        // 72 for a (name, value) pair)
         assert!(!inside(s.buf.as_ptr()));
         let text = "x-onex-two".len() + 10 + 11 + 12 + 13;
-        assert_eq!(s.buf.len(), text + 4 * FIELD);
+        // content-type and etag known (3 bytes each), x-one and x-two not (4)
+        let table = 3 + 4 + 4 + 3;
+        assert_eq!(s.buf.len(), text + table);
         assert_eq!(s.first("x-two").unwrap().as_bytes().len(), 12);
         // a hit's values are slices of that buffer, not copies
         let map = s.map(0, |_| true);
         let held = s.buf.as_ptr_range();
         assert!(map.values().all(|v| held.contains(&v.as_bytes().as_ptr())));
-        assert_eq!(s.bytes(), text + 4 * FIELD + BUFFER_COUNTS);
+        assert_eq!(s.bytes(), text + table + BUFFER_COUNTS);
         // with the entry's URL in front, in the same buffer
         assert_eq!(with.url(), "http://a.example/p?q");
         assert_eq!(with.bytes(), s.bytes() + with.url().len());
@@ -781,6 +885,36 @@ mod tests {
         assert_eq!(empty.to_response().status, 304);
     }
 
+    /// The table's three forms (a known name, another name, and the wide one for a value of
+    /// 64 KiB or more or a name over 255 bytes) read back in order, with their sensitivity,
+    /// after a reason phrase and packed after a body.
+    #[test]
+    fn each_form_of_a_field_s_lengths_reads_back_in_order() {
+        let long_value = "v".repeat(70_000);
+        let long_name = format!("x-{}", "n".repeat(300));
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        let _ = h.set_reason_phrase(Some("Fine"));
+        h.append_header("etag", "\"e\"").unwrap();
+        h.append_header("x-custom", "c").unwrap();
+        h.append_header("content-type", long_value.as_str()).unwrap();
+        h.append_header(long_name.clone(), "n").unwrap();
+        let mut secret = HeaderValue::from_static("s");
+        secret.set_sensitive(true);
+        h.append_header("x-secret", secret).unwrap();
+        h.append_header("etag", "\"f\"").unwrap();
+        let text = 3 + 8 + 1 + 70_000 + long_name.len() + 1 + 8 + 1 + 3;
+        let table = 3 + 4 + 7 + 7 + 4 + 3;
+        let s = StoredHeader::new(&h);
+        assert_eq!(s.bytes(), 2 + "Fine".len() + text + table + BUFFER_COUNTS);
+        let (packed, _) = s.pack(&[Bytes::from_static(b"body")]);
+        for s in [&s, &packed] {
+            assert_eq!(fields_of(&s.to_response()), fields_of(&h));
+            let map = s.map(0, |_| true);
+            assert!(map["x-secret"].is_sensitive() && !map["x-custom"].is_sensitive());
+            assert_eq!(s.reason(), Some("Fine"));
+        }
+    }
+
     #[test]
     fn a_head_is_charged_for_its_text_and_offsets() {
         let mut known = ResponseHeader::build(200, None).unwrap();
@@ -791,9 +925,10 @@ mod tests {
             StoredHeader::new(&known).bytes(),
             StoredHeader::new(&custom).bytes(),
         );
-        // a name the http crate knows is a number in the table, another one text
-        assert_eq!(k, 6 + 8 + BUFFER_COUNTS);
-        assert_eq!(c, k + 4);
+        // a name the http crate knows is a number in the table, another one text and its
+        // length (a byte)
+        assert_eq!(k, 6 + 3 + BUFFER_COUNTS);
+        assert_eq!(c, k + 4 + 1);
         let s = StoredHeader::new(&custom);
         assert_eq!(s.names().collect::<Vec<_>>(), ["x-et"]);
         assert_eq!(StoredHeader::new(&known).names().collect::<Vec<_>>(), ["etag"]);
@@ -810,7 +945,7 @@ mod tests {
     fn a_head_keeps_its_entry_s_variance_between_the_url_and_the_reason() {
         let h = origin_head();
         let v = [9u8; 16];
-        let s = StoredHeader::for_entry(&h, "http://h/v", Some(v));
+        let s = StoredHeader::for_entry(&h, "http://h/v", Some(v), None);
         let plain = StoredHeader::with_url(&h, "http://h/v");
         assert_eq!((s.variance(), plain.variance()), (Some(v), None));
         assert_eq!((s.url(), s.reason()), ("http://h/v", Some("Partly")));
@@ -821,6 +956,35 @@ mod tests {
         assert_eq!(&packed.body()[..], b"body");
         assert_eq!((packed.variance(), packed.reason()), (Some(v), Some("Partly")));
         assert_eq!(fields_of(&packed.to_response()), fields_of(&h));
+    }
+
+    /// What `Age` counts from, when the origin sent one, is kept after the variance (8
+    /// bytes, only then), and the reason phrase and the fields are read from after it.
+    #[test]
+    fn a_head_keeps_the_epoch_of_its_age_after_the_variance() {
+        use std::time::{Duration, SystemTime};
+        let h = origin_head();
+        let v = [7u8; 16];
+        let epoch = Nanos::of(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789));
+        for variance in [None, Some(v)] {
+            let s = StoredHeader::for_entry(&h, "http://h/e", variance, Some(epoch));
+            let without = StoredHeader::for_entry(&h, "http://h/e", variance, None);
+            assert_eq!(
+                (s.epoch_override(), without.epoch_override()),
+                (Some(epoch), None)
+            );
+            assert_eq!((s.variance(), s.url()), (variance, "http://h/e"));
+            assert_eq!(s.reason(), Some("Partly"));
+            assert_eq!(fields_of(&s.to_response()), fields_of(&h));
+            assert_eq!(s.bytes(), without.bytes() + EPOCH_LEN);
+            let (packed, _) = s.pack(&[Bytes::from_static(b"body")]);
+            assert_eq!(
+                (packed.epoch_override(), packed.variance()),
+                (Some(epoch), variance)
+            );
+            assert_eq!(packed.reason(), Some("Partly"));
+            assert_eq!(fields_of(&packed.to_response()), fields_of(&h));
+        }
     }
 
     /// A reason phrase is kept only when it is not the status's canonical one, with its
@@ -880,7 +1044,7 @@ mod tests {
         );
         assert_eq!(fields_of(&s.to_response()), fields_of(&h));
         let text = "access-control-allow-credentials".len() + "true".len() + "\"x\"".len();
-        assert_eq!(s.bytes(), text + 2 * FIELD + BUFFER_COUNTS);
+        assert_eq!(s.bytes(), text + 4 + 3 + BUFFER_COUNTS);
     }
 
     #[test]

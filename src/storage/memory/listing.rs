@@ -124,7 +124,7 @@ impl MemoryStorage {
                     variance: variance.or(entry.meta.variance()),
                 };
                 if after.is_some_and(|a| key <= a)
-                    || entry.generation != generation
+                    || !entry.of_generation(generation)
                     || heap.len() > limit && heap.peek().is_some_and(|top| key >= top.0)
                     || !wanted(entry.url())
                 {
@@ -146,7 +146,7 @@ impl MemoryStorage {
                 url: Arc::from(e.url()),
                 variant: key.variance.as_ref().map(hex),
                 bytes: e.weight(),
-                epoch: e.meta.epoch_override.unwrap_or(e.meta.updated).get(),
+                epoch: e.meta.epoch().get(),
                 fresh_until: e.meta.fresh_until.get(),
                 hits: e.hits.load(Ordering::Relaxed),
                 tags: tags_of(&e.meta.header),

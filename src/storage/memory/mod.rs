@@ -83,6 +83,16 @@ impl Nanos {
     pub fn get(self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_nanos(self.0.get())
     }
+
+    /// The nanoseconds since the Unix epoch (never 0).
+    pub fn get_nanos(self) -> u64 {
+        self.0.get()
+    }
+
+    /// [`Self::get_nanos`]'s inverse: `None` for 0, which no `Nanos` is.
+    pub fn from_nanos(n: u64) -> Option<Nanos> {
+        std::num::NonZeroU64::new(n).map(Nanos)
+    }
 }
 
 /// [`CacheMeta`] kept as parts, so a hit rebuilds it without deserialising anything.
@@ -98,8 +108,6 @@ pub struct MetaParts {
     /// across refreshes. For the variant in a URL's primary slot it is the tombstone of the
     /// other variants: Pingora serves only those created after it.
     pub lineage: Nanos,
-    /// What `Age` counts from, if not `updated` (the origin's own age folded in).
-    pub epoch_override: Option<Nanos>,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     /// How long after `updated` (when its request left) the answer arrived, in ms (0 for a
@@ -127,14 +135,18 @@ impl MetaParts {
             updated: Nanos::of(meta.updated()),
             validated_by: crate::purge::corral_id(),
             lineage: Nanos::of(meta.provenance()),
-            epoch_override: meta.epoch_override().map(Nanos::of),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
             received_ms: meta.extensions().get::<Arrival>().map_or(0, |r| {
                 let after = r.at.duration_since(meta.updated()).unwrap_or_default();
                 u32::try_from(after.as_millis()).unwrap_or(u32::MAX)
             }),
-            header: StoredHeader::for_entry(meta.response_header(), url, meta.variance()),
+            header: StoredHeader::for_entry(
+                meta.response_header(),
+                url,
+                meta.variance(),
+                meta.epoch_override().map(Nanos::of),
+            ),
         }
     }
 
@@ -151,11 +163,17 @@ impl MetaParts {
             self.stale_if_error_sec,
             self.header.to_response(),
         );
-        meta.set_epoch_override(self.epoch_override.unwrap_or(self.updated).get());
+        meta.set_epoch_override(self.epoch().get());
         if let Some(v) = self.variance() {
             meta.set_variance_key(v);
         }
         meta
+    }
+
+    /// What `Age` counts from: the origin's own age folded into `updated`
+    /// ([`StoredHeader::epoch_override`]).
+    pub fn epoch(&self) -> Nanos {
+        self.header.epoch_override().unwrap_or(self.updated)
     }
 
     /// The variance of the response (Pingora keeps a URL's first variant in its primary slot,
@@ -176,7 +194,10 @@ struct Stored {
     /// instead of 24 keep the entry's `Arc` in the allocator's 144-byte size class. A fast hit
     /// on such an entry shares two buffers (two allocations), the head's and the body's.
     apart: Option<Box<Apart>>,
-    generation: u64,
+    /// The L1 generation it was stored under, its low 32 bits ([`Self::of_generation`]): with
+    /// the epoch in the head's buffer ([`StoredHeader::epoch_override`]), 4 bytes less keep
+    /// the entry's `Arc` in the allocator's 128-byte size class instead of 144.
+    generation: u32,
     /// Ban and tag records up to this sequence number were checked against this entry
     /// ([`crate::purge::Validity`]).
     checked: AtomicU64,
@@ -209,10 +230,22 @@ impl Stored {
                     tail: 0,
                 })
             }),
-            generation,
+            generation: generation as u32,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Whether it was stored under L1 generation `g`. Only the low 32 bits are kept: an entry
+    /// 2^32 clears old would pass, but every clear sweeps the entries of before it
+    /// ([`MemoryStorage::clear`]).
+    fn of_generation(&self, g: u64) -> bool {
+        self.generation == g as u32
+    }
+
+    /// Whether it was stored under a generation before `g` (up to 2^31 clears before).
+    fn before_generation(&self, g: u64) -> bool {
+        ((g as u32).wrapping_sub(self.generation) as i32) > 0
     }
 
     /// The body (shared, not copied).
@@ -371,7 +404,7 @@ impl FreshEntry {
 
     /// What `Age` counts from: the origin's own age is folded into the epoch.
     pub fn epoch(&self) -> SystemTime {
-        self.0.meta.epoch_override.unwrap_or(self.0.meta.updated).get()
+        self.0.meta.epoch().get()
     }
 
     /// Up to which purge record this entry was checked ([`crate::purge::Validity::check_marked`]).
@@ -693,15 +726,16 @@ impl MemoryStorage {
     /// The body is copied (with the head, [`StoredHeader::pack`]): from memcached it is a
     /// slice of the whole record (Pingora's serialised meta and header before it), which it
     /// would keep alive unseen by `memory_bytes`, as a fill's chunk would keep the
-    /// connection's read buffer.
-    pub fn insert(
+    /// connection's read buffer. Built on the builder thread, as a fill's entry
+    /// ([`build::build`]).
+    pub async fn insert(
         &self,
         key: &CacheKey,
         meta: MetaParts,
         body: Bytes,
         generation: u64,
     ) -> Option<(CompleteHit, usize)> {
-        let stored = Stored::new(meta, &[body], generation);
+        let stored = build::build(meta, vec![body], generation).await?;
         let hit = CompleteHit::of(&stored, true);
         let weight = self.commit(key.primary_bin(), key.variance_bin(), stored, None)?;
         Some((hit, weight))
@@ -829,7 +863,7 @@ impl MemoryStorage {
         let mut slots = self.table.entry(primary).or_default();
         // (checked under the row's lock: an invalidation records before it removes the row)
         let invalidated = self.invalidated_since(&primary, stored.meta.updated.get());
-        if stored.generation != self.generation() || invalidated {
+        if !stored.of_generation(self.generation()) || invalidated {
             drop(slots);
             match fill {
                 Some(id) => self.take_fill(primary, variance, id),
@@ -1053,7 +1087,11 @@ impl MemoryStorage {
             for primary in batch {
                 if let Some(mut slots) = self.table.get_mut(primary) {
                     for (variance, slot) in slots.iter_mut() {
-                        if slot.entry.as_ref().is_some_and(|e| e.generation < generation) {
+                        if slot
+                            .entry
+                            .as_ref()
+                            .is_some_and(|e| e.before_generation(generation))
+                        {
                             let e = slot.entry.take().expect("checked above");
                             self.account_remove(e.weight());
                             removed.push(compact(*primary, variance));
@@ -1077,7 +1115,7 @@ impl MemoryStorage {
     }
 
     fn current(&self, entry: &Arc<Stored>) -> bool {
-        entry.generation == self.generation.load(Ordering::Acquire)
+        entry.of_generation(self.generation.load(Ordering::Acquire))
     }
 
     /// Remove one variant; returns whether something was removed.
@@ -1113,6 +1151,7 @@ fn compact(primary: HashBinary, variance: Option<HashBinary>) -> CompactCacheKey
 }
 
 mod backend;
+mod build;
 mod fill;
 mod header;
 mod hit;

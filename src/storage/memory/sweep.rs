@@ -52,7 +52,7 @@ impl MemoryStorage {
         for row in self.table.iter() {
             for (variance, slot) in row.value().iter() {
                 let Some(e) = &slot.entry else { continue };
-                if e.generation == generation
+                if e.of_generation(generation)
                     && (e.checked.load(Ordering::Acquire) < upto || millis(e.meta.updated.get()) < floor)
                 {
                     todo.push((*row.key(), variance, e.clone()));

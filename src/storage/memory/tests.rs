@@ -78,7 +78,7 @@ async fn a_promoted_body_does_not_keep_its_record_alive() {
     let record = Bytes::from(vec![b'r'; 4096]);
     let body = record.slice(4000..4096);
     let parts = MetaParts::from_meta(&meta(60), "http://h/promoted");
-    assert!(S.insert(&key, parts, body, S.generation()).is_some());
+    assert!(S.insert(&key, parts, body, S.generation()).await.is_some());
     let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
     let got = hit.read_body().await.unwrap().unwrap();
     assert_eq!(&got[..], &[b'r'; 96][..]);
@@ -265,7 +265,8 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
     assert_eq!(value as usize, at, "the head follows the body in its buffer");
 
     // its bytes and the buffer's counts
-    let head = url.len() + "text/plain".len() + 8 + header::BUFFER_COUNTS;
+    // (a known name and a short value: 3 bytes of lengths)
+    let head = url.len() + "text/plain".len() + 3 + header::BUFFER_COUNTS;
     let (old, new, kept) = S.revalidate(&key, &revalidated(&m)).unwrap();
     assert_eq!(old, w);
     // the same fields again: only the old head, still in the body's buffer, is added
@@ -615,11 +616,13 @@ async fn an_invalidated_url_stores_nothing_validated_before_it() {
     let copy = MetaParts::from_meta(&validated(before), "http://h/posted");
     assert!(S
         .insert(&key, copy, Bytes::from_static(b"v2"), S.generation())
+        .await
         .is_none());
     // what was validated after it is stored
     let after = MetaParts::from_meta(&validated(at + Duration::from_millis(1)), "http://h/posted");
     assert!(S
         .insert(&key, after, Bytes::from_static(b"v3"), S.generation())
+        .await
         .is_some());
     let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
     assert_eq!(read_all(&mut hit).await.unwrap(), b"v3");
@@ -701,10 +704,12 @@ async fn a_clear_voids_the_fills_in_progress_and_not_the_later_ones() {
     let other = CacheKey::new("http://h/promoted", "");
     assert!(S
         .insert(&other, parts.clone(), Bytes::from_static(b"x"), before)
+        .await
         .is_none());
     assert!(S.lookup(&other, &trace).await.unwrap().is_none());
     assert!(S
         .insert(&other, parts, Bytes::from_static(b"x"), S.generation())
+        .await
         .is_some());
 
     // nor is a copy from before a clear refreshed by a 304 (in L1, nor then in memcached)
@@ -724,13 +729,14 @@ fn an_entry_keeps_its_bookkeeping_small() {
     use std::mem::size_of;
     assert_eq!(size_of::<Option<super::Nanos>>(), 8);
     assert_eq!(size_of::<StoredHeader>(), 32);
-    assert_eq!(size_of::<MetaParts>(), 88);
-    assert_eq!(size_of::<super::Stored>(), 120);
+    assert_eq!(size_of::<MetaParts>(), 80);
+    assert_eq!(size_of::<super::Stored>(), 104);
     // the `Arc`'s allocation, two counters and the entry, with glibc's 8-byte header, fits
-    // its 144-byte size class (it took 208 with the weight kept and the variance inline,
+    // its 128-byte size class (it took 208 with the weight kept and the variance inline,
     // which is now in the head's buffer, 192 with the body's own `Bytes`, now the head's,
-    // and 160 with the head's buffer a `Bytes`, now an `Arc<[u8]>`)
-    assert!(16 + size_of::<super::Stored>() + 8 <= 144);
+    // 160 with the head's buffer a `Bytes`, now an `Arc<[u8]>`, and 144 with the epoch of
+    // `Age` and a 64-bit generation in the entry)
+    assert!(16 + size_of::<super::Stored>() + 8 <= 128);
     assert_eq!(size_of::<super::Slot>(), 16);
     // a row: its key and its slots, the primary one inline (40 bytes in the table, 48 with
     // the slot's variance kept in it)
@@ -866,6 +872,22 @@ async fn the_fast_path_serves_a_url_whose_other_variants_went() {
     let trace = pingora_cache::trace::Span::inactive().handle();
     assert!(S.lookup(&variant, &trace).await.unwrap().is_some());
     assert!(S.lookup(&key, &trace).await.unwrap().is_none());
+}
+
+/// An entry keeps its generation's low 32 bits: it is of its own generation only, older
+/// than the next ones across the wrap of the 32 bits, and not older than its own or one
+/// before it.
+#[test]
+fn an_entry_s_generation_is_compared_across_the_wrap_of_its_32_bits() {
+    let parts = MetaParts::from_meta(&meta(60), "http://h/g");
+    for stored_at in [0u64, 7, u32::MAX as u64, (1 << 32) + 5, (3 << 32) - 1] {
+        let e = super::Stored::new(parts.clone(), &[Bytes::from_static(b"x")], stored_at);
+        assert!(e.of_generation(stored_at), "{stored_at}");
+        assert!(!e.of_generation(stored_at + 1) && !e.of_generation(stored_at.wrapping_sub(1)));
+        assert!(!e.before_generation(stored_at), "{stored_at}");
+        assert!(e.before_generation(stored_at + 1) && e.before_generation(stored_at + 1000));
+        assert!(!e.before_generation(stored_at.wrapping_sub(1)), "{stored_at}");
+    }
 }
 
 #[test]
