@@ -5,27 +5,69 @@
 //! served the fill, an entry's two allocations land among that request's short-lived ones
 //! (Pingora's session, the fill's chunks and head, the client's header map), and when those are
 //! freed they leave holes between entries that later requests do not fill: about 55 bytes an
-//! entry of free chunks of 32 to 256 bytes (`benches/memory.sh`, 200,000 small objects: 374
-//! bytes an entry beyond body and header built on the workers, 319 built here). On a thread of
-//! its own, entries lie next to entries. A fill waits for its entry (a round trip between
-//! threads, microseconds, once per miss); hits are not concerned.
+//! entry of free chunks of 32 to 256 bytes (`benches/memory.sh`, 200,000 small objects). On a
+//! thread of its own, entries lie next to entries. Nothing the worker allocated is freed on
+//! the builder thread ([`Job`], [`Built`]): glibc's per-thread cache of freed chunks would hand
+//! such a chunk to the next entry.
 //!
-//! Bodies over [`OFF_THREAD_MAX`] are built where they arrive: one thread copying them would
-//! hold up the fills behind it, and a buffer that large is placed apart from small chunks by
-//! the allocator anyway (from 128 KiB, a mapping of its own). If the thread cannot be started
-//! or is gone, entries are built where they arrive, as before.
+//! A fill, and a copy promoted from memcached (an L2 hit), waits for its entry: a round trip
+//! between threads, microseconds when a core is free; the fills of a busy machine queue
+//! behind each other there. L1 hits are not concerned. Bodies over [`OFF_THREAD_MAX`] are
+//! built where they arrive: one thread copying them would hold up the fills behind it, and a
+//! buffer that large is placed apart from small chunks by the allocator anyway (from 128 KiB,
+//! a mapping of its own). If the thread cannot be started or is gone, entries are built where
+//! they arrive, as before. With more threads than glibc has arenas (8 per core), the builder
+//! may share one with a worker.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
-use super::{MetaParts, Stored};
+use super::{MetaParts, Stored, StoredHeader};
 
 /// The largest body built on the builder thread ([`build`]).
 pub const OFF_THREAD_MAX: usize = 64 * 1024;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// An entry to build: its parts, and where it goes once built. Sent by value (in the
+/// channel's blocks of 4 KiB and more), not boxed: a box the size of an entry's `Arc`, freed on
+/// the builder thread, would be where glibc put the next entry (its per-thread cache of freed
+/// chunks does not look at which arena a chunk came from), among the worker's chunks again.
+struct Job {
+    meta: MetaParts,
+    body: Vec<Bytes>,
+    generation: u64,
+    done: tokio::sync::oneshot::Sender<Built>,
+}
+
+/// A built entry, and what the worker had allocated for it (the list of the body's chunks,
+/// which may hold the last share of a read buffer, and the head before it was packed with the
+/// body): freed back on the worker, for the same reason.
+struct Built {
+    stored: Arc<Stored>,
+    _leftovers: (Vec<Bytes>, StoredHeader),
+}
+
+impl Job {
+    fn run(self) {
+        let Job {
+            meta,
+            body,
+            generation,
+            done,
+        } = self;
+        #[cfg(test)]
+        assert_ne!(generation, tests::PANIC_GENERATION, "a job made to panic");
+        let (stored, head) = Stored::new_and_head(meta, &body, generation);
+        #[cfg(test)]
+        tests::built_on(&stored);
+        // (if the fill gave up waiting, all of it is freed here)
+        let _ = done.send(Built {
+            stored,
+            _leftovers: (body, head),
+        });
+    }
+}
 
 /// The builder thread's queue; `None` if the thread could not be started.
 static BUILDER: LazyLock<Option<Sender<Job>>> = LazyLock::new(|| {
@@ -36,7 +78,7 @@ static BUILDER: LazyLock<Option<Sender<Job>>> = LazyLock::new(|| {
             while let Ok(job) = rx.recv() {
                 // a job that panics fails its own fill (its answer is dropped), not the
                 // thread: the fills after it are still built here
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).is_err() {
                     tracing::error!("building an L1 entry panicked: that fill is not stored");
                 }
             }
@@ -59,22 +101,22 @@ pub(super) async fn build(meta: MetaParts, body: Vec<Bytes>, generation: u64) ->
         return Some(Stored::new(meta, &body, generation));
     };
     let (done, built) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let stored = Stored::new(meta, &body, generation);
-        #[cfg(test)]
-        tests::built_on(&stored);
-        // (dropped here if the fill gave up waiting: freed on this thread)
-        let _ = done.send(stored);
-    });
+    let job = Job {
+        meta,
+        body,
+        generation,
+        done,
+    };
     if let Err(std::sync::mpsc::SendError(job)) = builder.send(job) {
         // the thread is gone: built here
-        job();
+        job.run();
     }
-    built.await.ok()
+    // (the leftovers are dropped here, on the worker)
+    built.await.ok().map(|b| b.stored)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::{Duration, SystemTime};
 
     use pingora_cache::CacheMeta;
@@ -89,6 +131,11 @@ mod tests {
     pub(super) fn built_on(stored: &Stored) {
         let thread = std::thread::current().name().unwrap_or_default().to_string();
         BUILT_ON.lock().insert(stored.url().to_string(), thread);
+    }
+
+    /// Whether the entry of `url` was built on the builder thread.
+    pub(in crate::storage::memory) fn built_off_thread(url: &str) -> bool {
+        BUILT_ON.lock().get(url).map(String::as_str) == Some("corral-l1-build")
     }
 
     fn parts(url: &str) -> MetaParts {
@@ -122,17 +169,23 @@ mod tests {
         }
     }
 
+    /// A generation that makes a job panic ([`Job::run`]).
+    pub(super) const PANIC_GENERATION: u64 = u64::MAX;
+
     /// A job that panics on the builder thread fails alone: the thread goes on building.
     #[tokio::test]
     async fn a_panic_while_building_fails_that_entry_only() {
         let builder = BUILDER.as_ref().expect("the builder thread");
-        let (done, answer) = tokio::sync::oneshot::channel::<()>();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            meta: parts("http://h/panics"),
+            body: vec![Bytes::from_static(b"x")],
+            generation: PANIC_GENERATION,
+            done,
+        };
         builder
-            .send(Box::new(move || {
-                let _keep = done;
-                panic!("a job that panics");
-            }))
-            .unwrap();
+            .send(job)
+            .unwrap_or_else(|_| panic!("the builder is there"));
         assert!(answer.await.is_err(), "its answer is dropped");
         let stored = build(parts("http://h/after-panic"), vec![Bytes::from_static(b"x")], 1).await;
         assert_eq!(

@@ -88,8 +88,12 @@ impl Drop for MemoryMiss {
             return;
         }
         self.storage.fills.remove(&self.fill.id);
-        // the writer gave up: readers of this fill fail rather than see a truncated body
-        self.fill.state.send_replace(FillState::Aborted);
+        // the writer gave up: readers of this fill fail rather than see a truncated body. A
+        // body written to its end (its `finish` dropped while the entry was being built, the
+        // request gone) is whole: its readers read it to the end
+        if !matches!(*self.fill.state.borrow(), FillState::Done(_)) {
+            self.fill.state.send_replace(FillState::Aborted);
+        }
         self.storage.take_fill(self.primary, self.variance, self.fill.id);
     }
 }

@@ -915,6 +915,43 @@ mod tests {
         }
     }
 
+    /// The short form holds a value of up to 65,535 bytes and a name of up to 255; one more
+    /// takes the wide form, and each reads back whole.
+    #[test]
+    fn a_field_s_lengths_take_the_wide_form_from_64_kib_and_256_byte_names() {
+        let cases = [
+            ("etag".to_string(), 65_535, 3),
+            ("etag".to_string(), 65_536, 7),
+            (format!("x-{}", "n".repeat(253)), 1, 4),
+            (format!("x-{}", "n".repeat(254)), 1, 7),
+            (format!("x-{}", "n".repeat(253)), 65_536, 7),
+        ];
+        for (name, value_len, table) in cases {
+            let mut h = ResponseHeader::build(200, None).unwrap();
+            h.append_header(name.clone(), "v".repeat(value_len)).unwrap();
+            h.append_header("etag", "\"after\"").unwrap();
+            let s = StoredHeader::new(&h);
+            let text = if Field::known_text(&name) > 0 {
+                0
+            } else {
+                name.len()
+            } + value_len;
+            let after = "\"after\"".len() + 3;
+            assert_eq!(
+                s.bytes(),
+                text + table + after + BUFFER_COUNTS,
+                "{} {value_len}",
+                name.len()
+            );
+            assert_eq!(
+                fields_of(&s.to_response()),
+                fields_of(&h),
+                "{} {value_len}",
+                name.len()
+            );
+        }
+    }
+
     #[test]
     fn a_head_is_charged_for_its_text_and_offsets() {
         let mut known = ResponseHeader::build(200, None).unwrap();

@@ -218,10 +218,16 @@ struct Apart {
 impl Stored {
     /// A new entry, its body given as chunks: the body and the head are copied into one
     /// buffer ([`StoredHeader::pack`]).
-    fn new(mut meta: MetaParts, body: &[Bytes], generation: u64) -> Arc<Stored> {
+    fn new(meta: MetaParts, body: &[Bytes], generation: u64) -> Arc<Stored> {
+        Self::new_and_head(meta, body, generation).0
+    }
+
+    /// [`Self::new`], and the head it was given (not packed with the body), for the caller to
+    /// free where it should be ([`build`]).
+    fn new_and_head(mut meta: MetaParts, body: &[Bytes], generation: u64) -> (Arc<Stored>, StoredHeader) {
         let (header, apart) = meta.header.pack(body);
-        meta.header = header;
-        Arc::new(Stored {
+        let given = std::mem::replace(&mut meta.header, header);
+        let stored = Arc::new(Stored {
             meta,
             apart: apart.map(|buf| {
                 Box::new(Apart {
@@ -233,7 +239,8 @@ impl Stored {
             generation: generation as u32,
             checked: AtomicU64::new(0),
             hits: std::sync::atomic::AtomicU32::new(0),
-        })
+        });
+        (stored, given)
     }
 
     /// Whether it was stored under L1 generation `g`. Only the low 32 bits are kept: an entry

@@ -890,6 +890,47 @@ fn an_entry_s_generation_is_compared_across_the_wrap_of_its_32_bits() {
     }
 }
 
+/// A fill's entry and a copy promoted from memcached are built on the builder thread
+/// ([`super::build`]), not on the worker that stored them.
+#[tokio::test]
+async fn fills_and_promoted_copies_are_built_on_the_builder_thread() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let filled = CacheKey::new("http://h/built-fill", "");
+    fill(&S, &filled, &["a", "b"]).await;
+    assert!(super::build::tests::built_off_thread("http://h/built-fill"));
+    let promoted = CacheKey::new("http://h/built-copy", "");
+    let parts = MetaParts::from_meta(&meta(60), "http://h/built-copy");
+    assert!(S
+        .insert(&promoted, parts, Bytes::from_static(b"c"), S.generation())
+        .await
+        .is_some());
+    assert!(super::build::tests::built_off_thread("http://h/built-copy"));
+}
+
+/// A miss handler dropped after its body's end was written (its `finish` dropped while the
+/// entry was being built on the builder thread) leaves its readers a whole body, not an error;
+/// nothing is stored. One dropped before the end fails its readers.
+#[tokio::test]
+async fn a_fill_dropped_after_its_end_was_written_is_read_to_the_end() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/whole", "");
+    let mut miss = S.get_miss_handler(&key, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"who"), false).await.unwrap();
+    miss.write_body(Bytes::from_static(b"le"), true).await.unwrap();
+    let (_, mut reader) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    drop(miss);
+    assert_eq!(read_all(&mut reader).await.unwrap(), b"whole");
+    assert!(S.lookup(&key, &trace).await.unwrap().is_none(), "not stored");
+
+    let cut = CacheKey::new("http://h/cut", "");
+    let mut miss = S.get_miss_handler(&cut, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"par"), false).await.unwrap();
+    let (_, mut reader) = S.lookup(&cut, &trace).await.unwrap().unwrap();
+    drop(miss);
+    assert!(read_all(&mut reader).await.is_err(), "a truncated body fails");
+}
+
 #[test]
 fn a_time_kept_in_8_bytes_comes_back_exact() {
     let now = SystemTime::now();
