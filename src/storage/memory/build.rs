@@ -24,47 +24,66 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
-use super::{MetaParts, Stored, StoredHeader};
+use super::{Fill, MetaParts, Stored, StoredHeader};
 
 /// The largest body built on the builder thread ([`build`]).
 pub const OFF_THREAD_MAX: usize = 64 * 1024;
 
-/// An entry to build: its parts, and where it goes once built. Sent by value (in the
-/// channel's blocks of 4 KiB and more), not boxed: a box the size of an entry's `Arc`, freed on
-/// the builder thread, would be where glibc put the next entry (its per-thread cache of freed
-/// chunks does not look at which arena a chunk came from), among the worker's chunks again.
+/// An entry to build: what it is made of, and where it goes once built. Sent by value (in
+/// the channel's blocks of 4 KiB and more), not boxed: a box the size of an entry's `Arc`,
+/// freed on the builder thread, would be where glibc put the next entry (its per-thread cache
+/// of freed chunks does not look at which arena a chunk came from), among the worker's chunks
+/// again.
 struct Job {
-    meta: MetaParts,
-    body: Vec<Bytes>,
+    source: Source,
     generation: u64,
     done: tokio::sync::oneshot::Sender<Built>,
 }
 
-/// A built entry, and what the worker had allocated for it (the list of the body's chunks,
-/// which may hold the last share of a read buffer, and the head before it was packed with the
-/// body): freed back on the worker, for the same reason.
+/// What an entry is built from.
+enum Source {
+    /// A fill: its head and chunks are read where they are, under the fill's lock (no list
+    /// of the chunks made for the job; the head stays the fill's, freed with it).
+    Fill(Arc<Fill>),
+    /// A head and a body given (a copy promoted from memcached).
+    Parts(MetaParts, Vec<Bytes>),
+}
+
+/// A built entry, and what the worker had allocated for a copy (its body, a slice of the
+/// record read from memcached, and its head before it was packed with the body): freed back
+/// on the worker, for the same reason.
 struct Built {
     stored: Arc<Stored>,
-    _leftovers: (Vec<Bytes>, StoredHeader),
+    _leftovers: Option<(Vec<Bytes>, StoredHeader)>,
 }
 
 impl Job {
     fn run(self) {
         let Job {
-            meta,
-            body,
+            source,
             generation,
             done,
         } = self;
         #[cfg(test)]
         assert_ne!(generation, tests::PANIC_GENERATION, "a job made to panic");
-        let (stored, head) = Stored::new_and_head(meta, &body, generation);
+        let (stored, leftovers) = match source {
+            Source::Fill(fill) => {
+                let chunks = fill.chunks.lock();
+                // (the head given is the fill's, shared: dropping it frees nothing)
+                let (stored, _) = Stored::new_and_head(fill.meta.clone(), &chunks, generation);
+                (stored, None)
+            }
+            Source::Parts(meta, body) => {
+                let (stored, head) = Stored::new_and_head(meta, &body, generation);
+                (stored, Some((body, head)))
+            }
+        };
         #[cfg(test)]
         tests::built_on(&stored);
         // (if the fill gave up waiting, all of it is freed here)
         let _ = done.send(Built {
             stored,
-            _leftovers: (body, head),
+            _leftovers: leftovers,
         });
     }
 }
@@ -92,18 +111,31 @@ static BUILDER: LazyLock<Option<Sender<Job>>> = LazyLock::new(|| {
     }
 });
 
-/// [`Stored::new`], on the builder thread for a body up to [`OFF_THREAD_MAX`] bytes. `None`
-/// if building it panicked (the fill is then not stored).
+/// A copy's entry ([`Stored::new`]), on the builder thread for a body up to
+/// [`OFF_THREAD_MAX`] bytes. `None` if building it panicked (it is then not stored).
 pub(super) async fn build(meta: MetaParts, body: Vec<Bytes>, generation: u64) -> Option<Arc<Stored>> {
     let len: usize = body.iter().map(Bytes::len).sum();
-    let builder = BUILDER.as_ref().filter(|_| len <= OFF_THREAD_MAX);
-    let Some(builder) = builder else {
+    let Some(builder) = BUILDER.as_ref().filter(|_| len <= OFF_THREAD_MAX) else {
         return Some(Stored::new(meta, &body, generation));
     };
+    off_thread(builder, Source::Parts(meta, body), generation).await
+}
+
+/// A fill's entry, from its head and its chunks as they are now ([`build`]).
+pub(super) async fn build_fill(fill: &Arc<Fill>, generation: u64) -> Option<Arc<Stored>> {
+    let len: usize = fill.chunks.lock().iter().map(Bytes::len).sum();
+    let Some(builder) = BUILDER.as_ref().filter(|_| len <= OFF_THREAD_MAX) else {
+        let chunks = fill.chunks.lock();
+        return Some(Stored::new(fill.meta.clone(), &chunks, generation));
+    };
+    off_thread(builder, Source::Fill(Arc::clone(fill)), generation).await
+}
+
+/// Build on the builder thread (here if it is gone) and wait for the entry.
+async fn off_thread(builder: &Sender<Job>, source: Source, generation: u64) -> Option<Arc<Stored>> {
     let (done, built) = tokio::sync::oneshot::channel();
     let job = Job {
-        meta,
-        body,
+        source,
         generation,
         done,
     };
@@ -111,7 +143,7 @@ pub(super) async fn build(meta: MetaParts, body: Vec<Bytes>, generation: u64) ->
         // the thread is gone: built here
         job.run();
     }
-    // (the leftovers are dropped here, on the worker)
+    // (a copy's leftovers are dropped here, on the worker)
     built.await.ok().map(|b| b.stored)
 }
 
@@ -178,8 +210,7 @@ pub(super) mod tests {
         let builder = BUILDER.as_ref().expect("the builder thread");
         let (done, answer) = tokio::sync::oneshot::channel();
         let job = Job {
-            meta: parts("http://h/panics"),
-            body: vec![Bytes::from_static(b"x")],
+            source: Source::Parts(parts("http://h/panics"), vec![Bytes::from_static(b"x")]),
             generation: PANIC_GENERATION,
             done,
         };

@@ -46,9 +46,7 @@ impl HandleMiss for MemoryMiss {
         let committed = if self.fill.generation == self.storage.generation() {
             // built on a thread of its own (`build`), away from the requests' short-lived
             // allocations
-            let chunks = self.fill.chunks.lock().clone();
-            let meta = self.fill.meta.clone();
-            match super::build::build(meta, chunks, self.fill.generation).await {
+            match super::build::build_fill(&self.fill, self.fill.generation).await {
                 Some(stored) => self
                     .storage
                     .commit(self.primary, self.variance, stored, Some(self.fill.id)),
