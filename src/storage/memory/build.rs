@@ -6,9 +6,11 @@
 //! (Pingora's session, the fill's chunks and head, the client's header map), and when those are
 //! freed they leave holes between entries that later requests do not fill: about 55 bytes an
 //! entry of free chunks of 32 to 256 bytes (`benches/memory.sh`, 200,000 small objects). On a
-//! thread of its own, entries lie next to entries. Nothing the worker allocated is freed on
-//! the builder thread ([`Job`], [`Built`]): glibc's per-thread cache of freed chunks would hand
-//! such a chunk to the next entry.
+//! thread of its own, entries lie next to entries. What the worker allocated for a job is
+//! freed on the worker ([`Job`], [`Built`]): glibc's per-thread cache of freed chunks would
+//! hand such a chunk freed on the builder to the next entry. (Not when the fill gave up
+//! waiting, or a job failed: then the builder frees what it was sent.) Entries made on the
+//! workers still: a 304's and a soft purge's new `Arc` around the same buffer.
 //!
 //! A fill, and a copy promoted from memcached (an L2 hit), waits for its entry: a round trip
 //! between threads, microseconds when a core is free; the fills of a busy machine queue
@@ -51,11 +53,15 @@ enum Source {
 
 /// A built entry, and what the worker had allocated for a copy (its body, a slice of the
 /// record read from memcached, and its head before it was packed with the body): freed back
-/// on the worker, for the same reason.
+/// on the worker, for the same reason. The leftovers are boxed on the builder (freed on the
+/// worker: the harmless way), so that the reply is small: the channel's shared block, which
+/// the builder may be the last to drop, is then far from an entry's size classes.
 struct Built {
     stored: Arc<Stored>,
-    _leftovers: Option<(Vec<Bytes>, StoredHeader)>,
+    _leftovers: Option<Box<(Vec<Bytes>, StoredHeader)>>,
 }
+
+const _: () = assert!(std::mem::size_of::<Built>() <= 16, "the reply stays small");
 
 impl Job {
     fn run(self) {
@@ -68,14 +74,16 @@ impl Job {
         assert_ne!(generation, tests::PANIC_GENERATION, "a job made to panic");
         let (stored, leftovers) = match source {
             Source::Fill(fill) => {
-                let chunks = fill.chunks.lock();
+                // the list of its chunks copied under the fill's lock (allocated and freed
+                // here), the body outside it: its readers are not held up by the copy
+                let chunks = fill.chunks.lock().clone();
                 // (the head given is the fill's, shared: dropping it frees nothing)
                 let (stored, _) = Stored::new_and_head(fill.meta.clone(), &chunks, generation);
                 (stored, None)
             }
             Source::Parts(meta, body) => {
                 let (stored, head) = Stored::new_and_head(meta, &body, generation);
-                (stored, Some((body, head)))
+                (stored, Some(Box::new((body, head))))
             }
         };
         #[cfg(test)]
@@ -125,7 +133,8 @@ pub(super) async fn build(meta: MetaParts, body: Vec<Bytes>, generation: u64) ->
 pub(super) async fn build_fill(fill: &Arc<Fill>, generation: u64) -> Option<Arc<Stored>> {
     let len: usize = fill.chunks.lock().iter().map(Bytes::len).sum();
     let Some(builder) = BUILDER.as_ref().filter(|_| len <= OFF_THREAD_MAX) else {
-        let chunks = fill.chunks.lock();
+        // the list copied under the lock, the body (up to `max_object_bytes`) outside it
+        let chunks = fill.chunks.lock().clone();
         return Some(Stored::new(fill.meta.clone(), &chunks, generation));
     };
     off_thread(builder, Source::Fill(Arc::clone(fill)), generation).await

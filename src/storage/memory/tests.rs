@@ -922,6 +922,21 @@ async fn a_fill_dropped_after_its_end_was_written_is_read_to_the_end() {
     drop(miss);
     assert_eq!(read_all(&mut reader).await.unwrap(), b"whole");
     assert!(S.lookup(&key, &trace).await.unwrap().is_none(), "not stored");
+    assert!(S.fills.is_empty(), "no fill left in progress");
+
+    // a `finish` dropped while its entry is built (polled once: its job sent): the readers
+    // read the whole body, and no fill is left, whether or not the entry was stored first
+    let built = CacheKey::new("http://h/cancelled", "");
+    let mut miss = S.get_miss_handler(&built, &meta(60), &trace).await.unwrap();
+    miss.write_body(Bytes::from_static(b"all of it"), true)
+        .await
+        .unwrap();
+    let (_, mut reader) = S.lookup(&built, &trace).await.unwrap().unwrap();
+    let mut finish = miss.finish();
+    let _ = futures::poll!(&mut finish);
+    drop(finish);
+    assert_eq!(read_all(&mut reader).await.unwrap(), b"all of it");
+    assert!(S.fills.is_empty(), "no fill left in progress");
 
     let cut = CacheKey::new("http://h/cut", "");
     let mut miss = S.get_miss_handler(&cut, &meta(60), &trace).await.unwrap();
@@ -929,6 +944,21 @@ async fn a_fill_dropped_after_its_end_was_written_is_read_to_the_end() {
     let (_, mut reader) = S.lookup(&cut, &trace).await.unwrap().unwrap();
     drop(miss);
     assert!(read_all(&mut reader).await.is_err(), "a truncated body fails");
+    assert!(S.fills.is_empty());
+}
+
+/// A body over the builder's limit is built where it arrives, whole, and served.
+#[tokio::test]
+async fn a_fill_over_the_builder_s_limit_is_stored_whole() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let key = CacheKey::new("http://h/large", "");
+    let half = "x".repeat(super::build::OFF_THREAD_MAX / 2 + 1);
+    let half: &'static str = Box::leak(half.into_boxed_str());
+    fill(&S, &key, &[half, half]).await;
+    assert!(!super::build::tests::built_off_thread("http://h/large"));
+    let (_, mut hit) = S.lookup(&key, &trace).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut hit).await.unwrap().len(), 2 * half.len());
 }
 
 #[test]
