@@ -44,8 +44,9 @@ struct Job {
 
 /// What an entry is built from.
 enum Source {
-    /// A fill: its head and chunks are read where they are, under the fill's lock (no list
-    /// of the chunks made for the job; the head stays the fill's, freed with it).
+    /// A fill: its head and chunks are read where they are, on the builder (the list of its
+    /// chunks cloned there under the fill's lock, the body copied outside it; the head stays
+    /// the fill's, freed with it).
     Fill(Arc<Fill>),
     /// A head and a body given (a copy promoted from memcached).
     Parts(MetaParts, Vec<Bytes>),

@@ -908,8 +908,9 @@ async fn fills_and_promoted_copies_are_built_on_the_builder_thread() {
 }
 
 /// A miss handler dropped after its body's end was written (its `finish` dropped while the
-/// entry was being built on the builder thread) leaves its readers a whole body, not an error;
-/// nothing is stored. One dropped before the end fails its readers.
+/// entry was being built on the builder thread) leaves its readers a whole body, not an error,
+/// and no fill in progress; dropped before `finish`, nothing is stored. One dropped before the
+/// end fails its readers.
 #[tokio::test]
 async fn a_fill_dropped_after_its_end_was_written_is_read_to_the_end() {
     static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
