@@ -67,8 +67,13 @@ async fn counter(proxy: &Proxy, series: &str) -> f64 {
 
 /// `GET /bus` on the admin listener of `proxy`: the text, and its JSON.
 async fn bus_status(proxy: &Proxy) -> (String, serde_json::Value) {
+    admin_json(proxy, "/bus").await
+}
+
+/// `GET path` on the admin listener of `proxy`: the text, and its JSON.
+async fn admin_json(proxy: &Proxy, path: &str) -> (String, serde_json::Value) {
     let text = client()
-        .get(format!("http://{}/bus", proxy.admin))
+        .get(format!("http://{}{path}", proxy.admin))
         .send()
         .await
         .unwrap()
@@ -77,6 +82,30 @@ async fn bus_status(proxy: &Proxy) -> (String, serde_json::Value) {
         .unwrap();
     let v = serde_json::from_str(&text).unwrap();
     (text, v)
+}
+
+/// The relays of a purge from another site that `corrals` counted with `result`, in all.
+async fn relays(corrals: &[&Proxy], result: &str) -> f64 {
+    let series = format!("corral_purge_relays_total{{result=\"{result}\"}}");
+    let mut sum = 0.0;
+    for p in corrals {
+        sum += counter(p, &series).await;
+    }
+    sum
+}
+
+/// `path`, filled through `filler` into its memcached, is served by `reader` (which shares
+/// that memcached) from there, then from its L1.
+async fn served_from_memcached(filler: &Proxy, reader: &Proxy, path: &str) {
+    let first = get(filler, path).await.body;
+    assert!(first.ends_with("#1"), "{path}: {first}");
+    eventually(
+        Duration::from_secs(5),
+        "the reader takes the filler's copy from memcached",
+        || async { get(reader, path).await.cache.ends_with("detail=l2") },
+    )
+    .await;
+    assert!(get(reader, path).await.cache.starts_with("corral; hit"), "{path}");
 }
 
 /// Wait until the bus of `proxy` is connected (its queue declared and consumed).
@@ -380,15 +409,7 @@ async fn a_purge_from_another_site_reaches_that_sites_memcached() {
     // site 2's memcached holds both pages; P (site 2, not on the bus) took them from it
     let p = Proxy::start_on(loopback(), origin.addr, Conf::default().servers(&[&mc2])).await;
     for path in &paths {
-        let first = get(&b, path).await.body;
-        assert!(first.ends_with("#1"), "{path}: {first}");
-        eventually(
-            Duration::from_secs(5),
-            "P takes B's copy from memcached",
-            || async { get(&p, path).await.cache.ends_with("detail=l2") },
-        )
-        .await;
-        assert!(get(&p, path).await.cache.starts_with("corral; hit"), "{path}");
+        served_from_memcached(&b, &p, path).await;
     }
     assert_eq!(purge(&a, &paths[0]).await.status, 200);
     let ban = send(
@@ -397,13 +418,8 @@ async fn a_purge_from_another_site_reaches_that_sites_memcached() {
     )
     .await;
     assert_eq!(ban.status, 200);
-    let relays = |result: &'static str| {
-        let (b, b2) = (&b, &b2);
-        async move {
-            let series = format!("corral_purge_relays_total{{result=\"{result}\"}}");
-            counter(b, &series).await + counter(b2, &series).await
-        }
-    };
+    let site2 = [&b, &b2];
+    let relays = |result: &'static str| relays(&site2, result);
     eventually(
         Duration::from_secs(20),
         "both purges written to site 2's memcached, once each",
@@ -499,23 +515,9 @@ async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_o
     }
     // P (site 2, not on the bus) serves B's copy from site 2's memcached
     let p = Proxy::start_on(loopback(), origin.addr, Conf::default().servers(&[&mc2])).await;
-    assert!(get(&b, &path).await.body.ends_with("#1"));
-    eventually(
-        Duration::from_secs(5),
-        "P takes B's copy from memcached",
-        || async { get(&p, &path).await.cache.ends_with("detail=l2") },
-    )
-    .await;
+    served_from_memcached(&b, &p, &path).await;
     // A's next message: its id, and the number after those it published
-    let peers: serde_json::Value = client()
-        .get(format!("http://{}/peers", a.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .map(|t| serde_json::from_str(&t).unwrap())
-        .unwrap();
+    let (_, peers) = admin_json(&a, "/peers").await;
     let (id, published) = (
         peers["corral"].as_u64().unwrap(),
         peers["published"].as_u64().unwrap(),
@@ -527,13 +529,8 @@ async fn a_relay_claimed_by_a_corral_that_stopped_is_written_by_another_corral_o
         .await;
     assert_eq!(claimed, "STORED\r\n");
     assert_eq!(purge(&a, &path).await.status, 200);
-    let relays = |result: &'static str| {
-        let (b, b2) = (&b, &b2);
-        async move {
-            let series = format!("corral_purge_relays_total{{result=\"{result}\"}}");
-            counter(b, &series).await + counter(b2, &series).await
-        }
-    };
+    let site2 = [&b, &b2];
+    let relays = |result: &'static str| relays(&site2, result);
     eventually(
         Duration::from_secs(5),
         "both corrals of site 2 apply it",
