@@ -210,19 +210,51 @@ pub fn request_path_and_query(req: &RequestHeader) -> &str {
 /// make the same text. Requests with such hosts are refused earlier ([`request_host`]);
 /// this holds for every other caller too (purges, config).
 pub fn primary(host: &str, path_and_query: &str) -> String {
-    let mut s = String::with_capacity(SCHEME.len() + 3 + host.len() + path_and_query.len());
-    s.push_str(SCHEME);
-    s.push_str("://");
-    for b in host.bytes() {
+    let mut s = Vec::with_capacity(SCHEME.len() + 3 + host.len() + path_and_query.len());
+    primary_pieces(host, path_and_query, |piece| s.extend_from_slice(piece));
+    String::from_utf8(s).expect("pieces of str and ASCII escapes")
+}
+
+/// The hash of [`primary`]`(host, path_and_query)`, as [`for_parts`] sets it: the text put
+/// together on the stack when it fits 512 bytes (the fast hit path's lookup needs the hash
+/// alone, not a key's heap copy of the text).
+pub fn primary_hash(host: &str, path_and_query: &str) -> HashBinary {
+    let mut buf = [0u8; 512];
+    let mut len = 0;
+    let mut fits = true;
+    primary_pieces(host, path_and_query, |piece| {
+        match buf.get_mut(len..len + piece.len()) {
+            Some(to) if fits => {
+                to.copy_from_slice(piece);
+                len += piece.len();
+            }
+            _ => fits = false,
+        }
+    });
+    if fits {
+        pingora_cache::key::hash_key(&buf[..len])
+    } else {
+        pingora_cache::key::hash_key(primary(host, path_and_query))
+    }
+}
+
+/// The bytes of [`primary`], in pieces: each a slice of the `str`s given or an ASCII escape.
+fn primary_pieces(host: &str, path_and_query: &str, mut out: impl FnMut(&[u8])) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out(SCHEME.as_bytes());
+    out(b"://");
+    let bytes = host.as_bytes();
+    let mut plain_from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
         let plain = (unreserved_or_sub_delim(b) && b != b'*') || matches!(b, b':' | b'[' | b']');
-        if plain {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("%{b:02X}"));
+        if !plain {
+            out(&bytes[plain_from..i]);
+            out(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+            plain_from = i + 1;
         }
     }
-    s.push_str(path_and_query);
-    s
+    out(&bytes[plain_from..]);
+    out(path_and_query.as_bytes());
 }
 
 /// The cache key of a request (no variance yet: Pingora adds it after the first lookup).
@@ -235,6 +267,13 @@ pub fn for_request(req: &RequestHeader) -> Result<CacheKey, BadHost> {
 /// working the host out again.
 pub fn for_parts(host: &str, path_and_query: &str) -> CacheKey {
     with_hash(primary(host, path_and_query))
+}
+
+/// [`for_parts`] when its hash is known ([`primary_hash`]).
+pub fn for_parts_hashed(host: &str, path_and_query: &str, hash: HashBinary) -> CacheKey {
+    let mut key = CacheKey::new(primary(host, path_and_query), "");
+    key.set_primary_bin_override(hash);
+    key
 }
 
 /// The cache key of a URL given as host and path (purges, RFC 9111 §4.4 invalidation).
@@ -520,6 +559,29 @@ mod tests {
         assert_ne!(primary("a*", "/"), primary("a", "*/"));
         assert_ne!(primary("a%2F", "/x"), primary("a/", "/x"));
         assert_eq!(primary("victim.test", "/evil/x"), "http://victim.test/evil/x");
+        assert_eq!(primary("a/b*c%é:80", "/x?y"), "http://a%2Fb%2Ac%25%C3%A9:80/x?y");
+    }
+
+    #[test]
+    fn the_primary_hash_is_that_of_the_key_text_whatever_its_length() {
+        let long = format!("/{}", "p".repeat(600));
+        for (host, path) in [
+            ("site.test", "/x?y=1"),
+            ("a/b*c%é", "/"),
+            ("site.test", long.as_str()),
+            ("h".repeat(504).as_str(), "/"), // 512 bytes: on the stack
+            ("h".repeat(505).as_str(), "/"), // 513: on the heap
+        ] {
+            let key = for_parts(host, path);
+            assert_eq!(primary_hash(host, path), key.primary_bin(), "{host} {path}");
+            assert_eq!(
+                pingora_cache::key::hash_key(primary(host, path)),
+                key.primary_bin()
+            );
+            let hashed = for_parts_hashed(host, path, primary_hash(host, path));
+            assert_eq!(hashed.primary_bin(), key.primary_bin());
+            assert_eq!(hashed.primary_key_str(), key.primary_key_str());
+        }
     }
 
     proptest::proptest! {

@@ -1,6 +1,7 @@
 //! What corral writes into responses itself: `Cache-Status` (RFC 9211), the last touches of
 //! every header, its own error answers and JSON bodies.
 
+use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -97,8 +98,37 @@ impl Corral {
 }
 
 pub(super) fn cache_status_value(status: &CacheStatus) -> Result<HeaderValue> {
-    HeaderValue::from_maybe_shared(Bytes::from(status.header_value()))
-        .map_err(|_| Error::explain(ErrorType::InternalError, "invalid cache-status"))
+    status
+        .field_value()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "invalid cache-status"))
+}
+
+/// Every number below 10,000 written out one after the other (`0123…99989999`, 38,890
+/// bytes, made once): an `Age` below that is a slice of it.
+static NUMBERS: LazyLock<&'static str> = LazyLock::new(|| {
+    let mut all = String::with_capacity(38_890);
+    let mut number = itoa::Buffer::new();
+    for n in 0..10_000u32 {
+        all.push_str(number.format(n));
+    }
+    Box::leak(all.into_boxed_str())
+});
+
+/// The value of an `Age` field: below 10,000 seconds a static slice of [`NUMBERS`], with no
+/// allocation (the fast hit path writes one per hit); above, a value of its own.
+pub(super) fn age_value(age: u64) -> HeaderValue {
+    let (start, len) = match age {
+        0..=9 => (age, 1),
+        10..=99 => (10 + (age - 10) * 2, 2),
+        100..=999 => (190 + (age - 100) * 3, 3),
+        1000..=9999 => (2890 + (age - 1000) * 4, 4),
+        _ => return age.into(),
+    };
+    let numbers: &'static str = &NUMBERS;
+    match numbers.get(start as usize..(start + len) as usize) {
+        Some(digits) => HeaderValue::from_static(digits),
+        None => age.into(),
+    }
 }
 
 /// Remaining freshness in whole seconds, negative when stale.
@@ -122,6 +152,18 @@ pub(super) async fn respond_json(session: &mut Session, status: StatusCode, body
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_age_value_is_its_number_written_out() {
+        for age in (0..=10_001).chain([59_999, u64::from(u32::MAX), u64::MAX]) {
+            assert_eq!(
+                age_value(age).to_str().ok(),
+                Some(age.to_string().as_str()),
+                "{age}"
+            );
+        }
+        assert_eq!(NUMBERS.len(), 38_890);
+    }
 
     #[test]
     fn ttl_is_negative_when_stale() {

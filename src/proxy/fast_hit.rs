@@ -5,10 +5,11 @@ use std::time::SystemTime;
 
 use http::{header, Method};
 use pingora_cache::eviction::EvictionManager;
-use pingora_cache::CacheKey;
+use pingora_cache::key::{CompactCacheKey, HashBinary};
 use pingora_error::Result;
 use pingora_proxy::Session;
 
+use super::answer::age_value;
 use super::headers::wire_fields;
 use super::{cache_status_value, Corral, Ctx, CACHE_STATUS};
 use crate::cache_status::{CacheStatus, Outcome};
@@ -29,14 +30,22 @@ impl Corral {
             return Ok(false);
         }
         let head = session.req_header().method == Method::HEAD;
-        let key = key::for_parts(&ctx.host, &ctx.path);
-        let now = SystemTime::now();
-        let Some(entry) = self.fast_entry(&key, ctx, now) else {
-            ctx.key = Some(key);
+        // the hash alone: the key's own copy of its text is built only for the full path
+        let hash = key::primary_hash(&ctx.host, &ctx.path);
+        // the request's arrival, read a moment ago (`new_ctx`, after its head was read): the
+        // time a response is judged fresh at (RFC 9111 §4.2), one clock read fewer per hit
+        let now = ctx.arrived;
+        let Some(entry) = self.fast_entry(&hash, ctx, now) else {
+            ctx.key = Some(key::for_parts_hashed(&ctx.host, &ctx.path, hash));
             return Ok(false);
         };
         // a hit keeps the entry in the LRU, as Pingora's hit path does
-        let lru_key = pingora_cache::eviction::CacheEntryKey::from_entry_id(key.to_compact(), None);
+        let compact = CompactCacheKey {
+            primary: hash,
+            variance: None,
+            user_tag: Box::default(),
+        };
+        let lru_key = pingora_cache::eviction::CacheEntryKey::from_entry_id(compact, None);
         self.parts
             .eviction
             .access(&lru_key, entry.weight(), entry.fresh_until());
@@ -49,7 +58,7 @@ impl Corral {
         let shared = entry.header().shared();
         let mut fields = wire_fields(entry.header(), &shared, strip, targeted);
         let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
-        fields.insert(header::AGE, age.into());
+        fields.insert(header::AGE, age_value(age));
         let mut status = CacheStatus::new(Outcome::Hit);
         status.ttl = Some(
             entry
@@ -75,8 +84,8 @@ impl Corral {
     /// [`crate::storage::memory::MemoryStorage::fresh_plain`]), framed by `Content-Length` (Pingora frames the others),
     /// and valid against every purge record. Otherwise `None`: the full path then decides,
     /// and applies a purge verdict (a miss, or stale while one request revalidates).
-    fn fast_entry(&self, key: &CacheKey, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
-        let entry = self.parts.storage.l1.fresh_plain(key, now)?;
+    fn fast_entry(&self, primary: &HashBinary, ctx: &Ctx, now: SystemTime) -> Option<FreshEntry> {
+        let entry = self.parts.storage.l1.fresh_plain(primary, now)?;
         if !entry.header().has_length() {
             return None;
         }

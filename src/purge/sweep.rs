@@ -173,16 +173,16 @@ mod tests {
         assert!(!eviction.access(&hit_item, weight, now));
         assert!(!eviction.peek(&pushed_item), "pushed out of the manager");
         assert!(
-            l1.fresh_plain(&pushed, now).is_some(),
+            l1.fresh_plain(&pushed.primary_bin(), now).is_some(),
             "still in L1 before the pass"
         );
 
         Sweeper::new(parts.storage, Duration::from_secs(1)).pass().await;
         assert!(
-            l1.fresh_plain(&pushed, now).is_none(),
+            l1.fresh_plain(&pushed.primary_bin(), now).is_none(),
             "taken out of L1 by the pass"
         );
-        assert!(l1.fresh_plain(&hit, now).is_some());
+        assert!(l1.fresh_plain(&hit.primary_bin(), now).is_some());
         assert!(eviction.peek(&hit_item));
         assert_eq!(l1.stats().entries, 1);
     }

@@ -293,7 +293,7 @@ async fn a_body_and_its_head_share_one_buffer_and_a_304_counts_the_head_it_repla
         .unwrap();
     assert!(entry.apart.is_some());
     // the fast path shares the head's buffer for the values; the body is read where it is
-    let fresh = S.fresh_plain(&key, SystemTime::now()).unwrap();
+    let fresh = S.fresh_plain(&key.primary_bin(), SystemTime::now()).unwrap();
     let shared = fresh.header().shared();
     let fast = fresh.body_in(&shared);
     assert_eq!((&fast[..], fast.as_ptr()), (&b"hello"[..], body.as_ptr()));
@@ -857,18 +857,23 @@ async fn the_fast_path_serves_a_url_whose_other_variants_went() {
     variant.set_variance_key(*b"0123456789abcdef");
     let now = SystemTime::now;
     fill(&S, &key, &["a"]).await;
-    assert!(S.fresh_plain(&key, now()).is_some());
+    assert!(S.fresh_plain(&key.primary_bin(), now()).is_some());
     fill(&S, &variant, &["b"]).await;
     assert!(
-        S.fresh_plain(&key, now()).is_none(),
+        S.fresh_plain(&key.primary_bin(), now()).is_none(),
         "two variants: the full path"
     );
     assert!(S.remove_variant(variant.primary_bin(), variant.variance_bin()));
-    let fast = S.fresh_plain(&key, now()).expect("the primary alone again");
+    let fast = S
+        .fresh_plain(&key.primary_bin(), now())
+        .expect("the primary alone again");
     assert_eq!(&fast.body()[..], b"a");
     fill(&S, &variant, &["b"]).await;
     assert!(S.remove_variant(key.primary_bin(), None));
-    assert!(S.fresh_plain(&key, now()).is_none(), "a secondary variant alone");
+    assert!(
+        S.fresh_plain(&key.primary_bin(), now()).is_none(),
+        "a secondary variant alone"
+    );
     let trace = pingora_cache::trace::Span::inactive().handle();
     assert!(S.lookup(&variant, &trace).await.unwrap().is_some());
     assert!(S.lookup(&key, &trace).await.unwrap().is_none());
