@@ -233,12 +233,13 @@ mod tests {
             s.ttl = Some(i64::MIN);
         });
         assert_eq!(full, longest);
-        // longer than the stack's 128 bytes: written on the heap, the same text
-        let detail: &'static str = "d".repeat(100).leak();
-        assert_eq!(
-            with(Outcome::Hit, |s| s.detail = Some(detail)),
-            format!("corral; hit; detail={detail}")
-        );
+        // up to the stack's 128 bytes written there, longer on the heap: the same text
+        for len in [108, 109, 200] {
+            let detail: &'static str = "d".repeat(len).leak();
+            let value = with(Outcome::Hit, |s| s.detail = Some(detail));
+            assert_eq!(value, format!("corral; hit; detail={detail}"));
+            assert_eq!(value.len(), 20 + len);
+        }
     }
 
     #[test]

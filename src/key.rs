@@ -271,7 +271,10 @@ pub fn for_parts(host: &str, path_and_query: &str) -> CacheKey {
 
 /// [`for_parts`] when its hash is known ([`primary_hash`]).
 pub fn for_parts_hashed(host: &str, path_and_query: &str, hash: HashBinary) -> CacheKey {
-    let mut key = CacheKey::new(primary(host, path_and_query), "");
+    let text = primary(host, path_and_query);
+    // a hash of other text would store entries that purges and memcached cannot find
+    debug_assert_eq!(hash, pingora_cache::key::hash_key(&text), "{text}");
+    let mut key = CacheKey::new(text, "");
     key.set_primary_bin_override(hash);
     key
 }
@@ -592,6 +595,22 @@ mod tests {
         ) {
             if (&h1, &p1) != (&h2, &p2) {
                 proptest::prop_assert_ne!(primary(&h1, &p1), primary(&h2, &p2));
+            }
+        }
+
+        #[test]
+        fn the_primary_hash_is_that_of_the_primary_text(
+            host in "[a-zA-Z0-9/%*?#@ .:é\\[\\]-]{0,40}",
+            path in "/[a-z/?=&]{0,8}",
+            pad in 440usize..520,
+        ) {
+            // around the stack buffer's 512 bytes, and short
+            let long = format!("{path}{}", "x".repeat(pad));
+            for path in [path.as_str(), long.as_str()] {
+                proptest::prop_assert_eq!(
+                    primary_hash(&host, path),
+                    pingora_cache::key::hash_key(primary(&host, path))
+                );
             }
         }
     }

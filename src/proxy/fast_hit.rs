@@ -80,7 +80,8 @@ impl Corral {
         Ok(true)
     }
 
-    /// The L1 entry the fast hit path may serve for `key`: fresh, plain (see
+    /// The L1 entry the fast hit path may serve for the URL whose primary key hashes to
+    /// `primary`: fresh, plain (see
     /// [`crate::storage::memory::MemoryStorage::fresh_plain`]), framed by `Content-Length` (Pingora frames the others),
     /// and valid against every purge record. Otherwise `None`: the full path then decides,
     /// and applies a purge verdict (a miss, or stale while one request revalidates).

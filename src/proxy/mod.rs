@@ -98,7 +98,8 @@ enum Bypass {
 /// Per-request state.
 pub struct Ctx {
     started: Instant,
-    /// When the request arrived: a response validated after it satisfies `no-cache`.
+    /// When the request arrived (its head read): a response validated after it satisfies
+    /// `no-cache`, and the fast hit path judges freshness, the purge fence and `Age` at it.
     arrived: SystemTime,
     host: String,
     path: String,
@@ -449,7 +450,9 @@ impl ProxyHttp for Corral {
         if ctx.bypass.is_some() {
             return Ok(false);
         }
-        // a background revalidation is of a stale entry: never a fast hit
+        // a background revalidation is of a stale entry: never a fast hit. Nothing awaits
+        // between `new_ctx` and here: the fast hit judges freshness and the purge fence at
+        // `ctx.arrived`, which is then a moment ago
         if session.subrequest_ctx.is_none() && self.fast_hit(session, ctx).await? {
             return Ok(true);
         }

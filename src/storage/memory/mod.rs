@@ -708,7 +708,8 @@ impl MemoryStorage {
 
     /// The entry for the URL whose primary key hashes to `primary` if a hit needs nothing of
     /// Pingora's cache machinery: committed (no fill in progress), of the current generation,
-    /// fresh at `now`, and the URL's only variant with no `Vary`. Anything else is `None`, and the request takes the full path.
+    /// fresh at `now`, and the URL's only variant with no `Vary`. Anything else is `None`, and
+    /// the request takes the full path.
     pub fn fresh_plain(&self, primary: &HashBinary, now: SystemTime) -> Option<FreshEntry> {
         let slots = self.table.get(primary)?;
         let slot = slots.only_primary()?;
