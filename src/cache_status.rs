@@ -109,20 +109,11 @@ impl CacheStatus {
     /// The header value as a field value, put together on the stack: one allocation (the
     /// value's) and no formatting machinery, as the fast hit path writes one per hit.
     pub fn field_value(&self) -> Option<HeaderValue> {
-        let mut buf = [0u8; 128];
-        let mut len = 0;
-        let mut fits = true;
-        self.write_value(|piece| match buf.get_mut(len..len + piece.len()) {
-            Some(to) if fits => {
-                to.copy_from_slice(piece);
-                len += piece.len();
-            }
-            _ => fits = false,
-        });
-        if fits {
-            HeaderValue::from_bytes(&buf[..len]).ok()
-        } else {
-            HeaderValue::from_str(&self.header_value()).ok()
+        let mut value = crate::onstack::OnStack::<128>::default();
+        self.write_value(|piece| value.push(piece));
+        match value.bytes() {
+            Some(value) => HeaderValue::from_bytes(value).ok(),
+            None => HeaderValue::from_str(&self.header_value()).ok(),
         }
     }
 

@@ -219,22 +219,11 @@ pub fn primary(host: &str, path_and_query: &str) -> String {
 /// together on the stack when it fits 512 bytes (the fast hit path's lookup needs the hash
 /// alone, not a key's heap copy of the text).
 pub fn primary_hash(host: &str, path_and_query: &str) -> HashBinary {
-    let mut buf = [0u8; 512];
-    let mut len = 0;
-    let mut fits = true;
-    primary_pieces(host, path_and_query, |piece| {
-        match buf.get_mut(len..len + piece.len()) {
-            Some(to) if fits => {
-                to.copy_from_slice(piece);
-                len += piece.len();
-            }
-            _ => fits = false,
-        }
-    });
-    if fits {
-        pingora_cache::key::hash_key(&buf[..len])
-    } else {
-        pingora_cache::key::hash_key(primary(host, path_and_query))
+    let mut text = crate::onstack::OnStack::<512>::default();
+    primary_pieces(host, path_and_query, |piece| text.push(piece));
+    match text.bytes() {
+        Some(text) => pingora_cache::key::hash_key(text),
+        None => pingora_cache::key::hash_key(primary(host, path_and_query)),
     }
 }
 

@@ -15,6 +15,7 @@
 //! - [`proxy`]: `impl ProxyHttp`, glue only (with `fast_hit`, `headers`, `upstream` slots)
 //! - [`conn`]: client connections: the cap, head and idle deadlines
 //! - [`cache_status`]: the RFC 9211 `Cache-Status` header and outcome labels
+//! - [`onstack`]: short texts put together on the stack (the hit path's key and `Cache-Status`)
 //! - [`purge`]: purge requests of every client shape → one `Purge`; validity records;
 //!   memcached's purge log and its follower; the ban sweeper
 //! - [`transport`]: purges carried to the other corrals directly (the message, the transport
@@ -37,6 +38,7 @@ pub mod key;
 pub mod live;
 pub mod lock;
 pub mod metrics;
+pub mod onstack;
 pub mod policy;
 pub mod proxy;
 pub mod purge;
