@@ -23,6 +23,7 @@ use crate::fields::{Fields, Value};
 use crate::policy::is_targeted;
 use crate::purge::is_tag;
 
+use super::origins::{split_origin, ORIGINS};
 use super::Nanos;
 
 /// What an `Arc<[u8]>` buffer holds beside its bytes: its two counts, in the same
@@ -256,16 +257,18 @@ impl Field {
 pub struct StoredHeader {
     status: StatusCode,
     version: Version,
-    /// [`STRIPPABLE`], [`VARIANCE`], [`EPOCH`], [`REASON`], [`LENGTH`] and [`VARY`].
+    /// [`STRIPPABLE`], [`VARIANCE`], [`EPOCH`], [`REASON`], [`LENGTH`], [`VARY`] and
+    /// [`ORIGIN`].
     flags: u8,
-    /// The URL's length: it opens the buffer.
+    /// The URL's length in the buffer, which it opens (with [`ORIGIN`], its origin's number
+    /// and the rest).
     url_len: u32,
     /// How many fields the buffer's table holds: it closes the buffer.
     count: u32,
     /// Where the head starts in `buf`: after the body it was packed with ([`Self::pack`]),
     /// which is `buf[..start]` ([`Self::body`]); 0 for a head of its own.
     start: u32,
-    /// From `start`: the URL, the variance (16 bytes, if [`VARIANCE`]), the epoch of `Age`
+    /// From `start`: the URL (with [`ORIGIN`], its origin's number and the rest), the variance (16 bytes, if [`VARIANCE`]), the epoch of `Age`
     /// (8 bytes, if [`EPOCH`]), the reason phrase
     /// (if [`REASON`]: its length in 2 bytes, then its text), every name not in [`KNOWN`] and
     /// every value in order, then the table of their [`Field`]s. The entry holds this one
@@ -299,6 +302,10 @@ const REASON: u8 = 4;
 const LENGTH: u8 = 8;
 /// [`StoredHeader::flags`]: a `Vary` field is among the fields.
 const VARY: u8 = 16;
+/// [`StoredHeader::flags`]: the URL's origin (`http://host`) is kept as its number in
+/// [`ORIGINS`] (2 bytes, little-endian), and the buffer's URL is the rest
+/// ([`StoredHeader::url_parts`]): about 20 bytes less in every entry of a site.
+const ORIGIN: u8 = 64;
 
 /// `buf[range]`, the range clamped to `buf[..len]` (an end before the start: empty): shared,
 /// not copied.
@@ -361,14 +368,23 @@ impl StoredHeader {
         let reason = (reason != h.status.canonical_reason())
             .then(|| reason.unwrap_or(""))
             .filter(|r| r.len() <= usize::from(u16::MAX));
-        let size = url.len()
+        // the origin's number instead of its text, if it has one
+        let numbered = split_origin(url).and_then(|(origin, rest)| Some((ORIGINS.number(origin)?, rest)));
+        let url_len = numbered.map_or(url.len(), |(_, rest)| 2 + rest.len());
+        let size = url_len
             + variance.map_or(0, |v| v.len())
             + epoch.map_or(0, |_| EPOCH_LEN)
             + reason.map_or(0, |r| 2 + r.len())
             + text
             + table.iter().map(Field::encoded_len).sum::<usize>();
         let buf = buffer(size, |mut out| {
-            out.put_slice(url.as_bytes());
+            match numbered {
+                Some((n, rest)) => {
+                    out.put_slice(&n.to_le_bytes());
+                    out.put_slice(rest.as_bytes());
+                }
+                None => out.put_slice(url.as_bytes()),
+            }
             out.put_slice(variance.as_ref().map_or(&[][..], |v| &v[..]));
             if let Some(epoch) = epoch {
                 out.put_slice(&epoch.get_nanos().to_le_bytes());
@@ -403,11 +419,12 @@ impl StoredHeader {
                 (reason.is_some(), REASON),
                 (h.headers.contains_key(http::header::CONTENT_LENGTH), LENGTH),
                 (h.headers.contains_key(http::header::VARY), VARY),
+                (numbered.is_some(), ORIGIN),
             ]
             .into_iter()
             .filter(|(on, _)| *on)
             .fold(0, |flags, (_, flag)| flags | flag),
-            url_len: offset(url.len()),
+            url_len: offset(url_len),
             count: offset(h.headers.len()),
             start: 0,
             buf,
@@ -503,9 +520,36 @@ impl StoredHeader {
         Arc::ptr_eq(&self.buf, &other.buf) && self.start == other.start
     }
 
-    /// The URL of the entry this head belongs to (`""`: none).
-    pub fn url(&self) -> &str {
-        self.text(0, self.url_len as usize)
+    /// The URL of the entry this head belongs to (`""`: none), put together again if its
+    /// origin is kept apart ([`ORIGIN`]). A hit never reads it.
+    pub fn url(&self) -> Cow<'_, str> {
+        match self.url_parts() {
+            ("", rest) => Cow::Borrowed(rest),
+            (origin, rest) => Cow::Owned([origin, rest].concat()),
+        }
+    }
+
+    /// The URL as its origin (`http://host`, `""` if the buffer holds the URL whole) and the
+    /// rest, without putting them together.
+    pub fn url_parts(&self) -> (&'static str, &str) {
+        let url = self.url_len as usize;
+        if self.flags & ORIGIN == 0 {
+            return ("", self.text(0, url));
+        }
+        let number = self
+            .head()
+            .get(..2)
+            .map_or(u16::MAX, |b| u16::from_le_bytes([b[0], b[1]]));
+        (ORIGINS.text(number), self.text(2, url))
+    }
+
+    /// The URL's host and path as [`super::split_url`] splits it (what bans match), without
+    /// putting the URL together.
+    pub fn host_and_path(&self) -> (&str, &str) {
+        match self.url_parts() {
+            ("", url) => super::split_url(url),
+            (origin, path) => (origin.split_once("://").map_or(origin, |(_, host)| host), path),
+        }
     }
 
     /// The entry's variance, if it has one.
@@ -715,6 +759,7 @@ impl Fields for StoredHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::memory::origins::MAX_ORIGIN_LEN;
 
     fn origin_head() -> ResponseHeader {
         let mut h = ResponseHeader::build(203, None).unwrap();
@@ -743,7 +788,7 @@ mod tests {
         assert_eq!(fields(&back), fields(&h));
         // the URL and the reason phrase share the buffer
         let with = StoredHeader::with_url(&h, "http://h/p");
-        assert_eq!((with.url(), with.reason()), ("http://h/p", Some("Partly")));
+        assert_eq!((&*with.url(), with.reason()), ("http://h/p", Some("Partly")));
         assert_eq!(fields(&with.to_response()), fields(&h));
         assert_eq!(with.to_response().get_reason_phrase(), Some("Partly"));
         assert_eq!(s.all("set-cookie").count(), 2);
@@ -800,11 +845,79 @@ mod tests {
         assert!(map.values().all(|v| held.contains(&v.as_bytes().as_ptr())));
         assert_eq!(s.bytes(), text + table + BUFFER_COUNTS);
         // with the entry's URL in front, in the same buffer
+        // (its origin as its number: 2 bytes)
         assert_eq!(with.url(), "http://a.example/p?q");
-        assert_eq!(with.bytes(), s.bytes() + with.url().len());
+        assert_eq!(with.url_parts(), ("http://a.example", "/p?q"));
+        assert_eq!(with.bytes(), s.bytes() + 2 + "/p?q".len());
         assert_eq!(with.names().collect::<Vec<_>>(), s.names().collect::<Vec<_>>());
         assert_eq!(with.first("etag").unwrap().as_bytes().len(), 13);
         assert_eq!(s.url(), "");
+    }
+
+    /// A URL's origin is kept as its number when it has one, and the URL whole otherwise; the
+    /// URL, its host and path, the variance, the epoch and the reason read the same either
+    /// way.
+    #[test]
+    fn a_head_keeps_its_url_s_origin_as_a_number_or_the_url_whole() {
+        use std::time::{Duration, SystemTime};
+        let h = origin_head();
+        let v = [7u8; 16];
+        let epoch = Nanos::of(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let long = format!("http://{}.example", "l".repeat(MAX_ORIGIN_LEN));
+        for (url, numbered) in [
+            ("http://origin.example:8080/a/b?c=d", true),
+            ("http://origin.example:8080/", true),
+            (&format!("{long}/p")[..], false),
+            ("http://no-path.example", false),
+            ("http://no-path.example?q=1", false),
+            ("", false),
+        ] {
+            let s = StoredHeader::for_entry(&h, url, Some(v), Some(epoch));
+            let whole = StoredHeader::for_entry(&h, "", Some(v), Some(epoch));
+            assert_eq!(s.url(), url);
+            assert_eq!(s.host_and_path(), super::super::split_url(url), "{url}");
+            let kept = if numbered {
+                2 + split_origin(url).expect("an origin").1.len()
+            } else {
+                url.len()
+            };
+            assert_eq!(s.bytes(), whole.bytes() + kept, "{url}");
+            assert_eq!(s.url_parts().0.is_empty(), !numbered, "{url}");
+            assert_eq!((s.variance(), s.epoch_override()), (Some(v), Some(epoch)));
+            assert_eq!(s.reason(), Some("Partly"));
+            let (packed, _) = s.pack(&[Bytes::from_static(b"body")]);
+            assert_eq!(
+                (packed.url(), packed.host_and_path()),
+                (s.url(), s.host_and_path())
+            );
+        }
+        // one number per origin, whatever the path
+        let a = StoredHeader::with_url(&h, "http://same.example/a");
+        let b = StoredHeader::with_url(&h, "http://same.example/b?q");
+        assert_eq!(a.head()[..2], b.head()[..2]);
+        assert_eq!(
+            (a.url_parts(), b.url_parts().1),
+            (("http://same.example", "/a"), "/b?q")
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the URL, a head gives it back as it was given, and its host and path as
+        /// `split_url` cuts them (what bans match). Few hosts: the numbers are the process's.
+        #[test]
+        fn a_head_gives_its_url_back_as_given(
+            scheme in "(http|x)?(://)?",
+            host in "[ab]{0,2}",
+            rest in "[/?a-z%:]{0,12}",
+        ) {
+            let url = format!("{scheme}{host}{rest}");
+            let s = StoredHeader::with_url(&origin_head(), &url);
+            proptest::prop_assert_eq!(&*s.url(), url.as_str());
+            proptest::prop_assert_eq!(s.host_and_path(), super::super::split_url(&url));
+            let (origin, after) = s.url_parts();
+            proptest::prop_assert_eq!(format!("{origin}{after}"), url.clone());
+            proptest::prop_assert!(origin.is_empty() || s.bytes() < StoredHeader::with_url(&origin_head(), "").bytes() + url.len());
+        }
     }
 
     #[test]
@@ -821,7 +934,7 @@ mod tests {
         assert_eq!(packed.head().as_ptr() as usize, body.as_ptr() as usize + 4);
         assert_eq!(&packed.body_slice(1..3)[..], b"od");
         assert_eq!(&packed.body_slice(2..99)[..], b"dy", "clamped to the body");
-        assert_eq!((packed.url(), packed.reason()), ("http://h/p", Some("Partly")));
+        assert_eq!((&*packed.url(), packed.reason()), ("http://h/p", Some("Partly")));
         assert_eq!(packed.bytes(), alone.bytes());
         let fields = |s: &StoredHeader| {
             s.fields()
@@ -985,7 +1098,7 @@ mod tests {
         let s = StoredHeader::for_entry(&h, "http://h/v", Some(v), None);
         let plain = StoredHeader::with_url(&h, "http://h/v");
         assert_eq!((s.variance(), plain.variance()), (Some(v), None));
-        assert_eq!((s.url(), s.reason()), ("http://h/v", Some("Partly")));
+        assert_eq!((&*s.url(), s.reason()), ("http://h/v", Some("Partly")));
         assert_eq!(fields_of(&s.to_response()), fields_of(&h));
         assert_eq!(s.bytes(), plain.bytes() + 16);
         // packed after a body, the same
@@ -1010,7 +1123,7 @@ mod tests {
                 (s.epoch_override(), without.epoch_override()),
                 (Some(epoch), None)
             );
-            assert_eq!((s.variance(), s.url()), (variance, "http://h/e"));
+            assert_eq!((s.variance(), &*s.url()), (variance, "http://h/e"));
             assert_eq!(s.reason(), Some("Partly"));
             assert_eq!(fields_of(&s.to_response()), fields_of(&h));
             assert_eq!(s.bytes(), without.bytes() + EPOCH_LEN);

@@ -126,7 +126,7 @@ impl MemoryStorage {
                 if after.is_some_and(|a| key <= a)
                     || !entry.of_generation(generation)
                     || heap.len() > limit && heap.peek().is_some_and(|top| key >= top.0)
-                    || !wanted(entry.url())
+                    || !wanted(&entry.url())
                 {
                     continue;
                 }
@@ -143,7 +143,7 @@ impl MemoryStorage {
         let keys = page
             .into_iter()
             .map(|ByKey(key, e)| KeyInfo {
-                url: Arc::from(e.url()),
+                url: Arc::from(&*e.url()),
                 variant: key.variance.as_ref().map(hex),
                 bytes: e.weight(),
                 epoch: e.meta.epoch().get(),

@@ -29,6 +29,7 @@
 //! [`MemoryStorage::clear`] bumps a generation: entries of older generations are invisible at
 //! once and are freed by a background sweep.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -320,7 +321,7 @@ impl Stored {
     }
 
     /// The primary key text (`http://host/path?q`): what bans match against.
-    fn url(&self) -> &str {
+    fn url(&self) -> Cow<'_, str> {
         self.meta.header.url()
     }
 
@@ -954,7 +955,7 @@ impl MemoryStorage {
             .find_mut(variance)
             .and_then(|s| s.entry.as_mut())
             .filter(|e| self.current(e) && self.fill_generation(meta) == self.generation())?;
-        let parts = MetaParts::from_meta(meta, entry.url());
+        let parts = MetaParts::from_meta(meta, &entry.url());
         if parts.lineage != entry.meta.lineage {
             // the slot holds another copy than the one this 304 validated (refilled from
             // memcached or the origin meanwhile): it says nothing about this one
@@ -1164,6 +1165,7 @@ mod fill;
 mod header;
 mod hit;
 mod listing;
+mod origins;
 mod sweep;
 pub use listing::{Cursor, KeyInfo, Listed};
 

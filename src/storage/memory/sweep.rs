@@ -62,7 +62,7 @@ impl MemoryStorage {
         let mut report = SweepReport::default();
         for batch in todo.chunks(SWEEP_BATCH) {
             for (primary, variance, e) in batch {
-                let (host, path) = split_url(e.url());
+                let (host, path) = e.meta.header.host_and_path();
                 let checked = e.checked.load(Ordering::Acquire);
                 report.checked += 1;
                 // the check covers every record published when it starts, which may be more
