@@ -246,6 +246,36 @@ fn primary_pieces(host: &str, path_and_query: &str, mut out: impl FnMut(&[u8])) 
     out(path_and_query.as_bytes());
 }
 
+/// The host of a primary key text as it was given to [`primary`], which escapes the host's
+/// bytes that a URL's authority cannot hold (`%XX`, `%` itself among them): bans and purges
+/// match a host as requests give it. Borrowed when nothing is escaped (almost every host).
+pub fn unescape_host(escaped: &str) -> std::borrow::Cow<'_, str> {
+    if !escaped.contains('%') {
+        return std::borrow::Cow::Borrowed(escaped);
+    }
+    let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+    let bytes = escaped.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let pair = (bytes[i] == b'%')
+            .then(|| Some((hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?)))
+            .flatten();
+        match pair {
+            Some((hi, lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // (what `primary` escaped was a `str`: the bytes are its own again)
+    String::from_utf8(out).map_or(std::borrow::Cow::Borrowed(escaped), std::borrow::Cow::Owned)
+}
+
 /// The cache key of a request (no variance yet: Pingora adds it after the first lookup).
 pub fn for_request(req: &RequestHeader) -> Result<CacheKey, BadHost> {
     Ok(for_parts(&request_host(req)?, request_path_and_query(req)))
@@ -576,6 +606,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_escaped_host_is_given_back_and_a_stray_percent_is_kept() {
+        assert_eq!(unescape_host("a%2Ab%25c"), "a*b%c");
+        assert_eq!(unescape_host("caf%C3%A9"), "caf\u{e9}");
+        assert!(matches!(
+            unescape_host("plain.example:8080"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        for kept in ["a%", "a%2", "a%zz", "%G0"] {
+            assert_eq!(unescape_host(kept), kept, "not an escape: kept as it is");
+        }
+        // bytes that are no UTF-8 (no `primary` makes them): the text as it is
+        assert_eq!(unescape_host("%FF"), "%FF");
+    }
+
     proptest::proptest! {
         #[test]
         fn distinct_host_and_path_pairs_make_distinct_keys(
@@ -585,6 +630,18 @@ mod tests {
             if (&h1, &p1) != (&h2, &p2) {
                 proptest::prop_assert_ne!(primary(&h1, &p1), primary(&h2, &p2));
             }
+        }
+
+        /// A primary key text split again gives the host and the path it was made of: bans
+        /// match what hits match (a host with `*`, `%`, `/` or `é` among them).
+        #[test]
+        fn a_primary_text_splits_back_into_its_host_and_path(
+            host in "[a-zA-Z0-9/%*?#@ .:é\\[\\]-]{0,24}",
+            path in "/[a-z/?=&%*]{0,12}",
+        ) {
+            let text = primary(&host, &path);
+            let (h, p) = crate::storage::memory::split_url(&text);
+            proptest::prop_assert_eq!((&*h, p), (host.as_str(), path.as_str()));
         }
 
         #[test]

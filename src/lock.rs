@@ -428,7 +428,7 @@ impl Tiered {
         let (host, path) = memory::split_url(key.primary_key_str().unwrap_or(""));
         let purged = || {
             self.validity
-                .check(host, path, rec.meta.updated(), rec.filler, rec.meta.headers(), 0)
+                .check(&host, path, rec.meta.updated(), rec.filler, rec.meta.headers(), 0)
                 != Verdict::Valid
         };
         // a copy refreshed before a purge that covers it (a soft one keeps it in memcached) is

@@ -49,7 +49,7 @@ struct Stats<'a> {
 #[derive(Serialize)]
 struct KeyRow<'a> {
     url: &'a str,
-    host: &'a str,
+    host: std::borrow::Cow<'a, str>,
     path: &'a str,
     variant: Option<&'a str>,
     bytes: usize,
@@ -182,7 +182,7 @@ impl Admin {
         let prefix = q.get("prefix").cloned().unwrap_or_default();
         let page = self.parts.storage.l1.list(after, limit, |url| {
             let (h, p) = split_url(url);
-            host.as_deref().is_none_or(|want| host_matches(h, want)) && p.starts_with(&prefix)
+            host.as_deref().is_none_or(|want| host_matches(&h, want)) && p.starts_with(&prefix)
         });
         let now = SystemTime::now();
         let keys = page

@@ -179,7 +179,7 @@ impl Tiered {
     async fn write_l2(&self, l2: &L2, mut w: L2Write) {
         let (host, path) = memory::split_url(&w.url);
         let by = crate::purge::corral_id();
-        let covered = |v: &Validity| v.check(host, path, w.validated, by, &w.headers, 0) != Verdict::Valid;
+        let covered = |v: &Validity| v.check(&host, path, w.validated, by, &w.headers, 0) != Verdict::Valid;
         // an unsafe request invalidated the URL since (not a purge record: L1 keeps it)
         let invalidated = || {
             self.l1.invalidations() > 0

@@ -6,14 +6,17 @@
 //! ([`super::StoredHeader::url_parts`]), when the origin has one: at most [`MAX_ORIGINS`]
 //! origins of up to [`MAX_ORIGIN_LEN`] bytes get one, first come first served, and they are
 //! kept for the life of the process (a number in a head is never reused). A head whose origin
-//! has none keeps its URL whole, as before: a client that sends a thousand made-up `Host`s
-//! whose answers are stored costs the origins of later sites their 20 bytes an entry, and
-//! this table at most [`MAX_ORIGINS`] × [`MAX_ORIGIN_LEN`] bytes.
+//! has none keeps its URL whole, as before. An origin is numbered when a fill of it begins
+//! (whether or not the entry is kept), so a client that sends a thousand made-up `Host`s
+//! (or ports) with cacheable answers costs the origins of later sites their 20 bytes an entry
+//! until a restart; it is logged once, as a warning, when the table is full. The table takes
+//! at most about 150 KiB: its texts (64 KiB), their slots (24 KiB) and the map to numbers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, OnceLock};
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 
 /// Origins that get a number, at most.
 pub const MAX_ORIGINS: usize = 1024;
@@ -26,20 +29,24 @@ pub(super) static ORIGINS: LazyLock<Origins<MAX_ORIGINS>> = LazyLock::new(Origin
 
 /// Up to `N` origins, each with its number (its place).
 pub(super) struct Origins<const N: usize> {
-    /// The number of each origin kept; taken when a head is stored (a fill, a copy from
-    /// memcached), never on a hit.
-    numbers: Mutex<HashMap<&'static str, u16>>,
+    /// The number of each origin kept; read when a head is stored (a fill, a copy from
+    /// memcached, a 304), never on a hit, and written when an origin gets its number.
+    numbers: RwLock<HashMap<&'static str, u16>>,
+    /// Whether the `N` numbers are taken: an origin without one then costs no write lock.
+    full: AtomicBool,
     /// Each number's origin, read without a lock (a sweep reads one per entry).
     texts: [OnceLock<&'static str>; N],
 }
 
 impl<const N: usize> Origins<N> {
-    const FITS: () = assert!(N <= 1 << 16, "a number is kept in 2 bytes");
+    /// (`u16::MAX` is no number: [`Self::text`] of it is `""`.)
+    const FITS: () = assert!(N < 1 << 16, "a number is kept in 2 bytes");
 
     pub(super) fn new() -> Self {
         let () = Self::FITS;
         Origins {
-            numbers: Mutex::new(HashMap::new()),
+            numbers: RwLock::new(HashMap::new()),
+            full: AtomicBool::new(false),
             texts: [const { OnceLock::new() }; N],
         }
     }
@@ -50,12 +57,28 @@ impl<const N: usize> Origins<N> {
         if origin.is_empty() || origin.len() > MAX_ORIGIN_LEN {
             return None;
         }
-        let mut numbers = self.numbers.lock();
+        if let Some(&n) = self.numbers.read().get(origin) {
+            return Some(n);
+        }
+        if self.full.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut numbers = self.numbers.write();
         if let Some(&n) = numbers.get(origin) {
             return Some(n);
         }
         let n = numbers.len();
-        let slot = self.texts.get(n)?;
+        let Some(slot) = self.texts.get(n) else {
+            if !self.full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    origins = N,
+                    refused = origin,
+                    "the table of URL origins is full: entries of origins not in it keep their \
+                     URL whole (about 20 bytes more each) until a restart"
+                );
+            }
+            return None;
+        };
         // kept for the life of the process, as its number is: at most N of them
         let text: &'static str = Box::leak(origin.into());
         slot.set(text).ok()?;
@@ -101,6 +124,44 @@ mod tests {
         );
         assert_eq!(o.text(3), "", "a number never given");
         assert_eq!(o.text(u16::MAX), "");
+        assert!(
+            o.full.load(Ordering::Relaxed),
+            "refused once: no write lock after"
+        );
+    }
+
+    /// Origins numbered from several threads at once: each gets one number, the same in every
+    /// thread, and no two get the same.
+    #[test]
+    fn origins_numbered_at_once_get_one_number_each() {
+        let o = Origins::<64>::new();
+        let seen: Vec<Vec<u16>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|t| {
+                    let o = &o;
+                    s.spawn(move || {
+                        (0..48)
+                            .map(|i| {
+                                // each thread in its own order
+                                let i = (i * 7 + t * 13) % 48;
+                                (i, o.number(&format!("http://h{i}")).expect("room"))
+                            })
+                            .fold(vec![0; 48], |mut v, (i, n)| {
+                                v[i] = n;
+                                v
+                            })
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().expect("no panic")).collect()
+        });
+        assert!(seen.iter().all(|v| v == &seen[0]), "one number per origin");
+        let mut numbers = seen[0].clone();
+        numbers.sort_unstable();
+        assert_eq!(numbers, (0..48).collect::<Vec<u16>>(), "no number given twice");
+        for (i, &n) in seen[0].iter().enumerate() {
+            assert_eq!(o.text(n), format!("http://h{i}"));
+        }
     }
 
     #[test]

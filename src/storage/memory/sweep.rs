@@ -1,6 +1,7 @@
 //! The sweeper's pass over L1: entries checked against new purge records (hard matches
 //! removed, soft ones marked stale), in batches.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -20,9 +21,16 @@ pub struct SweepReport {
     pub stale: usize,
 }
 
-/// `http://host/path?q` → (`host`, `/path?q`).
-/// Host and path of a primary key's URL (`http://host/path?q`).
-pub fn split_url(url: &str) -> (&str, &str) {
+/// Host and path of a primary key's URL: `http://host/path?q` → (`host`, `/path?q`), the host
+/// as the request gave it (normalised), not as the URL escapes it ([`crate::key::unescape_host`]):
+/// bans and purges are matched against the host that hits match them against.
+pub fn split_url(url: &str) -> (Cow<'_, str>, &str) {
+    let (host, path) = split_url_escaped(url);
+    (crate::key::unescape_host(host), path)
+}
+
+/// [`split_url`], the host left as the URL has it (escaped).
+pub(super) fn split_url_escaped(url: &str) -> (&str, &str) {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     match rest.find('/') {
         Some(i) => rest.split_at(i),
@@ -70,7 +78,7 @@ impl MemoryStorage {
                 // next pass applies that record again (a soft purge marked stale twice)
                 let covered = validity.published().max(upto);
                 let (validated, by) = (e.meta.updated.get(), e.meta.validated_by);
-                match validity.check(host, path, validated, by, &e.meta.header, checked) {
+                match validity.check(&host, path, validated, by, &e.meta.header, checked) {
                     Verdict::Valid => {
                         e.checked.fetch_max(covered, Ordering::AcqRel);
                     }

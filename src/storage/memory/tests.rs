@@ -493,6 +493,54 @@ async fn sweep_removes_banned_marks_soft_and_tracks_what_escaped() {
     );
 }
 
+/// A host that the key's URL escapes (`*`, `%`, `é`) is matched by the sweeper as requests
+/// give it, as hits match it: a ban of that host, and a soft purge of one of its URLs, catch
+/// its entries (the sweeper matched the escaped host, `a%2Ab`, and marked them checked).
+#[tokio::test]
+async fn sweep_matches_a_host_as_requests_give_it_not_as_its_url_escapes_it() {
+    static S: Lazy<MemoryStorage> = Lazy::new(MemoryStorage::new);
+    let v = Validity::default();
+    let trace = pingora_cache::trace::Span::inactive().handle();
+    let banned = crate::key::for_parts("a*b.example", "/p");
+    let soft = crate::key::for_parts("caf\u{e9}%.example", "/s");
+    let other = crate::key::for_parts("ab.example", "/p");
+    assert!(
+        banned.primary_key_str().unwrap().contains("a%2Ab"),
+        "the URL escapes it"
+    );
+    for k in [&banned, &soft, &other] {
+        fill(&S, k, &["body"]).await;
+    }
+    std::thread::sleep(Duration::from_millis(3));
+    let host_ban = Purge {
+        target: crate::purge::Target::Ban(crate::purge::Ban {
+            host: Some(crate::purge::Pattern::new("^a\\*b\\.example$").unwrap()),
+            url: None,
+            content_type: None,
+        }),
+        soft: false,
+    };
+    let url_purge = Purge {
+        target: crate::purge::Target::Url {
+            host: "caf\u{e9}%.example".into(),
+            path: "/s".into(),
+        },
+        soft: true,
+    };
+    v.record(&host_ban, crate::purge::now_stamp());
+    v.record(&url_purge, crate::purge::now_stamp());
+    let report = S.sweep(&v, v.published()).await;
+    assert_eq!((report.checked, report.removed.len(), report.stale), (3, 1, 1));
+    assert!(
+        S.lookup(&banned, &trace).await.unwrap().is_none(),
+        "banned by its host"
+    );
+    let (m, _) = S.lookup(&soft, &trace).await.unwrap().unwrap();
+    assert!(!m.is_fresh(SystemTime::now()), "soft-purged by its URL");
+    let (m, _) = S.lookup(&other, &trace).await.unwrap().unwrap();
+    assert!(m.is_fresh(SystemTime::now()), "another host is left");
+}
+
 /// Found by the torture test: a purge that removed the URL's row between Pingora's
 /// `get_miss_handler` and its `lookup_streaming_write` left the writer without a reader, and
 /// pingora-cache panics then ("unable to get body_reader"). The fill is found by its tag.
