@@ -1,6 +1,9 @@
 # Shared by the load scripts (sourced from the repository root): release build, a scratch
 # directory and the processes to stop on exit, loopback ports.
-cargo build --release --quiet --bin corral --example origin
+# (apart: the example's dev-dependencies would change the features, and with them the
+# symbols' names, that build.rs's link order was written for)
+cargo build --release --quiet --bin corral
+cargo build --release --quiet --example origin
 dir=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }

@@ -180,9 +180,8 @@ impl Admin {
                     }))
         };
         let prefix = q.get("prefix").cloned().unwrap_or_default();
-        let page = self.parts.storage.l1.list(after, limit, |url| {
-            let (h, p) = split_url(url);
-            host.as_deref().is_none_or(|want| host_matches(&h, want)) && p.starts_with(&prefix)
+        let page = self.parts.storage.l1.list(after, limit, |h, p| {
+            host.as_deref().is_none_or(|want| host_matches(h, want)) && p.starts_with(&prefix)
         });
         let now = SystemTime::now();
         let keys = page

@@ -111,8 +111,9 @@ impl Ord for ByKey {
 }
 
 impl MemoryStorage {
-    /// Up to `limit` committed entries whose URL passes `wanted`, in key order, after `after`.
-    pub fn list(&self, after: Option<Cursor>, limit: usize, wanted: impl Fn(&str) -> bool) -> Listed {
+    /// Up to `limit` committed entries whose URL's host and path ([`super::split_url`]) pass
+    /// `wanted`, in key order, after `after`. The URL is put together only for the page.
+    pub fn list(&self, after: Option<Cursor>, limit: usize, wanted: impl Fn(&str, &str) -> bool) -> Listed {
         let limit = limit.max(1);
         let generation = self.generation.load(Ordering::Acquire);
         let mut heap: BinaryHeap<ByKey> = BinaryHeap::with_capacity(limit + 2);
@@ -126,7 +127,10 @@ impl MemoryStorage {
                 if after.is_some_and(|a| key <= a)
                     || !entry.of_generation(generation)
                     || heap.len() > limit && heap.peek().is_some_and(|top| key >= top.0)
-                    || !wanted(&entry.url())
+                    || !{
+                        let (host, path) = entry.meta.header.host_and_path();
+                        wanted(&host, path)
+                    }
                 {
                     continue;
                 }
