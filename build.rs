@@ -4,36 +4,59 @@
 //! about 11 MiB of a running corral's RSS otherwise (issue 16: RSS against `memory_bytes`,
 //! README "Where the RSS at α 0.8 goes").
 //!
-//! Only for release builds on x86_64 Linux with rustc 1.90 or later, whose default linker
-//! there is LLD (its `--symbol-ordering-file`), and only when no other linker is asked for;
-//! `CORRAL_LINK_ORDER=0` leaves it out. A symbol of the list that the build does not have (the
-//! code or a dependency changed since the list was written) is left where it is, without a
-//! warning: a stale list costs memory, never the build.
+//! Only for release builds for the machine itself, and only if the linker takes the order: an
+//! empty program is linked first with the same compiler, flags and linker and the order's two
+//! options (LLD's `--symbol-ordering-file`; rustup's rustc links with LLD on x86_64 Linux
+//! since 1.90, GNU ld and gold refuse the option). `CORRAL_LINK_ORDER=0` leaves it out. A
+//! symbol of the list that the build does not have (the code, a dependency or rustc changed
+//! since the list was written: its first line names the rustc) is left where it is, without a
+//! warning from the linker: a stale list costs memory, never the build, and this script warns
+//! when the list was written by another rustc.
 
 use std::env;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const ORDER: &str = "link/symbol-order.txt";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={ORDER}");
-    println!("cargo:rerun-if-env-changed=CORRAL_LINK_ORDER");
-    println!("cargo:rerun-if-env-changed=RUSTFLAGS");
-    if why_not().is_some() {
-        return;
+    for var in [
+        "CORRAL_LINK_ORDER",
+        "RUSTC_LINKER",
+        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
     }
     let order = Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join(ORDER);
-    println!(
-        "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-        order.display()
-    );
-    println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    if order.is_file() {
+        // (a path that does not exist would run this script again at every build)
+        println!("cargo:rerun-if-changed={ORDER}");
+    }
+    match why_not(&order) {
+        // (shown by cargo build -vv)
+        Some(why) => eprintln!("corral: link order not used: {why}"),
+        None => {
+            for arg in order_args(&order) {
+                println!("cargo:rustc-link-arg-bins={arg}");
+            }
+            warn_if_stale(&order);
+        }
+    }
+}
+
+/// The linker options that give it the order (`-Xlinker`: a path with a comma stays whole).
+fn order_args(order: &Path) -> [String; 4] {
+    [
+        "-Xlinker".into(),
+        format!("--symbol-ordering-file={}", order.display()),
+        "-Xlinker".into(),
+        "--no-warn-symbol-ordering".into(),
+    ]
 }
 
 /// Why the order is not given to the linker, if it is not.
-fn why_not() -> Option<String> {
+fn why_not(order: &Path) -> Option<String> {
     let var = |k: &str| env::var(k).unwrap_or_default();
     if var("CORRAL_LINK_ORDER") == "0" {
         return Some("CORRAL_LINK_ORDER=0".into());
@@ -41,37 +64,71 @@ fn why_not() -> Option<String> {
     if var("PROFILE") != "release" {
         return Some("not a release build".into());
     }
-    if var("TARGET") != "x86_64-unknown-linux-gnu" || var("HOST") != var("TARGET") {
-        return Some(format!("target {}: its linker may not be LLD", var("TARGET")));
+    if var("HOST") != var("TARGET") {
+        return Some("a cross build".into());
     }
-    // another linker asked for (flags, or cargo's linker setting given by the environment)
-    let flags = var("CARGO_ENCODED_RUSTFLAGS");
-    if flags.contains("linker")
-        || flags.contains("fuse-ld")
-        || !var("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_empty()
-    {
-        return Some("another linker is set".into());
-    }
-    if !Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap_or_default())
-        .join(ORDER)
-        .is_file()
-    {
+    if !order.is_file() {
         return Some(format!("no {ORDER}"));
     }
-    // LLD is rustc's default linker on x86_64-unknown-linux-gnu from 1.90
-    let version = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+    let out = PathBuf::from(var("OUT_DIR"));
+    let probe = out.join("link_order_probe.rs");
+    if std::fs::write(&probe, "fn main() {}\n").is_err() {
+        return Some("cannot write the probe".into());
+    }
+    let mut rustc = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()));
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
+    rustc.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    if let Ok(linker) = env::var("RUSTC_LINKER") {
+        rustc.arg(format!("-Clinker={linker}"));
+    }
+    rustc
+        .args([
+            "--edition=2021",
+            "--crate-type=bin",
+            "--target",
+            &var("TARGET"),
+            "-o",
+        ])
+        .arg(out.join("link_order_probe"))
+        .arg(&probe);
+    for arg in order_args(order) {
+        rustc.arg(format!("-Clink-arg={arg}"));
+    }
+    match rustc.output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "the linker refuses it: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )),
+        Err(e) => Some(format!("cannot run rustc: {e}")),
+    }
+}
+
+/// A warning (shown by cargo) when the list's first line names another rustc than this one.
+fn warn_if_stale(order: &Path) {
+    let Some(written) = std::fs::read_to_string(order).ok().and_then(|text| {
+        text.lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# "))
+            .map(str::to_owned)
+    }) else {
+        return;
+    };
+    let now = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
         .arg("--version")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .unwrap_or_default();
-    let minor = version
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.split('.').nth(1))
-        .and_then(|m| m.parse::<u32>().ok());
-    match minor {
-        Some(m) if version.starts_with("rustc 1.") && m >= 90 => None,
-        _ => Some(format!("{}: not known to link with LLD", version.trim())),
+    if !written.is_empty() && now.trim() != written.trim() {
+        println!(
+            "cargo:warning={ORDER} was written for {written}, this is {}: its names are stale, \
+             and RSS is about 2-3 MiB higher until benches/link-order.sh writes it again",
+            now.trim()
+        );
     }
 }

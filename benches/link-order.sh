@@ -15,7 +15,7 @@ source benches/common.sh
 origin_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
 target/release/examples/origin "127.0.0.1:$origin_port" >"$dir/origin.log" 2>&1 &
 pids+=($!)
-CORRAL_WRAP="valgrind --tool=callgrind --demangle=no --callgrind-out-file=$dir/callgrind.out" \
+CORRAL_WRAP="valgrind --tool=callgrind --demangle=no --compress-pos=no --callgrind-out-file=$dir/callgrind.out" \
   start_corral "[cache]
 memory_bytes = \"4MiB\"
 max_object_bytes = \"1MiB\"
@@ -45,16 +45,26 @@ for rnd in range(3):
 for _ in range(2000):
     req("GET", "/bench?size=1024", want=(200,))
 a = http.client.HTTPConnection("127.0.0.1", admin, timeout=120)
-for p in ["/metrics", "/keys", "/status"]:
-    a.request("GET", p); a.getresponse().read()
+for p in ["/metrics", "/keys", "/stats"]:
+    a.request("GET", p)
+    r = a.getresponse(); r.read()
+    assert r.status == 200, (p, r.status)
 PY
 kill -INT "$corral_pid"; wait "$corral_pid" || true
 
-python3 - "$dir/callgrind.out" link/symbol-order.txt <<'PY'
+python3 - "$dir/callgrind.out" link/symbol-order.txt "$(rustc --version)" <<'PY'
 import collections, re, sys
 names, objs, cost, obj_of = {}, {}, collections.Counter(), {}
 cur = obj = None
+after_call = False
 for line in open(sys.argv[1]):
+    # the cost line after `calls=` is the callee's inclusive cost: not the caller's own
+    if after_call:
+        after_call = False
+        continue
+    if line.startswith("calls="):
+        after_call = True
+        continue
     m = re.match(r"^(c?)(fn|ob|fl|fi|fe|cfi|cfl)=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
     if m:
         called, kind, id_, name = m.groups()
@@ -81,6 +91,8 @@ for i in sorted(ours, key=lambda i: -cost[i]):
     if not name.startswith("(") and name not in seen:
         seen.add(name)
         order.append(name)
-open(sys.argv[2], "w").write("".join(n + "\n" for n in order))
+assert len(order) > 300, f"only {len(order)} functions: did the workload run?"
+# (the first line names the rustc whose symbols these are: build.rs warns when it differs)
+open(sys.argv[2], "w").write(f"# {sys.argv[3]}\n" + "".join(n + "\n" for n in order))
 print(f"link-order.sh: {len(order)} functions in {sys.argv[2]}; rebuild (cargo build --release) to use it")
 PY
