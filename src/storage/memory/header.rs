@@ -554,10 +554,8 @@ impl StoredHeader {
     pub fn host_and_path(&self) -> (Cow<'_, str>, &str) {
         match self.url_parts() {
             ("", url) => super::split_url(url),
-            (origin, path) => (
-                crate::key::unescape_host(origin.split_once("://").map_or(origin, |(_, host)| host)),
-                path,
-            ),
+            // (an origin has no path: its split is its host)
+            (origin, path) => (super::split_url(origin).0, path),
         }
     }
 

@@ -25,17 +25,12 @@ pub struct SweepReport {
 /// as the request gave it (normalised), not as the URL escapes it ([`crate::key::unescape_host`]):
 /// bans and purges are matched against the host that hits match them against.
 pub fn split_url(url: &str) -> (Cow<'_, str>, &str) {
-    let (host, path) = split_url_escaped(url);
-    (crate::key::unescape_host(host), path)
-}
-
-/// [`split_url`], the host left as the URL has it (escaped).
-pub(super) fn split_url_escaped(url: &str) -> (&str, &str) {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    match rest.find('/') {
+    let (host, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
-    }
+    };
+    (crate::key::unescape_host(host), path)
 }
 
 /// Entries checked (rows, for a clear) between two yields of the sweeper, so that it never
