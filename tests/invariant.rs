@@ -658,3 +658,81 @@ async fn r10_a_restarted_server_is_a_reset_only_when_records_may_be_lost_with_it
         }
     }
 }
+
+/// The purge log's epoch as memcached server `mc` holds it: `None` without one, the raw text
+/// when it is not a number.
+async fn epoch_on(mc: &Memcached) -> Option<String> {
+    let got = mc.command(b"get corral/t/purgelog/epoch\r\n", "END\r\n").await;
+    got.lines()
+        .nth(1)
+        .filter(|_| got.starts_with("VALUE"))
+        .map(str::to_string)
+}
+
+async fn set_epoch_on(mc: &Memcached, value: &str) {
+    let cmd = format!("set corral/t/purgelog/epoch 0 0 {}\r\n{value}\r\n", value.len());
+    assert!(mc.command(cmd.as_bytes(), "\r\n").await.starts_with("STORED"));
+}
+
+/// Found by a review (2026-12-01). A corral that replaces the purge log's epoch (it found
+/// the log reset) reaches two of three servers; the third keeps the epoch before. The
+/// servers with the new, higher one are a read quorum, and the third was "put back" with an
+/// `add`, which cannot move an epoch it already holds: it stayed out of the quorum and every
+/// read of the log was incomplete, so L2 stayed fenced until an operator stepped in. The
+/// epoch is now set over a lower (or unreadable) one, on its CAS; and a replace writes an
+/// epoch higher than the one it replaces, so the highest is always the newest.
+#[tokio::test]
+async fn a_replace_of_the_log_epoch_that_reached_two_of_three_servers_does_not_wedge_the_log() {
+    let origin = Origin::start().await;
+    versioned(&origin, &["/w"]);
+    let mut mcs = Vec::new();
+    for _ in 0..3 {
+        mcs.push(Memcached::start().await);
+    }
+    let refs: Vec<&Memcached> = mcs.iter().collect();
+    let mut c = conf(&refs);
+    c.rules = c
+        .rules
+        .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"1s\"\n");
+    let a = Proxy::start(origin.addr, c).await;
+    assert_eq!(get(&a, "/w").await.body, "v1");
+    assert!(get(&a, "/w").await.cache.starts_with("corral; hit"));
+    let old: u64 = epoch_on(&mcs[2]).await.unwrap().parse().unwrap();
+    let new = (old + 1).to_string();
+    set_epoch_on(&mcs[0], &new).await;
+    set_epoch_on(&mcs[1], &new).await;
+
+    eventually(
+        Duration::from_secs(10),
+        "the third server takes the new epoch",
+        || async { epoch_on(&mcs[2]).await.as_deref() == Some(new.as_str()) },
+    )
+    .await;
+    // a new epoch is a reset to every corral that knew the old one: its copy is refetched
+    eventually(Duration::from_secs(10), "A follows the new epoch", || async {
+        metric(&a.metrics().await, "corral_purge_log_resets_total") >= 1.0
+    })
+    .await;
+    let again = get(&a, "/w").await;
+    assert!(again.cache.contains("fwd=miss"), "{}", again.cache);
+    assert_eq!(again.body, "v2");
+    // and the log is read completely again: a purge is taken, and A is not fenced
+    assert_eq!(purge(&a, "/w").await, 200);
+    eventually(Duration::from_secs(10), "A reads the log again", || async {
+        let m = a.metrics().await;
+        metric(&m, "corral_fenced") == 0.0 && get(&a, "/w").await.body == "v3"
+    })
+    .await;
+
+    // an epoch that is not a number on one server is set over too, not left out of the quorum
+    set_epoch_on(&mcs[1], "garbage").await;
+    eventually(
+        Duration::from_secs(10),
+        "the unreadable epoch is put back",
+        || async { epoch_on(&mcs[1]).await.as_deref() == Some(new.as_str()) },
+    )
+    .await;
+    for mc in &mcs {
+        assert_eq!(epoch_on(mc).await.as_deref(), Some(new.as_str()));
+    }
+}

@@ -16,7 +16,7 @@ use tracing::warn;
 use super::validity::{from_millis, millis};
 use super::{now_stamp, regex, Ban, Purge, Target, Validity, MAX_RECORDS};
 use crate::metrics;
-use crate::storage::memcached::L2;
+use crate::storage::memcached::{next_log_epoch, L2};
 use crate::storage::memory::MemoryStorage;
 
 mod checkpoint;
@@ -376,7 +376,8 @@ impl Follower {
             // some servers lost the log (restarted empty, flushed). A purge is acknowledged
             // once a write quorum took it: as many lost, and one may be gone for good
             if state.lacking >= l2.write_quorum() {
-                let now = l2.set_log_epoch(super::random(), true).await;
+                let next = next_log_epoch(epoch, super::random());
+                let now = l2.set_log_epoch(next, true).await;
                 self.resync(
                     now,
                     state.log_seq,
@@ -384,7 +385,7 @@ impl Follower {
                 );
             } else {
                 // every record is still on a server that kept it: put the epoch back
-                l2.set_log_epoch(epoch, false).await;
+                l2.restore_log_epoch(epoch).await;
             }
             return false;
         }
@@ -453,11 +454,11 @@ impl Follower {
                 self.resync(Some(e), seq, "its epoch changed (another corral found it reset)");
                 true
             }
-            (Some(_), Some(_)) if seq < seen => {
+            (Some(_), Some(e)) if seq < seen => {
                 // the counter alone vanished: say so to every corral with a new epoch (the
                 // numbers it hands out again may hold old records, which `L2::append_log`
                 // does not write over: purges are refused until it passes them)
-                let now = l2.set_log_epoch(super::random(), true).await;
+                let now = l2.set_log_epoch(next_log_epoch(e, super::random()), true).await;
                 self.resync(now, seq, "its sequence number went backwards");
                 true
             }

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::metrics;
 
 mod control;
-pub use control::{ControlState, RelayClaim};
+pub use control::{next_log_epoch, ControlState, RelayClaim};
 
 /// How often a server whose circuit is open is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);

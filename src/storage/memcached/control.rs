@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use memcache::exp::{Get, Ttl};
+use memcache::exp::{Get, Meta, Ttl};
 use tracing::info;
 
 use crate::metrics;
@@ -63,6 +63,19 @@ pub enum RelayClaim {
     /// No server answered (or not the one asked, and none of the others says it is written).
     Unreachable,
 }
+/// The epoch a replace of the purge log's epoch `current` writes: higher than it, so that
+/// where a replace reached only some servers, the highest epoch (the one the servers' answers
+/// agree on, [`L2::control_state`]) is the new one, and [`L2::restore_log_epoch`] puts it on
+/// the others. Random above it, so that two corrals replacing at once pick different ones.
+/// (Near `u64::MAX` it starts again low, which such a partial replace can then undo: a reset
+/// every 2^32 or so.)
+pub fn next_log_epoch(current: u64, random: u64) -> u64 {
+    current
+        .checked_add(1 + (random >> 32))
+        .unwrap_or(random >> 2)
+        .max(1)
+}
+
 /// The distinct values among `answers` (each server's, `None` where it had none), in the
 /// servers' order.
 fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
@@ -309,6 +322,50 @@ impl L2 {
         }))
         .await;
         self.control_state().await.and_then(|state| state.epoch)
+    }
+
+    /// Put `epoch`, the highest the servers hold, back on every server that lacks it, so that
+    /// they count toward the read quorum again: added where a server has none (restarted,
+    /// flushed), and set over a lower or unreadable one on its CAS (a replace that reached
+    /// only some servers leaves the epoch before it on the others; `add` could never move
+    /// it, and the read quorum would stay out of reach: L2 fenced until a restart). A higher
+    /// one is kept: a replace that began since the read. Replaces write epochs higher than
+    /// the one they replace ([`next_log_epoch`]), so the highest is the newest.
+    pub async fn restore_log_epoch(&self, epoch: u64) {
+        let key = self.log_epoch_key();
+        let k = key.as_bytes();
+        let v = epoch.to_string();
+        let v = v.as_bytes();
+        join_all(self.inner.servers.iter().map(|server| async move {
+            let held = self
+                .with_server_at(server, "get", |c| async move {
+                    c.get(k).meta(Meta::NONE.cas()).send().await
+                })
+                .await?;
+            let number = held
+                .value
+                .as_deref()
+                .filter(|_| held.hit())
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+            match (held.hit(), number, held.item.cas) {
+                (false, _, _) => {
+                    self.with_server_at(server, "set", |c| async move {
+                        c.set(k, v).ttl(Ttl::NEVER).add().send().await
+                    })
+                    .await
+                }
+                (true, Some(n), _) if n >= epoch => None,
+                (true, _, Some(cas)) => {
+                    info!(server = %server.id, held = ?number, epoch, "purge log epoch set over an older one");
+                    self.with_server_at(server, "set", |c| async move {
+                        c.set(k, v).ttl(Ttl::NEVER).compare_cas(cas).send().await
+                    })
+                    .await
+                }
+                (true, _, None) => None,
+            }
+        }))
+        .await;
     }
 
     fn log_checkpoint_key(&self) -> String {
@@ -561,7 +618,19 @@ impl L2 {
 
 #[cfg(test)]
 mod tests {
-    use super::distinct;
+    use super::{distinct, next_log_epoch};
+
+    #[test]
+    fn a_replaced_epoch_is_higher_than_the_one_it_replaces() {
+        for (current, random) in [(1, 0), (1, u64::MAX), (u64::MAX / 2, 12345 << 32), (7, 1)] {
+            assert!(next_log_epoch(current, random) > current, "{current} {random}");
+        }
+        // two corrals replacing at once pick different epochs (their random high halves)
+        assert_ne!(next_log_epoch(5, 1 << 32), next_log_epoch(5, 2 << 32));
+        // at the top it starts again low, never at 0 (no epoch)
+        assert!(next_log_epoch(u64::MAX, 0) >= 1);
+        assert!(next_log_epoch(u64::MAX - 3, u64::MAX) < u64::MAX / 2);
+    }
 
     #[test]
     fn distinct_keeps_each_value_once_in_the_servers_order() {
