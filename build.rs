@@ -11,7 +11,8 @@
 //! symbol of the list that the build does not have (the code, a dependency or rustc changed
 //! since the list was written: its first line names the rustc) is left where it is, without a
 //! warning from the linker: a stale list costs memory, never the build, and this script warns
-//! when the list was written by another rustc.
+//! when the list was written by another rustc, or for another `Cargo.lock` (its second line:
+//! the dependencies' versions are in the names' hashes too).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ fn main() {
     if order.is_file() {
         // (a path that does not exist would run this script again at every build)
         println!("cargo:rerun-if-changed={ORDER}");
+        println!("cargo:rerun-if-changed=Cargo.lock");
     }
     match why_not(&order) {
         // (shown by cargo build -vv)
@@ -108,27 +110,49 @@ fn why_not(order: &Path) -> Option<String> {
     }
 }
 
-/// A warning (shown by cargo) when the list's first line names another rustc than this one.
+/// A warning (shown by cargo) when the list's first line names another rustc than this one,
+/// or its second line another `Cargo.lock` (a fingerprint: FNV-1a, 64 bits, as
+/// `benches/link-order.sh` computes it).
 fn warn_if_stale(order: &Path) {
-    let Some(written) = std::fs::read_to_string(order).ok().and_then(|text| {
-        text.lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# "))
-            .map(str::to_owned)
-    }) else {
+    let Ok(text) = std::fs::read_to_string(order) else {
         return;
     };
+    let mut lines = text.lines();
+    let written = lines
+        .next()
+        .and_then(|l| l.strip_prefix("# "))
+        .unwrap_or_default();
     let now = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
         .arg("--version")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .unwrap_or_default();
-    if !written.is_empty() && now.trim() != written.trim() {
+    let stale = |what: String| {
         println!(
-            "cargo:warning={ORDER} was written for {written}, this is {}: its names are stale, \
-             and RSS is about 2-3 MiB higher until benches/link-order.sh writes it again",
-            now.trim()
-        );
+            "cargo:warning={ORDER} was written for {what}: its names are stale, and RSS is about \
+             2-3 MiB higher until benches/link-order.sh writes it again"
+        )
+    };
+    if !written.is_empty() && now.trim() != written.trim() {
+        stale(format!("{written}, this is {}", now.trim()));
     }
+    let lock = Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join("Cargo.lock");
+    if let (Some(was), Ok(lock)) = (
+        lines.next().and_then(|l| l.strip_prefix("# Cargo.lock fnv1a64 ")),
+        std::fs::read(lock),
+    ) {
+        let is = format!("{:016x}", fnv1a64(&lock));
+        if was.trim() != is {
+            stale(format!("another Cargo.lock ({was}, this one is {is})"));
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a fingerprint of `Cargo.lock` that the Python of `benches/link-order.sh`
+/// computes the same way without a dependency.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

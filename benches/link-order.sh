@@ -4,7 +4,8 @@
 # variants, HEAD and range requests, purges, objects too large to keep, and the admin API;
 # the busiest first. They then lie together in the binary, and fewer of its pages are mapped
 # (README, "Where the RSS at α 0.8 goes"). Run it again when the list is stale (a new rustc or
-# new dependencies rename the symbols; symbols not found are left where they are).
+# new dependencies rename the symbols; symbols not found are left where they are; build.rs
+# warns when the rustc or Cargo.lock differs from the list's first two lines).
 #
 #   benches/link-order.sh     # needs valgrind (Debian package `valgrind`); then rebuild
 set -euo pipefail
@@ -92,7 +93,13 @@ for i in sorted(ours, key=lambda i: -cost[i]):
         seen.add(name)
         order.append(name)
 assert len(order) > 300, f"only {len(order)} functions: did the workload run?"
-# (the first line names the rustc whose symbols these are: build.rs warns when it differs)
-open(sys.argv[2], "w").write(f"# {sys.argv[3]}\n" + "".join(n + "\n" for n in order))
+# the first line names the rustc whose symbols these are, the second the Cargo.lock (FNV-1a,
+# 64 bits): the dependencies' versions are in the names' hashes too. build.rs warns when either
+# differs
+lock = 0xcbf29ce484222325
+for b in open("Cargo.lock", "rb").read():
+    lock = ((lock ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+open(sys.argv[2], "w").write(f"# {sys.argv[3]}\n# Cargo.lock fnv1a64 {lock:016x}\n"
+                             + "".join(n + "\n" for n in order))
 print(f"link-order.sh: {len(order)} functions in {sys.argv[2]}; rebuild (cargo build --release) to use it")
 PY

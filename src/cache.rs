@@ -453,6 +453,7 @@ impl CacheParts {
         metrics::L1_BYTES.set(stats.bytes as i64);
         metrics::L1_ENTRIES.set(stats.entries as i64);
         metrics::L1_EVICTIONS.set(self.eviction.evicted_items() as i64);
+        metrics::L1_ORIGINS.set(crate::storage::memory::numbered_origins() as i64);
         metrics::PURGE_RECORDS.set(self.validity.len() as i64);
         metrics::PURGE_RECORD_BYTES.set(self.validity.heap_bytes() as i64);
         metrics::PURGE_LOG_APPLIED.set(self.storage.log.seen() as i64);

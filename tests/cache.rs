@@ -1195,6 +1195,8 @@ async fn metrics_count_outcomes() {
     assert!(text.contains("corral_requests_total{cache=\"hit\"} 1"), "{text}");
     assert!(text.contains("corral_requests_total{cache=\"miss\"} 1"), "{text}");
     assert!(text.contains("corral_l1_entries 1"), "{text}");
+    // the one origin its URL starts with got a number in L1's table of origins
+    assert_eq!(metric(&text, "corral_l1_origins"), 1.0, "{text}");
 }
 
 /// RFC 9110 §12.5.3: without Accept-Encoding any coding is acceptable. A client that accepts

@@ -1167,6 +1167,7 @@ mod header;
 mod hit;
 mod listing;
 mod origins;
+pub use origins::numbered as numbered_origins;
 mod sweep;
 pub use listing::{Cursor, KeyInfo, Listed};
 

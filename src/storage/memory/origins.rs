@@ -87,6 +87,11 @@ impl<const N: usize> Origins<N> {
         Some(n)
     }
 
+    /// How many origins have a number (`N` once the table is full).
+    pub(super) fn len(&self) -> usize {
+        self.numbers.read().len()
+    }
+
     /// The origin numbered `n` (`""` for a number never given, which no head holds).
     pub(super) fn text(&self, n: u16) -> &'static str {
         self.texts
@@ -95,6 +100,12 @@ impl<const N: usize> Origins<N> {
             .copied()
             .unwrap_or_default()
     }
+}
+
+/// How many origins have a number in the process's table (at most [`MAX_ORIGINS`]; once they
+/// all do, entries of any other origin keep their URL whole): `corral_l1_origins`.
+pub fn numbered() -> usize {
+    ORIGINS.len()
 }
 
 /// `url` as its origin (`scheme://host`) and the rest (from the path's first `/`); `None` if
