@@ -372,22 +372,34 @@ impl Follower {
         let Some(state) = l2.control_state().await else {
             return false;
         };
-        if let (Some(epoch), true) = (state.epoch, state.lacking > 0) {
-            // some servers lost the log (restarted empty, flushed). A purge is acknowledged
-            // once a write quorum took it: as many lost, and one may be gone for good
+        if state.lacking > 0 {
+            // some servers lost the log (restarted empty, flushed), or hold another epoch or
+            // an unreadable one. A purge is acknowledged once a write quorum took it: as many
+            // lost, and one may be gone for good
             if state.lacking >= l2.write_quorum() {
-                let next = next_log_epoch(epoch, super::random());
+                let known = *self.epoch.lock();
+                let next = next_log_epoch(state.epoch.or(known).unwrap_or(0), super::random());
                 let now = l2.set_log_epoch(next, true).await;
                 self.resync(
                     now,
                     state.log_seq,
                     "memcached servers lost it (restarted or flushed)",
                 );
-            } else {
-                // every record is still on a server that kept it: put the epoch back
-                l2.restore_log_epoch(epoch).await;
+                return false;
             }
-            return false;
+            if state.epoch.is_some() {
+                if state.complete {
+                    // every record is still on a server that kept it, and those answered:
+                    // put the log back
+                    l2.restore_log(&state).await;
+                }
+                // (otherwise a server that kept the epoch is down as well: what the lacking
+                // ones lost may be on it alone. Nothing is put back until it answers: fenced
+                // meanwhile)
+                return false;
+            }
+            // no readable epoch anywhere, and a few servers hold an unreadable value: as with
+            // none (`follow`); once an epoch is added, they are lacking it and set over
         }
         if !state.complete {
             // a record may be on the servers that did not answer only: not confirmed, and
@@ -441,12 +453,15 @@ impl Follower {
         let known = *self.epoch.lock();
         match (known, epoch) {
             (None, None) if seen == 0 && seq == 0 => {
-                // a new namespace: give its log an epoch
-                *self.epoch.lock() = l2.set_log_epoch(super::random(), false).await;
+                // a new namespace: give its log an epoch (room above it for those after)
+                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 1, false).await;
                 true
             }
-            (_, None) => {
-                let now = l2.set_log_epoch(super::random(), false).await;
+            (k, None) => {
+                // higher than the epoch this corral knew, as a replace's: a server that was
+                // down with the old one then counts as lacking the new one, and is set over
+                let next = next_log_epoch(k.unwrap_or(0), super::random());
+                let now = l2.set_log_epoch(next, false).await;
                 self.resync(now, seq, "its epoch is gone (memcached restarted or flushed)");
                 true
             }

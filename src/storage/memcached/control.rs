@@ -12,7 +12,7 @@ use tracing::info;
 
 use crate::metrics;
 
-use super::{L2, MAX_TTL};
+use super::{Server, L2, MAX_TTL};
 
 /// Sequence numbers a purge log record is tried under before its purge is refused: each
 /// try after the first follows a number that another purge's record took ([`L2::append_log`]).
@@ -86,6 +86,17 @@ fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
         }
     }
     out
+}
+
+/// What [`L2::raise_on`] did with a server's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raised {
+    /// It held as much or more: kept.
+    Kept,
+    /// It held less, or none, or an unreadable value (asked only to check).
+    Lower,
+    /// Set to the value.
+    Set,
 }
 
 /// The namespace's control keys, as [`L2::control_state`] reads them.
@@ -180,8 +191,13 @@ impl L2 {
         };
         let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
         // a server counts toward the quorum only if it holds the log's epoch: one restarted
-        // empty has lost the records it took, and must not stand in for them
-        let agreeing = answers.iter().filter(|a| number(&a[0]) == epoch).count();
+        // empty has lost the records it took, and must not stand in for them. One with an
+        // unreadable value lacks it, even when no server has a readable one (it would
+        // otherwise agree with "none" at every read, and the log be reset at each)
+        let agreeing = answers
+            .iter()
+            .filter(|a| number(&a[0]) == epoch && (epoch.is_some() || a[0].is_none()))
+            .count();
         Some(ControlState {
             epoch,
             log_seq: top(1),
@@ -324,48 +340,95 @@ impl L2 {
         self.control_state().await.and_then(|state| state.epoch)
     }
 
-    /// Put `epoch`, the highest the servers hold, back on every server that lacks it, so that
-    /// they count toward the read quorum again: added where a server has none (restarted,
-    /// flushed), and set over a lower or unreadable one on its CAS (a replace that reached
-    /// only some servers leaves the epoch before it on the others; `add` could never move
-    /// it, and the read quorum would stay out of reach: L2 fenced until a restart). A higher
-    /// one is kept: a replace that began since the read. Replaces write epochs higher than
-    /// the one they replace ([`next_log_epoch`]), so the highest is the newest.
-    pub async fn restore_log_epoch(&self, epoch: u64) {
-        let key = self.log_epoch_key();
-        let k = key.as_bytes();
-        let v = epoch.to_string();
-        let v = v.as_bytes();
-        join_all(self.inner.servers.iter().map(|server| async move {
-            let held = self
-                .with_server_at(server, "get", |c| async move {
-                    c.get(k).meta(Meta::NONE.cas()).send().await
-                })
-                .await?;
-            let number = held
-                .value
-                .as_deref()
-                .filter(|_| held.hit())
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
-            match (held.hit(), number, held.item.cas) {
-                (false, _, _) => {
-                    self.with_server_at(server, "set", |c| async move {
-                        c.set(k, v).ttl(Ttl::NEVER).add().send().await
-                    })
-                    .await
+    /// Put the log back on every server that lacks its epoch (`state.epoch`, the highest the
+    /// servers hold), so that they count toward the read quorum again: first its counter and
+    /// the generation, raised to `state`'s (a server restarted empty has neither, and once it
+    /// counts, the log's last numbers must not rest on the servers that had them alone: with
+    /// its counter a number whose record it lost reads as a gap, covered by a floor, not as
+    /// the end of the log), then the epoch. Each key is added where the server has none, and
+    /// set over a lower or unreadable value on its CAS (a replace that reached only some
+    /// servers leaves the epoch before it on the others; `add` could never move it, and the
+    /// read quorum would stay out of reach: L2 fenced until a restart). A higher value is
+    /// kept: a bump or a replace since the read. Replaces write epochs higher than the one
+    /// they replace ([`next_log_epoch`]), so the highest is the newest. The caller does this
+    /// only after a complete read (a read quorum holding the epoch), so that `state`'s
+    /// counter is the log's.
+    pub async fn restore_log(&self, state: &ControlState) {
+        let Some(epoch) = state.epoch else {
+            return;
+        };
+        let keys = [
+            (self.log_seq_key(), state.log_seq),
+            (self.generation_key(), state.generation),
+            (self.log_epoch_key(), epoch),
+        ];
+        join_all(self.inner.servers.iter().map(|server| async {
+            let [(seq_key, seq), (generation_key, generation), (epoch_key, epoch)] = &keys;
+            if self.raise_on(server, epoch_key, *epoch, true).await != Some(Raised::Lower) {
+                return;
+            }
+            // (the epoch last: a server counts only once it holds the rest)
+            let counters = [(seq_key, *seq), (generation_key, *generation)];
+            for (key, value) in counters {
+                if self.raise_on(server, key, value, false).await.is_none() {
+                    return;
                 }
-                (true, Some(n), _) if n >= epoch => None,
-                (true, _, Some(cas)) => {
-                    info!(server = %server.id, held = ?number, epoch, "purge log epoch set over an older one");
-                    self.with_server_at(server, "set", |c| async move {
-                        c.set(k, v).ttl(Ttl::NEVER).compare_cas(cas).send().await
-                    })
-                    .await
-                }
-                (true, _, None) => None,
+            }
+            if self.raise_on(server, epoch_key, *epoch, false).await == Some(Raised::Set) {
+                info!(server = %server.id, epoch, "purge log put back on a server that lacked it");
             }
         }))
         .await;
+    }
+
+    /// Raise the number under `key` on `server` to `value`: added where it has none, set over
+    /// a lower or unreadable one on its CAS, a higher or equal one kept. With `check`, only
+    /// says whether it is lower ([`Raised::Lower`]) without writing. `None` if the server did
+    /// not answer, or the value moved meanwhile (a CAS or an `add` lost).
+    async fn raise_on(&self, server: &Server, key: &str, value: u64, check: bool) -> Option<Raised> {
+        let k = key.as_bytes();
+        let held = self
+            .with_server_at(server, "get", |c| async move {
+                c.get(k).meta(Meta::NONE.cas()).send().await
+            })
+            .await?;
+        let number = held
+            .value
+            .as_deref()
+            .filter(|_| held.hit())
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        if number.is_some_and(|n| n >= value) {
+            return Some(Raised::Kept);
+        }
+        if check {
+            return Some(Raised::Lower);
+        }
+        let v = value.to_string();
+        let v = v.as_bytes();
+        let cas = held.item.cas.filter(|_| held.hit());
+        if held.hit() && matches!(cas, None | Some(0)) {
+            // memcached returns the CAS asked for, 0 when started with -C (CAS off): a set
+            // on it would be blind, and could write over a replace made since the read
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    server = %server.id,
+                    key,
+                    "memcached gave no CAS (started with -C?): the purge log cannot be put back on a server that holds an older value of it; L2 stays fenced while it does"
+                );
+            }
+            return None;
+        }
+        let stored = self
+            .with_server_at(server, "set", |c| async move {
+                let set = c.set(k, v).ttl(Ttl::NEVER);
+                match cas {
+                    Some(cas) => set.compare_cas(cas).send().await,
+                    None => set.add().send().await,
+                }
+            })
+            .await?;
+        stored.applied().then_some(Raised::Set)
     }
 
     fn log_checkpoint_key(&self) -> String {
