@@ -378,8 +378,9 @@ impl Follower {
             // lost, and one may be gone for good
             if state.lacking >= l2.write_quorum() {
                 let known = *self.epoch.lock();
-                let next = next_log_epoch(state.epoch.or(known).unwrap_or(0), super::random());
-                let now = l2.set_log_epoch(next, true).await;
+                let Some(now) = self.new_epoch(l2, state.epoch.or(known), true).await else {
+                    return false;
+                };
                 self.resync(
                     now,
                     state.log_seq,
@@ -388,15 +389,16 @@ impl Follower {
                 return false;
             }
             if state.epoch.is_some() {
-                if state.complete {
-                    // every record is still on a server that kept it, and those answered:
-                    // put the log back
-                    l2.restore_log(&state).await;
+                if !state.complete {
+                    // a server that kept the epoch is down as well: what the lacking ones
+                    // lost may be on it alone. Nothing is put back until it answers (fenced
+                    // meanwhile)
+                    return false;
                 }
-                // (otherwise a server that kept the epoch is down as well: what the lacking
-                // ones lost may be on it alone. Nothing is put back until it answers: fenced
-                // meanwhile)
-                return false;
+                // every record is still on a server that kept it, and those answered: put the
+                // log back, and follow it on this read (complete: the servers that hold the
+                // epoch are a read quorum, which overlaps every purge's write quorum)
+                l2.restore_log(&state).await;
             }
             // no readable epoch anywhere, and a few servers hold an unreadable value: as with
             // none (`follow`); once an epoch is added, they are lacking it and set over
@@ -460,8 +462,9 @@ impl Follower {
             (k, None) => {
                 // higher than the epoch this corral knew, as a replace's: a server that was
                 // down with the old one then counts as lacking the new one, and is set over
-                let next = next_log_epoch(k.unwrap_or(0), super::random());
-                let now = l2.set_log_epoch(next, false).await;
+                let Some(now) = self.new_epoch(l2, k, false).await else {
+                    return false;
+                };
                 self.resync(now, seq, "its epoch is gone (memcached restarted or flushed)");
                 true
             }
@@ -473,7 +476,9 @@ impl Follower {
                 // the counter alone vanished: say so to every corral with a new epoch (the
                 // numbers it hands out again may hold old records, which `L2::append_log`
                 // does not write over: purges are refused until it passes them)
-                let now = l2.set_log_epoch(next_log_epoch(e, super::random()), true).await;
+                let Some(now) = self.new_epoch(l2, Some(e), true).await else {
+                    return false;
+                };
                 self.resync(now, seq, "its sequence number went backwards");
                 true
             }
@@ -482,6 +487,18 @@ impl Follower {
                 seq <= seen || self.apply(l2, seen, seq).await
             }
         }
+    }
+
+    /// A new epoch for a log found reset, above `known` (the epoch before, if any), written
+    /// where no server has one or, with `replace`, over every lower one. The namespace's
+    /// generation is bumped first: the reset treats what was validated before as purged in
+    /// the corrals running now, and a corral that starts later would otherwise take the L2
+    /// copies from before it, which the records lost with the reset may have purged. `None`
+    /// (nothing written) if the generation could not be bumped.
+    async fn new_epoch(&self, l2: &L2, known: Option<u64>, replace: bool) -> Option<Option<u64>> {
+        l2.bump_generation().await?;
+        let next = next_log_epoch(known.unwrap_or(super::random() >> 1), super::random());
+        Some(l2.set_log_epoch(next, replace).await)
     }
 
     /// Purges were missed and cannot be told apart: everything validated before now counts as

@@ -65,7 +65,7 @@ pub enum RelayClaim {
 }
 /// The epoch a replace of the purge log's epoch `current` writes: higher than it, so that
 /// where a replace reached only some servers, the highest epoch (the one the servers' answers
-/// agree on, [`L2::control_state`]) is the new one, and [`L2::restore_log_epoch`] puts it on
+/// agree on, [`L2::control_state`]) is the new one, and [`L2::restore_log`] puts it on
 /// the others. Random above it, so that two corrals replacing at once pick different ones.
 /// (Near `u64::MAX` it starts again low, which such a partial replace can then undo: a reset
 /// every 2^32 or so.)
@@ -86,6 +86,18 @@ fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
         }
     }
     out
+}
+
+/// What [`L2::raise_on`] is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raise {
+    /// Only say whether the server's number is lower ([`Raised::Lower`]); write nothing.
+    Check,
+    /// Raise it, on its CAS; without a CAS (memcached `-C`), nothing is written.
+    Up,
+    /// Raise it, on its CAS; without one, set it blind (a reset's epoch: it must land, and
+    /// a concurrent one costs another reset at worst).
+    Replace,
 }
 
 /// What [`L2::raise_on`] did with a server's number.
@@ -296,19 +308,15 @@ impl L2 {
         }
         let top = results.iter().flatten().copied().max()?;
         let low = results.iter().flatten().copied().min().unwrap_or(top);
-        let v = top.to_string();
-        let v = v.as_bytes();
+        // raised on its CAS, not set: a set landing after another bump raised it further would
+        // take the counter back below a record that bump's purge holds there
         join_all(
             self.inner
                 .servers
                 .iter()
                 .zip(&results)
                 .filter(|(_, value)| value.is_some_and(|v| v < top))
-                .map(|(server, _)| {
-                    self.with_server_at(server, "set", |c| async move {
-                        c.set(k, v).ttl(Ttl::NEVER).send().await
-                    })
-                }),
+                .map(|(server, _)| self.raise_on(server, key, top, Raise::Up)),
         )
         .await;
         Some((top, low))
@@ -319,22 +327,25 @@ impl L2 {
     }
 
     /// Make `candidate` the purge log's epoch where no server has one (`add`), so that one of
-    /// the corrals that start or resync at once wins; `replace` also overwrites (a corral that
-    /// found the log gone backwards tells every other one). Returns the epoch now in place.
+    /// the corrals that start or resync at once wins; `replace` also writes over a lower or
+    /// unreadable one (a corral that found the log reset tells every other one), on its CAS,
+    /// keeping a higher one: two corrals replacing at once leave the higher of their epochs
+    /// on every server, not each its own on some (every server lacking the other's: reset
+    /// again, and again). Returns the epoch now in place.
     pub async fn set_log_epoch(&self, candidate: u64, replace: bool) -> Option<u64> {
         let key = self.log_epoch_key();
         let k = key.as_bytes();
         let v = candidate.to_string();
         let v = v.as_bytes();
-        join_all(self.inner.servers.iter().map(|server| {
-            self.with_server_at(server, "set", |c| async move {
-                let set = c.set(k, v).ttl(Ttl::NEVER);
-                if replace {
-                    set.send().await
-                } else {
-                    set.add().send().await
-                }
-            })
+        join_all(self.inner.servers.iter().map(|server| async {
+            if replace {
+                self.raise_on(server, &key, candidate, Raise::Replace).await;
+            } else {
+                self.with_server_at(server, "set", |c| async move {
+                    c.set(k, v).ttl(Ttl::NEVER).add().send().await
+                })
+                .await;
+            }
         }))
         .await;
         self.control_state().await.and_then(|state| state.epoch)
@@ -364,17 +375,17 @@ impl L2 {
         ];
         join_all(self.inner.servers.iter().map(|server| async {
             let [(seq_key, seq), (generation_key, generation), (epoch_key, epoch)] = &keys;
-            if self.raise_on(server, epoch_key, *epoch, true).await != Some(Raised::Lower) {
+            if self.raise_on(server, epoch_key, *epoch, Raise::Check).await != Some(Raised::Lower) {
                 return;
             }
             // (the epoch last: a server counts only once it holds the rest)
             let counters = [(seq_key, *seq), (generation_key, *generation)];
             for (key, value) in counters {
-                if self.raise_on(server, key, value, false).await.is_none() {
+                if self.raise_on(server, key, value, Raise::Up).await.is_none() {
                     return;
                 }
             }
-            if self.raise_on(server, epoch_key, *epoch, false).await == Some(Raised::Set) {
+            if self.raise_on(server, epoch_key, *epoch, Raise::Up).await == Some(Raised::Set) {
                 info!(server = %server.id, epoch, "purge log put back on a server that lacked it");
             }
         }))
@@ -382,10 +393,9 @@ impl L2 {
     }
 
     /// Raise the number under `key` on `server` to `value`: added where it has none, set over
-    /// a lower or unreadable one on its CAS, a higher or equal one kept. With `check`, only
-    /// says whether it is lower ([`Raised::Lower`]) without writing. `None` if the server did
-    /// not answer, or the value moved meanwhile (a CAS or an `add` lost).
-    async fn raise_on(&self, server: &Server, key: &str, value: u64, check: bool) -> Option<Raised> {
+    /// a lower or unreadable one on its CAS, a higher or equal one kept. `None` if the server
+    /// did not answer, or the value moved meanwhile (a CAS or an `add` lost).
+    async fn raise_on(&self, server: &Server, key: &str, value: u64, how: Raise) -> Option<Raised> {
         let k = key.as_bytes();
         let held = self
             .with_server_at(server, "get", |c| async move {
@@ -400,13 +410,14 @@ impl L2 {
         if number.is_some_and(|n| n >= value) {
             return Some(Raised::Kept);
         }
-        if check {
+        if how == Raise::Check {
             return Some(Raised::Lower);
         }
         let v = value.to_string();
         let v = v.as_bytes();
         let cas = held.item.cas.filter(|_| held.hit());
-        if held.hit() && matches!(cas, None | Some(0)) {
+        let blind = how == Raise::Replace;
+        if held.hit() && matches!(cas, None | Some(0)) && !blind {
             // memcached returns the CAS asked for, 0 when started with -C (CAS off): a set
             // on it would be blind, and could write over a replace made since the read
             static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -422,8 +433,9 @@ impl L2 {
         let stored = self
             .with_server_at(server, "set", |c| async move {
                 let set = c.set(k, v).ttl(Ttl::NEVER);
-                match cas {
+                match cas.filter(|&c| c != 0) {
                     Some(cas) => set.compare_cas(cas).send().await,
+                    None if held.hit() => set.send().await,
                     None => set.add().send().await,
                 }
             })
@@ -601,9 +613,7 @@ impl L2 {
             }))
             .await;
             if seq > low && seq - low <= FILL_BELOW {
-                for n in low..seq {
-                    self.add_everywhere(self.log_key(n).as_bytes(), record).await;
-                }
+                self.fill_skipped(low, seq, record).await;
             }
             let took = added.iter().flatten().filter(|r| r.applied()).count();
             if took >= self.write_quorum() {
@@ -616,6 +626,30 @@ impl L2 {
             metrics::PURGE_LOG_SEQ_TAKEN.inc();
         }
         None
+    }
+
+    /// Write `record` under the numbers `low..seq` that two bumps in opposite orders skipped:
+    /// those no server that answers holds a record under, when a read quorum answers. A
+    /// number some server holds a record under is not skipped but missed by a server that
+    /// was behind (the bump brought it up): filling it there would hide, from a reader of
+    /// that server, the record it lacks, should the servers that hold it be lost (a gap reads
+    /// as one, and is covered by a floor). Best effort: a number left empty costs a floor.
+    async fn fill_skipped(&self, low: u64, seq: u64, record: &[u8]) {
+        let keys: Vec<String> = (low..seq).map(|n| self.log_key(n)).collect();
+        let answers: Vec<Vec<Option<Vec<u8>>>> = self
+            .get_many_everywhere(&keys)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.len() < self.read_quorum() {
+            return;
+        }
+        for (i, key) in keys.iter().enumerate() {
+            if answers.iter().all(|a| a[i].is_none()) {
+                self.add_everywhere(key.as_bytes(), record).await;
+            }
+        }
     }
 
     /// Add `value` under `key` on every server that has none (`add`), best effort.
