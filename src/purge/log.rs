@@ -214,6 +214,10 @@ pub struct Follower {
     /// generation was this; a move from it to the next, until then, is that change's (one
     /// corral moves it for all), and is adopted without a second drop.
     expected_move: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
+    /// The last reset this corral bumped the generation for: the epoch it knew then, and the
+    /// generation the bump gave. A reset tried again (its epoch did not land) is not bumped
+    /// again: one bump hides the copies from before it.
+    reset_bump: parking_lot::Mutex<Option<(Option<u64>, u64)>>,
 }
 
 impl Follower {
@@ -240,6 +244,7 @@ impl Follower {
             checkpointed: AtomicU64::new(0),
             missing: parking_lot::Mutex::new(None),
             expected_move: parking_lot::Mutex::new(None),
+            reset_bump: parking_lot::Mutex::new(None),
         }
     }
 
@@ -378,7 +383,7 @@ impl Follower {
             // lost, and one may be gone for good
             if state.lacking >= l2.write_quorum() {
                 let known = *self.epoch.lock();
-                let Some(now) = self.new_epoch(l2, state.epoch.or(known), true).await else {
+                let Some(now) = self.new_epoch(l2, state.epoch.or(known)).await else {
                     return false;
                 };
                 self.resync(
@@ -415,7 +420,17 @@ impl Follower {
         } else {
             None
         };
-        if !self.adopt_generation(l2, generation, state.generation, first, upstream) {
+        // a move seen with a new epoch is a reset's bump (`new_epoch`): `follow` drops L1 and
+        // says why, once
+        let reset_ahead = {
+            let known = *self.epoch.lock();
+            known.is_some() && state.epoch != known
+        };
+        if reset_ahead && state.generation != generation {
+            if !l2.adopt_generation_from(generation, state.generation) {
+                return false;
+            }
+        } else if !self.adopt_generation(l2, generation, state.generation, first, upstream) {
             // this corral moved it meanwhile (a purge-all of its own): read again next time
             return false;
         }
@@ -456,13 +471,13 @@ impl Follower {
         match (known, epoch) {
             (None, None) if seen == 0 && seq == 0 => {
                 // a new namespace: give its log an epoch (room above it for those after)
-                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 1, false).await;
+                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 1).await;
                 true
             }
             (k, None) => {
                 // higher than the epoch this corral knew, as a replace's: a server that was
                 // down with the old one then counts as lacking the new one, and is set over
-                let Some(now) = self.new_epoch(l2, k, false).await else {
+                let Some(now) = self.new_epoch(l2, k).await else {
                     return false;
                 };
                 self.resync(now, seq, "its epoch is gone (memcached restarted or flushed)");
@@ -476,7 +491,7 @@ impl Follower {
                 // the counter alone vanished: say so to every corral with a new epoch (the
                 // numbers it hands out again may hold old records, which `L2::append_log`
                 // does not write over: purges are refused until it passes them)
-                let Some(now) = self.new_epoch(l2, Some(e), true).await else {
+                let Some(now) = self.new_epoch(l2, Some(e)).await else {
                     return false;
                 };
                 self.resync(now, seq, "its sequence number went backwards");
@@ -489,16 +504,22 @@ impl Follower {
         }
     }
 
-    /// A new epoch for a log found reset, above `known` (the epoch before, if any), written
-    /// where no server has one or, with `replace`, over every lower one. The namespace's
-    /// generation is bumped first: the reset treats what was validated before as purged in
-    /// the corrals running now, and a corral that starts later would otherwise take the L2
-    /// copies from before it, which the records lost with the reset may have purged. `None`
-    /// (nothing written) if the generation could not be bumped.
-    async fn new_epoch(&self, l2: &L2, known: Option<u64>, replace: bool) -> Option<Option<u64>> {
-        l2.bump_generation().await?;
-        let next = next_log_epoch(known.unwrap_or(super::random() >> 1), super::random());
-        Some(l2.set_log_epoch(next, replace).await)
+    /// A new epoch for a log found reset, above `known` (the epoch before, if any; without
+    /// one, in the upper half, above a new namespace's), written over every lower one. The
+    /// namespace's generation is bumped first: the reset treats what was validated before as
+    /// purged in the corrals running now, and a corral that starts later would otherwise take
+    /// the L2 copies from before it, which the records lost with the reset may have purged.
+    /// Once per reset: not again while the reset is tried again (its epoch did not land, the
+    /// generation is still the bump's). `None` (nothing written) if the generation could not
+    /// be bumped.
+    async fn new_epoch(&self, l2: &L2, known: Option<u64>) -> Option<Option<u64>> {
+        let again = matches!(*self.reset_bump.lock(), Some((k, g)) if k == known && l2.generation() == g);
+        if !again {
+            let g = l2.bump_generation().await?;
+            *self.reset_bump.lock() = Some((known, g));
+        }
+        let base = known.unwrap_or((1 << 63) | (super::random() >> 1));
+        Some(l2.set_log_epoch(next_log_epoch(base, super::random())).await)
     }
 
     /// Purges were missed and cannot be told apart: everything validated before now counts as

@@ -95,8 +95,9 @@ enum Raise {
     Check,
     /// Raise it, on its CAS; without a CAS (memcached `-C`), nothing is written.
     Up,
-    /// Raise it, on its CAS; without one, set it blind (a reset's epoch: it must land, and
-    /// a concurrent one costs another reset at worst).
+    /// Raise it, on its CAS; without one, set it blind (a reset's epoch, a counter behind
+    /// another server's: it must land, and a concurrent write costs another reset or a
+    /// skipped number at worst).
     Replace,
 }
 
@@ -316,7 +317,7 @@ impl L2 {
                 .iter()
                 .zip(&results)
                 .filter(|(_, value)| value.is_some_and(|v| v < top))
-                .map(|(server, _)| self.raise_on(server, key, top, Raise::Up)),
+                .map(|(server, _)| self.raise_on(server, key, top, Raise::Replace)),
         )
         .await;
         Some((top, low))
@@ -326,27 +327,19 @@ impl L2 {
         format!("corral/{}/purgelog/epoch", self.inner.namespace)
     }
 
-    /// Make `candidate` the purge log's epoch where no server has one (`add`), so that one of
-    /// the corrals that start or resync at once wins; `replace` also writes over a lower or
-    /// unreadable one (a corral that found the log reset tells every other one), on its CAS,
-    /// keeping a higher one: two corrals replacing at once leave the higher of their epochs
-    /// on every server, not each its own on some (every server lacking the other's: reset
-    /// again, and again). Returns the epoch now in place.
-    pub async fn set_log_epoch(&self, candidate: u64, replace: bool) -> Option<u64> {
+    /// Make `candidate` the purge log's epoch on every server: added where a server has none,
+    /// written over a lower, empty or unreadable one (a corral that found the log reset tells
+    /// every other one), on its CAS, a higher one kept: corrals that start or reset at once
+    /// leave the highest of their epochs on every server, not each its own on some (every
+    /// server lacking the others': reset again, and again). Returns the epoch now in place.
+    pub async fn set_log_epoch(&self, candidate: u64) -> Option<u64> {
         let key = self.log_epoch_key();
-        let k = key.as_bytes();
-        let v = candidate.to_string();
-        let v = v.as_bytes();
-        join_all(self.inner.servers.iter().map(|server| async {
-            if replace {
-                self.raise_on(server, &key, candidate, Raise::Replace).await;
-            } else {
-                self.with_server_at(server, "set", |c| async move {
-                    c.set(k, v).ttl(Ttl::NEVER).add().send().await
-                })
-                .await;
-            }
-        }))
+        join_all(
+            self.inner
+                .servers
+                .iter()
+                .map(|server| self.raise_on(server, &key, candidate, Raise::Replace)),
+        )
         .await;
         self.control_state().await.and_then(|state| state.epoch)
     }
@@ -396,6 +389,18 @@ impl L2 {
     /// a lower or unreadable one on its CAS, a higher or equal one kept. `None` if the server
     /// did not answer, or the value moved meanwhile (a CAS or an `add` lost).
     async fn raise_on(&self, server: &Server, key: &str, value: u64, how: Raise) -> Option<Raised> {
+        // a CAS lost to another writer is read again and tried again, a few times
+        for _ in 0..3 {
+            match self.raise_once(server, key, value, how).await? {
+                Some(done) => return Some(done),
+                None => continue,
+            }
+        }
+        None
+    }
+
+    /// One try of [`Self::raise_on`]: `Some(None)` when a CAS or an `add` was lost.
+    async fn raise_once(&self, server: &Server, key: &str, value: u64, how: Raise) -> Option<Option<Raised>> {
         let k = key.as_bytes();
         let held = self
             .with_server_at(server, "get", |c| async move {
@@ -408,16 +413,15 @@ impl L2 {
             .filter(|_| held.hit())
             .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
         if number.is_some_and(|n| n >= value) {
-            return Some(Raised::Kept);
+            return Some(Some(Raised::Kept));
         }
         if how == Raise::Check {
-            return Some(Raised::Lower);
+            return Some(Some(Raised::Lower));
         }
         let v = value.to_string();
         let v = v.as_bytes();
         let cas = held.item.cas.filter(|_| held.hit());
-        let blind = how == Raise::Replace;
-        if held.hit() && matches!(cas, None | Some(0)) && !blind {
+        if held.hit() && matches!(cas, None | Some(0)) && how == Raise::Up {
             // memcached returns the CAS asked for, 0 when started with -C (CAS off): a set
             // on it would be blind, and could write over a replace made since the read
             static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -425,7 +429,7 @@ impl L2 {
                 tracing::warn!(
                     server = %server.id,
                     key,
-                    "memcached gave no CAS (started with -C?): the purge log cannot be put back on a server that holds an older value of it; L2 stays fenced while it does"
+                    "memcached gave no CAS (started with -C?): the purge log is not put back on a server that holds an older value of it (it does not count toward a complete read until it is reset)"
                 );
             }
             return None;
@@ -440,7 +444,7 @@ impl L2 {
                 }
             })
             .await?;
-        stored.applied().then_some(Raised::Set)
+        Some(stored.applied().then_some(Raised::Set))
     }
 
     fn log_checkpoint_key(&self) -> String {
@@ -629,7 +633,9 @@ impl L2 {
     }
 
     /// Write `record` under the numbers `low..seq` that two bumps in opposite orders skipped:
-    /// those no server that answers holds a record under, when a read quorum answers. A
+    /// those no server holds a record under, when every server answers (one that does not
+    /// may be the one that holds it, and a server restarted empty and put back answers
+    /// "none" for what it lost). A
     /// number some server holds a record under is not skipped but missed by a server that
     /// was behind (the bump brought it up): filling it there would hide, from a reader of
     /// that server, the record it lacks, should the servers that hold it be lost (a gap reads
@@ -642,14 +648,16 @@ impl L2 {
             .into_iter()
             .flatten()
             .collect();
-        if answers.len() < self.read_quorum() {
+        if answers.len() < self.inner.servers.len() {
             return;
         }
-        for (i, key) in keys.iter().enumerate() {
-            if answers.iter().all(|a| a[i].is_none()) {
-                self.add_everywhere(key.as_bytes(), record).await;
-            }
-        }
+        join_all(
+            keys.iter()
+                .enumerate()
+                .filter(|(i, _)| answers.iter().all(|a| a[*i].is_none()))
+                .map(|(_, key)| self.add_everywhere(key.as_bytes(), record)),
+        )
+        .await;
     }
 
     /// Add `value` under `key` on every server that has none (`add`), best effort.
@@ -666,7 +674,7 @@ impl L2 {
     /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed.
     pub async fn bump_generation(&self) -> Option<u64> {
         let g = self.bump_counter(&self.generation_key()).await?;
-        let old = self.inner.generation.swap(g, Ordering::AcqRel);
+        let old = self.inner.generation.fetch_max(g, Ordering::AcqRel);
         info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
         Some(g)
     }
