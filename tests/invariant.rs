@@ -702,10 +702,14 @@ async fn a_replace_of_the_log_epoch_that_reached_two_of_three_servers_does_not_w
         .rules
         .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"1s\"\n");
     let a = Proxy::start(origin.addr, c.clone()).await;
-    let b = Proxy::start(origin.addr, c).await;
     assert_eq!(get(&a, "/w").await.body, "v1");
     assert!(get(&a, "/w").await.cache.starts_with("corral; hit"));
+    // (B joins once A gave the log its epoch: two new corrals could each write one)
     let epoch = epoch_on(&mcs[0]).await.unwrap();
+    for mc in &mcs {
+        assert_eq!(epoch_on(mc).await.as_deref(), Some(epoch.as_str()));
+    }
+    let b = Proxy::start(origin.addr, c).await;
     let lower = (epoch.parse::<u64>().unwrap() - 1).to_string();
     set_epoch_on(&mcs[2], &lower).await;
 
@@ -940,7 +944,19 @@ async fn a_server_restarted_empty_with_a_ban_on_two(
         }
     }
 
+    let end = seq_on(&mcs[third]).await.unwrap();
     let c = Proxy::start(origin.addr, c_conf).await;
+    if !first_down_before_restart {
+        // C reads the log through to its end (past the ban's number, a gap it floors) before
+        // it is asked for /p: a first lookup would otherwise skip L2 while it waits, and pass
+        // whatever the log said
+        assert_ne!(get(&c, "/warm-up").await.status, 0);
+        eventually(Duration::from_secs(10), "C read the log", || async {
+            let m = c.metrics().await;
+            metric(&m, "corral_purge_log_applied") >= end as f64 && metric(&m, "corral_fenced") == 0.0
+        })
+        .await;
+    }
     let got = get(&c, "/p").await;
     assert!(!got.cache.contains("detail=l2"), "the banned copy: {}", got.cache);
     assert_eq!(got.body, "v2");

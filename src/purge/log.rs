@@ -214,10 +214,15 @@ pub struct Follower {
     /// generation was this; a move from it to the next, until then, is that change's (one
     /// corral moves it for all), and is adopted without a second drop.
     expected_move: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
-    /// The last reset this corral bumped the generation for: the epoch it knew then, and the
-    /// generation the bump gave. A reset tried again (its epoch did not land) is not bumped
-    /// again: one bump hides the copies from before it.
-    reset_bump: parking_lot::Mutex<Option<(Option<u64>, u64)>>,
+    /// The generation this corral's last reset bumped the namespace to, until a read finds
+    /// every server that answers holding the epoch (the reset done): a reset tried again
+    /// meanwhile (its epoch did not land everywhere) is not bumped again, as one bump hides
+    /// the copies from before it.
+    reset_bump: parking_lot::Mutex<Option<u64>>,
+    /// The highest generation this corral has seen or used: a reset's bump goes above it,
+    /// so that a server that was down holding a higher one cannot bring the copies from
+    /// before the reset back into reach when it returns.
+    top_generation: AtomicU64,
 }
 
 impl Follower {
@@ -245,6 +250,7 @@ impl Follower {
             missing: parking_lot::Mutex::new(None),
             expected_move: parking_lot::Mutex::new(None),
             reset_bump: parking_lot::Mutex::new(None),
+            top_generation: AtomicU64::new(0),
         }
     }
 
@@ -377,6 +383,12 @@ impl Follower {
         let Some(state) = l2.control_state().await else {
             return false;
         };
+        self.top_generation
+            .fetch_max(state.generation.max(generation), Ordering::AcqRel);
+        if state.lacking == 0 && state.complete {
+            // every server that answered holds the epoch: any reset in progress is done
+            *self.reset_bump.lock() = None;
+        }
         if state.lacking > 0 {
             // some servers lost the log (restarted empty, flushed), or hold another epoch or
             // an unreadable one. A purge is acknowledged once a write quorum took it: as many
@@ -430,6 +442,12 @@ impl Follower {
             if !l2.adopt_generation_from(generation, state.generation) {
                 return false;
             }
+            // (what an upstream generation change needs noted, without a drop of its own)
+            if let (Some(u), Some(g)) = (upstream, crate::generation::get()) {
+                if g.current().as_ref() != Some(&u) {
+                    g.adopt(&u);
+                }
+            }
         } else if !self.adopt_generation(l2, generation, state.generation, first, upstream) {
             // this corral moved it meanwhile (a purge-all of its own): read again next time
             return false;
@@ -471,7 +489,7 @@ impl Follower {
         match (known, epoch) {
             (None, None) if seen == 0 && seq == 0 => {
                 // a new namespace: give its log an epoch (room above it for those after)
-                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 1).await;
+                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 2).await;
                 true
             }
             (k, None) => {
@@ -513,12 +531,20 @@ impl Follower {
     /// generation is still the bump's). `None` (nothing written) if the generation could not
     /// be bumped.
     async fn new_epoch(&self, l2: &L2, known: Option<u64>) -> Option<Option<u64>> {
-        let again = matches!(*self.reset_bump.lock(), Some((k, g)) if k == known && l2.generation() == g);
+        let again = *self.reset_bump.lock() == Some(l2.generation());
         if !again {
-            let g = l2.bump_generation().await?;
-            *self.reset_bump.lock() = Some((known, g));
+            let mut g = l2.bump_generation().await?;
+            // above any generation seen: servers restarted empty count from 0 again
+            let floor = self.top_generation.load(Ordering::Acquire) + 1;
+            if g < floor {
+                g = l2.raise_generation(floor).await?;
+            }
+            self.top_generation.fetch_max(g, Ordering::AcqRel);
+            *self.reset_bump.lock() = Some(g);
         }
-        let base = known.unwrap_or((1 << 63) | (super::random() >> 1));
+        // (new namespaces start below 2^62, resets without a known epoch between 2^62 and
+        // 2^63: 2^31 resets of room before an epoch could wrap)
+        let base = known.unwrap_or((1 << 62) | (super::random() >> 2));
         Some(l2.set_log_epoch(next_log_epoch(base, super::random())).await)
     }
 

@@ -364,15 +364,22 @@ impl L2 {
         let keys = [
             (self.log_seq_key(), state.log_seq),
             (self.generation_key(), state.generation),
+            (self.log_restored_key(), state.log_seq),
             (self.log_epoch_key(), epoch),
         ];
         join_all(self.inner.servers.iter().map(|server| async {
-            let [(seq_key, seq), (generation_key, generation), (epoch_key, epoch)] = &keys;
+            let [(seq_key, seq), (generation_key, generation), (restored_key, restored), (epoch_key, epoch)] =
+                &keys;
             if self.raise_on(server, epoch_key, *epoch, Raise::Check).await != Some(Raised::Lower) {
                 return;
             }
-            // (the epoch last: a server counts only once it holds the rest)
-            let counters = [(seq_key, *seq), (generation_key, *generation)];
+            // (the epoch last: a server counts only once it holds the rest, and the numbers
+            // up to `restored` it answers "none" for may be records it lost: `fill_skipped`)
+            let counters = [
+                (seq_key, *seq),
+                (generation_key, *generation),
+                (restored_key, *restored),
+            ];
             for (key, value) in counters {
                 if self.raise_on(server, key, value, Raise::Up).await.is_none() {
                     return;
@@ -632,32 +639,43 @@ impl L2 {
         None
     }
 
+    fn log_restored_key(&self) -> String {
+        format!("corral/{}/purgelog/restored", self.inner.namespace)
+    }
+
     /// Write `record` under the numbers `low..seq` that two bumps in opposite orders skipped:
-    /// those no server holds a record under, when every server answers (one that does not
-    /// may be the one that holds it, and a server restarted empty and put back answers
-    /// "none" for what it lost). A
-    /// number some server holds a record under is not skipped but missed by a server that
-    /// was behind (the bump brought it up): filling it there would hide, from a reader of
-    /// that server, the record it lacks, should the servers that hold it be lost (a gap reads
-    /// as one, and is covered by a floor). Best effort: a number left empty costs a floor.
+    /// those no server that answers holds a record under, when the servers that can vouch for
+    /// such a number are a read quorum (which overlaps the write quorum of any record under
+    /// it). A server vouches for number `n` if it holds the log's epoch and was not put back
+    /// at or after `n` ([`Self::restore_log`] marks up to where: a server restarted empty
+    /// answers "none" for the records it lost). A number some server holds a record under is
+    /// not skipped but missed by a server that was behind (the bump brought it up): filling
+    /// it there would hide, from a reader of that server, the record it lacks, should the
+    /// servers that hold it be lost (a gap reads as one, and is covered by a floor). Best
+    /// effort: a number left empty costs a floor.
     async fn fill_skipped(&self, low: u64, seq: u64, record: &[u8]) {
-        let keys: Vec<String> = (low..seq).map(|n| self.log_key(n)).collect();
+        let mut keys = vec![self.log_epoch_key(), self.log_restored_key()];
+        keys.extend((low..seq).map(|n| self.log_key(n)));
         let answers: Vec<Vec<Option<Vec<u8>>>> = self
             .get_many_everywhere(&keys)
             .await
             .into_iter()
             .flatten()
             .collect();
-        if answers.len() < self.inner.servers.len() {
-            return;
-        }
-        join_all(
-            keys.iter()
-                .enumerate()
-                .filter(|(i, _)| answers.iter().all(|a| a[*i].is_none()))
-                .map(|(_, key)| self.add_everywhere(key.as_bytes(), record)),
-        )
-        .await;
+        let number = |v: &Option<Vec<u8>>| {
+            v.as_deref()
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+        };
+        let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
+        let fill = (low..seq).zip(2..).filter(|&(n, i)| {
+            let vouching = answers
+                .iter()
+                .filter(|a| epoch.is_some() && number(&a[0]) == epoch)
+                .filter(|a| number(&a[1]).is_none_or(|restored| restored < n))
+                .count();
+            vouching >= self.read_quorum() && answers.iter().all(|a| a[i].is_none())
+        });
+        join_all(fill.map(|(_, i)| self.add_everywhere(keys[i].as_bytes(), record))).await;
     }
 
     /// Add `value` under `key` on every server that has none (`add`), best effort.
@@ -677,6 +695,26 @@ impl L2 {
         let old = self.inner.generation.fetch_max(g, Ordering::AcqRel);
         info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
         Some(g)
+    }
+
+    /// Raise the namespace generation to `floor` on every server (where it is lower) and in
+    /// this corral: a reset's bump, above a generation a server that was down may still hold.
+    /// Returns the generation now used, `None` if no write quorum took it.
+    pub async fn raise_generation(&self, floor: u64) -> Option<u64> {
+        let key = self.generation_key();
+        let raised = join_all(
+            self.inner
+                .servers
+                .iter()
+                .map(|server| self.raise_on(server, &key, floor, Raise::Replace)),
+        )
+        .await;
+        if raised.iter().flatten().count() < self.write_quorum() {
+            return None;
+        }
+        let old = self.inner.generation.fetch_max(floor, Ordering::AcqRel);
+        info!(namespace = %self.inner.namespace, from = old, to = floor, "memcached namespace generation raised");
+        Some(old.max(floor))
     }
 
     fn upstream_generation_key(&self) -> String {
