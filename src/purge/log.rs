@@ -218,7 +218,8 @@ pub struct Follower {
     /// every server that answers holding the epoch (the reset done): a reset tried again
     /// meanwhile (its epoch did not land everywhere) is not bumped again, as one bump hides
     /// the copies from before it.
-    reset_bump: parking_lot::Mutex<Option<u64>>,
+    /// With it, the lowest epoch this corral wrote for that reset.
+    reset_bump: parking_lot::Mutex<Option<(u64, u64)>>,
     /// The highest generation this corral has seen or used: a reset's bump goes above it,
     /// so that a server that was down holding a higher one cannot bring the copies from
     /// before the reset back into reach when it returns.
@@ -395,7 +396,7 @@ impl Follower {
             // lost, and one may be gone for good
             if state.lacking >= l2.write_quorum() {
                 let known = *self.epoch.lock();
-                let Some(now) = self.new_epoch(l2, state.epoch.or(known)).await else {
+                let Some(now) = self.new_epoch(l2, state.epoch.or(known), state.epoch).await else {
                     return false;
                 };
                 self.resync(
@@ -442,12 +443,9 @@ impl Follower {
             if !l2.adopt_generation_from(generation, state.generation) {
                 return false;
             }
-            // (what an upstream generation change needs noted, without a drop of its own)
-            if let (Some(u), Some(g)) = (upstream, crate::generation::get()) {
-                if g.current().as_ref() != Some(&u) {
-                    g.adopt(&u);
-                }
-            }
+            // (an upstream generation read now is not adopted: the servers that kept the
+            // current one may be those the reset lost, and an older one would be taken back;
+            // a change seen later in a response moves the namespace once more)
         } else if !self.adopt_generation(l2, generation, state.generation, first, upstream) {
             // this corral moved it meanwhile (a purge-all of its own): read again next time
             return false;
@@ -489,13 +487,13 @@ impl Follower {
         match (known, epoch) {
             (None, None) if seen == 0 && seq == 0 => {
                 // a new namespace: give its log an epoch (room above it for those after)
-                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 2).await;
+                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 2, true).await;
                 true
             }
             (k, None) => {
                 // higher than the epoch this corral knew, as a replace's: a server that was
                 // down with the old one then counts as lacking the new one, and is set over
-                let Some(now) = self.new_epoch(l2, k).await else {
+                let Some(now) = self.new_epoch(l2, k, None).await else {
                     return false;
                 };
                 self.resync(now, seq, "its epoch is gone (memcached restarted or flushed)");
@@ -509,7 +507,7 @@ impl Follower {
                 // the counter alone vanished: say so to every corral with a new epoch (the
                 // numbers it hands out again may hold old records, which `L2::append_log`
                 // does not write over: purges are refused until it passes them)
-                let Some(now) = self.new_epoch(l2, Some(e)).await else {
+                let Some(now) = self.new_epoch(l2, Some(e), Some(e)).await else {
                     return false;
                 };
                 self.resync(now, seq, "its sequence number went backwards");
@@ -527,25 +525,34 @@ impl Follower {
     /// namespace's generation is bumped first: the reset treats what was validated before as
     /// purged in the corrals running now, and a corral that starts later would otherwise take
     /// the L2 copies from before it, which the records lost with the reset may have purged.
-    /// Once per reset: not again while the reset is tried again (its epoch did not land, the
-    /// generation is still the bump's). `None` (nothing written) if the generation could not
-    /// be bumped.
-    async fn new_epoch(&self, l2: &L2, known: Option<u64>) -> Option<Option<u64>> {
-        let again = *self.reset_bump.lock() == Some(l2.generation());
+    /// Once per reset: not again while the reset is tried again (the generation is still
+    /// the bump's, and the servers still show its epoch or a later one, `shown`: it did not
+    /// land everywhere). `None` (nothing written) if the generation could not be bumped.
+    async fn new_epoch(&self, l2: &L2, known: Option<u64>, shown: Option<u64>) -> Option<Option<u64>> {
+        let again = matches!(*self.reset_bump.lock(),
+            Some((g, written)) if g == l2.generation() && shown.is_some_and(|e| e >= written));
         if !again {
             let mut g = l2.bump_generation().await?;
             // above any generation seen: servers restarted empty count from 0 again
-            let floor = self.top_generation.load(Ordering::Acquire) + 1;
+            let floor = self
+                .top_generation
+                .load(Ordering::Acquire)
+                .max(l2.generation())
+                .saturating_add(1);
             if g < floor {
                 g = l2.raise_generation(floor).await?;
             }
             self.top_generation.fetch_max(g, Ordering::AcqRel);
-            *self.reset_bump.lock() = Some(g);
+            *self.reset_bump.lock() = Some((g, u64::MAX));
         }
         // (new namespaces start below 2^62, resets without a known epoch between 2^62 and
         // 2^63: 2^31 resets of room before an epoch could wrap)
         let base = known.unwrap_or((1 << 62) | (super::random() >> 2));
-        Some(l2.set_log_epoch(next_log_epoch(base, super::random())).await)
+        let next = next_log_epoch(base, super::random());
+        if let Some((_, written)) = self.reset_bump.lock().as_mut() {
+            *written = (*written).min(next);
+        }
+        Some(l2.set_log_epoch(next, false).await)
     }
 
     /// Purges were missed and cannot be told apart: everything validated before now counts as

@@ -332,14 +332,25 @@ impl L2 {
     /// every other one), on its CAS, a higher one kept: corrals that start or reset at once
     /// leave the highest of their epochs on every server, not each its own on some (every
     /// server lacking the others': reset again, and again). Returns the epoch now in place.
-    pub async fn set_log_epoch(&self, candidate: u64) -> Option<u64> {
+    /// With `first`, a new namespace's: added only where a server has none, so that of the
+    /// corrals that start at once the first to write wins everywhere (with a raise, one
+    /// that read its own epoch back before a higher one landed would see it change: a reset,
+    /// and its first copies refetched).
+    pub async fn set_log_epoch(&self, candidate: u64, first: bool) -> Option<u64> {
         let key = self.log_epoch_key();
-        join_all(
-            self.inner
-                .servers
-                .iter()
-                .map(|server| self.raise_on(server, &key, candidate, Raise::Replace)),
-        )
+        let k = key.as_bytes();
+        let v = candidate.to_string();
+        let v = v.as_bytes();
+        join_all(self.inner.servers.iter().map(|server| async {
+            if first {
+                self.with_server_at(server, "set", |c| async move {
+                    c.set(k, v).ttl(Ttl::NEVER).add().send().await
+                })
+                .await;
+            } else {
+                self.raise_on(server, &key, candidate, Raise::Replace).await;
+            }
+        }))
         .await;
         self.control_state().await.and_then(|state| state.epoch)
     }
@@ -671,7 +682,8 @@ impl L2 {
             let vouching = answers
                 .iter()
                 .filter(|a| epoch.is_some() && number(&a[0]) == epoch)
-                .filter(|a| number(&a[1]).is_none_or(|restored| restored < n))
+                // (an unreadable marker vouches for nothing)
+                .filter(|a| a[1].is_none() || number(&a[1]).is_some_and(|restored| restored < n))
                 .count();
             vouching >= self.read_quorum() && answers.iter().all(|a| a[i].is_none())
         });
