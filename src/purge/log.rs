@@ -394,7 +394,7 @@ impl Follower {
             // some servers lost the log (restarted empty, flushed), or hold another epoch or
             // an unreadable one. A purge is acknowledged once a write quorum took it: as many
             // lost, and one may be gone for good
-            if state.lacking >= l2.write_quorum() {
+            if state.lacking >= l2.write_quorum() || !l2.can_put_back() {
                 let known = *self.epoch.lock();
                 let Some(now) = self.new_epoch(l2, state.epoch.or(known), state.epoch).await else {
                     return false;

@@ -272,6 +272,14 @@ impl L2 {
         self.inner.servers.len() / 2 + 1
     }
 
+    /// Whether a server that lost the log can be put back rather than the log reset: only
+    /// when two write quorums always share a server (1, 3, 5 servers), so that no two
+    /// records of one number were acknowledged on disjoint servers, of which the lost one
+    /// may have held one (with 4: write quorum 2, records on two disjoint halves).
+    pub fn can_put_back(&self) -> bool {
+        2 * self.write_quorum() > self.inner.servers.len()
+    }
+
     /// Servers that must take a purge log record or a counter bump for the purge to be
     /// acknowledged (1 of 1, 1 of 2, 2 of 3, 3 of 5).
     pub fn write_quorum(&self) -> usize {
