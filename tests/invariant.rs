@@ -58,6 +58,24 @@ async fn ban(proxy: &Proxy, pattern: &str) -> u16 {
         .status
 }
 
+/// `c`, fenced after `max_unconfirmed` without a complete read of the log.
+fn fenced_after(mut c: Conf, max_unconfirmed: &str) -> Conf {
+    c.rules = c.rules.replace(
+        "[purge]\n",
+        &format!("[purge]\nmax_unconfirmed = \"{max_unconfirmed}\"\n"),
+    );
+    c
+}
+
+/// `n` memcached servers of their own.
+async fn memcached_servers(n: usize) -> Vec<Memcached> {
+    let mut mcs = Vec::new();
+    for _ in 0..n {
+        mcs.push(Memcached::start().await);
+    }
+    mcs
+}
+
 /// [`conf`] for a corral that reaches memcached through `relay` (which a test cuts), fenced
 /// after `max_unconfirmed`.
 fn through(relay: &Relay, mc: &Memcached, max_unconfirmed: &str) -> Conf {
@@ -67,11 +85,7 @@ fn through(relay: &Relay, mc: &Memcached, max_unconfirmed: &str) -> Conf {
         .iter()
         .map(|l| l.replace(&mc.addr.to_string(), &relay.addr.to_string()))
         .collect();
-    c.rules = c.rules.replace(
-        "[purge]\n",
-        &format!("[purge]\nmax_unconfirmed = \"{max_unconfirmed}\"\n"),
-    );
-    c
+    fenced_after(c, max_unconfirmed)
 }
 
 /// B holds `path` in L1 (taken from memcached, where A put it), and has read A's purge log
@@ -625,10 +639,7 @@ async fn r10_a_restarted_server_is_a_reset_only_when_records_may_be_lost_with_it
     let origin = Origin::start().await;
     versioned(&origin, &["/two", "/three", "/four"]);
     for (path, servers) in [("/two", 2), ("/three", 3), ("/four", 4)] {
-        let mut mcs = Vec::new();
-        for _ in 0..servers {
-            mcs.push(Memcached::start().await);
-        }
+        let mut mcs = memcached_servers(servers).await;
         let refs: Vec<&Memcached> = mcs.iter().collect();
         let a = Proxy::start(origin.addr, conf(&refs)).await;
         let first = get(&a, path).await.body;
@@ -696,15 +707,9 @@ async fn set_epoch_on(mc: &Memcached, value: &str) {
 async fn a_replace_of_the_log_epoch_that_reached_two_of_three_servers_does_not_wedge_the_log() {
     let origin = Origin::start().await;
     versioned(&origin, &["/w"]);
-    let mut mcs = Vec::new();
-    for _ in 0..3 {
-        mcs.push(Memcached::start().await);
-    }
+    let mcs = memcached_servers(3).await;
     let refs: Vec<&Memcached> = mcs.iter().collect();
-    let mut c = conf(&refs);
-    c.rules = c
-        .rules
-        .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"1s\"\n");
+    let c = fenced_after(conf(&refs), "1s");
     let a = Proxy::start(origin.addr, c.clone()).await;
     assert_eq!(get(&a, "/w").await.body, "v1");
     assert!(get(&a, "/w").await.cache.starts_with("corral; hit"));
@@ -860,16 +865,9 @@ async fn a_server_restarted_empty_with_a_ban_on_two(
 ) {
     let origin = Origin::start().await;
     versioned(&origin, &["/p", "/other"]);
-    let mut mcs = Vec::new();
-    for _ in 0..3 {
-        mcs.push(Memcached::start().await);
-    }
+    let mut mcs = memcached_servers(3).await;
     let refs: Vec<&Memcached> = mcs.iter().collect();
-    let mut a_conf = conf(&refs);
-    a_conf.rules = a_conf
-        .rules
-        .replace("[purge]\n", "[purge]\nmax_unconfirmed = \"1s\"\n");
-    let a = Proxy::start(origin.addr, a_conf).await;
+    let a = Proxy::start(origin.addr, fenced_after(conf(&refs), "1s")).await;
     // C, started at the end, on the same three servers
     let c_conf = conf(&refs);
     drop(refs);

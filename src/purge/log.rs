@@ -214,11 +214,10 @@ pub struct Follower {
     /// generation was this; a move from it to the next, until then, is that change's (one
     /// corral moves it for all), and is adopted without a second drop.
     expected_move: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
-    /// The generation this corral's last reset bumped the namespace to, until a read finds
-    /// every server that answers holding the epoch (the reset done): a reset tried again
-    /// meanwhile (its epoch did not land everywhere) is not bumped again, as one bump hides
-    /// the copies from before it.
-    /// With it, the lowest epoch this corral wrote for that reset.
+    /// The generation this corral's last reset bumped the namespace to, and the epoch it
+    /// wrote, until a read finds every server that answers holding the epoch (the reset
+    /// done): a reset tried again meanwhile (its epoch did not land everywhere) is not bumped
+    /// again, as one bump hides the copies from before it.
     reset_bump: parking_lot::Mutex<Option<(u64, u64)>>,
     /// The highest generation this corral has seen or used: a reset's bump goes above it,
     /// so that a server that was down holding a higher one cannot bring the copies from
@@ -531,26 +530,25 @@ impl Follower {
     async fn new_epoch(&self, l2: &L2, known: Option<u64>, shown: Option<u64>) -> Option<Option<u64>> {
         let again = matches!(*self.reset_bump.lock(),
             Some((g, written)) if g == l2.generation() && shown.is_some_and(|e| e >= written));
+        // (new namespaces start below 2^62, resets without a known epoch between 2^62 and
+        // 2^63: 2^31 resets of room before an epoch could wrap)
+        let base = known.unwrap_or((1 << 62) | (super::random() >> 2));
+        let next = next_log_epoch(base, super::random());
         if !again {
-            let mut g = l2.bump_generation().await?;
-            // above any generation seen: servers restarted empty count from 0 again
+            // above any generation seen (taken before the bump moves this corral's): servers
+            // restarted empty count from 0 again
             let floor = self
                 .top_generation
                 .load(Ordering::Acquire)
                 .max(l2.generation())
                 .saturating_add(1);
+            let mut g = l2.bump_generation().await?;
             if g < floor {
                 g = l2.raise_generation(floor).await?;
             }
             self.top_generation.fetch_max(g, Ordering::AcqRel);
-            *self.reset_bump.lock() = Some((g, u64::MAX));
-        }
-        // (new namespaces start below 2^62, resets without a known epoch between 2^62 and
-        // 2^63: 2^31 resets of room before an epoch could wrap)
-        let base = known.unwrap_or((1 << 62) | (super::random() >> 2));
-        let next = next_log_epoch(base, super::random());
-        if let Some((_, written)) = self.reset_bump.lock().as_mut() {
-            *written = (*written).min(next);
+            // (a retry writes above `next`, which stays the lowest this reset wrote)
+            *self.reset_bump.lock() = Some((g, next));
         }
         Some(l2.set_log_epoch(next, false).await)
     }

@@ -67,13 +67,19 @@ pub enum RelayClaim {
 /// where a replace reached only some servers, the highest epoch (the one the servers' answers
 /// agree on, [`L2::control_state`]) is the new one, and [`L2::restore_log`] puts it on
 /// the others. Random above it, so that two corrals replacing at once pick different ones.
-/// (Near `u64::MAX` it starts again low, which such a partial replace can then undo: a reset
-/// every 2^32 or so.)
+/// (Near `u64::MAX` it starts again low, and a raise could not write it over the higher one;
+/// epochs start below 2^63 and climb by at most 2^32 a reset, so that takes 2^31 resets.)
 pub fn next_log_epoch(current: u64, random: u64) -> u64 {
     current
         .checked_add(1 + (random >> 32))
         .unwrap_or(random >> 2)
         .max(1)
+}
+
+/// A control key's value as a number: `None` when absent or unreadable.
+fn number(v: &Option<Vec<u8>>) -> Option<u64> {
+    v.as_deref()
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
 }
 
 /// The distinct values among `answers` (each server's, `None` where it had none), in the
@@ -154,10 +160,9 @@ impl L2 {
     }
 
     /// `keys` from every server at once, pipelined (one round trip per server, the servers in
-    /// parallel): per server `None` if it could not be read, otherwise each key's value
-    /// (`None` when it has none).
-    async fn get_many_everywhere(&self, keys: &[String]) -> Vec<Option<Vec<Option<Vec<u8>>>>> {
-        join_all(self.inner.servers.iter().map(|server| async move {
+    /// parallel): for each server that answered, each key's value (`None` when it has none).
+    async fn get_many_everywhere(&self, keys: &[String]) -> Vec<Vec<Option<Vec<u8>>>> {
+        let answers = join_all(self.inner.servers.iter().map(|server| async move {
             let results = self
                 .with_server_at(server, "get", |c| async move {
                     c.run_many(keys.iter().map(Get::new)).await
@@ -174,7 +179,8 @@ impl L2 {
                 })
                 .collect::<Option<Vec<_>>>()
         }))
-        .await
+        .await;
+        answers.into_iter().flatten().collect()
     }
 
     /// The control keys of the namespace in one pipelined read per server: the purge log's
@@ -182,19 +188,10 @@ impl L2 {
     /// (counters: the highest any server has, absent = 0). `None` if no server answered.
     pub async fn control_state(&self) -> Option<ControlState> {
         let keys = [self.log_epoch_key(), self.log_seq_key(), self.generation_key()];
-        let answers: Vec<Vec<Option<Vec<u8>>>> = self
-            .get_many_everywhere(&keys)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let answers = self.get_many_everywhere(&keys).await;
         if answers.is_empty() {
             return None;
         }
-        let number = |v: &Option<Vec<u8>>| {
-            v.as_deref()
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
-        };
         let top = |i: usize| {
             answers
                 .iter()
@@ -226,12 +223,7 @@ impl L2 {
     /// fewer than a read quorum (a majority) answered.
     pub async fn log_records(&self, from: u64, to: u64) -> Option<Vec<Vec<Bytes>>> {
         let keys: Vec<String> = (from..=to).map(|n| self.log_key(n)).collect();
-        let answers: Vec<Vec<Option<Vec<u8>>>> = self
-            .get_many_everywhere(&keys)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let answers = self.get_many_everywhere(&keys).await;
         // a majority, as for the control keys: a record acknowledged on a write quorum is on
         // one of them (two purges handed one number may each be on a server of its own)
         if answers.len() < self.read_quorum() {
@@ -433,11 +425,8 @@ impl L2 {
                 c.get(k).meta(Meta::NONE.cas()).send().await
             })
             .await?;
-        let number = held
-            .value
-            .as_deref()
-            .filter(|_| held.hit())
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        let hit = held.hit();
+        let number = number(&held.value).filter(|_| hit);
         if number.is_some_and(|n| n >= value) {
             return Some(Some(Raised::Kept));
         }
@@ -446,8 +435,8 @@ impl L2 {
         }
         let v = value.to_string();
         let v = v.as_bytes();
-        let cas = held.item.cas.filter(|_| held.hit());
-        if held.hit() && matches!(cas, None | Some(0)) && how == Raise::Up {
+        let cas = held.item.cas.filter(|_| hit);
+        if hit && matches!(cas, None | Some(0)) && how == Raise::Up {
             // memcached returns the CAS asked for, 0 when started with -C (CAS off): a set
             // on it would be blind, and could write over a replace made since the read
             static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -465,7 +454,7 @@ impl L2 {
                 let set = c.set(k, v).ttl(Ttl::NEVER);
                 match cas.filter(|&c| c != 0) {
                     Some(cas) => set.compare_cas(cas).send().await,
-                    None if held.hit() => set.send().await,
+                    None if hit => set.send().await,
                     None => set.add().send().await,
                 }
             })
@@ -675,16 +664,7 @@ impl L2 {
     async fn fill_skipped(&self, low: u64, seq: u64, record: &[u8]) {
         let mut keys = vec![self.log_epoch_key(), self.log_restored_key()];
         keys.extend((low..seq).map(|n| self.log_key(n)));
-        let answers: Vec<Vec<Option<Vec<u8>>>> = self
-            .get_many_everywhere(&keys)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        let number = |v: &Option<Vec<u8>>| {
-            v.as_deref()
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
-        };
+        let answers = self.get_many_everywhere(&keys).await;
         let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
         let fill = (low..seq).zip(2..).filter(|&(n, i)| {
             let vouching = answers
