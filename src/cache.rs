@@ -443,6 +443,7 @@ impl CacheParts {
     /// Refresh the L1 gauges from storage and the eviction manager.
     pub fn publish_gauges(&self) {
         if let Some(l2) = &self.storage.l2 {
+            metrics::L2_GENERATION.set(i64::try_from(l2.generation()).unwrap_or(i64::MAX));
             for (server, up) in l2.server_states() {
                 metrics::L2_SERVER_UP
                     .with_label_values(&[&server])

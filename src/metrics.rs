@@ -118,6 +118,16 @@ pub static L1_ORIGINS: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// The memcached namespace generation this corral uses (its L2 keys'): moved by a purge of
+/// everything, a new upstream generation, or a reset of the purge log.
+pub static L2_GENERATION: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "corral_l2_generation",
+        "The memcached namespace generation this corral's L2 keys are under"
+    )
+    .expect("metric registers once")
+});
+
 /// Client connections open on the proxy listener.
 pub static CONNECTIONS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
@@ -576,6 +586,18 @@ pub static PURGE_LOG_SEQ_TAKEN: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "corral_purge_log_seq_taken_total",
         "Purge log records whose sequence number another purge's record held (tried under the next one; after the fourth the purge is refused)"
+    )
+    .expect("metric registers once")
+});
+
+/// Purges refused (answered 503, to be retried) because too few of the memcached servers
+/// that answered their counter's bump hold the purge log's epoch: the others are down, or
+/// restarted and not yet given the log back, and the number the bump took may be one an
+/// earlier purge holds on the servers that do not answer.
+pub static PURGE_BUMPS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_purge_bumps_refused_total",
+        "Purges refused because too few memcached servers holding the purge log answered their counter's bump"
     )
     .expect("metric registers once")
 });

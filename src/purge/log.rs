@@ -542,7 +542,7 @@ impl Follower {
                 .load(Ordering::Acquire)
                 .max(l2.generation())
                 .saturating_add(1);
-            let mut g = l2.bump_generation().await?;
+            let mut g = l2.bump_generation_for_reset().await?;
             if g < floor {
                 g = l2.raise_generation(floor).await?;
             }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use futures::future::join_all;
 use memcache::exp::{Get, Meta, Ttl};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::metrics;
 
@@ -82,6 +82,25 @@ fn number(v: &Option<Vec<u8>>) -> Option<u64> {
         .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
 }
 
+/// For each server's answer of the log's epoch (`None`: it did not answer), whether it holds
+/// the epoch: the highest any holds (the newest, [`next_log_epoch`]), or none where no server
+/// has a readable one (a new namespace: [`L2::control_state`] counts the same).
+fn holding_epoch(answers: &[Option<Option<Vec<u8>>>]) -> Vec<bool> {
+    let epoch = answers.iter().flatten().filter_map(number).max();
+    answers
+        .iter()
+        .map(|a| a.as_ref().is_some_and(|a| holds(a, epoch)))
+        .collect()
+}
+
+/// Whether a server whose answer of the log's epoch was `answer` holds `epoch`, the highest
+/// any server holds. One with an unreadable value lacks it, even when no server has a
+/// readable one (it would otherwise agree with "none" at every read, and the log be reset at
+/// each).
+fn holds(answer: &Option<Vec<u8>>, epoch: Option<u64>) -> bool {
+    number(answer) == epoch && (epoch.is_some() || answer.is_none())
+}
+
 /// The distinct values among `answers` (each server's, `None` where it had none), in the
 /// servers' order.
 fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
@@ -116,6 +135,29 @@ enum Raised {
     Lower,
     /// Set to the value.
     Set,
+}
+
+/// Who must answer a counter's bump for the value it took to be used ([`L2::bump_counter_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bump {
+    /// The purge log's counter, for a record: a write quorum of servers that hold the log's
+    /// epoch. A server restarted empty (it lacks the epoch) answers from a counter started
+    /// again, and the servers left that hold it may all have been down for the last purges:
+    /// their highest is then a number whose record the down servers alone still hold, and a
+    /// record written there too would read, once those are gone, as the only one (the lost
+    /// record hidden, where a gap would be covered by a floor). A write quorum that holds the
+    /// epoch shares a server with the one that took any record (1, 3, 5 servers), or each
+    /// record under one number is on servers that a complete read reaches (2, 4).
+    Record,
+    /// The namespace generation, for a purge of everything: a read quorum of servers that
+    /// hold the epoch, which shares a server with the write quorum of every earlier bump.
+    /// Two purges handed one number are two records, both read; two purges of everything
+    /// handed one generation are one, and the copies stored between them survive the second.
+    Generation,
+    /// A reset's bump of the generation: a write quorum, whatever epoch the servers hold (a
+    /// reset happens because they lost it; its floor, [`L2::raise_generation`], is above
+    /// every generation seen).
+    Reset,
 }
 
 /// The namespace's control keys, as [`L2::control_state`] reads them.
@@ -201,13 +243,8 @@ impl L2 {
         };
         let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
         // a server counts toward the quorum only if it holds the log's epoch: one restarted
-        // empty has lost the records it took, and must not stand in for them. One with an
-        // unreadable value lacks it, even when no server has a readable one (it would
-        // otherwise agree with "none" at every read, and the log be reset at each)
-        let agreeing = answers
-            .iter()
-            .filter(|a| number(&a[0]) == epoch && (epoch.is_some() || a[0].is_none()))
-            .count();
+        // empty has lost the records it took, and must not stand in for them
+        let agreeing = answers.iter().filter(|a| holds(&a[0], epoch)).count();
         Some(ControlState {
             epoch,
             log_seq: top(1),
@@ -279,18 +316,27 @@ impl L2 {
     }
 
     /// Increment a counter on every live server and bring laggards (a server that was down) up
-    /// to the highest value, so it never goes backwards. Returns that value, `None` if no server
-    /// took it.
-    async fn bump_counter(&self, key: &str) -> Option<u64> {
-        self.bump_counter_range(key).await.map(|(top, _)| top)
+    /// to the highest value, so it never goes backwards. Returns that value, `None` if the
+    /// servers that took it are not the ones `who` asks for.
+    async fn bump_counter(&self, key: &str, who: Bump) -> Option<u64> {
+        self.bump_counter_range(key, who).await.map(|(top, _, _)| top)
     }
 
-    /// [`Self::bump_counter`], with the lowest value a server answered: below the value
-    /// taken when two bumps reached the servers in opposite orders (each took the highest, and
-    /// the number below it went to neither).
-    async fn bump_counter_range(&self, key: &str) -> Option<(u64, u64)> {
+    /// [`Self::bump_counter`], with the lowest value a server answered (below the value taken
+    /// when two bumps reached the servers in opposite orders: each took the highest, and the
+    /// number below it went to neither), and for each server whether it holds the log's epoch.
+    async fn bump_counter_range(&self, key: &str, who: Bump) -> Option<(u64, u64, Vec<bool>)> {
         let k = key.as_bytes();
-        let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
+        let epoch_key = self.log_epoch_key();
+        // read at once with the bump, each server's epoch: a restart between the two is a
+        // second fault
+        let epochs = async {
+            match who {
+                Bump::Reset => Vec::new(),
+                Bump::Record | Bump::Generation => self.get_everywhere(epoch_key.as_bytes()).await,
+            }
+        };
+        let bumped = join_all(self.inner.servers.iter().map(|server| async move {
             self.with_server_at(server, "incr", |c| async move {
                 // created, and kept, without an expiry: a counter that vanished would read as 0
                 c.increment(k)
@@ -302,9 +348,30 @@ impl L2 {
             })
             .await
             .and_then(|r| r.value)
-        }))
-        .await;
+        }));
+        let (epochs, results): (_, Vec<Option<u64>>) = futures::join!(epochs, bumped);
+        let holding = holding_epoch(&epochs);
+        let holders = results
+            .iter()
+            .zip(&holding)
+            .filter(|(r, holds)| r.is_some() && **holds)
+            .count();
+        let needed = match who {
+            Bump::Record => self.write_quorum(),
+            Bump::Generation => self.read_quorum(),
+            Bump::Reset => 0,
+        };
         if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
+            return None;
+        }
+        if holders < needed {
+            metrics::PURGE_BUMPS_REFUSED.inc();
+            warn!(
+                key,
+                holders,
+                needed,
+                "a purge is refused: too few of the memcached servers that answered hold the purge log (some are down, or restarted and not yet put back), so the number they gave may be one an earlier purge took"
+            );
             return None;
         }
         let top = results.iter().flatten().copied().max()?;
@@ -320,7 +387,7 @@ impl L2 {
                 .map(|(server, _)| self.raise_on(server, key, top, Raise::Replace)),
         )
         .await;
-        Some((top, low))
+        Some((top, low, holding))
     }
 
     fn log_epoch_key(&self) -> String {
@@ -622,7 +689,7 @@ impl L2 {
     /// refused until the counter passes them (each refusal moves it by [`APPEND_TRIES`]).
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
         for _ in 0..APPEND_TRIES {
-            let (seq, low) = self.bump_counter_range(&self.log_seq_key()).await?;
+            let (seq, low, holding) = self.bump_counter_range(&self.log_seq_key(), Bump::Record).await?;
             let key = self.log_key(seq);
             let k = key.as_bytes();
             let added = join_all(self.inner.servers.iter().map(|server| {
@@ -634,11 +701,15 @@ impl L2 {
             if seq > low && seq - low <= FILL_BELOW {
                 self.fill_skipped(low, seq, record).await;
             }
-            let took = added.iter().flatten().filter(|r| r.applied()).count();
+            // (only servers that hold the epoch count: a complete read reaches them)
+            let on_holders = || added.iter().zip(&holding).filter(|(_, holds)| **holds);
+            let took = on_holders()
+                .filter(|(r, _)| r.as_ref().is_some_and(|r| r.applied()))
+                .count();
             if took >= self.write_quorum() {
                 return Some(seq);
             }
-            if added.iter().flatten().count() < self.write_quorum() {
+            if on_holders().filter(|(r, _)| r.is_some()).count() < self.write_quorum() {
                 // too few servers answered: not a number another purge took
                 return None;
             }
@@ -689,9 +760,19 @@ impl L2 {
     }
 
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace
-    /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed.
+    /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed
+    /// or too few servers that hold the log answered ([`Bump::Generation`]).
     pub async fn bump_generation(&self) -> Option<u64> {
-        let g = self.bump_counter(&self.generation_key()).await?;
+        self.bump_generation_as(Bump::Generation).await
+    }
+
+    /// A reset's [`Self::bump_generation`]: a write quorum of servers, whatever they hold.
+    pub async fn bump_generation_for_reset(&self) -> Option<u64> {
+        self.bump_generation_as(Bump::Reset).await
+    }
+
+    async fn bump_generation_as(&self, who: Bump) -> Option<u64> {
+        let g = self.bump_counter(&self.generation_key(), who).await?;
         let old = self.inner.generation.fetch_max(g, Ordering::AcqRel);
         info!(namespace = %self.inner.namespace, from = old, to = g, "memcached namespace generation bumped");
         Some(g)
