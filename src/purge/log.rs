@@ -395,7 +395,10 @@ impl Follower {
             // lost, and one may be gone for good
             if state.lacking >= l2.write_quorum() || !l2.can_put_back() {
                 let known = *self.epoch.lock();
-                let Some(now) = self.new_epoch(l2, state.epoch.or(known), state.epoch).await else {
+                let Some(now) = self
+                    .new_epoch(l2, state.epoch.or(known), state.epoch, state.log_seq)
+                    .await
+                else {
                     return false;
                 };
                 self.resync(
@@ -486,13 +489,13 @@ impl Follower {
         match (known, epoch) {
             (None, None) if seen == 0 && seq == 0 => {
                 // a new namespace: give its log an epoch (room above it for those after)
-                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 2, true).await;
+                *self.epoch.lock() = l2.set_log_epoch(super::random() >> 2, None).await;
                 true
             }
             (k, None) => {
                 // higher than the epoch this corral knew, as a replace's: a server that was
                 // down with the old one then counts as lacking the new one, and is set over
-                let Some(now) = self.new_epoch(l2, k, None).await else {
+                let Some(now) = self.new_epoch(l2, k, None, seq).await else {
                     return false;
                 };
                 self.resync(now, seq, "its epoch is gone (memcached restarted or flushed)");
@@ -506,7 +509,7 @@ impl Follower {
                 // the counter alone vanished: say so to every corral with a new epoch (the
                 // numbers it hands out again may hold old records, which `L2::append_log`
                 // does not write over: purges are refused until it passes them)
-                let Some(now) = self.new_epoch(l2, Some(e), Some(e)).await else {
+                let Some(now) = self.new_epoch(l2, Some(e), Some(e), seq).await else {
                     return false;
                 };
                 self.resync(now, seq, "its sequence number went backwards");
@@ -526,8 +529,16 @@ impl Follower {
     /// the L2 copies from before it, which the records lost with the reset may have purged.
     /// Once per reset: not again while the reset is tried again (the generation is still
     /// the bump's, and the servers still show its epoch or a later one, `shown`: it did not
-    /// land everywhere). `None` (nothing written) if the generation could not be bumped.
-    async fn new_epoch(&self, l2: &L2, known: Option<u64>, shown: Option<u64>) -> Option<Option<u64>> {
+    /// land everywhere). The corrals follow the log from `seq` on after it, and each server's
+    /// counter is raised to it before it gets the epoch ([`L2::set_log_epoch`]). `None`
+    /// (nothing written) if the generation could not be bumped.
+    async fn new_epoch(
+        &self,
+        l2: &L2,
+        known: Option<u64>,
+        shown: Option<u64>,
+        seq: u64,
+    ) -> Option<Option<u64>> {
         let again = matches!(*self.reset_bump.lock(),
             Some((g, written)) if g == l2.generation() && shown.is_some_and(|e| e >= written));
         // (new namespaces start below 2^62, resets without a known epoch between 2^62 and
@@ -550,7 +561,7 @@ impl Follower {
             // (a retry writes above `next`, which stays the lowest this reset wrote)
             *self.reset_bump.lock() = Some((g, next));
         }
-        Some(l2.set_log_epoch(next, false).await)
+        Some(l2.set_log_epoch(next, Some(seq)).await)
     }
 
     /// Purges were missed and cannot be told apart: everything validated before now counts as

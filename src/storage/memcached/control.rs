@@ -35,9 +35,10 @@ const RELAY_MARKER_TTL: u32 = 7 * 24 * 3600;
 pub const RELAY_LEASE_MIN_SECS: u32 = 30;
 
 /// Memcached operations a claimer's writing of a relay takes at most, for
-/// [`L2::relay_lease`]: three tries, each a log append (up to four bumps, each with its
-/// record and up to [`FILL_BELOW`] numbers filled) and a delete, with margin.
-const RELAY_WRITE_OPS: u32 = 130;
+/// [`L2::relay_lease`]: three tries, each a log append (up to four bumps, each after a read
+/// of the epoch, with its record and up to [`FILL_BELOW`] numbers filled) and a delete, with
+/// margin.
+const RELAY_WRITE_OPS: u32 = 150;
 
 /// The marker's value while its claim holds: this word, the claiming corral's id and the
 /// claim's lease in seconds. Once the purge is written it is [`RELAY_DONE`]; any other value
@@ -140,20 +141,17 @@ enum Raised {
 /// Who must answer a counter's bump for the value it took to be used ([`L2::bump_counter_range`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bump {
-    /// The purge log's counter, for a record: a write quorum of servers that hold the log's
-    /// epoch. A server restarted empty (it lacks the epoch) answers from a counter started
-    /// again, and the servers left that hold it may all have been down for the last purges:
-    /// their highest is then a number whose record the down servers alone still hold, and a
-    /// record written there too would read, once those are gone, as the only one (the lost
-    /// record hidden, where a gap would be covered by a floor). A write quorum that holds the
-    /// epoch shares a server with the one that took any record (1, 3, 5 servers), or each
-    /// record under one number is on servers that a complete read reaches (2, 4).
-    Record,
-    /// The namespace generation, for a purge of everything: a read quorum of servers that
-    /// hold the epoch, which shares a server with the write quorum of every earlier bump.
-    /// Two purges handed one number are two records, both read; two purges of everything
-    /// handed one generation are one, and the copies stored between them survive the second.
-    Generation,
+    /// A purge's: the log's counter for a record, the generation for a purge of everything.
+    /// A read quorum of servers that hold the log's epoch, asked before the bump, so that the
+    /// servers bumped share one with the write quorum of every purge acknowledged before: their
+    /// highest number is above that purge's. A server restarted empty (lacking the epoch)
+    /// counts from 1 again, and one that was down is behind, with nothing to bring it up until
+    /// a bump reaches it with the others: a number they alone hand out may be one an earlier
+    /// purge holds on the servers that do not answer, or one the corrals have read past (with
+    /// two servers, a write quorum is one: a purge on each, one down and then the other, took
+    /// one number or one generation). A record there would read as the only one under it, or
+    /// not be read at all, and two purges of everything handed one generation are one.
+    Purge,
     /// A reset's bump of the generation: a write quorum, whatever epoch the servers hold (a
     /// reset happens because they lost it; its floor, [`L2::raise_generation`], is above
     /// every generation seen).
@@ -322,21 +320,37 @@ impl L2 {
         self.bump_counter_range(key, who).await.map(|(top, _, _)| top)
     }
 
-    /// [`Self::bump_counter`], with the lowest value a server answered (below the value taken
-    /// when two bumps reached the servers in opposite orders: each took the highest, and the
-    /// number below it went to neither), and for each server whether it holds the log's epoch.
+    /// [`Self::bump_counter`], with the lowest value a server that holds the log's epoch
+    /// answered (below the value taken when two bumps reached the servers in opposite orders:
+    /// each took the highest, and the number below it went to neither), and for each server
+    /// whether it holds the epoch.
     async fn bump_counter_range(&self, key: &str, who: Bump) -> Option<(u64, u64, Vec<bool>)> {
         let k = key.as_bytes();
-        let epoch_key = self.log_epoch_key();
-        // read at once with the bump, each server's epoch: a restart between the two is a
-        // second fault
-        let epochs = async {
-            match who {
-                Bump::Reset => Vec::new(),
-                Bump::Record | Bump::Generation => self.get_everywhere(epoch_key.as_bytes()).await,
-            }
+        // which servers hold the epoch, asked first: a refused purge bumps nothing (a number
+        // it took would be a gap every reader waits for, a generation a move of its own)
+        let holding = match who {
+            Bump::Reset => vec![true; self.inner.servers.len()],
+            Bump::Purge => holding_epoch(&self.get_everywhere(self.log_epoch_key().as_bytes()).await),
         };
-        let bumped = join_all(self.inner.servers.iter().map(|server| async move {
+        let needed = match who {
+            Bump::Purge => self.read_quorum(),
+            Bump::Reset => 0,
+        };
+        let refused = |holders: usize| {
+            metrics::PURGE_BUMPS_REFUSED.inc();
+            warn!(
+                key,
+                holders,
+                needed,
+                "a purge (or a move of the namespace) is refused: too few memcached servers that hold the purge log answered (others are down, or restarted and not yet given the log back), and the number the rest hand out may be one an earlier purge took"
+            );
+        };
+        let holders = holding.iter().filter(|h| **h).count();
+        if holders < needed {
+            refused(holders);
+            return None;
+        }
+        let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
             self.with_server_at(server, "incr", |c| async move {
                 // created, and kept, without an expiry: a counter that vanished would read as 0
                 c.increment(k)
@@ -348,19 +362,20 @@ impl L2 {
             })
             .await
             .and_then(|r| r.value)
-        }));
-        let (epochs, results): (_, Vec<Option<u64>>) = futures::join!(epochs, bumped);
-        let holding = holding_epoch(&epochs);
-        let holders = results
-            .iter()
-            .zip(&holding)
-            .filter(|(r, holds)| r.is_some() && **holds)
-            .count();
-        let needed = match who {
-            Bump::Record => self.write_quorum(),
-            Bump::Generation => self.read_quorum(),
-            Bump::Reset => 0,
+        }))
+        .await;
+        let on_holders = || {
+            results
+                .iter()
+                .zip(&holding)
+                .filter(|(_, h)| **h)
+                .flat_map(|(r, _)| *r)
         };
+        if on_holders().count() < needed {
+            // (a holder stopped answering between the two: its bump landed on the others)
+            refused(on_holders().count());
+            return None;
+        }
         if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
             return None;
         }
@@ -375,7 +390,8 @@ impl L2 {
             return None;
         }
         let top = results.iter().flatten().copied().max()?;
-        let low = results.iter().flatten().copied().min().unwrap_or(top);
+        // (a server lacking the epoch counts from 1 again: not a number two bumps skipped)
+        let low = on_holders().min().unwrap_or(top);
         // raised on its CAS, not set: a set landing after another bump raised it further would
         // take the counter back below a record that bump's purge holds there
         join_all(
@@ -399,23 +415,37 @@ impl L2 {
     /// every other one), on its CAS, a higher one kept: corrals that start or reset at once
     /// leave the highest of their epochs on every server, not each its own on some (every
     /// server lacking the others': reset again, and again). Returns the epoch now in place.
-    /// With `first`, a new namespace's: added only where a server has none, so that of the
-    /// corrals that start at once the first to write wins everywhere (with a raise, one
-    /// that read its own epoch back before a higher one landed would see it change: a reset,
-    /// and its first copies refetched).
-    pub async fn set_log_epoch(&self, candidate: u64, first: bool) -> Option<u64> {
+    /// `reset` is the log's last number the corrals follow it from after a reset: each server's
+    /// counter is raised to it before the epoch is written there (a server restarted empty
+    /// would otherwise hold the new epoch with a counter from 1, and a purge it numbers with
+    /// another such server, the rest down, be one the corrals never read). `None`: a new
+    /// namespace's epoch, added only where a server has none, so that of the corrals that
+    /// start at once the first to write wins everywhere (with a raise, one that read its own
+    /// epoch back before a higher one landed would see it change: a reset, and its first
+    /// copies refetched).
+    pub async fn set_log_epoch(&self, candidate: u64, reset: Option<u64>) -> Option<u64> {
         let key = self.log_epoch_key();
+        let seq_key = self.log_seq_key();
         let k = key.as_bytes();
         let v = candidate.to_string();
         let v = v.as_bytes();
         join_all(self.inner.servers.iter().map(|server| async {
-            if first {
-                self.with_server_at(server, "set", |c| async move {
-                    c.set(k, v).ttl(Ttl::NEVER).add().send().await
-                })
-                .await;
-            } else {
-                self.raise_on(server, &key, candidate, Raise::Replace).await;
+            match reset {
+                None => {
+                    self.with_server_at(server, "set", |c| async move {
+                        c.set(k, v).ttl(Ttl::NEVER).add().send().await
+                    })
+                    .await;
+                }
+                Some(seq) => {
+                    if self
+                        .raise_on(server, &seq_key, seq, Raise::Replace)
+                        .await
+                        .is_some()
+                    {
+                        self.raise_on(server, &key, candidate, Raise::Replace).await;
+                    }
+                }
             }
         }))
         .await;
@@ -689,7 +719,7 @@ impl L2 {
     /// refused until the counter passes them (each refusal moves it by [`APPEND_TRIES`]).
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
         for _ in 0..APPEND_TRIES {
-            let (seq, low, holding) = self.bump_counter_range(&self.log_seq_key(), Bump::Record).await?;
+            let (seq, low, holding) = self.bump_counter_range(&self.log_seq_key(), Bump::Purge).await?;
             let key = self.log_key(seq);
             let k = key.as_bytes();
             let added = join_all(self.inner.servers.iter().map(|server| {
@@ -761,9 +791,9 @@ impl L2 {
 
     /// Bump the namespace generation (purge everything): every L2 entry of the namespace
     /// becomes unreachable at once. Returns the new generation, or `None` if memcached failed
-    /// or too few servers that hold the log answered ([`Bump::Generation`]).
+    /// or too few servers that hold the log answered ([`Bump::Purge`]).
     pub async fn bump_generation(&self) -> Option<u64> {
-        self.bump_generation_as(Bump::Generation).await
+        self.bump_generation_as(Bump::Purge).await
     }
 
     /// A reset's [`Self::bump_generation`]: a write quorum of servers, whatever they hold.
