@@ -65,6 +65,10 @@ pub enum Seen {
 /// generation, and must not empty the cache (and move the namespace) on every response.
 pub const MIN_CHANGE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The longest wait between two tries of moving memcached's namespace for a new upstream
+/// generation (from 250 ms, doubled each time: about two minutes of tries in all).
+const MOVE_RETRY_MAX: Duration = Duration::from_secs(64);
+
 /// The generations this corral knows of.
 #[derive(Debug)]
 struct History {
@@ -285,13 +289,21 @@ impl Generations {
             if l2.claim(&change).await != Some(false) {
                 // the history first: a corral that sees the namespace move reads what it was for
                 l2.set_upstream_generation(&seen).await;
-                match l2.bump_generation().await {
-                    Some(moved) => {
-                        info!(generation = %new, namespace_generation = moved, "memcached namespace moved for the new upstream generation")
+                // this corral holds the claim: no other moves it, so it tries until memcached
+                // takes it (a purge's bump: refused while too few servers that hold the purge
+                // log answer), for as long as this change is the newest
+                let mut wait = Duration::from_millis(250);
+                loop {
+                    if let Some(moved) = l2.bump_generation().await {
+                        info!(generation = %new, namespace_generation = moved, "memcached namespace moved for the new upstream generation");
+                        break;
                     }
-                    None => {
-                        tracing::error!(generation = %new, "memcached namespace could not be moved for the new upstream generation: other corrals keep its old entries until their own drop")
+                    if l2.generation() != before || wait > MOVE_RETRY_MAX {
+                        tracing::error!(generation = %new, "memcached namespace could not be moved for the new upstream generation: other corrals keep its old entries until their own drop");
+                        break;
                     }
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
                 }
             }
         });

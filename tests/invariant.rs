@@ -1036,6 +1036,13 @@ async fn generation_on(mc: &Memcached) -> u64 {
         .unwrap_or(0)
 }
 
+/// Set the namespace generation on memcached server `mc`.
+async fn set_generation_on(mc: &Memcached, generation: u64) {
+    let g = generation.to_string();
+    let cmd = format!("set corral/t/generation 0 0 {}\r\n{g}\r\n", g.len());
+    assert!(mc.command(cmd.as_bytes(), "\r\n").await.starts_with("STORED"));
+}
+
 /// A purge of everything at `proxy` (admin API): its status.
 async fn purge_all(proxy: &Proxy) -> u16 {
     send(client().post(format!("http://{}/purge/all", proxy.admin)), &[])
@@ -1214,6 +1221,10 @@ async fn a_purge_of_everything_that_could_take_a_generation_already_taken_is_ref
 async fn a_reset_moves_the_generation_above_one_a_server_that_was_down_holds() {
     let origin = Origin::start().await;
     versioned(&origin, &["/f"]);
+    // (not stored: the copy in memcached that the test looks for is /f's)
+    origin.route("/warm-up", |_| {
+        Reply::ok("up").header("cache-control", "no-store")
+    });
     let mut mcs = memcached_servers(3).await;
     let mut relays = Vec::new();
     for mc in &mcs {
@@ -1302,8 +1313,12 @@ async fn a_reset_gives_the_servers_the_logs_counter_before_its_epoch() {
     }
     let n = seq_on(&mcs[2]).await.unwrap();
     assert!(n >= 3);
+    // (both down before either is back: a read in between would put the log back on the
+    // first instead of resetting it)
     for mc in &mut mcs[..2] {
         mc.stop();
+    }
+    for mc in &mut mcs[..2] {
         mc.restart().await;
     }
     eventually(Duration::from_secs(10), "X resets the log", || async {
@@ -1323,5 +1338,51 @@ async fn a_reset_gives_the_servers_the_logs_counter_before_its_epoch() {
             seq_on(mc).await.unwrap() > n,
             "a purge after the reset numbered at or below the log's end {n}"
         );
+    }
+}
+
+/// Found by a review (2026-12-02). A generation one memcached server alone took (a purge of
+/// everything refused after its `incr` landed there, or one whose raise of the others
+/// failed) was adopted by the corrals as the namespace's, and handed out again by the other
+/// servers once that one was down: a purge of everything answered 200 moved nothing, and Y
+/// kept the copy it stored under it. A corral now raises the servers behind before it counts
+/// a counter's highest value (a write quorum of servers holding the epoch holds it).
+#[tokio::test]
+async fn a_generation_one_server_alone_took_is_raised_on_the_others_before_it_is_adopted() {
+    let origin = Origin::start().await;
+    versioned(&origin, &["/g"]);
+    let mcs = memcached_servers(3).await;
+    for mc in &mcs {
+        set_generation_on(mc, 4).await;
+    }
+    let mut relays = Vec::new();
+    for mc in &mcs {
+        relays.push(Relay::start(mc.addr).await);
+    }
+    let addrs: Vec<_> = relays.iter().map(|r| r.addr).collect();
+    let x = Proxy::start(origin.addr, on(&addrs, "")).await;
+    let y = Proxy::start(origin.addr, on(&addrs, "")).await;
+    assert_ne!(get(&x, "/warm-up").await.status, 0);
+    assert_ne!(get(&y, "/warm-up").await.status, 0);
+    // the first server alone took a bump
+    set_generation_on(&mcs[0], 5).await;
+    eventually(Duration::from_secs(10), "Y adopts it", || async {
+        metric(&y.metrics().await, "corral_l2_generation") == 5.0
+    })
+    .await;
+    assert_ne!(get(&y, "/g").await.status, 0);
+    let held = get(&y, "/g").await;
+    assert!(held.cache.starts_with("corral; hit"), "{}", held.cache);
+
+    relays[0].cut();
+    assert_eq!(purge_all(&x).await, 200);
+    eventually(
+        Duration::from_secs(10),
+        "Y drops the copy stored before the purge of everything",
+        || async { get(&y, "/g").await.body != held.body },
+    )
+    .await;
+    for mc in &mcs[1..] {
+        assert_eq!(generation_on(mc).await, 6, "the purge of everything's generation");
     }
 }

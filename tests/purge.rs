@@ -1050,6 +1050,11 @@ async fn purges_with_one_memcached_server_down(servers: usize) {
     let status = purge(&a, "BAN", "/", &[("x-url", "^/two/")]).await.status;
     if servers == 2 {
         assert_eq!(status, 503, "a ban with one of two memcached servers down");
+        assert_eq!(
+            metric(&a.metrics().await, "corral_purge_bumps_refused_total"),
+            1.0,
+            "refused for want of a read quorum"
+        );
         return;
     }
     assert_eq!(status, 200, "a ban with one of {servers} memcached servers down");

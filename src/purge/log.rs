@@ -530,7 +530,8 @@ impl Follower {
     /// Once per reset: not again while the reset is tried again (the generation is still
     /// the bump's, and the servers still show its epoch or a later one, `shown`: it did not
     /// land everywhere). The corrals follow the log from `seq` on after it, and each server's
-    /// counter is raised to it before it gets the epoch ([`L2::set_log_epoch`]). `None`
+    /// counter is raised to it, and its generation to the bump's, before it gets the epoch
+    /// ([`L2::set_log_epoch`]). `None`
     /// (nothing written) if the generation could not be bumped.
     async fn new_epoch(
         &self,
@@ -561,7 +562,7 @@ impl Follower {
             // (a retry writes above `next`, which stays the lowest this reset wrote)
             *self.reset_bump.lock() = Some((g, next));
         }
-        Some(l2.set_log_epoch(next, Some(seq)).await)
+        Some(l2.set_log_epoch(next, Some((seq, l2.generation()))).await)
     }
 
     /// Purges were missed and cannot be told apart: everything validated before now counts as

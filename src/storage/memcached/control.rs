@@ -202,6 +202,11 @@ impl L2 {
     /// `keys` from every server at once, pipelined (one round trip per server, the servers in
     /// parallel): for each server that answered, each key's value (`None` when it has none).
     async fn get_many_everywhere(&self, keys: &[String]) -> Vec<Vec<Option<Vec<u8>>>> {
+        self.get_many_at(keys).await.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// [`Self::get_many_everywhere`], each answer with its server.
+    async fn get_many_at(&self, keys: &[String]) -> Vec<(&Server, Vec<Option<Vec<u8>>>)> {
         let answers = join_all(self.inner.servers.iter().map(|server| async move {
             let results = self
                 .with_server_at(server, "get", |c| async move {
@@ -218,6 +223,7 @@ impl L2 {
                     })
                 })
                 .collect::<Option<Vec<_>>>()
+                .map(|values| (server, values))
         }))
         .await;
         answers.into_iter().flatten().collect()
@@ -226,28 +232,56 @@ impl L2 {
     /// The control keys of the namespace in one pipelined read per server: the purge log's
     /// epoch (`None` when no server has it) and last sequence number, and the generation
     /// (counters: the highest any server has, absent = 0). `None` if no server answered.
+    ///
+    /// A counter's highest value counts (the read is complete) only once a write quorum of
+    /// servers holding the epoch holds it: the servers that answered behind it are raised
+    /// first. A corral follows the log past that number, or adopts that generation, and a
+    /// purge is numbered by a read quorum of holders, which shares a server with that write
+    /// quorum: it is handed a higher one. Without it, a value one server alone took (a bump
+    /// refused after its `incr` landed there, or one whose raise of the others failed) was
+    /// handed out again by the others once that server was down: a record under a number the
+    /// corrals had read past, a purge of everything under a generation already adopted.
     pub async fn control_state(&self) -> Option<ControlState> {
         let keys = [self.log_epoch_key(), self.log_seq_key(), self.generation_key()];
-        let answers = self.get_many_everywhere(&keys).await;
+        let answers = self.get_many_at(&keys).await;
         if answers.is_empty() {
             return None;
         }
         let top = |i: usize| {
             answers
                 .iter()
-                .map(|a| number(&a[i]).unwrap_or(0))
+                .map(|(_, a)| number(&a[i]).unwrap_or(0))
                 .max()
                 .unwrap_or(0)
         };
-        let epoch = answers.iter().filter_map(|a| number(&a[0])).max();
+        let epoch = answers.iter().filter_map(|(_, a)| number(&a[0])).max();
         // a server counts toward the quorum only if it holds the log's epoch: one restarted
         // empty has lost the records it took, and must not stand in for them
-        let agreeing = answers.iter().filter(|a| holds(&a[0], epoch)).count();
+        let agreeing = answers.iter().filter(|(_, a)| holds(&a[0], epoch)).count();
+        let (log_seq, generation) = (top(1), top(2));
+        let mut held = true;
+        for (i, value) in [(1, log_seq), (2, generation)] {
+            let holder = |a: &Vec<Option<Vec<u8>>>| holds(&a[0], epoch);
+            let at = |a: &Vec<Option<Vec<u8>>>| number(&a[i]).unwrap_or(0) >= value;
+            let holding = answers.iter().filter(|(_, a)| holder(a) && at(a)).count();
+            if value == 0 || holding >= self.write_quorum() {
+                continue;
+            }
+            let raised = join_all(
+                answers
+                    .iter()
+                    .filter(|(_, a)| holder(a) && !at(a))
+                    .map(|(server, _)| self.raise_on(server, &keys[i], value, Raise::Replace)),
+            )
+            .await;
+            let now = holding + raised.iter().filter(|r| r.is_some()).count();
+            held &= now >= self.write_quorum();
+        }
         Some(ControlState {
             epoch,
-            log_seq: top(1),
-            generation: top(2),
-            complete: agreeing >= self.read_quorum(),
+            log_seq,
+            generation,
+            complete: agreeing >= self.read_quorum() && held,
             lacking: answers.len() - agreeing,
         })
     }
@@ -326,8 +360,8 @@ impl L2 {
     /// whether it holds the epoch.
     async fn bump_counter_range(&self, key: &str, who: Bump) -> Option<(u64, u64, Vec<bool>)> {
         let k = key.as_bytes();
-        // which servers hold the epoch, asked first: a refused purge bumps nothing (a number
-        // it took would be a gap every reader waits for, a generation a move of its own)
+        // which servers hold the epoch, asked first: a purge refused then bumps nothing (a
+        // number it took would be a gap every reader waits for, a generation a move of its own)
         let holding = match who {
             Bump::Reset => vec![true; self.inner.servers.len()],
             Bump::Purge => holding_epoch(&self.get_everywhere(self.log_epoch_key().as_bytes()).await),
@@ -371,29 +405,11 @@ impl L2 {
                 .filter(|(_, h)| **h)
                 .flat_map(|(r, _)| *r)
         };
-        if on_holders().count() < needed {
-            // (a holder stopped answering between the two: its bump landed on the others)
-            refused(on_holders().count());
-            return None;
-        }
-        if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
-            return None;
-        }
-        if holders < needed {
-            metrics::PURGE_BUMPS_REFUSED.inc();
-            warn!(
-                key,
-                holders,
-                needed,
-                "a purge is refused: too few of the memcached servers that answered hold the purge log (some are down, or restarted and not yet put back), so the number they gave may be one an earlier purge took"
-            );
-            return None;
-        }
         let top = results.iter().flatten().copied().max()?;
-        // (a server lacking the epoch counts from 1 again: not a number two bumps skipped)
-        let low = on_holders().min().unwrap_or(top);
         // raised on its CAS, not set: a set landing after another bump raised it further would
-        // take the counter back below a record that bump's purge holds there
+        // take the counter back below a record that bump's purge holds there. (Also when the
+        // bump is refused: the value it took on some servers is one the corrals may adopt;
+        // they raise the others before they do, `control_state`)
         join_all(
             self.inner
                 .servers
@@ -403,6 +419,16 @@ impl L2 {
                 .map(|(server, _)| self.raise_on(server, key, top, Raise::Replace)),
         )
         .await;
+        if on_holders().count() < needed {
+            // (a holder stopped answering between the two)
+            refused(on_holders().count());
+            return None;
+        }
+        if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
+            return None;
+        }
+        // (a server lacking the epoch counts from 1 again: not a number two bumps skipped)
+        let low = on_holders().min().unwrap_or(top);
         Some((top, low, holding))
     }
 
@@ -415,17 +441,20 @@ impl L2 {
     /// every other one), on its CAS, a higher one kept: corrals that start or reset at once
     /// leave the highest of their epochs on every server, not each its own on some (every
     /// server lacking the others': reset again, and again). Returns the epoch now in place.
-    /// `reset` is the log's last number the corrals follow it from after a reset: each server's
-    /// counter is raised to it before the epoch is written there (a server restarted empty
-    /// would otherwise hold the new epoch with a counter from 1, and a purge it numbers with
-    /// another such server, the rest down, be one the corrals never read). `None`: a new
+    /// `reset` is the log's last number the corrals follow it from after a reset, and the
+    /// generation the reset moved the namespace to: each server's counter and generation are
+    /// raised to them before the epoch is written there (a server restarted empty would
+    /// otherwise hold the new epoch with a counter from 1, and a purge it numbers with another
+    /// such server, the rest down, be one the corrals never read; or a generation from 0, and
+    /// a purge of everything handed one the namespace had). `None`: a new
     /// namespace's epoch, added only where a server has none, so that of the corrals that
     /// start at once the first to write wins everywhere (with a raise, one that read its own
     /// epoch back before a higher one landed would see it change: a reset, and its first
     /// copies refetched).
-    pub async fn set_log_epoch(&self, candidate: u64, reset: Option<u64>) -> Option<u64> {
+    pub async fn set_log_epoch(&self, candidate: u64, reset: Option<(u64, u64)>) -> Option<u64> {
         let key = self.log_epoch_key();
         let seq_key = self.log_seq_key();
+        let generation_key = self.generation_key();
         let k = key.as_bytes();
         let v = candidate.to_string();
         let v = v.as_bytes();
@@ -437,14 +466,13 @@ impl L2 {
                     })
                     .await;
                 }
-                Some(seq) => {
-                    if self
-                        .raise_on(server, &seq_key, seq, Raise::Replace)
-                        .await
-                        .is_some()
-                    {
-                        self.raise_on(server, &key, candidate, Raise::Replace).await;
+                Some((seq, generation)) => {
+                    for (key, value) in [(&seq_key, seq), (&generation_key, generation)] {
+                        if self.raise_on(server, key, value, Raise::Replace).await.is_none() {
+                            return;
+                        }
                     }
+                    self.raise_on(server, &key, candidate, Raise::Replace).await;
                 }
             }
         }))
