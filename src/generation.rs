@@ -298,12 +298,18 @@ impl Generations {
                         info!(generation = %new, namespace_generation = moved, "memcached namespace moved for the new upstream generation");
                         break;
                     }
-                    if l2.generation() != before || wait > MOVE_RETRY_MAX {
+                    if wait > MOVE_RETRY_MAX {
                         tracing::error!(generation = %new, "memcached namespace could not be moved for the new upstream generation: other corrals keep its old entries until their own drop");
                         break;
                     }
                     tokio::time::sleep(wait).await;
                     wait *= 2;
+                    // (checked after the wait: a refused try whose bump reached some servers is
+                    // the move, once the corrals adopt it; bumping again would be a second)
+                    if l2.generation() != before {
+                        info!(generation = %new, "memcached namespace moved meanwhile: taken as the move for the new upstream generation");
+                        break;
+                    }
                 }
             }
         });

@@ -1370,6 +1370,9 @@ async fn a_generation_one_server_alone_took_is_raised_on_the_others_before_it_is
         metric(&y.metrics().await, "corral_l2_generation") == 5.0
     })
     .await;
+    for mc in &mcs[1..] {
+        assert_eq!(generation_on(mc).await, 5, "raised before it was adopted");
+    }
     assert_ne!(get(&y, "/g").await.status, 0);
     let held = get(&y, "/g").await;
     assert!(held.cache.starts_with("corral; hit"), "{}", held.cache);

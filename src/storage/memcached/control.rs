@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use memcache::exp::{Get, Meta, Ttl};
+use memcache::exp::{Arithmetic, Get, Meta, Op, OpResult, Ttl};
 use tracing::{info, warn};
 
 use crate::metrics;
@@ -83,6 +83,20 @@ fn number(v: &Option<Vec<u8>>) -> Option<u64> {
         .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
 }
 
+/// A batch's results, or its first failure when every operation failed (the connection did):
+/// [`L2::with_server_at`] then counts the server's failure, as for a single operation.
+fn failed_whole<T>(
+    results: Vec<memcache::exp::Result<T>>,
+) -> memcache::exp::Result<Vec<memcache::exp::Result<T>>> {
+    if !results.iter().all(Result::is_err) {
+        return Ok(results);
+    }
+    match results.into_iter().next() {
+        Some(Err(e)) => Err(e),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// For each server's answer of the log's epoch (`None`: it did not answer), whether it holds
 /// the epoch: the highest any holds (the newest, [`next_log_epoch`]), or none where no server
 /// has a readable one (a new namespace: [`L2::control_state`] counts the same).
@@ -112,6 +126,25 @@ fn distinct<'a>(answers: impl Iterator<Item = Option<&'a [u8]>>) -> Vec<Bytes> {
         }
     }
     out
+}
+
+/// A server's answer to a bump ([`L2::bump_counter_range`]): its log epoch, read just before
+/// (`None`: unreadable; `Some(None)`: it has none), and the counter's new value.
+type EpochAndBump = (Option<Option<Vec<u8>>>, Option<u64>);
+
+/// What a bump took ([`L2::bump_counter_range`]).
+struct Bumped {
+    /// The value taken: the highest any server answered.
+    top: u64,
+    /// The lowest a server that holds the epoch answered.
+    low: u64,
+    /// For each server, whether it holds the log's epoch.
+    holding: Vec<bool>,
+    /// Whether a write quorum of those holds `top` (the servers behind raised): only then may
+    /// the purge be acknowledged. Otherwise it is refused, but its record is still written
+    /// under `top` (a number no record filled would be a gap every reader waits on, then
+    /// drops its L1 for).
+    held: bool,
 }
 
 /// What [`L2::raise_on`] is asked to do.
@@ -210,7 +243,7 @@ impl L2 {
         let answers = join_all(self.inner.servers.iter().map(|server| async move {
             let results = self
                 .with_server_at(server, "get", |c| async move {
-                    c.run_many(keys.iter().map(Get::new)).await
+                    failed_whole(c.run_many(keys.iter().map(Get::new)).await?)
                 })
                 .await?;
             // a key that could not be read makes the server's answer unknown, not "absent"
@@ -351,14 +384,17 @@ impl L2 {
     /// to the highest value, so it never goes backwards. Returns that value, `None` if the
     /// servers that took it are not the ones `who` asks for.
     async fn bump_counter(&self, key: &str, who: Bump) -> Option<u64> {
-        self.bump_counter_range(key, who).await.map(|(top, _, _)| top)
+        self.bump_counter_range(key, who)
+            .await
+            .filter(|b| b.held)
+            .map(|b| b.top)
     }
 
     /// [`Self::bump_counter`], with the lowest value a server that holds the log's epoch
     /// answered (below the value taken when two bumps reached the servers in opposite orders:
     /// each took the highest, and the number below it went to neither), and for each server
-    /// whether it holds the epoch.
-    async fn bump_counter_range(&self, key: &str, who: Bump) -> Option<(u64, u64, Vec<bool>)> {
+    /// whether it holds the epoch ([`Bumped`]).
+    async fn bump_counter_range(&self, key: &str, who: Bump) -> Option<Bumped> {
         let k = key.as_bytes();
         // which servers hold the epoch, asked first: a purge refused then bumps nothing (a
         // number it took would be a gap every reader waits for, a generation a move of its own)
@@ -384,20 +420,51 @@ impl L2 {
             refused(holders);
             return None;
         }
-        let results: Vec<Option<u64>> = join_all(self.inner.servers.iter().map(|server| async move {
-            self.with_server_at(server, "incr", |c| async move {
-                // created, and kept, without an expiry: a counter that vanished would read as 0
-                c.increment(k)
-                    .delta(1)
-                    .initial(1, MAX_TTL)
-                    .ttl(Ttl::NEVER)
-                    .send()
-                    .await
-            })
-            .await
-            .and_then(|r| r.value)
-        }))
-        .await;
+        // each server's epoch again, on the connection its bump goes on, just before it: a
+        // server that restarts between the first read and the bump (a restart breaks the
+        // connection) answers this one without the epoch, and its counter, from 1 again, does
+        // not count as a holder's
+        let epoch_key = self.log_epoch_key();
+        let ek = epoch_key.as_bytes();
+        let answers: Vec<Option<EpochAndBump>> =
+            join_all(self.inner.servers.iter().map(|server| async move {
+                let mut results = self
+                    .with_server_at(server, "incr", |c| async move {
+                        // created, and kept, without an expiry: a counter that vanished would
+                        // read as 0
+                        let bump = Arithmetic::new(k).delta(1).initial(1, MAX_TTL).ttl(Ttl::NEVER);
+                        let results = c.run_batch([Op::from(Get::new(ek)), Op::from(bump)]).await?;
+                        // (a transport failure is in each operation's result: the server's
+                        // failure, so that its circuit opens as with a single operation)
+                        failed_whole(results)
+                    })
+                    .await?
+                    .into_iter();
+                let epoch = match results.next()? {
+                    Ok(OpResult::Get(r)) => {
+                        let hit = r.hit();
+                        Some(r.value.filter(|v| hit && !v.is_empty()))
+                    }
+                    _ => None,
+                };
+                let value = match results.next()? {
+                    Ok(OpResult::Arithmetic(r)) => r.value,
+                    _ => None,
+                };
+                Some((epoch, value))
+            }))
+            .await;
+        let results: Vec<Option<u64>> = answers.iter().map(|a| a.as_ref().and_then(|(_, v)| *v)).collect();
+        let holding = match who {
+            Bump::Reset => holding,
+            Bump::Purge => {
+                let epochs: Vec<_> = answers
+                    .iter()
+                    .map(|a| a.as_ref().and_then(|(e, _)| e.clone()))
+                    .collect();
+                holding_epoch(&epochs)
+            }
+        };
         let on_holders = || {
             results
                 .iter()
@@ -410,26 +477,42 @@ impl L2 {
         // take the counter back below a record that bump's purge holds there. (Also when the
         // bump is refused: the value it took on some servers is one the corrals may adopt;
         // they raise the others before they do, `control_state`)
-        join_all(
+        let raised = join_all(
             self.inner
                 .servers
                 .iter()
                 .zip(&results)
-                .filter(|(_, value)| value.is_some_and(|v| v < top))
-                .map(|(server, _)| self.raise_on(server, key, top, Raise::Replace)),
+                .zip(&holding)
+                .filter(|((_, value), _)| value.is_some_and(|v| v < top))
+                .map(|((server, _), holds)| async move {
+                    self.raise_on(server, key, top, Raise::Replace).await.is_some() && *holds
+                }),
         )
         .await;
         if on_holders().count() < needed {
-            // (a holder stopped answering between the two)
+            // (a holder stopped answering, or restarted, between the two)
             refused(on_holders().count());
             return None;
+        }
+        // the value taken is used at once by this corral (a generation, a record's number):
+        // a write quorum of holders must hold it, as before a corral follows a value it read
+        // (`control_state`), or a bump with those that hold it down would take it again
+        let holding_top = on_holders().filter(|&v| v == top).count() + raised.iter().filter(|r| **r).count();
+        let held = who == Bump::Reset || holding_top >= self.write_quorum();
+        if !held {
+            refused(holding_top);
         }
         if results.iter().filter(|r| r.is_some()).count() < self.write_quorum() {
             return None;
         }
         // (a server lacking the epoch counts from 1 again: not a number two bumps skipped)
         let low = on_holders().min().unwrap_or(top);
-        Some((top, low, holding))
+        Some(Bumped {
+            top,
+            low,
+            holding,
+            held,
+        })
     }
 
     fn log_epoch_key(&self) -> String {
@@ -747,7 +830,8 @@ impl L2 {
     /// refused until the counter passes them (each refusal moves it by [`APPEND_TRIES`]).
     pub async fn append_log(&self, record: &[u8]) -> Option<u64> {
         for _ in 0..APPEND_TRIES {
-            let (seq, low, holding) = self.bump_counter_range(&self.log_seq_key(), Bump::Purge).await?;
+            let bumped = self.bump_counter_range(&self.log_seq_key(), Bump::Purge).await?;
+            let (seq, low, holding) = (bumped.top, bumped.low, bumped.holding);
             let key = self.log_key(seq);
             let k = key.as_bytes();
             let added = join_all(self.inner.servers.iter().map(|server| {
@@ -758,6 +842,10 @@ impl L2 {
             .await;
             if seq > low && seq - low <= FILL_BELOW {
                 self.fill_skipped(low, seq, record).await;
+            }
+            if !bumped.held {
+                // refused, its number filled
+                return None;
             }
             // (only servers that hold the epoch count: a complete read reaches them)
             let on_holders = || added.iter().zip(&holding).filter(|(_, holds)| **holds);
