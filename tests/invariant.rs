@@ -876,33 +876,13 @@ async fn a_server_restarted_empty_with_a_ban_on_two(
     let c_conf = conf(&refs);
     drop(refs);
     assert_eq!(get(&a, "/p").await.body, "v1");
-    let third = std::cell::Cell::new(None);
-    eventually(Duration::from_secs(5), "the copy in memcached", || async {
-        for (i, mc) in mcs.iter().enumerate() {
-            if holds_an_entry(mc).await {
-                third.set(Some(i));
-            }
-        }
-        third.get().is_some()
-    })
-    .await;
-    let third = third.get().unwrap();
+    let third = holding_the_copy(&mcs).await;
     let (first, second) = ((third + 1) % 3, (third + 2) % 3);
     // a ban keeps the copy in memcached: what covers it is the log alone
     assert_eq!(ban(&a, "^/p$").await, 200);
     let n = seq_on(&mcs[third]).await.unwrap();
     // the third server missed it: no record, its counter one behind
-    let record = format!("delete corral/t/purgelog/{n}\r\n");
-    assert!(mcs[third]
-        .command(record.as_bytes(), "\r\n")
-        .await
-        .starts_with("DELETED"));
-    let behind = format!("{}", n - 1);
-    let cmd = format!("set corral/t/purgelog/seq 0 0 {}\r\n{behind}\r\n", behind.len());
-    assert!(mcs[third]
-        .command(cmd.as_bytes(), "\r\n")
-        .await
-        .starts_with("STORED"));
+    missed(&mcs[third], n).await;
     let filled = format!("get corral/t/purgelog/{n}\r\n");
     let mut top = n;
     if purge_before_restart {
@@ -1017,14 +997,38 @@ async fn a_corral_started_after_a_reset_does_not_take_the_copies_from_before_it(
     assert_eq!(got.body, "v2");
 }
 
-/// Get hits memcached server `mc` answered since it started: the reads corrals make of it.
-async fn gets_on(mc: &Memcached) -> u64 {
-    let stats = mc.command(b"stats\r\n", "END\r\n").await;
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("STAT cmd_get "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
+/// The memcached server of `mcs` that holds the cache entry (the one copy the test stored).
+async fn holding_the_copy(mcs: &[Memcached]) -> usize {
+    let holder = std::cell::Cell::new(None);
+    eventually(Duration::from_secs(5), "the copy in memcached", || async {
+        for (i, mc) in mcs.iter().enumerate() {
+            if holds_an_entry(mc).await {
+                holder.set(Some(i));
+            }
+        }
+        holder.get().is_some()
+    })
+    .await;
+    holder.get().unwrap()
+}
+
+/// Memcached server `mc` missed the purge log's record `n`: no record, its counter one behind.
+async fn missed(mc: &Memcached, n: u64) {
+    let record = format!("delete corral/t/purgelog/{n}\r\n");
+    assert!(mc.command(record.as_bytes(), "\r\n").await.starts_with("DELETED"));
+    let behind = format!("{}", n - 1);
+    let cmd = format!("set corral/t/purgelog/seq 0 0 {}\r\n{behind}\r\n", behind.len());
+    assert!(mc.command(cmd.as_bytes(), "\r\n").await.starts_with("STORED"));
+}
+
+/// A relay to each of `mcs` (which a test cuts), and the addresses corrals reach them by.
+async fn relays_to(mcs: &[Memcached]) -> (Vec<Relay>, Vec<std::net::SocketAddr>) {
+    let mut relays = Vec::new();
+    for mc in mcs {
+        relays.push(Relay::start(mc.addr).await);
+    }
+    let addrs = relays.iter().map(|r| r.addr).collect();
+    (relays, addrs)
 }
 
 /// The namespace generation memcached server `mc` holds (0: none).
@@ -1066,45 +1070,21 @@ async fn a_purge_while_a_restarted_server_lacks_the_log_takes_no_number_from_one
     let origin = Origin::start().await;
     versioned(&origin, &["/p", "/other"]);
     let mut mcs = memcached_servers(3).await;
-    let mut relays = Vec::new();
-    for mc in &mcs {
-        relays.push(Relay::start(mc.addr).await);
-    }
-    let addrs: Vec<_> = relays.iter().map(|r| r.addr).collect();
+    let (relays, addrs) = relays_to(&mcs).await;
     let a = Proxy::start(origin.addr, on(&addrs, "")).await;
     assert_eq!(get(&a, "/p").await.body, "v1");
-    let third = std::cell::Cell::new(None);
-    eventually(Duration::from_secs(5), "the copy in memcached", || async {
-        for (i, mc) in mcs.iter().enumerate() {
-            if holds_an_entry(mc).await {
-                third.set(Some(i));
-            }
-        }
-        third.get().is_some()
-    })
-    .await;
-    let third = third.get().unwrap();
+    let third = holding_the_copy(&mcs).await;
     let (first, second) = ((third + 1) % 3, (third + 2) % 3);
     assert_eq!(ban(&a, "^/p$").await, 200);
     let n = seq_on(&mcs[third]).await.unwrap();
-    let record = format!("delete corral/t/purgelog/{n}\r\n");
-    assert!(mcs[third]
-        .command(record.as_bytes(), "\r\n")
-        .await
-        .starts_with("DELETED"));
-    let behind = format!("{}", n - 1);
-    let cmd = format!("set corral/t/purgelog/seq 0 0 {}\r\n{behind}\r\n", behind.len());
-    assert!(mcs[third]
-        .command(cmd.as_bytes(), "\r\n")
-        .await
-        .starts_with("STORED"));
+    missed(&mcs[third], n).await;
 
     relays[first].cut();
     mcs[second].stop();
     mcs[second].restart().await;
     // A reads the restarted second again, so that the purge's bump reaches it
     eventually(Duration::from_secs(10), "A reaches the second again", || async {
-        gets_on(&mcs[second]).await >= 2
+        mcs[second].stat("cmd_get").await >= 2
     })
     .await;
     let refused = ban(&a, "^/other$").await;
@@ -1226,27 +1206,13 @@ async fn a_reset_moves_the_generation_above_one_a_server_that_was_down_holds() {
         Reply::ok("up").header("cache-control", "no-store")
     });
     let mut mcs = memcached_servers(3).await;
-    let mut relays = Vec::new();
-    for mc in &mcs {
-        relays.push(Relay::start(mc.addr).await);
-    }
-    let addrs: Vec<_> = relays.iter().map(|r| r.addr).collect();
+    let (relays, addrs) = relays_to(&mcs).await;
     let x = Proxy::start(origin.addr, on(&addrs, "")).await;
     assert_ne!(get(&x, "/warm-up").await.status, 0);
     assert_eq!(purge_all(&x).await, 200);
     assert_eq!(metric(&x.metrics().await, "corral_l2_generation"), 1.0);
     assert_eq!(get(&x, "/f").await.body, "v1");
-    let third = std::cell::Cell::new(None);
-    eventually(Duration::from_secs(5), "the copy in memcached", || async {
-        for (i, mc) in mcs.iter().enumerate() {
-            if holds_an_entry(mc).await {
-                third.set(Some(i));
-            }
-        }
-        third.get().is_some()
-    })
-    .await;
-    let third = third.get().unwrap();
+    let third = holding_the_copy(&mcs).await;
 
     relays[third].cut();
     assert_eq!(ban(&x, "^/f$").await, 200);
@@ -1301,11 +1267,7 @@ async fn a_reset_gives_the_servers_the_logs_counter_before_its_epoch() {
     let origin = Origin::start().await;
     versioned(&origin, &["/s1", "/s2", "/s3"]);
     let mut mcs = memcached_servers(3).await;
-    let mut relays = Vec::new();
-    for mc in &mcs {
-        relays.push(Relay::start(mc.addr).await);
-    }
-    let addrs: Vec<_> = relays.iter().map(|r| r.addr).collect();
+    let (relays, addrs) = relays_to(&mcs).await;
     let x = Proxy::start(origin.addr, on(&addrs, "")).await;
     assert_ne!(get(&x, "/warm-up").await.status, 0);
     for p in ["^/s1$", "^/s2$", "^/s3$"] {
@@ -1355,11 +1317,7 @@ async fn a_generation_one_server_alone_took_is_raised_on_the_others_before_it_is
     for mc in &mcs {
         set_generation_on(mc, 4).await;
     }
-    let mut relays = Vec::new();
-    for mc in &mcs {
-        relays.push(Relay::start(mc.addr).await);
-    }
-    let addrs: Vec<_> = relays.iter().map(|r| r.addr).collect();
+    let (relays, addrs) = relays_to(&mcs).await;
     let x = Proxy::start(origin.addr, on(&addrs, "")).await;
     let y = Proxy::start(origin.addr, on(&addrs, "")).await;
     assert_ne!(get(&x, "/warm-up").await.status, 0);

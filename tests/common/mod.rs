@@ -436,10 +436,16 @@ impl Memcached {
 
     /// Number of items stored.
     pub async fn items(&self) -> u64 {
+        self.stat("curr_items").await
+    }
+
+    /// One counter of memcached's `stats` (`cmd_get`: the gets it answered since it started).
+    pub async fn stat(&self, name: &str) -> u64 {
         let stats = self.command(b"stats\r\n", "END\r\n").await;
+        let prefix = format!("STAT {name} ");
         stats
             .lines()
-            .find_map(|l| l.strip_prefix("STAT curr_items "))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|v| v.trim().parse().ok())
             .unwrap()
     }
