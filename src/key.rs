@@ -55,12 +55,7 @@ pub fn request_host(req: &RequestHeader) -> Result<String, BadHost> {
         return Err(BadHost::Repeated);
     }
     let host = match host {
-        Some(h) => Some(
-            h.to_str()
-                .ok()
-                .filter(|h| valid_authority(h))
-                .ok_or(BadHost::Invalid)?,
-        ),
+        Some(h) => Some(host_field(h.as_bytes()).ok_or(BadHost::Invalid)?),
         None => None,
     };
     // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host (Pingora answers
@@ -86,6 +81,13 @@ pub fn request_host(req: &RequestHeader) -> Result<String, BadHost> {
         // empty: no valid Host is empty, so such requests share no key with a named site
         None => Ok(String::new()),
     }
+}
+
+/// A `Host` field's value if it is a valid authority ([`valid_authority`]), not yet
+/// normalised: the one check of [`request_host`] and of the connection's fast hits
+/// ([`crate::conn`]), which read the field before Pingora does.
+pub fn host_field(value: &[u8]) -> Option<&str> {
+    std::str::from_utf8(value).ok().filter(|h| valid_authority(h))
 }
 
 /// Is `s` an RFC 3986 authority without userinfo (`host[:port]`), as `Host` must be

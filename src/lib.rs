@@ -121,7 +121,11 @@ pub fn build_server(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Re
     proxy.server_options = Some(options);
     let mut proxy = Service::new(
         "corral proxy".to_string(),
-        conn::Guarded::new(proxy, cfg.server.limits),
+        conn::Guarded::new(
+            proxy,
+            crate::proxy::FrontHits::new(reloader, parts),
+            cfg.server.limits,
+        ),
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
     server.add_service(proxy);

@@ -71,6 +71,16 @@ pub static FAST_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Of the fast hits, those answered on an HTTP/1 connection before Pingora's session
+/// ([`crate::proxy::FrontHits`]).
+pub static FRONT_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "corral_front_hits_total",
+        "Fast hits answered on an HTTP/1 connection before Pingora's session (also in corral_fast_hits_total)"
+    )
+    .expect("metric registers once")
+});
+
 /// Entries invalidated by a successful unsafe request (RFC 9111 §4.4).
 pub static INVALIDATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(

@@ -833,7 +833,7 @@ async fn objects_over_max_object_bytes_stream_through_unstored() {
 }
 
 /// 3 MiB through a 1 MiB cache under each policy: the bound holds, the cache is still used,
-/// the newest entry stays. Which old ones go is the policy's: LRU drops the oldest; S3-FIFO
+/// the newest entries stay. Which old ones go is the policy's: LRU drops the oldest; S3-FIFO
 /// keeps the entries that filled the empty cache in its main queue and drops the newer ones
 /// that were never hit from its small queue (what keeps a popular set through a scan).
 #[tokio::test]
@@ -870,10 +870,17 @@ async fn memory_bound_holds_after_three_times_memory_bytes() {
             "{policy}: the cache is still used: {entries} entries"
         );
         assert!(entries < 96, "{policy}: {entries} entries: nothing was evicted");
-        assert!(
-            get(&proxy.url("/mem/95")).await.cache.contains("hit"),
-            "{policy}: the newest stays"
-        );
+        // Pingora's LRU is sharded (16): an eviction takes the oldest entry of the longer of
+        // two random shards, so the newest entry goes when it is alone in the shard drawn. Of
+        // the four newest, all but one stay (two such draws in four evictions is unlikely);
+        // the other policies keep the newest one
+        let (first, needed) = if policy == "lru" { (92, 3) } else { (95, 1) };
+        let mut newest = Vec::new();
+        for i in (first..96).rev() {
+            newest.push(get(&proxy.url(&format!("/mem/{i}"))).await.cache);
+        }
+        let kept = newest.iter().filter(|c| c.contains("hit")).count();
+        assert!(kept >= needed, "{policy}: the newest stay: {newest:?}");
         let oldest = get(&proxy.url("/mem/0")).await.cache;
         match policy {
             "lru" => assert!(oldest.contains("fwd=miss"), "the oldest was evicted: {oldest}"),

@@ -1013,3 +1013,364 @@ async fn early_hints_reach_the_client_every_time_and_are_never_stored() {
         );
     }
 }
+
+// The front: on HTTP/1 connections corral reads each request head itself and answers a plain
+// fast hit before Pingora's session exists; everything else goes to Pingora with the bytes
+// already read (src/conn.rs, `FrontHits` in src/proxy/fast_hit.rs).
+
+/// `corral_front_hits_total` and `corral_fast_hits_total`.
+async fn hit_counts(proxy: &Proxy) -> (f64, f64) {
+    let m = proxy.metrics().await;
+    (
+        metric(&m, "corral_front_hits_total"),
+        metric(&m, "corral_fast_hits_total"),
+    )
+}
+
+/// A response without what changes from one second to the next (`Date`, `Age`, the TTL).
+fn steady(response: &str) -> String {
+    response
+        .split("\r\n")
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            !l.starts_with("date:") && !l.starts_with("age:")
+        })
+        .map(|l| match l.find("ttl=") {
+            Some(at) => format!("{}ttl=N", &l[..at]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// A hit the front answers is the response Pingora's fast hit sends for the same request:
+/// each pair differs only in a `Connection` token, which the front leaves to Pingora (a
+/// hop-by-hop field to remove), over HTTP/1.1 and 1.0, GET and HEAD.
+#[tokio::test]
+async fn a_hit_answered_before_pingora_is_the_one_pingora_sends() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/same", |_| {
+        cacheable("the same body")
+            .header("etag", "\"v1\"")
+            .header("x-one", "1")
+            .header("link", "</a>; rel=preload")
+            .header("x-two", "2")
+            .header("link", "</b>; rel=preload")
+    });
+    let stored = raw(
+        &proxy,
+        b"GET /same HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(stored.contains("corral; fwd=miss"), "{stored}");
+    let pairs: [(&[u8], &[u8], &str); 4] = [
+        (
+            b"GET /same HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"GET /same HTTP/1.1\r\nHost: h\r\nConnection: close, x-hop\r\n\r\n",
+            "the same body",
+        ),
+        (
+            b"HEAD /same HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"HEAD /same HTTP/1.1\r\nHost: h\r\nConnection: close, x-hop\r\n\r\n",
+            "\r\n\r\n",
+        ),
+        (
+            b"GET /same HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"GET /same HTTP/1.0\r\nHost: h\r\nConnection: x-hop\r\n\r\n",
+            "the same body",
+        ),
+        (
+            b"GET /same HTTP/1.0\r\nHost: H:80\r\nConnection: keep-alive, close\r\n\r\n",
+            b"GET /same HTTP/1.0\r\nHost: H:80\r\nConnection: keep-alive, close, x-hop\r\n\r\n",
+            "the same body",
+        ),
+    ];
+    for (front, pingora, ends) in pairs {
+        let (front0, fast0) = hit_counts(&proxy).await;
+        let a = raw(&proxy, front).await;
+        assert_eq!(hit_counts(&proxy).await, (front0 + 1.0, fast0 + 1.0), "{a}");
+        let b = raw(&proxy, pingora).await;
+        assert_eq!(
+            hit_counts(&proxy).await,
+            (front0 + 1.0, fast0 + 2.0),
+            "Pingora's fast hit: {b}"
+        );
+        assert!(a.starts_with("HTTP/1.1 200 OK\r\n") && a.ends_with(ends), "{a}");
+        assert!(
+            a.to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
+            "{a}"
+        );
+        assert!(a.contains("cache-status: corral; hit; ttl="), "{a}");
+        assert!(a.to_ascii_lowercase().contains("\r\ndate: "), "{a}");
+        assert_eq!(steady(&a), steady(&b));
+    }
+    assert_eq!(origin.hits("/same"), 1);
+}
+
+/// Hits and misses on one keep-alive connection: after a request Pingora answered, the next
+/// hit is the front's again; a request Pingora read ahead into (pipelined after a body) is
+/// answered in order and nothing is lost.
+#[tokio::test]
+async fn after_pingora_answers_the_connection_comes_back_to_the_front() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/back", |_| cacheable("back"));
+    origin.route("/form", |_| Reply::ok("posted".to_string()));
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /back HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let miss = read_response(&mut s).await;
+    assert!(miss.contains("fwd=miss") && miss.ends_with("back"), "{miss}");
+    let (front0, _) = hit_counts(&proxy).await;
+    s.write_all(b"GET /back HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let hit = read_response(&mut s).await;
+    assert!(hit.contains("corral; hit") && hit.ends_with("back"), "{hit}");
+    assert_eq!(hit_counts(&proxy).await.0, front0 + 1.0, "the hit after a miss");
+    // a POST with a body and a hit behind it, in one write: the front hands both to Pingora,
+    // which answers the POST and the hit it read ahead
+    s.write_all(
+        b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc\
+          GET /back HTTP/1.1\r\nHost: h\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut both = String::new();
+    while !both.ends_with("back") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("both answers within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed: {both}");
+        both.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let (posted, behind) = both
+        .split_once("postedHTTP/1.1")
+        .expect("the POST's answer first");
+    assert!(posted.contains("fwd=bypass"), "{both}");
+    assert!(behind.contains("corral; hit"), "{both}");
+    let (front1, _) = hit_counts(&proxy).await;
+    assert_eq!(front1, front0 + 1.0, "the hit read ahead is Pingora's");
+    s.write_all(b"GET /back HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let again = read_response(&mut s).await;
+    assert!(
+        again.contains("corral; hit") && again.ends_with("back"),
+        "{again}"
+    );
+    assert_eq!(hit_counts(&proxy).await.0, front1 + 1.0, "back to the front");
+    assert_eq!(origin.hits("/back"), 1);
+    assert_eq!(origin.hits("/form"), 1);
+}
+
+/// A request with a body is never the front's, so a body is never read as a request: a GET
+/// whose body holds a request for another URL (`Content-Length` or chunked) is answered once,
+/// and the URL in its body never reaches the origin.
+#[tokio::test]
+async fn a_body_on_a_get_is_never_read_as_a_request() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/hit", |_| cacheable("hit"));
+    origin.route("/secret", |_| cacheable("secret"));
+    raw(
+        &proxy,
+        b"GET /hit HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let smuggled = "GET /secret HTTP/1.1\r\nHost: h\r\n\r\n";
+    let by_length = format!(
+        "GET /hit HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let chunked = format!(
+        "GET /hit HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+        smuggled.len()
+    );
+    for first in [by_length, chunked] {
+        let (front0, _) = hit_counts(&proxy).await;
+        let request = format!("{first}GET /hit HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let text = raw(&proxy, request.as_bytes()).await;
+        // Pingora answers the first from the cache, and closes the connection rather than
+        // read a body it did not need, or reads the body and answers the second too
+        let answers = text.matches("HTTP/1.1 200 OK").count();
+        assert!(answers == 1 || answers == 2, "{text}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), answers, "nothing else: {text}");
+        assert_eq!(text.matches("corral; hit").count(), answers, "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        // the first is Pingora's (it has a body), and so is what it read with it
+        assert_eq!(hit_counts(&proxy).await.0, front0, "{text}");
+    }
+    assert_eq!(origin.hits("/secret"), 0);
+    assert_eq!(origin.hits("/hit"), 1);
+}
+
+/// A head longer than the front reads (8 KiB) goes to Pingora as read, and is still a hit; a
+/// head that arrives in pieces is the front's.
+#[tokio::test]
+async fn long_and_split_heads_are_answered() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/h", |_| cacheable("head"));
+    raw(&proxy, b"GET /h HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await;
+    let (front0, fast0) = hit_counts(&proxy).await;
+    let long = format!(
+        "GET /h HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let text = raw(&proxy, long.as_bytes()).await;
+    assert!(text.contains("corral; hit") && text.ends_with("head"), "{text}");
+    assert_eq!(
+        hit_counts(&proxy).await,
+        (front0, fast0 + 1.0),
+        "Pingora's fast hit"
+    );
+    // in three writes, apart (the bytes are sent at once: no delay of Nagle's)
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for piece in [&b"GET /h HT"[..], b"TP/1.1\r\nHost: h\r\n\r", b"\n"] {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = read_response(&mut s).await;
+    assert!(text.contains("corral; hit") && text.ends_with("head"), "{text}");
+    assert_eq!(
+        hit_counts(&proxy).await,
+        (front0 + 1.0, fast0 + 2.0),
+        "the front's"
+    );
+    assert_eq!(origin.hits("/h"), 1);
+}
+
+/// An idle keep-alive connection the front served does not hold the process at shutdown:
+/// it is closed at once, and corral exits well before its 5 s graceful timeout.
+#[tokio::test]
+async fn an_idle_connection_after_a_front_hit_ends_at_shutdown() {
+    let (origin, mut proxy) = setup(Conf::default()).await;
+    origin.route("/idle", |_| cacheable("idle"));
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /idle HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut s).await;
+    }
+    assert_eq!(hit_counts(&proxy).await.0, 1.0);
+    let term = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(proxy.pid().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let closed = closed_after(&mut s, Duration::from_secs(4)).await;
+    assert!(closed < Duration::from_secs(2), "{closed:?}");
+    assert!(
+        proxy.exited_within(Duration::from_secs(3)).await,
+        "{}",
+        proxy.log_text()
+    );
+}
+
+/// Pingora's settings for a connection's next request show the bytes it read ahead in their
+/// `Debug`; a request carrying the text `pipelined_prefix: None` among them must not pass for
+/// "nothing read ahead" (its bytes would be dropped, and its body read as a request): it is
+/// answered, with its body.
+#[tokio::test]
+async fn a_read_ahead_request_that_looks_like_no_prefix_is_answered() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    origin.route("/form", |_| Reply::ok("posted".to_string()));
+    origin.route("/echo", |req| {
+        let length = req
+            .headers
+            .get("content-length")
+            .map(|v| v.to_str().unwrap().to_string());
+        Reply::ok(format!("echo {}", length.unwrap_or_default()))
+    });
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(
+        b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc\
+          POST /echo HTTP/1.1\r\nHost: h\r\nX-Look: a, pipelined_prefix: None, b\r\n\
+          Content-Length: 33\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.ends_with("posted"), "{first}");
+    // the second request's body, later: a request in its own right if its head was lost
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"GET /secret HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_response(&mut s).await;
+    assert!(second.ends_with("echo 33"), "{second}");
+    assert_eq!(origin.hits("/echo"), 1);
+    assert_eq!(origin.hits("/secret"), 0);
+}
+
+/// Requests pipelined in one write are answered by the front, in order; empty lines between
+/// them are skipped (RFC 9112 §2.2).
+#[tokio::test]
+async fn pipelined_hits_are_the_fronts_in_order() {
+    let (origin, proxy) = setup(Conf::default()).await;
+    for i in 0..3 {
+        origin.route(&format!("/p{i}"), move |_| cacheable(&format!("body {i}")));
+        raw(
+            &proxy,
+            format!("GET /p{i} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+    }
+    let (front0, _) = hit_counts(&proxy).await;
+    let text = raw(
+        &proxy,
+        b"GET /p0 HTTP/1.1\r\nHost: h\r\n\r\n\r\n\
+          GET /p1 HTTP/1.1\r\nHost: h\r\n\r\n\
+          GET /p2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let bodies: Vec<&str> = text
+        .split("HTTP/1.1 200 OK")
+        .skip(1)
+        .map(|r| r.rsplit("\r\n\r\n").next().unwrap())
+        .collect();
+    assert_eq!(bodies, ["body 0", "body 1", "body 2"], "{text}");
+    assert_eq!(hit_counts(&proxy).await.0, front0 + 3.0);
+    for i in 0..3 {
+        assert_eq!(origin.hits(&format!("/p{i}")), 1);
+    }
+}
+
+/// The start of a request read with a hit before it has `header_timeout`, not the idle wait's
+/// `keepalive_timeout`: a client that sends one byte more and goes silent is cut at the head
+/// deadline. Empty lines after a hit are not a request's start: the connection waits for the
+/// next request as long as an idle one does.
+#[tokio::test]
+async fn a_head_begun_behind_a_front_hit_has_header_timeout() {
+    let conf = Conf::default()
+        .server("header_timeout = \"1s\"")
+        .server("keepalive_timeout = \"30s\"");
+    let (origin, proxy) = setup(conf).await;
+    origin.route("/b", |_| cacheable("b"));
+    raw(&proxy, b"GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await;
+    let (front0, _) = hit_counts(&proxy).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\nG").await.unwrap();
+    let hit = read_response(&mut s).await;
+    assert!(hit.contains("corral; hit") && hit.ends_with("b"), "{hit}");
+    assert_eq!(hit_counts(&proxy).await.0, front0 + 1.0);
+    let closed = closed_after(&mut s, Duration::from_secs(10)).await;
+    assert!(closed < Duration::from_secs(3), "{closed:?}");
+    // a blank line after the hit, then silence: still open after the head deadline, and
+    // the next request is answered
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+    let again = read_response(&mut s).await;
+    assert!(again.contains("corral; hit") && again.ends_with("b"), "{again}");
+    assert_eq!(hit_counts(&proxy).await.0, front0 + 3.0);
+}

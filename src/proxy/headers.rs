@@ -281,15 +281,24 @@ pub(super) fn client_ip(
     peer: Option<std::net::IpAddr>,
     trusts: impl Fn(std::net::IpAddr) -> bool,
 ) -> Option<std::net::IpAddr> {
+    let lines = req.headers.get_all("x-forwarded-for");
+    client_ip_of(lines.iter().map(HeaderValue::as_bytes), peer, trusts)
+}
+
+/// [`client_ip`] from the `X-Forwarded-For` lines' values, in order.
+pub(super) fn client_ip_of<'a>(
+    forwarded_for: impl Iterator<Item = &'a [u8]>,
+    peer: Option<std::net::IpAddr>,
+    trusts: impl Fn(std::net::IpAddr) -> bool,
+) -> Option<std::net::IpAddr> {
     let peer = peer?;
     if !trusts(peer) {
         return Some(peer);
     }
-    let entries: Vec<&str> = req
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    let entries: Vec<&str> = forwarded_for
+        // what `HeaderValue::to_str` takes: visible ASCII and tabs
+        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter(|e| !e.trim().is_empty())
         .collect();

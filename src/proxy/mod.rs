@@ -50,6 +50,8 @@ mod headers;
 mod purge_endpoint;
 mod upstream;
 
+pub use fast_hit::FrontHits;
+
 use answer::{cache_status_value, respond_json};
 use headers::{
     client_ip, forwarding_headers, hop_by_hop, normalize_accept_encoding, single_content_length,
