@@ -118,7 +118,7 @@ impl CacheStatus {
     }
 
     /// The bytes of the header value, in pieces.
-    fn write_value(&self, mut out: impl FnMut(&[u8])) {
+    pub(crate) fn write_value(&self, mut out: impl FnMut(&[u8])) {
         let mut number = itoa::Buffer::new();
         out(b"corral; ");
         let fwd = |out: &mut dyn FnMut(&[u8]), reason: &str| {

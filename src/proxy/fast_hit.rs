@@ -100,33 +100,40 @@ impl Front for FrontHits {
         // the head was read a moment ago: freshness, the fence and `Age` are judged now
         let now = SystemTime::now();
         let entry = fast_entry(self.parts, &hash, &host, path, now)?;
-        let shared = entry.header().shared();
+        let stored = entry.header();
+        let shared = stored.shared();
         let body = entry.body_in(&shared);
-        let (mut resp, _) = hit_response(self.parts, &hash, &entry, &shared, &live.cfg, now).ok()?;
+        let (age, status) = hit_status(&entry, now);
+        let mut age_text = itoa::Buffer::new();
+        let mut cache_status = crate::onstack::OnStack::<128>::default();
+        status.write_value(|piece| cache_status.push(piece));
+        // a value that could end the field is never written (the full path's `HeaderValue`
+        // refuses it the same way)
+        let cache_status = cache_status
+            .bytes()
+            .filter(|v| !v.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)))?;
+        // what Pingora's HTTP/1 writer adds to every response, in its order
+        let date = pingora_core::protocols::http::date::get_cached_date();
+        let connection: &[u8] = if req.keep_alive { b"keep-alive" } else { b"close" };
+        let (strip, targeted) = (live.cfg.purge.strip_tag_headers, live.cfg.cache.strip_targeted);
+        let strip_any = (strip || targeted) && stored.strippable();
+        let keep = |n: &str| {
+            !strip_any || !(strip && crate::purge::is_tag(n) || targeted && crate::policy::is_targeted(n))
+        };
+        let set: [(&str, &[u8]); 4] = [
+            ("Age", age_text.format(age).as_bytes()),
+            ("cache-status", cache_status),
+            ("Date", date.as_bytes()),
+            ("Connection", connection),
+        ];
         // Pingora's writer frames the body by the field: a body of another length is its to
         // cut or to close on
-        let length = resp.headers.get(header::CONTENT_LENGTH)?.to_str().ok()?;
-        if length.parse::<usize>().ok()? != body.len() {
+        let length = write_head(out, stored, keep, set)?;
+        if length.and_then(|l| std::str::from_utf8(l).ok()?.parse::<usize>().ok()) != Some(body.len()) {
+            out.clear();
             return None;
         }
-        // what Pingora's HTTP/1 writer adds to every response, in its order
-        let connection = if req.keep_alive { "keep-alive" } else { "close" };
-        resp.insert_header(
-            header::DATE,
-            pingora_core::protocols::http::date::get_cached_date(),
-        )
-        .ok()?;
-        resp.insert_header(header::CONNECTION, connection).ok()?;
-        // and its serialisation (`http_resp_header_to_buf`)
-        out.put_slice(b"HTTP/1.1 ");
-        out.put_slice(resp.status.as_str().as_bytes());
-        out.put_u8(b' ');
-        if let Some(reason) = resp.get_reason_phrase() {
-            out.put_slice(reason.as_bytes());
-        }
-        out.put_slice(b"\r\n");
-        resp.header_to_h1_wire(out);
-        out.put_slice(b"\r\n");
+        note_use(self.parts, &hash, &entry);
         metrics::FAST_HITS.inc();
         metrics::FRONT_HITS.inc();
         let line = live.cfg.log.access_log.then(|| {
@@ -143,7 +150,7 @@ impl Front for FrontHits {
                 head: req.head,
                 host,
                 path: path.to_string(),
-                status: resp.status.as_u16(),
+                status: stored.status().as_u16(),
                 client: client_ip_of(forwarded, peer, |ip| live.cfg.server.trusts(ip)),
             })
         });
@@ -224,6 +231,19 @@ fn hit_response(
     cfg: &Config,
     now: SystemTime,
 ) -> Result<(ResponseHeader, CacheStatus)> {
+    note_use(parts, primary, entry);
+    let (age, status) = hit_status(entry, now);
+    let (strip, targeted) = (cfg.purge.strip_tag_headers, cfg.cache.strip_targeted);
+    let mut fields = wire_fields(entry.header(), shared, strip, targeted);
+    fields.insert(header::AGE, age_value(age));
+    fields.insert(CACHE_STATUS, cache_status_value(&status)?);
+    let mut resp = entry.header().response(fields);
+    resp.set_version(http::Version::HTTP_11);
+    Ok((resp, status))
+}
+
+/// A hit's use of `entry`, told to the eviction manager.
+fn note_use(parts: &CacheParts, primary: &HashBinary, entry: &FreshEntry) {
     let compact = CompactCacheKey {
         primary: *primary,
         variance: None,
@@ -233,10 +253,11 @@ fn hit_response(
     parts
         .eviction
         .access(&lru_key, entry.weight(), entry.fresh_until());
-    let (strip, targeted) = (cfg.purge.strip_tag_headers, cfg.cache.strip_targeted);
-    let mut fields = wire_fields(entry.header(), shared, strip, targeted);
+}
+
+/// A hit's `Age` and `Cache-Status` at `now`.
+fn hit_status(entry: &FreshEntry, now: SystemTime) -> (u64, CacheStatus) {
     let age = now.duration_since(entry.epoch()).unwrap_or_default().as_secs();
-    fields.insert(header::AGE, age_value(age));
     let mut status = CacheStatus::new(Outcome::Hit);
     status.ttl = Some(
         entry
@@ -244,10 +265,96 @@ fn hit_response(
             .duration_since(now)
             .map_or(0, |d| d.as_secs() as i64),
     );
-    fields.insert(CACHE_STATUS, cache_status_value(&status)?);
-    let mut resp = entry.header().response(fields);
-    resp.set_version(http::Version::HTTP_11);
-    Ok((resp, status))
+    (age, status)
+}
+
+/// The names Pingora 0.9.1's HTTP/1 writer writes in title case (`titled_header_name_str`,
+/// private to pingora-http); every other name goes out lower-case, as `HeaderName` keeps it.
+/// `a_hit_answered_before_pingora_is_the_one_pingora_sends` (tests/hardening.rs) compares
+/// the two writers byte for byte.
+const TITLED: [&str; 12] = [
+    "Accept-Ranges",
+    "Age",
+    "Cache-Control",
+    "Connection",
+    "Content-Type",
+    "Content-Encoding",
+    "Content-Length",
+    "Date",
+    "Transfer-Encoding",
+    "Host",
+    "Server",
+    "Set-Cookie",
+];
+
+/// One field as Pingora writes it (`header_to_h1_wire`).
+fn put_field(out: &mut BytesMut, name: &str, value: &[u8]) {
+    match TITLED.iter().find(|t| t.eq_ignore_ascii_case(name)) {
+        Some(titled) => out.put_slice(titled.as_bytes()),
+        None if !name.bytes().any(|b| b.is_ascii_uppercase()) => out.put_slice(name.as_bytes()),
+        None => out.extend(name.bytes().map(|b| b.to_ascii_lowercase())),
+    }
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// A front hit's response head, as Pingora's HTTP/1 writer writes the header
+/// [`hit_response`] builds once it has added `Date` and `Connection`
+/// (`http_resp_header_to_buf`), without building the map: the status line; the stored
+/// fields `keep` keeps, in a `HeaderMap`'s order (each name where it first appears, with all
+/// its values); each of `set` (`Age`, `Cache-Status`, `Date`, `Connection`, as the map's
+/// `insert` leaves them) in the place of a stored field of its name, or after the rest, in
+/// order. Returns the first `Content-Length` value, or `None` (nothing to answer) if a
+/// head has more fields than a hit's.
+fn write_head<'a>(
+    out: &mut BytesMut,
+    stored: &'a crate::storage::memory::StoredHeader,
+    keep: impl Fn(&str) -> bool,
+    set: [(&str, &[u8]); 4],
+) -> Option<Option<&'a [u8]>> {
+    let mut fields: smallvec::SmallVec<[(&str, &[u8]); 32]> = smallvec::SmallVec::new();
+    stored.each_field(keep, |name, value| fields.push((name, value)));
+    if fields.spilled() {
+        return None;
+    }
+    let status = stored.status();
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    if let Some(reason) = stored.reason_phrase().or_else(|| status.canonical_reason()) {
+        out.put_slice(reason.as_bytes());
+    }
+    out.put_slice(b"\r\n");
+    let mut written = [false; 4];
+    let mut length = None;
+    for (i, &(name, value)) in fields.iter().enumerate() {
+        if fields[..i].iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            // written with the first of its name
+            continue;
+        }
+        if let Some(s) = set.iter().position(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            put_field(out, set[s].0, set[s].1);
+            written[s] = true;
+            continue;
+        }
+        if length.is_none() && name.eq_ignore_ascii_case("content-length") {
+            length = Some(value);
+        }
+        put_field(out, name, value);
+        for &(n, v) in &fields[i + 1..] {
+            if n.eq_ignore_ascii_case(name) {
+                put_field(out, name, v);
+            }
+        }
+    }
+    for (&(name, value), written) in set.iter().zip(written) {
+        if !written {
+            put_field(out, name, value);
+        }
+    }
+    out.put_slice(b"\r\n");
+    Some(length)
 }
 
 impl Corral {

@@ -732,6 +732,30 @@ impl StoredHeader {
         map
     }
 
+    /// The fields `keep` keeps, name and value, in order: those [`Self::map_in`] puts in its
+    /// map, for a writer that serialises them without one (the front's hits). Without its
+    /// checks of each name and value: every stored head was a `ResponseHeader`'s
+    /// ([`Self::for_entry`]), whose values hold no CR, LF or NUL (httparse, Pingora's and
+    /// h2's checks, and pingora-header-serde's for a copy from memcached).
+    pub fn each_field<'a>(&'a self, keep: impl Fn(&str) -> bool, mut each: impl FnMut(&'a str, &'a [u8])) {
+        let head = self.head();
+        for f in self.fields() {
+            let name = self.name(&f);
+            if !keep(name) {
+                continue;
+            }
+            if let Some(value) = head.get(Self::ranges(&f).1) {
+                debug_assert!(!value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)));
+                each(name, value);
+            }
+        }
+    }
+
+    /// The reason phrase the status line had, if it was not the status's usual one.
+    pub fn reason_phrase(&self) -> Option<&str> {
+        self.reason()
+    }
+
     /// This head's status line around `fields`, as Pingora's header. Without Pingora's
     /// case-preserving name map: names go out lower-case.
     pub fn response(&self, fields: HeaderMap) -> ResponseHeader {
