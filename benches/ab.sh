@@ -33,15 +33,9 @@ for who in base new; do
 done
 port[nginx]=$(free_port)
 body=$(head -c 1024 /dev/zero | tr '\0' x)
-cat >"$dir/nginx.conf" <<NGINX
-user root;
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/nginx-error.log warn;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:${port[nginx]}; location / { return 200 "$body"; } } }
-NGINX
+# common.sh's nginx.conf (its proxy_cache server, unused here) with the `return 200` server
+mkdir -p "$dir/nginx-cache"
+nginx_conf "$(free_port)" "" "server { listen 127.0.0.1:${port[nginx]}; location / { return 200 \"$body\"; } }"
 taskset -c 0 nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
 pids+=($!)
 for who in base new nginx; do wait_port "${port[$who]}"; done

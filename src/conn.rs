@@ -132,31 +132,9 @@ const FRAMING: [&str; 4] = ["content-length", "transfer-encoding", "expect", "up
 /// to Pingora.
 pub fn plain_target(target: &[u8]) -> bool {
     target.first() == Some(&b'/')
-        && target.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'@'
-                        | b'/'
-                        | b'?'
-                        | b'%'
-                )
-        })
+        && target
+            .iter()
+            .all(|&b| crate::key::unreserved_or_sub_delim(b) || matches!(b, b':' | b'@' | b'/' | b'?' | b'%'))
 }
 
 /// Whether a response to this request keeps the connection (RFC 9112 §9.3), exactly as

@@ -124,7 +124,7 @@ pub fn valid_authority(s: &str) -> bool {
 }
 
 /// RFC 3986 `unreserved` / `sub-delims`: what a reg-name holds besides percent-encodings.
-fn unreserved_or_sub_delim(b: u8) -> bool {
+pub(crate) fn unreserved_or_sub_delim(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
